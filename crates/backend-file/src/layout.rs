@@ -1,0 +1,254 @@
+//! Where things live on disk, how names are made and parsed, and how I/O
+//! errors become runstate errors.
+//!
+//! ```text
+//! <root>/<run>/<name>.<ext>              the document, exactly the saved bytes
+//! <root>/<run>/.<name>.<ext>.rstmp.…     a save in progress (swept when its writer is dead)
+//! <root>/<run>/.runstate/run.lease       lease record of the run lock
+//! <root>/<run>/.runstate/doc.<name>.lease lease record of a document lock
+//! ```
+//!
+//! The lease files double as the `flock` targets that make check-and-write
+//! atomic across processes: a document's writes hold its `doc.<name>.lease`
+//! lock, a save fenced by a run lease holds `run.lease` first.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use runstate_core::process::current_stamp;
+use runstate_core::{DocName, Error, ErrorKind, LockKey, RunId, Version};
+
+use crate::BACKEND;
+
+/// The hidden bookkeeping folder inside each run folder.
+pub(crate) const BOOK_DIR: &str = ".runstate";
+/// Marks temporary files of saves in progress.
+const TEMP_MARK: &str = "rstmp";
+/// Marks a re-linked previous document during a rollback.
+const OLD_MARK: &str = "rsold";
+
+/// The version of a document's bytes: a 128-bit xxh3 hash, in hex.
+///
+/// Content-addressed versions need no side file that could disagree with
+/// the document after a crash, give documents dropped in by other programs
+/// a version for free, and never change on a read.
+pub(crate) fn version_of(bytes: &[u8]) -> Version {
+    Version::new(format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes)))
+}
+
+/// Maps an I/O error on `path` during `what` to a runstate error.
+pub(crate) fn io_error(what: &str, path: &Path, source: io::Error) -> Error {
+    let kind = match source.kind() {
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => ErrorKind::Denied,
+        io::ErrorKind::TimedOut => ErrorKind::Timeout,
+        _ => ErrorKind::Backend,
+    };
+    let retryable = matches!(
+        source.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    );
+    Error::new(kind, format!("{what} failed on {}", path.display()))
+        .with_backend(BACKEND)
+        .with_source(source)
+        .set_retryable(retryable)
+}
+
+/// The file name of a lock's lease record.
+pub(crate) fn lease_file_name(key: &LockKey) -> String {
+    match key {
+        LockKey::Run(_) => "run.lease".to_owned(),
+        LockKey::Doc(_, doc) => format!("doc.{doc}.lease"),
+    }
+}
+
+/// The lock a lease file belongs to, from its name.
+pub(crate) fn lock_key_of_file(run: &RunId, file: &OsStr) -> Option<LockKey> {
+    let name = file.to_str()?;
+    if name == "run.lease" {
+        return Some(LockKey::Run(run.clone()));
+    }
+    let doc = name.strip_prefix("doc.")?.strip_suffix(".lease")?;
+    Some(LockKey::Doc(run.clone(), DocName::new(doc).ok()?))
+}
+
+/// A 16-hex-digit tag of this kernel boot and pid namespace, so a temp
+/// file's pid can be judged only where it means the same process.
+pub(crate) fn host_tag() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| match current_stamp() {
+        Some(stamp) => format!(
+            "{:016x}",
+            xxhash_rust::xxh3::xxh3_64(format!("{}/{}", stamp.boot_id, stamp.pid_ns).as_bytes())
+        ),
+        None => "0".repeat(16),
+    })
+}
+
+/// A name for a temporary file beside `<name>.<ext>` that says who wrote
+/// it: `.<name>.<ext>.rstmp.<host tag>.<pid>.<start ticks>.<random>`.
+pub(crate) fn temp_name(file_name: &str, mark_old: bool) -> String {
+    let start = current_stamp().map_or(0, |s| s.start_ticks);
+    format!(
+        ".{file_name}.{}.{}.{}.{start}.{:016x}",
+        if mark_old { OLD_MARK } else { TEMP_MARK },
+        host_tag(),
+        std::process::id(),
+        fastrand::u64(..)
+    )
+}
+
+/// Who left a temporary file: (host tag, pid, start ticks).
+pub(crate) fn parse_temp_name(name: &str) -> Option<(&str, u32, u64)> {
+    if !name.starts_with('.') {
+        return None;
+    }
+    let mut parts = name.rsplit('.');
+    let _random = parts.next()?;
+    let start = parts.next()?.parse().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    let tag = parts.next()?;
+    match parts.next()? {
+        TEMP_MARK | OLD_MARK => Some((tag, pid, start)),
+        _ => None,
+    }
+}
+
+/// Resolved locations of one store.
+#[derive(Debug)]
+pub(crate) struct Layout {
+    pub(crate) root: PathBuf,
+    canonical_root: PathBuf,
+    /// `.<ext>`
+    suffix: String,
+}
+
+impl Layout {
+    pub(crate) fn new(root: PathBuf, canonical_root: PathBuf, ext: &str) -> Self {
+        Layout {
+            root,
+            canonical_root,
+            suffix: format!(".{ext}"),
+        }
+    }
+
+    /// `<name>.<ext>`
+    pub(crate) fn file_name(&self, doc: &DocName) -> String {
+        format!("{doc}{}", self.suffix)
+    }
+
+    /// The document name of a file in a run folder, if it is a document.
+    pub(crate) fn doc_of_file(&self, file: &OsStr) -> Option<DocName> {
+        let stem = file.to_str()?.strip_suffix(&self.suffix)?;
+        DocName::new(stem).ok()
+    }
+
+    /// The run folder, checked: `Ok(None)` when it does not exist; an error
+    /// when it is not a folder or is a symlink leading out of the root.
+    pub(crate) fn run_dir(&self, run: &RunId) -> Result<Option<PathBuf>, Error> {
+        let path = self.root.join(run.as_str());
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("stat of the run folder", &path, e).with_run(run)),
+        };
+        if meta.is_dir() {
+            return Ok(Some(path));
+        }
+        if meta.file_type().is_symlink() {
+            let target = fs::canonicalize(&path)
+                .map_err(|e| io_error("resolving the run folder link", &path, e).with_run(run))?;
+            if !target.starts_with(&self.canonical_root) {
+                return Err(Error::new(
+                    ErrorKind::Denied,
+                    format!(
+                        "run folder {} is a symlink to {}, outside the store root {}",
+                        path.display(),
+                        target.display(),
+                        self.canonical_root.display()
+                    ),
+                )
+                .with_backend(BACKEND)
+                .with_run(run));
+            }
+            if target.is_dir() {
+                return Ok(Some(path));
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Backend,
+            format!("{} exists but is not a folder", path.display()),
+        )
+        .with_backend(BACKEND)
+        .with_run(run))
+    }
+
+    /// The run folder, created (durably) when missing.
+    pub(crate) fn ensure_run_dir(&self, run: &RunId) -> Result<PathBuf, Error> {
+        if let Some(dir) = self.run_dir(run)? {
+            return Ok(dir);
+        }
+        let path = self.root.join(run.as_str());
+        match fs::create_dir(&path) {
+            Ok(()) => {
+                // The new folder's entry in the root must survive a crash
+                // before any document saved in it is reported durable.
+                sync_dir(&self.root).map_err(|e| {
+                    io_error("fsync of the store root", &self.root, e).with_run(run)
+                })?;
+                Ok(path)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => self
+                .run_dir(run)?
+                .ok_or_else(|| io_error("creating the run folder", &path, e).with_run(run)),
+            Err(e) => Err(io_error("creating the run folder", &path, e).with_run(run)),
+        }
+    }
+
+    /// The lease record file of `key` inside an existing run folder.
+    pub(crate) fn lease_path(&self, run_dir: &Path, key: &LockKey) -> PathBuf {
+        run_dir.join(BOOK_DIR).join(lease_file_name(key))
+    }
+}
+
+/// `fsync` of a directory, so entries added, renamed or removed in it are
+/// durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_round_trip() {
+        let name = temp_name("prescribed_fire.landuse.nodb", false);
+        let (tag, pid, _) = parse_temp_name(&name).unwrap();
+        assert_eq!(tag, host_tag());
+        assert_eq!(pid, std::process::id());
+        assert!(parse_temp_name("ron.nodb").is_none());
+        assert!(parse_temp_name(".ron.nodb.other.1.2.3.4").is_none());
+        let old = temp_name("ron.json", true);
+        assert!(parse_temp_name(&old).is_some());
+    }
+
+    #[test]
+    fn lease_file_names_round_trip() {
+        let run = RunId::new("r").unwrap();
+        let doc = DocName::new("a.b").unwrap();
+        for key in [LockKey::Run(run.clone()), LockKey::Doc(run.clone(), doc)] {
+            let name = lease_file_name(&key);
+            assert_eq!(lock_key_of_file(&run, OsStr::new(&name)), Some(key));
+        }
+    }
+
+    #[test]
+    fn versions_are_content_hashes() {
+        assert_eq!(version_of(b"a"), version_of(b"a"));
+        assert_ne!(version_of(b"a"), version_of(b"b"));
+        assert_eq!(version_of(b"").as_str().len(), 32);
+    }
+}

@@ -1,0 +1,330 @@
+//! 10. Typed documents: update, guards, combined operations.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use runstate_core::{Bytes, Client, ErrorKind, GetOptions, LockKey, PutMode, StoreExt};
+
+use super::expect_kind;
+use crate::Ctx;
+use crate::counting::CountingLock;
+use crate::docs::Counter;
+
+/// An update that changes nothing writes nothing, and the version stays; a
+/// real change writes once.
+pub async fn typed_update_noop_does_not_write(ctx: Ctx) {
+    let counting = Arc::new(CountingLock::new(Arc::clone(&ctx.store)));
+    let client = Client::new(counting.clone());
+    let run = client.run(ctx.run("r"));
+    run.save(&Counter {
+        n: 5,
+        note: "five".into(),
+    })
+    .await
+    .expect("save");
+    let before = ctx
+        .store
+        .get_bytes(run.id(), &ctx.doc("counter"))
+        .await
+        .expect("get")
+        .expect("present");
+    let writes = counting.counts.writes();
+
+    let seen = run
+        .update(|c: &mut Counter| c.n)
+        .await
+        .expect("read-only update");
+    assert_eq!(seen, 5);
+    run.update(|c: &mut Counter| c.n = 5)
+        .await
+        .expect("same value");
+    assert_eq!(
+        counting.counts.writes(),
+        writes,
+        "no write for an unchanged document"
+    );
+    let after = ctx
+        .store
+        .get_bytes(run.id(), &ctx.doc("counter"))
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(after.version, before.version, "the version stays");
+    let key = LockKey::Doc(run.id().clone(), ctx.doc("counter"));
+    assert!(
+        ctx.store.inspect(&key).await.expect("inspect").is_none(),
+        "the lease was released"
+    );
+
+    run.update(|c: &mut Counter| c.n += 1)
+        .await
+        .expect("real change");
+    assert_eq!(counting.counts.saves_and_releases.load(Ordering::SeqCst), 1);
+    assert_eq!(counting.counts.writes(), writes + 1);
+    assert_eq!(run.load::<Counter>().await.expect("load").n, 6);
+}
+
+/// A guard loads under the lock; commit saves and releases.
+pub async fn typed_guard_commit_saves(ctx: Ctx) {
+    let run = ctx.client().run(ctx.run("r"));
+    run.save(&Counter {
+        n: 1,
+        note: String::new(),
+    })
+    .await
+    .expect("save");
+    let mut guard = run.lock::<Counter>().await.expect("lock");
+    let key = guard.lease().key().clone();
+    assert_eq!(guard.n, 1);
+    let loaded = guard.version().cloned().expect("existing document");
+    guard.n += 41;
+    guard.note = "committed".into();
+    expect_kind(
+        ctx.store
+            .try_acquire(&key, &ctx.owner(), Duration::from_secs(5))
+            .await,
+        ErrorKind::Locked,
+    );
+    let version = guard.commit().await.expect("commit");
+    assert_ne!(version, loaded);
+    assert_eq!(
+        run.load::<Counter>().await.expect("load"),
+        Counter {
+            n: 42,
+            note: "committed".into()
+        }
+    );
+    assert!(ctx.store.inspect(&key).await.expect("inspect").is_none());
+}
+
+/// Dropping a guard without commit releases the lease and saves nothing.
+pub async fn typed_guard_drop_releases_without_saving(ctx: Ctx) {
+    let run = ctx.client().run(ctx.run("r"));
+    let v = run
+        .save(&Counter {
+            n: 1,
+            note: String::new(),
+        })
+        .await
+        .expect("save");
+    let key = {
+        let mut guard = run.lock::<Counter>().await.expect("lock");
+        guard.n = 999;
+        guard.lease().key().clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ctx.store.inspect(&key).await.expect("inspect").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped guard's lease was not released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (counter, version) = run
+        .load_versioned::<Counter>()
+        .await
+        .expect("load")
+        .expect("present");
+    assert_eq!(counter.n, 1);
+    assert_eq!(version, v);
+    ctx.store
+        .try_acquire(&key, &ctx.owner(), Duration::from_secs(5))
+        .await
+        .expect("free");
+}
+
+/// Update and lock of an absent document are `NotFound` (and write
+/// nothing); the `_or_default` forms create it.
+pub async fn typed_update_absent_not_found(ctx: Ctx) {
+    let run = ctx.client().run(ctx.run("r"));
+    let error = expect_kind(
+        run.update(|c: &mut Counter| c.n += 1).await,
+        ErrorKind::NotFound,
+    );
+    assert_eq!(error.doc().map(|d| d.as_str()), Some("counter"));
+    expect_kind(run.lock::<Counter>().await.map(|_| ()), ErrorKind::NotFound);
+    assert!(ctx.store.list_all_runs().await.expect("runs").is_empty());
+    assert!(ctx.store.list_locks(None).await.expect("locks").is_empty());
+    run.update_or_default(|c: &mut Counter| c.n += 1)
+        .await
+        .expect("create");
+    let mut guard = run.lock_or_default::<Counter>().await.expect("lock");
+    guard.n += 1;
+    guard.commit().await.expect("commit");
+    assert_eq!(run.load::<Counter>().await.expect("load").n, 2);
+}
+
+/// Save and load round-trip typed values; absent documents are `None` or
+/// `NotFound`.
+pub async fn typed_load_save_round_trip(ctx: Ctx) {
+    let run = ctx.client().run(ctx.run("r"));
+    assert!(run.load_opt::<Counter>().await.expect("load").is_none());
+    expect_kind(run.load::<Counter>().await, ErrorKind::NotFound);
+    let value = Counter {
+        n: 7,
+        note: "séance ☂".into(),
+    };
+    let v = run.save(&value).await.expect("save");
+    assert_eq!(run.load::<Counter>().await.expect("load"), value);
+    let (loaded, version) = run
+        .load_versioned::<Counter>()
+        .await
+        .expect("load")
+        .expect("present");
+    assert_eq!(loaded, value);
+    assert_eq!(version, v);
+    expect_kind(
+        run.save_with(&value, PutMode::Create).await,
+        ErrorKind::AlreadyExists,
+    );
+    run.save_with(
+        &Counter {
+            n: 8,
+            note: String::new(),
+        },
+        PutMode::Update(v.clone()),
+    )
+    .await
+    .expect("update");
+    expect_kind(
+        run.save_with(&value, PutMode::Update(v)).await,
+        ErrorKind::Precondition,
+    );
+    assert!(run.delete::<Counter>().await.expect("delete"));
+    assert!(run.load_opt::<Counter>().await.expect("load").is_none());
+}
+
+/// A guard committed after its lease lapsed and the lock changed hands is
+/// `Fenced`; the other writer's value stays.
+pub async fn typed_guard_commit_after_takeover_is_fenced(ctx: Ctx) {
+    let slow = ctx.client().with_ttl(Duration::from_millis(300));
+    let run = slow.run(ctx.run("r"));
+    run.save(&Counter {
+        n: 1,
+        note: String::new(),
+    })
+    .await
+    .expect("save");
+    let mut guard = run.lock::<Counter>().await.expect("lock");
+    guard.n = 100;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    ctx.client()
+        .run(ctx.run("r"))
+        .update(|c: &mut Counter| c.n = 2)
+        .await
+        .expect("other writer");
+    expect_kind(guard.commit().await, ErrorKind::Fenced);
+    assert_eq!(run.load::<Counter>().await.expect("load").n, 2);
+}
+
+/// `acquire_and_load` holds the lock and returns the document;
+/// `save_and_release` saves and frees it.
+pub async fn combined_operations_hold_and_release(ctx: Ctx) {
+    let (run, doc) = (ctx.run("r"), ctx.doc("climate"));
+    let key = LockKey::Doc(run.clone(), doc.clone());
+    let v = ctx
+        .store
+        .put_bytes(&run, &doc, Bytes::from_static(b"old"))
+        .await
+        .expect("seed");
+    let owner = ctx.owner();
+    let (lease, loaded) = ctx
+        .store
+        .acquire_and_load(
+            &key,
+            &doc,
+            &owner,
+            Duration::from_secs(30),
+            GetOptions::new(),
+        )
+        .await
+        .expect("acquire and load");
+    let loaded = loaded.expect("present");
+    assert_eq!(&loaded.bytes[..], b"old");
+    assert_eq!(loaded.version, v);
+    let error = expect_kind(
+        ctx.store
+            .acquire_and_load(
+                &key,
+                &doc,
+                &ctx.owner(),
+                Duration::from_secs(30),
+                GetOptions::new(),
+            )
+            .await,
+        ErrorKind::Locked,
+    );
+    assert_eq!(error.holder().expect("holder").owner, owner);
+    expect_kind(
+        ctx.store
+            .acquire_and_load(
+                &key,
+                &ctx.doc("other"),
+                &ctx.owner(),
+                Duration::from_secs(30),
+                GetOptions::new(),
+            )
+            .await,
+        ErrorKind::InvalidArgument,
+    );
+    let new_version = ctx
+        .store
+        .save_and_release(
+            &lease,
+            &doc,
+            Bytes::from_static(b"new"),
+            PutMode::Update(v.clone()),
+        )
+        .await
+        .expect("save and release");
+    assert!(
+        ctx.store.inspect(&key).await.expect("inspect").is_none(),
+        "released"
+    );
+    let stored = ctx
+        .store
+        .get_bytes(&run, &doc)
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(&stored.bytes[..], b"new");
+    assert_eq!(stored.version, new_version);
+
+    // A failed save still releases the lease, and writes nothing.
+    let (lease, _) = ctx
+        .store
+        .acquire_and_load(
+            &key,
+            &doc,
+            &owner,
+            Duration::from_secs(30),
+            GetOptions::new(),
+        )
+        .await
+        .expect("again");
+    expect_kind(
+        ctx.store
+            .save_and_release(
+                &lease,
+                &doc,
+                Bytes::from_static(b"stale"),
+                PutMode::Update(v),
+            )
+            .await,
+        ErrorKind::Precondition,
+    );
+    assert!(
+        ctx.store.inspect(&key).await.expect("inspect").is_none(),
+        "released after a refused save"
+    );
+    assert_eq!(
+        &ctx.store
+            .get_bytes(&run, &doc)
+            .await
+            .expect("get")
+            .expect("present")
+            .bytes[..],
+        b"new"
+    );
+}

@@ -1,0 +1,148 @@
+//! How a backend plugs into the suite, and how one case runs.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use runstate_core::{Client, DocName, Error, Lock, Owner, RunId, WaitPolicy, async_trait};
+
+/// Names the backends whose server must be present; `all` for every one.
+pub const REQUIRE_VAR: &str = "RUNSTATE_REQUIRE_BACKENDS";
+
+/// How the suite opens a backend.
+#[async_trait]
+pub trait Harness: Send + Sync + 'static {
+    /// The backend's name, as in `RUNSTATE_REQUIRE_BACKENDS`.
+    const BACKEND: &'static str;
+    /// The environment variable with the server's URL, for backends that
+    /// need one.
+    const URL_VAR: Option<&'static str>;
+
+    /// Opens a store confined to `namespace` (a fresh random name per case;
+    /// child processes of the multi-process case open the same namespace and
+    /// must see the same data). `Ok(None)` when the server is not
+    /// configured.
+    async fn open(namespace: &str) -> Result<Option<Arc<dyn Lock>>, Error>;
+
+    /// Removes everything the namespace holds.
+    async fn cleanup(namespace: &str) -> Result<(), Error>;
+}
+
+/// Whether `RUNSTATE_REQUIRE_BACKENDS` names `backend` (or is `all`).
+pub fn is_required(backend: &str) -> bool {
+    std::env::var(REQUIRE_VAR).is_ok_and(|list| {
+        list.split([',', ' '])
+            .map(str::trim)
+            .any(|name| name == backend || name == "all")
+    })
+}
+
+/// What a case gets: the store, its namespace, and helpers.
+#[derive(Clone)]
+pub struct Ctx {
+    /// The backend, confined to this case's namespace.
+    pub store: Arc<dyn Lock>,
+    /// This case's namespace.
+    pub namespace: String,
+    /// The case's name.
+    pub case: &'static str,
+    pub(crate) child_test: &'static str,
+    pub(crate) backend: &'static str,
+}
+
+impl Ctx {
+    /// A run id (panics on an invalid one: test input).
+    pub fn run(&self, id: &str) -> RunId {
+        RunId::new(id).expect("valid run id in a test")
+    }
+
+    /// A document name (panics on an invalid one: test input).
+    pub fn doc(&self, name: &str) -> DocName {
+        DocName::new(name).expect("valid document name in a test")
+    }
+
+    /// A new owner in this process.
+    pub fn owner(&self) -> Owner {
+        Owner::for_this_process()
+    }
+
+    /// A typed client with its own owner, a 30 s TTL and a 120 s wait.
+    pub fn client(&self) -> Client {
+        Client::new(Arc::clone(&self.store))
+            .with_wait(WaitPolicy::with_timeout(Duration::from_secs(120)))
+    }
+
+    /// The backend's name.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+}
+
+type CaseFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Runs one case against `H` in a fresh namespace, then cleans up; a panic
+/// in the case fails the test after the cleanup.
+///
+/// # Panics
+/// When the case fails, when the store cannot be opened, or when the
+/// backend is required and not configured.
+pub fn run_case<H: Harness>(
+    case: &'static str,
+    child_test: &'static str,
+    body: fn(Ctx) -> CaseFuture,
+) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    runtime.block_on(async move {
+        let namespace = format!("rs{:012x}", fastrand::u64(..) >> 16);
+        let store = match H::open(&namespace).await {
+            Ok(Some(store)) => store,
+            Ok(None) => {
+                let var = H::URL_VAR.unwrap_or("its URL");
+                if is_required(H::BACKEND) {
+                    panic!(
+                        "backend `{}` is required ({REQUIRE_VAR}) but {var} is not set: \
+                         start its server or run `cargo xtask test`",
+                        H::BACKEND
+                    );
+                }
+                eprintln!(
+                    "\n*** SKIPPED {case} on backend `{}`: {var} is not set \
+                     (set it, or run `cargo xtask test`) ***\n",
+                    H::BACKEND
+                );
+                return;
+            }
+            Err(error) => panic!(
+                "cannot open backend `{}`: {}",
+                H::BACKEND,
+                runstate_core::display_chain(&error)
+            ),
+        };
+        let ctx = Ctx {
+            store,
+            namespace: namespace.clone(),
+            case,
+            child_test,
+            backend: H::BACKEND,
+        };
+        let outcome = tokio::spawn(body(ctx)).await;
+        if let Err(error) = H::cleanup(&namespace).await {
+            eprintln!(
+                "cleanup of namespace {namespace} on `{}` failed: {}",
+                H::BACKEND,
+                runstate_core::display_chain(&error)
+            );
+        }
+        if let Err(join) = outcome {
+            match join.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(join) => panic!("case {case} did not finish: {join}"),
+            }
+        }
+    });
+}

@@ -1,0 +1,213 @@
+//! Codecs for typed documents: JSON (default) and bincode 2 (feature
+//! `bincode`), each enforcing a size limit while encoding.
+
+use std::fmt;
+use std::io;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// How a typed document is turned into bytes and back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Codec {
+    /// Compact JSON with object keys sorted, so equal values always encode
+    /// to equal bytes (a `HashMap`'s iteration order never reaches the
+    /// stored bytes).
+    #[default]
+    Json,
+    /// bincode 2 with its standard configuration.
+    #[cfg(feature = "bincode")]
+    Bincode,
+}
+
+/// bincode refuses to allocate more than this while decoding, so a corrupt
+/// length prefix cannot ask for terabytes.
+#[cfg(feature = "bincode")]
+const BINCODE_DECODE_LIMIT: usize = 1 << 30;
+
+impl Codec {
+    /// The codec's name, as used in error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Json => "json",
+            #[cfg(feature = "bincode")]
+            Codec::Bincode => "bincode",
+        }
+    }
+
+    /// Encodes `value`, failing as soon as the output would exceed `limit`
+    /// bytes.
+    ///
+    /// # Errors
+    /// [`ErrorKind::TooLarge`] over the limit; [`ErrorKind::InvalidArgument`]
+    /// when the value cannot be represented (for example a JSON map whose
+    /// keys are not strings).
+    pub fn encode<T: Serialize + ?Sized>(self, value: &T, limit: u64) -> Result<Vec<u8>> {
+        let mut out = Limited::new(limit);
+        let outcome: std::result::Result<(), Error> = match self {
+            Codec::Json => serde_json::to_value(value)
+                .and_then(|canonical| serde_json::to_writer(&mut out, &canonical))
+                .map_err(|e| self.encode_error(e)),
+            #[cfg(feature = "bincode")]
+            Codec::Bincode => {
+                bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())
+                    .map(drop)
+                    .map_err(|e| self.encode_error(e))
+            }
+        };
+        if out.exceeded {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!("encoded document exceeds the limit of {limit} bytes"),
+            ));
+        }
+        outcome.map(|()| out.buf)
+    }
+
+    /// Decodes `bytes` into a `T`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] naming the codec when the bytes are not a
+    /// valid encoding of `T` (including trailing garbage).
+    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T> {
+        match self {
+            Codec::Json => serde_json::from_slice(bytes).map_err(|e| self.decode_error(e)),
+            #[cfg(feature = "bincode")]
+            Codec::Bincode => {
+                let config = bincode::config::standard().with_limit::<BINCODE_DECODE_LIMIT>();
+                let (value, read) = bincode::serde::decode_from_slice(bytes, config)
+                    .map_err(|e| self.decode_error(e))?;
+                if read != bytes.len() {
+                    return Err(Error::new(
+                        ErrorKind::Corrupt,
+                        format!(
+                            "not a valid {} document: {} trailing bytes after the value",
+                            self.name(),
+                            bytes.len() - read
+                        ),
+                    ));
+                }
+                Ok(value)
+            }
+        }
+    }
+
+    fn encode_error(self, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            format!("value cannot be encoded as {}", self.name()),
+        )
+        .with_source(source)
+    }
+
+    fn decode_error(self, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("not a valid {} document", self.name()),
+        )
+        .with_source(source)
+    }
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A `Vec` writer that refuses to grow past a limit.
+struct Limited {
+    buf: Vec<u8>,
+    limit: u64,
+    exceeded: bool,
+}
+
+impl Limited {
+    fn new(limit: u64) -> Self {
+        Limited {
+            buf: Vec::with_capacity(limit.min(4096) as usize),
+            limit,
+            exceeded: false,
+        }
+    }
+}
+
+impl io::Write for Limited {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.len() as u64 + data.len() as u64 > self.limit {
+            self.exceeded = true;
+            return Err(io::Error::other("document size limit exceeded"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Doc {
+        zeta: u32,
+        alpha: String,
+        map: HashMap<String, u32>,
+    }
+
+    fn sample() -> Doc {
+        Doc {
+            zeta: 7,
+            alpha: "a".into(),
+            map: (0..50).map(|i| (format!("k{i}"), i)).collect(),
+        }
+    }
+
+    #[test]
+    fn json_is_compact_sorted_and_stable() {
+        let a = Codec::Json.encode(&sample(), 1 << 20).unwrap();
+        let b = Codec::Json.encode(&sample(), 1 << 20).unwrap();
+        assert_eq!(a, b);
+        let text = String::from_utf8(a.clone()).unwrap();
+        assert!(text.starts_with("{\"alpha\":\"a\",\"map\":{\"k0\":0,\"k1\":1,\"k10\":10"));
+        assert!(!text.contains(' '));
+        assert_eq!(Codec::Json.decode::<Doc>(&a).unwrap(), sample());
+    }
+
+    #[test]
+    fn limit_is_enforced_while_encoding() {
+        let err = Codec::Json.encode(&"x".repeat(100), 50).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TooLarge);
+        assert!(Codec::Json.encode(&"x".repeat(10), 12).is_ok());
+    }
+
+    #[test]
+    fn garbage_is_corrupt() {
+        let err = Codec::Json.decode::<Doc>(b"{\"zeta\":").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.to_string().contains("json"));
+    }
+
+    #[cfg(feature = "bincode")]
+    #[test]
+    fn bincode_round_trips_and_rejects_trailing_bytes() {
+        let bytes = Codec::Bincode.encode(&sample(), 1 << 20).unwrap();
+        assert_eq!(Codec::Bincode.decode::<Doc>(&bytes).unwrap(), sample());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let err = Codec::Bincode.decode::<Doc>(&longer).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        let err = Codec::Bincode.decode::<Doc>(b"{\"json\":1}").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+    }
+}

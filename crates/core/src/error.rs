@@ -1,0 +1,437 @@
+//! The one error type of runstate: a kind, where it happened, and the cause.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use crate::id::{DocName, RunId};
+use crate::lease::{LockInfo, LockKey};
+
+/// A boxed error kept as the source of an [`Error`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with runstate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, independent of the backend.
+///
+/// Match on this to decide what to do; new kinds may be added, so keep a
+/// wildcard arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A run id, document name, or other key is not acceptable.
+    InvalidKey,
+    /// An argument is inconsistent (for example a lease that does not cover
+    /// the document it is used for).
+    InvalidArgument,
+    /// The document does not exist.
+    NotFound,
+    /// A `Create` found the document already there.
+    AlreadyExists,
+    /// An `Update(version)` or conditional delete found another version (or
+    /// no document).
+    Precondition,
+    /// The lock is held by someone else; [`Error::holder`] says who.
+    Locked,
+    /// A renew or release of a lease that expired or was taken over.
+    LeaseLost,
+    /// A save under a lease that is no longer the current grant of its lock.
+    /// Nothing was written.
+    Fenced,
+    /// A document over the size limit; nothing was written or read.
+    TooLarge,
+    /// Stored bytes that do not decode with the expected codec.
+    Corrupt,
+    /// The backend cannot do this.
+    Unsupported,
+    /// A bad URL, option or setting.
+    Config,
+    /// The backend refused for safety (for example a run folder that is a
+    /// symlink out of the store's root).
+    Denied,
+    /// A call took longer than its configured bound.
+    Timeout,
+    /// Any other failure of the backend (I/O, network, server).
+    Backend,
+}
+
+impl ErrorKind {
+    /// A short lowercase description, as used in `Display`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidKey => "invalid key",
+            ErrorKind::InvalidArgument => "invalid argument",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::AlreadyExists => "already exists",
+            ErrorKind::Precondition => "precondition failed",
+            ErrorKind::Locked => "locked",
+            ErrorKind::LeaseLost => "lease lost",
+            ErrorKind::Fenced => "fenced",
+            ErrorKind::TooLarge => "too large",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Config => "configuration error",
+            ErrorKind::Denied => "denied",
+            ErrorKind::Timeout => "timed out",
+            ErrorKind::Backend => "backend error",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The operation during which an error happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+#[allow(missing_docs)] // each variant is named after the method it stands for
+pub enum Operation {
+    Open,
+    Get,
+    Put,
+    Delete,
+    ListDocs,
+    ListRuns,
+    DeleteRun,
+    Acquire,
+    Renew,
+    Release,
+    Inspect,
+    BreakLock,
+    ListLocks,
+    AcquireAndLoad,
+    SaveAndRelease,
+    Load,
+    Save,
+    Update,
+    Commit,
+}
+
+impl Operation {
+    /// The snake-case name of the operation.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Open => "open",
+            Operation::Get => "get",
+            Operation::Put => "put",
+            Operation::Delete => "delete",
+            Operation::ListDocs => "list_docs",
+            Operation::ListRuns => "list_runs",
+            Operation::DeleteRun => "delete_run",
+            Operation::Acquire => "acquire",
+            Operation::Renew => "renew",
+            Operation::Release => "release",
+            Operation::Inspect => "inspect",
+            Operation::BreakLock => "break_lock",
+            Operation::ListLocks => "list_locks",
+            Operation::AcquireAndLoad => "acquire_and_load",
+            Operation::SaveAndRelease => "save_and_release",
+            Operation::Load => "load",
+            Operation::Save => "save",
+            Operation::Update => "update",
+            Operation::Commit => "commit",
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The runstate error: a [`kind`](Error::kind), a message, context (backend,
+/// operation, run, document, lock), whether retrying may help, the current
+/// lock holder when that matters, and the underlying error kept as
+/// [`source`](std::error::Error::source).
+///
+/// `Display` prints the kind, the message and the context on one line; the
+/// source is not repeated there, walk the `source()` chain to print causes.
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    message: Cow<'static, str>,
+    backend: Option<&'static str>,
+    operation: Option<Operation>,
+    run: Option<RunId>,
+    doc: Option<DocName>,
+    lock: Option<LockKey>,
+    retryable: bool,
+    holder: Option<LockInfo>,
+    source: Option<BoxError>,
+}
+
+impl Error {
+    /// A new error of `kind` with a message saying what happened.
+    ///
+    /// [`ErrorKind::Timeout`] and [`ErrorKind::Locked`] errors start out
+    /// retryable; everything else starts out permanent.
+    pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
+        Error {
+            inner: Box::new(Inner {
+                kind,
+                message: message.into(),
+                backend: None,
+                operation: None,
+                run: None,
+                doc: None,
+                lock: None,
+                retryable: matches!(kind, ErrorKind::Timeout | ErrorKind::Locked),
+                holder: None,
+                source: None,
+            }),
+        }
+    }
+
+    /// Records which backend raised the error (`"file"`, `"redis"`, …).
+    pub fn with_backend(mut self, backend: &'static str) -> Self {
+        self.inner.backend = Some(backend);
+        self
+    }
+
+    /// Records the operation, unless one is already recorded (the innermost
+    /// operation is the most precise).
+    pub fn with_operation(mut self, operation: Operation) -> Self {
+        self.inner.operation.get_or_insert(operation);
+        self
+    }
+
+    /// Records the run.
+    pub fn with_run(mut self, run: &RunId) -> Self {
+        self.inner.run = Some(run.clone());
+        self
+    }
+
+    /// Records the document.
+    pub fn with_doc(mut self, doc: &DocName) -> Self {
+        self.inner.doc = Some(doc.clone());
+        self
+    }
+
+    /// Records the lock (and its run and document).
+    pub fn with_lock(mut self, lock: &LockKey) -> Self {
+        self.inner.run.get_or_insert_with(|| lock.run().clone());
+        if let Some(doc) = lock.doc() {
+            self.inner.doc.get_or_insert_with(|| doc.clone());
+        }
+        self.inner.lock = Some(lock.clone());
+        self
+    }
+
+    /// Records the current holder of the lock involved.
+    pub fn with_holder(mut self, holder: LockInfo) -> Self {
+        self.inner.holder = Some(holder);
+        self
+    }
+
+    /// Keeps `source` as the cause.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.inner.source = Some(source.into());
+        self
+    }
+
+    /// Marks whether retrying the same call may succeed.
+    pub fn set_retryable(mut self, retryable: bool) -> Self {
+        self.inner.retryable = retryable;
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The message, without context.
+    pub fn message(&self) -> &str {
+        &self.inner.message
+    }
+
+    /// The backend that raised the error, if known.
+    pub fn backend(&self) -> Option<&'static str> {
+        self.inner.backend
+    }
+
+    /// The operation during which it happened, if known.
+    pub fn operation(&self) -> Option<Operation> {
+        self.inner.operation
+    }
+
+    /// The run involved, if any.
+    pub fn run(&self) -> Option<&RunId> {
+        self.inner.run.as_ref()
+    }
+
+    /// The document involved, if any.
+    pub fn doc(&self) -> Option<&DocName> {
+        self.inner.doc.as_ref()
+    }
+
+    /// The lock involved, if any.
+    pub fn lock(&self) -> Option<&LockKey> {
+        self.inner.lock.as_ref()
+    }
+
+    /// Who holds the lock, for [`ErrorKind::Locked`] and, when known,
+    /// [`ErrorKind::Fenced`] and [`ErrorKind::LeaseLost`].
+    pub fn holder(&self) -> Option<&LockInfo> {
+        self.inner.holder.as_ref()
+    }
+
+    /// How long until the holder's lease expires, for `Locked` errors.
+    pub fn expires_in(&self) -> Option<Duration> {
+        self.inner.holder.as_ref().map(|h| h.expires_in)
+    }
+
+    /// Whether the same call may succeed if retried (a dropped connection, a
+    /// timeout, a busy lock). Errors that prove the request was refused
+    /// (`Precondition`, `Fenced`, `InvalidKey`, …) are never retryable.
+    pub fn is_retryable(&self) -> bool {
+        self.inner.retryable
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &*self.inner;
+        write!(f, "{}: {}", inner.kind, inner.message)?;
+        if let Some(holder) = &inner.holder {
+            write!(f, "; held by {holder}")?;
+        }
+        let mut context: Vec<String> = Vec::new();
+        if let Some(backend) = inner.backend {
+            context.push(format!("backend={backend}"));
+        }
+        if let Some(operation) = inner.operation {
+            context.push(format!("op={operation}"));
+        }
+        if let Some(run) = &inner.run {
+            context.push(format!("run={run}"));
+        }
+        if let Some(doc) = &inner.doc {
+            context.push(format!("doc={doc}"));
+        }
+        if let Some(lock) = &inner.lock {
+            context.push(format!("lock={lock}"));
+        }
+        if inner.retryable {
+            context.push("retryable".to_owned());
+        }
+        if !context.is_empty() {
+            write!(f, " [{}]", context.join(" "))?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &*self.inner;
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &inner.kind)
+            .field("message", &inner.message);
+        if let Some(backend) = inner.backend {
+            d.field("backend", &backend);
+        }
+        if let Some(operation) = inner.operation {
+            d.field("operation", &operation);
+        }
+        if let Some(run) = &inner.run {
+            d.field("run", run);
+        }
+        if let Some(doc) = &inner.doc {
+            d.field("doc", doc);
+        }
+        if let Some(lock) = &inner.lock {
+            d.field("lock", lock);
+        }
+        if let Some(holder) = &inner.holder {
+            d.field("holder", holder);
+        }
+        d.field("retryable", &inner.retryable);
+        if let Some(source) = &inner.source {
+            d.field("source", source);
+        }
+        d.finish()
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Formats an error and its whole `source()` chain on one line, as
+/// `error: cause: cause`, for logs and command-line output.
+pub fn display_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        // Some wrappers repeat their cause in their own message.
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_has_kind_message_and_context() {
+        let run = RunId::new("r1").unwrap();
+        let doc = DocName::new("ron").unwrap();
+        let err = Error::new(ErrorKind::Precondition, "stored version differs")
+            .with_backend("file")
+            .with_operation(Operation::Put)
+            .with_run(&run)
+            .with_doc(&doc);
+        assert_eq!(
+            err.to_string(),
+            "precondition failed: stored version differs [backend=file op=put run=r1 doc=ron]"
+        );
+        assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn source_is_kept_not_flattened() {
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full");
+        let err = Error::new(ErrorKind::Backend, "write failed").with_source(io);
+        let source = std::error::Error::source(&err).unwrap();
+        let io = source.downcast_ref::<std::io::Error>().unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::StorageFull);
+        assert!(!err.to_string().contains("disk full"));
+        assert_eq!(
+            display_chain(&err),
+            "backend error: write failed: disk full"
+        );
+    }
+
+    #[test]
+    fn first_operation_wins() {
+        let err = Error::new(ErrorKind::Backend, "x")
+            .with_operation(Operation::Get)
+            .with_operation(Operation::Load);
+        assert_eq!(err.operation(), Some(Operation::Get));
+    }
+
+    #[test]
+    fn error_is_small() {
+        assert_eq!(std::mem::size_of::<Error>(), std::mem::size_of::<usize>());
+    }
+}
