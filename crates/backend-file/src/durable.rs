@@ -118,10 +118,10 @@ impl Staged {
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        if !self.placed {
-            if let Err(error) = fs::remove_file(&self.path) {
-                tracing::warn!(path = %self.path.display(), %error, "could not remove a temporary file");
-            }
+        if !self.placed
+            && let Err(error) = fs::remove_file(&self.path)
+        {
+            tracing::warn!(path = %self.path.display(), %error, "could not remove a temporary file");
         }
     }
 }

@@ -78,10 +78,10 @@ fn read_doc(file: &File, path: &Path, limit: Option<u64>) -> Result<Vec<u8>, Err
         )
         .with_backend(BACKEND)
     };
-    if let Some(limit) = limit {
-        if size > limit {
-            return Err(too_large(size, limit));
-        }
+    if let Some(limit) = limit
+        && size > limit
+    {
+        return Err(too_large(size, limit));
     }
     // The file may grow under a foreign writer; never read past the limit.
     let cap = limit.map_or(u64::MAX, |l| l.saturating_add(1));
@@ -89,10 +89,10 @@ fn read_doc(file: &File, path: &Path, limit: Option<u64>) -> Result<Vec<u8>, Err
     file.take(cap)
         .read_to_end(&mut bytes)
         .map_err(|e| io_error("reading the document", path, e))?;
-    if let Some(limit) = limit {
-        if bytes.len() as u64 > limit {
-            return Err(too_large(bytes.len() as u64, limit));
-        }
+    if let Some(limit) = limit
+        && bytes.len() as u64 > limit
+    {
+        return Err(too_large(bytes.len() as u64, limit));
     }
     Ok(bytes)
 }
@@ -192,10 +192,10 @@ impl Engine {
         };
 
         let now = Now::take();
-        if let Some(lease) = lease {
-            if !record.record.is_current(lease, &now) {
-                return Err(fenced(lease, &record.record, &now));
-            }
+        if let Some(lease) = lease
+            && !record.record.is_current(lease, &now)
+        {
+            return Err(fenced(lease, &record.record, &now));
         }
         let outcome = (|| {
             let previous = open_doc(&target)?;
@@ -224,12 +224,11 @@ impl Engine {
             staged.place(&dir, &target, previous.as_ref(), &self.faults)?;
             Ok(version_of(bytes))
         })();
-        if release_after {
-            if let Some(lease) = lease {
-                if let Err(error) = leases::release(record, lease) {
-                    tracing::debug!(%error, "release after save");
-                }
-            }
+        if release_after
+            && let Some(lease) = lease
+            && let Err(error) = leases::release(record, lease)
+        {
+            tracing::debug!(%error, "release after save");
         }
         outcome
     }
@@ -590,14 +589,14 @@ impl Engine {
 
 /// Whether the process that wrote a temporary file is gone.
 fn writer_is_gone(tag: &str, pid: u32, start: u64, path: &Path) -> bool {
-    if tag == host_tag() {
-        if let Some(ours) = current_stamp() {
-            let stamp = ProcessStamp {
-                start_ticks: start,
-                ..ours.clone()
-            };
-            return liveness(pid, &stamp) == Liveness::Dead;
-        }
+    if tag == host_tag()
+        && let Some(ours) = current_stamp()
+    {
+        let stamp = ProcessStamp {
+            start_ticks: start,
+            ..ours.clone()
+        };
+        return liveness(pid, &stamp) == Liveness::Dead;
     }
     fs::symlink_metadata(path)
         .and_then(|m| m.modified())

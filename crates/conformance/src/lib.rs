@@ -1,7 +1,7 @@
 //! # runstate-conformance
 //!
 //! The one suite every runstate backend passes: generic async test cases
-//! over [`Lock`] (and so [`Store`](runstate_core::Store)), each asserting
+//! over [`Lock`](runstate_core::Lock) (and so [`Store`](runstate_core::Store)), each asserting
 //! an exact outcome, and the [`suite!`] macro that expands them into one
 //! `#[test]` per case in a backend's test crate, so a failure names its case.
 //!

@@ -96,7 +96,7 @@ fn escape_for_display(input: &str) -> String {
     let mut out = String::from("\"");
     for (i, c) in input.chars().enumerate() {
         if i == SHOWN_MAX {
-            out.push_str("…");
+            out.push('…');
             break;
         }
         if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {

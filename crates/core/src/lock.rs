@@ -123,10 +123,10 @@ pub trait Lock: Store {
                 Ok(version)
             }
             Err(error) => {
-                if !matches!(error.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost) {
-                    if let Err(release) = self.release(lease).await {
-                        tracing::debug!(%release, "release after a failed save");
-                    }
+                if !matches!(error.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost)
+                    && let Err(release) = self.release(lease).await
+                {
+                    tracing::debug!(%release, "release after a failed save");
                 }
                 Err(error)
             }

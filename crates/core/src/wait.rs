@@ -137,18 +137,19 @@ where
         };
         let hint = match error.kind() {
             ErrorKind::Locked => {
-                if let Some(holder) = error.holder() {
-                    if broken != Some(holder.fence) && holder.owner.is_dead_here() == Some(true) {
-                        tracing::warn!(
-                            lock = %key,
-                            holder = %holder.owner,
-                            fence = %holder.fence,
-                            "breaking the lease of a holder that died on this host"
-                        );
-                        broken = Some(holder.fence);
-                        lock.break_lock(key, Some(holder.fence)).await?;
-                        continue;
-                    }
+                if let Some(holder) = error.holder()
+                    && broken != Some(holder.fence)
+                    && holder.owner.is_dead_here() == Some(true)
+                {
+                    tracing::warn!(
+                        lock = %key,
+                        holder = %holder.owner,
+                        fence = %holder.fence,
+                        "breaking the lease of a holder that died on this host"
+                    );
+                    broken = Some(holder.fence);
+                    lock.break_lock(key, Some(holder.fence)).await?;
+                    continue;
                 }
                 error.expires_in()
             }

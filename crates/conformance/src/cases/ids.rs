@@ -1,4 +1,4 @@
-//! 4. Identifiers: every bad one refused before anything is written.
+//! Case group 4: Identifiers: every bad one refused before anything is written.
 
 use runstate_core::{Bytes, DocName, ErrorKind, IdProblem, InvalidId, RunId, StoreExt};
 

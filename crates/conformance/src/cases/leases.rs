@@ -1,4 +1,4 @@
-//! 7. Leases: exclusion, renewal, ownership, expiry, fences, inspection,
+//! Case group 7: Leases: exclusion, renewal, ownership, expiry, fences, inspection,
 //! breaking, waiting.
 
 use std::sync::Arc;

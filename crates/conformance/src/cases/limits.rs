@@ -1,4 +1,4 @@
-//! 5. Size limits and corrupt documents.
+//! Case group 5: Size limits and corrupt documents.
 
 use runstate_core::{Bytes, Codec, ErrorKind, GetOptions, StoreExt};
 

@@ -1,4 +1,4 @@
-//! 3. Delete, list and delete a run.
+//! Case group 3: Delete, list and delete a run.
 
 use std::sync::Arc;
 

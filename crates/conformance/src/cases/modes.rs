@@ -1,4 +1,4 @@
-//! 2. Overwrite, create-only and update-if-version.
+//! Case group 2: Overwrite, create-only and update-if-version.
 
 use runstate_core::{Bytes, ErrorKind, PutOptions, StoreExt, Version};
 

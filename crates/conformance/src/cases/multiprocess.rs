@@ -1,4 +1,4 @@
-//! 9. Several OS processes updating one document.
+//! Case group 9: Several OS processes updating one document.
 
 use crate::Ctx;
 use crate::child::spawn_children;

@@ -1,4 +1,4 @@
-//! 6. Races that must end at an exact count.
+//! Case group 6: Races that must end at an exact count.
 
 use std::sync::Arc;
 

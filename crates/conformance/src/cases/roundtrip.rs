@@ -1,4 +1,4 @@
-//! 1. Round trips of documents of every shape.
+//! Case group 1: Round trips of documents of every shape.
 
 use runstate_core::{Bytes, GetOptions, PutOptions, StoreExt};
 

@@ -1,4 +1,4 @@
-//! 8. A holder that stalls past its TTL cannot overwrite newer data.
+//! Case group 8: A holder that stalls past its TTL cannot overwrite newer data.
 
 use std::time::Duration;
 

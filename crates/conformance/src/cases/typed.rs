@@ -1,4 +1,4 @@
-//! 10. Typed documents: update, guards, combined operations.
+//! Case group 10: Typed documents: update, guards, combined operations.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
