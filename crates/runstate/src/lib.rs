@@ -62,3 +62,8 @@ pub use runstate_core::*;
 pub mod file {
     pub use runstate_file::*;
 }
+
+/// The README's examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
