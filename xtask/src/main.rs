@@ -26,11 +26,18 @@ struct Backend {
 }
 
 /// Every backend that exists. Later backends add a line here.
-const BACKENDS: &[Backend] = &[Backend {
-    name: "file",
-    package: "runstate-file",
-    services: &[],
-}];
+const BACKENDS: &[Backend] = &[
+    Backend {
+        name: "file",
+        package: "runstate-file",
+        services: &[],
+    },
+    Backend {
+        name: "redis",
+        package: "runstate-redis",
+        services: &[&services::REDIS],
+    },
+];
 
 const USAGE: &str = "\
 usage: cargo xtask <command>

@@ -12,10 +12,35 @@ pub(crate) struct Service {
     pub(crate) addr: &'static str,
     /// The environment variable the tests read, and its value.
     pub(crate) env: (&'static str, &'static str),
-    /// A shell command that starts it on this machine.
+    /// The program that must be installed to start it.
+    pub(crate) program: &'static str,
+    /// A shell command, run from the workspace root, that starts it.
     pub(crate) start: &'static str,
     /// What to do when it cannot be started.
     pub(crate) hint: &'static str,
+}
+
+/// Redis for the Redis backend. When none answers on 6379, one is started
+/// in the background with its files under `target/services/redis` (it keeps
+/// nothing on disk) and left running for later test runs; `services down`
+/// stops it by the PID it wrote.
+pub(crate) const REDIS: Service = Service {
+    name: "redis",
+    addr: "127.0.0.1:6379",
+    env: ("RUNSTATE_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    program: "redis-server",
+    start: "mkdir -p target/services/redis && redis-server --daemonize yes --bind 127.0.0.1 \
+            --port 6379 --save '' --appendonly no --dir target/services/redis \
+            --logfile redis.log --pidfile \"$PWD/target/services/redis/redis.pid\"",
+    hint: "install Redis (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis), \
+           or point RUNSTATE_REDIS_URL at a running server",
+};
+
+fn installed(program: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 impl Service {
@@ -28,13 +53,30 @@ impl Service {
     /// Makes sure it answers, starting it if needed; returns the environment
     /// for the tests.
     pub(crate) fn ensure(&self) -> Result<Vec<(String, String)>, String> {
+        // A URL given by the caller wins: the tests then use that server.
+        if let Ok(url) = std::env::var(self.env.0) {
+            eprintln!(
+                "{}: using {}={} from the environment",
+                self.name,
+                self.env.0,
+                redact(&url)
+            );
+            return Ok(vec![(self.env.0.to_owned(), url)]);
+        }
         if !self.answers() {
+            if !installed(self.program) {
+                return Err(format!(
+                    "{}: nothing answers on {} and `{}` is not installed: {}",
+                    self.name, self.addr, self.program, self.hint
+                ));
+            }
             eprintln!(
                 "{}: nothing answers on {}; starting it: {}",
                 self.name, self.addr, self.start
             );
             let status = std::process::Command::new("sh")
                 .args(["-c", self.start])
+                .current_dir(crate::root())
                 .status()
                 .map_err(|e| {
                     format!(
@@ -55,6 +97,25 @@ impl Service {
             }
         }
         Ok(vec![(self.env.0.to_owned(), self.env.1.to_owned())])
+    }
+}
+
+/// A URL with any password replaced by `***`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
     }
 }
 

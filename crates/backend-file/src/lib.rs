@@ -86,8 +86,8 @@ use std::time::{Duration, Instant};
 
 use runstate_core::{
     Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, GetOptions, Lease, ListPage,
-    Lock, LockInfo, LockKey, Operation, Owner, PutMode, PutOptions, Result, RunId, Store,
-    StoredDoc, Version, async_trait,
+    Lock, LockInfo, LockKey, Operation, Owner, PutMode, PutOptions, ReleaseSignals, Result, RunId,
+    Store, StoredDoc, Version, async_trait,
 };
 
 #[cfg(feature = "fault-injection")]
@@ -107,6 +107,7 @@ pub struct FileStore {
     engine: Arc<Engine>,
     config: Arc<FileConfig>,
     capabilities: Arc<Capabilities>,
+    signals: Arc<ReleaseSignals>,
 }
 
 impl FileStore {
@@ -128,6 +129,7 @@ impl FileStore {
             engine: Arc::new(engine),
             config,
             capabilities: Arc::new(Capabilities::full(BACKEND).with_multi_host(false)),
+            signals: Arc::new(ReleaseSignals::new()),
         })
     }
 
@@ -331,9 +333,12 @@ impl Lock for FileStore {
 
     async fn release(&self, lease: &Lease) -> Result<()> {
         let l = lease.clone();
-        self.blocking(Operation::Release, move |e| e.release(&l))
+        let released = self
+            .blocking(Operation::Release, move |e| e.release(&l))
             .await
-            .map_err(|e| e.with_lock(lease.key()))
+            .map_err(|e| e.with_lock(lease.key()));
+        self.signals.released(lease.key());
+        released
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
@@ -349,15 +354,22 @@ impl Lock for FileStore {
         only_fence: Option<Fence>,
     ) -> Result<Option<LockInfo>> {
         let k = key.clone();
-        self.blocking(Operation::BreakLock, move |e| e.break_lock(&k, only_fence))
+        let broken = self
+            .blocking(Operation::BreakLock, move |e| e.break_lock(&k, only_fence))
             .await
-            .map_err(|e| e.with_lock(key))
+            .map_err(|e| e.with_lock(key));
+        self.signals.released(key);
+        broken
     }
 
     async fn list_locks(&self, run: Option<&RunId>) -> Result<Vec<LockInfo>> {
         let r = run.cloned();
         self.blocking(Operation::ListLocks, move |e| e.list_locks(r.as_ref()))
             .await
+    }
+
+    async fn wait_for_release(&self, key: &LockKey, max: Duration) {
+        self.signals.wait(key, max).await;
     }
 
     async fn acquire_and_load(
@@ -385,10 +397,13 @@ impl Lock for FileStore {
         mode: PutMode,
     ) -> Result<Version> {
         let (l, d) = (lease.clone(), doc.clone());
-        self.blocking(Operation::SaveAndRelease, move |e| {
-            e.put(l.key().run(), &d, &bytes, &mode, Some(&l), true)
-        })
-        .await
-        .map_err(|e| e.with_lock(lease.key()).with_doc(doc))
+        let saved = self
+            .blocking(Operation::SaveAndRelease, move |e| {
+                e.put(l.key().run(), &d, &bytes, &mode, Some(&l), true)
+            })
+            .await
+            .map_err(|e| e.with_lock(lease.key()).with_doc(doc));
+        self.signals.released(lease.key());
+        saved
     }
 }

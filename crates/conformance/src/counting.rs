@@ -130,6 +130,9 @@ impl Lock for CountingLock {
     async fn list_locks(&self, run: Option<&RunId>) -> Result<Vec<LockInfo>> {
         self.inner.list_locks(run).await
     }
+    async fn wait_for_release(&self, key: &LockKey, max: Duration) {
+        self.inner.wait_for_release(key, max).await
+    }
     async fn acquire_and_load(
         &self,
         key: &LockKey,

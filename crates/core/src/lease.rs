@@ -362,7 +362,11 @@ impl Lease {
         self.ttl
     }
 
-    /// When it was granted, by the backend's clock (informational).
+    /// When it was granted (informational): by the backend's clock where
+    /// the grant reports it, else by this process's. [`Lock::inspect`]
+    /// always reports the backend's view.
+    ///
+    /// [`Lock::inspect`]: crate::Lock::inspect
     pub fn since(&self) -> SystemTime {
         self.since
     }

@@ -61,6 +61,7 @@ mod id;
 mod lease;
 mod lock;
 pub mod process;
+mod signals;
 mod store;
 pub mod time;
 mod typed;
@@ -73,6 +74,7 @@ pub use id::{DocName, IdKind, IdProblem, InvalidId, MAX_ID_LEN, RunId};
 pub use lease::{Fence, Lease, LockInfo, LockKey, MAX_HOST_LEN, MAX_OWNER_ID_LEN, Owner};
 pub use lock::Lock;
 pub use process::ProcessStamp;
+pub use signals::ReleaseSignals;
 pub use store::{
     Capabilities, DocMeta, Fencing, GetOptions, LIST_PAGE, ListPage, PutMode, PutOptions, Store,
     StoreExt, StoredDoc,

@@ -66,6 +66,18 @@ pub trait Lock: Store {
     /// The held locks of one run, or of the whole store.
     async fn list_locks(&self, run: Option<&RunId>) -> Result<Vec<LockInfo>>;
 
+    /// Waits until `key` may have been released, or `max` has passed,
+    /// whichever comes first. The wait loop of
+    /// [`LockExt::acquire`](crate::LockExt::acquire) calls it between
+    /// attempts. The default sleeps `max`; a backend that learns of releases
+    /// (made through it in this process, or announced by its server)
+    /// returns early so the next waiter retries at once. Returning early
+    /// spuriously is allowed.
+    async fn wait_for_release(&self, key: &LockKey, max: Duration) {
+        let _ = key;
+        tokio::time::sleep(max).await;
+    }
+
     /// Takes the lock and reads `doc` (which the lock must cover) in one
     /// call. The default makes two calls; backends that can do both in one
     /// round trip override it.
@@ -164,6 +176,9 @@ macro_rules! forward_lock {
             }
             async fn list_locks(&self, run: Option<&RunId>) -> Result<Vec<LockInfo>> {
                 (**self).list_locks(run).await
+            }
+            async fn wait_for_release(&self, key: &LockKey, max: Duration) {
+                (**self).wait_for_release(key, max).await
             }
             async fn acquire_and_load(
                 &self,

@@ -157,7 +157,7 @@ where
             _ => return Err(error),
         };
         match backoff.next_delay(hint) {
-            Some(delay) => tokio::time::sleep(delay).await,
+            Some(delay) => lock.wait_for_release(key, delay).await,
             None if policy.timeout.is_zero() => return Err(error),
             None => return Err(gave_up(key, policy, error)),
         }

@@ -10,6 +10,8 @@
 //! | feature | backend | |
 //! |---|---|---|
 //! | `file` (default) | [`file::FileStore`] | one folder per run, one file per document |
+//! | `redis` | `redis::RedisStore` | every operation one server-side script |
+//! | `redis-tls` | — | `rediss://` for the Redis backend |
 //! | `bincode` | — | the bincode 2 codec for typed documents |
 //!
 //! ## Example
@@ -61,6 +63,12 @@ pub use runstate_core::*;
 #[cfg(feature = "file")]
 pub mod file {
     pub use runstate_file::*;
+}
+
+/// The Redis backend (`runstate-redis`).
+#[cfg(feature = "redis")]
+pub mod redis {
+    pub use runstate_redis::*;
 }
 
 /// The README's examples, compiled as doctests so they cannot rot.

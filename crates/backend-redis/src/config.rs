@@ -1,0 +1,519 @@
+//! Configuration of the Redis backend, from a URL or by hand.
+//!
+//! | URL | meaning |
+//! |---|---|
+//! | `redis://[user[:password]@]host[:port][/db]` | TCP (port 6379, db 0 by default) |
+//! | `rediss://…` | TLS (cargo feature `tls`) |
+//! | `unix:///path/to/redis.sock` | Unix socket (`?db=N` selects the database) |
+//!
+//! | query option | default | meaning |
+//! |---|---|---|
+//! | `prefix` | `runstate` | first part of every key; `[A-Za-z0-9._:-]`, 1–64 bytes |
+//! | `timeout_ms` | 5000 | bound on every call; a stalled server gives `Timeout` |
+//! | `connect_timeout_ms` | 5000 | bound on connecting and reconnecting |
+//! | `weppcloud_locks` | off | database number of WEPPcloud's `nodb-lock:*` keys; when set, a document WEPPcloud holds is `Locked` |
+//! | `weppcloud_ext` | `nodb` | extension WEPPcloud gives document files (`nodb-lock:<run>:<name>.<ext>`) |
+//! | `db` | 0 | database, for `unix://` URLs |
+//!
+//! Passwords never appear in `Debug`, `Display` or errors: they are shown
+//! as `***`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use percent_encoding::percent_decode_str;
+use runstate_core::{Error, ErrorKind};
+
+use crate::BACKEND;
+
+/// Where the server is.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Address {
+    /// Plain TCP.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// TCP with TLS (`rediss://`, cargo feature `tls`).
+    Tls {
+        /// Host name, also checked against the certificate.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// A Unix socket.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp { host, port } | Address::Tls { host, port } => write!(f, "{host}:{port}"),
+            Address::Unix(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+impl fmt::Debug for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp { .. } => write!(f, "Tcp({self})"),
+            Address::Tls { .. } => write!(f, "Tls({self})"),
+            Address::Unix(_) => write!(f, "Unix({self})"),
+        }
+    }
+}
+
+/// A password that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Secret(secret.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Where WEPPcloud keeps its NoDb locks, for
+/// [`RedisConfig::with_weppcloud_locks`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeppcloudLocks {
+    /// The database of the `nodb-lock:*` keys.
+    pub db: i64,
+    /// The extension of document files, `nodb` in WEPPcloud.
+    pub ext: String,
+}
+
+/// Settings of a [`RedisStore`](crate::RedisStore).
+///
+/// ```
+/// use runstate_redis::RedisConfig;
+/// let config = RedisConfig::from_url("redis://app:hunter2@127.0.0.1:6379/2?prefix=lab")?;
+/// assert_eq!(config.db(), 2);
+/// assert_eq!(config.prefix(), "lab");
+/// assert_eq!(config.to_string(), "redis://app:***@127.0.0.1:6379/2?prefix=lab");
+/// assert!(!format!("{config:?}").contains("hunter2"));
+/// # Ok::<(), runstate_core::Error>(())
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    pub(crate) address: Address,
+    pub(crate) db: i64,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<Secret>,
+    pub(crate) prefix: String,
+    pub(crate) timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) weppcloud: Option<WeppcloudLocks>,
+}
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "runstate";
+/// The default bound on every call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn config_error(message: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Config, message.into()).with_backend(BACKEND)
+}
+
+fn check_prefix(prefix: &str) -> Result<(), Error> {
+    if prefix.is_empty()
+        || prefix.len() > 64
+        || !prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    {
+        return Err(config_error(format!(
+            "key prefix {prefix:?} must be 1 to 64 bytes of [A-Za-z0-9._:-]"
+        )));
+    }
+    Ok(())
+}
+
+fn parse_ms(name: &str, value: &str) -> Result<Duration, Error> {
+    match value.parse::<u64>() {
+        Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+        _ => Err(config_error(format!(
+            "option {name} must be a positive number of milliseconds, got {value:?}"
+        ))),
+    }
+}
+
+fn parse_db(value: &str) -> Result<i64, Error> {
+    value
+        .parse::<i64>()
+        .ok()
+        .filter(|db| *db >= 0)
+        .ok_or_else(|| config_error(format!("database must be a number ≥ 0, got {value:?}")))
+}
+
+impl RedisConfig {
+    /// A configuration for `host:port` with every default.
+    pub fn tcp(host: impl Into<String>, port: u16) -> Self {
+        RedisConfig {
+            address: Address::Tcp {
+                host: host.into(),
+                port,
+            },
+            db: 0,
+            username: None,
+            password: None,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
+            connect_timeout: DEFAULT_TIMEOUT,
+            weppcloud: None,
+        }
+    }
+
+    /// Parses a `redis://`, `rediss://` or `unix://` URL (see the module
+    /// documentation for the options).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for an unknown scheme or option, a bad value,
+    /// or `rediss://` without the `tls` feature. The URL itself is never
+    /// repeated in the error, since it may hold a password.
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        let parsed = url::Url::parse(url).map_err(|e| {
+            config_error("invalid redis URL (not shown: it may hold a password)").with_source(e)
+        })?;
+        let mut config = RedisConfig::tcp("127.0.0.1", 6379);
+        match parsed.scheme() {
+            scheme @ ("redis" | "rediss") => {
+                let host = parsed
+                    .host_str()
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| config_error("redis URL has no host"))?
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned();
+                let port = parsed.port().unwrap_or(6379);
+                config.address = if scheme == "rediss" {
+                    if !cfg!(feature = "tls") {
+                        return Err(config_error(
+                            "rediss:// needs TLS support: enable the cargo feature `tls` of runstate-redis",
+                        ));
+                    }
+                    Address::Tls { host, port }
+                } else {
+                    Address::Tcp { host, port }
+                };
+                let path = parsed.path().trim_start_matches('/');
+                if !path.is_empty() {
+                    config.db = parse_db(path)?;
+                }
+                if !parsed.username().is_empty() {
+                    config.username = Some(decode(parsed.username())?);
+                }
+                if let Some(password) = parsed.password() {
+                    config.password = Some(Secret(decode(password)?));
+                }
+            }
+            "unix" | "redis+unix" => {
+                if parsed.path().is_empty() {
+                    return Err(config_error("unix:// URL has no socket path"));
+                }
+                config.address = Address::Unix(PathBuf::from(decode(parsed.path())?));
+                if let Some(password) = parsed.password() {
+                    config.password = Some(Secret(decode(password)?));
+                }
+            }
+            other => {
+                return Err(config_error(format!(
+                    "unknown URL scheme {other:?} for redis (known: redis, rediss, unix)"
+                )));
+            }
+        }
+        let mut weppcloud_ext = None;
+        for (name, value) in parsed.query_pairs() {
+            match &*name {
+                "prefix" => {
+                    check_prefix(&value)?;
+                    config.prefix = value.into_owned();
+                }
+                "timeout_ms" => config.timeout = parse_ms("timeout_ms", &value)?,
+                "connect_timeout_ms" => {
+                    config.connect_timeout = parse_ms("connect_timeout_ms", &value)?;
+                }
+                "db" => config.db = parse_db(&value)?,
+                "weppcloud_locks" => {
+                    config.weppcloud = Some(WeppcloudLocks {
+                        db: parse_db(&value)?,
+                        ext: "nodb".to_owned(),
+                    });
+                }
+                "weppcloud_ext" => weppcloud_ext = Some(value.into_owned()),
+                other => {
+                    return Err(config_error(format!(
+                        "unknown redis URL option {other:?} (known: prefix, timeout_ms, \
+                         connect_timeout_ms, db, weppcloud_locks, weppcloud_ext)"
+                    )));
+                }
+            }
+        }
+        if let Some(ext) = weppcloud_ext {
+            match &mut config.weppcloud {
+                Some(locks) => locks.ext = check_ext(ext)?,
+                None => {
+                    return Err(config_error(
+                        "weppcloud_ext needs weppcloud_locks=<db> to be set too",
+                    ));
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// Sets the key prefix.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] unless it is 1 to 64 bytes of `[A-Za-z0-9._:-]`.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Result<Self, Error> {
+        let prefix = prefix.into();
+        check_prefix(&prefix)?;
+        self.prefix = prefix;
+        Ok(self)
+    }
+
+    /// Sets the database.
+    pub fn with_db(mut self, db: i64) -> Self {
+        self.db = db;
+        self
+    }
+
+    /// Sets the password (and optionally the ACL user name).
+    pub fn with_auth(mut self, username: Option<String>, password: Secret) -> Self {
+        self.username = username;
+        self.password = Some(password);
+        self
+    }
+
+    /// Bounds every call.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Bounds connecting and reconnecting.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Honours WEPPcloud's NoDb locks: a document whose
+    /// `nodb-lock:<run>:<name>.<ext>` key exists in database `locks.db` is
+    /// reported `Locked` and never written.
+    pub fn with_weppcloud_locks(mut self, locks: WeppcloudLocks) -> Self {
+        self.weppcloud = Some(locks);
+        self
+    }
+
+    /// The server's address.
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    /// The database.
+    pub fn db(&self) -> i64 {
+        self.db
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The bound on every call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The WEPPcloud lock settings, if enabled.
+    pub fn weppcloud_locks(&self) -> Option<&WeppcloudLocks> {
+        self.weppcloud.as_ref()
+    }
+}
+
+fn check_ext(ext: String) -> Result<String, Error> {
+    if ext.is_empty() || ext.len() > 16 || !ext.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(config_error(format!(
+            "weppcloud_ext {ext:?} must be 1 to 16 ASCII letters or digits"
+        )));
+    }
+    Ok(ext)
+}
+
+fn decode(text: &str) -> Result<String, Error> {
+    percent_decode_str(text)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| config_error("redis URL credentials or path are not valid UTF-8"))
+}
+
+/// The URL with the password shown as `***`.
+impl fmt::Display for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let auth = match (&self.username, &self.password) {
+            (Some(user), Some(_)) => format!("{user}:***@"),
+            (None, Some(_)) => ":***@".to_owned(),
+            (Some(user), None) => format!("{user}@"),
+            (None, None) => String::new(),
+        };
+        let mut options = Vec::new();
+        if self.prefix != DEFAULT_PREFIX {
+            options.push(format!("prefix={}", self.prefix));
+        }
+        if self.timeout != DEFAULT_TIMEOUT {
+            options.push(format!("timeout_ms={}", self.timeout.as_millis()));
+        }
+        if self.connect_timeout != DEFAULT_TIMEOUT {
+            options.push(format!(
+                "connect_timeout_ms={}",
+                self.connect_timeout.as_millis()
+            ));
+        }
+        if let Some(locks) = &self.weppcloud {
+            options.push(format!("weppcloud_locks={}", locks.db));
+            if locks.ext != "nodb" {
+                options.push(format!("weppcloud_ext={}", locks.ext));
+            }
+        }
+        match &self.address {
+            Address::Tcp { host, port } => write!(f, "redis://{auth}{host}:{port}/{}", self.db)?,
+            Address::Tls { host, port } => write!(f, "rediss://{auth}{host}:{port}/{}", self.db)?,
+            Address::Unix(path) => {
+                write!(f, "unix://{auth}{}", path.display())?;
+                options.insert(0, format!("db={}", self.db));
+            }
+        }
+        if !options.is_empty() {
+            write!(f, "?{}", options.join("&"))?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("address", &self.address)
+            .field("db", &self.db)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("weppcloud", &self.weppcloud)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SENTINEL: &str = "s3ntinel-PASSWORD-9f8e";
+
+    #[test]
+    fn parses_the_documented_forms() {
+        let c =
+            RedisConfig::from_url("redis://127.0.0.1:6380/3?prefix=a:b&timeout_ms=250").unwrap();
+        assert_eq!(
+            c.address,
+            Address::Tcp {
+                host: "127.0.0.1".into(),
+                port: 6380
+            }
+        );
+        assert_eq!(
+            (c.db, c.prefix.as_str(), c.timeout),
+            (3, "a:b", Duration::from_millis(250))
+        );
+        let c = RedisConfig::from_url("redis://localhost").unwrap();
+        assert_eq!(
+            c.address,
+            Address::Tcp {
+                host: "localhost".into(),
+                port: 6379
+            }
+        );
+        let c = RedisConfig::from_url("unix:///run/redis.sock?db=2").unwrap();
+        assert_eq!(
+            (c.address.clone(), c.db),
+            (Address::Unix("/run/redis.sock".into()), 2)
+        );
+        let c = RedisConfig::from_url("redis://[::1]:7000/0?weppcloud_locks=0").unwrap();
+        assert_eq!(
+            c.address,
+            Address::Tcp {
+                host: "::1".into(),
+                port: 7000
+            }
+        );
+        assert_eq!(
+            c.weppcloud,
+            Some(WeppcloudLocks {
+                db: 0,
+                ext: "nodb".into()
+            })
+        );
+    }
+
+    #[test]
+    fn refuses_bad_input_clearly() {
+        for (url, needle) in [
+            ("http://x", "unknown URL scheme"),
+            ("redis://x?bogus=1", "unknown redis URL option"),
+            ("redis://x?prefix=a%7Bb", "key prefix"),
+            ("redis://x/notanumber", "database"),
+            ("redis://x?timeout_ms=0", "timeout_ms"),
+            ("redis://x?weppcloud_ext=nodb", "weppcloud_locks"),
+        ] {
+            let err = RedisConfig::from_url(url).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config, "{url}");
+            assert!(err.to_string().contains(needle), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn password_never_shows() {
+        let url = format!("redis://admin:{SENTINEL}@127.0.0.1:6379/1?prefix=p");
+        let c = RedisConfig::from_url(&url).unwrap();
+        assert_eq!(c.password.as_ref().unwrap().expose(), SENTINEL);
+        for shown in [c.to_string(), format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!shown.contains(SENTINEL), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
+        let bad = format!("redis://admin:{SENTINEL}@[::1/");
+        let err = RedisConfig::from_url(&bad).unwrap_err();
+        assert!(!runstate_core::display_chain(&err).contains(SENTINEL));
+        assert!(!format!("{err:?}").contains(SENTINEL));
+    }
+
+    #[test]
+    fn percent_encoded_passwords_are_decoded() {
+        let c = RedisConfig::from_url("redis://:p%40ss%2Fword@h").unwrap();
+        assert_eq!(c.password.unwrap().expose(), "p@ss/word");
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn rediss_names_the_missing_feature() {
+        let err = RedisConfig::from_url("rediss://h").unwrap_err();
+        assert!(err.to_string().contains("feature `tls`"), "{err}");
+    }
+}

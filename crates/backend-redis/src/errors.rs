@@ -1,0 +1,73 @@
+//! Redis errors mapped to runstate's kinds, in exactly one place.
+
+use std::time::Duration;
+
+use redis::{ErrorKind as RedisKind, RedisError, ServerErrorKind};
+use runstate_core::time::Short;
+use runstate_core::{Error, ErrorKind};
+
+use crate::BACKEND;
+
+/// Maps a redis-rs error to a runstate error, keeping it as the source.
+///
+/// Connection trouble, timeouts, a server still loading its data, a
+/// replica that became read-only in a failover and `TRYAGAIN`/`MASTERDOWN`
+/// are retryable; authentication and permission failures are
+/// configuration problems; everything else is a permanent backend error.
+pub(crate) fn map_redis_error(error: RedisError) -> Error {
+    let (kind, retryable, what) = if error.is_timeout() {
+        (ErrorKind::Timeout, true, "redis did not answer in time")
+    } else if error.is_connection_refusal() {
+        (ErrorKind::Backend, true, "redis refused the connection")
+    } else if error.is_connection_dropped() || error.is_io_error() {
+        (ErrorKind::Backend, true, "the connection to redis failed")
+    } else {
+        match error.kind() {
+            RedisKind::AuthenticationFailed => {
+                (ErrorKind::Config, false, "redis refused the credentials")
+            }
+            RedisKind::InvalidClientConfig => {
+                (ErrorKind::Config, false, "invalid redis client settings")
+            }
+            RedisKind::Server(server) => match server {
+                ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly
+                | ServerErrorKind::ClusterDown => (
+                    ErrorKind::Backend,
+                    true,
+                    "redis is not ready to serve this request",
+                ),
+                ServerErrorKind::NoPerm => {
+                    (ErrorKind::Denied, false, "redis denied the command (ACL)")
+                }
+                _ => (ErrorKind::Backend, false, "redis returned an error"),
+            },
+            _ => (ErrorKind::Backend, false, "redis request failed"),
+        }
+    };
+    Error::new(kind, what)
+        .with_backend(BACKEND)
+        .with_source(error)
+        .set_retryable(retryable)
+}
+
+/// The error of a call that outlived its bound.
+pub(crate) fn timed_out(bound: Duration) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!("no answer from redis within {}", Short(bound)),
+    )
+    .with_backend(BACKEND)
+    .set_retryable(true)
+}
+
+/// A reply the scripts never produce.
+pub(crate) fn unexpected(what: &str) -> Error {
+    Error::new(
+        ErrorKind::Backend,
+        format!("unexpected reply from redis: {what}"),
+    )
+    .with_backend(BACKEND)
+}

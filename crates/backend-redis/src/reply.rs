@@ -1,0 +1,169 @@
+//! Reading script replies.
+
+use std::time::{Duration, SystemTime};
+
+use redis::Value;
+use runstate_core::time::from_unix_millis;
+use runstate_core::{Bytes, Error, Fence, LockInfo, LockKey, Owner};
+
+use crate::errors::unexpected;
+
+/// A script's reply: its status and the values after it.
+pub(crate) struct Reply {
+    pub(crate) status: String,
+    values: std::vec::IntoIter<Value>,
+}
+
+impl Reply {
+    pub(crate) fn parse(value: Value) -> Result<Reply, Error> {
+        let Value::Array(items) = value else {
+            return Err(unexpected("not an array"));
+        };
+        let mut values = items.into_iter();
+        let status = match values.next() {
+            Some(Value::BulkString(bytes)) => {
+                String::from_utf8(bytes).map_err(|_| unexpected("status"))?
+            }
+            Some(Value::SimpleString(text)) => text,
+            _ => return Err(unexpected("no status")),
+        };
+        Ok(Reply { status, values })
+    }
+
+    pub(crate) fn next(&mut self) -> Result<Value, Error> {
+        self.values.next().ok_or_else(|| unexpected("too short"))
+    }
+
+    pub(crate) fn has_more(&self) -> bool {
+        self.values.len() > 0
+    }
+
+    pub(crate) fn bytes(&mut self) -> Result<Option<Bytes>, Error> {
+        match self.next()? {
+            Value::Nil => Ok(None),
+            Value::BulkString(bytes) => Ok(Some(Bytes::from(bytes))),
+            Value::SimpleString(text) => Ok(Some(Bytes::from(text))),
+            _ => Err(unexpected("not a string")),
+        }
+    }
+
+    pub(crate) fn text(&mut self) -> Result<String, Error> {
+        match self.next()? {
+            Value::BulkString(bytes) => {
+                String::from_utf8(bytes).map_err(|_| unexpected("not UTF-8"))
+            }
+            Value::SimpleString(text) => Ok(text),
+            Value::Int(n) => Ok(n.to_string()),
+            _ => Err(unexpected("not text")),
+        }
+    }
+
+    pub(crate) fn int(&mut self) -> Result<i64, Error> {
+        match self.next()? {
+            Value::Int(n) => Ok(n),
+            Value::BulkString(bytes) => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| unexpected("not a number")),
+            _ => Err(unexpected("not a number")),
+        }
+    }
+
+    /// owner json, fence, since ms, pttl ms → what anyone sees of the lock.
+    pub(crate) fn holder(&mut self, key: &LockKey) -> Result<LockInfo, Error> {
+        let owner: Owner =
+            serde_json::from_str(&self.text()?).map_err(|_| unexpected("lock owner"))?;
+        let fence = self.text()?.parse().map_err(|_| unexpected("fence"))?;
+        let since = self.text()?.parse().map_err(|_| unexpected("since"))?;
+        let pttl = self.int()?;
+        Ok(LockInfo {
+            key: key.clone(),
+            owner,
+            fence: Fence(fence),
+            since: from_unix_millis(since),
+            expires_in: Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
+        })
+    }
+
+    /// The holder if the reply carries one.
+    pub(crate) fn maybe_holder(&mut self, key: &LockKey) -> Result<Option<LockInfo>, Error> {
+        if self.has_more() {
+            self.holder(key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// A WEPPcloud lock: its JSON payload, PTTL and document name.
+    pub(crate) fn weppcloud_holder(&mut self, key: &LockKey) -> Result<(LockInfo, String), Error> {
+        let payload = self.text()?;
+        let pttl = self.int()?;
+        let doc = self.text()?;
+        Ok((weppcloud_info(key, &payload, pttl), doc))
+    }
+}
+
+/// What a WEPPcloud NoDb lock payload says: `{"token", "owner": "host:pid",
+/// "acquired_at", "expires_at", "ttl"}` (older payloads are a bare token).
+fn weppcloud_info(key: &LockKey, payload: &str, pttl: i64) -> LockInfo {
+    let parsed: serde_json::Value =
+        serde_json::from_str(payload).unwrap_or(serde_json::Value::Null);
+    let owner_text = parsed
+        .get("owner")
+        .and_then(|o| o.as_str())
+        .unwrap_or("weppcloud:0");
+    let (host, pid) = owner_text
+        .rsplit_once(':')
+        .map_or((owner_text, 0), |(h, p)| (h, p.parse().unwrap_or(0)));
+    let token: String = parsed
+        .get("token")
+        .and_then(|t| t.as_str())
+        .unwrap_or(payload)
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(32)
+        .collect();
+    let id = format!(
+        "weppcloud-{}",
+        if token.is_empty() { "lock" } else { &token }
+    );
+    let owner = Owner::new(if host.is_empty() { "weppcloud" } else { host }, pid, id)
+        .or_else(|_| Owner::new("weppcloud", pid, "weppcloud-lock"))
+        .unwrap_or_else(|_| Owner::for_this_process());
+    let since = parsed
+        .get("acquired_at")
+        .and_then(serde_json::Value::as_u64)
+        .map_or(SystemTime::UNIX_EPOCH, |secs| {
+            from_unix_millis(secs.saturating_mul(1000))
+        });
+    LockInfo {
+        key: key.clone(),
+        owner,
+        fence: Fence(0),
+        since,
+        expires_in: Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runstate_core::RunId;
+
+    #[test]
+    fn reads_weppcloud_payloads() {
+        let key = LockKey::Run(RunId::new("r").unwrap());
+        let info = weppcloud_info(
+            &key,
+            r#"{"token":"0f3a9c","owner":"wepp1.example:4242","acquired_at":1700000000,"expires_at":1700021600,"ttl":21600}"#,
+            5000,
+        );
+        assert_eq!(info.owner.host(), "wepp1.example");
+        assert_eq!(info.owner.pid(), 4242);
+        assert_eq!(info.owner.id(), "weppcloud-0f3a9c");
+        assert_eq!(info.expires_in, Duration::from_secs(5));
+        let legacy = weppcloud_info(&key, "abcdef0123", -1);
+        assert_eq!(legacy.owner.id(), "weppcloud-abcdef0123");
+        assert_eq!(legacy.expires_in, Duration::ZERO);
+    }
+}

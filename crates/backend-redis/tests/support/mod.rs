@@ -1,0 +1,133 @@
+//! A private redis-server for tests that restart, pause or kill it: started
+//! on a free loopback port, stopped by its PID, never the shared one.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct OwnRedis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl OwnRedis {
+    /// Starts a server; `persistent` makes it fsync every write to its
+    /// append-only file, so a restart keeps everything acknowledged.
+    pub fn start(persistent: bool, extra: &[&str]) -> OwnRedis {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("runstate-own-redis-{port}-{:x}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            String::new(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "--daemonize".into(),
+            "no".into(),
+        ];
+        if persistent {
+            args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(String::from));
+        } else {
+            args.extend(["--appendonly", "no"].map(String::from));
+        }
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let mut server = OwnRedis {
+            child: None,
+            port,
+            dir,
+            args,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (Debian: apt-get install redis-server)");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                if stream.write_all(b"PING\r\n").is_ok() {
+                    let mut buf = [0u8; 7];
+                    // +PONG, or -NOAUTH from a server that wants a password.
+                    if stream.read_exact(&mut buf).is_ok()
+                        && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
+                    {
+                        return;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("own redis-server on port {} did not start", self.port);
+    }
+
+    /// Kills the server with SIGKILL (by its PID) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data folder.
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Sends one command over a fresh raw connection and returns the reply.
+    pub fn command(&self, parts: &[&str]) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let mut request = format!("*{}\r\n", parts.len());
+        for part in parts {
+            request.push_str(&format!("${}\r\n{part}\r\n", part.len()));
+        }
+        stream.write_all(request.as_bytes()).expect("send");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 512];
+        let n = stream.read(&mut buf).expect("reply");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
