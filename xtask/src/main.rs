@@ -17,11 +17,13 @@ use std::time::Instant;
 
 use services::Service;
 
-/// A backend of the workspace: the package holding its tests and the
+/// A backend of the workspace: the package holding its tests, the filter
+/// selecting them when the package serves several backends, and the
 /// services they need.
 struct Backend {
     name: &'static str,
     package: &'static str,
+    filter: Option<&'static str>,
     services: &'static [&'static Service],
 }
 
@@ -30,12 +32,32 @@ const BACKENDS: &[Backend] = &[
     Backend {
         name: "file",
         package: "runstate-file",
+        filter: None,
         services: &[],
     },
     Backend {
         name: "redis",
         package: "runstate-redis",
+        filter: None,
         services: &[&services::REDIS],
+    },
+    Backend {
+        name: "postgres",
+        package: "runstate-sql",
+        filter: Some("postgres"),
+        services: &[&services::POSTGRES],
+    },
+    Backend {
+        name: "mysql",
+        package: "runstate-sql",
+        filter: Some("mysql"),
+        services: &[&services::MARIADB],
+    },
+    Backend {
+        name: "sqlite",
+        package: "runstate-sql",
+        filter: Some("sqlite"),
+        services: &[],
     },
 ];
 
@@ -176,6 +198,9 @@ fn test(backend: Option<&str>) -> Result<(), String> {
                 command.args(["--package", b.package]);
             }
             command.arg("--all-features");
+            if let Some(filter) = selected.iter().find_map(|b| b.filter) {
+                command.args(["--", filter]);
+            }
         }
     }
     let required = backend.map_or_else(|| "all".to_owned(), str::to_owned);

@@ -18,6 +18,9 @@ pub(crate) struct Service {
     pub(crate) start: &'static str,
     /// What to do when it cannot be started.
     pub(crate) hint: &'static str,
+    /// An idempotent shell command run once it answers (creating the test
+    /// database, say).
+    pub(crate) prepare: Option<&'static str>,
 }
 
 /// Redis for the Redis backend. When none answers on 6379, one is started
@@ -34,6 +37,39 @@ pub(crate) const REDIS: Service = Service {
             --logfile redis.log --pidfile \"$PWD/target/services/redis/redis.pid\"",
     hint: "install Redis (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis), \
            or point RUNSTATE_REDIS_URL at a running server",
+    prepare: None,
+};
+
+/// PostgreSQL for the SQL backend, with trust authentication on loopback
+/// and a `test` database (created when missing).
+pub(crate) const POSTGRES: Service = Service {
+    name: "postgres",
+    addr: "127.0.0.1:5432",
+    env: (
+        "RUNSTATE_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    ),
+    program: "pg_ctlcluster",
+    start: "pg_ctlcluster --skip-systemctl-redirect \"$(ls /etc/postgresql | sort -V | tail -n 1)\" main start",
+    hint: "install PostgreSQL (Debian/Ubuntu: apt-get install postgresql) with trust authentication \
+           for postgres@127.0.0.1, or point RUNSTATE_POSTGRES_URL at a server with a `test` database",
+    prepare: Some(
+        "psql -h 127.0.0.1 -U postgres -d postgres -Atc \"SELECT 1 FROM pg_database WHERE datname = 'test'\" \
+         | grep -q 1 || psql -h 127.0.0.1 -U postgres -d postgres -qc 'CREATE DATABASE test'",
+    ),
+};
+
+/// MariaDB (or MySQL) for the SQL backend, root without a password on
+/// loopback, with a `test` database (created when missing).
+pub(crate) const MARIADB: Service = Service {
+    name: "mariadb",
+    addr: "127.0.0.1:3306",
+    env: ("RUNSTATE_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
+    program: "mariadbd",
+    start: "start-stop-daemon --start --oknodo --background --exec \"$(command -v mariadbd)\"",
+    hint: "install MariaDB (Debian/Ubuntu: apt-get install mariadb-server) with passwordless root \
+           on 127.0.0.1, or point RUNSTATE_MYSQL_URL at a server with a `test` database",
+    prepare: Some("mariadb -h 127.0.0.1 -u root -e 'CREATE DATABASE IF NOT EXISTS test'"),
 };
 
 fn installed(program: &str) -> bool {
@@ -93,6 +129,19 @@ impl Service {
                 return Err(format!(
                     "{} does not answer on {} (start command exited with {status}).\n{}",
                     self.name, self.addr, self.hint
+                ));
+            }
+        }
+        if let Some(prepare) = self.prepare {
+            let status = std::process::Command::new("sh")
+                .args(["-c", prepare])
+                .current_dir(crate::root())
+                .status()
+                .map_err(|e| format!("{}: could not prepare it: {e}", self.name))?;
+            if !status.success() {
+                return Err(format!(
+                    "{}: `{prepare}` failed ({status}).\n{}",
+                    self.name, self.hint
                 ));
             }
         }

@@ -8,12 +8,12 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use runstate_conformance::faults;
 use runstate_core::{
-    Bytes, Client, DocName, Document, ErrorKind, Lock, LockKey, Owner, PutOptions, RunId, Store,
-    StoreExt, WaitPolicy, display_chain,
+    Bytes, DocName, ErrorKind, Lock, LockKey, Owner, PutOptions, RunId, Store, StoreExt,
+    display_chain,
 };
 use runstate_redis::{RedisConfig, RedisStore, WeppcloudLocks};
-use serde::{Deserialize, Serialize};
 use support::OwnRedis;
 
 const URL_VAR: &str = "RUNSTATE_REDIS_URL";
@@ -35,104 +35,21 @@ fn prefix() -> String {
     format!("rsfault:{:012x}", fastrand::u64(..) >> 16)
 }
 
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct Tally {
-    n: u64,
-    last: String,
-}
-
-impl Document for Tally {
-    const NAME: &'static str = "tally";
-}
-
-/// Runs `total` locked increments, surviving `fault` (called after
-/// increments `at`); an increment whose call failed is resolved by reading
-/// the document back (its token says whether it was applied). Returns
-/// (acknowledged, errors seen).
 async fn increments_through_faults<F, Fut>(
     store: &RedisStore,
     total: u64,
     at: &[u64],
-    mut fault: F,
+    fault: F,
 ) -> (u64, Vec<runstate_core::Error>)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let client = Client::new(Arc::new(store.clone()))
-        .with_ttl(Duration::from_secs(1))
-        .with_wait(WaitPolicy::with_timeout(Duration::from_millis(300)));
-    let run = client.run(RunId::new("faulty").expect("valid"));
-    run.save(&Tally::default()).await.expect("seed");
-    let mut acked = 0;
-    let mut errors = Vec::new();
-    let mut faulted = Vec::new();
-    let mut i = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while i < total {
-        assert!(
-            Instant::now() < deadline,
-            "no progress: {} errors, last: {:?}",
-            errors.len(),
-            errors.last()
-        );
-        if at.contains(&i) && !faulted.contains(&i) {
-            faulted.push(i);
-            fault().await;
-        }
-        let token = format!("inc-{i}");
-        let outcome = run
-            .update(|t: &mut Tally| {
-                t.n += 1;
-                t.last.clone_from(&token);
-            })
-            .await;
-        match outcome {
-            Ok(()) => {
-                acked += 1;
-                i += 1;
-            }
-            Err(error) => {
-                errors.push(error);
-                // Was it applied? Read until the server answers.
-                let deadline = Instant::now() + Duration::from_secs(30);
-                let applied = loop {
-                    match run.load::<Tally>().await {
-                        Ok(t) => break t.last == token,
-                        Err(_) if Instant::now() < deadline => {
-                            tokio::time::sleep(Duration::from_millis(50)).await
-                        }
-                        Err(e) => panic!("server never came back: {e}"),
-                    }
-                };
-                if applied {
-                    acked += 1;
-                    i += 1;
-                }
-            }
-        }
-    }
-    let final_count = run.load::<Tally>().await.expect("final").n;
-    assert_eq!(
-        final_count, acked,
-        "final count equals the acknowledged updates"
-    );
-    (acked, errors)
+    faults::increments_through_faults(Arc::new(store.clone()), total, at, fault).await
 }
 
 fn assert_clear_and_retryable(errors: &[runstate_core::Error]) {
-    for error in errors {
-        let text = display_chain(error);
-        assert!(
-            error.is_retryable() || error.kind() == ErrorKind::Locked,
-            "not retryable: {text}"
-        );
-        assert_eq!(error.backend(), Some("redis"), "{text}");
-        assert!(
-            text.contains("redis") || error.kind() == ErrorKind::Locked,
-            "{text}"
-        );
-    }
+    faults::assert_clear_and_retryable(errors, "redis");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,7 @@ pub mod cases;
 mod child;
 mod counting;
 pub mod docs;
+pub mod faults;
 mod harness;
 
 pub use child::{CHILD_VAR, child_main};

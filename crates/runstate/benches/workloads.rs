@@ -679,6 +679,121 @@ async fn bench_redis(plan: &Plan, rows: &mut Vec<Row>) {
     store.purge_prefix().await.expect("cleanup");
 }
 
+/// One SQL database: W1–W4 through `SqlStore` against a bare sqlx
+/// `SELECT` by primary key and a bare upsert of the same 4 KiB, on the
+/// database's native sqlx driver, in a table beside the store's.
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+async fn bench_sql(backend: &str, url: &str, plan: &Plan, rows: &mut Vec<Row>) {
+    use runstate::sql::{SqlConfig, SqlStore};
+    use sqlx::{AssertSqlSafe, Executor};
+
+    let prefix = format!("rsbench{}_", std::process::id());
+    let config = SqlConfig::from_url(url)
+        .expect("database URL")
+        .with_prefix(&prefix)
+        .expect("prefix");
+    let store = SqlStore::open(config).await.expect("open sql store");
+    let w = Workloads {
+        store: Arc::new(store.clone()),
+        run: RunId::new("bench").expect("valid"),
+    };
+    w.seed().await;
+    let table = format!("{prefix}raw");
+
+    macro_rules! raw {
+        ($pool:expr, $create:expr, $select:expr, $upsert:expr) => {{
+            let pool = $pool;
+            pool.execute(sqlx::raw_sql(AssertSqlSafe($create)))
+                .await
+                .expect("raw table");
+            let select: String = $select;
+            let upsert: String = $upsert;
+            sqlx::query(AssertSqlSafe(upsert.clone()))
+                .bind("k")
+                .bind(payload(0).to_vec())
+                .execute(&pool)
+                .await
+                .expect("raw seed");
+            let m = measure(
+                &w,
+                plan,
+                |_| {
+                    let (pool, select) = (pool.clone(), select.clone());
+                    async move {
+                        let row: (Vec<u8>,) = sqlx::query_as(AssertSqlSafe(select))
+                            .bind("k")
+                            .fetch_one(&pool)
+                            .await
+                            .expect("raw select");
+                        assert_eq!(row.0.len(), DOC_SIZE);
+                    }
+                },
+                |i| {
+                    let (pool, upsert) = (pool.clone(), upsert.clone());
+                    async move {
+                        sqlx::query(AssertSqlSafe(upsert))
+                            .bind("k")
+                            .bind(payload(i).to_vec())
+                            .execute(&pool)
+                            .await
+                            .expect("raw upsert");
+                    }
+                },
+            )
+            .await;
+            pool.execute(sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE {table}"))))
+                .await
+                .expect("drop raw");
+            pool.close().await;
+            m
+        }};
+    }
+
+    let m = match backend {
+        #[cfg(feature = "postgres")]
+        "postgres" => raw!(
+            sqlx::PgPool::connect(url).await.expect("raw pool"),
+            format!("CREATE TABLE {table} (k TEXT PRIMARY KEY, v BYTEA NOT NULL)"),
+            format!("SELECT v FROM {table} WHERE k = $1"),
+            format!(
+                "INSERT INTO {table} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
+            )
+        ),
+        #[cfg(feature = "mysql")]
+        "mysql" => raw!(
+            sqlx::MySqlPool::connect(url).await.expect("raw pool"),
+            format!("CREATE TABLE {table} (k VARCHAR(64) PRIMARY KEY, v LONGBLOB NOT NULL)"),
+            format!("SELECT v FROM {table} WHERE k = ?"),
+            format!(
+                "INSERT INTO {table} (k, v) VALUES (?, ?) ON DUPLICATE KEY UPDATE v = VALUES(v)"
+            )
+        ),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => raw!(
+            sqlx::SqlitePool::connect(url).await.expect("raw pool"),
+            format!("CREATE TABLE {table} (k TEXT PRIMARY KEY, v BLOB NOT NULL)"),
+            format!("SELECT v FROM {table} WHERE k = ?"),
+            format!(
+                "INSERT INTO {table} (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
+            )
+        ),
+        other => panic!("no raw baseline for {other}"),
+    };
+    let (w4, lost) = w.w4_concurrent(plan.concurrent_each).await;
+    push_rows(
+        rows,
+        backend,
+        &m,
+        ("bare sqlx SELECT by key", "bare sqlx upsert"),
+        (1.2, 1.2, 2.5),
+        &w4,
+        lost,
+        None,
+    );
+    store.uninstall().await.expect("drop the bench tables");
+    store.close().await;
+}
+
 fn print_table(rows: &[Row]) {
     println!(
         "| backend | workload | ops | median µs | p99 µs | ops/s | baseline | ratio | target | |"
@@ -734,11 +849,39 @@ fn main() {
         if wanted("redis") {
             bench_redis(&plan, &mut rows).await;
         }
+        #[cfg(feature = "postgres")]
+        if wanted("postgres") {
+            let url = std::env::var("RUNSTATE_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+            bench_sql("postgres", &url, &plan, &mut rows).await;
+        }
+        #[cfg(feature = "mysql")]
+        if wanted("mysql") {
+            let url = std::env::var("RUNSTATE_MYSQL_URL")
+                .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+            bench_sql("mysql", &url, &plan, &mut rows).await;
+        }
+        #[cfg(feature = "sqlite")]
+        if wanted("sqlite") {
+            let path =
+                std::env::temp_dir().join(format!("runstate-bench-{}.db", std::process::id()));
+            let url = format!("sqlite://{}", path.display());
+            bench_sql("sqlite", &url, &plan, &mut rows).await;
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+        }
     });
     let known: &[&str] = &[
         "file",
         #[cfg(feature = "redis")]
         "redis",
+        #[cfg(feature = "postgres")]
+        "postgres",
+        #[cfg(feature = "mysql")]
+        "mysql",
+        #[cfg(feature = "sqlite")]
+        "sqlite",
     ];
     for b in &args.backends {
         assert!(

@@ -10,6 +10,9 @@
 //! | feature | backend | |
 //! |---|---|---|
 //! | `file` (default) | [`file::FileStore`] | one folder per run, one file per document |
+//! | `sqlite` (default) | `sql::SqlStore` | `sqlite://path`, created when missing |
+//! | `postgres` | `sql::SqlStore` | `postgres://…` |
+//! | `mysql` | `sql::SqlStore` | `mysql://…` / `mariadb://…` |
 //! | `redis` | `redis::RedisStore` | every operation one server-side script |
 //! | `redis-tls` | — | `rediss://` for the Redis backend |
 //! | `bincode` | — | the bincode 2 codec for typed documents |
@@ -63,6 +66,12 @@ pub use runstate_core::*;
 #[cfg(feature = "file")]
 pub mod file {
     pub use runstate_file::*;
+}
+
+/// The SQL backend (`runstate-sql`): PostgreSQL, SQLite, MySQL/MariaDB.
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub mod sql {
+    pub use runstate_sql::*;
 }
 
 /// The Redis backend (`runstate-redis`).

@@ -1,0 +1,251 @@
+//! Database errors mapped to runstate's portable kinds: exactly one
+//! function per database, with the codes named.
+
+use runstate_core::{Error, ErrorKind};
+
+use crate::config::Dialect;
+
+/// PostgreSQL SQLSTATE codes.
+mod postgres {
+    pub const UNIQUE_VIOLATION: &str = "23505";
+    pub const SERIALIZATION_FAILURE: &str = "40001";
+    pub const DEADLOCK_DETECTED: &str = "40P01";
+    pub const QUERY_CANCELED: &str = "57014";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const CRASH_SHUTDOWN: &str = "57P02";
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const UNDEFINED_TABLE: &str = "42P01";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    /// Class 08: connection exceptions.
+    pub const CONNECTION_EXCEPTION_CLASS: &str = "08";
+}
+
+/// MySQL / MariaDB error numbers.
+mod mysql {
+    pub const ER_DUP_ENTRY: u16 = 1062;
+    pub const ER_LOCK_DEADLOCK: u16 = 1213;
+    pub const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+    /// MySQL's `max_execution_time` exceeded.
+    pub const ER_QUERY_TIMEOUT: u16 = 3024;
+    /// MariaDB's `max_statement_time` exceeded.
+    pub const ER_STATEMENT_TIMEOUT: u16 = 1969;
+    pub const ER_QUERY_INTERRUPTED: u16 = 1317;
+    pub const ER_NO_SUCH_TABLE: u16 = 1146;
+    pub const ER_SP_DOES_NOT_EXIST: u16 = 1305;
+    pub const ER_ACCESS_DENIED: u16 = 1045;
+    pub const ER_DBACCESS_DENIED: u16 = 1044;
+    pub const ER_TABLEACCESS_DENIED: u16 = 1142;
+    pub const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
+    pub const ER_CON_COUNT_ERROR: u16 = 1040;
+    pub const ER_SERVER_SHUTDOWN: u16 = 1053;
+}
+
+/// SQLite result codes (primary and extended).
+mod sqlite {
+    /// The generic error; "no such table" is one.
+    pub const SQLITE_ERROR: i32 = 1;
+    pub const SQLITE_BUSY: i32 = 5;
+    pub const SQLITE_LOCKED: i32 = 6;
+    pub const SQLITE_TOOBIG: i32 = 18;
+    pub const SQLITE_CONSTRAINT_PRIMARYKEY: i32 = 1555;
+    pub const SQLITE_CONSTRAINT_UNIQUE: i32 = 2067;
+    pub const SQLITE_READONLY: i32 = 8;
+    pub const SQLITE_FULL: i32 = 13;
+}
+
+/// What a database error means, portably.
+struct Meaning {
+    kind: ErrorKind,
+    retryable: bool,
+    what: &'static str,
+}
+
+const fn meaning(kind: ErrorKind, retryable: bool, what: &'static str) -> Meaning {
+    Meaning {
+        kind,
+        retryable,
+        what,
+    }
+}
+
+fn postgres_meaning(code: &str) -> Meaning {
+    use postgres::*;
+    match code {
+        UNIQUE_VIOLATION => meaning(ErrorKind::AlreadyExists, false, "the row already exists"),
+        SERIALIZATION_FAILURE | DEADLOCK_DETECTED => {
+            meaning(ErrorKind::Backend, true, "transaction conflict")
+        }
+        QUERY_CANCELED => meaning(ErrorKind::Timeout, true, "statement timed out"),
+        ADMIN_SHUTDOWN | CRASH_SHUTDOWN | CANNOT_CONNECT_NOW | TOO_MANY_CONNECTIONS => meaning(
+            ErrorKind::Backend,
+            true,
+            "the server ended or refused the connection",
+        ),
+        UNDEFINED_TABLE => meaning(
+            ErrorKind::Config,
+            false,
+            "runstate's tables are missing (run the migrations)",
+        ),
+        INSUFFICIENT_PRIVILEGE => meaning(ErrorKind::Denied, false, "permission denied"),
+        INVALID_PASSWORD | INVALID_AUTHORIZATION => meaning(
+            ErrorKind::Config,
+            false,
+            "the server refused the credentials",
+        ),
+        PROGRAM_LIMIT_EXCEEDED => {
+            meaning(ErrorKind::TooLarge, false, "a server limit was exceeded")
+        }
+        c if c.starts_with(CONNECTION_EXCEPTION_CLASS) => {
+            meaning(ErrorKind::Backend, true, "connection failure")
+        }
+        _ => meaning(ErrorKind::Backend, false, "the database returned an error"),
+    }
+}
+
+fn mysql_meaning(number: u16) -> Meaning {
+    use mysql::*;
+    match number {
+        ER_DUP_ENTRY => meaning(ErrorKind::AlreadyExists, false, "the row already exists"),
+        ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT => {
+            meaning(ErrorKind::Backend, true, "transaction conflict")
+        }
+        ER_QUERY_TIMEOUT | ER_STATEMENT_TIMEOUT | ER_QUERY_INTERRUPTED => {
+            meaning(ErrorKind::Timeout, true, "statement timed out")
+        }
+        ER_NO_SUCH_TABLE | ER_SP_DOES_NOT_EXIST => meaning(
+            ErrorKind::Config,
+            false,
+            "runstate's tables are missing (run the migrations)",
+        ),
+        ER_ACCESS_DENIED => meaning(
+            ErrorKind::Config,
+            false,
+            "the server refused the credentials",
+        ),
+        ER_DBACCESS_DENIED | ER_TABLEACCESS_DENIED => {
+            meaning(ErrorKind::Denied, false, "permission denied")
+        }
+        ER_NET_PACKET_TOO_LARGE => meaning(
+            ErrorKind::TooLarge,
+            false,
+            "over the server's max_allowed_packet",
+        ),
+        ER_CON_COUNT_ERROR | ER_SERVER_SHUTDOWN => meaning(
+            ErrorKind::Backend,
+            true,
+            "the server refused the connection",
+        ),
+        _ => meaning(ErrorKind::Backend, false, "the database returned an error"),
+    }
+}
+
+fn sqlite_meaning(code: i32, message: &str) -> Meaning {
+    use sqlite::*;
+    match code {
+        SQLITE_ERROR if message.starts_with("no such table") => meaning(
+            ErrorKind::Config,
+            false,
+            "runstate's tables are missing (run the migrations)",
+        ),
+        SQLITE_CONSTRAINT_PRIMARYKEY | SQLITE_CONSTRAINT_UNIQUE => {
+            meaning(ErrorKind::AlreadyExists, false, "the row already exists")
+        }
+        c if c & 0xff == SQLITE_BUSY || c & 0xff == SQLITE_LOCKED => {
+            meaning(ErrorKind::Backend, true, "the database is busy")
+        }
+        SQLITE_TOOBIG => meaning(ErrorKind::TooLarge, false, "over SQLite's size limit"),
+        c if c & 0xff == SQLITE_READONLY => {
+            meaning(ErrorKind::Denied, false, "the database is read-only")
+        }
+        SQLITE_FULL => meaning(ErrorKind::Backend, false, "the disk is full"),
+        _ => meaning(ErrorKind::Backend, false, "the database returned an error"),
+    }
+}
+
+/// The meaning of a database error of `dialect`, from its code.
+fn database_meaning(
+    dialect: Dialect,
+    error: &(dyn sqlx::error::DatabaseError + 'static),
+) -> Meaning {
+    match dialect {
+        Dialect::Postgres => postgres_meaning(error.code().as_deref().unwrap_or("")),
+        Dialect::MySql => {
+            #[cfg(feature = "mysql")]
+            if let Some(my) = error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                return mysql_meaning(my.number());
+            }
+            mysql_meaning(0)
+        }
+        Dialect::Sqlite => sqlite_meaning(
+            error.code().and_then(|c| c.parse().ok()).unwrap_or(0),
+            error.message(),
+        ),
+    }
+}
+
+/// Maps a sqlx error of `dialect` to a runstate error, keeping it as the
+/// source.
+pub(crate) fn map_error(dialect: Dialect, error: sqlx::Error) -> Error {
+    let m = match &error {
+        sqlx::Error::Database(db) => database_meaning(dialect, db.as_ref()),
+        sqlx::Error::PoolTimedOut => meaning(
+            ErrorKind::Timeout,
+            true,
+            "no pooled connection became free in time",
+        ),
+        sqlx::Error::PoolClosed => {
+            meaning(ErrorKind::Backend, false, "the connection pool is closed")
+        }
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => meaning(
+            ErrorKind::Backend,
+            true,
+            "the connection to the database failed",
+        ),
+        sqlx::Error::Tls(_) => meaning(ErrorKind::Config, false, "TLS setup failed"),
+        sqlx::Error::Configuration(_) => {
+            meaning(ErrorKind::Config, false, "invalid database settings")
+        }
+        sqlx::Error::RowNotFound => meaning(ErrorKind::NotFound, false, "no such row"),
+        _ => meaning(ErrorKind::Backend, false, "database request failed"),
+    };
+    Error::new(m.kind, m.what)
+        .with_backend(dialect.name())
+        .with_source(error)
+        .set_retryable(m.retryable)
+}
+
+/// [`map_error`], saying what was being done.
+pub(crate) fn map_error_during(dialect: Dialect, error: sqlx::Error, doing: &str) -> Error {
+    let mapped = map_error(dialect, error);
+    Error::new(mapped.kind(), format!("{doing}: {}", mapped.message()))
+        .with_backend(dialect.name())
+        .set_retryable(mapped.is_retryable())
+        .with_source(mapped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_map_to_kinds() {
+        assert_eq!(postgres_meaning("23505").kind, ErrorKind::AlreadyExists);
+        assert!(postgres_meaning("40001").retryable);
+        assert!(postgres_meaning("08006").retryable);
+        assert_eq!(postgres_meaning("57014").kind, ErrorKind::Timeout);
+        assert_eq!(mysql_meaning(1062).kind, ErrorKind::AlreadyExists);
+        assert!(mysql_meaning(1213).retryable);
+        assert_eq!(mysql_meaning(1969).kind, ErrorKind::Timeout);
+        assert_eq!(sqlite_meaning(2067, "").kind, ErrorKind::AlreadyExists);
+        assert!(sqlite_meaning(517, "").retryable, "SQLITE_BUSY_SNAPSHOT");
+        assert_eq!(sqlite_meaning(18, "").kind, ErrorKind::TooLarge);
+        assert_eq!(
+            sqlite_meaning(1, "no such table: x").kind,
+            ErrorKind::Config
+        );
+    }
+}
