@@ -25,6 +25,8 @@ struct Backend {
     package: &'static str,
     filter: Option<&'static str>,
     services: &'static [&'static Service],
+    /// Whether its tests need the S3 server xtask runs itself (moto).
+    moto: bool,
 }
 
 /// Every backend that exists. Later backends add a line here.
@@ -34,30 +36,42 @@ const BACKENDS: &[Backend] = &[
         package: "runstate-file",
         filter: None,
         services: &[],
+        moto: false,
     },
     Backend {
         name: "redis",
         package: "runstate-redis",
         filter: None,
         services: &[&services::REDIS],
+        moto: false,
     },
     Backend {
         name: "postgres",
         package: "runstate-sql",
         filter: Some("postgres"),
         services: &[&services::POSTGRES],
+        moto: false,
     },
     Backend {
         name: "mysql",
         package: "runstate-sql",
         filter: Some("mysql"),
         services: &[&services::MARIADB],
+        moto: false,
     },
     Backend {
         name: "sqlite",
         package: "runstate-sql",
         filter: Some("sqlite"),
         services: &[],
+        moto: false,
+    },
+    Backend {
+        name: "s3",
+        package: "runstate-s3",
+        filter: None,
+        services: &[],
+        moto: true,
     },
 ];
 
@@ -169,16 +183,27 @@ fn all_services() -> Vec<&'static Service> {
     all
 }
 
+/// The environment the tests need, and the S3 server started for this run.
+type Prepared = (Vec<(String, String)>, Option<services::Moto>);
+
 /// Starts (or finds) the services of the selected backends and returns the
-/// environment the tests need to reach them.
-fn prepare(selected: &[&Backend]) -> Result<Vec<(String, String)>, String> {
+/// environment the tests need to reach them, and the servers xtask started
+/// for this run only (stopped by PID when it ends).
+fn prepare(selected: &[&Backend]) -> Result<Prepared, String> {
     let mut env = Vec::new();
     for backend in selected {
         for service in backend.services {
             env.extend(service.ensure()?);
         }
     }
-    Ok(env)
+    let moto = if selected.iter().any(|b| b.moto) && std::env::var_os("RUNSTATE_S3_URL").is_none() {
+        let moto = services::Moto::start()?;
+        env.extend(moto.env());
+        Some(moto)
+    } else {
+        None
+    };
+    Ok((env, moto))
 }
 
 fn test(backend: Option<&str>) -> Result<(), String> {
@@ -186,7 +211,7 @@ fn test(backend: Option<&str>) -> Result<(), String> {
         .iter()
         .filter(|b| backend.is_none_or(|name| b.name == name))
         .collect();
-    let env = prepare(&selected)?;
+    let (env, _moto) = prepare(&selected)?;
     let mut command = cargo();
     command.arg("test");
     match backend {
@@ -269,7 +294,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         .iter()
         .filter(|b| backend.as_deref().is_none_or(|name| b.name == name))
         .collect();
-    let env = prepare(&selected)?;
+    let (env, _moto) = prepare(&selected)?;
     let out = target_dir().join("bench").join("report.json");
     let mut command = cargo();
     command.args([

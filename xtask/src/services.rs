@@ -213,3 +213,120 @@ pub(crate) fn command(action: Option<&str>, services: &[&Service]) -> Result<(),
         )),
     }
 }
+
+/// moto's S3 server, for the S3 backend: installed into a virtual
+/// environment under `target/services/moto` (PyPI `moto[server]` 5.x),
+/// started on a free loopback port with a bucket for the tests, and
+/// stopped by its PID when dropped.
+pub(crate) struct Moto {
+    child: std::process::Child,
+    port: u16,
+}
+
+const MOTO_BUCKET: &str = "runstate-test";
+const MOTO_HINT: &str = "the S3 tests run moto (PyPI `moto[server]` 5.x) in a virtual environment under \
+                         target/services/moto: they need python3 with the venv module and access to PyPI, \
+                         or point RUNSTATE_S3_URL (and the AWS_* variables) at an S3 server";
+
+impl Moto {
+    pub(crate) fn start() -> Result<Moto, String> {
+        let dir = crate::root().join("target/services/moto");
+        let venv = dir.join("venv");
+        let python = venv.join("bin/python");
+        let server = venv.join("bin/moto_server");
+        if !server.exists() {
+            eprintln!("moto: installing moto[server] into {}", venv.display());
+            std::fs::create_dir_all(&dir).map_err(|e| format!("moto: {e}"))?;
+            let created = std::process::Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .map_err(|e| format!("moto: could not run python3: {e}\n{MOTO_HINT}"))?;
+            let installed = created.success()
+                && std::process::Command::new(&python)
+                    .args(["-m", "pip", "install", "--quiet", "moto[server]>=5,<6"])
+                    .status()
+                    .is_ok_and(|s| s.success());
+            if !installed || !server.exists() {
+                return Err(format!("moto: installation failed.\n{MOTO_HINT}"));
+            }
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| format!("moto: no free port: {e}"))?;
+        let log = std::fs::File::create(dir.join("moto.log")).map_err(|e| format!("moto: {e}"))?;
+        let child = std::process::Command::new(&server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(log.try_clone().map_err(|e| format!("moto: {e}"))?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "moto: could not start {}: {e}\n{MOTO_HINT}",
+                    server.display()
+                )
+            })?;
+        let moto = Moto { child, port };
+        let addr = format!("127.0.0.1:{port}");
+        let mut waited = 0;
+        while TcpStream::connect_timeout(
+            &addr.parse().map_err(|e| format!("{e}"))?,
+            Duration::from_millis(200),
+        )
+        .is_err()
+        {
+            std::thread::sleep(Duration::from_millis(100));
+            waited += 1;
+            if waited > 200 {
+                return Err(format!(
+                    "moto: did not answer on {addr} (see {})",
+                    dir.join("moto.log").display()
+                ));
+            }
+        }
+        let created = std::process::Command::new(&python)
+            .args([
+                "-c",
+                &format!(
+                    "import boto3; boto3.client('s3', endpoint_url='http://{addr}', region_name='us-east-1', \
+                     aws_access_key_id='testing', aws_secret_access_key='testing').create_bucket(Bucket='{MOTO_BUCKET}')"
+                ),
+            ])
+            .status()
+            .map_err(|e| format!("moto: {e}"))?;
+        if !created.success() {
+            return Err(format!(
+                "moto: could not create the test bucket.\n{MOTO_HINT}"
+            ));
+        }
+        eprintln!(
+            "moto: S3 server on {addr} (pid {}), bucket {MOTO_BUCKET}",
+            moto.child.id()
+        );
+        Ok(moto)
+    }
+
+    pub(crate) fn env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "RUNSTATE_S3_URL".to_owned(),
+                format!(
+                    "s3://{MOTO_BUCKET}/ci?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true",
+                    self.port
+                ),
+            ),
+            ("AWS_ACCESS_KEY_ID".to_owned(), "testing".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY".to_owned(), "testing".to_owned()),
+            ("AWS_REGION".to_owned(), "us-east-1".to_owned()),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        eprintln!("moto: stopping pid {}", self.child.id());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -127,6 +127,7 @@ macro_rules! __case_list {
             lease_dead_holder_is_broken, acquire_times_out_while_held, acquire_waits_for_release,
             // 8. stale holder
             stale_holder_is_fenced, stale_run_lock_holder_is_fenced,
+            fenced_save_is_conditional_on_the_loaded_version,
             // 9. multi-process
             multi_process_locked_increments,
             // 10. typed documents

@@ -794,6 +794,87 @@ async fn bench_sql(backend: &str, url: &str, plan: &Plan, rows: &mut Vec<Row>) {
     store.close().await;
 }
 
+/// S3: W1–W4 through `S3Store` against bare object_store `get`/`put` of
+/// the same 4 KiB through the same kind of client.
+#[cfg(feature = "s3")]
+async fn bench_s3(url: &str, plan: &Plan, rows: &mut Vec<Row>) {
+    use object_store::path::Path as ObjectPath;
+    use object_store::{ClientOptions, ObjectStoreExt};
+    use runstate::s3::{S3Config, S3Store};
+
+    let config = S3Config::from_url(url).expect("RUNSTATE_S3_URL");
+    let prefix = format!("{}/bench-{}", config.prefix(), std::process::id())
+        .trim_start_matches('/')
+        .to_owned();
+    let config = config.with_prefix(&prefix).expect("prefix");
+    let store = S3Store::open(config.clone()).await.expect("open s3 store");
+    let w = Workloads {
+        store: Arc::new(store.clone()),
+        run: RunId::new("bench").expect("valid"),
+    };
+    w.seed().await;
+
+    let parsed = url::Url::parse(url).expect("url");
+    let option = |name: &str| {
+        parsed
+            .query_pairs()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.into_owned())
+    };
+    let mut builder = object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(config.bucket())
+        .with_client_options(
+            ClientOptions::new().with_allow_http(option("allow_http").as_deref() == Some("true")),
+        );
+    if let Some(endpoint) = option("endpoint") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    if let Some(region) = option("region") {
+        builder = builder.with_region(region);
+    }
+    let raw = Arc::new(builder.build().expect("raw client"));
+    let raw_path = ObjectPath::from(format!("{prefix}/raw.json"));
+    raw.put(&raw_path, payload(0).into())
+        .await
+        .expect("raw seed");
+    let m = measure(
+        &w,
+        plan,
+        |_| {
+            let (raw, path) = (Arc::clone(&raw), raw_path.clone());
+            async move {
+                let bytes = raw
+                    .get(&path)
+                    .await
+                    .expect("raw get")
+                    .bytes()
+                    .await
+                    .expect("raw body");
+                assert_eq!(bytes.len(), DOC_SIZE);
+            }
+        },
+        |i| {
+            let (raw, path) = (Arc::clone(&raw), raw_path.clone());
+            async move {
+                raw.put(&path, payload(i).into()).await.expect("raw put");
+            }
+        },
+    )
+    .await;
+    let (w4, lost) = w.w4_concurrent(plan.concurrent_each).await;
+    push_rows(
+        rows,
+        "s3",
+        &m,
+        ("object_store get", "object_store put"),
+        (1.1, 1.1, 4.5),
+        &w4,
+        lost,
+        None,
+    );
+    store.purge_prefix().await.expect("cleanup");
+}
+
 fn print_table(rows: &[Row]) {
     println!(
         "| backend | workload | ops | median µs | p99 µs | ops/s | baseline | ratio | target | |"
@@ -861,6 +942,13 @@ fn main() {
                 .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
             bench_sql("mysql", &url, &plan, &mut rows).await;
         }
+        #[cfg(feature = "s3")]
+        if wanted("s3") {
+            match std::env::var("RUNSTATE_S3_URL") {
+                Ok(url) => bench_s3(&url, &plan, &mut rows).await,
+                Err(_) => eprintln!("s3: RUNSTATE_S3_URL is not set (cargo xtask bench starts moto and sets it); skipped"),
+            }
+        }
         #[cfg(feature = "sqlite")]
         if wanted("sqlite") {
             let path =
@@ -882,6 +970,8 @@ fn main() {
         "mysql",
         #[cfg(feature = "sqlite")]
         "sqlite",
+        #[cfg(feature = "s3")]
+        "s3",
     ];
     for b in &args.backends {
         assert!(

@@ -15,6 +15,7 @@
 //! | `mysql` | `sql::SqlStore` | `mysql://…` / `mariadb://…` |
 //! | `redis` | `redis::RedisStore` | every operation one server-side script |
 //! | `redis-tls` | — | `rediss://` for the Redis backend |
+//! | `s3` | `s3::S3Store` | objects in a bucket, leases from conditional writes |
 //! | `bincode` | — | the bincode 2 codec for typed documents |
 //!
 //! ## Example
@@ -72,6 +73,12 @@ pub mod file {
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub mod sql {
     pub use runstate_sql::*;
+}
+
+/// The S3 backend (`runstate-s3`).
+#[cfg(feature = "s3")]
+pub mod s3 {
+    pub use runstate_s3::*;
 }
 
 /// The Redis backend (`runstate-redis`).

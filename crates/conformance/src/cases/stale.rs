@@ -95,3 +95,66 @@ pub async fn stale_run_lock_holder_is_fenced(ctx: Ctx) {
     let key = LockKey::Run(ctx.run("r"));
     stale_holder(&ctx, key).await;
 }
+
+/// What every backend promises, `Fencing::VersionOnly` ones included: a
+/// fenced save conditional on the version loaded under the lease is refused
+/// when the document changed since, and nothing is written. Backends
+/// declaring `Fencing::Atomic` must also refuse stale leases outright,
+/// which the stale-holder cases check for all backends.
+pub async fn fenced_save_is_conditional_on_the_loaded_version(ctx: Ctx) {
+    let caps = ctx.store.capabilities().clone();
+    assert!(!caps.backend.is_empty(), "a backend names itself");
+    assert!(
+        caps.conditional_put && caps.leases,
+        "the suite needs conditional writes and leases"
+    );
+    let (run, doc) = (ctx.run("r"), ctx.doc("soils"));
+    let key = LockKey::Doc(run.clone(), doc.clone());
+    let v0 = ctx
+        .store
+        .put_bytes(&run, &doc, Bytes::from_static(b"v0"))
+        .await
+        .expect("seed");
+    let (lease, loaded) = ctx
+        .store
+        .acquire_and_load(
+            &key,
+            &doc,
+            &ctx.owner(),
+            std::time::Duration::from_secs(30),
+            Default::default(),
+        )
+        .await
+        .expect("acquire");
+    assert_eq!(loaded.expect("present").version, v0);
+    let v1 = ctx
+        .store
+        .put_bytes(&run, &doc, Bytes::from_static(b"v1 by an unlocked writer"))
+        .await
+        .expect("an unfenced writer");
+    expect_kind(
+        ctx.store
+            .save_and_release(
+                &lease,
+                &doc,
+                Bytes::from_static(b"v2 from a stale read"),
+                PutMode::Update(v0),
+            )
+            .await,
+        ErrorKind::Precondition,
+    );
+    let stored = ctx
+        .store
+        .get_bytes(&run, &doc)
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(
+        (stored.version, &stored.bytes[..]),
+        (v1, &b"v1 by an unlocked writer"[..])
+    );
+    assert!(
+        ctx.store.inspect(&key).await.expect("inspect").is_none(),
+        "released"
+    );
+}
