@@ -4,7 +4,7 @@
 //! cargo xtask test [--backend NAME]        every test of every backend (or one backend), services included
 //! cargo xtask services up|down|status      the servers the backends' tests need
 //! cargo xtask ci                           fmt --check, clippy -D warnings, doc -D warnings, then `cargo xtask test`
-//! cargo xtask bench [--backend NAME] [--quick]   W1–W4 against raw baselines → target/bench/report.json
+//! cargo xtask bench [--backend NAME] [--quick]   W1–W4 and migrations against raw baselines → target/bench/*.json
 //! ```
 
 #![forbid(unsafe_code)]
@@ -84,8 +84,9 @@ commands:
   services up|down|status           start, stop or show the services the tests need
   ci                                cargo fmt --check, clippy -D warnings, doc -D warnings,
                                     then `cargo xtask test`
-  bench [--backend NAME] [--quick]  run workloads W1-W4 against raw baselines;
-                                    prints a table and writes target/bench/report.json
+  bench [--backend NAME] [--quick]  run workloads W1-W4 and the migrations between backends
+                                    against raw baselines; prints tables and writes
+                                    target/bench/report.json and target/bench/migration.json
 ";
 
 fn main() -> ExitCode {
@@ -295,6 +296,16 @@ fn bench(args: &[String]) -> Result<(), String> {
         .filter(|b| backend.as_deref().is_none_or(|name| b.name == name))
         .collect();
     let (env, _moto) = prepare(&selected)?;
+    // The migration benchmark drives the real command line, as users run it.
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "--package",
+        "runstate-cli",
+        "--all-features",
+    ]);
+    run(build, "cargo build --release (the runstate binary)")?;
     let out = target_dir().join("bench").join("report.json");
     let mut command = cargo();
     command.args([
@@ -303,6 +314,8 @@ fn bench(args: &[String]) -> Result<(), String> {
         "runstate",
         "--bench",
         "workloads",
+        "--bench",
+        "migration",
         "--all-features",
         "--",
     ]);
@@ -313,6 +326,10 @@ fn bench(args: &[String]) -> Result<(), String> {
         command.arg("--quick");
     }
     command.arg("--out").arg(&out);
+    command.env(
+        "RUNSTATE_BIN",
+        target_dir().join("release").join("runstate"),
+    );
     command.envs(env);
     run(command, "cargo bench (release build)")
 }

@@ -1,4 +1,17 @@
-//! Configuration of the file backend.
+//! Configuration of the file backend, from a URL or by hand.
+//!
+//! | URL | root folder |
+//! |---|---|
+//! | `file:///abs/path` (or `file://localhost/abs/path`) | `/abs/path` |
+//! | `file:relative/path`, `file:./relative/path` | relative to the working directory |
+//!
+//! | query option | default | meaning |
+//! |---|---|---|
+//! | `ext` | `json` | document file extension; `nodb` opens WEPPcloud run folders in place |
+//! | `create` | `true` | create the root folder when it is missing |
+//! | `sweep` | `true` | remove temporary files of dead writers on open |
+//!
+//! The path is percent-decoded (`%20` for a space).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -62,6 +75,64 @@ impl FileConfig {
         }
     }
 
+    /// Parses a `file:` URL (see the module documentation for the forms and
+    /// options).
+    ///
+    /// ```
+    /// use runstate_file::FileConfig;
+    /// let config = FileConfig::from_url("file:///geodata/weppcloud_runs?ext=nodb&create=false")?;
+    /// assert_eq!(config.root(), std::path::Path::new("/geodata/weppcloud_runs"));
+    /// assert_eq!(config.ext(), "nodb");
+    /// # Ok::<(), runstate_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for another scheme, a remote host, an empty
+    /// path, an unknown option or a bad value.
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        let rest = url
+            .strip_prefix("file:")
+            .ok_or_else(|| config_error(format!("{url:?} is not a file: URL")))?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let path = match path.strip_prefix("//") {
+            // `file:///abs` and `file://localhost/abs`; any other authority
+            // names another machine, which a local folder cannot reach.
+            Some(after) if after.starts_with('/') => after,
+            Some(after) => match after.strip_prefix("localhost") {
+                Some(abs) if abs.starts_with('/') => abs,
+                _ => {
+                    return Err(config_error(format!(
+                        "file URL {url:?} names a host; use file:///absolute/path or file:relative/path"
+                    )));
+                }
+            },
+            None => path,
+        };
+        let path = percent_encoding::percent_decode_str(path)
+            .decode_utf8()
+            .map_err(|e| {
+                config_error(format!("file URL path {path:?} is not UTF-8 once decoded"))
+                    .with_source(e)
+            })?;
+        if path.is_empty() {
+            return Err(config_error(format!("file URL {url:?} has no path")));
+        }
+        let mut config = FileConfig::new(path.as_ref());
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*name {
+                "ext" => config = config.with_ext(value.into_owned())?,
+                "create" => config.create_root = parse_bool(&name, &value)?,
+                "sweep" => config.sweep_on_open = parse_bool(&name, &value)?,
+                other => {
+                    return Err(config_error(format!(
+                        "unknown file URL option {other:?} (known: ext, create, sweep)"
+                    )));
+                }
+            }
+        }
+        Ok(config)
+    }
+
     /// Sets the document file extension (without the dot), for example
     /// `nodb` to open WEPPcloud run folders in place.
     ///
@@ -117,6 +188,20 @@ impl FileConfig {
     }
 }
 
+fn config_error(message: String) -> Error {
+    Error::new(ErrorKind::Config, message).with_backend(crate::BACKEND)
+}
+
+fn parse_bool(name: &str, value: &str) -> Result<bool, Error> {
+    match value {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(config_error(format!(
+            "file URL option {name}={value:?} must be true or false"
+        ))),
+    }
+}
+
 impl fmt::Debug for FileConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("FileConfig");
@@ -127,5 +212,39 @@ impl fmt::Debug for FileConfig {
         #[cfg(feature = "fault-injection")]
         d.field("fault_hook", &self.fault_hook.as_ref().map(|_| "installed"));
         d.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_forms() {
+        let abs = FileConfig::from_url("file:///srv/runs%20x?ext=nodb&create=false&sweep=0")
+            .expect("valid");
+        assert_eq!(abs.root(), Path::new("/srv/runs x"));
+        assert_eq!(abs.ext(), "nodb");
+        assert!(!abs.create_root && !abs.sweep_on_open);
+        let local = FileConfig::from_url("file://localhost/srv/runs").expect("valid");
+        assert_eq!(local.root(), Path::new("/srv/runs"));
+        let relative = FileConfig::from_url("file:./data").expect("valid");
+        assert_eq!(relative.root(), Path::new("./data"));
+        assert_eq!(relative.ext(), "json");
+    }
+
+    #[test]
+    fn bad_urls_are_config_errors() {
+        for url in [
+            "file://otherhost/srv",
+            "file:",
+            "file:///srv?ext=no.dots",
+            "file:///srv?colour=red",
+            "file:///srv?create=maybe",
+            "redis://x",
+        ] {
+            let error = FileConfig::from_url(url).expect_err(url);
+            assert_eq!(error.kind(), ErrorKind::Config, "{url}: {error}");
+        }
     }
 }

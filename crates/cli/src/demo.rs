@@ -142,7 +142,8 @@ pub(crate) async fn worker(args: WorkerArgs) -> Result<ExitCode, CliError> {
             doc: doc.to_owned(),
             fence,
         };
-        let line = serde_json::to_string(&ack).map_err(|e| CliError(Box::new(e), None))?;
+        let line = serde_json::to_string(&ack)
+            .map_err(|e| CliError::msg(format!("could not encode an ack: {e}")))?;
         println!("{ACK}{line}");
     }
     Ok(ExitCode::SUCCESS)
@@ -183,7 +184,8 @@ fn collect(mut child: std::process::Child, name: String) -> Result<WorkerReport,
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         if let Some(json) = line.strip_prefix(ACK) {
-            let ack: Ack = serde_json::from_str(json).map_err(|e| CliError(Box::new(e), None))?;
+            let ack: Ack = serde_json::from_str(json)
+                .map_err(|e| CliError::msg(format!("a worker printed an unreadable ack: {e}")))?;
             acks.push(ack);
         }
     }
@@ -248,7 +250,11 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     }
     let mut reports = Vec::new();
     for handle in handles {
-        reports.push(handle.await.map_err(|e| CliError(Box::new(e), None))??);
+        reports.push(
+            handle
+                .await
+                .map_err(|e| CliError::msg(format!("a worker thread failed: {e}")))??,
+        );
     }
     let elapsed = started.elapsed();
 

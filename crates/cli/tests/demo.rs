@@ -67,7 +67,7 @@ fn bad_run_id_is_one_clear_line_with_a_hint() {
         .arg(std::env::temp_dir().join("runstate-demo-never-created"))
         .output()
         .expect("run the binary");
-    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(output.status.code(), Some(2), "usage errors exit 2");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.starts_with("runstate: error: invalid key: invalid run id \"../escape\""),

@@ -109,6 +109,12 @@ pub enum Operation {
     Save,
     Update,
     Commit,
+    /// Copying runs from one store to another.
+    Migrate,
+    /// Comparing runs of two stores.
+    Verify,
+    /// Probing what a backend honours.
+    Doctor,
 }
 
 impl Operation {
@@ -134,6 +140,9 @@ impl Operation {
             Operation::Save => "save",
             Operation::Update => "update",
             Operation::Commit => "commit",
+            Operation::Migrate => "migrate",
+            Operation::Verify => "verify",
+            Operation::Doctor => "doctor",
         }
     }
 }

@@ -2,9 +2,11 @@
 //! raw baseline measured in the same run, interleaved round by round so the
 //! noise of a shared machine hits both alike.
 //!
-//! Run it with `cargo xtask bench [--backend NAME] [--quick]`, which calls
-//! `cargo bench -p runstate --bench workloads -- …`. It prints a markdown
-//! table and writes `target/bench/report.json`.
+//! Run it with `cargo xtask bench [--backend NAME] [--quick]`, which starts
+//! the servers and calls `cargo bench -p runstate --all-features -- …`. It
+//! prints a markdown table and writes `target/bench/report.json`. Each
+//! backend is opened by URL in a namespace of its own; its raw baselines are
+//! in `support::raw`.
 //!
 //! - W1: load a 4 KiB document.
 //! - W2: durable save of a 4 KiB document.
@@ -15,8 +17,6 @@
 //!   `LockExt`); updates/s against W3's single-updater rate, lost updates.
 
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,44 +25,13 @@ use runstate::{
     PutOptions, RunId, WaitPolicy,
 };
 use serde::{Deserialize, Serialize};
+use support::Args;
+use support::places::{self, Backend, Places};
+use support::raw::{Raw, durable_write};
+
+mod support;
 
 const DOC_SIZE: usize = 4096;
-
-#[derive(Debug, Clone)]
-struct Args {
-    backends: Vec<String>,
-    quick: bool,
-    out: PathBuf,
-}
-
-fn parse_args() -> Args {
-    let mut backends = Vec::new();
-    let mut quick = false;
-    let mut out = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--backend" => backends.push(args.next().expect("--backend NAME")),
-            "--quick" => quick = true,
-            "--out" => out = Some(PathBuf::from(args.next().expect("--out PATH"))),
-            // cargo bench passes --bench; ignore what is not ours.
-            _ => {}
-        }
-    }
-    let out = out.unwrap_or_else(|| {
-        std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(
-                || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
-                PathBuf::from,
-            )
-            .join("bench/report.json")
-    });
-    Args {
-        backends,
-        quick,
-        out,
-    }
-}
 
 /// One measured series.
 #[derive(Debug, Clone, Default)]
@@ -507,372 +476,76 @@ fn push_rows(
     rows.push(r4);
 }
 
-// ---------------------------------------------------------------- file
-
-mod file_raw {
-    //! The raw file baselines: the same syscalls a durable save needs,
-    //! written directly with std.
-
-    use super::*;
-
-    pub fn durable_write(dir: &Path, name: &str, bytes: &[u8]) {
-        let tmp = dir.join(format!(".{name}.raw-tmp"));
-        let mut f = fs::File::create(&tmp).expect("create");
-        f.write_all(bytes).expect("write");
-        f.sync_all().expect("fsync");
-        drop(f);
-        fs::rename(&tmp, dir.join(name)).expect("rename");
-        fs::File::open(dir)
-            .expect("open dir")
-            .sync_all()
-            .expect("dir fsync");
+/// The targets of W1, W2 and W3 (ratios to the raw baselines) and of W4
+/// (rate against W3's), per backend.
+fn targets(backend: &str) -> ((f64, f64, f64), Option<f64>) {
+    match backend {
+        "file" => ((1.3, 1.15, 1.5), None),
+        "redis" => ((1.15, 1.15, 2.3), Some(0.4)),
+        "s3" => ((1.1, 1.1, 4.5), None),
+        _ => ((1.2, 1.2, 2.5), None),
     }
 }
 
-async fn bench_file(plan: &Plan, rows: &mut Vec<Row>) {
-    use runstate::file::FileStore;
-
-    let root = std::env::temp_dir().join(format!("runstate-bench-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&root);
-    let store: Arc<dyn Lock> =
-        Arc::new(FileStore::open_path(&root).await.expect("open file store"));
+/// W1–W4 on one backend, opened by URL in a namespace of its own, against
+/// its raw client (see `support::raw`).
+async fn bench_backend(backend: Backend, plan: &Plan, rows: &mut Vec<Row>) {
+    let Some(place) = backend.place("bench") else {
+        return;
+    };
+    let name = backend.name();
+    let store = runstate::open(&place.url).await.expect("open the store");
     let w = Workloads {
-        store,
+        store: Arc::clone(store.lock()),
         run: RunId::new("bench").expect("valid"),
     };
     w.seed().await;
-    let raw_dir = root.join("raw");
-    fs::create_dir_all(&raw_dir).expect("raw dir");
-    let read_path = raw_dir.join("read.json");
-    fs::write(&read_path, payload(0)).expect("raw seed");
-
-    // The raw calls run on the blocking pool, as any async caller's must
-    // (what tokio::fs does); the inline timings are reported beside them.
+    let raw = Raw::open(name, &format!("bench{}", std::process::id())).await;
+    raw.write("read", payload(0)).await;
     let m = measure(
         &w,
         plan,
-        |_| {
+        |_| async {
+            assert_eq!(raw.read("read").await.len(), DOC_SIZE);
+        },
+        |i| raw.write("write", payload(i)),
+    )
+    .await;
+    let (w4, lost) = w.w4_concurrent(plan.concurrent_each).await;
+    let (t, w4_target) = targets(name);
+    push_rows(rows, name, &m, raw.names(), t, &w4, lost, w4_target);
+    if let Raw::File(dir) = &raw {
+        // The same calls inline, to show what the blocking pool costs.
+        let read_path = dir.join("read");
+        let mut inline_read = Series::default();
+        block(&mut inline_read, plan.reads, |_| {
             let path = read_path.clone();
-            async move {
-                let bytes = tokio::task::spawn_blocking(move || fs::read(path).expect("read"))
-                    .await
-                    .expect("join");
-                assert_eq!(bytes.len(), DOC_SIZE);
-            }
-        },
-        |i| {
-            let dir = raw_dir.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    file_raw::durable_write(&dir, "write.json", &payload(i))
-                })
-                .await
-                .expect("join");
-            }
-        },
-    )
-    .await;
-    let mut inline_read = Series::default();
-    block(&mut inline_read, plan.reads, |_| {
-        let path = read_path.clone();
-        async move { assert_eq!(fs::read(path).expect("read").len(), DOC_SIZE) }
-    })
-    .await;
-    let mut inline_write = Series::default();
-    block(&mut inline_write, plan.writes, |i| {
-        let dir = raw_dir.clone();
-        async move { file_raw::durable_write(&dir, "write.json", &payload(i)) }
-    })
-    .await;
-    let (w4, lost) = w.w4_concurrent(plan.concurrent_each).await;
-    push_rows(
-        rows,
-        "file",
-        &m,
-        (
-            "std::fs::read, blocking pool",
-            "write+fsync+rename+dir fsync, blocking pool",
-        ),
-        (1.3, 1.15, 1.5),
-        &w4,
-        lost,
-        None,
-    );
-    rows.push(row(
-        "file",
-        "info: std::fs::read inline",
-        &inline_read,
-        None,
-        None,
-    ));
-    rows.push(row(
-        "file",
-        "info: durable write inline",
-        &inline_write,
-        None,
-        None,
-    ));
-    fs::remove_dir_all(&root).expect("cleanup");
-}
-
-#[cfg(feature = "redis")]
-async fn bench_redis(plan: &Plan, rows: &mut Vec<Row>) {
-    use redis::AsyncCommands;
-    use runstate::redis::{RedisConfig, RedisStore};
-
-    let url = std::env::var("RUNSTATE_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_owned());
-    let prefix = format!("rsbench:{}", std::process::id());
-    let config = RedisConfig::from_url(&url)
-        .expect("RUNSTATE_REDIS_URL")
-        .with_prefix(&prefix)
-        .expect("prefix");
-    let store = RedisStore::open(config).await.expect("open redis store");
-    let w = Workloads {
-        store: Arc::new(store.clone()),
-        run: RunId::new("bench").expect("valid"),
-    };
-    w.seed().await;
-
-    // The raw baseline: redis-rs GET/SET of the same 4 KiB through the same
-    // kind of connection (a ConnectionManager) to the same server.
-    let client = redis::Client::open(url.as_str()).expect("redis client");
-    let raw = client
-        .get_connection_manager()
-        .await
-        .expect("raw connection");
-    let raw_key = format!("{prefix}:raw");
-    let mut seed = raw.clone();
-    let _: () = seed
-        .set(&raw_key, payload(0).as_ref())
-        .await
-        .expect("raw seed");
-    let m = measure(
-        &w,
-        plan,
-        |_| {
-            let (mut con, key) = (raw.clone(), raw_key.clone());
-            async move {
-                let bytes: Vec<u8> = con.get(&key).await.expect("GET");
-                assert_eq!(bytes.len(), DOC_SIZE);
-            }
-        },
-        |i| {
-            let (mut con, key) = (raw.clone(), raw_key.clone());
-            async move {
-                let _: () = con.set(&key, payload(i).as_ref()).await.expect("SET");
-            }
-        },
-    )
-    .await;
-    let (w4, lost) = w.w4_concurrent(plan.concurrent_each).await;
-    push_rows(
-        rows,
-        "redis",
-        &m,
-        ("redis-rs GET", "redis-rs SET"),
-        (1.15, 1.15, 2.3),
-        &w4,
-        lost,
-        Some(0.4),
-    );
-    store.purge_prefix().await.expect("cleanup");
-}
-
-/// One SQL database: W1–W4 through `SqlStore` against a bare sqlx
-/// `SELECT` by primary key and a bare upsert of the same 4 KiB, on the
-/// database's native sqlx driver, in a table beside the store's.
-#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-async fn bench_sql(backend: &str, url: &str, plan: &Plan, rows: &mut Vec<Row>) {
-    use runstate::sql::{SqlConfig, SqlStore};
-    use sqlx::{AssertSqlSafe, Executor};
-
-    let prefix = format!("rsbench{}_", std::process::id());
-    let config = SqlConfig::from_url(url)
-        .expect("database URL")
-        .with_prefix(&prefix)
-        .expect("prefix");
-    let store = SqlStore::open(config).await.expect("open sql store");
-    let w = Workloads {
-        store: Arc::new(store.clone()),
-        run: RunId::new("bench").expect("valid"),
-    };
-    w.seed().await;
-    let table = format!("{prefix}raw");
-
-    macro_rules! raw {
-        ($pool:expr, $create:expr, $select:expr, $upsert:expr) => {{
-            let pool = $pool;
-            pool.execute(sqlx::raw_sql(AssertSqlSafe($create)))
-                .await
-                .expect("raw table");
-            let select: String = $select;
-            let upsert: String = $upsert;
-            sqlx::query(AssertSqlSafe(upsert.clone()))
-                .bind("k")
-                .bind(payload(0).to_vec())
-                .execute(&pool)
-                .await
-                .expect("raw seed");
-            let m = measure(
-                &w,
-                plan,
-                |_| {
-                    let (pool, select) = (pool.clone(), select.clone());
-                    async move {
-                        let row: (Vec<u8>,) = sqlx::query_as(AssertSqlSafe(select))
-                            .bind("k")
-                            .fetch_one(&pool)
-                            .await
-                            .expect("raw select");
-                        assert_eq!(row.0.len(), DOC_SIZE);
-                    }
-                },
-                |i| {
-                    let (pool, upsert) = (pool.clone(), upsert.clone());
-                    async move {
-                        sqlx::query(AssertSqlSafe(upsert))
-                            .bind("k")
-                            .bind(payload(i).to_vec())
-                            .execute(&pool)
-                            .await
-                            .expect("raw upsert");
-                    }
-                },
-            )
-            .await;
-            pool.execute(sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE {table}"))))
-                .await
-                .expect("drop raw");
-            pool.close().await;
-            m
-        }};
+            async move { assert_eq!(fs::read(path).expect("read").len(), DOC_SIZE) }
+        })
+        .await;
+        let mut inline_write = Series::default();
+        block(&mut inline_write, plan.writes, |i| {
+            let dir = dir.clone();
+            async move { durable_write(&dir, "write", &payload(i)) }
+        })
+        .await;
+        rows.push(row(
+            name,
+            "info: std::fs::read inline",
+            &inline_read,
+            None,
+            None,
+        ));
+        rows.push(row(
+            name,
+            "info: durable write inline",
+            &inline_write,
+            None,
+            None,
+        ));
     }
-
-    let m = match backend {
-        #[cfg(feature = "postgres")]
-        "postgres" => raw!(
-            sqlx::PgPool::connect(url).await.expect("raw pool"),
-            format!("CREATE TABLE {table} (k TEXT PRIMARY KEY, v BYTEA NOT NULL)"),
-            format!("SELECT v FROM {table} WHERE k = $1"),
-            format!(
-                "INSERT INTO {table} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
-            )
-        ),
-        #[cfg(feature = "mysql")]
-        "mysql" => raw!(
-            sqlx::MySqlPool::connect(url).await.expect("raw pool"),
-            format!("CREATE TABLE {table} (k VARCHAR(64) PRIMARY KEY, v LONGBLOB NOT NULL)"),
-            format!("SELECT v FROM {table} WHERE k = ?"),
-            format!(
-                "INSERT INTO {table} (k, v) VALUES (?, ?) ON DUPLICATE KEY UPDATE v = VALUES(v)"
-            )
-        ),
-        #[cfg(feature = "sqlite")]
-        "sqlite" => raw!(
-            sqlx::SqlitePool::connect(url).await.expect("raw pool"),
-            format!("CREATE TABLE {table} (k TEXT PRIMARY KEY, v BLOB NOT NULL)"),
-            format!("SELECT v FROM {table} WHERE k = ?"),
-            format!(
-                "INSERT INTO {table} (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
-            )
-        ),
-        other => panic!("no raw baseline for {other}"),
-    };
-    let (w4, lost) = w.w4_concurrent(plan.concurrent_each).await;
-    push_rows(
-        rows,
-        backend,
-        &m,
-        ("bare sqlx SELECT by key", "bare sqlx upsert"),
-        (1.2, 1.2, 2.5),
-        &w4,
-        lost,
-        None,
-    );
-    store.uninstall().await.expect("drop the bench tables");
-    store.close().await;
-}
-
-/// S3: W1–W4 through `S3Store` against bare object_store `get`/`put` of
-/// the same 4 KiB through the same kind of client.
-#[cfg(feature = "s3")]
-async fn bench_s3(url: &str, plan: &Plan, rows: &mut Vec<Row>) {
-    use object_store::path::Path as ObjectPath;
-    use object_store::{ClientOptions, ObjectStoreExt};
-    use runstate::s3::{S3Config, S3Store};
-
-    let config = S3Config::from_url(url).expect("RUNSTATE_S3_URL");
-    let prefix = format!("{}/bench-{}", config.prefix(), std::process::id())
-        .trim_start_matches('/')
-        .to_owned();
-    let config = config.with_prefix(&prefix).expect("prefix");
-    let store = S3Store::open(config.clone()).await.expect("open s3 store");
-    let w = Workloads {
-        store: Arc::new(store.clone()),
-        run: RunId::new("bench").expect("valid"),
-    };
-    w.seed().await;
-
-    let parsed = url::Url::parse(url).expect("url");
-    let option = |name: &str| {
-        parsed
-            .query_pairs()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.into_owned())
-    };
-    let mut builder = object_store::aws::AmazonS3Builder::from_env()
-        .with_bucket_name(config.bucket())
-        .with_client_options(
-            ClientOptions::new().with_allow_http(option("allow_http").as_deref() == Some("true")),
-        );
-    if let Some(endpoint) = option("endpoint") {
-        builder = builder.with_endpoint(endpoint);
-    }
-    if let Some(region) = option("region") {
-        builder = builder.with_region(region);
-    }
-    let raw = Arc::new(builder.build().expect("raw client"));
-    let raw_path = ObjectPath::from(format!("{prefix}/raw.json"));
-    raw.put(&raw_path, payload(0).into())
-        .await
-        .expect("raw seed");
-    let m = measure(
-        &w,
-        plan,
-        |_| {
-            let (raw, path) = (Arc::clone(&raw), raw_path.clone());
-            async move {
-                let bytes = raw
-                    .get(&path)
-                    .await
-                    .expect("raw get")
-                    .bytes()
-                    .await
-                    .expect("raw body");
-                assert_eq!(bytes.len(), DOC_SIZE);
-            }
-        },
-        |i| {
-            let (raw, path) = (Arc::clone(&raw), raw_path.clone());
-            async move {
-                raw.put(&path, payload(i).into()).await.expect("raw put");
-            }
-        },
-    )
-    .await;
-    let (w4, lost) = w.w4_concurrent(plan.concurrent_each).await;
-    push_rows(
-        rows,
-        "s3",
-        &m,
-        ("object_store get", "object_store put"),
-        (1.1, 1.1, 4.5),
-        &w4,
-        lost,
-        None,
-    );
-    store.purge_prefix().await.expect("cleanup");
+    raw.cleanup().await;
+    place.cleanup().await;
 }
 
 fn print_table(rows: &[Row]) {
@@ -913,9 +586,8 @@ fn print_table(rows: &[Row]) {
 }
 
 fn main() {
-    let args = parse_args();
+    let args = Args::parse("report.json");
     let plan = Plan::new(args.quick);
-    let wanted = |name: &str| args.backends.is_empty() || args.backends.iter().any(|b| b == name);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -923,71 +595,17 @@ fn main() {
         .expect("runtime");
     let mut rows = Vec::new();
     runtime.block_on(async {
-        if wanted("file") {
-            bench_file(&plan, &mut rows).await;
-        }
-        #[cfg(feature = "redis")]
-        if wanted("redis") {
-            bench_redis(&plan, &mut rows).await;
-        }
-        #[cfg(feature = "postgres")]
-        if wanted("postgres") {
-            let url = std::env::var("RUNSTATE_POSTGRES_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-            bench_sql("postgres", &url, &plan, &mut rows).await;
-        }
-        #[cfg(feature = "mysql")]
-        if wanted("mysql") {
-            let url = std::env::var("RUNSTATE_MYSQL_URL")
-                .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
-            bench_sql("mysql", &url, &plan, &mut rows).await;
-        }
-        #[cfg(feature = "s3")]
-        if wanted("s3") {
-            match std::env::var("RUNSTATE_S3_URL") {
-                Ok(url) => bench_s3(&url, &plan, &mut rows).await,
-                Err(_) => eprintln!("s3: RUNSTATE_S3_URL is not set (cargo xtask bench starts moto and sets it); skipped"),
-            }
-        }
-        #[cfg(feature = "sqlite")]
-        if wanted("sqlite") {
-            let path =
-                std::env::temp_dir().join(format!("runstate-bench-{}.db", std::process::id()));
-            let url = format!("sqlite://{}", path.display());
-            bench_sql("sqlite", &url, &plan, &mut rows).await;
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        for backend in places::ALL {
+            if args.wants(backend.name()) {
+                bench_backend(backend, &plan, &mut rows).await;
             }
         }
     });
-    let known: &[&str] = &[
-        "file",
-        #[cfg(feature = "redis")]
-        "redis",
-        #[cfg(feature = "postgres")]
-        "postgres",
-        #[cfg(feature = "mysql")]
-        "mysql",
-        #[cfg(feature = "sqlite")]
-        "sqlite",
-        #[cfg(feature = "s3")]
-        "s3",
-    ];
-    for b in &args.backends {
-        assert!(
-            known.contains(&b.as_str()),
-            "unknown or disabled backend `{b}` (known: {known:?})"
-        );
-    }
     print_table(&rows);
-    if let Some(dir) = args.out.parent() {
-        fs::create_dir_all(dir).expect("report folder");
-    }
     let report = serde_json::json!({
         "quick": args.quick,
         "doc_size": DOC_SIZE,
         "rows": rows,
     });
-    fs::write(&args.out, serde_json::to_vec_pretty(&report).expect("json")).expect("write report");
-    println!("\nreport: {}", args.out.display());
+    args.write_report(&report);
 }

@@ -5,18 +5,89 @@
 //! conformance suite against real servers.
 //!
 //! This is the crate applications depend on. It re-exports the contract
-//! from [`runstate_core`] and, behind cargo features, the backends:
+//! from [`runstate_core`] and, behind cargo features, the backends; it opens
+//! any of them by URL ([`open`]), and moves runs between them
+//! ([`migrate()`](migrate::migrate)).
 //!
-//! | feature | backend | |
+//! | feature | URL | backend |
 //! |---|---|---|
-//! | `file` (default) | [`file::FileStore`] | one folder per run, one file per document |
-//! | `sqlite` (default) | `sql::SqlStore` | `sqlite://path`, created when missing |
-//! | `postgres` | `sql::SqlStore` | `postgres://…` |
-//! | `mysql` | `sql::SqlStore` | `mysql://…` / `mariadb://…` |
-//! | `redis` | `redis::RedisStore` | every operation one server-side script |
-//! | `redis-tls` | — | `rediss://` for the Redis backend |
-//! | `s3` | `s3::S3Store` | objects in a bucket, leases from conditional writes |
-//! | `bincode` | — | the bincode 2 codec for typed documents |
+//! | `file` (default) | `file:///path/to/root` | [`file::FileStore`]: one folder per run, one file per document |
+//! | `sqlite` (default) | `sqlite://path/to/file.db` | `sql::SqlStore` on SQLite, created when missing |
+//! | `postgres` | `postgres://user:password@host/db` | `sql::SqlStore` on PostgreSQL |
+//! | `mysql` | `mysql://user:password@host/db` (or `mariadb://`) | `sql::SqlStore` on MySQL 8 / MariaDB 10.5+ |
+//! | `redis` | `redis://[:password@]host[:port][/db]`, `unix:///path.sock` | `redis::RedisStore`: every operation one server-side script |
+//! | `redis-tls` | `rediss://…` | TLS for the Redis backend |
+//! | `s3` | `s3://bucket/prefix` | `s3::S3Store`: objects, leases from conditional writes |
+//! | `bincode` | | the bincode 2 codec for typed documents |
+//! | `full` | | every backend above but `redis-tls`, and `bincode` |
+//!
+//! ## URLs
+//!
+//! [`open`] (or [`open_env`], which reads `RUNSTATE_URL`) picks the backend
+//! by the URL's scheme. A scheme whose feature is off is a
+//! [`Config`](ErrorKind::Config) error naming the feature to enable; an
+//! unknown scheme is one listing the known schemes. Options go in the
+//! query string; an option a backend does not know is an error, except on
+//! the SQL backend, which passes it on to the database driver (`sslmode`,
+//! …).
+//!
+//! | option | backends | default | meaning |
+//! |---|---|---|---|
+//! | `ttl_ms` | all | 30000 | lease TTL of locked updates and guards ([`AnyStore::client`]), of `runstate put`/`rm` and of migrations |
+//! | `wait_ms` | all | 30000 | how long to wait for a busy lock before failing with `Locked` |
+//! | `max_doc_bytes` | all | 16777216 | size limit of typed documents (on save and on load) and of `runstate put` |
+//! | `ext` | file, s3 | `json` | document extension (`<run>/<name>.<ext>`); `nodb` opens WEPPcloud run folders in place |
+//! | `create` | file | `true` | create the root folder when missing |
+//! | `sweep` | file | `true` | remove temporary files of killed writers on open |
+//! | `prefix` | redis, sql | `runstate` / `runstate_` | namespace: key prefix (Redis), table prefix (SQL); on S3 the URL path is the prefix |
+//! | `timeout_ms` | redis, sql, s3 | 5000 / 5000 / 10000 | bound on every call (on SQL also the server's statement timeout) |
+//! | `connect_timeout_ms` | redis | 5000 | bound on connecting and reconnecting |
+//! | `db` | redis | 0 | database number, for `unix://` URLs (TCP URLs put it in the path) |
+//! | `weppcloud_locks`, `weppcloud_ext` | redis | off, `nodb` | honour WEPPcloud's `nodb-lock:<run>:<name>.<ext>` keys in that database |
+//! | `acquire_timeout_ms` | sql | 5000 | bound on waiting for a pooled connection |
+//! | `max_connections` | sql | 10 (SQLite: 4) | pool size |
+//! | `migrate` | sql | `true` | apply the embedded schema migrations on open |
+//! | `endpoint` | s3 | AWS (or `AWS_ENDPOINT_URL`) | an S3-compatible server, e.g. `http://127.0.0.1:9000` |
+//! | `region` | s3 | `AWS_REGION`, else `us-east-1` | |
+//! | `allow_http` | s3 | `false` | allow a plain-HTTP endpoint |
+//! | `retries` | s3 | 3 | retries of a transient failure |
+//! | `probe` | s3 | `true` | check on open that the server honours conditional writes |
+//! | `skew_pct` | s3 | 10 | clock-skew margin of lease expiry, in percent of the TTL |
+//!
+//! Passwords never appear in `Debug`, `Display` or errors:
+//! [`AnyStore::url`] shows the URL with them replaced by `***`. S3
+//! credentials come from the standard AWS environment variables.
+//!
+//! ```no_run
+//! # async fn demo() -> runstate::Result<()> {
+//! use runstate::{Document, RunId};
+//! # #[derive(serde::Serialize, serde::Deserialize, Default)]
+//! # struct Climate { years: u32 }
+//! # impl Document for Climate { const NAME: &'static str = "climate"; }
+//! let store = runstate::open("postgres://app@db.internal/runs?prefix=wepp_&ttl_ms=60000").await?;
+//! let run = store.client().run(RunId::new("Mica_flume1")?);
+//! run.update_or_default(|c: &mut Climate| c.years += 1).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Moving runs
+//!
+//! [`migrate::migrate`] copies runs between any two stores byte-exact,
+//! under the source run's lease, verified by SHA-256, resumable;
+//! [`migrate::verify`] compares them. The `runstate migrate` and
+//! `runstate verify` commands are these functions.
+//!
+//! ```no_run
+//! # async fn demo() -> runstate::Result<()> {
+//! use runstate::migrate::{migrate, MigrateOptions, Selection};
+//! use runstate::RunId;
+//! let laptop = runstate::open("file:///home/me/runs?ext=nodb").await?;
+//! let lab = runstate::open("postgres://lab-db/runs").await?;
+//! let options = MigrateOptions::new(Selection::Runs(vec![RunId::new("Mica_flume1")?]));
+//! let report = migrate(&*laptop, &*lab, &options, &()).await?;
+//! println!("{} documents, {:.1} MB/s", report.documents, report.mb_per_sec());
+//! # Ok(()) }
+//! ```
 //!
 //! ## Example
 //!
@@ -61,6 +132,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod doctor;
+pub mod migrate;
+mod open;
+
+pub use open::{AnyStore, Scheme, URL_VAR, open, open_env, redact_url};
 pub use runstate_core::*;
 
 /// The file backend ([`runstate_file`]).

@@ -1,0 +1,217 @@
+//! Migration throughput and memory: 1,000 documents of 16 KiB moved by the
+//! real `runstate migrate` binary between every ordered pair of backends,
+//! each against the slower side's raw write rate measured just before it.
+//!
+//! Run it with `cargo xtask bench`, which builds the binary in release mode
+//! and names it in `RUNSTATE_BIN`. For each pair it prints:
+//!
+//! - documents/s and MB/s of the migration (its own clock: copy, read-back
+//!   and SHA-256 verification of every document, without process start-up);
+//! - the raw write rate of 16 KiB values on each side (one writer, the raw
+//!   client of `support::raw`), and the ratio to the slower one (target
+//!   ≥ 0.8), plus, for information, the ratio to 8 concurrent raw writers;
+//! - the peak resident memory of the migrating process (`VmHWM`).
+
+mod support;
+
+use std::process::Command;
+use std::time::Instant;
+
+use runstate::{Bytes, DocName, RunId};
+use serde::Serialize;
+use support::Args;
+use support::places::{ALL, Backend, Place, Places};
+use support::raw::Raw;
+
+const DOC_SIZE: usize = 16 * 1024;
+const TARGET: f64 = 0.8;
+const RUN: &str = "migbench";
+
+#[derive(Debug, Serialize)]
+struct Row {
+    from: &'static str,
+    to: &'static str,
+    documents: u64,
+    docs_per_sec: f64,
+    mb_per_sec: f64,
+    raw_from_docs_per_sec: f64,
+    raw_to_docs_per_sec: f64,
+    slower_side: &'static str,
+    ratio: f64,
+    raw8_slower_docs_per_sec: f64,
+    ratio_vs_8_writers: f64,
+    peak_rss_mib: f64,
+    meets_target: bool,
+}
+
+/// A 16 KiB document, different for every index.
+fn document(i: u64) -> Bytes {
+    let mut rng = fastrand::Rng::with_seed(i);
+    Bytes::from((0..DOC_SIZE).map(|_| rng.u8(..)).collect::<Vec<u8>>())
+}
+
+/// Raw writes of 16 KiB per second: one writer, then eight.
+async fn raw_rates(backend: &str, writes: u64, tag: &str) -> (f64, f64) {
+    let raw = Raw::open(backend, tag).await;
+    let values: Vec<Bytes> = (0..writes).map(document).collect();
+    let started = Instant::now();
+    for (i, value) in values.iter().enumerate() {
+        raw.write(&format!("k{i}"), value.clone()).await;
+    }
+    let one = writes as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let raw_ref = &raw;
+    let values_ref = &values;
+    let writers = (0..8u64).map(|w| async move {
+        for i in (w..writes).step_by(8) {
+            raw_ref
+                .write(&format!("c{i}"), values_ref[i as usize].clone())
+                .await;
+        }
+    });
+    futures_util::future::join_all(writers).await;
+    let eight = writes as f64 / started.elapsed().as_secs_f64();
+    raw.cleanup().await;
+    (one, eight)
+}
+
+async fn seed(place: &Place, documents: u64) {
+    let store = runstate::open(&place.url).await.expect("open the source");
+    let run = RunId::new(RUN).expect("valid");
+    for i in 0..documents {
+        let name = DocName::new(format!("doc{i:05}")).expect("valid");
+        store
+            .put(&run, &name, document(i), runstate::PutOptions::overwrite())
+            .await
+            .expect("seed");
+    }
+}
+
+/// Runs the binary; returns its JSON report.
+fn migrate(bin: &str, from: &Place, to: &Place) -> serde_json::Value {
+    let output = Command::new(bin)
+        .args([
+            "migrate", "--from", &from.url, "--to", &to.url, "--run", RUN, "--json",
+        ])
+        .output()
+        .expect("run the runstate binary");
+    assert!(
+        output.status.success(),
+        "migration failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("a JSON report")
+}
+
+fn main() {
+    let args = Args::parse("migration.json");
+    let Ok(bin) = std::env::var("RUNSTATE_BIN") else {
+        eprintln!(
+            "migration benchmark: RUNSTATE_BIN is not set; run `cargo xtask bench`, which builds \
+             the runstate binary in release mode and sets it"
+        );
+        return;
+    };
+    let (documents, raw_writes) = if args.quick {
+        (200u64, 64u64)
+    } else {
+        (1000, 200)
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut rows = Vec::new();
+    let mut pair_index = 0u32;
+    runtime.block_on(async {
+        for from in ALL {
+            let Some(source) = from.place("migration bench") else {
+                continue;
+            };
+            let targets: Vec<Backend> = ALL
+                .into_iter()
+                .filter(|to| *to != from && (args.wants(from.name()) || args.wants(to.name())))
+                .collect();
+            if targets.is_empty() {
+                continue;
+            }
+            seed(&source, documents).await;
+            for to in targets {
+                let Some(target) = to.place("migration bench") else {
+                    continue;
+                };
+                pair_index += 1;
+                let tag = format!("m{}x{pair_index}", std::process::id());
+                let (from_one, from_eight) = raw_rates(from.name(), raw_writes, &tag).await;
+                let (to_one, to_eight) = raw_rates(to.name(), raw_writes, &tag).await;
+                let report = migrate(&bin, &source, &target);
+                target.cleanup().await;
+                let copied = report["documents"].as_u64().unwrap_or(0);
+                assert_eq!(copied, documents, "every document copied: {report:#}");
+                let docs_per_sec = report["documents_per_sec"].as_f64().unwrap_or(0.0);
+                let (slower_side, slower, slower_eight) = if from_one <= to_one {
+                    (from.name(), from_one, from_eight)
+                } else {
+                    (to.name(), to_one, to_eight)
+                };
+                let ratio = docs_per_sec / slower;
+                let row = Row {
+                    from: from.name(),
+                    to: to.name(),
+                    documents: copied,
+                    docs_per_sec,
+                    mb_per_sec: report["mb_per_sec"].as_f64().unwrap_or(0.0),
+                    raw_from_docs_per_sec: from_one,
+                    raw_to_docs_per_sec: to_one,
+                    slower_side,
+                    ratio,
+                    raw8_slower_docs_per_sec: slower_eight,
+                    ratio_vs_8_writers: docs_per_sec / slower_eight,
+                    peak_rss_mib: report["peak_rss_bytes"].as_f64().unwrap_or(0.0)
+                        / (1024.0 * 1024.0),
+                    meets_target: ratio >= TARGET,
+                };
+                eprintln!(
+                    "{} → {}: {:.0} documents/s, {:.2}× the slower side's raw writes",
+                    row.from, row.to, row.docs_per_sec, row.ratio
+                );
+                rows.push(row);
+            }
+            source.cleanup().await;
+        }
+    });
+    print_table(&rows);
+    let report = serde_json::json!({
+        "quick": args.quick,
+        "doc_size": DOC_SIZE,
+        "documents": documents,
+        "target": TARGET,
+        "rows": rows,
+    });
+    args.write_report(&report);
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "| from → to | docs | docs/s | MB/s | raw write docs/s (from / to) | ratio to slower | \
+         vs 8 raw writers | peak RSS MiB | |"
+    );
+    println!("|---|---:|---:|---:|---|---:|---:|---:|---|");
+    for r in rows {
+        println!(
+            "| {} → {} | {} | {:.0} | {:.2} | {:.0} / {:.0} | {:.2}× | {:.2}× | {:.1} | {} |",
+            r.from,
+            r.to,
+            r.documents,
+            r.docs_per_sec,
+            r.mb_per_sec,
+            r.raw_from_docs_per_sec,
+            r.raw_to_docs_per_sec,
+            r.ratio,
+            r.ratio_vs_8_writers,
+            r.peak_rss_mib,
+            if r.meets_target { "ok" } else { "MISSED" },
+        );
+    }
+}

@@ -1,0 +1,582 @@
+//! Opening a store by URL: [`open`], [`open_env`] and [`AnyStore`].
+
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use runstate_core::{
+    Capabilities, Client, ClientConfig, Error, ErrorKind, Lock, Operation, Result, WaitPolicy,
+};
+
+use crate::doctor::{self, DoctorReport};
+
+/// The environment variable [`open_env`] reads.
+pub const URL_VAR: &str = "RUNSTATE_URL";
+
+/// Options of the URL that the facade itself reads (and removes before the
+/// backend parses the rest).
+const TTL_OPTION: &str = "ttl_ms";
+const WAIT_OPTION: &str = "wait_ms";
+const LIMIT_OPTION: &str = "max_doc_bytes";
+
+/// The backends `open` knows, whether or not their cargo feature is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Scheme {
+    /// `file:` — the embedded file backend.
+    File,
+    /// `sqlite:` — SQLite through the SQL backend.
+    Sqlite,
+    /// `postgres:` / `postgresql:` — PostgreSQL through the SQL backend.
+    Postgres,
+    /// `mysql:` / `mariadb:` — MySQL or MariaDB through the SQL backend.
+    Mysql,
+    /// `redis:`, `rediss:`, `unix:` — the Redis backend.
+    Redis,
+    /// `s3:` — the S3 backend.
+    S3,
+}
+
+impl Scheme {
+    /// Every scheme, in the order of the documentation.
+    pub const ALL: [Scheme; 6] = [
+        Scheme::File,
+        Scheme::Sqlite,
+        Scheme::Postgres,
+        Scheme::Mysql,
+        Scheme::Redis,
+        Scheme::S3,
+    ];
+
+    /// The backend's name (`file`, `sqlite`, `postgres`, `mysql`, `redis`,
+    /// `s3`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::File => "file",
+            Scheme::Sqlite => "sqlite",
+            Scheme::Postgres => "postgres",
+            Scheme::Mysql => "mysql",
+            Scheme::Redis => "redis",
+            Scheme::S3 => "s3",
+        }
+    }
+
+    /// The URL schemes that select it.
+    pub fn url_schemes(self) -> &'static [&'static str] {
+        match self {
+            Scheme::File => &["file"],
+            Scheme::Sqlite => &["sqlite"],
+            Scheme::Postgres => &["postgres", "postgresql"],
+            Scheme::Mysql => &["mysql", "mariadb"],
+            Scheme::Redis => &["redis", "rediss", "unix", "redis+unix"],
+            Scheme::S3 => &["s3"],
+        }
+    }
+
+    /// The cargo feature of `runstate` that compiles it in.
+    pub fn feature(self) -> &'static str {
+        self.name()
+    }
+
+    /// Whether this build has it.
+    pub fn enabled(self) -> bool {
+        match self {
+            Scheme::File => cfg!(feature = "file"),
+            Scheme::Sqlite => cfg!(feature = "sqlite"),
+            Scheme::Postgres => cfg!(feature = "postgres"),
+            Scheme::Mysql => cfg!(feature = "mysql"),
+            Scheme::Redis => cfg!(feature = "redis"),
+            Scheme::S3 => cfg!(feature = "s3"),
+        }
+    }
+
+    /// The backend a URL names, whether or not its feature is on.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] when the URL has no scheme or an unknown one;
+    /// the message lists the known schemes.
+    pub fn of_url(url: &str) -> Result<Scheme> {
+        let scheme = url
+            .split_once(':')
+            .map(|(scheme, _)| scheme)
+            .filter(|s| !s.is_empty() && !s.contains(['/', '?', '@']))
+            .ok_or_else(|| {
+                config_error(format!(
+                    "{} has no scheme (known: {})",
+                    describe(url),
+                    known_schemes()
+                ))
+            })?;
+        let lower = scheme.to_ascii_lowercase();
+        Scheme::ALL
+            .into_iter()
+            .find(|s| s.url_schemes().contains(&lower.as_str()))
+            .ok_or_else(|| {
+                config_error(format!(
+                    "unknown URL scheme `{scheme}:` (known: {})",
+                    known_schemes()
+                ))
+            })
+    }
+}
+
+impl fmt::Display for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn known_schemes() -> String {
+    Scheme::ALL
+        .iter()
+        .flat_map(|s| s.url_schemes().iter().map(|u| format!("{u}:")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn config_error(message: String) -> Error {
+    Error::new(ErrorKind::Config, message).with_operation(Operation::Open)
+}
+
+/// A URL as it may be shown: the scheme and, when it parses, the URL with
+/// its password and secret-looking options replaced by `***`.
+fn describe(url: &str) -> String {
+    format!("URL `{}`", redact_url(url))
+}
+
+/// `url` with every secret replaced by `***`: the password of the
+/// authority, and the values of options whose names say they hold one
+/// (`password`, `secret`, `token`, `key`, …). A URL that does not parse is
+/// cut down to its scheme, since where its secret sits cannot be told.
+pub fn redact_url(url: &str) -> String {
+    if url.starts_with("file:") {
+        // A path holds no secret, and re-serialising would turn a relative
+        // `file:data` into `file:///data`.
+        return url.to_owned();
+    }
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return match url.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://…"),
+            None if url.starts_with("file:") => url.to_owned(),
+            None => "…".to_owned(),
+        };
+    };
+    if parsed.password().is_some() {
+        // Only fails for URLs that cannot have a password, which this has.
+        let _ = parsed.set_password(Some("***"));
+    }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(name, value)| {
+                let lower = name.to_ascii_lowercase();
+                let secret = ["password", "passwd", "secret", "token", "key", "credential"]
+                    .iter()
+                    .any(|word| lower.contains(word));
+                let value = if secret {
+                    "***".to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+/// The facade's own URL options, and the URL without them.
+struct Split {
+    backend_url: String,
+    client: ClientConfig,
+}
+
+fn split_options(url: &str) -> Result<Split> {
+    let mut client = ClientConfig::default();
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok(Split {
+            backend_url: url.to_owned(),
+            client,
+        });
+    };
+    let mut kept = url::form_urlencoded::Serializer::new(String::new());
+    let mut any_kept = false;
+    let mut any_ours = false;
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*name {
+            TTL_OPTION => {
+                client.ttl = parse_ms(&name, &value, Duration::from_millis(1))?;
+                any_ours = true;
+            }
+            WAIT_OPTION => {
+                client.wait = WaitPolicy::with_timeout(parse_ms(&name, &value, Duration::ZERO)?);
+                any_ours = true;
+            }
+            LIMIT_OPTION => {
+                client.limit = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|l| *l > 0)
+                    .ok_or_else(|| {
+                        config_error(format!(
+                            "URL option {LIMIT_OPTION}={value:?} must be a positive number of bytes"
+                        ))
+                    })?;
+                any_ours = true;
+            }
+            _ => {
+                kept.append_pair(&name, &value);
+                any_kept = true;
+            }
+        }
+    }
+    // Leave the URL untouched unless an option had to come out, so the
+    // backend sees exactly what the user wrote.
+    let backend_url = match (any_ours, any_kept) {
+        (false, _) => url.to_owned(),
+        (true, false) => base.to_owned(),
+        (true, true) => format!("{base}?{}", kept.finish()),
+    };
+    Ok(Split {
+        backend_url,
+        client,
+    })
+}
+
+fn parse_ms(name: &str, value: &str, min: Duration) -> Result<Duration> {
+    value
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_millis)
+        .filter(|d| *d >= min && *d <= Duration::from_secs(24 * 3600))
+        .ok_or_else(|| {
+            config_error(format!(
+                "URL option {name}={value:?} must be a number of milliseconds from {} to 86400000",
+                min.as_millis()
+            ))
+        })
+}
+
+/// An opened store of any backend: the [`Lock`] (and so [`Store`](runstate_core::Store)) it
+/// implements, which backend it is, its URL with secrets redacted, and the
+/// client defaults the URL set.
+///
+/// It dereferences to `dyn Lock`, so every store and lease operation is
+/// called on it directly.
+#[derive(Clone)]
+pub struct AnyStore {
+    lock: Arc<dyn Lock>,
+    scheme: Scheme,
+    shown_url: String,
+    client: ClientConfig,
+    #[cfg(feature = "s3")]
+    s3: Option<runstate_s3::S3Store>,
+}
+
+impl AnyStore {
+    /// Wraps a store opened by hand (for example with settings a URL cannot
+    /// express), so it can be used wherever an `AnyStore` is expected.
+    pub fn from_lock(lock: Arc<dyn Lock>, scheme: Scheme, shown_url: impl Into<String>) -> Self {
+        AnyStore {
+            lock,
+            scheme,
+            shown_url: redact_url(&shown_url.into()),
+            client: ClientConfig::default(),
+            #[cfg(feature = "s3")]
+            s3: None,
+        }
+    }
+
+    /// The store and its leases.
+    pub fn lock(&self) -> &Arc<dyn Lock> {
+        &self.lock
+    }
+
+    /// The store and its leases, by value.
+    pub fn into_lock(self) -> Arc<dyn Lock> {
+        self.lock
+    }
+
+    /// Which backend it is.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    /// Its URL, with passwords and secret options replaced by `***`.
+    pub fn url(&self) -> &str {
+        &self.shown_url
+    }
+
+    /// The client settings the URL chose (`ttl_ms`, `wait_ms`,
+    /// `max_doc_bytes`; the defaults otherwise), with a new owner for this
+    /// process.
+    pub fn client_config(&self) -> &ClientConfig {
+        &self.client
+    }
+
+    /// A typed client on this store with the URL's settings.
+    pub fn client(&self) -> Client {
+        Client::with_config(Arc::clone(&self.lock), self.client.clone())
+    }
+
+    /// Probes what this backend honours, on a scratch run it removes
+    /// afterwards: see [`doctor::probe`]. For S3 it also races conflicting
+    /// conditional writes, which some S3-compatible servers accept both of.
+    ///
+    /// # Errors
+    /// A backend failure that stops the probe itself (an unreachable
+    /// server); a check that fails is a failed check in the report, not an
+    /// error.
+    pub async fn doctor(&self) -> Result<DoctorReport> {
+        #[allow(unused_mut)] // only S3 adds checks of its own
+        let mut report = doctor::probe(&*self.lock).await?;
+        #[cfg(feature = "s3")]
+        if let Some(s3) = &self.s3 {
+            let found = s3.doctor().await?;
+            report.push_check(
+                "server honours create-only writes (If-None-Match)",
+                found.create_only,
+                "",
+            );
+            report.push_check(
+                "server honours update-if-match writes (If-Match)",
+                found.update_if_match,
+                "",
+            );
+            report.push_check(
+                "exactly one of racing conditional writes wins",
+                found.exclusive_race,
+                "",
+            );
+        }
+        Ok(report)
+    }
+}
+
+impl Deref for AnyStore {
+    type Target = dyn Lock;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.lock
+    }
+}
+
+impl fmt::Debug for AnyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnyStore")
+            .field("scheme", &self.scheme)
+            .field("url", &self.shown_url)
+            .field("backend", &self.lock)
+            .finish()
+    }
+}
+
+/// Opens the store a URL names (see the [crate documentation](crate#urls)
+/// for the schemes and options).
+///
+/// ```no_run
+/// # async fn demo() -> runstate::Result<()> {
+/// let store = runstate::open("sqlite:///var/lib/runs/state.db?ttl_ms=60000").await?;
+/// println!("{} runs", runstate::StoreExt::list_all_runs(&*store).await?.len());
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// [`ErrorKind::Config`] for a URL without a scheme or with an unknown one
+/// (the message lists the known schemes), for a scheme whose cargo feature
+/// is off (the message names the feature to enable), and for a bad option;
+/// the backend's own errors when it cannot be reached or set up. URLs are
+/// shown with their secrets redacted.
+pub async fn open(url: &str) -> Result<AnyStore> {
+    let scheme = Scheme::of_url(url)?;
+    if !scheme.enabled() {
+        return Err(feature_off(scheme, scheme.feature()));
+    }
+    if url.starts_with("rediss:") && !cfg!(feature = "redis-tls") {
+        return Err(feature_off(scheme, "redis-tls"));
+    }
+    let Split {
+        backend_url,
+        client,
+    } = split_options(url)?;
+    let shown_url = redact_url(url);
+    let mut store = open_backend(scheme, &backend_url)
+        .await
+        .map_err(|e| e.with_operation(Operation::Open))?;
+    store.shown_url = shown_url;
+    store.client = client;
+    Ok(store)
+}
+
+/// Opens the store named by the `RUNSTATE_URL` environment variable.
+///
+/// # Errors
+/// [`ErrorKind::Config`] when it is unset or not UTF-8; otherwise as
+/// [`open`].
+pub async fn open_env() -> Result<AnyStore> {
+    match std::env::var(URL_VAR) {
+        Ok(url) if !url.is_empty() => open(&url).await,
+        Ok(_) | Err(std::env::VarError::NotPresent) => Err(config_error(format!(
+            "{URL_VAR} is not set: set it to a store URL such as file:///var/lib/runs"
+        ))),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(config_error(format!("{URL_VAR} is not valid UTF-8")))
+        }
+    }
+}
+
+fn feature_off(scheme: Scheme, feature: &str) -> Error {
+    config_error(format!(
+        "the {} backend is not compiled in: enable the cargo feature `{feature}` of runstate \
+         (runstate = {{ version = \"…\", features = [\"{feature}\"] }})",
+        scheme.name()
+    ))
+}
+
+fn wrap(lock: Arc<dyn Lock>, scheme: Scheme) -> AnyStore {
+    AnyStore {
+        lock,
+        scheme,
+        shown_url: String::new(),
+        client: ClientConfig::default(),
+        #[cfg(feature = "s3")]
+        s3: None,
+    }
+}
+
+async fn open_backend(scheme: Scheme, url: &str) -> Result<AnyStore> {
+    match scheme {
+        #[cfg(feature = "file")]
+        Scheme::File => {
+            let config = runstate_file::FileConfig::from_url(url)?;
+            let store = runstate_file::FileStore::open(config).await?;
+            Ok(wrap(Arc::new(store), scheme))
+        }
+        #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+        Scheme::Sqlite | Scheme::Postgres | Scheme::Mysql => {
+            let store = runstate_sql::SqlStore::connect(url).await?;
+            Ok(wrap(Arc::new(store), scheme))
+        }
+        #[cfg(feature = "redis")]
+        Scheme::Redis => {
+            let store = runstate_redis::RedisStore::connect(url).await?;
+            Ok(wrap(Arc::new(store), scheme))
+        }
+        #[cfg(feature = "s3")]
+        Scheme::S3 => {
+            let store = runstate_s3::S3Store::connect(url).await?;
+            let mut any = wrap(Arc::new(store.clone()), scheme);
+            any.s3 = Some(store);
+            Ok(any)
+        }
+        #[allow(unreachable_patterns)] // every scheme compiled in
+        _ => Err(feature_off(scheme, scheme.feature())),
+    }
+}
+
+/// What a backend declares, as shown by `runstate doctor`.
+pub(crate) fn capability_rows(capabilities: &Capabilities) -> Vec<(&'static str, String)> {
+    let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
+    vec![
+        ("backend", capabilities.backend.to_owned()),
+        ("conditional put", yes_no(capabilities.conditional_put)),
+        (
+            "conditional delete",
+            yes_no(capabilities.conditional_delete),
+        ),
+        ("leases", yes_no(capabilities.leases)),
+        ("fencing", format!("{:?}", capabilities.fencing)),
+        (
+            "max document size",
+            capabilities
+                .max_document_size
+                .map_or_else(|| "none".to_owned(), |m| format!("{m} bytes")),
+        ),
+        ("multi-host", yes_no(capabilities.multi_host)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_are_recognised_case_insensitively() {
+        assert_eq!(Scheme::of_url("file:///x").ok(), Some(Scheme::File));
+        assert_eq!(
+            Scheme::of_url("POSTGRESQL://h/db").ok(),
+            Some(Scheme::Postgres)
+        );
+        assert_eq!(Scheme::of_url("mariadb://h/db").ok(), Some(Scheme::Mysql));
+        assert_eq!(Scheme::of_url("rediss://h").ok(), Some(Scheme::Redis));
+        assert_eq!(
+            Scheme::of_url("unix:///tmp/r.sock").ok(),
+            Some(Scheme::Redis)
+        );
+        assert_eq!(Scheme::of_url("s3://bucket/p").ok(), Some(Scheme::S3));
+    }
+
+    #[test]
+    fn unknown_scheme_lists_the_known_ones() {
+        let error = Scheme::of_url("ftp://host/x").expect_err("unknown");
+        assert_eq!(error.kind(), ErrorKind::Config);
+        let message = error.to_string();
+        for scheme in ["file:", "sqlite:", "postgres:", "mysql:", "redis:", "s3:"] {
+            assert!(message.contains(scheme), "{message}");
+        }
+        let error = Scheme::of_url("/just/a/path").expect_err("no scheme");
+        assert!(error.to_string().contains("has no scheme"), "{error}");
+    }
+
+    #[test]
+    fn a_backend_left_out_names_its_feature() {
+        let error = feature_off(Scheme::Redis, "redis-tls");
+        assert_eq!(error.kind(), ErrorKind::Config);
+        let message = error.to_string();
+        assert!(message.contains("cargo feature `redis-tls`"), "{message}");
+        assert!(message.contains("features = [\"redis-tls\"]"), "{message}");
+        for scheme in Scheme::ALL {
+            assert_eq!(scheme.feature(), scheme.name());
+        }
+    }
+
+    #[test]
+    fn facade_options_are_taken_out() {
+        let split = split_options("redis://h/0?prefix=a&ttl_ms=1500&wait_ms=0&max_doc_bytes=99")
+            .expect("valid");
+        assert_eq!(split.backend_url, "redis://h/0?prefix=a");
+        assert_eq!(split.client.ttl, Duration::from_millis(1500));
+        assert_eq!(split.client.wait.timeout, Duration::ZERO);
+        assert_eq!(split.client.limit, 99);
+        let untouched = split_options("postgres://u:p%40ss@h/db?sslmode=disable").expect("valid");
+        assert_eq!(
+            untouched.backend_url,
+            "postgres://u:p%40ss@h/db?sslmode=disable"
+        );
+        let only = split_options("file:///x?ttl_ms=10").expect("valid");
+        assert_eq!(only.backend_url, "file:///x");
+        for bad in [
+            "file:///x?ttl_ms=0",
+            "file:///x?wait_ms=-1",
+            "file:///x?max_doc_bytes=0",
+        ] {
+            let error = split_options(bad).err().expect(bad);
+            assert_eq!(error.kind(), ErrorKind::Config, "{bad}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let shown =
+            redact_url("postgres://app:hunter2@db.example/runs?sslmode=require&sslpassword=x1");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("x1"),
+            "{shown}"
+        );
+        assert!(shown.contains("app:***@db.example"), "{shown}");
+        assert_eq!(redact_url("not a url hunter2"), "…");
+        assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+    }
+}
