@@ -246,7 +246,16 @@ impl SqlConfig {
         shown_pairs.extend(
             passed
                 .into_iter()
-                .filter(|(n, _)| n != "mode" || dialect != Dialect::Sqlite),
+                .filter(|(n, _)| n != "mode" || dialect != Dialect::Sqlite)
+                .map(|(name, value)| {
+                    // Options passed on to the driver may carry secrets
+                    // (`password`, `sslpassword`, …); show their names only.
+                    let lower = name.to_ascii_lowercase();
+                    let secret = ["pass", "secret", "token", "key", "credential"]
+                        .iter()
+                        .any(|word| lower.contains(word));
+                    (name, if secret { "***".to_owned() } else { value })
+                }),
         );
         let shown_base = redact(&format!("{scheme}:{base}"));
         config.shown = if shown_pairs.is_empty() {
@@ -382,5 +391,22 @@ mod tests {
             c.to_string(),
             "mysql://root:***@127.0.0.1:3306/test?prefix=p_"
         );
+    }
+
+    #[test]
+    fn secret_driver_options_never_show() {
+        let c = SqlConfig::from_url(&format!(
+            "postgres://app@db/runs?sslmode=require&sslpassword={SENTINEL}"
+        ))
+        .unwrap();
+        for shown in [c.to_string(), format!("{c:?}")] {
+            assert!(!shown.contains(SENTINEL), "{shown}");
+        }
+        assert!(c.to_string().contains("sslmode=require"));
+        assert!(
+            c.to_string().contains("sslpassword=***")
+                || c.to_string().contains("sslpassword=%2A%2A%2A")
+        );
+        assert!(c.driver_url.contains(SENTINEL), "the driver still gets it");
     }
 }

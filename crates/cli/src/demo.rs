@@ -144,7 +144,7 @@ pub(crate) async fn worker(args: WorkerArgs) -> Result<ExitCode, CliError> {
         };
         let line = serde_json::to_string(&ack)
             .map_err(|e| CliError::msg(format!("could not encode an ack: {e}")))?;
-        println!("{ACK}{line}");
+        out!("{ACK}{line}")?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -232,13 +232,13 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     run.save(&Watershed::default()).await?;
     run.save(&Wepp::default()).await?;
 
-    println!(
+    out!(
         "runstate demo: {} worker processes × {} locked updates of run `{}` in {}\n",
         args.workers,
         args.updates,
         args.run,
         args.root.display()
-    );
+    )?;
     let started = Instant::now();
     let mut children = Vec::new();
     for i in 0..args.workers {
@@ -261,13 +261,18 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let finals = load_all(&run).await?;
     let workers: Vec<&str> = reports.iter().map(|r| r.name.as_str()).collect();
 
-    println!(
+    out!(
         "{:<7} {:>8} {:>9} {:>10} {:>6} {:>6}  fences held (first–last grant per document)",
-        "worker", "pid", "climate", "watershed", "wepp", "total"
-    );
+        "worker",
+        "pid",
+        "climate",
+        "watershed",
+        "wepp",
+        "total"
+    )?;
     for report in &reports {
         let count = |doc: &str| report.acks.iter().filter(|a| a.doc == doc).count();
-        println!(
+        out!(
             "{:<7} {:>8} {:>9} {:>10} {:>6} {:>6}  {}",
             report.name,
             report.pid,
@@ -276,17 +281,17 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             count("wepp"),
             report.acks.len(),
             fence_ranges(&report.acks)
-        );
+        )?;
     }
 
-    println!(
+    out!(
         "\n{:<10} {:>8}  {:<24} {:<12} {:>10}",
         "document",
         "updates",
         format!("by {}", workers.join("/")),
         "last update",
         "last fence"
-    );
+    )?;
     let mut consistent = true;
     let mut stored_total = 0;
     for (doc, state) in &finals {
@@ -294,14 +299,14 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             .iter()
             .map(|w| state.by_worker.get(*w).copied().unwrap_or(0).to_string())
             .collect();
-        println!(
+        out!(
             "{:<10} {:>8}  {:<24} {:<12} {:>10}",
             doc,
             state.updates,
             per_worker.join("/"),
             state.last_worker,
             state.last_fence
-        );
+        )?;
         stored_total += state.updates;
         let mut fences: Vec<u64> = reports
             .iter()
@@ -322,25 +327,25 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         }
     }
     let acknowledged: usize = reports.iter().map(|r| r.acks.len()).sum();
-    println!("\nacknowledged updates: {acknowledged}");
-    println!("final count:          {stored_total} (sum of the documents' update counters)");
-    println!(
+    out!("\nacknowledged updates: {acknowledged}")?;
+    out!("final count:          {stored_total} (sum of the documents' update counters)")?;
+    out!(
         "elapsed:              {:.2} s ({:.0} locked updates/s across {} processes)",
         elapsed.as_secs_f64(),
         acknowledged as f64 / elapsed.as_secs_f64(),
         args.workers
-    );
-    println!(
+    )?;
+    out!(
         "files:                {}",
         args.root.join(&args.run).display()
-    );
+    )?;
     if consistent && stored_total == acknowledged as u64 {
-        println!(
+        out!(
             "\nconsistent: every acknowledged update is in the final state, each under its own lease grant (distinct fences), none lost"
-        );
+        )?;
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("\nINCONSISTENT: the final state does not match the acknowledged updates");
+        out!("\nINCONSISTENT: the final state does not match the acknowledged updates")?;
         Ok(ExitCode::from(2))
     }
 }

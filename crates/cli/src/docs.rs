@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use runstate::{
-    AnyStore, Bytes, DocName, Error, ErrorKind, GetOptions, LockExt, LockKey, Operation, PutMode,
-    PutOptions, RunId, StoreExt, Version,
+    AnyStore, Bytes, DocName, Error, ErrorKind, GetOptions, LockExt, LockKey, OpenMode, Operation,
+    PutMode, PutOptions, RunId, StoreExt, Version,
 };
 use serde::Serialize;
 
@@ -73,7 +73,7 @@ struct DocRow<'a> {
 }
 
 pub(crate) async fn ls(global: &Global, args: LsArgs) -> Result<ExitCode, CliError> {
-    let store = global.open().await?;
+    let store = global.open(OpenMode::Existing).await?;
     let Some(run) = args.run else {
         let runs = store.list_all_runs().await?;
         if global.json {
@@ -122,7 +122,7 @@ pub(crate) async fn ls(global: &Global, args: LsArgs) -> Result<ExitCode, CliErr
 
 pub(crate) async fn cat(global: &Global, args: CatArgs) -> Result<ExitCode, CliError> {
     let (run, doc) = (run_id(&args.run)?, doc_name(&args.doc)?);
-    let store = global.open().await?;
+    let store = global.open(OpenMode::Existing).await?;
     let found = store.get(&run, &doc, GetOptions::new()).await?;
     let Some(found) = found else {
         return Err(not_found(&run, &doc, Operation::Get));
@@ -181,7 +181,7 @@ struct Saved<'a> {
 
 pub(crate) async fn put(global: &Global, args: PutArgs) -> Result<ExitCode, CliError> {
     let (run, doc) = (run_id(&args.run)?, doc_name(&args.doc)?);
-    let store = global.open().await?;
+    let store = global.open(OpenMode::Create).await?;
     let config = store.client_config().clone();
     let bytes = read_input(&args.file, config.limit)?;
     let size = bytes.len();
@@ -210,10 +210,10 @@ pub(crate) async fn put(global: &Global, args: PutArgs) -> Result<ExitCode, CliE
             version: &version,
         })?;
     } else {
-        println!(
+        out!(
             "saved {run}/{doc}: {}, version {version}",
             output::size(size as u64)
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -221,7 +221,7 @@ pub(crate) async fn put(global: &Global, args: PutArgs) -> Result<ExitCode, CliE
 pub(crate) async fn rm(global: &Global, args: RmArgs) -> Result<ExitCode, CliError> {
     let run = run_id(&args.run)?;
     let doc = args.doc.as_deref().map(doc_name).transpose()?;
-    let store = global.open().await?;
+    let store = global.open(OpenMode::Existing).await?;
     match doc {
         Some(doc) => rm_doc(&store, &run, &doc, args.if_version.map(Version::new)).await,
         None => rm_run(&store, &run).await,
@@ -244,7 +244,7 @@ async fn rm_doc(
     let deleted = deleted?;
     released?;
     if deleted {
-        println!("deleted {run}/{doc}");
+        out!("deleted {run}/{doc}")?;
         Ok(ExitCode::SUCCESS)
     } else {
         Err(not_found(run, doc, Operation::Delete))
@@ -282,6 +282,6 @@ async fn rm_run(store: &AnyStore, run: &RunId) -> Result<ExitCode, CliError> {
             .with_run(run)
             .into());
     }
-    println!("deleted run {run}: {deleted} document(s)");
+    out!("deleted run {run}: {deleted} document(s)")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use runstate::OpenMode;
 use runstate::doctor::{DoctorReport, SCRATCH_RUN};
 use serde::Serialize;
 
@@ -33,7 +34,8 @@ pub(crate) async fn doctor(global: &Global, args: DoctorArgs) -> Result<ExitCode
         .ok_or_else(|| {
             CliError::usage("no store given").with_hint("runstate doctor URL (or set RUNSTATE_URL)")
         })?;
-    let store = open_url(url).await?;
+    // The probe writes anyway; a new store is created for it.
+    let store = open_url(url, OpenMode::Create).await?;
     let report = store.doctor().await?;
     if global.json {
         output::json(&DoctorOutput {
@@ -42,15 +44,15 @@ pub(crate) async fn doctor(global: &Global, args: DoctorArgs) -> Result<ExitCode
             report: &report,
         })?;
     } else {
-        println!("{} ({})", store.url(), store.scheme());
-        println!();
+        out!("{} ({})", store.url(), store.scheme())?;
+        out!()?;
         let rows: Vec<Vec<String>> = report
             .capabilities
             .iter()
             .map(|(name, value)| vec![name.clone(), value.clone()])
             .collect();
         output::table(&["CAPABILITY", "DECLARED"], &rows)?;
-        println!();
+        out!()?;
         let rows: Vec<Vec<String>> = report
             .checks
             .iter()
@@ -63,11 +65,13 @@ pub(crate) async fn doctor(global: &Global, args: DoctorArgs) -> Result<ExitCode
             })
             .collect();
         output::table(&["RESULT", "CHECK", "DETAIL"], &rows)?;
-        println!();
-        println!(
+        out!()?;
+        out!(
             "round trips (median): get {} µs, put {} µs, lease acquire+release {} µs (scratch run {SCRATCH_RUN})",
-            report.get_micros, report.put_micros, report.lease_micros
-        );
+            report.get_micros,
+            report.put_micros,
+            report.lease_micros
+        )?;
     }
     if report.healthy() {
         Ok(ExitCode::SUCCESS)

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use runstate::time::{Short, Utc, unix_millis};
-use runstate::{Error, ErrorKind, LockInfo, LockKey, Operation, Owner};
+use runstate::{Error, ErrorKind, LockInfo, LockKey, OpenMode, Operation, Owner};
 use serde::Serialize;
 
 use crate::docs::{doc_name, run_id};
@@ -61,7 +61,7 @@ impl<'a> LockRow<'a> {
 
 pub(crate) async fn locks(global: &Global, args: LocksArgs) -> Result<ExitCode, CliError> {
     let run = args.run.as_deref().map(run_id).transpose()?;
-    let store = global.open().await?;
+    let store = global.open(OpenMode::Existing).await?;
     let mut held = store.list_locks(run.as_ref()).await?;
     held.sort_by_key(|info| info.key.to_string());
     if global.json {
@@ -95,7 +95,7 @@ pub(crate) async fn unlock(global: &Global, args: UnlockArgs) -> Result<ExitCode
         Some(doc) => LockKey::Doc(run, doc),
         None => LockKey::Run(run),
     };
-    let store = global.open().await?;
+    let store = global.open(OpenMode::Existing).await?;
     if !args.force {
         let holder = store.inspect(&key).await?;
         let shown = holder.map_or_else(|| "nobody holds it".to_owned(), |h| format!("held by {h}"));

@@ -2,25 +2,27 @@
 
 #![forbid(unsafe_code)]
 
+#[macro_use]
+mod output;
 mod demo;
 mod docs;
 mod doctor;
 mod locks;
 mod migrate;
-mod output;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use runstate::{AnyStore, ErrorKind};
+use runstate::{AnyStore, ErrorKind, OpenMode};
 
 /// The exit codes, as `runstate --help` shows them.
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  the backend or the system failed (I/O, network, timeout)
-  2  usage: bad arguments, URL, option, run id or document name
+  1  the backend or the system failed (I/O, network, timeout, a copy that reads back wrong)
+  2  usage: bad arguments, URL, option, run id or document name, a document over a
+     size limit, or a store that does not exist (commands that only read never create one)
   3  not found: no such run or document
   4  conflict: locked, already exists, changed since the given version, fenced
   5  differences: `verify` found differing runs, `doctor` a failed check
@@ -28,7 +30,8 @@ Exit codes:
 
 The store comes from --url or the RUNSTATE_URL environment variable, for example
 file:///srv/runs?ext=nodb, sqlite://runs.db, postgres://user@host/db,
-mysql://root@host/db, redis://host:6379/0, s3://bucket/prefix.";
+mysql://root@host/db, redis://host:6379/0, s3://bucket/prefix. `migrate` and `verify` also read
+RUNSTATE_FROM_URL and RUNSTATE_TO_URL, which keep passwords off the command line.";
 
 /// Exit code: the backend or the system failed.
 const EXIT_FAILURE: u8 = 1;
@@ -104,19 +107,21 @@ pub(crate) struct Global {
 
 impl Global {
     /// Opens the store of `--url` / `RUNSTATE_URL`.
-    pub(crate) async fn open(&self) -> Result<AnyStore, CliError> {
+    pub(crate) async fn open(&self, mode: OpenMode) -> Result<AnyStore, CliError> {
         let url = self.url.as_deref().ok_or_else(|| {
             CliError::usage("no store given").with_hint(
                 "pass --url URL or set RUNSTATE_URL (for example file:///srv/runs?ext=nodb)",
             )
         })?;
-        open_url(url).await
+        open_url(url, mode).await
     }
 }
 
 /// Opens a store, with a hint naming the server when it cannot be reached.
-pub(crate) async fn open_url(url: &str) -> Result<AnyStore, CliError> {
-    runstate::open(url).await.map_err(|error| {
+/// Commands that only read open with [`OpenMode::Existing`], so a typo
+/// in a URL never leaves an empty store behind.
+pub(crate) async fn open_url(url: &str, mode: OpenMode) -> Result<AnyStore, CliError> {
+    runstate::open_with(url, mode).await.map_err(|error| {
         let shown = runstate::redact_url(url);
         let hint = match error.kind() {
             ErrorKind::Config => format!(
@@ -290,6 +295,13 @@ impl CliError {
     pub(crate) fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
         self
+    }
+
+    /// The kind of the runstate error inside, if that is what it is.
+    pub(crate) fn kind(&self) -> Option<ErrorKind> {
+        self.error
+            .downcast_ref::<runstate::Error>()
+            .map(runstate::Error::kind)
     }
 
     /// Sets the exit code.

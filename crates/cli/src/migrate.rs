@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use runstate::migrate::{self, MigrateOptions, MigrationReport, Progress, Selection};
-use runstate::{AnyStore, DocName, RunId};
+use runstate::migrate::{self, MigrateOptions, MigrationReport, Progress, RunReport, Selection};
+use runstate::{AnyStore, DocName, ErrorKind, OpenMode, RunId, StoreExt};
 use serde::Serialize;
 
 use crate::docs::run_id;
@@ -22,10 +22,21 @@ Example:
   runstate migrate --from file:///srv/runs?ext=nodb --to postgres://lab-db/runs --all")]
 pub(crate) struct MigrateArgs {
     /// The store to copy from (default: --url / RUNSTATE_URL).
-    #[arg(long, value_name = "URL")]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "RUNSTATE_FROM_URL",
+        hide_env_values = true
+    )]
     from: Option<String>,
-    /// The store to copy to.
-    #[arg(long, value_name = "URL")]
+    /// The store to copy to (a URL with a password is better passed in
+    /// RUNSTATE_TO_URL than on the command line, where `ps` shows it).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "RUNSTATE_TO_URL",
+        hide_env_values = true
+    )]
     to: String,
     /// A run to copy (repeat for several).
     #[arg(
@@ -55,10 +66,20 @@ pub(crate) struct MigrateArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct VerifyArgs {
     /// One side (default: --url / RUNSTATE_URL).
-    #[arg(long, value_name = "URL")]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "RUNSTATE_FROM_URL",
+        hide_env_values = true
+    )]
     from: Option<String>,
     /// The other side.
-    #[arg(long, value_name = "URL")]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "RUNSTATE_TO_URL",
+        hide_env_values = true
+    )]
     to: String,
     /// A run to compare (repeat for several); without it, every run of either store.
     #[arg(long = "run", value_name = "ID")]
@@ -74,23 +95,62 @@ fn selection(runs: &[String], all: bool) -> Result<Selection, CliError> {
     Ok(Selection::Runs(runs))
 }
 
-/// Opens the source (`--from`, else `--url` / `RUNSTATE_URL`) and the
-/// target, refusing the same URL on both sides.
-async fn open_both(
-    global: &Global,
-    from: Option<&str>,
+/// The source URL: `--from`, else `--url` / `RUNSTATE_URL`; never the
+/// target's.
+fn source_url<'a>(
+    global: &'a Global,
+    from: Option<&'a str>,
     to: &str,
-) -> Result<(AnyStore, AnyStore), CliError> {
+) -> Result<&'a str, CliError> {
     let from = from.or(global.url.as_deref()).ok_or_else(|| {
         CliError::usage("no source store given")
             .with_hint("pass --from URL (or --url URL, or set RUNSTATE_URL)")
     })?;
-    if from.trim() == to.trim() {
+    let same = |url: &str| url.trim().trim_end_matches('/').to_owned();
+    if same(from) == same(to) {
         return Err(CliError::usage(
             "the source and the target are the same store",
         ));
     }
-    Ok((open_url(from).await?, open_url(to).await?))
+    Ok(from)
+}
+
+/// What a dry run into a store that does not exist yet would do: copy every
+/// document of the selected runs.
+async fn plan_into_nothing(
+    source: &AnyStore,
+    selection: &Selection,
+) -> Result<MigrationReport, CliError> {
+    let runs = match selection {
+        Selection::Runs(runs) => runs.clone(),
+        Selection::All => source.list_all_runs().await?,
+    };
+    let mut report = MigrationReport {
+        dry_run: true,
+        ..MigrationReport::default()
+    };
+    for run in runs {
+        let docs = source.list_all_docs(&run).await?;
+        if docs.is_empty() {
+            return Err(
+                runstate::Error::new(ErrorKind::NotFound, "the source has no such run")
+                    .with_run(&run)
+                    .into(),
+            );
+        }
+        let bytes: u64 = docs.iter().map(|m| m.size).sum();
+        report.documents += docs.len() as u64;
+        report.bytes += bytes;
+        report.runs.push(RunReport {
+            run: Some(run),
+            documents: docs.len() as u64,
+            bytes,
+            copied: docs.len() as u64,
+            copied_bytes: bytes,
+            ..RunReport::default()
+        });
+    }
+    Ok(report)
 }
 
 /// A progress bar over documents, on standard error when it is a terminal.
@@ -176,7 +236,23 @@ struct MigrateOutput<'a> {
 
 pub(crate) async fn migrate(global: &Global, args: MigrateArgs) -> Result<ExitCode, CliError> {
     let selection = selection(&args.runs, args.all)?;
-    let (source, target) = open_both(global, args.from.as_deref(), &args.to).await?;
+    let from = source_url(global, args.from.as_deref(), &args.to)?;
+    let source = open_url(from, OpenMode::Existing).await?;
+    // A dry run writes nothing, not even a new target's folder or file.
+    let target_mode = if args.dry_run {
+        OpenMode::Existing
+    } else {
+        OpenMode::Create
+    };
+    let target = match open_url(&args.to, target_mode).await {
+        Ok(target) => target,
+        Err(error) if args.dry_run && error.kind() == Some(ErrorKind::Config) => {
+            let report = plan_into_nothing(&source, &selection).await?;
+            eprintln!("runstate: the target does not exist yet; a real run creates it");
+            return print_migration(global, &source, &runstate::redact_url(&args.to), &report);
+        }
+        Err(error) => return Err(error),
+    };
     let config = source.client_config();
     let options = MigrateOptions::new(selection)
         .with_dry_run(args.dry_run)
@@ -190,12 +266,22 @@ pub(crate) async fn migrate(global: &Global, args: MigrateArgs) -> Result<ExitCo
     let outcome = migrate::migrate(&**source.lock(), &**target.lock(), &options, &bar).await;
     bar.finish();
     let report = outcome?;
+    print_migration(global, &source, target.url(), &report)
+}
+
+/// Prints a migration report as a table and a summary line, or as JSON.
+fn print_migration(
+    global: &Global,
+    source: &AnyStore,
+    to: &str,
+    report: &MigrationReport,
+) -> Result<ExitCode, CliError> {
     let peak = peak_rss_bytes();
     if global.json {
         output::json(&MigrateOutput {
             from: source.url().to_owned(),
-            to: target.url().to_owned(),
-            report: &report,
+            to: to.to_owned(),
+            report,
             documents_per_sec: report.documents_per_sec(),
             mb_per_sec: report.mb_per_sec(),
             peak_rss_bytes: peak,
@@ -238,7 +324,7 @@ pub(crate) async fn migrate(global: &Global, args: MigrateArgs) -> Result<ExitCo
     } else {
         "copied"
     };
-    println!(
+    out!(
         "{verb} {} document(s), {} in {:.2} s ({:.0} documents/s, {:.2} MB/s); {} verified by SHA-256{}",
         report.documents,
         output::size(report.bytes),
@@ -250,13 +336,15 @@ pub(crate) async fn migrate(global: &Global, args: MigrateArgs) -> Result<ExitCo
             "; peak memory {}",
             output::size(p)
         )),
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) async fn verify(global: &Global, args: VerifyArgs) -> Result<ExitCode, CliError> {
     let selection = selection(&args.runs, args.runs.is_empty())?;
-    let (source, target) = open_both(global, args.from.as_deref(), &args.to).await?;
+    let from = source_url(global, args.from.as_deref(), &args.to)?;
+    let source = open_url(from, OpenMode::Existing).await?;
+    let target = open_url(&args.to, OpenMode::Existing).await?;
     let bar = Bar::new(global.json);
     let outcome = migrate::verify(&**source.lock(), &**target.lock(), &selection, &bar).await;
     bar.finish();
@@ -265,9 +353,9 @@ pub(crate) async fn verify(global: &Global, args: VerifyArgs) -> Result<ExitCode
         output::json(&report)?;
     } else {
         for difference in &report.differences {
-            println!("{difference}");
+            out!("{difference}")?;
         }
-        println!(
+        out!(
             "compared {} run(s), {} document(s), {}: {}",
             report.runs,
             report.documents,
@@ -277,7 +365,7 @@ pub(crate) async fn verify(global: &Global, args: VerifyArgs) -> Result<ExitCode
             } else {
                 format!("{} difference(s)", report.differences.len())
             }
-        );
+        )?;
     }
     Ok(if report.identical() {
         ExitCode::SUCCESS

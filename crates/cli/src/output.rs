@@ -1,5 +1,15 @@
 //! Printing listings as aligned tables or JSON, and sizes for people.
 
+/// `println!` that returns the write error instead of panicking: standard
+/// output closed early (`runstate ls | head`) is an `io::Error`, which the
+/// command line treats as a quiet success.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::CliError::from)
+    }};
+}
+
 use std::io::Write;
 
 use serde::Serialize;

@@ -358,6 +358,19 @@ fn bad_input_gets_one_line_and_an_exit_code() {
     for scheme in ["file:", "sqlite:", "postgres:", "mysql:", "redis:", "s3:"] {
         assert!(stderr(&unknown).contains(scheme), "{}", stderr(&unknown));
     }
+    let missing = temp_root("missing");
+    for url in [
+        file_url(&missing),
+        format!("sqlite://{}.db", missing.display()),
+    ] {
+        let ls = runstate(Some(&url), &["ls"], None);
+        expect(&ls, 2);
+        assert!(
+            !missing.exists() && !missing.with_extension("db").exists(),
+            "{url} created"
+        );
+    }
+
     let option = runstate(Some("file:///tmp/x?colour=red"), &["ls"], None);
     expect(&option, 2);
     assert!(stderr(&option).contains("colour"), "{}", stderr(&option));
@@ -464,7 +477,13 @@ fn migrate_and_verify_between_stores() {
     );
     expect(&dry, 0);
     assert_eq!(json(&dry)["dry_run"], true);
-    assert_eq!(runstate(Some(&to), &["ls"], None).stdout, b"");
+    assert_eq!(json(&dry)["documents"], 5);
+    assert!(
+        !to_db.exists(),
+        "a dry run creates nothing, not even the target"
+    );
+    expect(&runstate(Some(&to), &["ls"], None), 2);
+    assert!(!to_db.exists(), "reading commands create nothing");
 
     let report = runstate(
         None,

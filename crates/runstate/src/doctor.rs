@@ -5,8 +5,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use runstate_core::{
-    Capabilities, DocName, ErrorKind, Fence, Lease, Lock, LockKey, Operation, Owner, PutOptions,
-    Result, RunId, StoreExt,
+    Capabilities, DocName, Error, ErrorKind, Fence, Lease, Lock, LockKey, Operation, Owner,
+    PutOptions, Result, RunId, StoreExt,
 };
 use serde::Serialize;
 
@@ -62,7 +62,9 @@ impl DoctorReport {
 /// How many timed round trips each latency figure is the median of.
 const SAMPLES: usize = 7;
 
-/// Probes `store` on the scratch run [`SCRATCH_RUN`]: a round trip, a
+/// Probes `store` on the scratch run [`SCRATCH_RUN`] (claimed with a
+/// create-only write, so an existing run of that name is refused, never
+/// touched): a round trip, a
 /// create-only write of an existing document, updates with a stale and the
 /// current version, a conditional delete, a lease held against a second
 /// owner, fences across grants, a save under a superseded lease, and the
@@ -70,15 +72,45 @@ const SAMPLES: usize = 7;
 /// leases.
 ///
 /// # Errors
-/// A backend failure that stops the probe itself (an unreachable server,
-/// a timeout); a contract the backend breaks is a failed [`Check`].
+/// [`ErrorKind::AlreadyExists`] when the scratch run exists; a backend
+/// failure that stops the probe itself (an unreachable server, a timeout).
+/// A contract the backend breaks is a failed [`Check`], not an error.
 pub async fn probe(store: &dyn Lock) -> Result<DoctorReport> {
     let run = RunId::new(SCRATCH_RUN)?;
     let doc = DocName::new("probe")?;
+    // Claim the scratch run with a create-only write: a run of that name
+    // (a user's, or another probe's running now) is never touched.
+    let claimed = store
+        .put(
+            &run,
+            &doc,
+            Bytes::from_static(b"{\"probe\":0}"),
+            PutOptions::create(),
+        )
+        .await;
+    match claimed {
+        Err(error) if error.kind() == ErrorKind::AlreadyExists => {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "the scratch run {SCRATCH_RUN} exists: another probe is running, or one was \
+                     killed, or it is a real run; remove it (runstate rm {SCRATCH_RUN}) if it \
+                     is a leftover"
+                ),
+            )
+            .with_operation(Operation::Doctor)
+            .with_run(&run));
+        }
+        other => other.map_err(|e| e.with_operation(Operation::Doctor))?,
+    };
     let outcome = checks(store, &run, &doc).await;
-    // Clean up whatever happened; the probe's own error wins over this one.
+    // Clean up whatever happened: leases a failed check left behind, then
+    // the documents. The probe's own error wins over a cleanup error.
+    let key = LockKey::Doc(run.clone(), doc.clone());
+    let unlocked = store.break_lock(&key, None).await;
     let cleanup = store.delete_run(&run).await;
     let mut report = outcome.map_err(|e| e.with_operation(Operation::Doctor))?;
+    unlocked.map_err(|e| e.with_operation(Operation::Doctor))?;
     cleanup.map_err(|e| e.with_operation(Operation::Doctor))?;
     report.capabilities = capability_rows(store.capabilities())
         .into_iter()
@@ -96,7 +128,6 @@ async fn checks(store: &dyn Lock, run: &RunId, doc: &DocName) -> Result<DoctorRe
         put_micros: 0,
         lease_micros: 0,
     };
-    store.delete(run, doc, None).await?;
     let payload = Bytes::from_static(b"{\"probe\":1}");
 
     let mut put_times = Vec::with_capacity(SAMPLES);

@@ -15,7 +15,7 @@
 //! | `sqlite` (default) | `sqlite://path/to/file.db` | `sql::SqlStore` on SQLite, created when missing |
 //! | `postgres` | `postgres://user:password@host/db` | `sql::SqlStore` on PostgreSQL |
 //! | `mysql` | `mysql://user:password@host/db` (or `mariadb://`) | `sql::SqlStore` on MySQL 8 / MariaDB 10.5+ |
-//! | `redis` | `redis://[:password@]host[:port][/db]`, `unix:///path.sock` | `redis::RedisStore`: every operation one server-side script |
+//! | `redis` | `redis://[:password@]host[:port][/db]`, `unix:///path.sock` (or `redis+unix://`) | `redis::RedisStore`: every operation one server-side script |
 //! | `redis-tls` | `rediss://…` | TLS for the Redis backend |
 //! | `s3` | `s3://bucket/prefix` | `s3::S3Store`: objects, leases from conditional writes |
 //! | `bincode` | | the bincode 2 codec for typed documents |
@@ -33,8 +33,8 @@
 //!
 //! | option | backends | default | meaning |
 //! |---|---|---|---|
-//! | `ttl_ms` | all | 30000 | lease TTL of locked updates and guards ([`AnyStore::client`]), of `runstate put`/`rm` and of migrations |
-//! | `wait_ms` | all | 30000 | how long to wait for a busy lock before failing with `Locked` |
+//! | `ttl_ms` | all | 30000 | lease TTL of locked updates and guards ([`AnyStore::client`]), of `runstate put`/`rm`, and of migrations (the source URL's) |
+//! | `wait_ms` | all | 30000 | how long to wait for a busy lock before failing with `Locked` (migrations: the source URL's) |
 //! | `max_doc_bytes` | all | 16777216 | size limit of typed documents (on save and on load) and of `runstate put` |
 //! | `ext` | file, s3 | `json` | document extension (`<run>/<name>.<ext>`); `nodb` opens WEPPcloud run folders in place |
 //! | `create` | file | `true` | create the root folder when missing |
@@ -53,6 +53,11 @@
 //! | `retries` | s3 | 3 | retries of a transient failure |
 //! | `probe` | s3 | `true` | check on open that the server honours conditional writes |
 //! | `skew_pct` | s3 | 10 | clock-skew margin of lease expiry, in percent of the TTL |
+//!
+//! [`open_with`]`(url, `[`OpenMode::Existing`]`)` opens only a store that
+//! exists: a missing root folder or SQLite file is an error and nothing is
+//! created (the command line opens this way for everything that only
+//! reads).
 //!
 //! Passwords never appear in `Debug`, `Display` or errors:
 //! [`AnyStore::url`] shows the URL with them replaced by `***`. S3
@@ -136,7 +141,7 @@ pub mod doctor;
 pub mod migrate;
 mod open;
 
-pub use open::{AnyStore, Scheme, URL_VAR, open, open_env, redact_url};
+pub use open::{AnyStore, OpenMode, Scheme, URL_VAR, open, open_env, open_with, redact_url};
 pub use runstate_core::*;
 
 /// The file backend ([`runstate_file`]).

@@ -2,16 +2,17 @@
 //! [`verify`].
 //!
 //! A migration copies each selected run while holding the source run's
-//! lease (so no writer that takes locks changes it mid-way) and the target
-//! run's lease (so no other migration writes it at the same time). Every
+//! lease (writers that take the run's lock wait) and the target run's lease
+//! (no other migration writes it at the same time); both are renewed in the
+//! background every third of their TTL for as long as the run takes. Every
 //! document is created on the target with [`PutMode::Create`] (replaced
 //! with `Update` of the version seen, under `overwrite`), which is
 //! conditional by itself: a document someone else saved meanwhile is never
 //! overwritten. Each copy is read back and compared by SHA-256 with the
-//! source bytes. At the
-//! end the source listing is taken again: a document changed behind the
-//! lease (by a writer that does not lock) fails the run instead of leaving
-//! a silently stale copy.
+//! source bytes. At the end the source is listed again: a document changed
+//! during the copy by a writer that does not take the run's lock (one that
+//! locks only the document, or not at all) fails the run instead of leaving
+//! a silently stale copy; running it again copies the change.
 //!
 //! **A non-empty target run is refused** unless
 //! [`overwrite`](MigrateOptions::overwrite) is set, with one exception that
@@ -19,15 +20,22 @@
 //! to the source's is an earlier copy that was interrupted, and the
 //! migration resumes it (copying only what is missing). Re-running a
 //! finished migration therefore copies nothing and ends in the same state.
+//!
 //! With [`delete_source`](MigrateOptions::delete_source), the source
-//! documents are deleted only after every document verified; a move
-//! interrupted while deleting resumes too (the target may then hold
-//! documents the source no longer has).
+//! documents are deleted only after every document verified, each under its
+//! own lock too and only if it is still the version copied. A move
+//! interrupted while deleting resumes: the target may then hold documents
+//! the source no longer has, which is accepted only when every document the
+//! source still has is already identical on the target; such documents are
+//! never deleted from the target, even with `overwrite`, since they may be
+//! the only copies left.
 //!
 //! Runs are streamed document by document: at most
 //! [`concurrency`](MigrateOptions::concurrency) documents, of at most
 //! [`memory_budget`](MigrateOptions::memory_budget) bytes together (a
-//! larger document goes alone), are in memory at once.
+//! larger document goes alone), are in memory at once. A failed copy stops
+//! the run after the copies in flight have finished, so no write lands
+//! after the migration has returned.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -41,7 +49,7 @@ use runstate_core::{
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 
 /// Which runs to migrate or verify.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,8 +68,9 @@ pub struct MigrateOptions {
     pub selection: Selection,
     /// Plan and check only: read both stores, write nothing, take no lease.
     pub dry_run: bool,
-    /// Replace target documents that differ from the source and delete
-    /// those the source does not have, instead of refusing.
+    /// Replace target documents that differ from the source and (unless
+    /// `delete_source` is set) delete those the source does not have,
+    /// instead of refusing.
     pub overwrite: bool,
     /// Delete each run from the source once all of its documents verified.
     pub delete_source: bool,
@@ -290,7 +299,8 @@ pub struct VerifyReport {
     pub documents: u64,
     /// Bytes read from each side.
     pub bytes: u64,
-    /// Every difference, in run and document order.
+    /// Every difference, run by run: documents missing on the target, then
+    /// those that differ, then those only on the target, each in name order.
     pub differences: Vec<Difference>,
     /// Wall time.
     pub elapsed_secs: f64,
@@ -337,7 +347,7 @@ pub async fn migrate(
 ) -> Result<MigrationReport> {
     let started = Instant::now();
     let runs = match &options.selection {
-        Selection::Runs(runs) => runs.clone(),
+        Selection::Runs(runs) => distinct(runs),
         Selection::All => source.list_all_runs().await?,
     };
     progress.runs(runs.len());
@@ -365,6 +375,13 @@ pub async fn migrate(
     }
     report.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The runs in their first order, each once: a run named twice must not be
+/// migrated twice (the second pass would see a finished move).
+fn distinct(runs: &[RunId]) -> Vec<RunId> {
+    let mut seen = std::collections::BTreeSet::new();
+    runs.iter().filter(|r| seen.insert(*r)).cloned().collect()
 }
 
 /// Keeps a backend error's own operation, and adds the run and the
@@ -404,33 +421,117 @@ struct Plan {
     extra: Vec<(DocName, Version)>,
 }
 
-/// A lease kept alive by whoever needs it next.
+/// Where a lease of the migration stands.
+enum LeaseState {
+    /// Not taken yet.
+    Pending,
+    /// Held, renewed in the background.
+    Held(Lease),
+    /// Lost: a renewal was refused, with why.
+    Lost(String),
+}
+
+/// A lease the migration holds on one run, kept alive by [`keep_alive`]
+/// while the run is copied, whatever step is slow.
 struct HeldLease<'a> {
     store: &'a dyn Lock,
-    lease: Mutex<Lease>,
+    state: std::sync::Mutex<LeaseState>,
     ttl: Duration,
 }
 
-impl HeldLease<'_> {
-    /// The lease, renewed first if half of its TTL has passed.
-    async fn current(&self) -> Result<Lease> {
-        let mut lease = self.lease.lock().await;
-        if lease.remaining() < self.ttl / 2 {
-            *lease = self.store.renew(&lease, self.ttl).await?;
+impl<'a> HeldLease<'a> {
+    fn new(store: &'a dyn Lock, ttl: Duration) -> Self {
+        HeldLease {
+            store,
+            state: std::sync::Mutex::new(LeaseState::Pending),
+            ttl,
         }
-        Ok(lease.clone())
     }
 
-    /// Releases the lease; a lease that was already lost is only logged,
-    /// because the final source check has already proven the copy.
-    async fn release(self) -> Result<()> {
-        let lease = self.lease.into_inner();
+    fn state(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        // A panic elsewhere cannot leave the state half-written: every
+        // update is a single assignment.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set(&self, lease: Lease) {
+        *self.state() = LeaseState::Held(lease);
+    }
+
+    /// The lease, or `LeaseLost` once it expired or a renewal was refused:
+    /// every step checks it before it touches a store.
+    fn current(&self) -> Result<Lease> {
+        match &*self.state() {
+            LeaseState::Held(lease) if !lease.is_expired() => Ok(lease.clone()),
+            LeaseState::Held(lease) => Err(Error::new(
+                ErrorKind::LeaseLost,
+                format!("the migration's lease on {} expired", lease.key()),
+            )
+            .with_operation(Operation::Migrate)),
+            LeaseState::Lost(why) => Err(Error::new(
+                ErrorKind::LeaseLost,
+                format!("the migration's lease was lost: {why}"),
+            )
+            .with_operation(Operation::Migrate)),
+            LeaseState::Pending => Err(Error::new(
+                ErrorKind::LeaseLost,
+                "the migration's lease was not taken",
+            )
+            .with_operation(Operation::Migrate)),
+        }
+    }
+
+    /// Extends the lease by its TTL; a refusal marks it lost.
+    async fn renew(&self) -> Result<()> {
+        let lease = match &*self.state() {
+            LeaseState::Held(lease) => lease.clone(),
+            _ => return Ok(()),
+        };
+        match self.store.renew(&lease, self.ttl).await {
+            Ok(renewed) => {
+                self.set(renewed);
+                Ok(())
+            }
+            Err(error) => {
+                *self.state() = LeaseState::Lost(error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    /// Releases the lease if it is held; a lease already lost is only
+    /// logged, because the final source check has proven the copy.
+    async fn release(&self) -> Result<()> {
+        let lease = match std::mem::replace(&mut *self.state(), LeaseState::Pending) {
+            LeaseState::Held(lease) => lease,
+            _ => return Ok(()),
+        };
         match self.store.release(&lease).await {
             Err(e) if e.kind() == ErrorKind::LeaseLost => {
                 tracing::warn!(lock = %lease.key(), "lease lost before release: {e}");
                 Ok(())
             }
             other => other,
+        }
+    }
+}
+
+/// Renews both leases every third of their TTL until `done` is notified,
+/// so that no single slow step (a long plan, a wait for the target lock, a
+/// large document) lets them expire. A refused renewal stops it; the next
+/// step of the migration then fails with `LeaseLost`.
+async fn keep_alive(leases: [&HeldLease<'_>; 2], ttl: Duration, done: &Notify) {
+    loop {
+        tokio::select! {
+            () = done.notified() => return,
+            () = tokio::time::sleep(ttl / 3) => {}
+        }
+        for lease in leases {
+            if lease.renew().await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -448,41 +549,50 @@ impl Migration<'_> {
         if self.options.dry_run {
             let plan = self.plan().await?;
             self.check_plan(&plan)?;
+            self.progress.run_started(
+                self.run,
+                plan.source.len(),
+                plan.source.iter().map(|m| m.size).sum(),
+            );
             return Ok(self.report(&plan, 0));
         }
         let key = LockKey::Run(self.run.clone());
         let options = self.options;
-        let source_lease = self
-            .source
-            .acquire(&key, &options.owner, options.ttl, &options.wait)
-            .await?;
-        let source_lease = HeldLease {
-            store: self.source,
-            lease: Mutex::new(source_lease),
-            ttl: options.ttl,
-        };
-        let target_lease = match self
-            .target
-            .acquire(&key, &options.owner, options.ttl, &options.wait)
-            .await
-        {
-            Ok(lease) => HeldLease {
-                store: self.target,
-                lease: Mutex::new(lease),
-                ttl: options.ttl,
-            },
-            Err(error) => {
-                let _ = source_lease.release().await;
-                return Err(error);
+        let source_lease = HeldLease::new(self.source, options.ttl);
+        let target_lease = HeldLease::new(self.target, options.ttl);
+        source_lease.set(
+            self.source
+                .acquire(&key, &options.owner, options.ttl, &options.wait)
+                .await?,
+        );
+        let done = Notify::new();
+        let work = async {
+            let outcome = async {
+                target_lease.set(
+                    self.target
+                        .acquire(&key, &options.owner, options.ttl, &options.wait)
+                        .await?,
+                );
+                self.locked(&source_lease, &target_lease).await
             }
+            .await;
+            done.notify_one();
+            outcome
         };
-        let outcome = self.locked(&source_lease, &target_lease).await;
-        // Release both whatever happened; the copy's own error wins.
-        let released_target = target_lease.release().await;
-        let released_source = source_lease.release().await;
+        let (outcome, ()) = tokio::join!(
+            work,
+            keep_alive([&source_lease, &target_lease], options.ttl, &done)
+        );
+        // Release both whatever happened; the copy's own error wins, and a
+        // failed release after a finished copy only means the lease expires
+        // by its TTL.
+        let released = [target_lease.release().await, source_lease.release().await];
         let report = outcome?;
-        released_target?;
-        released_source?;
+        for release in released {
+            if let Err(error) = release {
+                tracing::warn!(run = %self.run, "release after the migration failed: {error}");
+            }
+        }
         Ok(report)
     }
 
@@ -548,19 +658,23 @@ impl Migration<'_> {
             return Err(error);
         }
 
-        if self.options.overwrite {
+        // Extras are removed only when the target is to mirror the source:
+        // with `delete_source` they may be documents a resumed move already
+        // deleted from the source, the only copies left.
+        if self.options.overwrite && !self.options.delete_source {
             let conditional = self.target.capabilities().conditional_delete;
             for (name, version) in &plan.extra {
-                target.current().await?;
+                target.current()?;
                 self.target
                     .delete(self.run, name, conditional.then_some(version))
                     .await?;
             }
         }
 
-        // The lease keeps out writers that lock; this catches those that
-        // do not, before anything is deleted.
-        source.current().await?;
+        // The run's lease keeps out writers that take it; this catches the
+        // others (writers taking only a document's lock, or none), before
+        // anything is deleted.
+        source.current()?;
         let now = self.source.list_all_docs(self.run).await?;
         let unchanged = now.len() == plan.source.len()
             && now
@@ -583,17 +697,53 @@ impl Migration<'_> {
 
         let mut report = self.report(&plan, copied_bytes);
         if self.options.delete_source {
-            // Renewed just before, so the deletes happen well inside it.
-            source.current().await?;
-            let conditional = self.source.capabilities().conditional_delete;
             for meta in &plan.source {
-                self.source
-                    .delete(self.run, &meta.name, conditional.then_some(&meta.version))
-                    .await?;
+                self.delete_source_doc(meta, source).await?;
             }
             report.source_deleted = true;
         }
         Ok(report)
+    }
+
+    /// Deletes one verified source document under its own lock as well as
+    /// the run's (writers that lock only the document are kept out too),
+    /// and only if it is still the version that was copied: conditionally
+    /// where the backend can, else checked just before under that lock.
+    async fn delete_source_doc(&self, meta: &DocMeta, source: &HeldLease<'_>) -> Result<()> {
+        source.current()?;
+        let options = self.options;
+        let key = LockKey::Doc(self.run.clone(), meta.name.clone());
+        let lease = self
+            .source
+            .acquire(&key, &options.owner, options.ttl, &options.wait)
+            .await?;
+        let outcome = async {
+            if self.source.capabilities().conditional_delete {
+                return self
+                    .source
+                    .delete(self.run, &meta.name, Some(&meta.version))
+                    .await;
+            }
+            let now = self
+                .source
+                .get(self.run, &meta.name, GetOptions::new())
+                .await?;
+            if now.is_some_and(|d| d.version != meta.version) {
+                return Err(migrate_error(
+                    ErrorKind::Precondition,
+                    "the source document changed after it was copied; run the migration again"
+                        .into(),
+                    self.run,
+                )
+                .with_doc(&meta.name));
+            }
+            self.source.delete(self.run, &meta.name, None).await
+        }
+        .await;
+        if let Err(error) = self.source.release(&lease).await {
+            tracing::warn!(lock = %key, "release after deleting failed: {error}");
+        }
+        outcome.map(|_| ())
     }
 
     /// Copies one document, reads it back and compares hashes; returns its
@@ -615,7 +765,7 @@ impl Migration<'_> {
                 migrate_error(ErrorKind::Backend, "memory budget closed".into(), self.run)
                     .with_source(e)
             })?;
-        source.current().await?;
+        source.current()?;
         let doc = self
             .source
             .get(self.run, &meta.name, GetOptions::new())
@@ -637,8 +787,8 @@ impl Migration<'_> {
         // already conditional, so nothing saved meanwhile by anyone else can
         // be overwritten, and a fence check would cost a round trip per
         // document on some backends. The target lease still keeps writers
-        // that lock out; it is renewed here when due.
-        target.current().await?;
+        // that lock out.
+        target.current()?;
         self.target
             .put(self.run, &meta.name, doc.bytes, PutOptions::mode(mode))
             .await?;
@@ -739,8 +889,13 @@ impl Migration<'_> {
                 self.run,
             ));
         }
+        // A move interrupted while deleting from the source leaves target
+        // documents the source no longer has, and every document it still
+        // has already identical on the target: only that is resumed.
+        let resumed_move =
+            self.options.delete_source && plan.create.is_empty() && plan.replace.is_empty();
         if let Some((name, _)) = plan.extra.first()
-            && !self.options.delete_source
+            && !resumed_move
         {
             return Err(migrate_error(
                 ErrorKind::AlreadyExists,
@@ -767,7 +922,7 @@ impl Migration<'_> {
             copied_bytes: if dry { planned_bytes } else { copied_bytes },
             identical: plan.identical.len() as u64,
             replaced: plan.replace.len() as u64,
-            removed: if self.options.overwrite {
+            removed: if self.options.overwrite && !self.options.delete_source {
                 plan.extra.len() as u64
             } else {
                 0
@@ -792,7 +947,8 @@ fn units(bytes: u64) -> u64 {
 /// may show differences that a second run does not.
 ///
 /// # Errors
-/// Backend errors; differences are not errors, they are in the report.
+/// [`ErrorKind::NotFound`] for a named run neither store has; backend
+/// errors. Differences are not errors, they are in the report.
 pub async fn verify(
     source: &dyn Store,
     target: &dyn Store,
@@ -800,8 +956,9 @@ pub async fn verify(
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
     let started = Instant::now();
+    let named = matches!(selection, Selection::Runs(_));
     let runs = match selection {
-        Selection::Runs(runs) => runs.clone(),
+        Selection::Runs(runs) => distinct(runs),
         Selection::All => {
             let mut all = source.list_all_runs().await?;
             all.extend(target.list_all_runs().await?);
@@ -813,7 +970,7 @@ pub async fn verify(
     progress.runs(runs.len());
     let mut report = VerifyReport::default();
     for run in &runs {
-        verify_run(source, target, run, progress, &mut report)
+        verify_run(source, target, run, named, progress, &mut report)
             .await
             .map_err(|e| with_run_context(e, run, Operation::Verify))?;
         report.runs += 1;
@@ -827,6 +984,7 @@ async fn verify_run(
     source: &dyn Store,
     target: &dyn Store,
     run: &RunId,
+    named: bool,
     progress: &dyn Progress,
     report: &mut VerifyReport,
 ) -> Result<()> {
@@ -837,6 +995,13 @@ async fn verify_run(
         .into_iter()
         .map(|m| (m.name.clone(), m))
         .collect();
+    if named && source_docs.is_empty() && on_target.is_empty() {
+        return Err(
+            Error::new(ErrorKind::NotFound, "neither store has this run")
+                .with_operation(Operation::Verify)
+                .with_run(run),
+        );
+    }
     progress.run_started(
         run,
         source_docs.len(),
@@ -845,22 +1010,37 @@ async fn verify_run(
     let mut shared = Vec::new();
     for meta in source_docs {
         match on_target.remove(&meta.name) {
-            Some(_) => shared.push(meta.name),
+            Some(_) => shared.push(meta),
             None => report.differences.push(Difference::MissingOnTarget {
                 run: run.clone(),
                 doc: meta.name,
             }),
         }
     }
+    // One document of each comparison is in memory at a time (the first
+    // is reduced to its digest before the second is read), and the
+    // comparisons in flight share the migration's memory budget.
+    let budget_units = units(DEFAULT_MEMORY_BUDGET);
+    let budget = Semaphore::new(usize::try_from(budget_units).unwrap_or(usize::MAX));
     let mut shared = shared.into_iter();
     let mut running = FuturesOrdered::new();
     let mut compared = Vec::new();
     loop {
         while running.len() < DEFAULT_CONCURRENCY {
-            let Some(doc) = shared.next() else {
+            let Some(meta) = shared.next() else {
                 break;
             };
-            running.push_back(compare_one(source, target, run, doc, progress));
+            let budget = &budget;
+            running.push_back(async move {
+                let cost = units(meta.size).clamp(1, budget_units);
+                let _permit = budget
+                    .acquire_many(u32::try_from(cost).unwrap_or(u32::MAX))
+                    .await
+                    .map_err(|e| {
+                        Error::new(ErrorKind::Backend, "memory budget closed").with_source(e)
+                    })?;
+                compare_one(source, target, run, meta.name, progress).await
+            });
         }
         match running.next().await {
             Some(outcome) => compared.push(outcome?),
@@ -898,9 +1078,14 @@ async fn compare_one(
     progress: &dyn Progress,
 ) -> Result<(DocName, u64, Option<(String, String)>)> {
     let a = source.get(run, &doc, GetOptions::new()).await?;
-    let b = target.get(run, &doc, GetOptions::new()).await?;
     let size = a.as_ref().map_or(0, |d| d.bytes.len() as u64);
-    let (a, b) = (digest_of(a.map(|d| d.bytes)), digest_of(b.map(|d| d.bytes)));
+    let a = digest_of(a.map(|d| d.bytes));
+    let b = digest_of(
+        target
+            .get(run, &doc, GetOptions::new())
+            .await?
+            .map(|d| d.bytes),
+    );
     progress.document_done(run, &doc, size);
     Ok((doc, size, (a != b).then_some((a, b))))
 }

@@ -171,7 +171,7 @@ pub fn redact_url(url: &str) -> String {
             .query_pairs()
             .map(|(name, value)| {
                 let lower = name.to_ascii_lowercase();
-                let secret = ["password", "passwd", "secret", "token", "key", "credential"]
+                let secret = ["pass", "secret", "token", "key", "credential"]
                     .iter()
                     .any(|word| lower.contains(word));
                 let value = if secret {
@@ -243,6 +243,32 @@ fn split_options(url: &str) -> Result<Split> {
         backend_url,
         client,
     })
+}
+
+/// Fails, naming the path, when a `sqlite:` URL names a database file that
+/// does not exist (SQLite's own error says only "unable to open").
+fn sqlite_file_exists(url: &str) -> Result<()> {
+    let rest = url.split_once(':').map_or("", |(_, rest)| rest);
+    let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+    let path = path.strip_prefix("//").unwrap_or(path);
+    if path.is_empty() || path.starts_with(":memory:") || std::path::Path::new(path).exists() {
+        return Ok(());
+    }
+    Err(config_error(format!("no SQLite database at {path}")))
+}
+
+/// `url` with `name=value` added, unless the URL sets that option itself.
+fn with_default_option(url: &str, name: &str, value: &str) -> String {
+    match url.split_once('?') {
+        Some((_, query)) => {
+            if url::form_urlencoded::parse(query.as_bytes()).any(|(n, _)| n == name) {
+                url.to_owned()
+            } else {
+                format!("{url}&{name}={value}")
+            }
+        }
+        None => format!("{url}?{name}={value}"),
+    }
 }
 
 fn parse_ms(name: &str, value: &str, min: Duration) -> Result<Duration> {
@@ -365,11 +391,12 @@ impl Deref for AnyStore {
 
 impl fmt::Debug for AnyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL, redacted, says everything the backend's own `Debug`
+        // would, without trusting every backend to redact.
         f.debug_struct("AnyStore")
             .field("scheme", &self.scheme)
             .field("url", &self.shown_url)
-            .field("backend", &self.lock)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -390,17 +417,50 @@ impl fmt::Debug for AnyStore {
 /// the backend's own errors when it cannot be reached or set up. URLs are
 /// shown with their secrets redacted.
 pub async fn open(url: &str) -> Result<AnyStore> {
+    open_with(url, OpenMode::Create).await
+}
+
+/// Whether opening may create the store itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OpenMode {
+    /// Create what is missing: the file backend's root folder, the SQLite
+    /// database file (the default, as [`open`] does).
+    #[default]
+    Create,
+    /// Open only a store that exists: a missing root folder or SQLite file
+    /// is an error and nothing is created, for tools that only read (a
+    /// typo in a URL must not leave an empty store behind). Server
+    /// databases still get runstate's tables on first use, unless the URL
+    /// says `migrate=false`.
+    Existing,
+}
+
+/// [`open`], choosing whether a missing store may be created.
+///
+/// # Errors
+/// As [`open`]; with [`OpenMode::Existing`], a missing root folder or
+/// SQLite database file is a [`Config`](ErrorKind::Config) error.
+pub async fn open_with(url: &str, mode: OpenMode) -> Result<AnyStore> {
     let scheme = Scheme::of_url(url)?;
     if !scheme.enabled() {
         return Err(feature_off(scheme, scheme.feature()));
     }
-    if url.starts_with("rediss:") && !cfg!(feature = "redis-tls") {
+    if url.to_ascii_lowercase().starts_with("rediss:") && !cfg!(feature = "redis-tls") {
         return Err(feature_off(scheme, "redis-tls"));
     }
     let Split {
         backend_url,
         client,
     } = split_options(url)?;
+    let backend_url = match (mode, scheme) {
+        (OpenMode::Existing, Scheme::File) => with_default_option(&backend_url, "create", "false"),
+        (OpenMode::Existing, Scheme::Sqlite) => {
+            sqlite_file_exists(&backend_url)?;
+            with_default_option(&backend_url, "mode", "rw")
+        }
+        _ => backend_url,
+    };
     let shown_url = redact_url(url);
     let mut store = open_backend(scheme, &backend_url)
         .await

@@ -282,6 +282,8 @@ struct Hooked {
     corrupt_reads: bool,
     /// Puts of this document fail at once; every other put waits first.
     fail_doc_others_slow: Option<(DocName, Duration)>,
+    /// Every put waits this long first.
+    slow_puts: Option<Duration>,
     /// On the second read, overwrite this document without any lock.
     sneak_write: Mutex<Option<(RunId, DocName)>>,
     gets: AtomicU64,
@@ -295,6 +297,7 @@ impl Hooked {
             puts: AtomicU64::new(0),
             corrupt_reads: false,
             fail_doc_others_slow: None,
+            slow_puts: None,
             sneak_write: Mutex::new(None),
             gets: AtomicU64::new(0),
         }
@@ -369,6 +372,9 @@ impl Store for Hooked {
                 inner.put(&run, &doc, bytes, PutOptions::mode(mode)).await
             });
             return write.await.expect("the write task");
+        }
+        if let Some(delay) = self.slow_puts {
+            tokio::time::sleep(delay).await;
         }
         let done = self.puts.fetch_add(1, Ordering::SeqCst);
         if self.puts_before_failure.is_some_and(|limit| done >= limit) {
@@ -771,6 +777,138 @@ fn verify_reports_every_kind_of_difference() {
             assert!(kinds[0].starts_with("missing on target"), "{kinds:?}");
             assert!(kinds[1].starts_with("differs"), "{kinds:?}");
             assert!(kinds[2].starts_with("only on target"), "{kinds:?}");
+        },
+    );
+}
+
+#[test]
+fn a_finished_move_run_again_changes_nothing() {
+    with_places(
+        "finished_move",
+        Backend::File,
+        Backend::Sqlite,
+        |source, target| async move {
+            let id = run("Moved");
+            let docs = small();
+            seed(&*source, &id, &docs).await;
+            // The run named twice is moved once.
+            let twice = Selection::Runs(vec![id.clone(), id.clone()]);
+            let options = MigrateOptions::new(twice).with_delete_source(true);
+            let report = migrate(&*source, &*target, &options, &())
+                .await
+                .expect("move");
+            assert_eq!(report.runs.len(), 1);
+            assert_same(&*target, &id, &docs).await;
+            // Again, even with --overwrite: the target copies are the only
+            // ones left and stay.
+            let again = migrate(&*source, &*target, &options.with_overwrite(true), &())
+                .await
+                .expect("again");
+            assert_eq!((again.documents, again.runs[0].removed), (0, 0));
+            assert_same(&*target, &id, &docs).await;
+        },
+    );
+}
+
+#[test]
+fn a_move_interrupted_while_deleting_resumes_without_loss() {
+    with_places(
+        "half_deleted_move",
+        Backend::Sqlite,
+        Backend::File,
+        |source, target| async move {
+            let id = run("Half_moved");
+            let docs = small();
+            seed(&*source, &id, &docs).await;
+            let plain = MigrateOptions::new(Selection::Runs(vec![id.clone()]));
+            migrate(&*source, &*target, &plain, &())
+                .await
+                .expect("copy");
+            // As if killed after deleting half of the source.
+            for (name, _) in &docs[..3] {
+                source.delete(&id, name, None).await.expect("delete");
+            }
+            let refused = migrate(&*source, &*target, &plain, &())
+                .await
+                .expect_err("extras");
+            assert_eq!(refused.kind(), ErrorKind::AlreadyExists);
+            let resumed = plain.with_delete_source(true).with_overwrite(true);
+            let report = migrate(&*source, &*target, &resumed, &())
+                .await
+                .expect("resume");
+            assert!(report.runs[0].source_deleted);
+            assert_eq!(report.runs[0].removed, 0);
+            assert_same(&*target, &id, &docs).await;
+            assert!(source.list_all_docs(&id).await.expect("list").is_empty());
+        },
+    );
+}
+
+#[test]
+fn a_move_into_an_unrelated_run_is_refused() {
+    with_places(
+        "unrelated_target",
+        Backend::File,
+        Backend::Sqlite,
+        |source, target| async move {
+            let id = run("Unrelated");
+            seed(&*source, &id, &small()).await;
+            write(&*target, &id, "someone_elses", b"{}").await;
+            let options =
+                MigrateOptions::new(Selection::Runs(vec![id.clone()])).with_delete_source(true);
+            let error = migrate(&*source, &*target, &options, &())
+                .await
+                .expect_err("refused");
+            assert_eq!(error.kind(), ErrorKind::AlreadyExists, "{error}");
+            assert_eq!(
+                source.list_all_docs(&id).await.expect("list").len(),
+                small().len()
+            );
+            assert_eq!(target.list_all_docs(&id).await.expect("list").len(), 1);
+        },
+    );
+}
+
+#[test]
+fn leases_are_renewed_while_a_slow_copy_runs() {
+    with_places(
+        "slow_copy",
+        Backend::File,
+        Backend::Sqlite,
+        |source, target| async move {
+            let id = run("Slow");
+            let docs = small();
+            seed(&*source, &id, &docs).await;
+            let mut slow = Hooked::new(Arc::clone(target.lock()));
+            slow.slow_puts = Some(Duration::from_millis(150));
+            // Six puts of 150 ms, one at a time, under a 300 ms lease.
+            let options = MigrateOptions::new(Selection::Runs(vec![id.clone()]))
+                .with_ttl(Duration::from_millis(300))
+                .with_concurrency(1)
+                .with_delete_source(true);
+            let report = migrate(&*source, &slow, &options, &())
+                .await
+                .expect("migrate");
+            assert_eq!(report.documents, docs.len() as u64);
+            assert_same(&*target, &id, &docs).await;
+            no_locks_left(&*source, &id).await;
+            no_locks_left(&*target, &id).await;
+        },
+    );
+}
+
+#[test]
+fn verifying_a_run_neither_store_has_is_not_found() {
+    with_places(
+        "verify_missing",
+        Backend::File,
+        Backend::Sqlite,
+        |source, target| async move {
+            let missing = Selection::Runs(vec![run("Nowhere")]);
+            let error = verify(&*source, &*target, &missing, &())
+                .await
+                .expect_err("missing");
+            assert_eq!(error.kind(), ErrorKind::NotFound);
         },
     );
 }
