@@ -232,10 +232,6 @@ impl fmt::Debug for FileStore {
     }
 }
 
-fn doc_context(error: Error, run: &RunId, doc: &DocName) -> Error {
-    error.with_run(run).with_doc(doc)
-}
-
 #[async_trait]
 impl Store for FileStore {
     fn capabilities(&self) -> &Capabilities {
@@ -251,7 +247,7 @@ impl Store for FileStore {
         let (r, d) = (run.clone(), doc.clone());
         self.blocking(Operation::Get, move |e| e.get(&r, &d, options.limit))
             .await
-            .map_err(|e| doc_context(e, run, doc))
+            .map_err(|e| e.at_doc(Operation::Get, run, doc))
     }
 
     async fn put(
@@ -268,7 +264,7 @@ impl Store for FileStore {
             e.put(&r, &d, &bytes, &mode, lease.as_ref(), false)
         })
         .await
-        .map_err(|e| doc_context(e, run, doc))
+        .map_err(|e| e.at_doc(Operation::Put, run, doc))
     }
 
     async fn delete(
@@ -280,7 +276,7 @@ impl Store for FileStore {
         let (r, d, v) = (run.clone(), doc.clone(), if_version.cloned());
         self.blocking(Operation::Delete, move |e| e.delete(&r, &d, v.as_ref()))
             .await
-            .map_err(|e| doc_context(e, run, doc))
+            .map_err(|e| e.at_doc(Operation::Delete, run, doc))
     }
 
     async fn list_docs(

@@ -669,10 +669,6 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-fn doc_context(error: Error, op: Operation, run: &RunId, doc: &DocName) -> Error {
-    error.with_operation(op).with_run(run).with_doc(doc)
-}
-
 #[async_trait]
 impl Store for RedisStore {
     fn capabilities(&self) -> &Capabilities {
@@ -727,7 +723,7 @@ impl Store for RedisStore {
         };
         outcome
             .await
-            .map_err(|e| doc_context(e, Operation::Get, run, doc))
+            .map_err(|e| e.at_doc(Operation::Get, run, doc))
     }
 
     async fn put(
@@ -740,7 +736,7 @@ impl Store for RedisStore {
         self.inner
             .put(run, doc, &bytes, &options.mode, options.lease, false)
             .await
-            .map_err(|e| doc_context(e, Operation::Put, run, doc))
+            .map_err(|e| e.at_doc(Operation::Put, run, doc))
     }
 
     async fn delete(
@@ -778,7 +774,7 @@ impl Store for RedisStore {
         };
         outcome
             .await
-            .map_err(|e| doc_context(e, Operation::Delete, run, doc))
+            .map_err(|e| e.at_doc(Operation::Delete, run, doc))
     }
 
     async fn list_docs(
@@ -1042,7 +1038,7 @@ impl Lock for RedisStore {
             .inner
             .put(run, doc, &bytes, &mode, Some(lease), true)
             .await
-            .map_err(|e| doc_context(e, Operation::SaveAndRelease, run, doc));
+            .map_err(|e| e.at_doc(Operation::SaveAndRelease, run, doc));
         self.inner.signals.released(lease.key());
         outcome
     }

@@ -661,10 +661,6 @@ impl fmt::Debug for S3Store {
     }
 }
 
-fn doc_context(error: Error, op: Operation, run: &RunId, doc: &DocName) -> Error {
-    error.with_operation(op).with_run(run).with_doc(doc)
-}
-
 fn page<T: Clone + Ord>(mut all: Vec<T>, after: Option<&T>, limit: usize) -> ListPage<T> {
     all.sort();
     all.dedup();
@@ -717,7 +713,7 @@ impl Store for S3Store {
         };
         outcome
             .await
-            .map_err(|e| doc_context(e, Operation::Get, run, doc))
+            .map_err(|e| e.at_doc(Operation::Get, run, doc))
     }
 
     async fn put(
@@ -763,7 +759,7 @@ impl Store for S3Store {
         };
         outcome
             .await
-            .map_err(|e| doc_context(e, Operation::Put, run, doc))
+            .map_err(|e| e.at_doc(Operation::Put, run, doc))
     }
 
     async fn delete(
@@ -799,7 +795,7 @@ impl Store for S3Store {
         };
         outcome
             .await
-            .map_err(|e| doc_context(e, Operation::Delete, run, doc))
+            .map_err(|e| e.at_doc(Operation::Delete, run, doc))
     }
 
     async fn list_docs(
@@ -1047,7 +1043,7 @@ impl Lock for S3Store {
             .inner
             .fenced_put(lease, doc, bytes, &mode)
             .await
-            .map_err(|e| doc_context(e, Operation::SaveAndRelease, run, doc));
+            .map_err(|e| e.at_doc(Operation::SaveAndRelease, run, doc));
         if !matches!(&saved, Err(e) if e.kind() == ErrorKind::Fenced)
             && let Err(error) = self.inner.release(lease).await
         {

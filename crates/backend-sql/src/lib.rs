@@ -903,10 +903,6 @@ impl fmt::Debug for SqlStore {
     }
 }
 
-fn doc_context(error: Error, op: Operation, run: &RunId, doc: &DocName) -> Error {
-    error.with_operation(op).with_run(run).with_doc(doc)
-}
-
 #[async_trait]
 impl Store for SqlStore {
     fn capabilities(&self) -> &Capabilities {
@@ -922,7 +918,7 @@ impl Store for SqlStore {
         self.inner
             .get(run, doc, options)
             .await
-            .map_err(|e| doc_context(e, Operation::Get, run, doc))
+            .map_err(|e| e.at_doc(Operation::Get, run, doc))
     }
 
     async fn put(
@@ -941,7 +937,7 @@ impl Store for SqlStore {
                     .await
             }
         };
-        outcome.map_err(|e| doc_context(e, Operation::Put, run, doc))
+        outcome.map_err(|e| e.at_doc(Operation::Put, run, doc))
     }
 
     async fn delete(
@@ -987,7 +983,7 @@ impl Store for SqlStore {
         };
         outcome
             .await
-            .map_err(|e| doc_context(e, Operation::Delete, run, doc))
+            .map_err(|e| e.at_doc(Operation::Delete, run, doc))
     }
 
     async fn list_docs(
@@ -1213,7 +1209,7 @@ impl Lock for SqlStore {
             .inner
             .fenced_put(lease, doc, &bytes, &mode, true)
             .await
-            .map_err(|e| doc_context(e, Operation::SaveAndRelease, run, doc));
+            .map_err(|e| e.at_doc(Operation::SaveAndRelease, run, doc));
         self.inner.signals.released(lease.key());
         outcome
     }

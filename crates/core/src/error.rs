@@ -224,6 +224,13 @@ impl Error {
         self
     }
 
+    /// Records where a document call failed: the operation (unless one is
+    /// already recorded), the run and the document. Every backend wraps
+    /// the errors of its per-document calls with it.
+    pub fn at_doc(self, operation: Operation, run: &RunId, doc: &DocName) -> Self {
+        self.with_operation(operation).with_run(run).with_doc(doc)
+    }
+
     /// Records the lock (and its run and document).
     pub fn with_lock(mut self, lock: &LockKey) -> Self {
         self.inner.run.get_or_insert_with(|| lock.run().clone());
