@@ -297,11 +297,12 @@ impl CliError {
         self
     }
 
-    /// The kind of the runstate error inside, if that is what it is.
-    pub(crate) fn kind(&self) -> Option<ErrorKind> {
+    /// Whether this says only that the store a URL names does not exist
+    /// (see [`runstate::is_missing_store`]).
+    pub(crate) fn is_missing_store(&self) -> bool {
         self.error
             .downcast_ref::<runstate::Error>()
-            .map(runstate::Error::kind)
+            .is_some_and(runstate::is_missing_store)
     }
 
     /// Sets the exit code.

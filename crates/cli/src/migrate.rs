@@ -246,7 +246,7 @@ pub(crate) async fn migrate(global: &Global, args: MigrateArgs) -> Result<ExitCo
     };
     let target = match open_url(&args.to, target_mode).await {
         Ok(target) => target,
-        Err(error) if args.dry_run && error.kind() == Some(ErrorKind::Config) => {
+        Err(error) if args.dry_run && error.is_missing_store() => {
             let report = plan_into_nothing(&source, &selection).await?;
             eprintln!("runstate: the target does not exist yet; a real run creates it");
             return print_migration(global, &source, &runstate::redact_url(&args.to), &report);

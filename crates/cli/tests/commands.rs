@@ -484,6 +484,18 @@ fn migrate_and_verify_between_stores() {
     );
     expect(&runstate(Some(&to), &["ls"], None), 2);
     assert!(!to_db.exists(), "reading commands create nothing");
+    // Only a target that does not exist yet is planned into; a target URL
+    // that is wrong is an error, dry run or not.
+    for bad in ["ftp://example.invalid/x", "file:///tmp/x?no_such_option=1"] {
+        expect(
+            &runstate(
+                Some(&from),
+                &["migrate", "--to", bad, "--all", "--dry-run"],
+                None,
+            ),
+            2,
+        );
+    }
 
     let report = runstate(
         None,

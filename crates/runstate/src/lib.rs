@@ -141,7 +141,9 @@ pub mod doctor;
 pub mod migrate;
 mod open;
 
-pub use open::{AnyStore, OpenMode, Scheme, URL_VAR, open, open_env, open_with, redact_url};
+pub use open::{
+    AnyStore, OpenMode, Scheme, URL_VAR, is_missing_store, open, open_env, open_with, redact_url,
+};
 pub use runstate_core::*;
 
 /// The file backend ([`runstate_file`]).

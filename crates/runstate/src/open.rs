@@ -158,7 +158,6 @@ pub fn redact_url(url: &str) -> String {
     let Ok(mut parsed) = url::Url::parse(url) else {
         return match url.split_once("://") {
             Some((scheme, _)) => format!("{scheme}://…"),
-            None if url.starts_with("file:") => url.to_owned(),
             None => "…".to_owned(),
         };
     };
@@ -254,7 +253,19 @@ fn sqlite_file_exists(url: &str) -> Result<()> {
     if path.is_empty() || path.starts_with(":memory:") || std::path::Path::new(path).exists() {
         return Ok(());
     }
-    Err(config_error(format!("no SQLite database at {path}")))
+    Err(config_error(format!("no SQLite database at {path}"))
+        .with_source(std::io::Error::from(std::io::ErrorKind::NotFound)))
+}
+
+/// Whether `error` says only that the store a URL names does not exist: a
+/// missing file root or SQLite database under [`OpenMode::Existing`] (a
+/// [`Config`](ErrorKind::Config) error caused by a missing path). A bad
+/// URL, an unknown scheme or a disabled feature is not this.
+pub fn is_missing_store(error: &Error) -> bool {
+    error.kind() == ErrorKind::Config
+        && std::error::Error::source(error)
+            .and_then(|source| source.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// `url` with `name=value` added, unless the URL sets that option itself.
