@@ -297,17 +297,19 @@ impl Inner {
         let run = |mut con: ConnectionManager| async move {
             pipe.query_async::<Vec<Value>>(&mut con).await
         };
-        let replies = match tokio::time::timeout(self.config.timeout, run(con.clone())).await {
-            Err(_) => return Err(timed_out(self.config.timeout)),
-            Ok(Err(e))
-                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                self.bounded(script.load_async(&mut con)).await?;
-                self.bounded(run(con)).await?
+        // One bound for the whole call, reload and retry included.
+        self.bounded(async {
+            match run(con.clone()).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script.load_async(&mut con).await?;
+                    run(con).await
+                }
+                outcome => outcome,
             }
-            Ok(outcome) => outcome.map_err(map_redis_error)?,
-        };
-        Ok(replies)
+        })
+        .await
     }
 
     fn ttl_ms(key: &LockKey, ttl: Duration, op: Operation) -> Result<u64> {
@@ -584,7 +586,12 @@ impl Inner {
             }
             "foreign" => {
                 let key = LockKey::Doc(run.clone(), doc.clone());
-                Err(Self::weppcloud_locked(&key, &mut reply, Operation::Put))
+                let op = if release {
+                    Operation::SaveAndRelease
+                } else {
+                    Operation::Put
+                };
+                Err(Self::weppcloud_locked(&key, &mut reply, op))
             }
             other => Err(unexpected(other)),
         }

@@ -223,7 +223,7 @@ impl S3Store {
         self.inner
             .bounded(probe::probe(&self.inner.store, &scratch))
             .await
-            .map_err(|e| e.with_operation(Operation::Open))
+            .map_err(|e| e.with_operation(Operation::Doctor))
     }
 
     /// Deletes every object under this store's prefix and returns how
@@ -246,6 +246,18 @@ impl Inner {
         match tokio::time::timeout(self.bound, request).await {
             Ok(outcome) => outcome.map_err(map_error),
             Err(_) => Err(timed_out(self.bound)),
+        }
+    }
+
+    /// [`bounded`](Self::bounded), with an absent object as `None`.
+    async fn found<T>(
+        &self,
+        request: impl Future<Output = std::result::Result<T, object_store::Error>>,
+    ) -> Result<Option<T>> {
+        match self.bounded(request).await {
+            Ok(value) => Ok(Some(value)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -335,10 +347,8 @@ impl Inner {
     /// saw that version.
     async fn read_lease(&self, path: &Path) -> Result<Option<(String, LeaseBody, Instant)>> {
         let seen_at = Instant::now();
-        let got = match self.store.get(path).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(map_error(e)),
+        let Some(got) = self.found(self.store.get(path)).await? else {
+            return Ok(None);
         };
         let etag = got.meta.e_tag.clone().unwrap_or_default();
         let bytes = self.bounded(got.bytes()).await?;
@@ -597,11 +607,10 @@ impl Inner {
             return Err(fenced(None, "its deadline has passed"));
         }
         let lease_path = self.lease_path(lease.key());
-        let current = match self.store.head(&lease_path).await {
-            Ok(meta) => meta.e_tag,
-            Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => return Err(map_error(e)),
-        };
+        let current = self
+            .found(self.store.head(&lease_path))
+            .await?
+            .and_then(|meta| meta.e_tag);
         if current.is_none() || current.as_deref() != lease.token() {
             return Err(fenced(
                 self.live_holder(lease.key()).await?,
@@ -615,13 +624,12 @@ impl Inner {
                 PutMode::Update(v) => Self::if_match(v.as_str()),
                 // Conditional on what is there now, so a write slipping in
                 // between is never overwritten blindly.
-                PutMode::Overwrite => match self.store.head(&path).await {
-                    Ok(meta) => match meta.e_tag {
+                PutMode::Overwrite => match self.found(self.store.head(&path)).await? {
+                    Some(meta) => match meta.e_tag {
                         Some(etag) => Self::if_match(&etag),
                         None => OsPutMode::Overwrite,
                     },
-                    Err(object_store::Error::NotFound { .. }) => OsPutMode::Create,
-                    Err(e) => return Err(map_error(e)),
+                    None => OsPutMode::Create,
                 },
             };
             match self.put_object(&path, bytes.clone(), os_mode).await {
@@ -688,11 +696,8 @@ impl Store for S3Store {
         let inner = &self.inner;
         let path = inner.doc_path(run, doc);
         let outcome = async {
-            let got = match tokio::time::timeout(inner.bound, inner.store.get(&path)).await {
-                Err(_) => return Err(timed_out(inner.bound)),
-                Ok(Err(object_store::Error::NotFound { .. })) => return Ok(None),
-                Ok(Err(e)) => return Err(map_error(e)),
-                Ok(Ok(got)) => got,
+            let Some(got) = inner.found(inner.store.get(&path)).await? else {
+                return Ok(None);
             };
             // The size is known from the headers, before the body is read.
             if let Some(limit) = options.limit
@@ -771,11 +776,7 @@ impl Store for S3Store {
         let inner = &self.inner;
         let outcome = async {
             let path = inner.doc_path(run, doc);
-            let existed = match inner.bounded(inner.store.head(&path)).await {
-                Ok(_) => true,
-                Err(e) if e.kind() == ErrorKind::NotFound => false,
-                Err(e) => return Err(e),
-            };
+            let existed = inner.found(inner.store.head(&path)).await?.is_some();
             // Nothing to delete needs no condition; anything else would.
             if if_version.is_some() && existed {
                 return Err(Error::new(

@@ -155,14 +155,12 @@ impl SqlStore {
                 .acquire_timeout(config.acquire_timeout)
                 .after_connect(move |conn, _meta| {
                     Box::pin(async move {
-                        for statement in session_setup(dialect, timeout, leases_only) {
-                            // MySQL and MariaDB name the statement timeout
-                            // differently; the one the server lacks fails.
+                        for (statement, may_fail) in session_setup(dialect, timeout, leases_only) {
                             let outcome = conn
                                 .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statement)))
                                 .await;
                             if let Err(e) = outcome
-                                && dialect != Dialect::MySql
+                                && !may_fail
                             {
                                 return Err(e);
                             }
@@ -303,31 +301,40 @@ impl SqlStore {
     }
 }
 
-/// Statements run on every new connection. SQLite's lease-only pool
+/// Statements run on every new connection, each with whether it may fail
+/// without failing the connection. SQLite's lease-only pool
 /// commits without waiting for the disk (`synchronous = NORMAL` in WAL
 /// mode): a grant survives a process crash, and the next document save's
 /// fsync of the log makes it durable; only an OS crash or power loss right
 /// after a grant can forget it, as the file backend's lease records can —
 /// harmless, since every holder dies with the machine.
-fn session_setup(dialect: Dialect, timeout: Duration, leases_only: bool) -> Vec<String> {
+fn session_setup(dialect: Dialect, timeout: Duration, leases_only: bool) -> Vec<(String, bool)> {
+    let required = |sql: String| (sql, false);
     match dialect {
-        Dialect::Postgres => vec![format!("SET statement_timeout = {}", ms(timeout))],
-        // MariaDB: max_statement_time (seconds); MySQL: max_execution_time (ms).
+        Dialect::Postgres => vec![required(format!("SET statement_timeout = {}", ms(timeout)))],
+        // MariaDB: max_statement_time (seconds); MySQL: max_execution_time
+        // (ms). Each server lacks the other's, so either may fail.
         Dialect::MySql => vec![
-            format!(
-                "SET SESSION max_statement_time = {:.3}",
-                timeout.as_secs_f64()
+            (
+                format!(
+                    "SET SESSION max_statement_time = {:.3}",
+                    timeout.as_secs_f64()
+                ),
+                true,
             ),
-            format!("SET SESSION max_execution_time = {}", ms(timeout)),
-            "SET SESSION time_zone = '+00:00'".to_owned(),
+            (
+                format!("SET SESSION max_execution_time = {}", ms(timeout)),
+                true,
+            ),
+            required("SET SESSION time_zone = '+00:00'".to_owned()),
         ],
         Dialect::Sqlite => vec![
-            "PRAGMA journal_mode = WAL".to_owned(),
-            format!("PRAGMA busy_timeout = {}", ms(timeout)),
-            format!(
+            required("PRAGMA journal_mode = WAL".to_owned()),
+            required(format!("PRAGMA busy_timeout = {}", ms(timeout))),
+            required(format!(
                 "PRAGMA synchronous = {}",
                 if leases_only { "NORMAL" } else { "FULL" }
-            ),
+            )),
         ],
     }
 }
