@@ -1,7 +1,7 @@
 //! `migrate` and `verify`: moving runs between stores and comparing them.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -158,7 +158,6 @@ struct Bar {
     bar: ProgressBar,
     runs: AtomicUsize,
     run: AtomicUsize,
-    bytes: AtomicU64,
 }
 
 impl Bar {
@@ -179,7 +178,6 @@ impl Bar {
             bar,
             runs: AtomicUsize::new(0),
             run: AtomicUsize::new(0),
-            bytes: AtomicU64::new(0),
         }
     }
 
@@ -202,8 +200,7 @@ impl Progress for Bar {
         ));
     }
 
-    fn document_done(&self, _run: &RunId, _doc: &DocName, bytes: u64) {
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    fn document_done(&self, _run: &RunId, _doc: &DocName, _bytes: u64) {
         self.bar.inc(1);
     }
 }

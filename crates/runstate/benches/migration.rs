@@ -133,9 +133,6 @@ fn main() {
                 .into_iter()
                 .filter(|to| *to != from && (args.wants(from.name()) || args.wants(to.name())))
                 .collect();
-            if targets.is_empty() {
-                continue;
-            }
             seed(&source, documents).await;
             for to in targets {
                 let Some(target) = to.place("migration bench") else {

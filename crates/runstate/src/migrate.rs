@@ -76,7 +76,7 @@ pub struct MigrateOptions {
     pub delete_source: bool,
     /// Who takes the leases.
     pub owner: Owner,
-    /// TTL of the leases; they are renewed once half of it has passed.
+    /// TTL of the leases; they are renewed every third of it.
     pub ttl: Duration,
     /// How long to wait for a run whose lease someone else holds.
     pub wait: WaitPolicy,
@@ -392,11 +392,7 @@ fn with_run_context(error: Error, run: &RunId, operation: Operation) -> Error {
     } else {
         error
     };
-    if error.operation().is_none() {
-        error.with_operation(operation)
-    } else {
-        error
-    }
+    error.with_operation(operation)
 }
 
 fn migrate_error(kind: ErrorKind, message: String, run: &RunId) -> Error {
