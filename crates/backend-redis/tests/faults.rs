@@ -19,16 +19,7 @@ use support::OwnRedis;
 const URL_VAR: &str = "RUNSTATE_REDIS_URL";
 
 fn shared_url() -> Option<String> {
-    match std::env::var(URL_VAR) {
-        Ok(url) => Some(url),
-        Err(_) if runstate_conformance::is_required("redis") => {
-            panic!("backend `redis` is required but {URL_VAR} is not set")
-        }
-        Err(_) => {
-            eprintln!("*** SKIPPED: {URL_VAR} is not set ***");
-            None
-        }
-    }
+    runstate_conformance::server_url("redis", URL_VAR, "a Redis fault test")
 }
 
 fn prefix() -> String {

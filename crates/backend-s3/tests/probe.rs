@@ -162,15 +162,10 @@ fn require_credentials() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_server_gets_locks() {
-    let url = match std::env::var("RUNSTATE_S3_URL") {
-        Ok(url) => url,
-        Err(_) if runstate_conformance::is_required("s3") => {
-            panic!("backend `s3` is required but RUNSTATE_S3_URL is not set")
-        }
-        Err(_) => {
-            eprintln!("*** SKIPPED: RUNSTATE_S3_URL is not set ***");
-            return;
-        }
+    let Some(url) =
+        runstate_conformance::server_url("s3", "RUNSTATE_S3_URL", "a_real_server_gets_locks")
+    else {
+        return;
     };
     let config = S3Config::from_url(&url).expect("url");
     let prefix = format!("{}/probe-{:x}", config.prefix(), fastrand::u64(..));

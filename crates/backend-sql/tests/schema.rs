@@ -5,19 +5,6 @@ use std::time::Duration;
 use runstate_core::{Bytes, DocName, ErrorKind, GetOptions, RunId, Store, StoreExt, display_chain};
 use runstate_sql::{SqlConfig, SqlStore};
 
-fn server_url(var: &str, backend: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) => Some(url),
-        Err(_) if runstate_conformance::is_required(backend) => {
-            panic!("backend `{backend}` is required but {var} is not set")
-        }
-        Err(_) => {
-            eprintln!("*** SKIPPED: {var} is not set ***");
-            None
-        }
-    }
-}
-
 fn prefix() -> String {
     format!("schema{:x}_", fastrand::u32(..))
 }
@@ -103,7 +90,9 @@ async fn sqlite_migrations_on_demand_and_concurrent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_migrations_on_demand_and_concurrent() {
-    let Some(url) = server_url("RUNSTATE_POSTGRES_URL", "postgres") else {
+    let Some(url) =
+        runstate_conformance::server_url("postgres", "RUNSTATE_POSTGRES_URL", "a schema test")
+    else {
         return;
     };
     migrations_on_demand(&url).await;
@@ -111,7 +100,9 @@ async fn postgres_migrations_on_demand_and_concurrent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_migrations_on_demand_and_concurrent() {
-    let Some(url) = server_url("RUNSTATE_MYSQL_URL", "mysql") else {
+    let Some(url) =
+        runstate_conformance::server_url("mysql", "RUNSTATE_MYSQL_URL", "a schema test")
+    else {
         return;
     };
     migrations_on_demand(&url).await;
@@ -147,7 +138,9 @@ async fn sqlite_file_is_created_and_shared() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_knows_its_packet_limit() {
-    let Some(url) = server_url("RUNSTATE_MYSQL_URL", "mysql") else {
+    let Some(url) =
+        runstate_conformance::server_url("mysql", "RUNSTATE_MYSQL_URL", "a schema test")
+    else {
         return;
     };
     let store = SqlStore::open(
@@ -191,7 +184,9 @@ const SENTINEL: &str = "S3ntinel-sql-PW-0c4f";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_password_never_shows() {
-    let Some(url) = server_url("RUNSTATE_MYSQL_URL", "mysql") else {
+    let Some(url) =
+        runstate_conformance::server_url("mysql", "RUNSTATE_MYSQL_URL", "a schema test")
+    else {
         return;
     };
     let host = url.split('@').next_back().expect("host part");
@@ -211,7 +206,9 @@ async fn mysql_password_never_shows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_password_never_shows() {
-    let Some(url) = server_url("RUNSTATE_POSTGRES_URL", "postgres") else {
+    let Some(url) =
+        runstate_conformance::server_url("postgres", "RUNSTATE_POSTGRES_URL", "a schema test")
+    else {
         return;
     };
     // The shared server trusts local connections, so the password is

@@ -38,6 +38,30 @@ pub fn is_required(backend: &str) -> bool {
     })
 }
 
+/// The URL of `backend`'s server from the environment variable `var`, for
+/// tests outside the suite; `what` names the test for the message. When it
+/// is not set: a panic if the backend is required ([`is_required`]), else
+/// a loud SKIPPED line and `None`.
+///
+/// # Panics
+/// When the variable is not set and the backend is required.
+pub fn server_url(backend: &str, var: &str, what: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) => Some(url),
+        Err(_) if is_required(backend) => panic!(
+            "backend `{backend}` is required ({REQUIRE_VAR}) but {var} is not set: \
+             start its server or run `cargo xtask test`"
+        ),
+        Err(_) => {
+            eprintln!(
+                "\n*** SKIPPED {what} on backend `{backend}`: {var} is not set \
+                 (set it, or run `cargo xtask test`) ***\n"
+            );
+            None
+        }
+    }
+}
+
 /// What a case gets: the store, its namespace, and helpers.
 #[derive(Clone)]
 pub struct Ctx {

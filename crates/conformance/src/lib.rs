@@ -44,7 +44,7 @@ mod harness;
 
 pub use child::{CHILD_VAR, child_main};
 pub use counting::{CountingLock, Counts};
-pub use harness::{Ctx, Harness, REQUIRE_VAR, is_required, run_case};
+pub use harness::{Ctx, Harness, REQUIRE_VAR, is_required, run_case, server_url};
 
 #[doc(hidden)]
 pub mod __private {

@@ -58,21 +58,7 @@ impl Places for Backend {
             }
             Backend::Postgres | Backend::Mysql | Backend::Redis | Backend::S3 => {
                 let var = url_var(self).expect("server backends have a variable");
-                let Ok(base) = std::env::var(var) else {
-                    if is_required(self.name()) {
-                        panic!(
-                            "backend `{}` is required (RUNSTATE_REQUIRE_BACKENDS) but {var} is not set: \
-                             start its server or run `cargo xtask test`",
-                            self.name()
-                        );
-                    }
-                    eprintln!(
-                        "\n*** SKIPPED {test} on backend `{}`: {var} is not set \
-                         (set it, or run `cargo xtask test`) ***\n",
-                        self.name()
-                    );
-                    return None;
-                };
+                let base = runstate_conformance::server_url(self.name(), var, test)?;
                 let mut url =
                     url::Url::parse(&base).expect("a valid server URL in the environment");
                 match self {
@@ -104,14 +90,6 @@ impl Places for Backend {
             ns,
         })
     }
-}
-
-fn is_required(backend: &str) -> bool {
-    std::env::var("RUNSTATE_REQUIRE_BACKENDS").is_ok_and(|list| {
-        list.split([',', ' '])
-            .map(str::trim)
-            .any(|name| name == backend || name == "all")
-    })
 }
 
 /// A namespace on one backend: its URL, and how to remove everything in it.
