@@ -27,7 +27,21 @@ pub trait Harness: Send + Sync + 'static {
 
     /// Removes everything the namespace holds.
     async fn cleanup(namespace: &str) -> Result<(), Error>;
+
+    /// Makes document `doc` of `run` impossible to write in `namespace`
+    /// (the store must then fail any save of it with an error, as a full
+    /// disk or a refusing server would), for the case that checks a failed
+    /// save still releases its lease. Returns `false` when the backend
+    /// cannot stage that; the case then checks the other failing saves
+    /// only. The default cannot.
+    async fn make_unwritable(namespace: &str, run: &RunId, doc: &DocName) -> Result<bool, Error> {
+        let _ = (namespace, run, doc);
+        Ok(false)
+    }
 }
+
+type Unwritable =
+    fn(String, RunId, DocName) -> Pin<Box<dyn Future<Output = Result<bool, Error>> + Send>>;
 
 /// Whether `RUNSTATE_REQUIRE_BACKENDS` names `backend` (or is `all`).
 pub fn is_required(backend: &str) -> bool {
@@ -73,6 +87,7 @@ pub struct Ctx {
     pub case: &'static str,
     pub(crate) child_test: &'static str,
     pub(crate) backend: &'static str,
+    pub(crate) unwritable: Unwritable,
 }
 
 impl Ctx {
@@ -100,6 +115,17 @@ impl Ctx {
     /// The backend's name.
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// Makes `doc` of `run` unwritable in this namespace, if the harness
+    /// can ([`Harness::make_unwritable`]).
+    ///
+    /// # Panics
+    /// When staging fails.
+    pub async fn make_unwritable(&self, run: &RunId, doc: &DocName) -> bool {
+        (self.unwritable)(self.namespace.clone(), run.clone(), doc.clone())
+            .await
+            .unwrap_or_else(|e| panic!("cannot make {run}/{doc} unwritable: {e}"))
     }
 }
 
@@ -153,6 +179,9 @@ pub fn run_case<H: Harness>(
             case,
             child_test,
             backend: H::BACKEND,
+            unwritable: |namespace, run, doc| {
+                Box::pin(async move { H::make_unwritable(&namespace, &run, &doc).await })
+            },
         };
         let outcome = tokio::spawn(body(ctx)).await;
         if let Err(error) = H::cleanup(&namespace).await {

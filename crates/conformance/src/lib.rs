@@ -41,6 +41,7 @@ mod counting;
 pub mod docs;
 pub mod faults;
 mod harness;
+pub mod proxy;
 
 pub use child::{CHILD_VAR, child_main};
 pub use counting::{CountingLock, Counts};
@@ -117,8 +118,10 @@ macro_rules! __case_list {
             wrong_codec_is_corrupt,
             // 6. races
             race_create_exactly_one_wins, race_cas_increments_exact, race_locked_increments_exact,
+            race_one_client_shared_by_tasks, race_updates_before_the_document_exists,
             // 7. leases
-            lease_held_is_locked_with_holder, lease_renew_extends,
+            lease_held_is_locked_with_holder, lease_reacquire_by_owner_returns_its_grant,
+            lease_absurd_ttl_refused, save_and_release_releases_on_failure, lease_renew_extends,
             lease_release_by_non_owner_refused, lease_takeover_after_ttl_not_before,
             lease_fences_strictly_increase, lease_release_after_loss_reports_lost,
             lease_renew_after_expiry_is_lost, lease_inspect_shows_holder,
@@ -134,7 +137,8 @@ macro_rules! __case_list {
             typed_update_noop_does_not_write, typed_guard_commit_saves,
             typed_guard_drop_releases_without_saving, typed_update_absent_not_found,
             typed_load_save_round_trip, typed_guard_commit_after_takeover_is_fenced,
-            combined_operations_hold_and_release
+            combined_operations_hold_and_release, typed_guard_outlives_its_ttl,
+            typed_update_outlives_its_ttl, typed_guard_sees_a_lost_lease
         }
     };
 }

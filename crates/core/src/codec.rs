@@ -74,12 +74,12 @@ impl Codec {
     /// valid encoding of `T` (including trailing garbage).
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T> {
         match self {
-            Codec::Json => serde_json::from_slice(bytes).map_err(|e| self.decode_error(e)),
+            Codec::Json => serde_json::from_slice(bytes).map_err(|e| json_decode_error(&e)),
             #[cfg(feature = "bincode")]
             Codec::Bincode => {
                 let config = bincode::config::standard().with_limit::<BINCODE_DECODE_LIMIT>();
                 let (value, read) = bincode::serde::decode_from_slice(bytes, config)
-                    .map_err(|e| self.decode_error(e))?;
+                    .map_err(|e| bincode_decode_error(&e))?;
                 if read != bytes.len() {
                     return Err(Error::new(
                         ErrorKind::Corrupt,
@@ -102,14 +102,87 @@ impl Codec {
         )
         .with_source(source)
     }
+}
 
-    fn decode_error(self, source: impl std::error::Error + Send + Sync + 'static) -> Error {
-        Error::new(
-            ErrorKind::Corrupt,
-            format!("not a valid {} document", self.name()),
-        )
-        .with_source(source)
+/// A `Corrupt` error for JSON that does not decode: where (line, column)
+/// and what was expected, never the value found. serde_json's own message
+/// quotes the offending value (`invalid type: string "hunter2", expected
+/// u32`), and a document may hold secrets, so neither that message nor the
+/// serde_json error itself is kept.
+fn json_decode_error(error: &serde_json::Error) -> Error {
+    use serde_json::error::Category;
+    let what = match error.classify() {
+        Category::Io => "cannot be read".to_owned(),
+        Category::Syntax => "is not well-formed JSON".to_owned(),
+        Category::Eof => "ends too early".to_owned(),
+        Category::Data => data_problem(&error.to_string()),
+    };
+    Error::new(
+        ErrorKind::Corrupt,
+        format!(
+            "not a valid json document: it {what} at line {} column {}",
+            error.line(),
+            error.column()
+        ),
+    )
+}
+
+/// The part of a serde data error that comes from the expected type, not
+/// from the document: `invalid type: string "x", expected u32` becomes
+/// `has an invalid type (expected u32)`; a missing or duplicate field is
+/// named, since field names come from the type.
+fn data_problem(message: &str) -> String {
+    // serde_json appends " at line L column C"; the position is reported
+    // separately.
+    let message = message
+        .rfind(" at line ")
+        .map_or(message, |at| &message[..at]);
+    for (prefix, said) in [
+        ("missing field ", "lacks the field "),
+        ("duplicate field ", "repeats the field "),
+    ] {
+        if let Some(field) = message.strip_prefix(prefix) {
+            return format!("{said}{field}");
+        }
     }
+    let problem = message.split(':').next().unwrap_or("invalid data").trim();
+    let problem = match problem {
+        "invalid type" => "has a value of the wrong type",
+        "invalid value" => "has an invalid value",
+        "invalid length" => "has a sequence of the wrong length",
+        "unknown field" => "has an unknown field",
+        "unknown variant" => "has an unknown variant",
+        _ => "does not match the expected type",
+    };
+    match message.rfind(", expected ") {
+        // What follows "expected" describes the Rust type (`u32`, `struct
+        // Climate`, `one of ...` listing the type's own fields).
+        Some(at) => format!(
+            "{problem} (expected {})",
+            &message[at + ", expected ".len()..]
+        ),
+        None => problem.to_owned(),
+    }
+}
+
+/// A `Corrupt` error for bincode that does not decode, naming only the
+/// kind of problem (bincode's messages may quote decoded values).
+#[cfg(feature = "bincode")]
+fn bincode_decode_error(error: &bincode::error::DecodeError) -> Error {
+    use bincode::error::DecodeError;
+    let what = match error {
+        DecodeError::UnexpectedEnd { .. } => "ends too early",
+        DecodeError::LimitExceeded => "declares a length over the decoding limit",
+        DecodeError::Utf8 { .. } => "holds a string that is not UTF-8",
+        DecodeError::UnexpectedVariant { .. } => "holds an unknown enum variant",
+        DecodeError::InvalidBooleanValue(_) => "holds an invalid boolean",
+        DecodeError::InvalidCharEncoding(_) => "holds an invalid character",
+        _ => "does not match the expected type",
+    };
+    Error::new(
+        ErrorKind::Corrupt,
+        format!("not a valid bincode document: it {what}"),
+    )
 }
 
 impl fmt::Display for Codec {
@@ -157,6 +230,7 @@ mod tests {
     use serde::Deserialize;
 
     use super::*;
+    use crate::display_chain;
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Doc {
@@ -189,6 +263,37 @@ mod tests {
         let err = Codec::Json.encode(&"x".repeat(100), 50).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::TooLarge);
         assert!(Codec::Json.encode(&"x".repeat(10), 12).is_ok());
+    }
+
+    #[test]
+    fn corrupt_errors_never_quote_the_document() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Secretive {
+            pin: u32,
+        }
+        for bytes in [
+            &br#"{"pin":"hunter2-secret"}"#[..],
+            br#"{"hunter2-secret":1}"#,
+            br#"{"pin":1,"pin":2}"#,
+            br#"["hunter2-secret"]"#,
+            b"hunter2-secret",
+        ] {
+            let error = Codec::Json.decode::<Secretive>(bytes).unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Corrupt);
+            let shown = format!("{} {:?} {}", error, error, display_chain(&error));
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("line 1 column"), "{shown}");
+        }
+        let wrong_type = Codec::Json
+            .decode::<Secretive>(br#"{"pin":"x"}"#)
+            .unwrap_err();
+        assert!(
+            wrong_type.to_string().contains("expected u32"),
+            "{wrong_type}"
+        );
+        let missing = Codec::Json.decode::<Secretive>(b"{}").unwrap_err();
+        assert!(missing.to_string().contains("field `pin`"), "{missing}");
     }
 
     #[test]

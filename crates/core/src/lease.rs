@@ -120,6 +120,32 @@ pub struct Owner {
     process: Option<ProcessStamp>,
 }
 
+/// Longest lease TTL any backend grants: 24 hours. A lease is meant to be
+/// renewed while its holder lives (guards renew theirs in the background),
+/// so a TTL only needs to outlast the longest stall a live holder may have.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Checks a lease TTL, once for every backend: at least 1 ms and at most
+/// [`MAX_TTL`]. Backends call it before they send anything, so an absurd
+/// TTL (`Duration::MAX`, say) never reaches a server that could half-apply
+/// it.
+///
+/// # Errors
+/// [`ErrorKind::InvalidArgument`] otherwise.
+pub fn check_ttl(ttl: Duration) -> Result<(), Error> {
+    if ttl < Duration::from_millis(1) || ttl > MAX_TTL {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "a lease TTL must be from 1 ms to {} (got {})",
+                Short(MAX_TTL),
+                Short(ttl)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Longest accepted host name in an [`Owner`], in bytes.
 pub const MAX_HOST_LEN: usize = 255;
 /// Longest accepted owner id, in bytes.
@@ -376,9 +402,10 @@ impl Lease {
         self.token.as_deref()
     }
 
-    /// The local deadline: no later than the backend's own expiry.
+    /// The local deadline: no later than the backend's own expiry. Never
+    /// panics, whatever the TTL.
     pub fn expires_at(&self) -> Instant {
-        self.issued + self.ttl
+        crate::time::saturating_add(self.issued, self.ttl)
     }
 
     /// Time left before the local deadline (zero once passed).
@@ -449,6 +476,39 @@ mod tests {
         assert!(!LockKey::Run(run.clone()).covers(&other, &ron));
         assert!(LockKey::Doc(run.clone(), ron.clone()).covers(&run, &ron));
         assert!(!LockKey::Doc(run.clone(), ron).covers(&run, &climate));
+    }
+
+    #[test]
+    fn ttls_are_checked_once_for_everyone() {
+        assert!(check_ttl(Duration::from_millis(1)).is_ok());
+        assert!(check_ttl(MAX_TTL).is_ok());
+        for bad in [
+            Duration::ZERO,
+            Duration::from_micros(999),
+            MAX_TTL + Duration::from_millis(1),
+            Duration::MAX,
+        ] {
+            let error = check_ttl(bad).expect_err("refused");
+            assert_eq!(error.kind(), ErrorKind::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn an_absurd_ttl_never_panics() {
+        let key = LockKey::Run(RunId::new("r").unwrap());
+        let lease = Lease::new(
+            key,
+            Owner::for_this_process(),
+            Fence(1),
+            Duration::MAX,
+            Instant::now(),
+            SystemTime::now(),
+        );
+        assert!(!lease.is_expired());
+        assert!(lease.remaining() > Duration::from_secs(1_000_000));
+        let _ = format!("{lease:?} {}", lease.info());
+        let renewed = lease.renewed(Duration::MAX, Instant::now());
+        assert!(!renewed.is_expired());
     }
 
     #[test]

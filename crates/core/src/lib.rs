@@ -58,6 +58,7 @@
 mod codec;
 mod error;
 mod id;
+mod keeper;
 mod lease;
 mod lock;
 pub mod process;
@@ -71,7 +72,10 @@ mod wait;
 pub use codec::Codec;
 pub use error::{BoxError, Error, ErrorKind, Operation, Result, display_chain};
 pub use id::{DocName, IdKind, IdProblem, InvalidId, MAX_ID_LEN, RunId};
-pub use lease::{Fence, Lease, LockInfo, LockKey, MAX_HOST_LEN, MAX_OWNER_ID_LEN, Owner};
+pub use keeper::LeaseKeeper;
+pub use lease::{
+    Fence, Lease, LockInfo, LockKey, MAX_HOST_LEN, MAX_OWNER_ID_LEN, MAX_TTL, Owner, check_ttl,
+};
 pub use lock::Lock;
 pub use process::ProcessStamp;
 pub use signals::ReleaseSignals;

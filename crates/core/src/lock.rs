@@ -30,16 +30,29 @@ pub trait Lock: Store {
     /// before. A lock whose lease expired is taken over; so is one whose
     /// holder is known dead on this host, when the backend can tell.
     ///
+    /// **Idempotent by owner.** When `owner` (the same owner id) already
+    /// holds the lock with a live grant, that grant is returned again: same
+    /// fence, its TTL restarted from now. A retry of an acquire whose reply
+    /// was lost (the grant was made, the answer never arrived) thus gets
+    /// its grant back instead of waiting a whole TTL behind itself. An
+    /// [`Owner`] therefore names one holder: tasks that must exclude each
+    /// other take the lock under distinct owners ([`Owner::sibling`]), as
+    /// the typed API does for every update and guard.
+    ///
     /// # Errors
     /// [`Locked`](ErrorKind::Locked) with [`Error::holder`](crate::Error::holder)
-    /// set when someone else (or the same owner) holds it.
+    /// set when another owner holds it; [`InvalidArgument`](ErrorKind::InvalidArgument)
+    /// for a TTL outside 1 ms ..= [`MAX_TTL`](crate::MAX_TTL) (see
+    /// [`check_ttl`](crate::check_ttl)), before anything is sent.
     async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease>;
 
     /// Extends a held lease to `ttl` from now; the fence stays.
     ///
     /// # Errors
     /// [`LeaseLost`](ErrorKind::LeaseLost) when it already expired, was
-    /// broken or was taken over.
+    /// broken or was taken over; [`InvalidArgument`](ErrorKind::InvalidArgument)
+    /// for a TTL [`check_ttl`](crate::check_ttl) refuses (the lease is left
+    /// as it was).
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease>;
 
     /// Gives the lease back.
@@ -114,8 +127,10 @@ pub trait Lock: Store {
     ///
     /// Once the save succeeded the call succeeds: a release that fails
     /// afterwards only means the lease expires by its TTL. When the save
-    /// fails the lease is released (unless it was already lost) and the
-    /// save's error returned.
+    /// fails, for whatever reason (a lease that does not cover `doc`, a
+    /// refused condition, a document that cannot be written, a full disk),
+    /// the lease is released (unless it was already lost) and the save's
+    /// error returned: a failed save never leaves its lock held.
     async fn save_and_release(
         &self,
         lease: &Lease,

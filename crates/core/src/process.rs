@@ -8,12 +8,12 @@
 //! container with its own pid numbering never makes a live holder look dead.
 
 use std::fs;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
-/// What identifies a process beyond its pid, on Linux: the kernel boot, the
-/// pid namespace and the process start time.
+/// What identifies a process beyond its pid, on Linux: the machine, the
+/// kernel boot, the pid namespace and the process start time.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ProcessStamp {
     /// `/proc/sys/kernel/random/boot_id` of the kernel the process runs on.
@@ -22,6 +22,24 @@ pub struct ProcessStamp {
     pub pid_ns: u64,
     /// Start time in clock ticks since boot (field 22 of `/proc/PID/stat`).
     pub start_ticks: u64,
+    /// `/etc/machine-id` of the machine, when it has one: two machines
+    /// may share a host name, never a machine id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+}
+
+impl ProcessStamp {
+    /// Whether this stamp was taken on a machine known to be this one:
+    /// `Some(true)` when both machine ids are known and equal,
+    /// `Some(false)` when both are known and differ, `None` when either
+    /// is unknown (then only the boot id can tell, and only that it is
+    /// this very boot).
+    pub fn same_machine_as(&self, other: &ProcessStamp) -> Option<bool> {
+        match (&self.machine_id, &other.machine_id) {
+            (Some(a), Some(b)) => Some(a == b),
+            _ => None,
+        }
+    }
 }
 
 /// Whether a process is known to be running.
@@ -50,28 +68,81 @@ pub fn hostname() -> &'static str {
     })
 }
 
+/// This machine's id (`/etc/machine-id`, else D-Bus's copy), if it has one.
+pub fn machine_id() -> Option<&'static str> {
+    static ID: OnceLock<Option<String>> = OnceLock::new();
+    ID.get_or_init(|| {
+        ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+            .iter()
+            .find_map(|path| {
+                let id = fs::read_to_string(path).ok()?;
+                let id = id.trim();
+                (!id.is_empty()).then(|| id.to_owned())
+            })
+    })
+    .as_deref()
+}
+
 /// The stamp of the current process, or `None` where `/proc` does not
 /// describe it (not Linux, or `/proc` mounted for another pid namespace).
+///
+/// Cached per process id: a child made by `fork` (which keeps its parent's
+/// memory, cache included) gets its own stamp, so its leases are never
+/// judged by its parent's start time.
 pub fn current_stamp() -> Option<&'static ProcessStamp> {
-    static STAMP: OnceLock<Option<ProcessStamp>> = OnceLock::new();
-    STAMP
-        .get_or_init(|| {
-            let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-            let pid_ns = read_pid_ns("/proc/self/ns/pid")?;
-            let stat = fs::read_to_string("/proc/self/stat").ok()?;
-            let (pid, _, start_ticks) = parse_stat(&stat)?;
-            // `/proc` must be the procfs of our own pid namespace, or pids
-            // read from it would name other processes.
-            if pid != std::process::id() {
-                return None;
+    static STAMP: PidCache = PidCache::new();
+    STAMP.get(std::process::id(), read_stamp)
+}
+
+/// A value computed once per process id. `fork` copies the memory of the
+/// parent, cache included, so a plain once-cell would hand the child its
+/// parent's stamp; keyed by pid, the child computes its own.
+struct PidCache {
+    cell: Mutex<Option<(u32, Option<&'static ProcessStamp>)>>,
+}
+
+impl PidCache {
+    const fn new() -> Self {
+        PidCache {
+            cell: Mutex::new(None),
+        }
+    }
+
+    fn get(
+        &self,
+        pid: u32,
+        compute: impl FnOnce(u32) -> Option<ProcessStamp>,
+    ) -> Option<&'static ProcessStamp> {
+        let mut cached = self.cell.lock().unwrap_or_else(|p| p.into_inner());
+        match *cached {
+            Some((for_pid, stamp)) if for_pid == pid => stamp,
+            _ => {
+                // Leaked once per distinct pid (a process forks a handful
+                // of times at most), so callers keep a `&'static`.
+                let stamp = compute(pid).map(|s| &*Box::leak(Box::new(s)));
+                *cached = Some((pid, stamp));
+                stamp
             }
-            Some(ProcessStamp {
-                boot_id: boot_id.trim().to_owned(),
-                pid_ns,
-                start_ticks,
-            })
-        })
-        .as_ref()
+        }
+    }
+}
+
+fn read_stamp(pid: u32) -> Option<ProcessStamp> {
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let pid_ns = read_pid_ns("/proc/self/ns/pid")?;
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    let (stat_pid, _, start_ticks) = parse_stat(&stat)?;
+    // `/proc` must be the procfs of our own pid namespace, or pids read
+    // from it would name other processes.
+    if stat_pid != pid {
+        return None;
+    }
+    Some(ProcessStamp {
+        boot_id: boot_id.trim().to_owned(),
+        pid_ns,
+        start_ticks,
+        machine_id: machine_id().map(str::to_owned),
+    })
 }
 
 /// Whether the process `pid` with `stamp` is alive, judged on this host.
@@ -83,7 +154,9 @@ pub fn liveness(pid: u32, stamp: &ProcessStamp) -> Liveness {
         return Liveness::Unknown;
     }
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Liveness::Dead,
+        // With `hidepid`, another user's live process has no /proc entry
+        // either: only the kernel's own answer to kill(pid, 0) tells.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => pid_exists(pid),
         Err(_) => Liveness::Unknown,
         Ok(stat) => match parse_stat(&stat) {
             None => Liveness::Unknown,
@@ -96,6 +169,29 @@ pub fn liveness(pid: u32, stamp: &ProcessStamp) -> Liveness {
             }
         },
     }
+}
+
+/// Whether `pid` exists, asked of the kernel with signal 0 (which
+/// `hidepid` does not affect): `Dead` only when it answers "no such
+/// process"; a process of another user (`EPERM`) or any other answer is
+/// `Unknown`, since its start time cannot be read to rule out a reused pid.
+#[cfg(unix)]
+fn pid_exists(pid: u32) -> Liveness {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return Liveness::Unknown;
+    };
+    match rustix::process::test_kill_process(pid) {
+        Err(rustix::io::Errno::SRCH) => Liveness::Dead,
+        _ => Liveness::Unknown,
+    }
+}
+
+#[cfg(not(unix))]
+fn pid_exists(_pid: u32) -> Liveness {
+    Liveness::Unknown
 }
 
 fn read_pid_ns(path: &str) -> Option<u64> {
@@ -147,5 +243,61 @@ mod tests {
             ..ours.clone()
         };
         assert_eq!(liveness(pid, &elsewhere), Liveness::Unknown);
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_pid_without_a_proc_entry_is_dead_only_if_the_kernel_says_so() {
+        // Our own pid always exists; a pid above the kernel's maximum never.
+        assert_eq!(pid_exists(std::process::id()), Liveness::Unknown);
+        assert_eq!(pid_exists(4_194_304 + 1), Liveness::Dead);
+    }
+
+    /// `fork` cannot be called from this crate (`unsafe` is forbidden, and
+    /// a forked test harness is not sound anyway), so the cache decision is
+    /// tested directly: a new pid (what a forked child sees) recomputes.
+    #[test]
+    fn the_stamp_cache_follows_the_pid() {
+        let cache = PidCache::new();
+        let stamp = |start_ticks| ProcessStamp {
+            boot_id: "b".into(),
+            pid_ns: 1,
+            start_ticks,
+            machine_id: None,
+        };
+        assert_eq!(
+            cache.get(10, |_| Some(stamp(100))).map(|s| s.start_ticks),
+            Some(100)
+        );
+        assert_eq!(
+            cache.get(10, |_| Some(stamp(999))).map(|s| s.start_ticks),
+            Some(100)
+        );
+        assert_eq!(
+            cache.get(11, |_| Some(stamp(200))).map(|s| s.start_ticks),
+            Some(200)
+        );
+    }
+
+    #[test]
+    fn machines_are_told_apart_by_machine_id_only() {
+        let a = ProcessStamp {
+            boot_id: "b1".into(),
+            pid_ns: 1,
+            start_ticks: 1,
+            machine_id: Some("m1".into()),
+        };
+        let b = ProcessStamp {
+            boot_id: "b2".into(),
+            machine_id: Some("m2".into()),
+            ..a.clone()
+        };
+        let unknown = ProcessStamp {
+            machine_id: None,
+            ..a.clone()
+        };
+        assert_eq!(a.same_machine_as(&a), Some(true));
+        assert_eq!(a.same_machine_as(&b), Some(false));
+        assert_eq!(a.same_machine_as(&unknown), None);
     }
 }

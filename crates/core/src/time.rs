@@ -1,7 +1,7 @@
 //! Small helpers to show wall-clock times and durations to people.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Displays a [`SystemTime`] as an RFC 3339 UTC timestamp with milliseconds,
 /// for example `2026-11-24T19:35:02.123Z`.
@@ -74,6 +74,25 @@ impl fmt::Debug for Short {
     }
 }
 
+/// `start + d`, or the latest instant this platform can represent near it
+/// when the sum overflows: a deadline of "practically never" instead of a
+/// panic, for durations such as [`Duration::MAX`].
+pub fn saturating_add(start: Instant, d: Duration) -> Instant {
+    if let Some(sum) = start.checked_add(d) {
+        return sum;
+    }
+    // Halve the step until it fits: at worst ~64 tries, each one checked.
+    let mut at = start;
+    let mut step = d;
+    while !step.is_zero() {
+        match at.checked_add(step) {
+            Some(next) => at = next,
+            None => step /= 2,
+        }
+    }
+    at
+}
+
 /// Milliseconds since the Unix epoch, saturating (0 before 1970).
 pub fn unix_millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -97,6 +116,17 @@ mod tests {
         assert_eq!(Utc(UNIX_EPOCH).to_string(), "1970-01-01T00:00:00.000Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(Utc(leap).to_string(), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn saturating_add_never_panics() {
+        let now = Instant::now();
+        assert_eq!(
+            saturating_add(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+        let far = saturating_add(now, Duration::MAX);
+        assert!(far > now + Duration::from_secs(1_000_000_000));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::id::{DocName, RunId};
+use crate::keeper::LeaseKeeper;
 use crate::lease::{Lease, LockKey, Owner};
 use crate::lock::Lock;
 use crate::store::{GetOptions, PutMode, PutOptions, StoredDoc};
@@ -380,37 +381,55 @@ impl Run {
         const OP: Operation = Operation::Update;
         let name = doc_name::<T>(&self.id, OP)?;
         let backend = &self.client.backend;
+        // One owner per update: a retry after a lost reply gets its own
+        // grant back, and no other task of this client shares it.
+        let owner = self.client.config.owner.sibling();
         let mut backoff = Backoff::new(&self.client.config.wait);
         loop {
             let (lease, stored) = self
-                .acquire_and_load(&name, backoff.deadline())
+                .acquire_and_load(&name, &owner, backoff.deadline())
                 .await
                 .map_err(|e| self.context(e, &name, OP))?;
-            let (mut doc, original) = self.open_loaded(&lease, &name, stored, init, OP).await?;
+            let keeper = self.keep(lease).await;
+            let (mut doc, original) = match self.open_loaded(&name, stored, init, OP) {
+                Ok(loaded) => loaded,
+                Err(error) => {
+                    self.release_kept(keeper).await;
+                    return Err(error);
+                }
+            };
             let out = f(&mut doc);
             let bytes = match self.encode(&name, &doc, OP) {
                 Ok(bytes) => bytes,
                 Err(error) => {
-                    self.release_quietly(&lease).await;
+                    self.release_kept(keeper).await;
                     return Err(error);
                 }
             };
             let mode = match original {
                 Some((ref old, ref version)) => {
                     if *old == bytes {
-                        self.release_quietly(&lease).await;
+                        self.release_kept(keeper).await;
                         return Ok(out);
                     }
                     PutMode::Update(version.clone())
                 }
                 None => PutMode::Create,
             };
-            match backend.save_and_release(&lease, &name, bytes, mode).await {
+            let saved = match keeper.stop().await {
+                Ok(lease) => backend.save_and_release(&lease, &name, bytes, mode).await,
+                // Lost while `f` ran: nothing was written; start over.
+                Err(lost) => Err(lost),
+            };
+            match saved {
                 Ok(_) => return Ok(out),
                 Err(error)
                     if matches!(
                         error.kind(),
-                        ErrorKind::Fenced | ErrorKind::Precondition | ErrorKind::AlreadyExists
+                        ErrorKind::Fenced
+                            | ErrorKind::LeaseLost
+                            | ErrorKind::Precondition
+                            | ErrorKind::AlreadyExists
                     ) =>
                 {
                     tracing::debug!(%error, "locked update refused, retrying on fresh data");
@@ -427,6 +446,7 @@ impl Run {
     async fn acquire_and_load(
         &self,
         name: &DocName,
+        owner: &Owner,
         deadline: Instant,
     ) -> Result<(Lease, Option<StoredDoc>)> {
         let config = &self.client.config;
@@ -439,7 +459,7 @@ impl Run {
             .acquire_and_load_waiting(
                 &self.lock_key(name),
                 name,
-                &config.owner,
+                owner,
                 config.ttl,
                 self.get_options(),
                 &policy,
@@ -447,28 +467,45 @@ impl Run {
             .await
     }
 
-    /// Decodes what `acquire_and_load` returned, releasing the lease on
-    /// failure. Returns the document and, when it existed, its bytes and
-    /// version.
-    async fn open_loaded<T: Document>(
+    /// Starts renewing `lease` in the background.
+    async fn keep(&self, lease: Lease) -> LeaseKeeper {
+        let keeper = LeaseKeeper::start(
+            Arc::clone(&self.client.backend),
+            lease,
+            self.client.config.ttl,
+        );
+        // Tokio runs a task spawned by a worker from a slot no other worker
+        // can steal; yielding once lets the renewal task start (and arm its
+        // timer) here, so a caller that then blocks this thread (a long
+        // computation inside `update`) cannot starve it.
+        tokio::task::yield_now().await;
+        keeper
+    }
+
+    /// Decodes what `acquire_and_load` returned. Returns the document and,
+    /// when it existed, its bytes and version.
+    fn open_loaded<T: Document>(
         &self,
-        lease: &Lease,
         name: &DocName,
         stored: Option<StoredDoc>,
         init: Option<fn() -> T>,
         op: Operation,
     ) -> Result<(T, Option<(Bytes, Version)>)> {
-        let outcome = match (stored, init) {
+        match (stored, init) {
             (Some(StoredDoc { bytes, version }), _) => self
                 .decode::<T>(name, &bytes, op)
                 .map(|doc| (doc, Some((bytes, version)))),
             (None, Some(init)) => Ok((init(), None)),
             (None, None) => Err(self.not_found::<T>(op)),
-        };
-        if outcome.is_err() {
-            self.release_quietly(lease).await;
         }
-        outcome
+    }
+
+    /// Stops renewing and releases, without a write.
+    async fn release_kept(&self, keeper: LeaseKeeper) {
+        match keeper.stop().await {
+            Ok(lease) => self.release_quietly(&lease).await,
+            Err(error) => tracing::debug!(%error, "lease lost before its release"),
+        }
     }
 
     async fn release_quietly(&self, lease: &Lease) {
@@ -501,20 +538,26 @@ impl Run {
     async fn lock_inner<T: Document>(&self, init: Option<fn() -> T>) -> Result<Guard<T>> {
         const OP: Operation = Operation::Acquire;
         let name = doc_name::<T>(&self.id, OP)?;
-        let deadline = Instant::now() + self.client.config.wait.timeout;
+        let deadline = crate::time::saturating_add(Instant::now(), self.client.config.wait.timeout);
+        let owner = self.client.config.owner.sibling();
         let (lease, stored) = self
-            .acquire_and_load(&name, deadline)
+            .acquire_and_load(&name, &owner, deadline)
             .await
             .map_err(|e| self.context(e, &name, OP))?;
-        let (doc, original) = self.open_loaded(&lease, &name, stored, init, OP).await?;
-        Ok(Guard {
-            run: self.clone(),
-            name,
-            lease,
-            armed: true,
-            doc,
-            original,
-        })
+        let keeper = self.keep(lease).await;
+        match self.open_loaded(&name, stored, init, OP) {
+            Ok((doc, original)) => Ok(Guard {
+                run: self.clone(),
+                name,
+                keeper: Some(keeper),
+                doc,
+                original,
+            }),
+            Err(error) => {
+                self.release_kept(keeper).await;
+                Err(error)
+            }
+        }
     }
 }
 
@@ -538,20 +581,36 @@ impl Run {
 /// ron.commit().await?;
 /// # Ok(()) }
 /// ```
+#[must_use = "a guard holds a lock until it is committed, released or dropped"]
 pub struct Guard<T: Document> {
     run: Run,
     name: DocName,
-    lease: Lease,
-    /// Whether dropping the guard must still release the lease.
-    armed: bool,
+    /// Keeps the lease alive; `None` once committed or released.
+    keeper: Option<LeaseKeeper>,
     doc: T,
     original: Option<(Bytes, Version)>,
 }
 
 impl<T: Document> Guard<T> {
-    /// The lease held.
-    pub fn lease(&self) -> &Lease {
-        &self.lease
+    fn keeper(&self) -> &LeaseKeeper {
+        // Only `commit` and `release` take it, and they consume the guard.
+        self.keeper
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a live guard has its keeper"))
+    }
+
+    /// The lease held now (renewals replace it).
+    pub fn lease(&self) -> Lease {
+        self.keeper().lease()
+    }
+
+    /// Whether the lease was lost: a background renewal was refused (the
+    /// lock was broken or taken over) or could not be made before the TTL
+    /// ran out. [`commit`](Guard::commit) then fails with `LeaseLost`
+    /// without writing.
+    #[must_use]
+    pub fn lease_lost(&self) -> bool {
+        self.keeper().is_lost()
     }
 
     /// The version loaded, or `None` when the document did not exist.
@@ -559,21 +618,19 @@ impl<T: Document> Guard<T> {
         self.original.as_ref().map(|(_, v)| v)
     }
 
-    /// Extends the lease by the client's TTL.
+    /// Extends the lease by the client's TTL now. The guard also renews it
+    /// in the background every third of the TTL while it lives, so this is
+    /// only needed to extend it at a moment of the caller's choosing.
     ///
     /// # Errors
     /// `LeaseLost` when it already expired or was taken over.
     pub async fn renew(&mut self) -> Result<()> {
         let ttl = self.run.client.config.ttl;
-        let renewed = self
-            .run
-            .client
-            .backend
-            .renew(&self.lease, ttl)
+        self.keeper()
+            .renew_now(&*self.run.client.backend, ttl)
             .await
-            .map_err(|e| self.run.context(e, &self.name, Operation::Renew))?;
-        self.lease = renewed;
-        Ok(())
+            .map(drop)
+            .map_err(|e| self.run.context(e, &self.name, Operation::Renew))
     }
 
     /// Saves the document (fenced by the lease, conditional on the version
@@ -581,34 +638,42 @@ impl<T: Document> Guard<T> {
     /// nothing is written and the loaded version is returned.
     ///
     /// # Errors
-    /// `Fenced` when the lease lapsed and another holder took the lock;
-    /// `Precondition` when the document changed underneath; `TooLarge`;
-    /// backend errors. The lease is released in every case.
+    /// `LeaseLost` when the lease was lost while the guard was held (see
+    /// [`lease_lost`](Guard::lease_lost)); `Fenced` when the lease lapsed
+    /// and another holder took the lock; `Precondition` when the document
+    /// changed underneath; `TooLarge`; backend errors. Nothing is written
+    /// in any of these cases, and the lease is released in every case.
     pub async fn commit(mut self) -> Result<Version> {
         const OP: Operation = Operation::Commit;
-        self.armed = false;
-        let lease = &self.lease;
-        let bytes = match self.run.encode(&self.name, &self.doc, OP) {
+        let keeper = self
+            .keeper
+            .take()
+            .unwrap_or_else(|| unreachable!("live guard"));
+        let run = &self.run;
+        let bytes = match run.encode(&self.name, &self.doc, OP) {
             Ok(bytes) => bytes,
             Err(error) => {
-                self.run.release_quietly(lease).await;
+                run.release_kept(keeper).await;
                 return Err(error);
             }
         };
         let mode = match &self.original {
             Some((old, version)) if *old == bytes => {
-                self.run.release_quietly(lease).await;
+                run.release_kept(keeper).await;
                 return Ok(version.clone());
             }
             Some((_, version)) => PutMode::Update(version.clone()),
             None => PutMode::Create,
         };
-        self.run
-            .client
-            .backend
-            .save_and_release(lease, &self.name, bytes, mode)
+        let lease = keeper
+            .stop()
             .await
-            .map_err(|e| self.run.context(e, &self.name, OP))
+            .map_err(|e| run.context(e, &self.name, OP))?;
+        run.client
+            .backend
+            .save_and_release(&lease, &self.name, bytes, mode)
+            .await
+            .map_err(|e| run.context(e, &self.name, OP))
     }
 
     /// Releases the lock without saving.
@@ -616,11 +681,18 @@ impl<T: Document> Guard<T> {
     /// # Errors
     /// `LeaseLost` when the lease had already lapsed.
     pub async fn release(mut self) -> Result<()> {
-        self.armed = false;
+        let keeper = self
+            .keeper
+            .take()
+            .unwrap_or_else(|| unreachable!("live guard"));
+        let lease = keeper
+            .stop()
+            .await
+            .map_err(|e| self.run.context(e, &self.name, Operation::Release))?;
         self.run
             .client
             .backend
-            .release(&self.lease)
+            .release(&lease)
             .await
             .map_err(|e| self.run.context(e, &self.name, Operation::Release))
     }
@@ -641,21 +713,25 @@ impl<T: Document> DerefMut for Guard<T> {
 
 impl<T: Document> Drop for Guard<T> {
     fn drop(&mut self) {
-        if !std::mem::replace(&mut self.armed, false) {
+        let Some(keeper) = self.keeper.take() else {
             return;
-        }
-        let lease = self.lease.clone();
+        };
         let backend = Arc::clone(&self.run.client.backend);
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 handle.spawn(async move {
-                    if let Err(error) = backend.release(&lease).await {
-                        tracing::debug!(%error, "release of a dropped guard");
+                    match keeper.stop().await {
+                        Ok(lease) => {
+                            if let Err(error) = backend.release(&lease).await {
+                                tracing::debug!(%error, "release of a dropped guard");
+                            }
+                        }
+                        Err(error) => tracing::debug!(%error, "a dropped guard's lease was lost"),
                     }
                 });
             }
             Err(_) => tracing::debug!(
-                lock = %lease.key(),
+                lock = %keeper.lease().key(),
                 "guard dropped outside a Tokio runtime; the lease will expire by its TTL"
             ),
         }
@@ -667,7 +743,7 @@ impl<T: Document + fmt::Debug> fmt::Debug for Guard<T> {
         f.debug_struct("Guard")
             .field("run", &self.run.id)
             .field("doc", &self.name)
-            .field("lease", &self.lease)
+            .field("lease", &self.keeper.as_ref().map(LeaseKeeper::lease))
             .field("value", &self.doc)
             .finish()
     }

@@ -73,7 +73,7 @@ impl Backoff {
     /// Starts the clock for `policy`.
     pub fn new(policy: &WaitPolicy) -> Self {
         Backoff {
-            deadline: Instant::now() + policy.timeout,
+            deadline: crate::time::saturating_add(Instant::now(), policy.timeout),
             nominal: policy.initial_backoff.max(Duration::from_micros(100)),
             policy: policy.clone(),
         }
@@ -92,13 +92,16 @@ impl Backoff {
             return None;
         }
         let nominal = self.nominal;
-        let grown = nominal.mul_f64(self.policy.multiplier.max(1.0));
+        // `mul_f64` panics on overflow or an infinite factor; this saturates.
+        let grown =
+            Duration::try_from_secs_f64(nominal.as_secs_f64() * self.policy.multiplier.max(1.0))
+                .unwrap_or(Duration::MAX);
         self.nominal = grown.min(self.policy.max_backoff.max(nominal));
         let half = nominal / 2;
         let jitter = Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64));
         let mut delay = half + jitter;
         if let Some(hint) = hint {
-            delay = delay.min(hint + Duration::from_millis(1));
+            delay = delay.min(hint.saturating_add(Duration::from_millis(1)));
         }
         Some(delay.min(left))
     }
@@ -244,6 +247,22 @@ mod tests {
         }
         let d = backoff.next_delay(Some(Duration::from_millis(3))).unwrap();
         assert!(d <= Duration::from_millis(4));
+    }
+
+    #[test]
+    fn absurd_policies_never_panic() {
+        let policy = WaitPolicy {
+            timeout: Duration::MAX,
+            initial_backoff: Duration::MAX,
+            max_backoff: Duration::MAX,
+            multiplier: f64::INFINITY,
+        };
+        let mut backoff = Backoff::new(&policy);
+        assert!(backoff.deadline() > Instant::now());
+        for _ in 0..3 {
+            assert!(backoff.next_delay(Some(Duration::MAX)).is_some());
+        }
+        let _ = format!("{policy:?} {backoff:?}");
     }
 
     #[test]

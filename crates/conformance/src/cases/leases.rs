@@ -18,7 +18,7 @@ fn doc_key(ctx: &Ctx) -> LockKey {
     LockKey::Doc(ctx.run("r"), ctx.doc("ron"))
 }
 
-/// A held lock refuses others with `Locked`, naming the holder.
+/// A held lock refuses other owners with `Locked`, naming the holder.
 pub async fn lease_held_is_locked_with_holder(ctx: Ctx) {
     let key = doc_key(&ctx);
     let (a, b) = (ctx.owner(), ctx.owner());
@@ -29,24 +29,215 @@ pub async fn lease_held_is_locked_with_holder(ctx: Ctx) {
         .expect("A acquires");
     assert_eq!(lease.key(), &key);
     assert_eq!(lease.owner(), &a);
-    for who in [&b, &a] {
-        let error = expect_kind(
-            ctx.store.try_acquire(&key, who, LONG).await,
-            ErrorKind::Locked,
-        );
-        let holder = error.holder().expect("Locked names the holder");
-        assert_eq!(holder.owner, a);
-        assert_eq!(holder.owner.host(), a.host());
-        assert_eq!(holder.owner.pid(), std::process::id());
-        assert_eq!(holder.fence, lease.fence());
-        assert!(holder.expires_in > Duration::ZERO && holder.expires_in <= Duration::from_secs(10));
-        assert!(error.is_retryable(), "Locked is worth retrying");
-    }
+    let error = expect_kind(
+        ctx.store.try_acquire(&key, &b, LONG).await,
+        ErrorKind::Locked,
+    );
+    let holder = error.holder().expect("Locked names the holder");
+    assert_eq!(holder.owner, a);
+    assert_eq!(holder.owner.host(), a.host());
+    assert_eq!(holder.owner.pid(), std::process::id());
+    assert_eq!(holder.fence, lease.fence());
+    assert!(holder.expires_in > Duration::ZERO && holder.expires_in <= Duration::from_secs(10));
+    assert!(error.is_retryable(), "Locked is worth retrying");
     ctx.store.release(&lease).await.expect("release");
     ctx.store
         .try_acquire(&key, &b, LONG)
         .await
         .expect("free after release");
+}
+
+/// Acquiring again under the owner that holds the lock returns its grant:
+/// the same fence, the TTL restarted. (A retry after a lost reply must not
+/// wait a whole TTL behind its own grant.) Other owners stay locked out,
+/// and one release frees the lock.
+pub async fn lease_reacquire_by_owner_returns_its_grant(ctx: Ctx) {
+    let key = doc_key(&ctx);
+    let (a, b) = (ctx.owner(), ctx.owner());
+    let first = ctx
+        .store
+        .try_acquire(&key, &a, Duration::from_millis(1500))
+        .await
+        .expect("A acquires");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let again = ctx
+        .store
+        .try_acquire(&key, &a, Duration::from_millis(1500))
+        .await
+        .expect("A acquires again: its own grant");
+    assert_eq!(again.fence(), first.fence(), "the same grant");
+    let held = ctx
+        .store
+        .inspect(&key)
+        .await
+        .expect("inspect")
+        .expect("held");
+    assert_eq!(held.owner, a);
+    assert_eq!(held.fence, first.fence());
+    assert!(
+        held.expires_in > Duration::from_millis(1000),
+        "the TTL restarted: {:?}",
+        held.expires_in
+    );
+    // Past the first grant's TTL, the lock is still A's.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    expect_kind(
+        ctx.store.try_acquire(&key, &b, LONG).await,
+        ErrorKind::Locked,
+    );
+    let (again2, _) = ctx
+        .store
+        .acquire_and_load(&key, &ctx.doc("ron"), &a, LONG, Default::default())
+        .await
+        .expect("acquire_and_load by the holder");
+    assert_eq!(again2.fence(), first.fence());
+    ctx.store.release(&again2).await.expect("release");
+    let next = ctx.store.try_acquire(&key, &b, LONG).await.expect("free");
+    assert!(next.fence() > first.fence());
+}
+
+/// A TTL outside 1 ms ..= `MAX_TTL` is refused with `InvalidArgument`
+/// before anything is written: no lock is left behind (least of all one
+/// that never expires), and a held lease is not changed by a refused
+/// renewal.
+pub async fn lease_absurd_ttl_refused(ctx: Ctx) {
+    let key = doc_key(&ctx);
+    let a = ctx.owner();
+    for ttl in [
+        Duration::ZERO,
+        runstate_core::MAX_TTL + Duration::from_millis(1),
+        Duration::from_secs(u64::MAX / 1000),
+        Duration::MAX,
+    ] {
+        expect_kind(
+            ctx.store.try_acquire(&key, &a, ttl).await,
+            ErrorKind::InvalidArgument,
+        );
+        expect_kind(
+            ctx.store
+                .acquire_and_load(&key, &ctx.doc("ron"), &a, ttl, Default::default())
+                .await,
+            ErrorKind::InvalidArgument,
+        );
+        assert!(
+            ctx.store.inspect(&key).await.expect("inspect").is_none(),
+            "nothing held after a refused TTL of {ttl:?}"
+        );
+        assert!(ctx.store.list_locks(None).await.expect("list").is_empty());
+    }
+    let lease = ctx
+        .store
+        .try_acquire(&key, &a, Duration::from_secs(5))
+        .await
+        .expect("a sane TTL");
+    expect_kind(
+        ctx.store.renew(&lease, Duration::MAX).await,
+        ErrorKind::InvalidArgument,
+    );
+    let held = ctx
+        .store
+        .inspect(&key)
+        .await
+        .expect("inspect")
+        .expect("held");
+    assert_eq!(held.fence, lease.fence());
+    assert!(held.expires_in <= Duration::from_secs(5));
+    ctx.store.release(&lease).await.expect("release");
+}
+
+/// A failed save under `save_and_release` still releases the lease: a
+/// lease that does not cover the document, a refused condition, and (where
+/// the harness can stage it) a document that cannot be written.
+pub async fn save_and_release_releases_on_failure(ctx: Ctx) {
+    let run = ctx.run("r");
+    let (ron, climate) = (ctx.doc("ron"), ctx.doc("climate"));
+    let key = LockKey::Doc(run.clone(), ron.clone());
+    let free = |what: &'static str| {
+        let (store, key) = (Arc::clone(&ctx.store), key.clone());
+        async move {
+            assert!(
+                store.inspect(&key).await.expect("inspect").is_none(),
+                "the lease is released after {what}"
+            );
+        }
+    };
+
+    let lease = ctx
+        .store
+        .try_acquire(&key, &ctx.owner(), LONG)
+        .await
+        .expect("acquire");
+    expect_kind(
+        ctx.store
+            .save_and_release(
+                &lease,
+                &climate,
+                Bytes::from_static(b"x"),
+                Default::default(),
+            )
+            .await,
+        ErrorKind::InvalidArgument,
+    );
+    free("a save the lease does not cover").await;
+
+    let lease = ctx
+        .store
+        .try_acquire(&key, &ctx.owner(), LONG)
+        .await
+        .expect("acquire");
+    expect_kind(
+        ctx.store
+            .save_and_release(
+                &lease,
+                &ron,
+                Bytes::from_static(b"x"),
+                runstate_core::PutMode::Update(runstate_core::Version::new("no-such-version")),
+            )
+            .await,
+        ErrorKind::Precondition,
+    );
+    free("a refused condition").await;
+
+    let broken = ctx.doc("unwritable");
+    if !ctx.make_unwritable(&run, &broken).await {
+        eprintln!(
+            "note: backend `{}` cannot stage an unwritable document; checked the other failures",
+            ctx.backend()
+        );
+        return;
+    }
+    let broken_key = LockKey::Doc(run.clone(), broken.clone());
+    let lease = ctx
+        .store
+        .try_acquire(&broken_key, &ctx.owner(), LONG)
+        .await
+        .expect("acquire");
+    let error = ctx
+        .store
+        .save_and_release(
+            &lease,
+            &broken,
+            Bytes::from_static(b"x"),
+            Default::default(),
+        )
+        .await
+        .expect_err("a save of an unwritable document fails");
+    assert!(
+        !matches!(error.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost),
+        "the failure is the write's, not the lease's: {error}"
+    );
+    assert!(
+        ctx.store
+            .inspect(&broken_key)
+            .await
+            .expect("inspect")
+            .is_none(),
+        "the lease is released after a failed write: {error}"
+    );
+    ctx.store
+        .try_acquire(&broken_key, &ctx.owner(), LONG)
+        .await
+        .expect("another owner takes it at once");
 }
 
 /// Renewing keeps the lease past its first TTL, with the same fence.

@@ -136,3 +136,64 @@ pub async fn race_locked_increments_exact(ctx: Ctx) {
     let counter: Counter = ctx.client().run(run_id).load().await.expect("load");
     assert_eq!(counter.n, 400);
 }
+
+/// One client shared by 8 tasks × 25 locked increments: exactly 200. The
+/// client's owner is shared, so each update must take the lock under an
+/// owner of its own, or two tasks would "hold" it at once.
+pub async fn race_one_client_shared_by_tasks(ctx: Ctx) {
+    let run = ctx.client().run(ctx.run("r"));
+    run.save(&Counter::default()).await.expect("save");
+    let mut tasks = JoinSet::new();
+    for _ in 0..8 {
+        let run = run.clone();
+        tasks.spawn(async move {
+            for _ in 0..25 {
+                run.update(|c: &mut Counter| c.n += 1)
+                    .await
+                    .expect("locked increment");
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("joined");
+    }
+    assert_eq!(run.load::<Counter>().await.expect("load").n, 200);
+}
+
+/// 8 tasks start their locked increments before the document exists
+/// (`update_or_default` and `lock_or_default` each create it when absent):
+/// exactly one creation wins, every other racer is granted the lock right
+/// after it and must load the new document, never see it absent (which
+/// would fail `update` with `NotFound` or a guard's commit with
+/// `AlreadyExists`).
+pub async fn race_updates_before_the_document_exists(ctx: Ctx) {
+    let run_id = ctx.run("r");
+    let start = Arc::new(tokio::sync::Barrier::new(8));
+    let mut tasks = JoinSet::new();
+    for task in 0..8u64 {
+        let run = ctx.client().run(run_id.clone());
+        let start = Arc::clone(&start);
+        tasks.spawn(async move {
+            start.wait().await;
+            for i in 0..10u64 {
+                if (task + i) % 2 == 0 {
+                    run.update_or_default(|c: &mut Counter| c.n += 1)
+                        .await
+                        .expect("update_or_default");
+                } else {
+                    let mut guard = run
+                        .lock_or_default::<Counter>()
+                        .await
+                        .expect("lock_or_default");
+                    guard.n += 1;
+                    guard.commit().await.expect("commit");
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("joined");
+    }
+    let counter: Counter = ctx.client().run(run_id).load().await.expect("load");
+    assert_eq!(counter.n, 80);
+}

@@ -195,11 +195,13 @@ pub async fn typed_load_save_round_trip(ctx: Ctx) {
     assert!(run.load_opt::<Counter>().await.expect("load").is_none());
 }
 
-/// A guard committed after its lease lapsed and the lock changed hands is
-/// `Fenced`; the other writer's value stays.
+/// A guard committed after its lease was taken away and the lock changed
+/// hands writes nothing: `Fenced` (or `LeaseLost` when its renewal noticed
+/// first); the other writer's value stays. (A guard renews its lease while
+/// it lives, so here an operator breaks it; a holder that stalls past its
+/// TTL is the stale-holder cases' and the multi-process cases'.)
 pub async fn typed_guard_commit_after_takeover_is_fenced(ctx: Ctx) {
-    let slow = ctx.client().with_ttl(Duration::from_millis(300));
-    let run = slow.run(ctx.run("r"));
+    let run = ctx.client().run(ctx.run("r"));
     run.save(&Counter {
         n: 1,
         note: String::new(),
@@ -208,13 +210,18 @@ pub async fn typed_guard_commit_after_takeover_is_fenced(ctx: Ctx) {
     .expect("save");
     let mut guard = run.lock::<Counter>().await.expect("lock");
     guard.n = 100;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let key = LockKey::Doc(ctx.run("r"), ctx.doc("counter"));
+    ctx.store.break_lock(&key, None).await.expect("break");
     ctx.client()
         .run(ctx.run("r"))
         .update(|c: &mut Counter| c.n = 2)
         .await
         .expect("other writer");
-    expect_kind(guard.commit().await, ErrorKind::Fenced);
+    let error = guard.commit().await.expect_err("a stale guard cannot save");
+    assert!(
+        matches!(error.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost),
+        "{error}"
+    );
     assert_eq!(run.load::<Counter>().await.expect("load").n, 2);
 }
 
@@ -326,5 +333,87 @@ pub async fn combined_operations_hold_and_release(ctx: Ctx) {
             .expect("present")
             .bytes[..],
         b"new"
+    );
+}
+
+/// A guard held by a live holder longer than its TTL keeps its lease: it
+/// renews it in the background, so the commit saves (0.6 s TTL, held 2 s),
+/// and another owner stays locked out all along.
+pub async fn typed_guard_outlives_its_ttl(ctx: Ctx) {
+    let client = ctx.client().with_ttl(Duration::from_millis(600));
+    let run = client.run(ctx.run("r"));
+    run.save(&Counter::default()).await.expect("seed");
+    let mut guard = run.lock::<Counter>().await.expect("lock");
+    let fence = guard.lease().fence();
+    guard.n = 1;
+    let key = LockKey::Doc(ctx.run("r"), ctx.doc("counter"));
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        expect_kind(
+            ctx.store
+                .try_acquire(&key, &ctx.owner(), Duration::from_secs(5))
+                .await,
+            ErrorKind::Locked,
+        );
+        assert!(!guard.lease_lost());
+    }
+    assert_eq!(guard.lease().fence(), fence, "renewals keep the fence");
+    guard
+        .commit()
+        .await
+        .expect("commit after 2 s with a 0.6 s TTL");
+    assert_eq!(run.load::<Counter>().await.expect("load").n, 1);
+    assert!(ctx.store.inspect(&key).await.expect("inspect").is_none());
+}
+
+/// A locked update whose closure runs longer than the TTL (blocking its
+/// thread) still saves: the lease is renewed meanwhile.
+pub async fn typed_update_outlives_its_ttl(ctx: Ctx) {
+    let client = ctx.client().with_ttl(Duration::from_millis(600));
+    let run = client.run(ctx.run("r"));
+    run.save(&Counter::default()).await.expect("seed");
+    let mut calls = 0;
+    run.update(|c: &mut Counter| {
+        calls += 1;
+        std::thread::sleep(Duration::from_millis(1500));
+        c.n += 1;
+    })
+    .await
+    .expect("update");
+    assert_eq!(calls, 1, "not retried: the lease never lapsed");
+    assert_eq!(run.load::<Counter>().await.expect("load").n, 1);
+}
+
+/// A guard whose lease is broken by an operator learns it at its next
+/// renewal: `lease_lost()` turns true and the commit fails with
+/// `LeaseLost` without writing.
+pub async fn typed_guard_sees_a_lost_lease(ctx: Ctx) {
+    let client = ctx.client().with_ttl(Duration::from_millis(600));
+    let run = client.run(ctx.run("r"));
+    run.save(&Counter {
+        n: 7,
+        note: String::new(),
+    })
+    .await
+    .expect("seed");
+    let mut guard = run.lock::<Counter>().await.expect("lock");
+    guard.n = 1000;
+    let key = LockKey::Doc(ctx.run("r"), ctx.doc("counter"));
+    ctx.store
+        .break_lock(&key, None)
+        .await
+        .expect("break")
+        .expect("it was held");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !guard.lease_lost() {
+        assert!(Instant::now() < deadline, "the loss was never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let error = expect_kind(guard.commit().await, ErrorKind::LeaseLost);
+    assert_eq!(error.run(), Some(&ctx.run("r")));
+    assert_eq!(
+        run.load::<Counter>().await.expect("load").n,
+        7,
+        "nothing written"
     );
 }
