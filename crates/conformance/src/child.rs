@@ -22,7 +22,27 @@ pub(crate) struct Job {
     pub(crate) namespace: String,
     pub(crate) run: String,
     pub(crate) increments: u64,
+    /// What the child does: locked increments (the default), or hold a
+    /// guard and commit it when told (the stopped-holder case).
+    #[serde(default)]
+    pub(crate) task: Task,
 }
+
+/// A child's task.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+pub(crate) enum Task {
+    /// `increments` locked increments of the counter.
+    #[default]
+    Increments,
+    /// Lock the counter (TTL `increments` ms), set it to 999, print
+    /// [`LOCKED`], wait for a line on stdin, commit, print the outcome.
+    HoldThenCommit,
+}
+
+/// Printed by a `HoldThenCommit` child once it holds its guard.
+pub(crate) const LOCKED: &str = "runstate-conformance-locked";
+/// Printed by a `HoldThenCommit` child with the outcome of its commit.
+pub(crate) const OUTCOME: &str = "runstate-conformance-outcome=";
 
 /// Body of the child test: when started by the multi-process case, performs
 /// its locked increments and prints how many were acknowledged; run by hand,
@@ -48,6 +68,25 @@ pub fn child_main<H: Harness>() {
         let client = Client::new(Arc::clone(&store))
             .with_wait(WaitPolicy::with_timeout(Duration::from_secs(120)));
         let run = client.run(RunId::new(&job.run).expect("valid run id"));
+        if let Task::HoldThenCommit = job.task {
+            let run = client
+                .with_ttl(Duration::from_millis(job.increments))
+                .run(run.id().clone());
+            let mut guard = run.lock::<Counter>().await.expect("child locks");
+            guard.n = 999;
+            println!("{LOCKED}");
+            let mut line = String::new();
+            tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line))
+                .await
+                .expect("join")
+                .expect("a line on stdin");
+            let outcome = match guard.commit().await {
+                Ok(_) => "saved".to_owned(),
+                Err(error) => format!("{:?}", error.kind()),
+            };
+            println!("{OUTCOME}{outcome}");
+            return;
+        }
         let mut acks = 0u64;
         for _ in 0..job.increments {
             run.update(|c: &mut Counter| c.n += 1)
@@ -64,36 +103,53 @@ pub fn child_main<H: Harness>() {
     });
 }
 
+/// The command that re-executes the test binary as child number `index`
+/// with `job`, under the harness's wrapper, in a process group of its own.
+pub(crate) fn child_command(ctx: &Ctx, job: &Job, index: usize) -> Command {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let test_name = ctx
+        .child_test
+        .split_once("::")
+        .map_or(ctx.child_test, |(_, rest)| rest);
+    let wrapper = (ctx.child_wrapper)(index);
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    };
+    command.process_group(0);
+    command
+        .args([
+            test_name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD_VAR, serde_json::to_string(job).expect("job encodes"));
+    command
+}
+
 /// Starts `count` children, each doing `increments` locked increments of
 /// the counter of `run`, and returns the sum of their acknowledged counts.
 ///
 /// # Panics
 /// When a child cannot start or fails.
 pub(crate) async fn spawn_children(ctx: &Ctx, run: &str, count: usize, increments: u64) -> u64 {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    // libtest names a test by its module path without the crate name.
-    let test_name = ctx
-        .child_test
-        .split_once("::")
-        .map_or(ctx.child_test, |(_, rest)| rest);
-    let job = serde_json::to_string(&Job {
+    let job = Job {
         namespace: ctx.namespace.clone(),
         run: run.to_owned(),
         increments,
-    })
-    .expect("job encodes");
+        task: Task::Increments,
+    };
     let mut children = Vec::new();
-    for _ in 0..count {
-        let child = Command::new(&exe)
-            .args([
-                test_name,
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env(CHILD_VAR, &job)
+    for index in 0..count {
+        let child = child_command(ctx, &job, index)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

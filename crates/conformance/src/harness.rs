@@ -18,6 +18,10 @@ pub trait Harness: Send + Sync + 'static {
     /// The environment variable with the server's URL, for backends that
     /// need one.
     const URL_VAR: Option<&'static str>;
+    /// Whether several processes can open the same namespace and share its
+    /// data (false for in-memory stores, which the multi-process cases then
+    /// skip, saying so).
+    const CROSS_PROCESS: bool = true;
 
     /// Opens a store confined to `namespace` (a fresh random name per case;
     /// child processes of the multi-process case open the same namespace and
@@ -27,6 +31,18 @@ pub trait Harness: Send + Sync + 'static {
 
     /// Removes everything the namespace holds.
     async fn cleanup(namespace: &str) -> Result<(), Error>;
+
+    /// A command (and its arguments) that child process number `index` of
+    /// the multi-process cases is started under, the test binary and its
+    /// arguments appended; empty (the default) starts the test binary
+    /// itself. A harness can make children look like other hosts this way
+    /// (`unshare --uts --pid …`), so that no same-host shortcut applies
+    /// between them. Children run in process groups of their own, and
+    /// signals go to the whole group.
+    fn child_wrapper(index: usize) -> Vec<String> {
+        let _ = index;
+        Vec::new()
+    }
 
     /// Makes document `doc` of `run` impossible to write in `namespace`
     /// (the store must then fail any save of it with an error, as a full
@@ -42,6 +58,8 @@ pub trait Harness: Send + Sync + 'static {
 
 type Unwritable =
     fn(String, RunId, DocName) -> Pin<Box<dyn Future<Output = Result<bool, Error>> + Send>>;
+type Reopen =
+    fn(String) -> Pin<Box<dyn Future<Output = Result<Option<Arc<dyn Lock>>, Error>> + Send>>;
 
 /// Whether `RUNSTATE_REQUIRE_BACKENDS` names `backend` (or is `all`).
 pub fn is_required(backend: &str) -> bool {
@@ -88,6 +106,9 @@ pub struct Ctx {
     pub(crate) child_test: &'static str,
     pub(crate) backend: &'static str,
     pub(crate) unwritable: Unwritable,
+    pub(crate) cross_process: bool,
+    pub(crate) child_wrapper: fn(usize) -> Vec<String>,
+    pub(crate) reopen: Reopen,
 }
 
 impl Ctx {
@@ -115,6 +136,31 @@ impl Ctx {
     /// The backend's name.
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// Another handle on this case's namespace, opened as a separate
+    /// client would open it (its own connections, its own cache): what
+    /// writes "behind the back" of `store`.
+    ///
+    /// # Panics
+    /// When it cannot be opened.
+    pub async fn reopen(&self) -> Arc<dyn Lock> {
+        (self.reopen)(self.namespace.clone())
+            .await
+            .unwrap_or_else(|e| panic!("cannot reopen namespace {}: {e}", self.namespace))
+            .expect("the backend is configured")
+    }
+
+    /// Whether other processes can share this namespace; when not, a
+    /// multi-process case says so and returns.
+    pub fn cross_process(&self) -> bool {
+        if !self.cross_process {
+            eprintln!(
+                "note: case {} needs several processes sharing a store; `{}` lives in one process",
+                self.case, self.backend
+            );
+        }
+        self.cross_process
     }
 
     /// Makes `doc` of `run` unwritable in this namespace, if the harness
@@ -182,6 +228,9 @@ pub fn run_case<H: Harness>(
             unwritable: |namespace, run, doc| {
                 Box::pin(async move { H::make_unwritable(&namespace, &run, &doc).await })
             },
+            cross_process: H::CROSS_PROCESS,
+            child_wrapper: H::child_wrapper,
+            reopen: |namespace| Box::pin(async move { H::open(&namespace).await }),
         };
         let outcome = tokio::spawn(body(ctx)).await;
         if let Err(error) = H::cleanup(&namespace).await {

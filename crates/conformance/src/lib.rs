@@ -132,13 +132,21 @@ macro_rules! __case_list {
             stale_holder_is_fenced, stale_run_lock_holder_is_fenced,
             fenced_save_is_conditional_on_the_loaded_version,
             // 9. multi-process
-            multi_process_locked_increments,
+            multi_process_locked_increments, stopped_holder_process_is_fenced,
             // 10. typed documents
             typed_update_noop_does_not_write, typed_guard_commit_saves,
             typed_guard_drop_releases_without_saving, typed_update_absent_not_found,
             typed_load_save_round_trip, typed_guard_commit_after_takeover_is_fenced,
             combined_operations_hold_and_release, typed_guard_outlives_its_ttl,
-            typed_update_outlives_its_ttl, typed_guard_sees_a_lost_lease
+            typed_update_outlives_its_ttl, typed_guard_sees_a_lost_lease,
+            typed_named_documents_and_refusing_updates,
+            // 11. watch, status, milestones
+            watch_sees_every_acknowledged_write, watch_overflow_gives_resync,
+            status_replay_then_follow, status_slow_subscriber_gets_resync,
+            milestones_field_by_field,
+            // 12. split-store fencing, conditional reads
+            foreign_fences_are_checked_by_the_store, conditional_get_validates_a_version,
+            writes_behind_the_back_are_never_lost
         }
     };
 }

@@ -115,6 +115,20 @@ pub enum Operation {
     Verify,
     /// Probing what a backend honours.
     Doctor,
+    /// Raising a fence watermark ([`Store::claim`](crate::Store::claim)).
+    Claim,
+    /// A conditional read ([`Store::get_if_changed`](crate::Store::get_if_changed)).
+    GetIfChanged,
+    /// Watching a run.
+    Watch,
+    /// Publishing a status message.
+    Publish,
+    /// Subscribing to status messages.
+    Subscribe,
+    /// Marking a milestone or setting an attribute.
+    Mark,
+    /// Reading milestones and attributes.
+    Milestones,
 }
 
 impl Operation {
@@ -143,6 +157,13 @@ impl Operation {
             Operation::Migrate => "migrate",
             Operation::Verify => "verify",
             Operation::Doctor => "doctor",
+            Operation::Claim => "claim",
+            Operation::GetIfChanged => "get_if_changed",
+            Operation::Watch => "watch",
+            Operation::Publish => "publish",
+            Operation::Subscribe => "subscribe",
+            Operation::Mark => "mark",
+            Operation::Milestones => "milestones",
         }
     }
 }

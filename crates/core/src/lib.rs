@@ -55,13 +55,17 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cache;
 mod codec;
 mod error;
+pub mod events;
 mod id;
 mod keeper;
 mod lease;
 mod lock;
+pub mod memory;
 pub mod process;
+pub mod secrets;
 mod signals;
 mod store;
 pub mod time;
@@ -69,8 +73,13 @@ mod typed;
 mod version;
 mod wait;
 
+pub use cache::{Cache, Cached};
 pub use codec::Codec;
 pub use error::{BoxError, Error, ErrorKind, Operation, Result, display_chain};
+pub use events::{
+    Feed, FeedSender, Milestones, Replay, StatusEvent, StatusMessage, Subscription, WatchEvent,
+    Watcher,
+};
 pub use id::{DocName, IdKind, IdProblem, InvalidId, MAX_ID_LEN, RunId};
 pub use keeper::LeaseKeeper;
 pub use lease::{
@@ -80,11 +89,11 @@ pub use lock::Lock;
 pub use process::ProcessStamp;
 pub use signals::ReleaseSignals;
 pub use store::{
-    Capabilities, DocMeta, Fencing, GetOptions, LIST_PAGE, ListPage, PutMode, PutOptions, Store,
-    StoreExt, StoredDoc,
+    Capabilities, DocMeta, Fencing, Fetched, GetOptions, LIST_PAGE, ListPage, PutMode, PutOptions,
+    Store, StoreExt, StoredDoc, WatchMode,
 };
 pub use typed::{
-    Client, ClientConfig, DEFAULT_LIMIT, DEFAULT_TTL, Document, Guard, LockScope, Run,
+    Client, ClientConfig, DEFAULT_LIMIT, DEFAULT_TTL, Data, Doc, Document, Guard, LockScope, Run,
 };
 pub use version::Version;
 pub use wait::{Backoff, LockExt, WaitPolicy, retry_while_locked};

@@ -2,13 +2,15 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::Result;
+use crate::events::{Milestones, Replay, Subscription, Watcher};
 use crate::id::{DocName, RunId};
-use crate::lease::Lease;
+use crate::lease::{Fence, Lease, LockKey};
 use crate::version::Version;
 
 /// How a [`Store::put`] treats an existing document.
@@ -34,10 +36,16 @@ pub struct GetOptions {
     /// [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge), checked before
     /// the document is read into memory.
     pub limit: Option<u64>,
+    /// How stale a cached copy may be served without asking the store
+    /// whether it changed. `None` (the default) always validates. Only
+    /// caching stores read it; every other store is always fresh. For
+    /// read-mostly callers (a UI) and optimistic updates, whose conditional
+    /// save catches a stale read anyway.
+    pub max_staleness: Option<std::time::Duration>,
 }
 
 impl GetOptions {
-    /// No options: any size.
+    /// No options: any size, always fresh.
     pub fn new() -> Self {
         Self::default()
     }
@@ -45,6 +53,13 @@ impl GetOptions {
     /// Sets the size limit.
     pub fn with_limit(mut self, limit: u64) -> Self {
         self.limit = Some(limit);
+        self
+    }
+
+    /// Lets a caching store serve a copy up to `max_staleness` old without
+    /// validating it.
+    pub fn with_max_staleness(mut self, max_staleness: std::time::Duration) -> Self {
+        self.max_staleness = Some(max_staleness);
         self
     }
 }
@@ -60,6 +75,14 @@ pub struct PutOptions<'a> {
     /// with [`ErrorKind::Fenced`](crate::ErrorKind::Fenced) (writing
     /// nothing) otherwise. The lease must cover the document.
     pub lease: Option<&'a Lease>,
+    /// A lease granted by *another* lock service (a split store: documents
+    /// here, leases there). The store cannot ask that service, so it keeps,
+    /// per lock, the highest fence it has seen (its watermark, raised by
+    /// [`Store::claim`] and by these writes) and, atomically with the
+    /// write, refuses with `Fenced` a lease whose fence is below it.
+    /// Needs [`Capabilities::foreign_fencing`]; otherwise the write fails
+    /// with `Unsupported`. The lease must cover the document.
+    pub foreign_lease: Option<&'a Lease>,
 }
 
 impl<'a> PutOptions<'a> {
@@ -80,7 +103,11 @@ impl<'a> PutOptions<'a> {
 
     /// A write with `mode`.
     pub fn mode(mode: PutMode) -> Self {
-        PutOptions { mode, lease: None }
+        PutOptions {
+            mode,
+            lease: None,
+            foreign_lease: None,
+        }
     }
 
     /// Makes it a fenced save under `lease`.
@@ -88,6 +115,25 @@ impl<'a> PutOptions<'a> {
         self.lease = Some(lease);
         self
     }
+
+    /// Makes it a save fenced by the store's watermark under a lease
+    /// granted by another lock service (see
+    /// [`foreign_lease`](Self::foreign_lease)).
+    pub fn with_foreign_lease(mut self, lease: &'a Lease) -> Self {
+        self.foreign_lease = Some(lease);
+        self
+    }
+}
+
+/// What a conditional read ([`Store::get_if_changed`]) found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// The stored version is the one the caller holds; no bytes were read.
+    Unchanged,
+    /// Another version: its bytes and version.
+    Changed(StoredDoc),
+    /// There is no such document.
+    Absent,
 }
 
 /// A document as read: its exact bytes and its version.
@@ -160,6 +206,42 @@ pub struct Capabilities {
     pub max_document_size: Option<u64>,
     /// Whether processes on different hosts may share the store safely.
     pub multi_host: bool,
+    /// Whether the store keeps fence watermarks, so that saves under
+    /// leases granted by another lock service are fenced atomically with
+    /// the write ([`Store::claim`], [`PutOptions::foreign_lease`]): what
+    /// makes it usable as the document store of a split store.
+    pub foreign_fencing: bool,
+    /// Whether [`Store::get_if_changed`] is answered without sending the
+    /// document when it is unchanged (a version check on the server or in
+    /// metadata), which is what makes a validated cache hit cheap.
+    pub native_conditional_get: bool,
+    /// How [`Store::watch`] learns of changes, if it can.
+    pub watch: WatchMode,
+    /// Whether status messages ([`Store::publish`], [`Store::subscribe`])
+    /// are supported.
+    pub status: bool,
+    /// Whether milestones and attributes ([`Store::mark`],
+    /// [`Store::set_attr`], [`Store::milestones`]) are supported.
+    pub milestones: bool,
+}
+
+/// How a store's [`watch`](Store::watch) learns of changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WatchMode {
+    /// Not supported.
+    None,
+    /// From a change channel of the backend (Redis pub/sub, PostgreSQL
+    /// `NOTIFY`, inotify). With `every_write`, each write is its own event;
+    /// otherwise writes superseded before they were seen may be reported
+    /// once, with the latest version.
+    Native {
+        /// Whether every write is reported on its own.
+        every_write: bool,
+    },
+    /// By listing the run at this interval: writes superseded within one
+    /// interval are reported once, with the latest version.
+    Polling(std::time::Duration),
 }
 
 impl Capabilities {
@@ -174,7 +256,42 @@ impl Capabilities {
             fencing: Fencing::Atomic,
             max_document_size: None,
             multi_host: false,
+            foreign_fencing: false,
+            native_conditional_get: false,
+            watch: WatchMode::None,
+            status: false,
+            milestones: false,
         }
+    }
+
+    /// Sets how the store watches runs.
+    pub fn with_watch(mut self, watch: WatchMode) -> Self {
+        self.watch = watch;
+        self
+    }
+
+    /// Sets whether status messages are supported.
+    pub fn with_status(mut self, supported: bool) -> Self {
+        self.status = supported;
+        self
+    }
+
+    /// Sets whether milestones and attributes are supported.
+    pub fn with_milestones(mut self, supported: bool) -> Self {
+        self.milestones = supported;
+        self
+    }
+
+    /// Sets whether the store keeps fence watermarks.
+    pub fn with_foreign_fencing(mut self, supported: bool) -> Self {
+        self.foreign_fencing = supported;
+        self
+    }
+
+    /// Sets whether conditional reads skip unchanged bytes.
+    pub fn with_native_conditional_get(mut self, native: bool) -> Self {
+        self.native_conditional_get = native;
+        self
     }
 
     /// Sets whether the store may be shared between hosts.
@@ -292,6 +409,132 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Lock bookkeeping (fence counters, held leases) is kept, so fences
     /// keep increasing if the run is created again.
     async fn delete_run(&self, run: &RunId) -> Result<u64>;
+
+    /// Reads a document unless its stored version is `known`: what a cache
+    /// validates a hit with. Backends with
+    /// [`Capabilities::native_conditional_get`] answer `Unchanged` without
+    /// reading or sending the bytes; the default reads the document and
+    /// compares versions.
+    ///
+    /// # Errors
+    /// As [`get`](Store::get).
+    async fn get_if_changed(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        known: &Version,
+        options: GetOptions,
+    ) -> Result<Fetched> {
+        Ok(match self.get(run, doc, options).await? {
+            None => Fetched::Absent,
+            Some(stored) if stored.version == *known => Fetched::Unchanged,
+            Some(stored) => Fetched::Changed(stored),
+        })
+    }
+
+    /// Raises the fence watermark of `key` to `fence` (never lowers it)
+    /// and then reads `doc`, atomically: after it returns, any save fenced
+    /// by a lease of `key` with a lower fence is refused. A split store
+    /// calls it right after its lock service granted `fence`, before the
+    /// new holder reads, so a stalled previous holder is refused even if
+    /// the new one never writes.
+    ///
+    /// # Errors
+    /// `Fenced` when the watermark is already above `fence` (a newer grant
+    /// claimed the lock here); `Unsupported` without
+    /// [`Capabilities::foreign_fencing`] (the default); otherwise as
+    /// [`get`](Store::get).
+    async fn claim(
+        &self,
+        key: &LockKey,
+        fence: Fence,
+        doc: Option<&DocName>,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        let _ = (fence, doc, options);
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            "this store keeps no fence watermarks, so it cannot fence saves under leases \
+             granted by another lock service",
+        )
+        .with_operation(crate::Operation::Claim)
+        .with_lock(key))
+    }
+
+    /// Follows the changes of `run`'s documents: see
+    /// [`events`](crate::events) for the protocol that never misses one
+    /// silently (subscribe, then snapshot, then apply; re-list on
+    /// `Resync`). How changes are learnt is [`Capabilities::watch`].
+    ///
+    /// # Errors
+    /// `Unsupported` when the backend cannot watch (the default); backend
+    /// errors setting the watch up.
+    async fn watch(&self, run: &RunId) -> Result<Watcher> {
+        Err(unsupported("watching runs", crate::Operation::Watch).with_run(run))
+    }
+
+    /// Publishes a status message on `topic` of `run`: appended to the
+    /// run's bounded history and delivered to live subscribers.
+    ///
+    /// # Errors
+    /// `InvalidKey` for a bad topic ([`check_label`](crate::events::check_label)),
+    /// `TooLarge`/`InvalidArgument` for a bad message
+    /// ([`check_text`](crate::events::check_text)); `Unsupported` without
+    /// [`Capabilities::status`] (the default).
+    async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
+        let _ = (topic, text);
+        Err(unsupported("status messages", crate::Operation::Publish).with_run(run))
+    }
+
+    /// Subscribes to `run`'s status messages: first the history `replay`
+    /// asks for, then live messages, with `Resync` where some may have been
+    /// missed.
+    ///
+    /// # Errors
+    /// `Unsupported` without [`Capabilities::status`] (the default).
+    async fn subscribe(&self, run: &RunId, replay: Replay) -> Result<Subscription> {
+        let _ = replay;
+        Err(unsupported("status messages", crate::Operation::Subscribe).with_run(run))
+    }
+
+    /// Records that `task` of `run` finished at `at` (WEPPcloud's
+    /// `timestamps:<task>`), replacing an earlier mark of that task; marks
+    /// of different tasks never interfere, and no lock is needed.
+    ///
+    /// # Errors
+    /// `InvalidKey` for a bad task name; `Unsupported` without
+    /// [`Capabilities::milestones`] (the default).
+    async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
+        let _ = (task, at);
+        Err(unsupported("milestones", crate::Operation::Mark).with_run(run))
+    }
+
+    /// Sets attribute `name` of `run` to `value` (WEPPcloud's
+    /// `attrs:<name>`), atomically per attribute, no lock needed.
+    ///
+    /// # Errors
+    /// `InvalidKey` for a bad name, `TooLarge`/`InvalidArgument` for a bad
+    /// value; `Unsupported` without [`Capabilities::milestones`].
+    async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
+        let _ = (name, value);
+        Err(unsupported("attributes", crate::Operation::Mark).with_run(run))
+    }
+
+    /// Every milestone and attribute of `run` (empty for a run without).
+    ///
+    /// # Errors
+    /// `Unsupported` without [`Capabilities::milestones`] (the default).
+    async fn milestones(&self, run: &RunId) -> Result<Milestones> {
+        Err(unsupported("milestones", crate::Operation::Milestones).with_run(run))
+    }
+}
+
+fn unsupported(what: &str, op: crate::Operation) -> crate::Error {
+    crate::Error::new(
+        crate::ErrorKind::Unsupported,
+        format!("this backend does not support {what} (see its capabilities)"),
+    )
+    .with_operation(op)
 }
 
 /// Page size used by the `list_all_*` conveniences.
@@ -388,6 +631,42 @@ macro_rules! forward_store {
             }
             async fn delete_run(&self, run: &RunId) -> Result<u64> {
                 (**self).delete_run(run).await
+            }
+            async fn get_if_changed(
+                &self,
+                run: &RunId,
+                doc: &DocName,
+                known: &Version,
+                options: GetOptions,
+            ) -> Result<Fetched> {
+                (**self).get_if_changed(run, doc, known, options).await
+            }
+            async fn claim(
+                &self,
+                key: &LockKey,
+                fence: Fence,
+                doc: Option<&DocName>,
+                options: GetOptions,
+            ) -> Result<Option<StoredDoc>> {
+                (**self).claim(key, fence, doc, options).await
+            }
+            async fn watch(&self, run: &RunId) -> Result<Watcher> {
+                (**self).watch(run).await
+            }
+            async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
+                (**self).publish(run, topic, text).await
+            }
+            async fn subscribe(&self, run: &RunId, replay: Replay) -> Result<Subscription> {
+                (**self).subscribe(run, replay).await
+            }
+            async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
+                (**self).mark(run, task, at).await
+            }
+            async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
+                (**self).set_attr(run, name, value).await
+            }
+            async fn milestones(&self, run: &RunId) -> Result<Milestones> {
+                (**self).milestones(run).await
             }
         }
     };

@@ -1,6 +1,7 @@
 //! Typed documents on a run handle: load, save, locked update and guards.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 /// ```
 pub trait Document: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The document's name in its run; must be a valid
-    /// [`DocName`](crate::DocName), or every call fails with `InvalidKey`.
+    /// [`DocName`], or every call fails with `InvalidKey`.
     const NAME: &'static str;
     /// The codec; JSON unless overridden.
     const CODEC: Codec = Codec::Json;
@@ -62,6 +63,7 @@ pub enum LockScope {
 
 /// Settings of a [`Client`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// Who takes the leases.
     pub owner: Owner,
@@ -197,9 +199,12 @@ pub struct Run {
     id: RunId,
 }
 
-fn doc_name<T: Document>(run: &RunId, operation: Operation) -> Result<DocName> {
-    DocName::new(T::NAME).map_err(|e| e.with_run(run).with_operation(operation))
-}
+/// Any type that can be a typed document: serde both ways, shareable.
+/// [`Run::doc`] stores one under any name; [`Document`] types carry their
+/// name and codec with them.
+pub trait Data: Serialize + DeserializeOwned + Send + Sync + 'static {}
+
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Data for T {}
 
 impl Run {
     /// The run's id.
@@ -212,35 +217,44 @@ impl Run {
         &self.client
     }
 
-    fn context(&self, error: Error, name: &DocName, operation: Operation) -> Error {
-        error
-            .with_run(&self.id)
-            .with_doc(name)
-            .with_operation(operation)
+    /// A typed handle on the document `name` of this run, holding a `T`
+    /// (JSON; see [`Doc::with_codec`]): one type may be stored under many
+    /// names.
+    ///
+    /// ```
+    /// # use runstate_core::{Client, RunId};
+    /// #[derive(serde::Serialize, serde::Deserialize, Default)]
+    /// struct Counter { n: u64 }
+    /// # async fn demo(client: Client) -> runstate_core::Result<()> {
+    /// let run = client.run(RunId::new("Mica_flume1")?);
+    /// for name in ["ron", "climate", "wepp"] {
+    ///     run.doc::<Counter>(name)?.update_or_default(|c| c.n += 1).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// `InvalidKey` when `name` is not a valid [`DocName`].
+    pub fn doc<T: Data>(&self, name: &str) -> Result<Doc<T>> {
+        let name = DocName::new(name).map_err(|e| e.with_run(&self.id))?;
+        Ok(self.doc_named(name))
     }
 
-    fn get_options(&self) -> GetOptions {
-        GetOptions::new().with_limit(self.client.config.limit)
-    }
-
-    fn lock_key(&self, name: &DocName) -> LockKey {
-        match self.client.config.scope {
-            LockScope::Document => LockKey::Doc(self.id.clone(), name.clone()),
-            LockScope::Run => LockKey::Run(self.id.clone()),
+    /// [`doc`](Run::doc) with an already validated name.
+    pub fn doc_named<T: Data>(&self, name: DocName) -> Doc<T> {
+        Doc {
+            run: self.clone(),
+            name,
+            codec: Codec::Json,
+            _t: PhantomData,
         }
     }
 
-    fn decode<T: Document>(&self, name: &DocName, bytes: &[u8], op: Operation) -> Result<T> {
-        T::CODEC
-            .decode(bytes)
-            .map_err(|e| self.context(e, name, op))
-    }
-
-    fn encode<T: Document>(&self, name: &DocName, doc: &T, op: Operation) -> Result<Bytes> {
-        T::CODEC
-            .encode(doc, self.client.config.limit)
-            .map(Bytes::from)
-            .map_err(|e| self.context(e, name, op))
+    /// The handle of a [`Document`] type: its name and codec.
+    fn typed<T: Document>(&self, operation: Operation) -> Result<Doc<T>> {
+        let name =
+            DocName::new(T::NAME).map_err(|e| e.with_run(&self.id).with_operation(operation))?;
+        Ok(self.doc_named::<T>(name).with_codec(T::CODEC))
     }
 
     /// Loads the document with its version, or `None` when absent.
@@ -250,20 +264,7 @@ impl Run {
     /// naming the run, document and codec when the bytes do not decode,
     /// `InvalidKey` when `T::NAME` is not a valid name, and backend errors.
     pub async fn load_versioned<T: Document>(&self) -> Result<Option<(T, Version)>> {
-        let name = doc_name::<T>(&self.id, Operation::Load)?;
-        let stored = self
-            .client
-            .backend
-            .get(&self.id, &name, self.get_options())
-            .await
-            .map_err(|e| self.context(e, &name, Operation::Load))?;
-        match stored {
-            None => Ok(None),
-            Some(StoredDoc { bytes, version }) => Ok(Some((
-                self.decode(&name, &bytes, Operation::Load)?,
-                version,
-            ))),
-        }
+        self.typed::<T>(Operation::Load)?.load_versioned().await
     }
 
     /// Loads the document, or `None` when absent.
@@ -271,7 +272,7 @@ impl Run {
     /// # Errors
     /// As [`load_versioned`](Run::load_versioned).
     pub async fn load_opt<T: Document>(&self) -> Result<Option<T>> {
-        Ok(self.load_versioned::<T>().await?.map(|(doc, _)| doc))
+        self.typed::<T>(Operation::Load)?.load_opt().await
     }
 
     /// Loads the document.
@@ -280,20 +281,7 @@ impl Run {
     /// `NotFound` when absent; otherwise as
     /// [`load_versioned`](Run::load_versioned).
     pub async fn load<T: Document>(&self) -> Result<T> {
-        match self.load_opt::<T>().await? {
-            Some(doc) => Ok(doc),
-            None => Err(self.not_found::<T>(Operation::Load)),
-        }
-    }
-
-    fn not_found<T: Document>(&self, operation: Operation) -> Error {
-        let error = Error::new(ErrorKind::NotFound, "document does not exist")
-            .with_run(&self.id)
-            .with_operation(operation);
-        match DocName::new(T::NAME) {
-            Ok(name) => error.with_doc(&name),
-            Err(_) => error,
-        }
+        self.typed::<T>(Operation::Load)?.load().await
     }
 
     /// Saves the document unconditionally (no lock).
@@ -301,7 +289,7 @@ impl Run {
     /// # Errors
     /// `TooLarge` over the size limit (nothing written); backend errors.
     pub async fn save<T: Document>(&self, doc: &T) -> Result<Version> {
-        self.save_with(doc, PutMode::Overwrite).await
+        self.typed::<T>(Operation::Save)?.save(doc).await
     }
 
     /// Saves the document with an explicit [`PutMode`] (create-only or
@@ -310,13 +298,7 @@ impl Run {
     /// # Errors
     /// As [`save`](Run::save), plus `AlreadyExists` and `Precondition`.
     pub async fn save_with<T: Document>(&self, doc: &T, mode: PutMode) -> Result<Version> {
-        let name = doc_name::<T>(&self.id, Operation::Save)?;
-        let bytes = self.encode(&name, doc, Operation::Save)?;
-        self.client
-            .backend
-            .put(&self.id, &name, bytes, PutOptions::mode(mode))
-            .await
-            .map_err(|e| self.context(e, &name, Operation::Save))
+        self.typed::<T>(Operation::Save)?.save_with(doc, mode).await
     }
 
     /// Deletes the document; returns whether it existed.
@@ -324,86 +306,363 @@ impl Run {
     /// # Errors
     /// Backend errors.
     pub async fn delete<T: Document>(&self) -> Result<bool> {
-        let name = doc_name::<T>(&self.id, Operation::Delete)?;
-        self.client
-            .backend
-            .delete(&self.id, &name, None)
-            .await
-            .map_err(|e| self.context(e, &name, Operation::Delete))
+        self.typed::<T>(Operation::Delete)?.delete().await
     }
 
-    /// Locked read-modify-write: acquire → load → `f` → fenced save →
-    /// release, in two backend calls when the backend supports it.
-    ///
-    /// When the encoded bytes did not change, nothing is written and the
-    /// version stays. When the save is refused because the lease lapsed or
-    /// the document changed underneath (`Fenced`, `Precondition`), nothing
-    /// was written and the whole update is retried on fresh data, so `f` may
-    /// run more than once; waits and retries stop at the wait policy's
-    /// timeout.
+    /// Locked read-modify-write: see [`Doc::update`].
     ///
     /// # Errors
-    /// `NotFound` when the document does not exist (see
-    /// [`update_or_default`](Run::update_or_default)); `Locked` when the
-    /// lock stayed busy for the whole wait; `Corrupt`, `TooLarge` and
-    /// backend errors. An ambiguous failure of the save itself (a dropped
-    /// connection) is returned, not retried, since the save may have
-    /// happened.
+    /// As [`Doc::update`].
     pub async fn update<T, R, F>(&self, f: F) -> Result<R>
     where
         T: Document,
         F: FnMut(&mut T) -> R + Send,
         R: Send,
     {
-        self.update_inner(None, f).await
+        self.typed::<T>(Operation::Update)?.update(f).await
     }
 
     /// Like [`update`](Run::update), starting from `T::default()` when the
     /// document does not exist (it is then created, create-only).
     ///
     /// # Errors
-    /// As [`update`](Run::update), without `NotFound`.
+    /// As [`Doc::update`], without `NotFound`.
     pub async fn update_or_default<T, R, F>(&self, f: F) -> Result<R>
     where
         T: Document + Default,
         F: FnMut(&mut T) -> R + Send,
         R: Send,
     {
-        self.update_inner(Some(T::default), f).await
+        self.typed::<T>(Operation::Update)?
+            .update_or_default(f)
+            .await
     }
 
-    async fn update_inner<T, R, F>(&self, init: Option<fn() -> T>, mut f: F) -> Result<R>
+    /// A locked update whose closure may refuse: see [`Doc::try_update`].
+    ///
+    /// # Errors
+    /// The closure's error (nothing written), or as [`Doc::update`].
+    pub async fn try_update<T, R, E, F>(&self, f: F) -> std::result::Result<R, E>
+    where
+        T: Document,
+        F: FnMut(&mut T) -> std::result::Result<R, E> + Send,
+        R: Send,
+        E: From<Error> + Send,
+    {
+        self.typed::<T>(Operation::Update)?.try_update(f).await
+    }
+
+    /// Optimistic update without a lock: see [`Doc::update_optimistic`].
+    ///
+    /// # Errors
+    /// As [`Doc::update_optimistic`].
+    pub async fn update_optimistic<T, R, F>(&self, f: F) -> Result<R>
     where
         T: Document,
         F: FnMut(&mut T) -> R + Send,
         R: Send,
     {
+        self.typed::<T>(Operation::Update)?
+            .update_optimistic(f)
+            .await
+    }
+
+    /// Takes the document's lock and loads it into a [`Guard`]: see
+    /// [`Doc::lock`].
+    ///
+    /// # Errors
+    /// As [`Doc::lock`].
+    pub async fn lock<T: Document>(&self) -> Result<Guard<T>> {
+        self.typed::<T>(Operation::Acquire)?.lock().await
+    }
+
+    /// Like [`lock`](Run::lock), starting from `T::default()` when the
+    /// document does not exist; the commit then creates it.
+    ///
+    /// # Errors
+    /// As [`lock`](Run::lock), without `NotFound`.
+    pub async fn lock_or_default<T: Document + Default>(&self) -> Result<Guard<T>> {
+        self.typed::<T>(Operation::Acquire)?.lock_or_default().await
+    }
+}
+
+/// A typed handle on one named document of a run ([`Run::doc`]): load,
+/// save, locked and optimistic updates, guards. Cheap to clone; creating
+/// it touches nothing.
+pub struct Doc<T> {
+    run: Run,
+    name: DocName,
+    codec: Codec,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Doc<T> {
+    fn clone(&self) -> Self {
+        Doc {
+            run: self.run.clone(),
+            name: self.name.clone(),
+            codec: self.codec,
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Doc<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Doc")
+            .field("run", &self.run.id)
+            .field("name", &self.name)
+            .field("codec", &self.codec)
+            .finish()
+    }
+}
+
+impl<T: Data> Doc<T> {
+    /// The same document, encoded with `codec`.
+    pub fn with_codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// The document's name.
+    pub fn name(&self) -> &DocName {
+        &self.name
+    }
+
+    /// The run it belongs to.
+    pub fn run(&self) -> &Run {
+        &self.run
+    }
+
+    fn client(&self) -> &Client {
+        &self.run.client
+    }
+
+    fn context(&self, error: Error, operation: Operation) -> Error {
+        error
+            .with_run(&self.run.id)
+            .with_doc(&self.name)
+            .with_operation(operation)
+    }
+
+    fn get_options(&self) -> GetOptions {
+        GetOptions::new().with_limit(self.client().config.limit)
+    }
+
+    fn lock_key(&self) -> LockKey {
+        match self.client().config.scope {
+            LockScope::Document => LockKey::Doc(self.run.id.clone(), self.name.clone()),
+            LockScope::Run => LockKey::Run(self.run.id.clone()),
+        }
+    }
+
+    fn decode(&self, bytes: &[u8], op: Operation) -> Result<T> {
+        self.codec.decode(bytes).map_err(|e| self.context(e, op))
+    }
+
+    fn encode(&self, doc: &T, op: Operation) -> Result<Bytes> {
+        self.codec
+            .encode(doc, self.client().config.limit)
+            .map(Bytes::from)
+            .map_err(|e| self.context(e, op))
+    }
+
+    fn not_found(&self, operation: Operation) -> Error {
+        self.context(
+            Error::new(ErrorKind::NotFound, "document does not exist"),
+            operation,
+        )
+    }
+
+    /// Loads the document with its version, or `None` when absent.
+    ///
+    /// # Errors
+    /// `TooLarge` over the size limit (checked before reading), `Corrupt`
+    /// naming the run, document and codec when the bytes do not decode,
+    /// and backend errors.
+    pub async fn load_versioned(&self) -> Result<Option<(T, Version)>> {
+        let stored = self
+            .client()
+            .backend
+            .get(&self.run.id, &self.name, self.get_options())
+            .await
+            .map_err(|e| self.context(e, Operation::Load))?;
+        match stored {
+            None => Ok(None),
+            Some(StoredDoc { bytes, version }) => {
+                Ok(Some((self.decode(&bytes, Operation::Load)?, version)))
+            }
+        }
+    }
+
+    /// Loads the document, or `None` when absent.
+    ///
+    /// # Errors
+    /// As [`load_versioned`](Doc::load_versioned).
+    pub async fn load_opt(&self) -> Result<Option<T>> {
+        Ok(self.load_versioned().await?.map(|(doc, _)| doc))
+    }
+
+    /// Loads the document.
+    ///
+    /// # Errors
+    /// `NotFound` when absent; otherwise as
+    /// [`load_versioned`](Doc::load_versioned).
+    pub async fn load(&self) -> Result<T> {
+        match self.load_opt().await? {
+            Some(doc) => Ok(doc),
+            None => Err(self.not_found(Operation::Load)),
+        }
+    }
+
+    /// Saves the document unconditionally (no lock).
+    ///
+    /// # Errors
+    /// `TooLarge` over the size limit (nothing written); backend errors.
+    pub async fn save(&self, doc: &T) -> Result<Version> {
+        self.save_with(doc, PutMode::Overwrite).await
+    }
+
+    /// Saves the document with an explicit [`PutMode`] (create-only or
+    /// update-if-version).
+    ///
+    /// # Errors
+    /// As [`save`](Doc::save), plus `AlreadyExists` and `Precondition`.
+    pub async fn save_with(&self, doc: &T, mode: PutMode) -> Result<Version> {
+        let bytes = self.encode(doc, Operation::Save)?;
+        self.client()
+            .backend
+            .put(&self.run.id, &self.name, bytes, PutOptions::mode(mode))
+            .await
+            .map_err(|e| self.context(e, Operation::Save))
+    }
+
+    /// Deletes the document; returns whether it existed.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn delete(&self) -> Result<bool> {
+        self.client()
+            .backend
+            .delete(&self.run.id, &self.name, None)
+            .await
+            .map_err(|e| self.context(e, Operation::Delete))
+    }
+
+    /// Locked read-modify-write: acquire → load → `f` → fenced save →
+    /// release, in two backend calls when the backend supports it. The
+    /// lease is renewed in the background while `f` runs, however long.
+    ///
+    /// When the encoded bytes did not change, nothing is written and the
+    /// version stays. When the save is refused because the lease lapsed or
+    /// the document changed underneath (`Fenced`, `LeaseLost`,
+    /// `Precondition`), nothing was written and the whole update is retried
+    /// on fresh data, so `f` may run more than once; waits and retries stop
+    /// at the wait policy's timeout.
+    ///
+    /// # Errors
+    /// `NotFound` when the document does not exist (see
+    /// [`update_or_default`](Doc::update_or_default)); `Locked` when the
+    /// lock stayed busy for the whole wait; `Corrupt`, `TooLarge` and
+    /// backend errors. An ambiguous failure of the save itself (a dropped
+    /// connection) is returned, not retried, since the save may have
+    /// happened.
+    pub async fn update<R, F>(&self, mut f: F) -> Result<R>
+    where
+        F: FnMut(&mut T) -> R + Send,
+        R: Send,
+    {
+        self.locked(None, |doc| Ok::<R, Error>(f(doc))).await
+    }
+
+    /// Like [`update`](Doc::update), starting from `T::default()` when the
+    /// document does not exist (it is then created, create-only).
+    ///
+    /// # Errors
+    /// As [`update`](Doc::update), without `NotFound`.
+    pub async fn update_or_default<R, F>(&self, mut f: F) -> Result<R>
+    where
+        T: Default,
+        F: FnMut(&mut T) -> R + Send,
+        R: Send,
+    {
+        self.locked(Some(T::default), |doc| Ok::<R, Error>(f(doc)))
+            .await
+    }
+
+    /// A locked update whose closure may refuse: when `f` returns an error,
+    /// nothing is written, the lock is released and that error returned
+    /// (runstate's own errors reach the caller through `E: From<Error>`).
+    ///
+    /// ```
+    /// # use runstate_core::{Client, RunId};
+    /// # #[derive(serde::Serialize, serde::Deserialize)]
+    /// # struct Account { balance: i64 }
+    /// # #[derive(Debug)]
+    /// # enum MyError { Insufficient, Store(runstate_core::Error) }
+    /// # impl From<runstate_core::Error> for MyError { fn from(e: runstate_core::Error) -> Self { MyError::Store(e) } }
+    /// # async fn demo(client: Client) -> Result<(), MyError> {
+    /// let account = client.run(RunId::new("r1")?).doc::<Account>("account")?;
+    /// account
+    ///     .try_update(|a| {
+    ///         if a.balance < 10 {
+    ///             return Err(MyError::Insufficient);
+    ///         }
+    ///         a.balance -= 10;
+    ///         Ok(())
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// The closure's error; otherwise as [`update`](Doc::update).
+    pub async fn try_update<R, E, F>(&self, f: F) -> std::result::Result<R, E>
+    where
+        F: FnMut(&mut T) -> std::result::Result<R, E> + Send,
+        R: Send,
+        E: From<Error> + Send,
+    {
+        self.locked(None, f).await
+    }
+
+    async fn locked<R, E, F>(&self, init: Option<fn() -> T>, mut f: F) -> std::result::Result<R, E>
+    where
+        F: FnMut(&mut T) -> std::result::Result<R, E> + Send,
+        R: Send,
+        E: From<Error> + Send,
+    {
         const OP: Operation = Operation::Update;
-        let name = doc_name::<T>(&self.id, OP)?;
-        let backend = &self.client.backend;
+        let backend = &self.client().backend;
         // One owner per update: a retry after a lost reply gets its own
         // grant back, and no other task of this client shares it.
-        let owner = self.client.config.owner.sibling();
-        let mut backoff = Backoff::new(&self.client.config.wait);
+        let owner = self.client().config.owner.sibling();
+        let mut backoff = Backoff::new(&self.client().config.wait);
         loop {
             let (lease, stored) = self
-                .acquire_and_load(&name, &owner, backoff.deadline())
+                .acquire_and_load(&owner, backoff.deadline())
                 .await
-                .map_err(|e| self.context(e, &name, OP))?;
+                .map_err(|e| self.context(e, OP))?;
             let keeper = self.keep(lease).await;
-            let (mut doc, original) = match self.open_loaded(&name, stored, init, OP) {
+            let (mut doc, original) = match self.open_loaded(stored, init, OP) {
                 Ok(loaded) => loaded,
                 Err(error) => {
                     self.release_kept(keeper).await;
-                    return Err(error);
+                    return Err(error.into());
                 }
             };
-            let out = f(&mut doc);
-            let bytes = match self.encode(&name, &doc, OP) {
+            let out = match f(&mut doc) {
+                Ok(out) => out,
+                Err(refused) => {
+                    self.release_kept(keeper).await;
+                    return Err(refused);
+                }
+            };
+            let bytes = match self.encode(&doc, OP) {
                 Ok(bytes) => bytes,
                 Err(error) => {
                     self.release_kept(keeper).await;
-                    return Err(error);
+                    return Err(error.into());
                 }
             };
             let mode = match original {
@@ -417,7 +676,11 @@ impl Run {
                 None => PutMode::Create,
             };
             let saved = match keeper.stop().await {
-                Ok(lease) => backend.save_and_release(&lease, &name, bytes, mode).await,
+                Ok(lease) => {
+                    backend
+                        .save_and_release(&lease, &self.name, bytes, mode)
+                        .await
+                }
                 // Lost while `f` ran: nothing was written; start over.
                 Err(lost) => Err(lost),
             };
@@ -435,30 +698,100 @@ impl Run {
                     tracing::debug!(%error, "locked update refused, retrying on fresh data");
                     match backoff.next_delay(None) {
                         Some(delay) => tokio::time::sleep(delay).await,
-                        None => return Err(self.context(error, &name, OP)),
+                        None => return Err(self.context(error, OP).into()),
                     }
                 }
-                Err(error) => return Err(self.context(error, &name, OP)),
+                Err(error) => return Err(self.context(error, OP).into()),
+            }
+        }
+    }
+
+    /// Optimistic read-modify-write, without a lock: load (from a cache in
+    /// front of the store, when there is one, without validating it first),
+    /// `f`, then save conditional on the version loaded; when another
+    /// writer got there first (`Precondition`), reload from the store and
+    /// try again. With a warm cache and nobody else writing, that is one
+    /// round trip — half a locked update's.
+    ///
+    /// For short changes of small documents (metadata, counters). It never
+    /// loses an update (every save is conditional on the version it was
+    /// computed from), but it excludes nobody: under contention it retries
+    /// and `f` may run several times. A long step, or one that must not
+    /// run twice, takes the lock instead ([`update`](Doc::update),
+    /// [`lock`](Doc::lock)).
+    ///
+    /// # Errors
+    /// `NotFound` when the document does not exist; `Precondition` when
+    /// other writers kept winning for the whole wait policy's timeout;
+    /// `Corrupt`, `TooLarge` and backend errors.
+    pub async fn update_optimistic<R, F>(&self, mut f: F) -> Result<R>
+    where
+        F: FnMut(&mut T) -> R + Send,
+        R: Send,
+    {
+        const OP: Operation = Operation::Update;
+        let backend = &self.client().backend;
+        let mut backoff = Backoff::new(&self.client().config.wait);
+        // The first read may be a cached copy; after a conflict, fresh.
+        let mut options = self.get_options().with_max_staleness(Duration::MAX);
+        loop {
+            let stored = backend
+                .get(&self.run.id, &self.name, options)
+                .await
+                .map_err(|e| self.context(e, OP))?;
+            let Some(StoredDoc {
+                bytes: old,
+                version,
+            }) = stored
+            else {
+                return Err(self.not_found(OP));
+            };
+            let mut doc = self.decode(&old, OP)?;
+            let out = f(&mut doc);
+            let bytes = self.encode(&doc, OP)?;
+            if bytes == old {
+                if options.max_staleness.is_none() {
+                    // Unchanged from what the store holds: nothing to write.
+                    return Ok(out);
+                }
+                // Unchanged from a copy that may be stale: the store may
+                // differ, so look at it before deciding nothing is due.
+                options = self.get_options();
+                continue;
+            }
+            match backend
+                .put(&self.run.id, &self.name, bytes, PutOptions::update(version))
+                .await
+            {
+                Ok(_) => return Ok(out),
+                Err(error) if error.kind() == ErrorKind::Precondition => {
+                    tracing::debug!(%error, "optimistic update lost a race, retrying on fresh data");
+                    options = self.get_options();
+                    match backoff.next_delay(None) {
+                        Some(delay) => tokio::time::sleep(delay).await,
+                        None => return Err(self.context(error, OP)),
+                    }
+                }
+                Err(error) => return Err(self.context(error, OP)),
             }
         }
     }
 
     async fn acquire_and_load(
         &self,
-        name: &DocName,
         owner: &Owner,
         deadline: Instant,
     ) -> Result<(Lease, Option<StoredDoc>)> {
-        let config = &self.client.config;
+        let config = &self.client().config;
         let policy = WaitPolicy {
             timeout: deadline.saturating_duration_since(Instant::now()),
             ..config.wait.clone()
         };
-        self.client
+        self.client()
             .backend
             .acquire_and_load_waiting(
-                &self.lock_key(name),
-                name,
+                &self.lock_key(),
+                &self.name,
                 owner,
                 config.ttl,
                 self.get_options(),
@@ -470,9 +803,9 @@ impl Run {
     /// Starts renewing `lease` in the background.
     async fn keep(&self, lease: Lease) -> LeaseKeeper {
         let keeper = LeaseKeeper::start(
-            Arc::clone(&self.client.backend),
+            Arc::clone(&self.client().backend),
             lease,
-            self.client.config.ttl,
+            self.client().config.ttl,
         );
         // Tokio runs a task spawned by a worker from a slot no other worker
         // can steal; yielding once lets the renewal task start (and arm its
@@ -484,73 +817,73 @@ impl Run {
 
     /// Decodes what `acquire_and_load` returned. Returns the document and,
     /// when it existed, its bytes and version.
-    fn open_loaded<T: Document>(
+    fn open_loaded(
         &self,
-        name: &DocName,
         stored: Option<StoredDoc>,
         init: Option<fn() -> T>,
         op: Operation,
     ) -> Result<(T, Option<(Bytes, Version)>)> {
         match (stored, init) {
             (Some(StoredDoc { bytes, version }), _) => self
-                .decode::<T>(name, &bytes, op)
+                .decode(&bytes, op)
                 .map(|doc| (doc, Some((bytes, version)))),
             (None, Some(init)) => Ok((init(), None)),
-            (None, None) => Err(self.not_found::<T>(op)),
+            (None, None) => Err(self.not_found(op)),
         }
     }
 
     /// Stops renewing and releases, without a write.
     async fn release_kept(&self, keeper: LeaseKeeper) {
         match keeper.stop().await {
-            Ok(lease) => self.release_quietly(&lease).await,
+            Ok(lease) => {
+                if let Err(error) = self.client().backend.release(&lease).await {
+                    tracing::debug!(%error, "release without a write");
+                }
+            }
             Err(error) => tracing::debug!(%error, "lease lost before its release"),
-        }
-    }
-
-    async fn release_quietly(&self, lease: &Lease) {
-        if let Err(error) = self.client.backend.release(lease).await {
-            tracing::debug!(%error, "release without a write");
         }
     }
 
     /// Takes the document's lock and loads it into a [`Guard`]; change it
     /// through the guard and [`commit`](Guard::commit). Waits per the wait
-    /// policy while the lock is busy.
+    /// policy while the lock is busy; the guard renews its lease in the
+    /// background while it lives.
     ///
     /// # Errors
     /// `NotFound` when the document does not exist (see
-    /// [`lock_or_default`](Run::lock_or_default)); otherwise as
-    /// [`update`](Run::update).
-    pub async fn lock<T: Document>(&self) -> Result<Guard<T>> {
+    /// [`lock_or_default`](Doc::lock_or_default)); otherwise as
+    /// [`update`](Doc::update).
+    pub async fn lock(&self) -> Result<Guard<T>> {
         self.lock_inner(None).await
     }
 
-    /// Like [`lock`](Run::lock), starting from `T::default()` when the
+    /// Like [`lock`](Doc::lock), starting from `T::default()` when the
     /// document does not exist; the commit then creates it.
     ///
     /// # Errors
-    /// As [`lock`](Run::lock), without `NotFound`.
-    pub async fn lock_or_default<T: Document + Default>(&self) -> Result<Guard<T>> {
+    /// As [`lock`](Doc::lock), without `NotFound`.
+    pub async fn lock_or_default(&self) -> Result<Guard<T>>
+    where
+        T: Default,
+    {
         self.lock_inner(Some(T::default)).await
     }
 
-    async fn lock_inner<T: Document>(&self, init: Option<fn() -> T>) -> Result<Guard<T>> {
+    async fn lock_inner(&self, init: Option<fn() -> T>) -> Result<Guard<T>> {
         const OP: Operation = Operation::Acquire;
-        let name = doc_name::<T>(&self.id, OP)?;
-        let deadline = crate::time::saturating_add(Instant::now(), self.client.config.wait.timeout);
-        let owner = self.client.config.owner.sibling();
+        let deadline =
+            crate::time::saturating_add(Instant::now(), self.client().config.wait.timeout);
+        let owner = self.client().config.owner.sibling();
         let (lease, stored) = self
-            .acquire_and_load(&name, &owner, deadline)
+            .acquire_and_load(&owner, deadline)
             .await
-            .map_err(|e| self.context(e, &name, OP))?;
+            .map_err(|e| self.context(e, OP))?;
         let keeper = self.keep(lease).await;
-        match self.open_loaded(&name, stored, init, OP) {
-            Ok((doc, original)) => Ok(Guard {
-                run: self.clone(),
-                name,
+        match self.open_loaded(stored, init, OP) {
+            Ok((value, original)) => Ok(Guard {
+                doc: self.clone(),
                 keeper: Some(keeper),
-                doc,
+                value,
                 original,
             }),
             Err(error) => {
@@ -582,16 +915,15 @@ impl Run {
 /// # Ok(()) }
 /// ```
 #[must_use = "a guard holds a lock until it is committed, released or dropped"]
-pub struct Guard<T: Document> {
-    run: Run,
-    name: DocName,
+pub struct Guard<T: Data> {
+    doc: Doc<T>,
     /// Keeps the lease alive; `None` once committed or released.
     keeper: Option<LeaseKeeper>,
-    doc: T,
+    value: T,
     original: Option<(Bytes, Version)>,
 }
 
-impl<T: Document> Guard<T> {
+impl<T: Data> Guard<T> {
     fn keeper(&self) -> &LeaseKeeper {
         // Only `commit` and `release` take it, and they consume the guard.
         self.keeper
@@ -625,12 +957,12 @@ impl<T: Document> Guard<T> {
     /// # Errors
     /// `LeaseLost` when it already expired or was taken over.
     pub async fn renew(&mut self) -> Result<()> {
-        let ttl = self.run.client.config.ttl;
+        let ttl = self.doc.client().config.ttl;
         self.keeper()
-            .renew_now(&*self.run.client.backend, ttl)
+            .renew_now(&*self.doc.client().backend, ttl)
             .await
             .map(drop)
-            .map_err(|e| self.run.context(e, &self.name, Operation::Renew))
+            .map_err(|e| self.doc.context(e, Operation::Renew))
     }
 
     /// Saves the document (fenced by the lease, conditional on the version
@@ -649,31 +981,28 @@ impl<T: Document> Guard<T> {
             .keeper
             .take()
             .unwrap_or_else(|| unreachable!("live guard"));
-        let run = &self.run;
-        let bytes = match run.encode(&self.name, &self.doc, OP) {
+        let doc = &self.doc;
+        let bytes = match doc.encode(&self.value, OP) {
             Ok(bytes) => bytes,
             Err(error) => {
-                run.release_kept(keeper).await;
+                doc.release_kept(keeper).await;
                 return Err(error);
             }
         };
         let mode = match &self.original {
             Some((old, version)) if *old == bytes => {
-                run.release_kept(keeper).await;
+                doc.release_kept(keeper).await;
                 return Ok(version.clone());
             }
             Some((_, version)) => PutMode::Update(version.clone()),
             None => PutMode::Create,
         };
-        let lease = keeper
-            .stop()
-            .await
-            .map_err(|e| run.context(e, &self.name, OP))?;
-        run.client
+        let lease = keeper.stop().await.map_err(|e| doc.context(e, OP))?;
+        doc.client()
             .backend
-            .save_and_release(&lease, &self.name, bytes, mode)
+            .save_and_release(&lease, &doc.name, bytes, mode)
             .await
-            .map_err(|e| run.context(e, &self.name, OP))
+            .map_err(|e| doc.context(e, OP))
     }
 
     /// Releases the lock without saving.
@@ -688,35 +1017,35 @@ impl<T: Document> Guard<T> {
         let lease = keeper
             .stop()
             .await
-            .map_err(|e| self.run.context(e, &self.name, Operation::Release))?;
-        self.run
-            .client
+            .map_err(|e| self.doc.context(e, Operation::Release))?;
+        self.doc
+            .client()
             .backend
             .release(&lease)
             .await
-            .map_err(|e| self.run.context(e, &self.name, Operation::Release))
+            .map_err(|e| self.doc.context(e, Operation::Release))
     }
 }
 
-impl<T: Document> Deref for Guard<T> {
+impl<T: Data> Deref for Guard<T> {
     type Target = T;
     fn deref(&self) -> &T {
-        &self.doc
+        &self.value
     }
 }
 
-impl<T: Document> DerefMut for Guard<T> {
+impl<T: Data> DerefMut for Guard<T> {
     fn deref_mut(&mut self) -> &mut T {
-        &mut self.doc
+        &mut self.value
     }
 }
 
-impl<T: Document> Drop for Guard<T> {
+impl<T: Data> Drop for Guard<T> {
     fn drop(&mut self) {
         let Some(keeper) = self.keeper.take() else {
             return;
         };
-        let backend = Arc::clone(&self.run.client.backend);
+        let backend = Arc::clone(&self.doc.client().backend);
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 handle.spawn(async move {
@@ -738,13 +1067,13 @@ impl<T: Document> Drop for Guard<T> {
     }
 }
 
-impl<T: Document + fmt::Debug> fmt::Debug for Guard<T> {
+impl<T: Data + fmt::Debug> fmt::Debug for Guard<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Guard")
-            .field("run", &self.run.id)
-            .field("doc", &self.name)
+            .field("run", &self.doc.run.id)
+            .field("doc", &self.doc.name)
             .field("lease", &self.keeper.as_ref().map(LeaseKeeper::lease))
-            .field("value", &self.doc)
+            .field("value", &self.value)
             .finish()
     }
 }

@@ -1,7 +1,9 @@
 //! Waiting for busy locks: the wait policy, jittered exponential backoff,
 //! and the blocking acquire every backend shares.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -132,6 +134,13 @@ where
     T: Send,
 {
     let mut backoff = Backoff::new(policy);
+    // Waiters of this process line up for the key, first come first
+    // served: one that has just released cannot barge ahead of one that
+    // has been waiting. Only the head of the line asks the backend.
+    let line = local_line(lock, key);
+    // When our turn does not come in time, one last try reports the
+    // current holder.
+    let _turn = tokio::time::timeout(policy.timeout, line.lock()).await.ok();
     let mut broken: Option<Fence> = None;
     loop {
         let error = match attempt().await {
@@ -165,6 +174,28 @@ where
             None => return Err(gave_up(key, policy, error)),
         }
     }
+}
+
+/// The line of this process's waiters for `key` on the store at `lock`'s
+/// address (two stores may have locks of the same name).
+fn local_line<L: Lock + ?Sized>(lock: &L, key: &LockKey) -> Arc<tokio::sync::Mutex<()>> {
+    type Lines = HashMap<(usize, LockKey), Weak<tokio::sync::Mutex<()>>>;
+    static LINES: OnceLock<std::sync::Mutex<Lines>> = OnceLock::new();
+    let store = std::ptr::from_ref(lock).cast::<()>() as usize;
+    let mut lines = LINES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(line) = lines.get(&(store, key.clone())).and_then(Weak::upgrade) {
+        return line;
+    }
+    // Forget lines nobody stands in, now and then.
+    if lines.len() >= 1024 {
+        lines.retain(|_, line| line.strong_count() > 0);
+    }
+    let line = Arc::new(tokio::sync::Mutex::new(()));
+    lines.insert((store, key.clone()), Arc::downgrade(&line));
+    line
 }
 
 fn gave_up(key: &LockKey, policy: &WaitPolicy, last: Error) -> Error {

@@ -1,6 +1,8 @@
 //! The cases. Each takes a [`Ctx`](crate::Ctx) for a fresh namespace and
 //! panics on any deviation from the exact expected outcome.
 
+mod events;
+mod fencing;
 mod ids;
 mod leases;
 mod limits;
@@ -12,6 +14,8 @@ mod roundtrip;
 mod stale;
 mod typed;
 
+pub use events::*;
+pub use fencing::*;
 pub use ids::*;
 pub use leases::*;
 pub use limits::*;

@@ -417,3 +417,101 @@ pub async fn typed_guard_sees_a_lost_lease(ctx: Ctx) {
         "nothing written"
     );
 }
+
+/// One type under several names (`run.doc::<T>(name)`), and a locked
+/// update whose closure refuses: nothing written, the lock released, the
+/// closure's own error returned.
+pub async fn typed_named_documents_and_refusing_updates(ctx: Ctx) {
+    #[derive(Debug)]
+    enum Refused {
+        TooBig(u64),
+        Store(runstate_core::Error),
+    }
+    impl From<runstate_core::Error> for Refused {
+        fn from(e: runstate_core::Error) -> Self {
+            Refused::Store(e)
+        }
+    }
+    let run = ctx.client().run(ctx.run("r"));
+    for (i, name) in ["ron", "climate", "wepp"].into_iter().enumerate() {
+        let doc = run.doc::<Counter>(name).expect("valid name");
+        for _ in 0..=i {
+            doc.update_or_default(|c| c.n += 1).await.expect("update");
+        }
+    }
+    for (i, name) in ["ron", "climate", "wepp"].into_iter().enumerate() {
+        assert_eq!(
+            run.doc::<Counter>(name)
+                .expect("valid")
+                .load()
+                .await
+                .expect("load")
+                .n,
+            i as u64 + 1
+        );
+    }
+    expect_kind(run.doc::<Counter>("../x").map(drop), ErrorKind::InvalidKey);
+    let wepp = run.doc::<Counter>("wepp").expect("valid");
+    let before = ctx
+        .store
+        .get_bytes(&ctx.run("r"), &ctx.doc("wepp"))
+        .await
+        .expect("get")
+        .expect("present");
+    let refused = wepp
+        .try_update(|c| {
+            if c.n > 2 {
+                return Err(Refused::TooBig(c.n));
+            }
+            c.n += 100;
+            Ok(())
+        })
+        .await;
+    assert!(matches!(refused, Err(Refused::TooBig(3))), "{refused:?}");
+    let after = ctx
+        .store
+        .get_bytes(&ctx.run("r"), &ctx.doc("wepp"))
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(after, before, "a refused update writes nothing");
+    assert!(
+        ctx.store
+            .inspect(&LockKey::Doc(ctx.run("r"), ctx.doc("wepp")))
+            .await
+            .expect("inspect")
+            .is_none(),
+        "and releases its lock"
+    );
+    let done: Result<u64, Refused> = wepp
+        .try_update(|c| {
+            c.n += 1;
+            Ok(c.n)
+        })
+        .await;
+    assert!(matches!(done, Ok(4)));
+    let missing: Result<(), Refused> = run
+        .doc::<Counter>("absent")
+        .expect("valid")
+        .try_update(|_| Ok(()))
+        .await;
+    assert!(
+        matches!(missing, Err(Refused::Store(ref e)) if e.kind() == ErrorKind::NotFound),
+        "{missing:?}"
+    );
+    let bin = run
+        .doc::<Counter>("binary")
+        .expect("valid")
+        .with_codec(runstate_core::Codec::Bincode);
+    bin.save(&Counter {
+        n: 9,
+        note: "b".into(),
+    })
+    .await
+    .expect("save");
+    assert_eq!(bin.load().await.expect("load").n, 9);
+    expect_kind(
+        run.doc::<Counter>("binary").expect("valid").load().await,
+        ErrorKind::Corrupt,
+    );
+}

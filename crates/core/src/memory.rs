@@ -1,0 +1,823 @@
+//! [`MemoryStore`]: the whole contract in this process's memory, no server
+//! and no files, for tests and for trying runstate out. It passes the
+//! conformance suite (all but the cases that need several processes).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::events::{
+    FEED_CAPACITY, FeedSender, Milestones, Replay, StatusEvent, StatusMessage, Subscription,
+    WatchEvent, Watcher, check_label, check_text,
+};
+use crate::id::{DocName, RunId};
+use crate::lease::{Fence, Lease, LockInfo, LockKey, Owner, check_ttl};
+use crate::lock::Lock;
+use crate::signals::ReleaseSignals;
+use crate::store::{
+    Capabilities, DocMeta, Fetched, GetOptions, ListPage, PutMode, PutOptions, Store, StoredDoc,
+    WatchMode,
+};
+use crate::version::Version;
+
+/// The backend's name in errors and capabilities.
+pub const BACKEND: &str = "memory";
+
+/// Status messages kept per run by default.
+pub const DEFAULT_HISTORY: usize = 1000;
+
+/// A store in memory. Cheap to clone; clones share everything. Stores
+/// opened by the same name with [`MemoryStore::named`] share their data
+/// while any of them lives.
+///
+/// ```
+/// use std::sync::Arc;
+/// use runstate_core::memory::MemoryStore;
+/// use runstate_core::{Client, Document, RunId};
+///
+/// #[derive(serde::Serialize, serde::Deserialize, Default)]
+/// struct Wepp { runs: u32 }
+/// impl Document for Wepp { const NAME: &'static str = "wepp"; }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> runstate_core::Result<()> {
+/// let run = Client::new(Arc::new(MemoryStore::new())).run(RunId::new("Mica_flume1")?);
+/// run.update_or_default(|w: &mut Wepp| w.runs += 1).await?;
+/// assert_eq!(run.load::<Wepp>().await?.runs, 1);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: Option<String>,
+    state: Mutex<State>,
+    capabilities: Capabilities,
+    signals: ReleaseSignals,
+    history: usize,
+}
+
+#[derive(Default)]
+struct State {
+    runs: BTreeMap<RunId, BTreeMap<DocName, StoredDoc>>,
+    locks: HashMap<LockKey, LockState>,
+    watermarks: HashMap<LockKey, u64>,
+    next_version: u64,
+    watchers: HashMap<RunId, Vec<FeedSender<WatchEvent>>>,
+    status: HashMap<RunId, VecDeque<StatusMessage>>,
+    next_message: u64,
+    subscribers: HashMap<RunId, Vec<FeedSender<StatusEvent>>>,
+    milestones: HashMap<RunId, Milestones>,
+}
+
+#[derive(Default)]
+struct LockState {
+    fence: u64,
+    held: Option<Held>,
+}
+
+#[derive(Clone)]
+struct Held {
+    owner: Owner,
+    since: SystemTime,
+    expires: Instant,
+}
+
+impl Held {
+    fn live(&self) -> bool {
+        Instant::now() < self.expires
+    }
+
+    fn info(&self, key: &LockKey, fence: u64) -> LockInfo {
+        LockInfo {
+            key: key.clone(),
+            owner: self.owner.clone(),
+            fence: Fence(fence),
+            since: self.since,
+            expires_in: self.expires.saturating_duration_since(Instant::now()),
+        }
+    }
+}
+
+impl LockState {
+    fn live(&self) -> Option<&Held> {
+        self.held.as_ref().filter(|h| h.live())
+    }
+
+    fn is_current(&self, lease: &Lease) -> bool {
+        self.fence == lease.fence().get()
+            && self
+                .live()
+                .is_some_and(|h| h.owner.id() == lease.owner().id())
+    }
+}
+
+impl State {
+    fn version(&mut self) -> Version {
+        self.next_version += 1;
+        Version::new(format!("m{:016x}", self.next_version))
+    }
+
+    /// Tells the run's watchers, dropping those whose feed is gone.
+    fn notify(&mut self, run: &RunId, event: &WatchEvent) {
+        if let Some(watchers) = self.watchers.get_mut(run) {
+            watchers.retain_mut(|w| w.send(event.clone()));
+        }
+    }
+}
+
+fn error(kind: ErrorKind, message: impl Into<String>) -> Error {
+    Error::new(kind, message.into()).with_backend(BACKEND)
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// A new, empty store of its own.
+    pub fn new() -> Self {
+        Self::build(None, DEFAULT_HISTORY)
+    }
+
+    /// The store named `name` in this process: created empty on first use,
+    /// shared by every later call while any handle to it lives (the
+    /// `memory://name` URL).
+    pub fn named(name: &str) -> Self {
+        static REGISTRY: OnceLock<Mutex<HashMap<String, Weak<Inner>>>> = OnceLock::new();
+        let mut registry = REGISTRY
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        registry.retain(|_, weak| weak.strong_count() > 0);
+        if let Some(inner) = registry.get(name).and_then(Weak::upgrade) {
+            return MemoryStore { inner };
+        }
+        let store = Self::build(Some(name.to_owned()), DEFAULT_HISTORY);
+        registry.insert(name.to_owned(), Arc::downgrade(&store.inner));
+        store
+    }
+
+    fn build(name: Option<String>, history: usize) -> Self {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                name,
+                state: Mutex::new(State::default()),
+                capabilities: Capabilities::full(BACKEND)
+                    .with_multi_host(false)
+                    .with_foreign_fencing(true)
+                    .with_native_conditional_get(true)
+                    .with_watch(WatchMode::Native { every_write: true })
+                    .with_status(true)
+                    .with_milestones(true),
+                signals: ReleaseSignals::new(),
+                history: history.max(1),
+            }),
+        }
+    }
+
+    /// The same store keeping at most `history` status messages per run.
+    pub fn with_history(self, history: usize) -> Self {
+        let mut inner = Inner {
+            name: self.inner.name.clone(),
+            state: Mutex::new(State::default()),
+            capabilities: self.inner.capabilities.clone(),
+            signals: ReleaseSignals::new(),
+            history: history.max(1),
+        };
+        // Only a fresh store can change its settings; a shared one keeps
+        // its data and the history it was made with.
+        match Arc::try_unwrap(self.inner) {
+            Ok(old) => {
+                inner.state = old.state;
+                MemoryStore {
+                    inner: Arc::new(inner),
+                }
+            }
+            Err(shared) => MemoryStore { inner: shared },
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every change is made whole under the lock; a panic in a caller
+        // cannot leave half of one.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn check_lease(state: &State, lease: &Lease) -> Result<()> {
+        let lock = state.locks.get(lease.key());
+        if lock.is_some_and(|l| l.is_current(lease)) {
+            return Ok(());
+        }
+        let mut error = error(
+            ErrorKind::Fenced,
+            format!(
+                "lease with fence {} is no longer the current grant of its lock; nothing was written",
+                lease.fence()
+            ),
+        )
+        .with_lock(lease.key());
+        if let Some((lock, held)) = lock.and_then(|l| l.live().map(|h| (l, h))) {
+            error = error.with_holder(held.info(lease.key(), lock.fence));
+        }
+        Err(error)
+    }
+
+    /// Refuses a foreign lease below the watermark (checked before the
+    /// write's mode: a stale holder learns it is stale, not that the
+    /// document changed).
+    fn check_foreign(state: &State, lease: &Lease) -> Result<()> {
+        let mark = state.watermarks.get(lease.key()).copied().unwrap_or(0);
+        if lease.fence().get() < mark {
+            return Err(error(
+                ErrorKind::Fenced,
+                format!(
+                    "lease with fence {} is older than fence {} already claimed here; nothing was written",
+                    lease.fence(),
+                    mark
+                ),
+            )
+            .with_lock(lease.key()));
+        }
+        Ok(())
+    }
+
+    fn check_mode(
+        docs: Option<&BTreeMap<DocName, StoredDoc>>,
+        doc: &DocName,
+        mode: &PutMode,
+    ) -> Result<()> {
+        let current = docs.and_then(|d| d.get(doc));
+        match (mode, current) {
+            (PutMode::Overwrite, _) | (PutMode::Create, None) => Ok(()),
+            (PutMode::Create, Some(_)) => Err(error(
+                ErrorKind::AlreadyExists,
+                "the document already exists",
+            )),
+            (PutMode::Update(_), None) => Err(error(
+                ErrorKind::Precondition,
+                "the document does not exist",
+            )),
+            (PutMode::Update(expected), Some(stored)) if stored.version == *expected => Ok(()),
+            (PutMode::Update(expected), Some(stored)) => Err(error(
+                ErrorKind::Precondition,
+                format!(
+                    "stored version {} is not the expected {expected}",
+                    stored.version
+                ),
+            )),
+        }
+    }
+
+    fn too_large(size: usize, limit: u64) -> Error {
+        error(
+            ErrorKind::TooLarge,
+            format!("document is {size} bytes, over the limit of {limit}"),
+        )
+    }
+
+    fn read(
+        state: &State,
+        run: &RunId,
+        doc: &DocName,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        match state.runs.get(run).and_then(|d| d.get(doc)) {
+            None => Ok(None),
+            Some(stored) => {
+                if let Some(limit) = options.limit
+                    && stored.bytes.len() as u64 > limit
+                {
+                    return Err(Self::too_large(stored.bytes.len(), limit));
+                }
+                Ok(Some(stored.clone()))
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        state: &mut State,
+        run: &RunId,
+        doc: &DocName,
+        bytes: Bytes,
+        options: &PutOptions<'_>,
+    ) -> Result<Version> {
+        for lease in options.lease.iter().chain(options.foreign_lease.iter()) {
+            lease.key().check_covers(run, doc)?;
+        }
+        if let Some(lease) = options.lease {
+            Self::check_lease(state, lease)?;
+        }
+        if let Some(lease) = options.foreign_lease {
+            Self::check_foreign(state, lease)?;
+        }
+        Self::check_mode(state.runs.get(run), doc, &options.mode)?;
+        if let Some(lease) = options.foreign_lease {
+            let mark = state.watermarks.entry(lease.key().clone()).or_default();
+            *mark = (*mark).max(lease.fence().get());
+        }
+        let version = state.version();
+        state.runs.entry(run.clone()).or_default().insert(
+            doc.clone(),
+            StoredDoc {
+                bytes,
+                version: version.clone(),
+            },
+        );
+        state.notify(
+            run,
+            &WatchEvent::Changed {
+                doc: doc.clone(),
+                version: version.clone(),
+            },
+        );
+        Ok(version)
+    }
+
+    fn grant(
+        state: &mut State,
+        key: &LockKey,
+        owner: &Owner,
+        ttl: Duration,
+        issued: Instant,
+    ) -> Result<Lease> {
+        check_ttl(ttl).map_err(|e| e.with_backend(BACKEND).with_lock(key))?;
+        let lock = state.locks.entry(key.clone()).or_default();
+        let expires = crate::time::saturating_add(issued, ttl);
+        if let Some(held) = lock.live() {
+            if held.owner.id() != owner.id() {
+                return Err(error(ErrorKind::Locked, "the lock is held")
+                    .with_operation(Operation::Acquire)
+                    .with_lock(key)
+                    .with_holder(held.info(key, lock.fence)));
+            }
+            // The same owner again: its own grant, with the TTL restarted.
+            let since = held.since;
+            lock.held = Some(Held {
+                owner: owner.clone(),
+                since,
+                expires,
+            });
+            return Ok(Lease::new(
+                key.clone(),
+                owner.clone(),
+                Fence(lock.fence),
+                ttl,
+                issued,
+                since,
+            ));
+        }
+        lock.fence += 1;
+        let since = SystemTime::now();
+        lock.held = Some(Held {
+            owner: owner.clone(),
+            since,
+            expires,
+        });
+        Ok(Lease::new(
+            key.clone(),
+            owner.clone(),
+            Fence(lock.fence),
+            ttl,
+            issued,
+            since,
+        ))
+    }
+
+    fn lease_lost(lease: &Lease, state: &State, op: Operation) -> Error {
+        let mut error = error(
+            ErrorKind::LeaseLost,
+            "the lease expired, was released, broken or taken over",
+        )
+        .with_operation(op)
+        .with_lock(lease.key());
+        if let Some(lock) = state.locks.get(lease.key())
+            && let Some(held) = lock.live()
+        {
+            error = error.with_holder(held.info(lease.key(), lock.fence));
+        }
+        error
+    }
+
+    fn release_in(state: &mut State, lease: &Lease) -> Result<()> {
+        let current = state
+            .locks
+            .get(lease.key())
+            .is_some_and(|l| l.is_current(lease));
+        if !current {
+            return Err(Self::lease_lost(lease, state, Operation::Release));
+        }
+        if let Some(lock) = state.locks.get_mut(lease.key()) {
+            lock.held = None;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("name", &self.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn page<T: Clone>(items: impl Iterator<Item = T>, limit: usize) -> ListPage<T> {
+    let limit = limit.max(1);
+    let mut items: Vec<T> = items.take(limit + 1).collect();
+    let more = items.len() > limit;
+    items.truncate(limit);
+    ListPage { items, more }
+}
+
+#[async_trait]
+#[deny(clippy::missing_trait_methods)]
+impl Store for MemoryStore {
+    fn capabilities(&self) -> &Capabilities {
+        &self.inner.capabilities
+    }
+
+    async fn get(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        Self::read(&self.state(), run, doc, options).map_err(|e| e.at_doc(Operation::Get, run, doc))
+    }
+
+    async fn put(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        bytes: Bytes,
+        options: PutOptions<'_>,
+    ) -> Result<Version> {
+        let mut state = self.state();
+        self.write(&mut state, run, doc, bytes, &options)
+            .map_err(|e| e.at_doc(Operation::Put, run, doc))
+    }
+
+    async fn delete(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        if_version: Option<&Version>,
+    ) -> Result<bool> {
+        let mut state = self.state();
+        let Some(docs) = state.runs.get_mut(run) else {
+            return Ok(false);
+        };
+        match (docs.get(doc), if_version) {
+            (None, _) => return Ok(false),
+            (Some(stored), Some(expected)) if stored.version != *expected => {
+                return Err(error(
+                    ErrorKind::Precondition,
+                    "the stored version is not the expected one; nothing was deleted",
+                )
+                .at_doc(Operation::Delete, run, doc));
+            }
+            _ => {}
+        }
+        docs.remove(doc);
+        if docs.is_empty() {
+            state.runs.remove(run);
+        }
+        state.notify(run, &WatchEvent::Deleted { doc: doc.clone() });
+        Ok(true)
+    }
+
+    async fn list_docs(
+        &self,
+        run: &RunId,
+        after: Option<&DocName>,
+        limit: usize,
+    ) -> Result<ListPage<DocMeta>> {
+        let state = self.state();
+        let Some(docs) = state.runs.get(run) else {
+            return Ok(ListPage {
+                items: Vec::new(),
+                more: false,
+            });
+        };
+        let range = match after {
+            Some(after) => docs.range::<DocName, _>((
+                std::ops::Bound::Excluded(after),
+                std::ops::Bound::Unbounded,
+            )),
+            None => docs.range::<DocName, _>(..),
+        };
+        Ok(page(
+            range.map(|(name, stored)| DocMeta {
+                name: name.clone(),
+                version: stored.version.clone(),
+                size: stored.bytes.len() as u64,
+            }),
+            limit,
+        ))
+    }
+
+    async fn list_runs(&self, after: Option<&RunId>, limit: usize) -> Result<ListPage<RunId>> {
+        let state = self.state();
+        let range = match after {
+            Some(after) => state
+                .runs
+                .range::<RunId, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => state.runs.range::<RunId, _>(..),
+        };
+        Ok(page(range.map(|(run, _)| run.clone()), limit))
+    }
+
+    async fn delete_run(&self, run: &RunId) -> Result<u64> {
+        let mut state = self.state();
+        let Some(docs) = state.runs.remove(run) else {
+            state.milestones.remove(run);
+            return Ok(0);
+        };
+        for doc in docs.keys() {
+            state.notify(run, &WatchEvent::Deleted { doc: doc.clone() });
+        }
+        state.milestones.remove(run);
+        Ok(docs.len() as u64)
+    }
+
+    async fn get_if_changed(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        known: &Version,
+        options: GetOptions,
+    ) -> Result<Fetched> {
+        let state = self.state();
+        match state.runs.get(run).and_then(|d| d.get(doc)) {
+            None => Ok(Fetched::Absent),
+            Some(stored) if stored.version == *known => Ok(Fetched::Unchanged),
+            Some(_) => Self::read(&state, run, doc, options)
+                .map(|s| s.map_or(Fetched::Absent, Fetched::Changed))
+                .map_err(|e| e.at_doc(Operation::GetIfChanged, run, doc)),
+        }
+    }
+
+    async fn claim(
+        &self,
+        key: &LockKey,
+        fence: Fence,
+        doc: Option<&DocName>,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        let mut state = self.state();
+        let mark = state.watermarks.entry(key.clone()).or_default();
+        if fence.get() < *mark {
+            return Err(error(
+                ErrorKind::Fenced,
+                format!("fence {fence} is older than fence {mark} already claimed here"),
+            )
+            .with_operation(Operation::Claim)
+            .with_lock(key));
+        }
+        *mark = fence.get();
+        match doc {
+            None => Ok(None),
+            Some(doc) => {
+                key.check_covers(key.run(), doc)?;
+                Self::read(&state, key.run(), doc, options)
+                    .map_err(|e| e.at_doc(Operation::Claim, key.run(), doc))
+            }
+        }
+    }
+
+    async fn watch(&self, run: &RunId) -> Result<Watcher> {
+        let (sender, feed) = Watcher::channel(FEED_CAPACITY);
+        self.state()
+            .watchers
+            .entry(run.clone())
+            .or_default()
+            .push(sender);
+        Ok(feed)
+    }
+
+    async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
+        check_label("topic", topic).map_err(|e| e.with_backend(BACKEND).with_run(run))?;
+        check_text("status message", text).map_err(|e| e.with_backend(BACKEND).with_run(run))?;
+        let mut state = self.state();
+        state.next_message += 1;
+        let message = StatusMessage::new(
+            format!("{:016x}", state.next_message),
+            topic,
+            text,
+            SystemTime::now(),
+        );
+        let history = state.status.entry(run.clone()).or_default();
+        history.push_back(message.clone());
+        while history.len() > self.inner.history {
+            history.pop_front();
+        }
+        if let Some(subscribers) = state.subscribers.get_mut(run) {
+            subscribers.retain_mut(|s| s.send(StatusEvent::Message(message.clone())));
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, run: &RunId, replay: Replay) -> Result<Subscription> {
+        let (mut sender, feed) = Subscription::channel(FEED_CAPACITY);
+        let mut state = self.state();
+        let history: Vec<StatusMessage> = state
+            .status
+            .get(run)
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default();
+        let skip = match replay {
+            Replay::None => history.len(),
+            Replay::Last(n) => history.len().saturating_sub(n),
+            _ => 0,
+        };
+        for message in history.into_iter().skip(skip) {
+            sender.send(StatusEvent::Message(message));
+        }
+        state
+            .subscribers
+            .entry(run.clone())
+            .or_default()
+            .push(sender);
+        Ok(feed)
+    }
+
+    async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
+        check_label("task", task).map_err(|e| e.with_backend(BACKEND).with_run(run))?;
+        self.state()
+            .milestones
+            .entry(run.clone())
+            .or_default()
+            .timestamps
+            .insert(task.to_owned(), at);
+        Ok(())
+    }
+
+    async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
+        check_label("attribute", name).map_err(|e| e.with_backend(BACKEND).with_run(run))?;
+        check_text("attribute value", value).map_err(|e| e.with_backend(BACKEND).with_run(run))?;
+        self.state()
+            .milestones
+            .entry(run.clone())
+            .or_default()
+            .attrs
+            .insert(name.to_owned(), value.to_owned());
+        Ok(())
+    }
+
+    async fn milestones(&self, run: &RunId) -> Result<Milestones> {
+        Ok(self
+            .state()
+            .milestones
+            .get(run)
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+#[async_trait]
+#[deny(clippy::missing_trait_methods)]
+impl Lock for MemoryStore {
+    async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease> {
+        let issued = Instant::now();
+        Self::grant(&mut self.state(), key, owner, ttl, issued)
+            .map_err(|e| e.with_operation(Operation::Acquire))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        check_ttl(ttl).map_err(|e| {
+            e.with_backend(BACKEND)
+                .with_operation(Operation::Renew)
+                .with_lock(lease.key())
+        })?;
+        let issued = Instant::now();
+        let mut state = self.state();
+        let current = state
+            .locks
+            .get(lease.key())
+            .is_some_and(|l| l.is_current(lease));
+        if !current {
+            return Err(Self::lease_lost(lease, &state, Operation::Renew));
+        }
+        if let Some(held) = state
+            .locks
+            .get_mut(lease.key())
+            .and_then(|l| l.held.as_mut())
+        {
+            held.expires = crate::time::saturating_add(issued, ttl);
+        }
+        Ok(lease.renewed(ttl, issued))
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let outcome = Self::release_in(&mut self.state(), lease);
+        self.inner.signals.released(lease.key());
+        outcome
+    }
+
+    async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+        let state = self.state();
+        Ok(state
+            .locks
+            .get(key)
+            .and_then(|l| l.live().map(|h| h.info(key, l.fence))))
+    }
+
+    async fn break_lock(
+        &self,
+        key: &LockKey,
+        only_fence: Option<Fence>,
+    ) -> Result<Option<LockInfo>> {
+        let broken = {
+            let mut state = self.state();
+            let Some(lock) = state.locks.get_mut(key) else {
+                return Ok(None);
+            };
+            let Some(held) = lock.live().cloned() else {
+                return Ok(None);
+            };
+            if only_fence.is_some_and(|f| f.get() != lock.fence) {
+                return Ok(None);
+            }
+            lock.held = None;
+            held.info(key, lock.fence)
+        };
+        tracing::warn!(lock = %key, holder = %broken.owner, fence = %broken.fence, "lease broken");
+        self.inner.signals.released(key);
+        Ok(Some(broken))
+    }
+
+    async fn list_locks(&self, run: Option<&RunId>) -> Result<Vec<LockInfo>> {
+        let state = self.state();
+        let mut locks: Vec<LockInfo> = state
+            .locks
+            .iter()
+            .filter(|(key, _)| run.is_none_or(|r| key.run() == r))
+            .filter_map(|(key, lock)| lock.live().map(|h| h.info(key, lock.fence)))
+            .collect();
+        locks.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(locks)
+    }
+
+    async fn wait_for_release(&self, key: &LockKey, max: Duration) {
+        self.inner.signals.wait(key, max).await;
+    }
+
+    async fn acquire_and_load(
+        &self,
+        key: &LockKey,
+        doc: &DocName,
+        owner: &Owner,
+        ttl: Duration,
+        options: GetOptions,
+    ) -> Result<(Lease, Option<StoredDoc>)> {
+        let op = Operation::AcquireAndLoad;
+        key.check_covers(key.run(), doc)
+            .map_err(|e| e.with_backend(BACKEND).with_operation(op))?;
+        let issued = Instant::now();
+        let mut state = self.state();
+        // Check the size before granting, so a refusal leaves no lock.
+        let stored = Self::read(&state, key.run(), doc, options)
+            .map_err(|e| e.at_doc(op, key.run(), doc))?;
+        let lease =
+            Self::grant(&mut state, key, owner, ttl, issued).map_err(|e| e.with_operation(op))?;
+        Ok((lease, stored))
+    }
+
+    async fn save_and_release(
+        &self,
+        lease: &Lease,
+        doc: &DocName,
+        bytes: Bytes,
+        mode: PutMode,
+    ) -> Result<Version> {
+        let run = lease.key().run().clone();
+        let saved = {
+            let mut state = self.state();
+            let options = PutOptions::mode(mode).with_lease(lease);
+            let saved = self
+                .write(&mut state, &run, doc, bytes, &options)
+                .map_err(|e| e.at_doc(Operation::SaveAndRelease, &run, doc));
+            let lost = matches!(&saved, Err(e) if matches!(e.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost));
+            if !lost {
+                let _ = Self::release_in(&mut state, lease);
+            }
+            saved
+        };
+        self.inner.signals.released(lease.key());
+        saved
+    }
+}
