@@ -10,16 +10,54 @@
 //! | `ext` | `json` | document file extension; `nodb` opens WEPPcloud run folders in place |
 //! | `create` | `true` | create the root folder when it is missing |
 //! | `sweep` | `true` | remove temporary files of dead writers on open |
+//! | `max_document_bytes` | `1073741824` (1 GiB) | largest document saved or read; larger files found in a run folder are listed but not read (see the crate documentation) |
+//! | `lock_timeout_ms` | `10000` | longest wait for another process's `flock` on a lease record before a call fails with `Timeout` (retryable) |
+//! | `case_insensitive` | `auto` | whether the root's file system ignores the case of names (casefold ext4, CIFS, vfat): `auto` detects it when the store is opened, `true` or `false` says so. Where it does, a run id or document name that differs only by case from an existing one is refused with `InvalidKey` (see the crate documentation) |
+//! | `watch` | `inotify` | how `watch` learns of changes: `inotify` (the kernel tells this host's writes at once) or `poll` (the run is listed every `poll_ms`: for a shared file system written from several hosts, whose writes inotify does not see) |
+//! | `poll_ms` | `250` | the interval of `watch=poll`; how often a watch or a status subscription looks for a run folder (or its bookkeeping) that does not exist yet; how often a status subscription re-reads its log besides inotify |
+//! | `status_messages` | `1000` | status messages in the current log before it is rotated: the history keeps the last 1000 to 2000 messages |
+//! | `status_bytes` | `1048576` (1 MiB) | bytes in the current status log before it is rotated (whichever limit comes first): the history holds at most about twice this |
 //!
 //! The path is percent-decoded (`%20` for a space).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use runstate_core::{Error, ErrorKind};
 
 /// Longest accepted document extension.
 pub const MAX_EXT_LEN: usize = 16;
+
+/// Default largest document: 1 GiB.
+pub const DEFAULT_MAX_DOCUMENT_SIZE: u64 = 1 << 30;
+
+/// Default longest wait for another process's `flock` on a lease record.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default interval of polling watches and of looking for a run folder
+/// that does not exist yet.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Default number of status messages in the current log before rotation.
+pub const DEFAULT_STATUS_MESSAGES: u64 = 1000;
+
+/// Default size of the current status log before rotation: 1 MiB.
+pub const DEFAULT_STATUS_BYTES: u64 = 1 << 20;
+
+/// How [`Store::watch`](runstate_core::Store::watch) learns of changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WatchBy {
+    /// inotify on the run folder (the default): changes made on this host
+    /// are reported at once; writes superseded before they were read are
+    /// reported once, with the latest version.
+    #[default]
+    Inotify,
+    /// Listing the run at the poll interval
+    /// ([`FileConfig::with_poll_interval`]): for a shared file system
+    /// written from several hosts, whose writes inotify does not see.
+    Polling,
+}
 
 /// One filesystem step of a save, as seen by a fault hook.
 #[cfg(feature = "fault-injection")]
@@ -33,6 +71,35 @@ pub enum SaveStep {
     Rename,
     /// `fsync` of the run folder after the rename.
     DirFsync,
+    /// `fsync` of the store root, making the run folder's entry durable:
+    /// done by the first save a store makes into each run folder, whoever
+    /// created the folder (the path is the root's).
+    RootFsync,
+}
+
+/// Whether the file system of the store's root ignores the case of names,
+/// as casefolded ext4 folders, CIFS/SMB shares and vfat do: there `Ron` and
+/// `ron` name one and the same file.
+///
+/// Where it does, a run id or document name that differs only by case from
+/// an existing run folder, document or lease record is refused with
+/// `InvalidKey` (see the crate documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CaseSensitivity {
+    /// Find out when the store is opened (the default): look up an
+    /// existing entry of the root under its name with the case of its
+    /// letters swapped, or, in a root without such an entry, a hidden probe
+    /// file created and removed for the purpose. When neither can be done
+    /// (an empty root that cannot be written), the root is taken to be
+    /// case-sensitive, and a debug message says so.
+    #[default]
+    Detect,
+    /// The root ignores case (or names that differ only by case are to be
+    /// refused anyway, for a store that will be copied to such a file
+    /// system): no detection is done.
+    Insensitive,
+    /// The root tells `Ron` from `ron`: no detection and no checks.
+    Sensitive,
 }
 
 /// Called before each step of a save; an `Err` makes that step fail as if
@@ -56,6 +123,13 @@ pub struct FileConfig {
     pub(crate) ext: String,
     pub(crate) sweep_on_open: bool,
     pub(crate) create_root: bool,
+    pub(crate) max_document_size: u64,
+    pub(crate) lock_timeout: Duration,
+    pub(crate) case: CaseSensitivity,
+    pub(crate) watch: WatchBy,
+    pub(crate) poll: Duration,
+    pub(crate) status_messages: u64,
+    pub(crate) status_bytes: u64,
     #[cfg(feature = "fault-injection")]
     pub(crate) fault_hook: Option<FaultHook>,
 }
@@ -63,13 +137,23 @@ pub struct FileConfig {
 impl FileConfig {
     /// A store rooted at `root`: documents are `<root>/<run>/<name>.json`.
     /// The root is created on open if missing, and temporary files left by
-    /// killed writers are swept on open.
+    /// killed writers are swept on open. Documents are at most
+    /// [`DEFAULT_MAX_DOCUMENT_SIZE`]; waits for another process's record
+    /// lock last at most [`DEFAULT_LOCK_TIMEOUT`]. Whether the root
+    /// ignores case is detected on open ([`CaseSensitivity::Detect`]).
     pub fn new(root: impl Into<PathBuf>) -> Self {
         FileConfig {
             root: root.into(),
             ext: "json".to_owned(),
             sweep_on_open: true,
             create_root: true,
+            max_document_size: DEFAULT_MAX_DOCUMENT_SIZE,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            case: CaseSensitivity::Detect,
+            watch: WatchBy::Inotify,
+            poll: DEFAULT_POLL_INTERVAL,
+            status_messages: DEFAULT_STATUS_MESSAGES,
+            status_bytes: DEFAULT_STATUS_BYTES,
             #[cfg(feature = "fault-injection")]
             fault_hook: None,
         }
@@ -123,9 +207,54 @@ impl FileConfig {
                 "ext" => config = config.with_ext(value.into_owned())?,
                 "create" => config.create_root = parse_bool(&name, &value)?,
                 "sweep" => config.sweep_on_open = parse_bool(&name, &value)?,
+                "max_document_bytes" => {
+                    config = config.with_max_document_size(parse_positive(&name, &value)?);
+                }
+                "lock_timeout_ms" => {
+                    config = config
+                        .with_lock_timeout(Duration::from_millis(parse_positive(&name, &value)?));
+                }
+                "case_insensitive" => {
+                    config.case = match &*value {
+                        "auto" => CaseSensitivity::Detect,
+                        _ => match parse_bool(&name, &value) {
+                            Ok(true) => CaseSensitivity::Insensitive,
+                            Ok(false) => CaseSensitivity::Sensitive,
+                            Err(_) => {
+                                return Err(config_error(format!(
+                                    "file URL option case_insensitive={value:?} must be auto, \
+                                     true or false"
+                                )));
+                            }
+                        },
+                    };
+                }
+                "watch" => {
+                    config.watch = match &*value {
+                        "inotify" => WatchBy::Inotify,
+                        "poll" => WatchBy::Polling,
+                        _ => {
+                            return Err(config_error(format!(
+                                "file URL option watch={value:?} must be inotify or poll"
+                            )));
+                        }
+                    };
+                }
+                "poll_ms" => {
+                    config = config
+                        .with_poll_interval(Duration::from_millis(parse_positive(&name, &value)?));
+                }
+                "status_messages" => {
+                    config.status_messages = parse_positive(&name, &value)?;
+                }
+                "status_bytes" => {
+                    config.status_bytes = parse_positive(&name, &value)?;
+                }
                 other => {
                     return Err(config_error(format!(
-                        "unknown file URL option {other:?} (known: ext, create, sweep)"
+                        "unknown file URL option {other:?} (known: ext, create, sweep, \
+                         max_document_bytes, lock_timeout_ms, case_insensitive, watch, poll_ms, \
+                         status_messages, status_bytes)"
                     )));
                 }
             }
@@ -170,6 +299,96 @@ impl FileConfig {
         self
     }
 
+    /// Sets the largest document, in bytes (default
+    /// [`DEFAULT_MAX_DOCUMENT_SIZE`]; at least 1). A larger save fails with
+    /// `TooLarge`; a larger file found in a run folder is never read: `get`
+    /// and the version checks of `Update` and conditional deletes fail
+    /// with `TooLarge`, and listings show it without reading it (see the
+    /// crate documentation). [`Capabilities::max_document_size`] reports
+    /// it.
+    ///
+    /// [`Capabilities::max_document_size`]: runstate_core::Capabilities::max_document_size
+    pub fn with_max_document_size(mut self, max: u64) -> Self {
+        self.max_document_size = max.max(1);
+        self
+    }
+
+    /// Sets the longest wait for another process's `flock` on a lease
+    /// record (default [`DEFAULT_LOCK_TIMEOUT`]; at least 1 ms). Those locks
+    /// are held only for the few system calls of a check and a write, so a
+    /// long wait means the holder is stopped or hung; the call then fails
+    /// with a retryable `Timeout` instead of blocking a thread forever.
+    pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Says whether the root's file system ignores the case of names
+    /// (default [`CaseSensitivity::Detect`]: found out on open). Where it
+    /// does, ids that differ only by case from existing ones are refused.
+    pub fn with_case_sensitivity(mut self, case: CaseSensitivity) -> Self {
+        self.case = case;
+        self
+    }
+
+    /// Sets how `watch` learns of changes (default [`WatchBy::Inotify`]).
+    pub fn with_watch(mut self, watch: WatchBy) -> Self {
+        self.watch = watch;
+        self
+    }
+
+    /// Sets the poll interval (default [`DEFAULT_POLL_INTERVAL`]; at least
+    /// 1 ms): the interval of [`WatchBy::Polling`], and how often a watch
+    /// or a status subscription looks for a run folder that does not exist
+    /// yet (nothing is created to watch it) and a status subscription
+    /// re-reads its log besides inotify.
+    pub fn with_poll_interval(mut self, every: Duration) -> Self {
+        self.poll = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets how much status history a run keeps: the current log is
+    /// rotated (the previous one kept for replay, the one before it
+    /// removed) once it holds `messages` messages or `bytes` bytes,
+    /// whichever comes first (defaults [`DEFAULT_STATUS_MESSAGES`] and
+    /// [`DEFAULT_STATUS_BYTES`]; at least 1 each).
+    pub fn with_status_history(mut self, messages: u64, bytes: u64) -> Self {
+        self.status_messages = messages.max(1);
+        self.status_bytes = bytes.max(1);
+        self
+    }
+
+    /// How `watch` learns of changes.
+    pub fn watch(&self) -> WatchBy {
+        self.watch
+    }
+
+    /// The poll interval.
+    pub fn poll_interval(&self) -> Duration {
+        self.poll
+    }
+
+    /// The status history: messages and bytes in the current log before
+    /// it is rotated.
+    pub fn status_history(&self) -> (u64, u64) {
+        (self.status_messages, self.status_bytes)
+    }
+
+    /// Whether the root ignores case, as configured.
+    pub fn case_sensitivity(&self) -> CaseSensitivity {
+        self.case
+    }
+
+    /// The largest document, in bytes.
+    pub fn max_document_size(&self) -> u64 {
+        self.max_document_size
+    }
+
+    /// The longest wait for another process's record lock.
+    pub fn lock_timeout(&self) -> Duration {
+        self.lock_timeout
+    }
+
     /// Installs a hook that can fail each filesystem step of a save.
     #[cfg(feature = "fault-injection")]
     pub fn with_fault_hook(mut self, hook: FaultHook) -> Self {
@@ -192,6 +411,15 @@ fn config_error(message: String) -> Error {
     Error::new(ErrorKind::Config, message).with_backend(crate::BACKEND)
 }
 
+fn parse_positive(name: &str, value: &str) -> Result<u64, Error> {
+    match value.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(config_error(format!(
+            "file URL option {name}={value:?} must be a positive whole number"
+        ))),
+    }
+}
+
 fn parse_bool(name: &str, value: &str) -> Result<bool, Error> {
     match value {
         "true" | "1" | "yes" => Ok(true),
@@ -208,7 +436,14 @@ impl fmt::Debug for FileConfig {
         d.field("root", &self.root)
             .field("ext", &self.ext)
             .field("sweep_on_open", &self.sweep_on_open)
-            .field("create_root", &self.create_root);
+            .field("create_root", &self.create_root)
+            .field("max_document_size", &self.max_document_size)
+            .field("lock_timeout", &self.lock_timeout)
+            .field("case", &self.case)
+            .field("watch", &self.watch)
+            .field("poll", &self.poll)
+            .field("status_messages", &self.status_messages)
+            .field("status_bytes", &self.status_bytes);
         #[cfg(feature = "fault-injection")]
         d.field("fault_hook", &self.fault_hook.as_ref().map(|_| "installed"));
         d.finish()
@@ -223,11 +458,43 @@ mod tests {
     fn url_forms() {
         let abs = FileConfig::from_url("file:///srv/runs%20x?ext=nodb&create=false&sweep=0")
             .expect("valid");
+        assert_eq!(abs.max_document_size(), DEFAULT_MAX_DOCUMENT_SIZE);
+        assert_eq!(abs.lock_timeout(), DEFAULT_LOCK_TIMEOUT);
+        let limits =
+            FileConfig::from_url("file:///srv?max_document_bytes=4096&lock_timeout_ms=250")
+                .expect("valid");
+        assert_eq!(limits.max_document_size(), 4096);
+        assert_eq!(limits.lock_timeout(), Duration::from_millis(250));
         assert_eq!(abs.root(), Path::new("/srv/runs x"));
         assert_eq!(abs.ext(), "nodb");
         assert!(!abs.create_root && !abs.sweep_on_open);
         let local = FileConfig::from_url("file://localhost/srv/runs").expect("valid");
         assert_eq!(local.root(), Path::new("/srv/runs"));
+        assert_eq!(abs.case_sensitivity(), CaseSensitivity::Detect);
+        for (value, case) in [
+            ("auto", CaseSensitivity::Detect),
+            ("true", CaseSensitivity::Insensitive),
+            ("1", CaseSensitivity::Insensitive),
+            ("false", CaseSensitivity::Sensitive),
+            ("no", CaseSensitivity::Sensitive),
+        ] {
+            let config = FileConfig::from_url(&format!("file:///srv?case_insensitive={value}"))
+                .expect("valid");
+            assert_eq!(config.case_sensitivity(), case, "{value}");
+        }
+        let events = FileConfig::from_url(
+            "file:///srv?watch=poll&poll_ms=40&status_messages=10&status_bytes=4096",
+        )
+        .expect("valid");
+        assert_eq!(events.watch(), WatchBy::Polling);
+        assert_eq!(events.poll_interval(), Duration::from_millis(40));
+        assert_eq!(events.status_history(), (10, 4096));
+        assert_eq!(abs.watch(), WatchBy::Inotify);
+        assert_eq!(abs.poll_interval(), DEFAULT_POLL_INTERVAL);
+        assert_eq!(
+            abs.status_history(),
+            (DEFAULT_STATUS_MESSAGES, DEFAULT_STATUS_BYTES)
+        );
         let relative = FileConfig::from_url("file:./data").expect("valid");
         assert_eq!(relative.root(), Path::new("./data"));
         assert_eq!(relative.ext(), "json");
@@ -241,6 +508,15 @@ mod tests {
             "file:///srv?ext=no.dots",
             "file:///srv?colour=red",
             "file:///srv?create=maybe",
+            "file:///srv?max_document_bytes=0",
+            "file:///srv?max_document_bytes=1GiB",
+            "file:///srv?lock_timeout_ms=-1",
+            "file:///srv?case_insensitive=maybe",
+            "file:///srv?case_insensitive=",
+            "file:///srv?watch=fanotify",
+            "file:///srv?poll_ms=0",
+            "file:///srv?status_messages=0",
+            "file:///srv?status_bytes=1MiB",
             "redis://x",
         ] {
             let error = FileConfig::from_url(url).expect_err(url);

@@ -6,18 +6,21 @@
 //! in place. A failed `fsync` is reported, never retried: after a failed
 //! `fsync` the kernel may have dropped the dirty pages, so a second call
 //! could succeed without the data being on disk. If the folder `fsync`
-//! fails after the rename, the previous document is put back (rewritten
-//! from a descriptor opened before the rename), so a failed save never
-//! leaves its bytes visible.
+//! fails after the rename, the previous document is put back (copied from
+//! a descriptor opened before the rename), so a failed save never leaves
+//! its bytes visible.
+//!
+//! A replaced document keeps the permission bits of the file it replaces;
+//! a new one gets 0644 less the umask.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 
 use runstate_core::Error;
 
-use crate::layout::{io_error, sync_dir, temp_name};
+use crate::folder::Folder;
+use crate::layout::{io_error, temp_name};
 
 #[cfg(feature = "fault-injection")]
 pub(crate) use crate::config::SaveStep;
@@ -30,6 +33,7 @@ pub(crate) enum SaveStep {
     Fsync,
     Rename,
     DirFsync,
+    RootFsync,
 }
 
 /// The optional fault hook of a store.
@@ -41,7 +45,7 @@ pub(crate) struct Faults {
 
 impl Faults {
     #[inline]
-    fn check(&self, step: SaveStep, path: &Path) -> io::Result<()> {
+    pub(crate) fn check(&self, step: SaveStep, path: &std::path::Path) -> io::Result<()> {
         #[cfg(feature = "fault-injection")]
         if let Some(hook) = &self.hook {
             return hook(step, path);
@@ -51,64 +55,113 @@ impl Faults {
     }
 }
 
+/// The permission bits of an open file.
+pub(crate) fn permission_bits(file: &File) -> io::Result<u32> {
+    Ok(file.metadata()?.permissions().mode() & 0o777)
+}
+
 /// A temporary file holding the new bytes, durably written; removed on drop
 /// unless it was renamed into place.
-pub(crate) struct Staged {
-    path: PathBuf,
+pub(crate) struct Staged<'a> {
+    dir: &'a Folder,
+    name: String,
+    file: File,
+    /// The permission bits it was given, when they were set explicitly.
+    mode: Option<u32>,
     placed: bool,
 }
 
-impl Staged {
-    /// Writes `bytes` to a fresh temporary file beside `file_name` in `dir`
-    /// and `fsync`s it.
+impl<'a> Staged<'a> {
+    /// Writes `bytes` to a fresh temporary file beside `file_name` in `dir`,
+    /// with permission bits `mode` when given (those of the document it is
+    /// expected to replace), and `fsync`s it.
     pub(crate) fn write(
-        dir: &Path,
+        dir: &'a Folder,
         file_name: &str,
         bytes: &[u8],
+        mode: Option<u32>,
         faults: &Faults,
-    ) -> Result<Staged, Error> {
-        let path = dir.join(temp_name(file_name, false));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&path)
+    ) -> Result<Staged<'a>, Error> {
+        let name = temp_name(file_name, false);
+        let path = dir.child(&name);
+        let file = dir
+            .create_temp(&name)
             .map_err(|e| io_error("creating the temporary file", &path, e))?;
-        let staged = Staged {
-            path,
+        let mut staged = Staged {
+            dir,
+            name,
+            file,
+            mode: None,
             placed: false,
         };
+        if let Some(mode) = mode {
+            staged.set_mode(mode)?;
+        }
         faults
-            .check(SaveStep::Write, &staged.path)
-            .and_then(|()| file.write_all(bytes))
-            .map_err(|e| io_error("writing the temporary file", &staged.path, e))?;
+            .check(SaveStep::Write, &path)
+            .and_then(|()| staged.file.write_all(bytes))
+            .map_err(|e| io_error("writing the temporary file", &path, e))?;
         faults
-            .check(SaveStep::Fsync, &staged.path)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io_error("fsync of the temporary file", &staged.path, e))?;
+            .check(SaveStep::Fsync, &path)
+            .and_then(|()| staged.file.sync_all())
+            .map_err(|e| io_error("fsync of the temporary file", &path, e))?;
         Ok(staged)
     }
 
-    /// Renames the staged file over `target` (in `dir`) and makes the rename
-    /// durable. `previous` is the open current document, if any, used to
-    /// restore it when the folder `fsync` fails.
+    fn set_mode(&mut self, mode: u32) -> Result<(), Error> {
+        self.file
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| {
+                io_error(
+                    "setting the permissions of the temporary file",
+                    &self.dir.child(&self.name),
+                    e,
+                )
+            })?;
+        self.mode = Some(mode);
+        Ok(())
+    }
+
+    /// Renames the staged file over `target` (in its folder) and makes the
+    /// rename durable. `previous` is the open current document, if any:
+    /// its permission bits are kept, and it is restored when the folder
+    /// `fsync` fails.
     pub(crate) fn place(
         mut self,
-        dir: &Path,
-        target: &Path,
+        target: &str,
         previous: Option<&File>,
         faults: &Faults,
     ) -> Result<(), Error> {
+        let dir = self.dir;
+        let target_path = dir.child(target);
+        if let Some(previous) = previous {
+            let mode = permission_bits(previous)
+                .map_err(|e| io_error("stat of the document", &target_path, e))?;
+            if self.mode != Some(mode) {
+                // The document changed its mode since the save began: give
+                // the new bytes that mode, durably, before they replace it.
+                self.set_mode(mode)?;
+                self.file.sync_all().map_err(|e| {
+                    io_error("fsync of the temporary file", &dir.child(&self.name), e)
+                })?;
+            }
+        }
         faults
-            .check(SaveStep::Rename, target)
-            .and_then(|()| fs::rename(&self.path, target))
-            .map_err(|e| io_error("renaming the temporary file over the document", target, e))?;
+            .check(SaveStep::Rename, &target_path)
+            .and_then(|()| dir.rename(&self.name, target))
+            .map_err(|e| {
+                io_error(
+                    "renaming the temporary file over the document",
+                    &target_path,
+                    e,
+                )
+            })?;
         self.placed = true;
         if let Err(e) = faults
-            .check(SaveStep::DirFsync, dir)
-            .and_then(|()| sync_dir(dir))
+            .check(SaveStep::DirFsync, dir.path())
+            .and_then(|()| dir.sync())
         {
-            let error = io_error("fsync of the run folder", dir, e);
+            let error = io_error("fsync of the run folder", dir.path(), e);
             restore(dir, target, previous);
             return Err(error);
         }
@@ -116,68 +169,67 @@ impl Staged {
     }
 }
 
-impl Drop for Staged {
+impl Drop for Staged<'_> {
     fn drop(&mut self) {
         if !self.placed
-            && let Err(error) = fs::remove_file(&self.path)
+            && let Err(error) = self.dir.unlink(&self.name)
         {
-            tracing::warn!(path = %self.path.display(), %error, "could not remove a temporary file");
+            tracing::warn!(
+                path = %self.dir.child(&self.name).display(),
+                %error,
+                "could not remove a temporary file"
+            );
         }
     }
 }
 
 /// Puts the previous document back after a failed folder `fsync`: its
 /// bytes are still readable through the descriptor opened before the rename
-/// (the inode lives while it is open), so they are written to a new
-/// temporary file that is renamed over the target. Without a previous
+/// (the inode lives while it is open), so they are copied, in chunks, to a
+/// new temporary file that is renamed over the target. Without a previous
 /// document the target is removed.
-fn restore(dir: &Path, target: &Path, previous: Option<&File>) {
+fn restore(dir: &Folder, target: &str, previous: Option<&File>) {
     let outcome = match previous {
-        None => fs::remove_file(target),
+        None => dir.unlink(target),
         Some(file) => rewrite_previous(dir, target, file),
     };
     match outcome {
         Ok(()) => {
             // Best effort: the folder just failed to sync once.
-            let _ = sync_dir(dir);
+            let _ = dir.sync();
         }
         Err(error) => tracing::error!(
-            path = %target.display(),
+            path = %dir.child(target).display(),
             %error,
             "could not restore the previous document after a failed save"
         ),
     }
 }
 
-fn rewrite_previous(dir: &Path, target: &Path, previous: &File) -> io::Result<()> {
-    let mut bytes = Vec::new();
-    let mut offset = 0u64;
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        let n = previous.read_at(&mut chunk, offset)?;
-        if n == 0 {
-            break;
-        }
-        bytes.extend_from_slice(&chunk[..n]);
-        offset += n as u64;
-    }
-    let file_name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let path = dir.join(temp_name(&file_name, true));
+fn rewrite_previous(dir: &Folder, target: &str, previous: &File) -> io::Result<()> {
+    let name = temp_name(target, true);
     let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&path)?;
-        file.write_all(&bytes)?;
+        let mut file = dir.create_temp(&name)?;
+        file.set_permissions(std::fs::Permissions::from_mode(permission_bits(previous)?))?;
+        let mut chunk = vec![0u8; 256 * 1024];
+        let mut offset = 0u64;
+        loop {
+            let n = match previous.read_at(&mut chunk, offset) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                break;
+            }
+            file.write_all(&chunk[..n])?;
+            offset += n as u64;
+        }
         file.sync_all()?;
-        fs::rename(&path, target)
+        dir.rename(&name, target)
     })();
     if written.is_err() {
-        let _ = fs::remove_file(&path);
+        let _ = dir.unlink(&name);
     }
     written
 }

@@ -1,24 +1,33 @@
 //! The blocking implementation of every operation. The async `FileStore`
 //! runs each call on Tokio's blocking pool.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use runstate_core::process::{Liveness, ProcessStamp, current_stamp, liveness};
 use runstate_core::{
-    Bytes, DocMeta, DocName, Error, ErrorKind, Fence, Lease, ListPage, LockInfo, LockKey,
+    Bytes, DocMeta, DocName, Error, ErrorKind, Fence, Fetched, Lease, ListPage, LockInfo, LockKey,
     Operation, Owner, PutMode, RunId, StoredDoc, Version,
 };
 
 use crate::BACKEND;
-use crate::durable::{Faults, Staged};
-use crate::layout::{
-    BOOK_DIR, Layout, host_tag, io_error, lock_key_of_file, parse_temp_name, sync_dir, version_of,
+use crate::case::{self, CaseRule};
+use crate::durable::{Faults, SaveStep, Staged, permission_bits};
+use crate::folder::{
+    Access, Folder, FolderId, Kind, Stamp, hash_bounded, is_not_found, now_ns, read_bounded,
+    too_large,
 };
-use crate::leases::{self, LeaseFile, Now, book_dir};
+use crate::hub::{Hub, Pause};
+use crate::index::{Indexes, RunIndex};
+use crate::layout::{
+    BOOK_DIR, Layout, host_tag, io_error, lease_file_name, lock_key_of_file, parse_temp_name,
+    version_of,
+};
+use crate::leases::{self, LeaseFile, Now};
 
 /// Temporary files from another boot or pid namespace are removed once this
 /// old, since their writer cannot be checked from here.
@@ -27,74 +36,48 @@ const FOREIGN_TEMP_AGE: Duration = Duration::from_secs(3600);
 /// The blocking store.
 #[derive(Debug)]
 pub(crate) struct Engine {
-    pub(crate) layout: Layout,
-    pub(crate) faults: Faults,
+    layout: Layout,
+    faults: Faults,
+    max_document_size: u64,
+    lock_timeout: Duration,
+    /// Whether names that differ only by case are refused.
+    case: CaseRule,
+    /// Run folders whose entry in the root this store has made durable.
+    synced: Mutex<HashSet<FolderId>>,
+    /// Remembered document versions, per run folder.
+    indexes: Indexes,
+    /// The sorted run ids of the root, while the root is unchanged.
+    root_listing: Mutex<Option<RootListing>>,
+    /// How many times the root was read (for tests of listing cost).
+    root_scans: AtomicU64,
+    /// The store's inotify instance, opened the first time something is
+    /// watched.
+    hub: Mutex<Option<Arc<Hub>>>,
+    /// Holds the inotify event thread while set (fault-injection tests).
+    pub(crate) pause: Pause,
+}
+
+#[derive(Debug)]
+struct RootListing {
+    dev: u64,
+    stamp: Stamp,
+    runs: Arc<RunListing>,
+}
+
+/// The run folders of the root.
+#[derive(Debug, Default)]
+pub(crate) struct RunListing {
+    /// Their ids, sorted.
+    runs: Vec<RunId>,
+    /// On a store that ignores case: each id in lowercase → the index in
+    /// `runs` of one id spelled so.
+    folded: HashMap<String, usize>,
 }
 
 impl std::fmt::Debug for Faults {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Faults")
     }
-}
-
-/// Opens a document for reading without following a symlink in its place.
-fn open_doc(path: &Path) -> Result<Option<File>, Error> {
-    let flags = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
-    match OpenOptions::new().read(true).custom_flags(flags).open(path) {
-        Ok(file) => Ok(Some(file)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) if rustix::io::Errno::from_io_error(&e) == Some(rustix::io::Errno::LOOP) => {
-            Err(Error::new(
-                ErrorKind::Denied,
-                format!(
-                    "{} is a symlink; documents must be regular files",
-                    path.display()
-                ),
-            )
-            .with_backend(BACKEND))
-        }
-        Err(e) => Err(io_error("opening the document", path, e)),
-    }
-}
-
-/// Reads an open document, refusing it before reading when it is larger
-/// than `limit`.
-fn read_doc(file: &File, path: &Path, limit: Option<u64>) -> Result<Vec<u8>, Error> {
-    let meta = file
-        .metadata()
-        .map_err(|e| io_error("stat of the document", path, e))?;
-    if !meta.is_file() {
-        return Err(Error::new(
-            ErrorKind::Backend,
-            format!("{} is not a regular file", path.display()),
-        )
-        .with_backend(BACKEND));
-    }
-    let size = meta.len();
-    let too_large = |size: u64, limit: u64| {
-        Error::new(
-            ErrorKind::TooLarge,
-            format!("document is {size} bytes, over the limit of {limit}"),
-        )
-        .with_backend(BACKEND)
-    };
-    if let Some(limit) = limit
-        && size > limit
-    {
-        return Err(too_large(size, limit));
-    }
-    // The file may grow under a foreign writer; never read past the limit.
-    let cap = limit.map_or(u64::MAX, |l| l.saturating_add(1));
-    let mut bytes = Vec::with_capacity(usize::try_from(size.min(cap)).unwrap_or(0));
-    file.take(cap)
-        .read_to_end(&mut bytes)
-        .map_err(|e| io_error("reading the document", path, e))?;
-    if let Some(limit) = limit
-        && bytes.len() as u64 > limit
-    {
-        return Err(too_large(bytes.len() as u64, limit));
-    }
-    Ok(bytes)
 }
 
 fn precondition(message: impl Into<String>) -> Error {
@@ -121,20 +104,327 @@ fn missing_record() -> Error {
     Error::new(ErrorKind::Backend, "a created lease record was not there").with_backend(BACKEND)
 }
 
+/// A run folder's version index and where it lives.
+struct Remembered {
+    id: FolderId,
+    book: Option<Folder>,
+    index: Arc<RunIndex>,
+}
+
+/// The leases a save is fenced by.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Fences<'a> {
+    /// A lease of this store's own: it must be the current grant.
+    pub(crate) lease: Option<&'a Lease>,
+    /// A lease granted by another lock service: its fence must not be
+    /// below the lock's watermark, which the save raises to it.
+    pub(crate) foreign: Option<&'a Lease>,
+}
+
+/// The record of `lease`'s lock among the two a save holds: the run's when
+/// it is a run lease (then taken), else the document's.
+fn pick<'r>(
+    run_record: &'r mut Option<LeaseFile>,
+    doc_record: &'r mut LeaseFile,
+    lease: &Lease,
+) -> &'r mut LeaseFile {
+    match (lease.key(), run_record) {
+        (LockKey::Run(_), Some(record)) => record,
+        _ => doc_record,
+    }
+}
+
+/// The version listed for a document over the size limit, which is not
+/// read: made from its stamp, so it changes whenever the file does, and
+/// marked so it can never equal a content version.
+fn over_limit_version(stamp: &Stamp) -> Version {
+    Version::new(format!(
+        "over-limit-{}-{}-{}-{}",
+        stamp.ino, stamp.size, stamp.mtime_ns, stamp.ctime_ns
+    ))
+}
+
 impl Engine {
-    fn lease_file(
+    pub(crate) fn new(
+        layout: Layout,
+        faults: Faults,
+        max_document_size: u64,
+        lock_timeout: Duration,
+        case: CaseRule,
+    ) -> Engine {
+        Engine {
+            layout,
+            faults,
+            max_document_size,
+            lock_timeout,
+            case,
+            synced: Mutex::new(HashSet::new()),
+            indexes: Indexes::default(),
+            root_listing: Mutex::new(None),
+            root_scans: AtomicU64::new(0),
+            hub: Mutex::new(None),
+            pause: Pause::default(),
+        }
+    }
+
+    /// The store's inotify instance, opened on first use.
+    ///
+    /// # Errors
+    /// `Backend` when inotify cannot be started (the per-user limit of
+    /// instances is reached, say); tried again by the next call.
+    pub(crate) fn hub(&self) -> Result<Arc<Hub>, Error> {
+        let mut hub = self.hub.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(hub) = &*hub {
+            return Ok(Arc::clone(hub));
+        }
+        let made = Hub::new(Arc::clone(&self.pause))?;
+        *hub = Some(Arc::clone(&made));
+        Ok(made)
+    }
+
+    /// The layout of the store.
+    pub(crate) fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The longest wait for a bookkeeping file's `flock`.
+    pub(crate) fn lock_timeout(&self) -> Duration {
+        self.lock_timeout
+    }
+
+    /// The run folder when it exists, never created; refused on a store
+    /// that ignores case when it exists only under another spelling.
+    pub(crate) fn existing_run_dir(&self, run: &RunId) -> Result<Option<Folder>, Error> {
+        let root = self.layout.open_root()?;
+        self.run_dir(&root, run)
+    }
+
+    /// The run folder, created when missing and made durable (as by a
+    /// save), and its bookkeeping folder, created when missing: where
+    /// status messages and milestones are written.
+    pub(crate) fn writable_book(&self, run: &RunId) -> Result<(Folder, Folder), Error> {
+        let root = self.layout.open_root()?;
+        let dir = self.ensure_run_dir(&root, run)?;
+        self.make_durable(&root, &dir)
+            .map_err(|e| e.with_run(run))?;
+        let book = dir.ensure_dir(BOOK_DIR)?;
+        Ok((dir, book))
+    }
+
+    /// How many times the root folder was read to list runs.
+    pub(crate) fn root_scans(&self) -> u64 {
+        self.root_scans.load(Ordering::Relaxed)
+    }
+
+    /// Whether names that differ only by case are refused.
+    pub(crate) fn ignores_case(&self) -> bool {
+        self.case.insensitive
+    }
+
+    /// On a store that ignores case, refuses `run` when a run folder exists
+    /// under another spelling and none under its own. Looked up in the
+    /// remembered listing of the root, not by reading it per call.
+    fn check_run_case(&self, root: &Folder, run: &RunId) -> Result<(), Error> {
+        if !self.case.insensitive {
+            return Ok(());
+        }
+        let listing = self.run_ids(root)?;
+        if listing.runs.binary_search(run).is_ok() {
+            return Ok(());
+        }
+        match listing.folded.get(&run.as_str().to_ascii_lowercase()) {
+            Some(&i) => Err(case::conflict(
+                &self.case,
+                "run id",
+                run.as_str(),
+                "run folder",
+                listing.runs[i].as_str(),
+                root,
+            )
+            .with_run(run)),
+            None => Ok(()),
+        }
+    }
+
+    /// The run folder, opened (see [`Layout::run_dir`]); refused on a store
+    /// that ignores case when it exists only under another spelling.
+    /// Checked after the open, so a folder made under another spelling
+    /// just before is seen.
+    fn run_dir(&self, root: &Folder, run: &RunId) -> Result<Option<Folder>, Error> {
+        let dir = self.layout.run_dir(root, run)?;
+        self.check_run_case(root, run)?;
+        Ok(dir)
+    }
+
+    /// The run folder, created when missing. On a store that ignores case,
+    /// a run id that differs only by case from an existing run folder is
+    /// refused before anything is created, and again after the folder was
+    /// found (not made by this call), in case another spelling was made
+    /// meanwhile.
+    fn ensure_run_dir(&self, root: &Folder, run: &RunId) -> Result<Folder, Error> {
+        self.check_run_case(root, run)?;
+        let (dir, created) = self.layout.ensure_run_dir(root, run)?;
+        if !created {
+            self.check_run_case(root, run)?;
+        }
+        Ok(dir)
+    }
+
+    /// On a store that ignores case, refuses `doc` when a document file or
+    /// the lease record of a document exists in the run folder `dir` under
+    /// another spelling and not under its own. Reads the run folder and its
+    /// bookkeeping folder (both small); writes nothing.
+    fn check_doc_case(&self, dir: &Folder, run: &RunId, doc: &DocName) -> Result<(), Error> {
+        self.check_doc_spelling(dir, run, doc, true)
+    }
+
+    /// [`check_doc_case`](Self::check_doc_case), looking at document files
+    /// only when `files` is set (lease records always).
+    fn check_doc_spelling(
         &self,
-        dir: &Path,
+        dir: &Folder,
+        run: &RunId,
+        doc: &DocName,
+        files: bool,
+    ) -> Result<(), Error> {
+        if !self.case.insensitive {
+            return Ok(());
+        }
+        let refuse = |existing_what: &str, existing: &str| {
+            case::conflict(
+                &self.case,
+                "document",
+                doc.as_str(),
+                existing_what,
+                existing,
+                dir,
+            )
+            .with_run(run)
+        };
+        if files {
+            let file_name = self.layout.file_name(doc);
+            let entries = dir
+                .entries()
+                .map_err(|e| io_error("listing the run folder", dir.path(), e))?;
+            if let Some(other) = case::twin(entries.iter().map(|e| e.name.as_str()), &file_name) {
+                return Err(match self.layout.doc_of_file(other) {
+                    Some(name) => refuse("document", name.as_str()),
+                    None => refuse("file", other),
+                });
+            }
+        }
+        // A missing or unusable bookkeeping folder holds no record to clash
+        // with; the operation that needs it reports it.
+        let Ok(Some(book)) = dir.open_dir(BOOK_DIR) else {
+            return Ok(());
+        };
+        let records = book
+            .entries()
+            .map_err(|e| io_error("listing the bookkeeping folder", book.path(), e))?;
+        let record = lease_file_name(&LockKey::Doc(run.clone(), doc.clone()));
+        if let Some(other) = case::twin(records.iter().map(|e| e.name.as_str()), &record) {
+            return Err(match lock_key_of_file(run, other) {
+                Some(LockKey::Doc(_, name)) => {
+                    refuse("lease record of the document", name.as_str())
+                }
+                _ => refuse("lease record", other),
+            });
+        }
+        Ok(())
+    }
+
+    fn record(
+        &self,
+        book: &Folder,
         key: &LockKey,
         exclusive: bool,
         create: bool,
     ) -> Result<Option<LeaseFile>, Error> {
-        LeaseFile::open(self.layout.lease_path(dir, key), exclusive, create)
+        LeaseFile::open(
+            book,
+            &lease_file_name(key),
+            exclusive,
+            create,
+            self.lock_timeout,
+        )
     }
 
-    fn lease_file_created(&self, dir: &Path, key: &LockKey) -> Result<LeaseFile, Error> {
-        self.lease_file(dir, key, true, true)?
+    fn record_created(&self, book: &Folder, key: &LockKey) -> Result<LeaseFile, Error> {
+        self.record(book, key, true, true)?
             .ok_or_else(missing_record)
+    }
+
+    /// The bound of a read: the caller's limit, never above the store's.
+    fn read_limit(&self, asked: Option<u64>) -> u64 {
+        asked.map_or(self.max_document_size, |l| l.min(self.max_document_size))
+    }
+
+    /// The version of a stored document, hashed in chunks; `TooLarge` when
+    /// it is over the store's limit (it is then not read).
+    fn current_version(&self, file: &File, path: &Path) -> Result<Version, Error> {
+        let over = |size: u64| {
+            Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "the stored document is {size} bytes, over the store's limit of {}: \
+                     its version cannot be checked",
+                    self.max_document_size
+                ),
+            )
+            .with_backend(BACKEND)
+        };
+        let size = file
+            .metadata()
+            .map_err(|e| io_error("stat of the document", path, e))?
+            .len();
+        if size > self.max_document_size {
+            return Err(over(size));
+        }
+        hash_bounded(file, path, self.max_document_size)?
+            .ok_or_else(|| over(self.max_document_size.saturating_add(1)))
+    }
+
+    /// Makes the run folder's entry durable before the first save this
+    /// store makes into it, whoever created the folder (another process
+    /// that was killed, or whose own `fsync` failed): an `fsync` of the
+    /// root, and of the folder's real parent when a link led there. Done
+    /// once per folder (by device, inode and birth time); a failure fails
+    /// the save and is retried by the next one.
+    fn make_durable(&self, root: &Folder, dir: &Folder) -> Result<(), Error> {
+        let id = dir
+            .id()
+            .map_err(|e| io_error("stat of the run folder", dir.path(), e))?;
+        if self
+            .synced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&id)
+        {
+            return Ok(());
+        }
+        self.faults
+            .check(SaveStep::RootFsync, root.path())
+            .and_then(|()| root.sync())
+            .map_err(|e| io_error("fsync of the store root", root.path(), e))?;
+        let parent = dir
+            .try_open_dir("..")
+            .map_err(|e| io_error("opening the run folder's parent", dir.path(), e))?;
+        let parent_id = parent
+            .id()
+            .map_err(|e| io_error("stat of the run folder's parent", dir.path(), e))?;
+        let root_id = root
+            .id()
+            .map_err(|e| io_error("stat of the store root", root.path(), e))?;
+        if parent_id != root_id {
+            parent
+                .sync()
+                .map_err(|e| io_error("fsync of the run folder's parent", parent.path(), e))?;
+        }
+        self.synced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id);
+        Ok(())
     }
 
     pub(crate) fn get(
@@ -143,14 +433,19 @@ impl Engine {
         doc: &DocName,
         limit: Option<u64>,
     ) -> Result<Option<StoredDoc>, Error> {
-        let Some(dir) = self.layout.run_dir(run)? else {
+        let root = self.layout.open_root()?;
+        let Some(dir) = self.run_dir(&root, run)? else {
             return Ok(None);
         };
-        let path = dir.join(self.layout.file_name(doc));
-        let Some(file) = open_doc(&path)? else {
+        let name = self.layout.file_name(doc);
+        let file = dir.open_file(&name, Access::Read)?;
+        // After the open: a document made under another spelling just
+        // before would be what was opened.
+        self.check_doc_case(&dir, run, doc)?;
+        let Some(file) = file else {
             return Ok(None);
         };
-        let bytes = read_doc(&file, &path, limit)?;
+        let bytes = read_bounded(&file, &dir.child(&name), self.read_limit(limit))?;
         let version = version_of(&bytes);
         Ok(Some(StoredDoc {
             bytes: Bytes::from(bytes),
@@ -158,47 +453,313 @@ impl Engine {
         }))
     }
 
-    /// Saves `bytes`; with `release_after`, also frees `lease` under the
-    /// same record lock (the combined save-and-release).
+    /// Raises the watermark of `key` to `fence` (never lowering it) under
+    /// the exclusive `flock` of its record, then, still under it, reads
+    /// `doc`. Creates the run folder and the record as a save would.
+    pub(crate) fn claim(
+        &self,
+        key: &LockKey,
+        fence: Fence,
+        doc: Option<&DocName>,
+        limit: Option<u64>,
+    ) -> Result<Option<StoredDoc>, Error> {
+        if let Some(doc) = doc {
+            key.check_covers(key.run(), doc)?;
+        }
+        let root = self.layout.open_root()?;
+        let dir = self.ensure_run_dir(&root, key.run())?;
+        if let LockKey::Doc(run, name) = key {
+            self.check_doc_case(&dir, run, name)?;
+        }
+        let book = dir.ensure_dir(BOOK_DIR)?;
+        let mut record = self.record_created(&book, key)?;
+        if let LockKey::Doc(run, name) = key {
+            // Under the record lock, shared by every spelling where case
+            // is ignored.
+            self.check_doc_case(&dir, run, name)?;
+        }
+        leases::raise_watermark(&mut record, key, fence, Operation::Claim)?;
+        let loaded = match doc {
+            Some(doc) => self.get(key.run(), doc, limit),
+            None => Ok(None),
+        };
+        drop(record);
+        loaded
+    }
+
+    /// Reads a document unless its version is `known`. Whether it is
+    /// `known` is answered from the run's version index when it remembers
+    /// the file's stamp (no content is read); otherwise the content decides
+    /// (hashed in chunks when it is over the read limit).
+    pub(crate) fn get_if_changed(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        known: &Version,
+        limit: Option<u64>,
+    ) -> Result<Fetched, Error> {
+        let root = self.layout.open_root()?;
+        let Some(dir) = self.run_dir(&root, run)? else {
+            return Ok(Fetched::Absent);
+        };
+        let name = self.layout.file_name(doc);
+        let file = dir.open_file(&name, Access::Read)?;
+        self.check_doc_case(&dir, run, doc)?;
+        let Some(file) = file else {
+            return Ok(Fetched::Absent);
+        };
+        let path = dir.child(&name);
+        let meta = file
+            .metadata()
+            .map_err(|e| io_error("stat of the document", &path, e))?;
+        let stamp = Stamp::of(&meta);
+        let limit = self.read_limit(limit);
+        if meta.len() > self.max_document_size {
+            // Never read: its version is made from its metadata.
+            if over_limit_version(&stamp) == *known {
+                return Ok(Fetched::Unchanged);
+            }
+            return Err(too_large(meta.len(), limit));
+        }
+        let read = |file: &File| -> Result<Fetched, Error> {
+            let bytes = read_bounded(file, &path, limit)?;
+            Ok(Fetched::Changed(StoredDoc {
+                version: version_of(&bytes),
+                bytes: Bytes::from(bytes),
+            }))
+        };
+        let remembered = self.run_index(&dir)?;
+        if let Some(version) = remembered.index.version(&name, &stamp) {
+            if version == known.as_str() {
+                return Ok(Fetched::Unchanged);
+            }
+            return read(&file);
+        }
+        // Not remembered (new, changed, or too fresh for its times to prove
+        // anything): the content decides, read once.
+        let before = now_ns();
+        if meta.len() <= limit {
+            let bytes = read_bounded(&file, &path, limit)?;
+            let version = version_of(&bytes);
+            self.remember(remembered, &name, &file, stamp, before, &version);
+            return Ok(if version == *known {
+                Fetched::Unchanged
+            } else {
+                Fetched::Changed(StoredDoc {
+                    bytes: Bytes::from(bytes),
+                    version,
+                })
+            });
+        }
+        // Over the caller's limit: hashed in chunks, never held.
+        let Some(version) = hash_bounded(&file, &path, self.max_document_size)? else {
+            return Err(too_large(meta.len(), limit));
+        };
+        self.remember(remembered, &name, &file, stamp, before, &version);
+        if version == *known {
+            Ok(Fetched::Unchanged)
+        } else {
+            Err(too_large(meta.len(), limit))
+        }
+    }
+
+    /// The version index of a run folder (from memory, else from its
+    /// bookkeeping folder, never created), with what is needed to update
+    /// it.
+    fn run_index(&self, dir: &Folder) -> Result<Remembered, Error> {
+        let id = dir
+            .id()
+            .map_err(|e| io_error("stat of the run folder", dir.path(), e))?;
+        let book = dir.open_dir(BOOK_DIR).unwrap_or_else(|error| {
+            tracing::warn!(%error, "reading without the document version index");
+            None
+        });
+        let index = match self.indexes.get(&id) {
+            Some(index) => index,
+            None => {
+                let index = Arc::new(book.as_ref().map(RunIndex::load).unwrap_or_default());
+                self.indexes.put(id, Arc::clone(&index));
+                index
+            }
+        };
+        Ok(Remembered { id, book, index })
+    }
+
+    /// Remembers the version of `file` (whose stamp was `stamp` when it
+    /// was hashed, starting at `before`) when its times are settled and
+    /// unchanged since: in memory, and in the bookkeeping folder if there
+    /// is one (never created by a read).
+    fn remember(
+        &self,
+        mut remembered: Remembered,
+        file_name: &str,
+        file: &File,
+        stamp: Stamp,
+        before: i128,
+        version: &Version,
+    ) {
+        let unchanged = file.metadata().is_ok_and(|m| Stamp::of(&m) == stamp);
+        if !unchanged || !stamp.is_settled(before) {
+            return;
+        }
+        if Arc::make_mut(&mut remembered.index).record(file_name, stamp, version.as_str()) {
+            if let Some(book) = &remembered.book {
+                remembered.index.save(book);
+            }
+            self.indexes.put(remembered.id, remembered.index);
+        }
+    }
+
+    /// The version of the open document `file`, named `file_name` in the
+    /// run folder `dir`: from the run's version index while it remembers
+    /// the file's stamp, else hashed in chunks (and remembered once its
+    /// times are settled); an `over-limit-…` version made from its
+    /// metadata for a document over the size limit, which is not read.
+    pub(crate) fn file_version(
+        &self,
+        dir: &Folder,
+        file_name: &str,
+        file: &File,
+    ) -> Result<Version, Error> {
+        let path = dir.child(file_name);
+        let meta = file
+            .metadata()
+            .map_err(|e| io_error("stat of the document", &path, e))?;
+        let stamp = Stamp::of(&meta);
+        if meta.len() > self.max_document_size {
+            return Ok(over_limit_version(&stamp));
+        }
+        let remembered = self.run_index(dir)?;
+        if let Some(version) = remembered.index.version(file_name, &stamp) {
+            return Ok(Version::new(version));
+        }
+        let before = now_ns();
+        let Some(version) = hash_bounded(file, &path, self.max_document_size)? else {
+            return Ok(over_limit_version(&stamp));
+        };
+        self.remember(remembered, file_name, file, stamp, before, &version);
+        Ok(version)
+    }
+
+    /// The versions of `docs` of `run` now (`None` for one that does not
+    /// exist), read through the version index; a document that cannot be
+    /// read (a link or FIFO planted in its place) is left out. Creates
+    /// nothing.
+    pub(crate) fn versions_now(
+        &self,
+        run: &RunId,
+        docs: &[DocName],
+    ) -> Result<Vec<(DocName, Option<Version>)>, Error> {
+        let root = self.layout.open_root()?;
+        let Some(dir) = self.layout.run_dir(&root, run)? else {
+            return Ok(docs.iter().map(|d| (d.clone(), None)).collect());
+        };
+        let mut found = Vec::with_capacity(docs.len());
+        for doc in docs {
+            let name = self.layout.file_name(doc);
+            let version = dir
+                .open_file(&name, Access::Read)
+                .and_then(|file| file.map(|f| self.file_version(&dir, &name, &f)).transpose());
+            match version {
+                Ok(version) => found.push((doc.clone(), version)),
+                Err(error) => {
+                    tracing::debug!(%error, %run, %doc, "a watched document cannot be read");
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Saves `bytes`; with `release_after`, also frees `lease` (the
+    /// combined save-and-release): under the same record lock after the
+    /// save, or, when the save fails for any reason but a lost lease,
+    /// whatever the step it failed at.
     pub(crate) fn put(
         &self,
         run: &RunId,
         doc: &DocName,
         bytes: &[u8],
         mode: &PutMode,
-        lease: Option<&Lease>,
+        fences: Fences<'_>,
         release_after: bool,
     ) -> Result<Version, Error> {
-        if let Some(lease) = lease {
+        let mut released = false;
+        let outcome = self.save(run, doc, bytes, mode, fences, release_after, &mut released);
+        if release_after
+            && !released
+            && let (Err(error), Some(lease)) = (&outcome, fences.lease)
+            && !matches!(error.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost)
+            && let Err(release) = self.release(lease)
+        {
+            tracing::debug!(%release, "release after a failed save");
+        }
+        outcome
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn save(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        bytes: &[u8],
+        mode: &PutMode,
+        fences: Fences<'_>,
+        release_after: bool,
+        released: &mut bool,
+    ) -> Result<Version, Error> {
+        for lease in fences.lease.iter().chain(fences.foreign.iter()) {
             lease.key().check_covers(run, doc)?;
         }
-        let dir = self.layout.ensure_run_dir(run)?;
+        if bytes.len() as u64 > self.max_document_size {
+            return Err(too_large(bytes.len() as u64, self.max_document_size));
+        }
+        let root = self.layout.open_root()?;
+        let dir = self.ensure_run_dir(&root, run)?;
+        // Before anything is written; checked again under the record lock.
+        self.check_doc_case(&dir, run, doc)?;
+        self.make_durable(&root, &dir)
+            .map_err(|e| e.with_run(run))?;
         let file_name = self.layout.file_name(doc);
-        let target = dir.join(&file_name);
-        // Written and synced before taking any lock, so the lock is held
-        // only for the check, the rename and the folder sync.
-        let staged = Staged::write(&dir, &file_name, bytes, &self.faults)?;
-
-        // Lock order: the run's record before any document's record.
-        let mut run_record = match lease.map(Lease::key) {
-            Some(key @ LockKey::Run(_)) => Some(self.lease_file_created(&dir, key)?),
+        // The permission bits of the document it replaces, given to the new
+        // file before its fsync (checked again under the lock).
+        let keep_mode = match dir.open_file(&file_name, Access::Read) {
+            Ok(Some(file)) => permission_bits(&file).ok(),
             _ => None,
         };
-        let mut doc_record =
-            self.lease_file_created(&dir, &LockKey::Doc(run.clone(), doc.clone()))?;
-        let record = match &mut run_record {
-            Some(run_record) => run_record,
-            None => &mut doc_record,
-        };
+        // Written and synced before taking any lock, so the lock is held
+        // only for the check, the rename and the folder sync.
+        let staged = Staged::write(&dir, &file_name, bytes, keep_mode, &self.faults)?;
+        let book = dir.ensure_dir(BOOK_DIR)?;
 
+        // Lock order: the run's record before any document's record.
+        let run_key = LockKey::Run(run.clone());
+        let by_run = |lease: Option<&Lease>| lease.is_some_and(|l| l.key() == &run_key);
+        let mut run_record = if by_run(fences.lease) || by_run(fences.foreign) {
+            Some(self.record_created(&book, &run_key)?)
+        } else {
+            None
+        };
+        let mut doc_record = self.record_created(&book, &LockKey::Doc(run.clone(), doc.clone()))?;
+
+        // The fences first, before the mode: a stale holder learns that it
+        // is stale, not that the document changed.
         let now = Now::take();
-        if let Some(lease) = lease
-            && !record.record.is_current(lease, &now)
-        {
-            return Err(fenced(lease, &record.record, &now));
+        if let Some(lease) = fences.lease {
+            let record = pick(&mut run_record, &mut doc_record, lease);
+            if !record.record.is_current(lease, &now) {
+                return Err(fenced(lease, &record.record, &now));
+            }
+        }
+        if let Some(foreign) = fences.foreign {
+            let record = pick(&mut run_record, &mut doc_record, foreign);
+            leases::check_watermark(record, foreign.key(), foreign.fence(), Operation::Put)?;
         }
         let outcome = (|| {
-            let previous = open_doc(&target)?;
+            // Under the record lock, which on a file system that ignores
+            // case is the lock of every spelling of the document: a save
+            // of another spelling cannot slip in between.
+            self.check_doc_case(&dir, run, doc)?;
+            let previous = dir.open_file(&file_name, Access::Read)?;
             match (mode, &previous) {
                 (PutMode::Overwrite, _) => {}
                 (PutMode::Create, Some(_)) => {
@@ -213,7 +774,7 @@ impl Engine {
                     return Err(precondition("the document does not exist"));
                 }
                 (PutMode::Update(expected), Some(file)) => {
-                    let current = version_of(&read_doc(file, &target, None)?);
+                    let current = self.current_version(file, &dir.child(&file_name))?;
                     if current != *expected {
                         return Err(precondition(format!(
                             "stored version {current} is not the expected {expected}"
@@ -221,14 +782,22 @@ impl Engine {
                     }
                 }
             }
-            staged.place(&dir, &target, previous.as_ref(), &self.faults)?;
+            // Raised before the rename, under the same lock: once the save
+            // is visible, no lease below its fence can save any more, and
+            // a watermark that cannot be written stops the save.
+            if let Some(foreign) = fences.foreign {
+                let record = pick(&mut run_record, &mut doc_record, foreign);
+                leases::raise_watermark(record, foreign.key(), foreign.fence(), Operation::Put)?;
+            }
+            staged.place(&file_name, previous.as_ref(), &self.faults)?;
             Ok(version_of(bytes))
         })();
-        if release_after
-            && let Some(lease) = lease
-            && let Err(error) = leases::release(record, lease)
-        {
-            tracing::debug!(%error, "release after save");
+        if release_after && let Some(lease) = fences.lease {
+            let record = pick(&mut run_record, &mut doc_record, lease);
+            match leases::release(record, lease) {
+                Ok(()) => *released = true,
+                Err(error) => tracing::debug!(%error, "release after save"),
+            }
         }
         outcome
     }
@@ -239,126 +808,209 @@ impl Engine {
         doc: &DocName,
         if_version: Option<&Version>,
     ) -> Result<bool, Error> {
-        let Some(dir) = self.layout.run_dir(run)? else {
+        let root = self.layout.open_root()?;
+        let Some(dir) = self.run_dir(&root, run)? else {
             return Ok(false);
         };
-        let target = dir.join(self.layout.file_name(doc));
-        if open_doc(&target)?.is_none() {
+        let name = self.layout.file_name(doc);
+        let found = dir.open_file(&name, Access::Read)?.is_some();
+        self.check_doc_case(&dir, run, doc)?;
+        if !found {
             return Ok(false);
         }
-        let _record = self.lease_file_created(&dir, &LockKey::Doc(run.clone(), doc.clone()))?;
-        let Some(file) = open_doc(&target)? else {
+        let book = dir.ensure_dir(BOOK_DIR)?;
+        let _record = self.record_created(&book, &LockKey::Doc(run.clone(), doc.clone()))?;
+        self.check_doc_case(&dir, run, doc)?;
+        let Some(file) = dir.open_file(&name, Access::Read)? else {
             return Ok(false);
         };
         if let Some(expected) = if_version {
-            let current = version_of(&read_doc(&file, &target, None)?);
+            let current = self.current_version(&file, &dir.child(&name))?;
             if current != *expected {
                 return Err(precondition(format!(
                     "stored version {current} is not the expected {expected}; nothing was deleted"
                 )));
             }
         }
-        match fs::remove_file(&target) {
+        match dir.unlink(&name) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(io_error("removing the document", &target, e)),
+            Err(e) if is_not_found(&e) => return Ok(false),
+            Err(e) => return Err(io_error("removing the document", &dir.child(&name), e)),
         }
-        sync_dir(&dir).map_err(|e| io_error("fsync of the run folder", &dir, e))?;
+        dir.sync()
+            .map_err(|e| io_error("fsync of the run folder", dir.path(), e))?;
         Ok(true)
     }
 
-    /// The sorted document names in a run folder.
-    fn doc_names(&self, dir: &Path) -> Result<Vec<DocName>, Error> {
-        let entries = match fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_error("listing the run folder", dir, e)),
-        };
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| io_error("listing the run folder", dir, e))?;
-            let Some(name) = self.layout.doc_of_file(&entry.file_name()) else {
-                continue;
-            };
-            if entry.file_type().is_ok_and(|t| t.is_file()) {
-                names.push(name);
-            }
-        }
-        names.sort_unstable();
+    /// The documents in a run folder (regular files named `<doc>.<ext>`),
+    /// with their file names, sorted.
+    fn doc_names(&self, dir: &Folder) -> Result<Vec<(DocName, String)>, Error> {
+        let entries = dir
+            .entries()
+            .map_err(|e| io_error("listing the run folder", dir.path(), e))?;
+        let mut names: Vec<(DocName, String)> = entries
+            .into_iter()
+            .filter(|e| e.kind == Kind::File)
+            .filter_map(|e| Some((self.layout.doc_of_file(&e.name)?, e.name)))
+            .collect();
+        names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Ok(names)
     }
 
-    fn has_docs(&self, dir: &Path) -> Result<bool, Error> {
-        let entries = match fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(io_error("listing the run folder", dir, e)),
-        };
-        for entry in entries {
-            let entry = entry.map_err(|e| io_error("listing the run folder", dir, e))?;
-            if self.layout.doc_of_file(&entry.file_name()).is_some()
-                && entry.file_type().is_ok_and(|t| t.is_file())
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+    fn has_docs(&self, dir: &Folder) -> Result<bool, Error> {
+        let entries = dir
+            .entries()
+            .map_err(|e| io_error("listing the run folder", dir.path(), e))?;
+        Ok(entries
+            .iter()
+            .any(|e| e.kind == Kind::File && self.layout.doc_of_file(&e.name).is_some()))
     }
 
+    /// Lists documents with their versions, from the run's version index
+    /// where it still describes the file (see [`crate::index`]), else by
+    /// hashing the file in chunks. A document over the size limit is
+    /// listed with its size and an `over-limit-…` version made from its
+    /// metadata, without being read.
     pub(crate) fn list_docs(
         &self,
         run: &RunId,
         after: Option<&DocName>,
         limit: usize,
     ) -> Result<ListPage<DocMeta>, Error> {
-        let Some(dir) = self.layout.run_dir(run)? else {
+        let root = self.layout.open_root()?;
+        let Some(dir) = self.run_dir(&root, run)? else {
             return Ok(ListPage {
                 items: Vec::new(),
                 more: false,
             });
         };
         let limit = limit.max(1);
-        let mut names = self.doc_names(&dir)?;
-        if let Some(after) = after {
-            names.retain(|n| n > after);
-        }
-        let more = names.len() > limit;
-        names.truncate(limit);
-        let mut items = Vec::with_capacity(names.len());
-        for name in names {
-            let path = dir.join(self.layout.file_name(&name));
+        let names = self.doc_names(&dir)?;
+        let present: HashSet<&str> = names.iter().map(|(_, file)| file.as_str()).collect();
+        let mut page: Vec<&(DocName, String)> = names
+            .iter()
+            .filter(|(name, _)| after.is_none_or(|after| name > after))
+            .collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+
+        let id = dir
+            .id()
+            .map_err(|e| io_error("stat of the run folder", dir.path(), e))?;
+        // Never created by a read: without it, versions stay in memory. A
+        // listing does not need it otherwise, so one that cannot be opened
+        // (a planted link, say) only costs the remembered versions.
+        let book = dir.open_dir(BOOK_DIR).unwrap_or_else(|error| {
+            tracing::warn!(%error, "listing without the document version index");
+            None
+        });
+        let mut index = self
+            .indexes
+            .get(&id)
+            .unwrap_or_else(|| Arc::new(book.as_ref().map(RunIndex::load).unwrap_or_default()));
+        let mut changed = false;
+        let mut items = Vec::with_capacity(page.len());
+        for (name, file_name) in page {
+            let path = dir.child(file_name);
             // A document deleted since the folder was read is skipped.
-            let Some(file) = open_doc(&path)? else {
+            let Some(file) = dir.open_file(file_name, Access::Read)? else {
                 continue;
             };
-            let bytes = read_doc(&file, &path, None)?;
+            let meta = file
+                .metadata()
+                .map_err(|e| io_error("stat of the document", &path, e))?;
+            let stamp = Stamp::of(&meta);
+            let version = if meta.len() > self.max_document_size {
+                over_limit_version(&stamp)
+            } else if let Some(version) = index.version(file_name, &stamp) {
+                Version::new(version)
+            } else {
+                let before = now_ns();
+                match hash_bounded(&file, &path, self.max_document_size)? {
+                    // It grew past the limit while being read.
+                    None => over_limit_version(&stamp),
+                    Some(version) => {
+                        let after = file
+                            .metadata()
+                            .map_err(|e| io_error("stat of the document", &path, e))?;
+                        if Stamp::of(&after) == stamp && stamp.is_settled(before) {
+                            changed |= Arc::make_mut(&mut index).record(
+                                file_name,
+                                stamp,
+                                version.as_str(),
+                            );
+                        }
+                        version
+                    }
+                }
+            };
             items.push(DocMeta {
-                name,
-                version: version_of(&bytes),
-                size: bytes.len() as u64,
+                name: name.clone(),
+                version,
+                size: meta.len(),
             });
         }
+        if index.has_others(|file| present.contains(file)) {
+            changed |= Arc::make_mut(&mut index).retain(|file| present.contains(file));
+        }
+        if changed && let Some(book) = &book {
+            index.save(book);
+        }
+        self.indexes.put(id, index);
         Ok(ListPage { items, more })
     }
 
-    /// Sorted ids of the run folders under the root (with or without
-    /// documents).
-    fn run_ids(&self) -> Result<Vec<RunId>, Error> {
-        let root = &self.layout.root;
-        let entries =
-            fs::read_dir(root).map_err(|e| io_error("listing the store root", root, e))?;
-        let mut runs = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| io_error("listing the store root", root, e))?;
-            let Some(run) = entry.file_name().to_str().and_then(|n| RunId::new(n).ok()) else {
-                continue;
-            };
-            match entry.file_type() {
-                Ok(t) if t.is_dir() || t.is_symlink() => runs.push(run),
-                _ => {}
-            }
+    /// Sorted ids of the folders and links under the root (run folders
+    /// with or without documents), read again only when the root changed:
+    /// paging through every run is then linear, not quadratic. The listing
+    /// is remembered only when the root's times are settled (see
+    /// [`Stamp::is_settled`]), so a run folder created within a timestamp
+    /// tick of the read is never missed.
+    fn run_ids(&self, root: &Folder) -> Result<Arc<RunListing>, Error> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = root
+            .metadata()
+            .map_err(|e| io_error("stat of the store root", root.path(), e))?;
+        let (dev, stamp) = (meta.dev(), Stamp::of(&meta));
+        if let Some(cached) = &*self
+            .root_listing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            && cached.dev == dev
+            && cached.stamp == stamp
+        {
+            return Ok(Arc::clone(&cached.runs));
         }
+        let before = now_ns();
+        self.root_scans.fetch_add(1, Ordering::Relaxed);
+        let entries = root
+            .entries()
+            .map_err(|e| io_error("listing the store root", root.path(), e))?;
+        let mut runs: Vec<RunId> = entries
+            .into_iter()
+            .filter(|e| matches!(e.kind, Kind::Folder | Kind::Link))
+            .filter_map(|e| RunId::new(e.name).ok())
+            .collect();
         runs.sort_unstable();
+        let folded = if self.case.insensitive {
+            runs.iter()
+                .enumerate()
+                .map(|(i, run)| (run.as_str().to_ascii_lowercase(), i))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let runs = Arc::new(RunListing { runs, folded });
+        if stamp.is_settled(before) {
+            *self
+                .root_listing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(RootListing {
+                dev,
+                stamp,
+                runs: Arc::clone(&runs),
+            });
+        }
         Ok(runs)
     }
 
@@ -368,46 +1020,66 @@ impl Engine {
         limit: usize,
     ) -> Result<ListPage<RunId>, Error> {
         let limit = limit.max(1);
+        let root = self.layout.open_root()?;
+        let listing = self.run_ids(&root)?;
+        let runs = &listing.runs;
+        let start = after.map_or(0, |after| runs.partition_point(|run| run <= after));
         let mut items = Vec::new();
-        for run in self.run_ids()? {
-            if after.is_some_and(|after| run <= *after) {
-                continue;
-            }
-            let dir = match self.layout.run_dir(&run) {
+        for run in &runs[start..] {
+            // One run folder that cannot be read must not hide the others.
+            let dir = match self.layout.run_dir(&root, run) {
                 Ok(Some(dir)) => dir,
                 Ok(None) => continue,
                 Err(error) => {
-                    tracing::warn!(%error, "skipping a run folder while listing");
+                    tracing::warn!(%run, %error, "skipping a run folder while listing runs");
                     continue;
                 }
             };
-            if !self.has_docs(&dir)? {
-                continue;
+            match self.has_docs(&dir) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(error) => {
+                    tracing::warn!(%run, %error, "skipping an unreadable run folder while listing runs");
+                    continue;
+                }
             }
             if items.len() == limit {
                 return Ok(ListPage { items, more: true });
             }
-            items.push(run);
+            items.push(run.clone());
         }
         Ok(ListPage { items, more: false })
     }
 
     pub(crate) fn delete_run(&self, run: &RunId) -> Result<u64, Error> {
-        let Some(dir) = self.layout.run_dir(run)? else {
+        let root = self.layout.open_root()?;
+        let Some(dir) = self.run_dir(&root, run)? else {
             return Ok(0);
         };
+        let docs = self.doc_names(&dir)?;
         let mut deleted = 0;
-        for doc in self.doc_names(&dir)? {
-            let target = dir.join(self.layout.file_name(&doc));
-            let _record = self.lease_file_created(&dir, &LockKey::Doc(run.clone(), doc))?;
-            match fs::remove_file(&target) {
-                Ok(()) => deleted += 1,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_error("removing the document", &target, e)),
+        if !docs.is_empty() {
+            let book = dir.ensure_dir(BOOK_DIR)?;
+            for (doc, file_name) in docs {
+                let _record = self.record_created(&book, &LockKey::Doc(run.clone(), doc))?;
+                match dir.unlink(&file_name) {
+                    Ok(()) => deleted += 1,
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => {
+                        return Err(io_error("removing the document", &dir.child(&file_name), e));
+                    }
+                }
             }
         }
+        // Milestones are the run's metadata: they go with its documents.
+        // Status history and lock bookkeeping stay (ids and fences keep
+        // increasing).
+        if let Some(book) = dir.open_dir(BOOK_DIR)? {
+            crate::milestones::remove(&book, self.lock_timeout)?;
+        }
         self.sweep_dir(&dir)?;
-        sync_dir(&dir).map_err(|e| io_error("fsync of the run folder", &dir, e))?;
+        dir.sync()
+            .map_err(|e| io_error("fsync of the run folder", dir.path(), e))?;
         Ok(deleted)
     }
 
@@ -418,17 +1090,49 @@ impl Engine {
         ttl: Duration,
         issued: Instant,
     ) -> Result<Lease, Error> {
-        let dir = self.layout.ensure_run_dir(key.run())?;
-        let mut record = self.lease_file_created(&dir, key)?;
+        leases::check_ttl(ttl, key, Operation::Acquire)?;
+        let root = self.layout.open_root()?;
+        let dir = self.ensure_run_dir(&root, key.run())?;
+        let doc = match key {
+            LockKey::Doc(run, doc) => Some((run, doc)),
+            LockKey::Run(_) => None,
+        };
+        if let Some((run, doc)) = doc {
+            self.check_doc_case(&dir, run, doc)?;
+        }
+        let book = dir.ensure_dir(BOOK_DIR)?;
+        let mut record = self.record_created(&book, key)?;
+        if let Some((run, doc)) = doc {
+            // Under the record lock (shared by every spelling where case
+            // is ignored), before anything is granted.
+            self.check_doc_case(&dir, run, doc)?;
+        }
         leases::try_acquire(&mut record, key, owner, ttl, issued)
+    }
+
+    /// The bookkeeping folder of `key`'s run, if the run folder and it
+    /// exist; on a store that ignores case, refused when the run or the
+    /// document of `key` exists only under another spelling. With `held`
+    /// (the renewal or release of a grant, whose record exists under its
+    /// own spelling), a document file spelled otherwise does not matter: a
+    /// lease is always let go.
+    fn book(&self, key: &LockKey, held: bool) -> Result<Option<Folder>, Error> {
+        let root = self.layout.open_root()?;
+        let Some(dir) = self.run_dir(&root, key.run())? else {
+            return Ok(None);
+        };
+        if let LockKey::Doc(run, doc) = key {
+            self.check_doc_spelling(&dir, run, doc, !held)?;
+        }
+        dir.open_dir(BOOK_DIR)
     }
 
     /// Opens the record of a lease that should exist; a missing run folder
     /// or record means the lease is lost.
     fn held_record(&self, lease: &Lease, op: Operation) -> Result<LeaseFile, Error> {
         let key = lease.key();
-        let record = match self.layout.run_dir(key.run())? {
-            Some(dir) => self.lease_file(&dir, key, true, false)?,
+        let record = match self.book(key, true)? {
+            Some(book) => self.record(&book, key, true, false)?,
             None => None,
         };
         record.ok_or_else(|| {
@@ -445,6 +1149,7 @@ impl Engine {
         ttl: Duration,
         issued: Instant,
     ) -> Result<Lease, Error> {
+        leases::check_ttl(ttl, lease.key(), Operation::Renew)?;
         let mut record = self.held_record(lease, Operation::Renew)?;
         leases::renew(&mut record, lease, ttl, issued)
     }
@@ -455,11 +1160,11 @@ impl Engine {
     }
 
     pub(crate) fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, Error> {
-        let Some(dir) = self.layout.run_dir(key.run())? else {
+        let Some(book) = self.book(key, false)? else {
             return Ok(None);
         };
         Ok(self
-            .lease_file(&dir, key, false, false)?
+            .record(&book, key, false, false)?
             .and_then(|record| leases::inspect(&record, key)))
     }
 
@@ -468,53 +1173,57 @@ impl Engine {
         key: &LockKey,
         only_fence: Option<Fence>,
     ) -> Result<Option<LockInfo>, Error> {
-        let Some(dir) = self.layout.run_dir(key.run())? else {
+        let Some(book) = self.book(key, false)? else {
             return Ok(None);
         };
-        match self.lease_file(&dir, key, true, false)? {
+        match self.record(&book, key, true, false)? {
             Some(mut record) => leases::break_lock(&mut record, key, only_fence),
             None => Ok(None),
         }
     }
 
-    pub(crate) fn list_locks(&self, run: Option<&RunId>) -> Result<Vec<LockInfo>, Error> {
-        let one_run = run.is_some();
-        let runs = match run {
-            Some(run) => vec![run.clone()],
-            None => self.run_ids()?,
+    /// The held locks of one run.
+    fn locks_of(&self, root: &Folder, run: &RunId) -> Result<Vec<LockInfo>, Error> {
+        let Some(dir) = self.layout.run_dir(root, run)? else {
+            return Ok(Vec::new());
         };
+        let Some(book) = dir.open_dir(BOOK_DIR)? else {
+            return Ok(Vec::new());
+        };
+        let entries = book
+            .entries()
+            .map_err(|e| io_error("listing the bookkeeping folder", book.path(), e))?;
+        let mut keys: Vec<LockKey> = entries
+            .iter()
+            .filter(|e| e.kind == Kind::File)
+            .filter_map(|e| lock_key_of_file(run, &e.name))
+            .collect();
+        keys.sort_unstable();
         let mut locks = Vec::new();
-        for run in runs {
-            let dir = match self.layout.run_dir(&run) {
-                Ok(Some(dir)) => dir,
-                Ok(None) => continue,
-                Err(error) if one_run => return Err(error),
-                Err(error) => {
-                    tracing::warn!(%error, "skipping a run folder while listing locks");
-                    continue;
-                }
-            };
-            let book = book_dir(&dir);
-            let entries = match fs::read_dir(&book) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_error("listing the bookkeeping folder", &book, e)),
-            };
-            let mut keys: Vec<LockKey> = Vec::new();
-            for entry in entries {
-                let entry =
-                    entry.map_err(|e| io_error("listing the bookkeeping folder", &book, e))?;
-                if let Some(key) = lock_key_of_file(&run, &entry.file_name()) {
-                    keys.push(key);
-                }
+        for key in keys {
+            if let Some(info) = self
+                .record(&book, &key, false, false)?
+                .and_then(|r| leases::inspect(&r, &key))
+            {
+                locks.push(info);
             }
-            keys.sort_unstable();
-            for key in keys {
-                if let Some(info) = self
-                    .lease_file(&dir, &key, false, false)?
-                    .and_then(|r| leases::inspect(&r, &key))
-                {
-                    locks.push(info);
+        }
+        Ok(locks)
+    }
+
+    pub(crate) fn list_locks(&self, run: Option<&RunId>) -> Result<Vec<LockInfo>, Error> {
+        let root = self.layout.open_root()?;
+        if let Some(run) = run {
+            self.check_run_case(&root, run)?;
+            return self.locks_of(&root, run);
+        }
+        let mut locks = Vec::new();
+        for run in &self.run_ids(&root)?.runs {
+            // One run folder that cannot be read must not hide the others.
+            match self.locks_of(&root, run) {
+                Ok(mut found) => locks.append(&mut found),
+                Err(error) => {
+                    tracing::warn!(%run, %error, "skipping a run folder while listing locks");
                 }
             }
         }
@@ -530,6 +1239,7 @@ impl Engine {
         limit: Option<u64>,
         issued: Instant,
     ) -> Result<(Lease, Option<StoredDoc>), Error> {
+        leases::check_ttl(ttl, key, Operation::AcquireAndLoad)?;
         key.check_covers(key.run(), doc)?;
         let lease = self.try_acquire(key, owner, ttl, issued)?;
         match self.get(key.run(), doc, limit) {
@@ -544,51 +1254,75 @@ impl Engine {
     }
 
     /// Removes temporary files of dead writers in every run folder; returns
-    /// how many.
+    /// how many. A run folder that cannot be read is skipped with a
+    /// warning.
     pub(crate) fn sweep(&self) -> Result<usize, Error> {
-        let mut removed = 0;
-        for run in self.run_ids()? {
-            if let Ok(Some(dir)) = self.layout.run_dir(&run) {
-                removed += self.sweep_dir(&dir)?;
-            }
-        }
-        Ok(removed)
-    }
-
-    fn sweep_dir(&self, dir: &Path) -> Result<usize, Error> {
-        let entries = match fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(io_error("listing the run folder", dir, e)),
-        };
-        let mut removed = 0;
-        for entry in entries {
-            let entry = entry.map_err(|e| io_error("listing the run folder", dir, e))?;
-            let name = entry.file_name();
-            let Some((tag, pid, start)) = name.to_str().and_then(parse_temp_name) else {
-                continue;
-            };
-            if name.to_str() == Some(BOOK_DIR) {
-                continue;
-            }
-            if writer_is_gone(tag, pid, start, &entry.path()) {
-                let path: PathBuf = entry.path();
-                match fs::remove_file(&path) {
-                    Ok(()) => {
-                        removed += 1;
-                        tracing::info!(path = %path.display(), "removed a temporary file left by a dead writer");
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_error("removing a stale temporary file", &path, e)),
+        let root = self.layout.open_root()?;
+        // Case probes (see `crate::case`) of processes killed while probing.
+        let mut removed = sweep_temps(&root)?;
+        for run in &self.run_ids(&root)?.runs {
+            let swept = self
+                .layout
+                .run_dir(&root, run)
+                .and_then(|dir| dir.map_or(Ok(0), |dir| self.sweep_dir(&dir)));
+            match swept {
+                Ok(n) => removed += n,
+                Err(error) => {
+                    tracing::warn!(%run, %error, "skipping a run folder while sweeping");
                 }
             }
         }
         Ok(removed)
     }
+
+    /// Removes the temporary files of dead writers in a run folder and its
+    /// bookkeeping folder.
+    fn sweep_dir(&self, dir: &Folder) -> Result<usize, Error> {
+        let mut removed = sweep_temps(dir)?;
+        if let Some(book) = dir.open_dir(BOOK_DIR)? {
+            removed += sweep_temps(&book)?;
+        }
+        Ok(removed)
+    }
 }
 
-/// Whether the process that wrote a temporary file is gone.
-fn writer_is_gone(tag: &str, pid: u32, start: u64, path: &Path) -> bool {
+fn sweep_temps(dir: &Folder) -> Result<usize, Error> {
+    let entries = dir
+        .entries()
+        .map_err(|e| io_error("listing the folder", dir.path(), e))?;
+    let mut removed = 0;
+    for entry in entries {
+        if entry.kind != Kind::File {
+            continue;
+        }
+        let Some((tag, pid, start)) = parse_temp_name(&entry.name) else {
+            continue;
+        };
+        let modified = dir
+            .open_file(&entry.name, Access::Read)
+            .ok()
+            .flatten()
+            .and_then(|f| f.metadata().ok())
+            .and_then(|m| m.modified().ok());
+        if writer_is_gone(tag, pid, start, modified) {
+            let path = dir.child(&entry.name);
+            match dir.unlink(&entry.name) {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::info!(path = %path.display(), "removed a temporary file left by a dead writer");
+                }
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(io_error("removing a stale temporary file", &path, e)),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether the process that wrote a temporary file is gone: judged by its
+/// pid when it was written in this boot and pid namespace (a live writer,
+/// or one this host cannot see, is never gone), else by the file's age.
+fn writer_is_gone(tag: &str, pid: u32, start: u64, modified: Option<SystemTime>) -> bool {
     if tag == host_tag()
         && let Some(ours) = current_stamp()
     {
@@ -598,9 +1332,7 @@ fn writer_is_gone(tag: &str, pid: u32, start: u64, path: &Path) -> bool {
         };
         return liveness(pid, &stamp) == Liveness::Dead;
     }
-    fs::symlink_metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
+    modified
         .and_then(|t| SystemTime::now().duration_since(t).ok())
         .is_some_and(|age| age > FOREIGN_TEMP_AGE)
 }

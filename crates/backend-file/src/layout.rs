@@ -6,13 +6,18 @@
 //! <root>/<run>/.<name>.<ext>.rstmp.…     a save in progress (swept when its writer is dead)
 //! <root>/<run>/.runstate/run.lease       lease record of the run lock
 //! <root>/<run>/.runstate/doc.<name>.lease lease record of a document lock
+//! <root>/<run>/.runstate/docs.index      remembered versions of the documents (a cache)
+//! <root>/<run>/.runstate/status.log      status messages (see `crate::status`)
+//! <root>/<run>/.runstate/status.log.1    the previous status log
+//! <root>/<run>/.runstate/status.seq      the status message id counter
+//! <root>/<run>/.runstate/milestones.json milestones and attributes (see `crate::milestones`)
+//! <root>/<run>/.runstate/milestones.lock the lock serializing milestone changes
 //! ```
 //!
 //! The lease files double as the `flock` targets that make check-and-write
 //! atomic across processes: a document's writes hold its `doc.<name>.lease`
 //! lock, a save fenced by a run lease holds `run.lease` first.
 
-use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -22,9 +27,12 @@ use runstate_core::process::current_stamp;
 use runstate_core::{DocName, Error, ErrorKind, LockKey, RunId, Version};
 
 use crate::BACKEND;
+use crate::folder::{Folder, Kind, is_not_a_dir, is_not_found};
 
 /// The hidden bookkeeping folder inside each run folder.
 pub(crate) const BOOK_DIR: &str = ".runstate";
+/// The file, in the bookkeeping folder, remembering document versions.
+pub(crate) const INDEX_FILE: &str = "docs.index";
 /// Marks temporary files of saves in progress.
 const TEMP_MARK: &str = "rstmp";
 /// Marks a re-linked previous document during a rollback.
@@ -65,8 +73,7 @@ pub(crate) fn lease_file_name(key: &LockKey) -> String {
 }
 
 /// The lock a lease file belongs to, from its name.
-pub(crate) fn lock_key_of_file(run: &RunId, file: &OsStr) -> Option<LockKey> {
-    let name = file.to_str()?;
+pub(crate) fn lock_key_of_file(run: &RunId, name: &str) -> Option<LockKey> {
     if name == "run.lease" {
         return Some(LockKey::Run(run.clone()));
     }
@@ -120,18 +127,23 @@ pub(crate) fn parse_temp_name(name: &str) -> Option<(&str, u32, u64)> {
 #[derive(Debug)]
 pub(crate) struct Layout {
     pub(crate) root: PathBuf,
-    canonical_root: PathBuf,
     /// `.<ext>`
     suffix: String,
 }
 
 impl Layout {
-    pub(crate) fn new(root: PathBuf, canonical_root: PathBuf, ext: &str) -> Self {
+    pub(crate) fn new(root: PathBuf, ext: &str) -> Self {
         Layout {
             root,
-            canonical_root,
             suffix: format!(".{ext}"),
         }
+    }
+
+    /// Opens the store root (following a link: its path is the user's
+    /// choice). Opened afresh by every call, so a root that is replaced
+    /// while the store is open is the new one.
+    pub(crate) fn open_root(&self) -> Result<Folder, Error> {
+        Folder::open_path(&self.root).map_err(|e| io_error("opening the store root", &self.root, e))
     }
 
     /// `<name>.<ext>`
@@ -140,81 +152,101 @@ impl Layout {
     }
 
     /// The document name of a file in a run folder, if it is a document.
-    pub(crate) fn doc_of_file(&self, file: &OsStr) -> Option<DocName> {
-        let stem = file.to_str()?.strip_suffix(&self.suffix)?;
+    pub(crate) fn doc_of_file(&self, file: &str) -> Option<DocName> {
+        let stem = file.strip_suffix(&self.suffix)?;
         DocName::new(stem).ok()
     }
 
-    /// The run folder, checked: `Ok(None)` when it does not exist; an error
-    /// when it is not a folder or is a symlink leading out of the root.
-    pub(crate) fn run_dir(&self, run: &RunId) -> Result<Option<PathBuf>, Error> {
-        let path = self.root.join(run.as_str());
-        let meta = match fs::symlink_metadata(&path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_error("stat of the run folder", &path, e).with_run(run)),
+    /// The run folder, opened: `Ok(None)` when it does not exist; `Denied`
+    /// when it is not a folder, or is a symlink leading out of the root. A
+    /// symlink is judged by where the folder it opened really is, so it
+    /// cannot be swapped between a check and the open.
+    pub(crate) fn run_dir(&self, root: &Folder, run: &RunId) -> Result<Option<Folder>, Error> {
+        let name = run.as_str();
+        match root.try_open_dir(name) {
+            Ok(dir) => return Ok(Some(dir)),
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) if is_not_a_dir(&e) => {}
+            Err(e) => {
+                return Err(io_error("opening the run folder", &root.child(name), e).with_run(run));
+            }
+        }
+        // Not a folder: a link (allowed when it stays inside the root) or
+        // anything else (refused).
+        let kind = root
+            .kind_of(name)
+            .map_err(|e| io_error("stat of the run folder", &root.child(name), e).with_run(run))?;
+        match kind {
+            None => return Ok(None),
+            Some(Kind::Link) => {}
+            Some(_) => return Err(root.refused(name, "folder").with_run(run)),
+        }
+        let dir = match root.open_dir_following(name) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
+                return Err(root.refused(name, "folder").with_run(run));
+            }
+            Err(e) => {
+                return Err(
+                    io_error("opening the run folder link", &root.child(name), e).with_run(run),
+                );
+            }
         };
-        if meta.is_dir() {
-            return Ok(Some(path));
+        let target = dir.real_path().map_err(|e| {
+            io_error("resolving the run folder link", &root.child(name), e).with_run(run)
+        })?;
+        let real_root = root
+            .real_path()
+            .map_err(|e| io_error("resolving the store root", root.path(), e))?;
+        if !target.starts_with(&real_root) {
+            return Err(Error::new(
+                ErrorKind::Denied,
+                format!(
+                    "run folder {} is a symlink to {}, outside the store root {}",
+                    root.child(name).display(),
+                    target.display(),
+                    real_root.display()
+                ),
+            )
+            .with_backend(BACKEND)
+            .with_run(run));
         }
-        if meta.file_type().is_symlink() {
-            let target = fs::canonicalize(&path)
-                .map_err(|e| io_error("resolving the run folder link", &path, e).with_run(run))?;
-            if !target.starts_with(&self.canonical_root) {
-                return Err(Error::new(
-                    ErrorKind::Denied,
-                    format!(
-                        "run folder {} is a symlink to {}, outside the store root {}",
-                        path.display(),
-                        target.display(),
-                        self.canonical_root.display()
-                    ),
-                )
-                .with_backend(BACKEND)
-                .with_run(run));
-            }
-            if target.is_dir() {
-                return Ok(Some(path));
-            }
-        }
-        Err(Error::new(
-            ErrorKind::Backend,
-            format!("{} exists but is not a folder", path.display()),
-        )
-        .with_backend(BACKEND)
-        .with_run(run))
+        Ok(Some(dir))
     }
 
-    /// The run folder, created (durably) when missing.
-    pub(crate) fn ensure_run_dir(&self, run: &RunId) -> Result<PathBuf, Error> {
-        if let Some(dir) = self.run_dir(run)? {
-            return Ok(dir);
+    /// The run folder, created when missing, and whether this call created
+    /// it (with exactly the name `run`). Its entry in the root is made
+    /// durable by the first save into it (see `Engine::make_durable`), so
+    /// creating it here needs no `fsync`.
+    pub(crate) fn ensure_run_dir(
+        &self,
+        root: &Folder,
+        run: &RunId,
+    ) -> Result<(Folder, bool), Error> {
+        if let Some(dir) = self.run_dir(root, run)? {
+            return Ok((dir, false));
         }
-        let path = self.root.join(run.as_str());
-        match fs::create_dir(&path) {
-            Ok(()) => {
-                // The new folder's entry in the root must survive a crash
-                // before any document saved in it is reported durable.
-                sync_dir(&self.root).map_err(|e| {
-                    io_error("fsync of the store root", &self.root, e).with_run(run)
-                })?;
-                Ok(path)
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => self
-                .run_dir(run)?
-                .ok_or_else(|| io_error("creating the run folder", &path, e).with_run(run)),
-            Err(e) => Err(io_error("creating the run folder", &path, e).with_run(run)),
-        }
-    }
-
-    /// The lease record file of `key` inside an existing run folder.
-    pub(crate) fn lease_path(&self, run_dir: &Path, key: &LockKey) -> PathBuf {
-        run_dir.join(BOOK_DIR).join(lease_file_name(key))
+        let name = run.as_str();
+        let created = root
+            .make_dir(name)
+            .map_err(|e| io_error("creating the run folder", &root.child(name), e).with_run(run))?;
+        let dir = self.run_dir(root, run)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Backend,
+                format!(
+                    "run folder {} vanished as it was created",
+                    root.child(name).display()
+                ),
+            )
+            .with_backend(BACKEND)
+            .with_run(run)
+        })?;
+        Ok((dir, created))
     }
 }
 
-/// `fsync` of a directory, so entries added, renamed or removed in it are
-/// durable.
+/// `fsync` of a directory by path, so entries added, renamed or removed in
+/// it are durable. Only for the root's parent, outside the store.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
@@ -241,7 +273,7 @@ mod tests {
         let doc = DocName::new("a.b").unwrap();
         for key in [LockKey::Run(run.clone()), LockKey::Doc(run.clone(), doc)] {
             let name = lease_file_name(&key);
-            assert_eq!(lock_key_of_file(&run, OsStr::new(&name)), Some(key));
+            assert_eq!(lock_key_of_file(&run, &name), Some(key));
         }
     }
 

@@ -1,18 +1,40 @@
 //! Lease records and the lease operations.
 //!
 //! Each lock has one small record file, `.runstate/run.lease` or
-//! `.runstate/doc.<name>.lease`, holding its fence counter and current
-//! holder. Every read-modify-write of a record happens under an exclusive
-//! `flock` on that file, which is what makes acquire, renew, release and
-//! fenced saves atomic across processes on this host.
+//! `.runstate/doc.<name>.lease`, holding its fence counter, its current
+//! holder and its fence watermark. Every read-modify-write of a record
+//! happens under an exclusive `flock` on that file, which is what makes
+//! acquire, renew, release, claims and fenced saves atomic across processes
+//! on this host.
+//!
+//! **Watermarks.** For leases granted by *another* lock service (a split
+//! store: documents here, leases in Redis or PostgreSQL), the record keeps
+//! the highest fence this store has seen for the lock (`watermark`), raised
+//! by [`Store::claim`](runstate_core::Store::claim) and by saves under a
+//! foreign lease, never lowered. It is independent of the fence counter of
+//! the store's own leases, and, like it, survives restarts and
+//! `delete_run`.
 //!
 //! **Clocks.** Expiry is judged by this host's clock: `CLOCK_BOOTTIME` for
 //! leases granted during this boot (immune to wall-clock steps), and the
-//! holder is considered gone for leases granted on this host during an
-//! earlier boot. A record written by *another* host (a shared file system)
-//! can only be judged by wall clocks, so hosts sharing a store must keep
-//! their clocks within a small fraction of the TTL of each other; see the
-//! crate documentation.
+//! holder is considered gone for leases granted on this very machine
+//! during an earlier boot. "This machine" means the same machine id
+//! (`/etc/machine-id`), recorded with each grant: two machines may share a
+//! host name, never a machine id. A record written by *another* machine (a
+//! shared file system), or by one whose machine id is unknown, can only be
+//! judged by wall clocks, so hosts sharing a store must keep their clocks
+//! within a small fraction of the TTL of each other; see the crate
+//! documentation.
+//!
+//! **Waiting.** The `flock` on a record is taken without blocking and
+//! retried with short sleeps up to the store's lock timeout; a holder that
+//! keeps it longer (a stopped or hung process) makes the call fail with a
+//! retryable `Timeout` instead of blocking a thread forever.
+//!
+//! **Hostile records.** Records and the bookkeeping folder are opened
+//! without following links and must be a regular file and a folder; a
+//! record larger than any runstate writes is read no further than its
+//! first bytes and treated as unreadable.
 //!
 //! **Durability.** Records are rewritten in place with one `pwrite` of at
 //! most 4 KiB and no `fsync`: a killed process never leaves half a record,
@@ -21,19 +43,22 @@
 //! after an OS crash; since no holder survives that crash, no stale holder
 //! can use an old fence.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::fs::File;
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use runstate_core::process::{current_stamp, hostname};
+use runstate_core::process::{current_stamp, hostname, machine_id};
 use runstate_core::time::{from_unix_millis, unix_millis};
 use runstate_core::{Error, ErrorKind, Fence, Lease, LockInfo, LockKey, Operation, Owner};
+use rustix::fs::FlockOperation;
+use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::BACKEND;
-use crate::layout::{BOOK_DIR, io_error};
+use crate::folder::{Access, Folder};
+use crate::layout::io_error;
 
 /// Largest record that is still written with a single atomic `pwrite`.
 const MAX_RECORD: usize = 4096;
@@ -42,6 +67,7 @@ const MAX_RECORD: usize = 4096;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Now {
     boot_id: Option<&'static str>,
+    machine_id: Option<&'static str>,
     boot_ns: u64,
     unix_ms: u64,
 }
@@ -51,6 +77,7 @@ impl Now {
         let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
         Now {
             boot_id: current_stamp().map(|s| s.boot_id.as_str()),
+            machine_id: machine_id(),
             boot_ns: u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
                 + u64::try_from(ts.tv_nsec).unwrap_or(0),
             unix_ms: unix_millis(SystemTime::now()),
@@ -69,6 +96,15 @@ pub(crate) struct Record {
     /// The current grant, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     held: Option<Held>,
+    /// The highest fence of a lease granted by another lock service that
+    /// was claimed or saved under here: such leases with a lower fence are
+    /// refused.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    watermark: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A grant.
@@ -78,6 +114,9 @@ pub(crate) struct Held {
     since_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     boot_id: Option<String>,
+    /// The machine id of the host that granted it, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    machine_id: Option<String>,
     expires_boot_ns: u64,
     expires_unix_ms: u64,
 }
@@ -89,6 +128,7 @@ impl Held {
             owner: owner.clone(),
             since_ms: now.unix_ms,
             boot_id: now.boot_id.map(str::to_owned),
+            machine_id: now.machine_id.map(str::to_owned),
             expires_boot_ns: now.boot_ns.saturating_add(ttl_ns),
             expires_unix_ms: now
                 .unix_ms
@@ -98,12 +138,18 @@ impl Held {
 
     /// Time left on this grant by this host's clock (zero once expired).
     fn remaining(&self, now: &Now) -> Duration {
+        let same_machine = matches!(
+            (now.machine_id, self.machine_id.as_deref()),
+            (Some(ours), Some(theirs)) if ours == theirs
+        );
         match (now.boot_id, self.boot_id.as_deref()) {
             (Some(ours), Some(theirs)) if ours == theirs => {
                 Duration::from_nanos(self.expires_boot_ns.saturating_sub(now.boot_ns))
             }
-            // Granted here before a reboot: its holder died with that boot.
-            (Some(_), Some(_)) if self.owner.host() == hostname() => Duration::ZERO,
+            // Granted on this very machine before a reboot: its holder died
+            // with that boot. A host name proves nothing (two machines may
+            // share one); only equal, known machine ids do.
+            (Some(_), Some(_)) if same_machine => Duration::ZERO,
             _ => Duration::from_millis(self.expires_unix_ms.saturating_sub(now.unix_ms)),
         }
     }
@@ -165,51 +211,61 @@ pub(crate) struct LeaseFile {
     file: File,
     path: PathBuf,
     len: usize,
+    /// The file held more than any record runstate writes: the next write
+    /// truncates it.
+    oversized: bool,
     pub(crate) record: Record,
 }
 
+/// Largest record file read: any runstate wrote is at most [`MAX_RECORD`].
+const READ_LIMIT: u64 = MAX_RECORD as u64;
+
 impl LeaseFile {
-    /// Opens and locks the record at `path` (exclusively or shared),
-    /// creating it (and the bookkeeping folder) when `create` is set.
-    /// `Ok(None)` when it does not exist and `create` is not set.
+    /// Opens and locks the record `name` in the bookkeeping folder `book`
+    /// (exclusively or shared), creating it when `create` is set, waiting
+    /// at most `wait` for another process's lock. `Ok(None)` when it does
+    /// not exist and `create` is not set.
+    ///
+    /// # Errors
+    /// `Denied` when the record is a link, a FIFO or anything but a regular
+    /// file; a retryable `Timeout` when another process keeps it locked
+    /// longer than `wait`; I/O errors.
     pub(crate) fn open(
-        path: PathBuf,
+        book: &Folder,
+        name: &str,
         exclusive: bool,
         create: bool,
+        wait: Duration,
     ) -> Result<Option<Self>, Error> {
-        let open = || {
-            OpenOptions::new()
-                .read(true)
-                .write(exclusive)
-                .create(create)
-                .open(&path)
+        let path = book.child(name);
+        let access = match (exclusive, create) {
+            (_, true) => Access::Create,
+            (true, false) => Access::ReadWrite,
+            (false, false) => Access::Read,
         };
-        let file = match open() {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
-                if let Some(book) = path.parent() {
-                    fs::create_dir_all(book)
-                        .map_err(|e| io_error("creating the bookkeeping folder", book, e))?;
-                }
-                open().map_err(|e| io_error("opening the lease record", &path, e))?
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_error("opening the lease record", &path, e)),
+        let Some(file) = book.open_file(name, access)? else {
+            return Ok(None);
         };
-        let locked = if exclusive {
-            file.lock()
-        } else {
-            file.lock_shared()
-        };
-        locked.map_err(|e| io_error("locking the lease record", &path, e))?;
+        lock_bounded(&file, exclusive, wait, &path)?;
+        let size = file
+            .metadata()
+            .map_err(|e| io_error("stat of the lease record", &path, e))?
+            .len();
         let mut text = Vec::new();
         (&file)
+            .take(READ_LIMIT)
             .read_to_end(&mut text)
             .map_err(|e| io_error("reading the lease record", &path, e))?;
-        let record = parse_record(&text, &path);
+        let oversized = size > READ_LIMIT;
+        let record = if oversized {
+            unreadable(&path, &format!("{size} bytes, more than any lease record"))
+        } else {
+            parse_record(&text, &path)
+        };
         Ok(Some(LeaseFile {
             file,
             len: text.len(),
+            oversized,
             path,
             record,
         }))
@@ -239,9 +295,69 @@ impl LeaseFile {
         self.file
             .write_all_at(&text, 0)
             .map_err(|e| io_error("writing the lease record", &self.path, e))?;
+        if self.oversized {
+            // Cut off what the oversized file held past the record.
+            self.file
+                .set_len(text.len() as u64)
+                .map_err(|e| io_error("truncating the lease record", &self.path, e))?;
+            self.oversized = false;
+        }
         self.len = text.len();
         Ok(())
     }
+}
+
+/// Takes the `flock` on a record (or any bookkeeping file) without
+/// blocking, retrying with short sleeps for at most `wait`.
+pub(crate) fn lock_bounded(
+    file: &File,
+    exclusive: bool,
+    wait: Duration,
+    path: &Path,
+) -> Result<(), Error> {
+    let operation = if exclusive {
+        FlockOperation::NonBlockingLockExclusive
+    } else {
+        FlockOperation::NonBlockingLockShared
+    };
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(500);
+    loop {
+        match rustix::fs::flock(file, operation) {
+            Ok(()) => return Ok(()),
+            Err(Errno::WOULDBLOCK) => {}
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(io_error("locking the lease record", path, e.into())),
+        }
+        let waited = start.elapsed();
+        if waited >= wait {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "waited {} ms for the lock on {}: another process holds it (stopped or hung?)",
+                    waited.as_millis(),
+                    path.display()
+                ),
+            )
+            .with_backend(BACKEND));
+        }
+        std::thread::sleep(pause.min(wait - waited));
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Whether the record in `file` (opened, not locked) shows a live holder:
+/// a hint for lock waiters, read without the `flock` so that waiters never
+/// slow the holder down. A record read while it is being rewritten may not
+/// parse: it then counts as not held, which costs a waiter one early retry
+/// (allowed), never a missed release.
+pub(crate) fn peek_held(file: &File) -> bool {
+    let mut text = Vec::new();
+    if file.take(READ_LIMIT).read_to_end(&mut text).is_err() {
+        return false;
+    }
+    serde_json::from_slice::<Record>(text.trim_ascii())
+        .is_ok_and(|record| matches!(record.state(&Now::take()), State::Live(_)))
 }
 
 fn parse_record(text: &[u8], path: &Path) -> Record {
@@ -251,22 +367,29 @@ fn parse_record(text: &[u8], path: &Path) -> Record {
     }
     match serde_json::from_slice::<Record>(trimmed) {
         Ok(record) => record,
-        Err(error) => {
-            // Only an OS crash in the middle of a write can get here. Keep
-            // fences increasing past anything this clock could have counted.
-            let floor = unix_millis(SystemTime::now()).saturating_mul(1000);
-            tracing::error!(
-                path = %path.display(),
-                %error,
-                fence = floor,
-                "unreadable lease record; treating the lock as free"
-            );
-            Record {
-                v: 1,
-                fence: floor,
-                held: None,
-            }
-        }
+        // Only an OS crash in the middle of a write can get here.
+        Err(error) => unreadable(path, &error.to_string()),
+    }
+}
+
+/// The record that replaces an unreadable one: free, with a fence past
+/// anything this clock could have counted, so fences keep increasing.
+fn unreadable(path: &Path, why: &str) -> Record {
+    let floor = unix_millis(SystemTime::now()).saturating_mul(1000);
+    tracing::error!(
+        path = %path.display(),
+        error = why,
+        fence = floor,
+        "unreadable lease record; treating the lock as free"
+    );
+    // The watermark is lost with the record: a save under a foreign lease
+    // is then still checked against the document's version (see the crate
+    // documentation); a floor here would refuse every foreign grant.
+    Record {
+        v: 1,
+        fence: floor,
+        held: None,
+        watermark: 0,
     }
 }
 
@@ -297,19 +420,16 @@ pub(crate) fn lease_lost(lease: &Lease, record: &Record, now: &Now, op: Operatio
     error
 }
 
-fn check_ttl(ttl: Duration, key: &LockKey, op: Operation) -> Result<(), Error> {
-    if ttl.is_zero() {
-        return Err(
-            Error::new(ErrorKind::InvalidArgument, "a lease TTL must be positive")
-                .with_backend(BACKEND)
-                .with_operation(op)
-                .with_lock(key),
-        );
-    }
-    Ok(())
+/// Checks a TTL with [`runstate_core::check_ttl`], before anything is
+/// opened or written.
+pub(crate) fn check_ttl(ttl: Duration, key: &LockKey, op: Operation) -> Result<(), Error> {
+    runstate_core::check_ttl(ttl)
+        .map_err(|e| e.with_backend(BACKEND).with_operation(op).with_lock(key))
 }
 
 /// Grants `key` to `owner` if it is free, lapsed, or held by a dead process.
+/// When `owner` (the same owner id) holds a live grant already, that grant
+/// is returned again with its TTL restarted: same fence, same `since`.
 pub(crate) fn try_acquire(
     file: &mut LeaseFile,
     key: &LockKey,
@@ -320,6 +440,22 @@ pub(crate) fn try_acquire(
     check_ttl(ttl, key, Operation::Acquire)?;
     let now = Now::take();
     match file.record.state(&now) {
+        State::Live(held) if held.owner.id() == owner.id() => {
+            let fence = file.record.fence;
+            let mut renewed = Held::new(owner, ttl, &now);
+            renewed.since_ms = held.since_ms;
+            let since = from_unix_millis(renewed.since_ms);
+            file.record.held = Some(renewed);
+            file.write()?;
+            return Ok(Lease::new(
+                key.clone(),
+                owner.clone(),
+                Fence(fence),
+                ttl,
+                issued,
+                since,
+            ));
+        }
         State::Live(held) => return Err(locked(key, held.info(key, file.record.fence, &now))),
         State::Lapsed(held) => {
             if held.owner.is_dead_here() == Some(true) {
@@ -422,7 +558,48 @@ pub(crate) fn break_lock(
     Ok(Some(info))
 }
 
-/// The bookkeeping folder of a run folder.
-pub(crate) fn book_dir(run_dir: &Path) -> PathBuf {
-    run_dir.join(BOOK_DIR)
+/// The refusal of a lease granted by another lock service whose fence is
+/// below the lock's watermark.
+fn below_watermark(key: &LockKey, fence: Fence, watermark: u64, op: Operation) -> Error {
+    Error::new(
+        ErrorKind::Fenced,
+        format!(
+            "fence {fence} is older than fence {watermark} already claimed for this lock here: \
+             a newer grant of the lock service holds it; nothing was written"
+        ),
+    )
+    .with_backend(BACKEND)
+    .with_operation(op)
+    .with_lock(key)
+}
+
+/// Refuses a lease granted by another lock service (`fence` of `key`) with
+/// `Fenced` when its fence is below the record's watermark.
+pub(crate) fn check_watermark(
+    file: &LeaseFile,
+    key: &LockKey,
+    fence: Fence,
+    op: Operation,
+) -> Result<(), Error> {
+    if fence.get() < file.record.watermark {
+        return Err(below_watermark(key, fence, file.record.watermark, op));
+    }
+    Ok(())
+}
+
+/// Raises the record's watermark to `fence` (never lowers it), writing the
+/// record only when it changes; `Fenced` when `fence` is below it.
+pub(crate) fn raise_watermark(
+    file: &mut LeaseFile,
+    key: &LockKey,
+    fence: Fence,
+    op: Operation,
+) -> Result<(), Error> {
+    check_watermark(file, key, fence, op)?;
+    if fence.get() > file.record.watermark {
+        file.record.v = 1;
+        file.record.watermark = fence.get();
+        file.write()?;
+    }
+    Ok(())
 }

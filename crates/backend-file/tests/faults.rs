@@ -1,11 +1,18 @@
 //! Fault injection: each filesystem step of a save fails in turn; the save
 //! returns the error, the previous document is intact, no temporary file is
-//! left, and the next save succeeds.
+//! left, the next save succeeds, and a failed `save_and_release` still
+//! releases its lease. The root `fsync` that makes a run folder durable is
+//! seen by the first save into every folder, whoever created it.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use runstate_core::{Bytes, DocName, ErrorKind, PutOptions, RunId, Store, StoreExt, display_chain};
+use std::time::Duration;
+
+use runstate_core::{
+    Bytes, DocName, ErrorKind, Lock, LockKey, Owner, PutMode, PutOptions, RunId, Store, StoreExt,
+    display_chain,
+};
 use runstate_file::{FileConfig, FileStore, SaveStep};
 
 fn leftovers(dir: &Path) -> Vec<String> {
@@ -123,5 +130,166 @@ async fn each_save_step_failing_leaves_the_previous_document() {
         assert_eq!(leftovers(&dir), Vec::<String>::new());
     }
     assert_eq!(store.capabilities().backend, "file");
+    std::fs::remove_dir_all(&root).expect("cleanup");
+}
+
+fn temp_root(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "runstate-faults-{tag}-{}-{:x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ))
+}
+
+/// A store whose hook records every step it sees (with its path) and fails
+/// the armed one.
+async fn store_recording_steps(
+    root: &Path,
+) -> (
+    FileStore,
+    Arc<Mutex<Option<SaveStep>>>,
+    Arc<Mutex<Vec<(SaveStep, std::path::PathBuf)>>>,
+) {
+    let armed: Arc<Mutex<Option<SaveStep>>> = Arc::new(Mutex::new(None));
+    let seen: Arc<Mutex<Vec<(SaveStep, std::path::PathBuf)>>> = Arc::new(Mutex::new(Vec::new()));
+    let (trigger, log) = (Arc::clone(&armed), Arc::clone(&seen));
+    let hook = Arc::new(move |step: SaveStep, path: &Path| {
+        log.lock().expect("lock").push((step, path.to_owned()));
+        if *trigger.lock().expect("lock") == Some(step) {
+            Err(std::io::Error::other(format!("injected {step:?} failure")))
+        } else {
+            Ok(())
+        }
+    });
+    let store = FileStore::open(FileConfig::new(root).with_fault_hook(hook))
+        .await
+        .expect("open");
+    (store, armed, seen)
+}
+
+fn root_syncs(seen: &Mutex<Vec<(SaveStep, std::path::PathBuf)>>, root: &Path) -> usize {
+    seen.lock()
+        .expect("lock")
+        .iter()
+        .filter(|(step, path)| *step == SaveStep::RootFsync && path == root)
+        .count()
+}
+
+/// A save's durability does not depend on who created the run folder: the
+/// first save this store makes into a folder someone else created (a
+/// process that was killed before its own `fsync`, or whose `fsync`
+/// failed) makes the folder's entry in the root durable; a failure of
+/// that `fsync` fails the save, and the next save tries again.
+#[tokio::test]
+async fn the_first_save_into_a_folder_made_by_someone_else_syncs_the_root() {
+    let root = temp_root("rootsync");
+    let (store, armed, seen) = store_recording_steps(&root).await;
+    let doc = DocName::new("ron").expect("valid");
+
+    std::fs::create_dir(root.join("foreign")).expect("a folder made by someone else");
+    let foreign = RunId::new("foreign").expect("valid");
+    store
+        .put_bytes(&foreign, &doc, Bytes::from_static(b"1"))
+        .await
+        .expect("save");
+    assert_eq!(
+        root_syncs(&seen, &root),
+        1,
+        "the root is synced before the save reports success"
+    );
+    store
+        .put_bytes(&foreign, &doc, Bytes::from_static(b"2"))
+        .await
+        .expect("save");
+    assert_eq!(root_syncs(&seen, &root), 1, "once per folder");
+
+    // A folder this store creates is synced once too.
+    let own = RunId::new("own").expect("valid");
+    store
+        .put_bytes(&own, &doc, Bytes::from_static(b"1"))
+        .await
+        .expect("save");
+    store
+        .put_bytes(&own, &doc, Bytes::from_static(b"2"))
+        .await
+        .expect("save");
+    assert_eq!(root_syncs(&seen, &root), 2);
+
+    // A failing root fsync fails the save (nothing written) and is retried.
+    std::fs::create_dir(root.join("failing")).expect("another foreign folder");
+    let failing = RunId::new("failing").expect("valid");
+    *armed.lock().expect("lock") = Some(SaveStep::RootFsync);
+    let error = store
+        .put_bytes(&failing, &doc, Bytes::from_static(b"1"))
+        .await
+        .expect_err("the failed root fsync fails the save");
+    assert_eq!(error.kind(), ErrorKind::Backend);
+    assert!(
+        display_chain(&error).contains("injected RootFsync"),
+        "{}",
+        display_chain(&error)
+    );
+    assert!(
+        store
+            .get_bytes(&failing, &doc)
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert_eq!(leftovers(&root.join("failing")), Vec::<String>::new());
+    *armed.lock().expect("lock") = None;
+    let before = root_syncs(&seen, &root);
+    store
+        .put_bytes(&failing, &doc, Bytes::from_static(b"2"))
+        .await
+        .expect("the next save syncs the root again and succeeds");
+    assert_eq!(root_syncs(&seen, &root), before + 1);
+
+    // Another store (another process, say) syncs it once for itself.
+    let (other, _, other_seen) = store_recording_steps(&root).await;
+    other
+        .put_bytes(&foreign, &doc, Bytes::from_static(b"3"))
+        .await
+        .expect("save");
+    assert_eq!(root_syncs(&other_seen, &root), 1);
+    std::fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// `save_and_release` gives the lease back whatever step of the save fails
+/// (here the write of the bytes, as on a full disk), so a failed save never
+/// keeps its lock until the TTL runs out.
+#[tokio::test]
+async fn save_and_release_releases_its_lease_when_a_step_fails() {
+    let root = temp_root("release");
+    let (store, armed) = store_with_faults(&root).await;
+    let run = RunId::new("r").expect("valid");
+    let doc = DocName::new("ron").expect("valid");
+    for kind in [
+        LockKey::Doc(run.clone(), doc.clone()),
+        LockKey::Run(run.clone()),
+    ] {
+        for step in [
+            SaveStep::Write,
+            SaveStep::Fsync,
+            SaveStep::Rename,
+            SaveStep::DirFsync,
+        ] {
+            let lease = store
+                .try_acquire(&kind, &Owner::for_this_process(), Duration::from_secs(3600))
+                .await
+                .expect("acquire");
+            *armed.lock().expect("lock") = Some(step);
+            let error = store
+                .save_and_release(&lease, &doc, Bytes::from_static(b"x"), PutMode::Overwrite)
+                .await
+                .expect_err("the injected failure is returned");
+            *armed.lock().expect("lock") = None;
+            assert_eq!(error.kind(), ErrorKind::Backend, "{step:?}: {error}");
+            assert!(
+                store.inspect(&kind).await.expect("inspect").is_none(),
+                "{kind}: the lease is released after a failed {step:?}"
+            );
+        }
+    }
     std::fs::remove_dir_all(&root).expect("cleanup");
 }

@@ -1,0 +1,597 @@
+//! Watching runs with inotify, and lock waiters woken by releases made in
+//! other processes: what the file backend adds to the conformance cases.
+//! Reads, watches and subscriptions create nothing in the store.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use runstate_core::{
+    Bytes, DocName, Fetched, GetOptions, Lock, LockExt, LockKey, Owner, Replay, RunId, Store,
+    StoreExt, Version, WaitPolicy, WatchEvent, WatchMode, Watcher,
+};
+use runstate_file::{FileConfig, FileStore, WatchBy};
+
+fn temp_root(tag: &str) -> PathBuf {
+    let root = std::env::temp_dir().join(format!(
+        "runstate-events-{tag}-{}-{:x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    fs::create_dir_all(&root).expect("temp root");
+    root
+}
+
+fn run(id: &str) -> RunId {
+    RunId::new(id).expect("valid")
+}
+
+fn doc(name: &str) -> DocName {
+    DocName::new(name).expect("valid")
+}
+
+async fn open(root: &Path) -> FileStore {
+    FileStore::open(FileConfig::new(root).with_poll_interval(Duration::from_millis(50)))
+        .await
+        .expect("open")
+}
+
+/// The next event within `limit`, if any.
+async fn next(watch: &mut Watcher, limit: Duration) -> Option<WatchEvent> {
+    match tokio::time::timeout(limit, watch.next()).await {
+        Ok(Some(event)) => Some(event.expect("no watch error")),
+        Ok(None) => panic!("the watch ended"),
+        Err(_) => None,
+    }
+}
+
+/// Events until `want` is seen (which is returned with those before it),
+/// failing after 10 s.
+async fn until(watch: &mut Watcher, want: impl Fn(&WatchEvent) -> bool) -> Vec<WatchEvent> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Some(event) = next(watch, Duration::from_millis(200)).await {
+            let done = want(&event);
+            seen.push(event);
+            if done {
+                return seen;
+            }
+        }
+    }
+    panic!("not seen within 10 s; saw {seen:?}");
+}
+
+/// Everything under `dir` that exists: paths, sizes and times.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, i64, i64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(folder) = stack.pop() {
+        for entry in fs::read_dir(&folder).expect("read folder") {
+            let path = entry.expect("entry").path();
+            let meta = fs::symlink_metadata(&path).expect("stat");
+            if meta.is_dir() {
+                stack.push(path.clone());
+            }
+            out.insert(path, (meta.len(), meta.mtime(), meta.mtime_nsec()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_folder_that_does_not_exist_is_watched_without_creating_it() {
+    let root = temp_root("missing");
+    let store = open(&root).await;
+    assert_eq!(
+        store.capabilities().watch,
+        WatchMode::Native { every_write: false }
+    );
+    let later = run("later");
+    let mut watch = store.watch(&later).await.expect("watch");
+    let mut status = store
+        .subscribe(&later, Replay::All)
+        .await
+        .expect("subscribe");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !root.join("later").exists(),
+        "nothing is created to watch a run"
+    );
+    assert!(next(&mut watch, Duration::from_millis(100)).await.is_none());
+    let v = store
+        .put_bytes(&later, &doc("ron"), Bytes::from_static(b"{}"))
+        .await
+        .expect("put");
+    until(&mut watch, |e| {
+        *e == WatchEvent::Changed {
+            doc: doc("ron"),
+            version: v.clone(),
+        }
+    })
+    .await;
+    store
+        .publish(&later, "ron", "built")
+        .await
+        .expect("publish");
+    let event = tokio::time::timeout(Duration::from_secs(10), status.next())
+        .await
+        .expect("a message within 10 s")
+        .expect("open")
+        .expect("no error");
+    match event {
+        runstate_core::StatusEvent::Message(m) => assert_eq!(m.text, "built"),
+        other => panic!("{other:?}"),
+    }
+    // Later writes follow as usual.
+    let v2 = store
+        .put_bytes(&later, &doc("ron"), Bytes::from_static(b"[]"))
+        .await
+        .expect("put");
+    until(&mut watch, |e| {
+        *e == WatchEvent::Changed {
+            doc: doc("ron"),
+            version: v2.clone(),
+        }
+    })
+    .await;
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reports_other_programs_writes_and_deletes_and_ignores_the_rest() {
+    let root = temp_root("foreign");
+    let store = open(&root).await;
+    let r = run("r");
+    store
+        .put_bytes(&r, &doc("ron"), Bytes::from_static(b"{}"))
+        .await
+        .expect("seed");
+    let mut watch = store.watch(&r).await.expect("watch");
+
+    // Bookkeeping, temporary files, other files and folders: no event.
+    let lease = store
+        .try_acquire(
+            &LockKey::Run(r.clone()),
+            &Owner::for_this_process(),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("acquire");
+    store.release(&lease).await.expect("release");
+    store
+        .mark(&r, "build", std::time::SystemTime::now())
+        .await
+        .expect("mark");
+    store.publish(&r, "ron", "hello").await.expect("publish");
+    fs::write(root.join("r/.ron.json.rstmp.x"), b"partial").expect("temp file");
+    fs::write(root.join("r/notes.txt"), b"not a document").expect("other file");
+    fs::create_dir(root.join("r/sub")).expect("a folder");
+    store.get_bytes(&r, &doc("ron")).await.expect("a read");
+    store.list_all_docs(&r).await.expect("a listing");
+    let quiet = next(&mut watch, Duration::from_millis(700)).await;
+    assert_eq!(quiet, None, "nothing but documents is reported");
+
+    // Another program writes a document in place, then removes it.
+    let content = b"{\"written\":\"by hand\"}";
+    fs::write(root.join("r/climate.json"), content).expect("write by hand");
+    let expected = store
+        .get_bytes(&r, &doc("climate"))
+        .await
+        .expect("get")
+        .expect("present")
+        .version;
+    until(&mut watch, |e| {
+        *e == WatchEvent::Changed {
+            doc: doc("climate"),
+            version: expected.clone(),
+        }
+    })
+    .await;
+    fs::remove_file(root.join("r/climate.json")).expect("remove by hand");
+    until(&mut watch, |e| {
+        *e == WatchEvent::Deleted {
+            doc: doc("climate"),
+        }
+    })
+    .await;
+    assert!(store.delete(&r, &doc("ron"), None).await.expect("delete"));
+    until(&mut watch, |e| {
+        *e == WatchEvent::Deleted { doc: doc("ron") }
+    })
+    .await;
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// The run folder removed (by hand) takes its watch with it: `Resync`,
+/// and the folder made again is watched again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_run_folder_gives_resync_and_is_watched_again() {
+    let root = temp_root("removed");
+    let store = open(&root).await;
+    let r = run("r");
+    store
+        .put_bytes(&r, &doc("ron"), Bytes::from_static(b"{}"))
+        .await
+        .expect("seed");
+    let mut watch = store.watch(&r).await.expect("watch");
+    fs::remove_dir_all(root.join("r")).expect("remove the run folder");
+    until(&mut watch, |e| *e == WatchEvent::Resync).await;
+    let v = store
+        .put_bytes(&r, &doc("wepp"), Bytes::from_static(b"again"))
+        .await
+        .expect("put");
+    until(&mut watch, |e| {
+        *e == WatchEvent::Changed {
+            doc: doc("wepp"),
+            version: v.clone(),
+        }
+    })
+    .await;
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+fn max_queued_events() -> usize {
+    fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(16384)
+}
+
+/// The kernel's inotify queue overflows while the event thread is held:
+/// the `notify` crate's rescan flag reaches the consumer as `Resync` (not
+/// a feed overflow: only a few documents change), a re-list equals the
+/// store, and the watch goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inotify_queue_overflow_gives_resync_and_the_watch_goes_on() {
+    let root = temp_root("overflow");
+    let store = open(&root).await;
+    let r = run("r");
+    store
+        .put_bytes(&r, &doc("ron"), Bytes::from_static(b"{}"))
+        .await
+        .expect("seed");
+    let mut watch = store.watch(&r).await.expect("watch");
+    let writes = max_queued_events();
+    {
+        let _paused = store.pause_watch_events();
+        let dir = root.join("r");
+        tokio::task::spawn_blocking(move || {
+            for i in 0..writes {
+                fs::write(dir.join(format!("d{}.json", i % 8)), format!("{i}")).expect("write");
+            }
+        })
+        .await
+        .expect("join");
+    }
+    let mut events = Vec::new();
+    let mut resynced = false;
+    while let Some(event) = next(&mut watch, Duration::from_millis(1500)).await {
+        resynced |= event == WatchEvent::Resync;
+        events.push(event);
+    }
+    assert!(resynced, "an overflow of the kernel's queue gives Resync");
+    assert!(
+        events.len() < runstate_core::events::FEED_CAPACITY,
+        "the feed itself did not overflow: {} events",
+        events.len()
+    );
+    let listed: BTreeMap<DocName, Version> = store
+        .list_all_docs(&r)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|m| (m.name, m.version))
+        .collect();
+    assert_eq!(listed.len(), 9);
+    let v = store
+        .put_bytes(&r, &doc("ron"), Bytes::from_static(b"after"))
+        .await
+        .expect("put");
+    until(&mut watch, |e| {
+        *e == WatchEvent::Changed {
+            doc: doc("ron"),
+            version: v.clone(),
+        }
+    })
+    .await;
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// The inotify watches of this process on the inode `ino` (read from
+/// `/proc/self/fdinfo` of its inotify descriptors).
+fn watches_on(ino: u64) -> usize {
+    let mut count = 0;
+    for entry in fs::read_dir("/proc/self/fd").expect("fds").flatten() {
+        let is_inotify = fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().contains("inotify"));
+        if !is_inotify {
+            continue;
+        }
+        let info = fs::read_to_string(Path::new("/proc/self/fdinfo").join(entry.file_name()))
+            .unwrap_or_default();
+        count += info
+            .lines()
+            .filter(|l| l.starts_with("inotify wd:"))
+            .filter(|l| {
+                l.split_whitespace()
+                    .find_map(|f| f.strip_prefix("ino:"))
+                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                    == Some(ino)
+            })
+            .count();
+    }
+    count
+}
+
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Dropping a watch or a subscription stops its listener and removes its
+/// inotify watch; a lock waiter's watch goes when its wait ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_watchers_leave_no_inotify_watch_behind() {
+    let root = temp_root("dropped");
+    let store = open(&root).await;
+    let r = run("r");
+    store
+        .put_bytes(&r, &doc("ron"), Bytes::from_static(b"{}"))
+        .await
+        .expect("seed");
+    store.publish(&r, "ron", "x").await.expect("publish");
+    let key = LockKey::Run(r.clone());
+    let lease = store
+        .try_acquire(&key, &Owner::for_this_process(), Duration::from_secs(30))
+        .await
+        .expect("acquire");
+    let folder = fs::metadata(root.join("r")).expect("stat").ino();
+    let book = fs::metadata(root.join("r/.runstate")).expect("stat").ino();
+    let record = fs::metadata(root.join("r/.runstate/run.lease"))
+        .expect("stat")
+        .ino();
+    let a = store.watch(&r).await.expect("watch");
+    let b = store.watch(&r).await.expect("watch");
+    let s = store.subscribe(&r, Replay::None).await.expect("subscribe");
+    assert!(watches_on(folder) >= 1 && watches_on(book) >= 1);
+    let waiting = {
+        let (store, key) = (store.clone(), key.clone());
+        tokio::spawn(async move { store.wait_for_release(&key, Duration::from_secs(30)).await })
+    };
+    eventually("the waiter watches the record", || watches_on(record) >= 1).await;
+    store.release(&lease).await.expect("release");
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter woke")
+        .expect("join");
+    drop(a);
+    assert!(watches_on(folder) >= 1, "the other watch keeps it");
+    drop((b, s));
+    eventually("every watch is removed", || {
+        watches_on(folder) + watches_on(book) + watches_on(record) == 0
+    })
+    .await;
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+const HOLDER_VAR: &str = "RUNSTATE_EVENTS_HOLDER_ROOT";
+
+/// Holds the run lock of `r` until a line arrives on stdin, then releases
+/// it; prints `held` and `released`.
+#[test]
+#[ignore = "child process of a_waiter_wakes_when_another_process_releases"]
+fn lock_holder_child() {
+    let Some(root) = std::env::var_os(HOLDER_VAR) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let store = FileStore::open(FileConfig::new(PathBuf::from(root)).with_sweep_on_open(false))
+            .await
+            .expect("open");
+        let lease = store
+            .try_acquire(
+                &LockKey::Run(run("r")),
+                &Owner::for_this_process(),
+                Duration::from_secs(600),
+            )
+            .await
+            .expect("acquire");
+        println!("held");
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).expect("a line");
+        store.release(&lease).await.expect("release");
+        println!("released");
+    });
+}
+
+/// Kills the child (by its pid) when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A waiter whose backoff is far longer than the test wakes when a lock
+/// held by another process (with a long TTL) is released: it does not
+/// sleep through its backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_wakes_when_another_process_releases() {
+    let root = temp_root("waiter");
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["lock_holder_child", "--exact", "--ignored", "--nocapture"])
+        .env(HOLDER_VAR, &root)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the holder");
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+    let holder = Reaped(child);
+    let mut line = String::new();
+    while !line.contains("held") {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).expect("read") > 0,
+            "the holder exited"
+        );
+    }
+    let store = open(&root).await;
+    let key = LockKey::Run(run("r"));
+    let slow = WaitPolicy {
+        timeout: Duration::from_secs(600),
+        initial_backoff: Duration::from_secs(120),
+        max_backoff: Duration::from_secs(120),
+        multiplier: 1.0,
+    };
+    let waiter = {
+        let (store, key) = (store.clone(), key.clone());
+        tokio::spawn(async move {
+            store
+                .acquire(
+                    &key,
+                    &Owner::for_this_process(),
+                    Duration::from_secs(30),
+                    &slow,
+                )
+                .await
+        })
+    };
+    // Let the waiter fail once and start waiting (60 s or more).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiter.is_finished(), "the lock is held");
+    writeln!(stdin, "release").expect("tell the holder");
+    let lease = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("the waiter woke on the release instead of sleeping its backoff")
+        .expect("join")
+        .expect("acquired");
+    store.release(&lease).await.expect("release");
+    drop(holder);
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// A wait on a lock that is free (released before the wait began) ends at
+/// once; one on a held lock ends after `max`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_end_at_once_when_free_and_after_max_when_held() {
+    let root = temp_root("wait");
+    let store = open(&root).await;
+    let key = LockKey::Doc(run("r"), doc("ron"));
+    let lease = store
+        .try_acquire(&key, &Owner::for_this_process(), Duration::from_secs(60))
+        .await
+        .expect("acquire");
+    let start = Instant::now();
+    store
+        .wait_for_release(&key, Duration::from_millis(300))
+        .await;
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "held: waited"
+    );
+    // Released by another store instance: no local signal reaches us.
+    let other = open(&root).await;
+    other.release(&lease).await.expect("release");
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        store.wait_for_release(&key, Duration::from_secs(120)),
+    )
+    .await
+    .expect("a free lock is not waited for");
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// A WEPPcloud-like run folder nobody wrote to through runstate: reads,
+/// conditional reads, watches, subscriptions, milestones and waits leave
+/// it exactly as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_watches_and_subscriptions_create_nothing() {
+    let root = temp_root("untouched");
+    fs::create_dir(root.join("Mica_flume1")).expect("run folder");
+    fs::write(root.join("Mica_flume1/ron.json"), b"{\"name\":\"Mica\"}").expect("doc");
+    let store = open(&root).await;
+    let before = snapshot(&root);
+    let r = run("Mica_flume1");
+    let stored = store
+        .get_bytes(&r, &doc("ron"))
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(
+        store
+            .get_if_changed(&r, &doc("ron"), &stored.version, GetOptions::new())
+            .await
+            .expect("check"),
+        Fetched::Unchanged
+    );
+    let watch = store.watch(&r).await.expect("watch");
+    let sub = store.subscribe(&r, Replay::All).await.expect("subscribe");
+    let absent = store
+        .watch(&run("absent"))
+        .await
+        .expect("watch an absent run");
+    let absent_sub = store
+        .subscribe(&run("absent"), Replay::All)
+        .await
+        .expect("subscribe to an absent run");
+    assert_eq!(
+        store.milestones(&r).await.expect("milestones"),
+        runstate_core::Milestones::default()
+    );
+    store
+        .wait_for_release(&LockKey::Run(r.clone()), Duration::from_millis(50))
+        .await;
+    store
+        .wait_for_release(&LockKey::Run(run("absent")), Duration::from_millis(50))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop((watch, sub, absent, absent_sub));
+    assert_eq!(snapshot(&root), before, "nothing was created or changed");
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// `watch=poll` lists the run at the poll interval instead (for shared
+/// file systems written from several hosts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_by_polling_is_a_setting() {
+    let root = temp_root("poll");
+    let url = format!("file://{}?watch=poll&poll_ms=50", root.display());
+    let store = FileStore::open(FileConfig::from_url(&url).expect("url"))
+        .await
+        .expect("open");
+    assert_eq!(store.config().watch(), WatchBy::Polling);
+    assert_eq!(
+        store.capabilities().watch,
+        WatchMode::Polling(Duration::from_millis(50))
+    );
+    let r = run("r");
+    let mut watch = store.watch(&r).await.expect("watch");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let v = store
+        .put_bytes(&r, &doc("ron"), Bytes::from_static(b"{}"))
+        .await
+        .expect("put");
+    until(&mut watch, |e| {
+        *e == WatchEvent::Changed {
+            doc: doc("ron"),
+            version: v.clone(),
+        }
+    })
+    .await;
+    fs::remove_dir_all(&root).expect("cleanup");
+}
