@@ -13,6 +13,8 @@
 //! | `connect_timeout_ms` | 5000 | bound on connecting and reconnecting |
 //! | `weppcloud_locks` | off | database number of WEPPcloud's `nodb-lock:*` keys; when set, a document WEPPcloud holds is `Locked` |
 //! | `weppcloud_ext` | `nodb` | extension WEPPcloud gives document files (`nodb-lock:<run>:<name>.<ext>`) |
+//! | `status_history` | 1000 | status messages kept per run (about: `XADD … MAXLEN ~`, so a few more may stay) |
+//! | `status_minutes` | off | also drop status messages older than this many minutes (`XTRIM … MINID`, exact, by the server's clock, at each publish) |
 //! | `db` | 0 | database, for `unix://` URLs |
 //!
 //! Passwords never appear in `Debug`, `Display` or errors: they are shown
@@ -120,7 +122,14 @@ pub struct RedisConfig {
     pub(crate) timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) weppcloud: Option<WeppcloudLocks>,
+    pub(crate) status_history: u64,
+    pub(crate) status_max_age: Option<Duration>,
 }
+
+/// Status messages kept per run by default.
+pub const DEFAULT_STATUS_HISTORY: u64 = 1000;
+/// The most status messages a run may be configured to keep.
+pub const MAX_STATUS_HISTORY: u64 = 1_000_000;
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "runstate";
@@ -177,6 +186,8 @@ impl RedisConfig {
             timeout: DEFAULT_TIMEOUT,
             connect_timeout: DEFAULT_TIMEOUT,
             weppcloud: None,
+            status_history: DEFAULT_STATUS_HISTORY,
+            status_max_age: None,
         }
     }
 
@@ -257,10 +268,15 @@ impl RedisConfig {
                     });
                 }
                 "weppcloud_ext" => weppcloud_ext = Some(value.into_owned()),
+                "status_history" => config.status_history = parse_history(&value)?,
+                "status_minutes" => {
+                    config.status_max_age = Some(parse_minutes(&value)?);
+                }
                 other => {
                     return Err(config_error(format!(
                         "unknown redis URL option {other:?} (known: prefix, timeout_ms, \
-                         connect_timeout_ms, db, weppcloud_locks, weppcloud_ext)"
+                         connect_timeout_ms, db, weppcloud_locks, weppcloud_ext, \
+                         status_history, status_minutes)"
                     )));
                 }
             }
@@ -314,6 +330,31 @@ impl RedisConfig {
         self
     }
 
+    /// Bounds each run's status history: about `keep` messages (1 ..=
+    /// [`MAX_STATUS_HISTORY`]) and, with `max_age`, none older than that.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for `keep` out of range or a zero `max_age`.
+    pub fn with_status_history(
+        mut self,
+        keep: u64,
+        max_age: Option<Duration>,
+    ) -> Result<Self, Error> {
+        self.status_history = parse_history(&keep.to_string())?;
+        if max_age.is_some_and(|age| age.as_millis() == 0) {
+            return Err(config_error(
+                "the status history's maximum age must be at least 1 ms",
+            ));
+        }
+        self.status_max_age = max_age;
+        Ok(self)
+    }
+
+    /// Status messages kept per run, and their maximum age if any.
+    pub fn status_history(&self) -> (u64, Option<Duration>) {
+        (self.status_history, self.status_max_age)
+    }
+
     /// Honours WEPPcloud's NoDb locks: a document whose
     /// `nodb-lock:<run>:<name>.<ext>` key exists in database `locks.db` is
     /// reported `Locked` and never written.
@@ -346,6 +387,32 @@ impl RedisConfig {
     pub fn weppcloud_locks(&self) -> Option<&WeppcloudLocks> {
         self.weppcloud.as_ref()
     }
+}
+
+fn parse_history(value: &str) -> Result<u64, Error> {
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|n| (1..=MAX_STATUS_HISTORY).contains(n))
+        .ok_or_else(|| {
+            config_error(format!(
+                "status_history must be a number of messages from 1 to {MAX_STATUS_HISTORY}, got {value:?}"
+            ))
+        })
+}
+
+fn parse_minutes(value: &str) -> Result<Duration, Error> {
+    value
+        .parse::<u64>()
+        .ok()
+        // Up to a year: any more is no limit at all.
+        .filter(|m| (1..=525_600).contains(m))
+        .map(|m| Duration::from_secs(m * 60))
+        .ok_or_else(|| {
+            config_error(format!(
+                "status_minutes must be a number of minutes from 1 to 525600, got {value:?}"
+            ))
+        })
 }
 
 fn check_ext(ext: String) -> Result<String, Error> {
@@ -392,6 +459,17 @@ impl fmt::Display for RedisConfig {
                 options.push(format!("weppcloud_ext={}", locks.ext));
             }
         }
+        if self.status_history != DEFAULT_STATUS_HISTORY {
+            options.push(format!("status_history={}", self.status_history));
+        }
+        if let Some(age) = self.status_max_age {
+            // Whole minutes from the URL; a finer age set in Rust shows
+            // rounded up.
+            options.push(format!(
+                "status_minutes={}",
+                age.as_secs().div_ceil(60).max(1)
+            ));
+        }
         match &self.address {
             Address::Tcp { host, port } => write!(f, "redis://{auth}{host}:{port}/{}", self.db)?,
             Address::Tls { host, port } => write!(f, "rediss://{auth}{host}:{port}/{}", self.db)?,
@@ -418,6 +496,8 @@ impl fmt::Debug for RedisConfig {
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("weppcloud", &self.weppcloud)
+            .field("status_history", &self.status_history)
+            .field("status_max_age", &self.status_max_age)
             .finish()
     }
 }
@@ -482,11 +562,27 @@ mod tests {
             ("redis://x/notanumber", "database"),
             ("redis://x?timeout_ms=0", "timeout_ms"),
             ("redis://x?weppcloud_ext=nodb", "weppcloud_locks"),
+            ("redis://x?status_history=0", "status_history"),
+            ("redis://x?status_history=many", "status_history"),
+            ("redis://x?status_minutes=0", "status_minutes"),
         ] {
             let err = RedisConfig::from_url(url).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Config, "{url}");
             assert!(err.to_string().contains(needle), "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn status_history_options() {
+        let c = RedisConfig::from_url("redis://h").unwrap();
+        assert_eq!(c.status_history(), (DEFAULT_STATUS_HISTORY, None));
+        let c = RedisConfig::from_url("redis://h?status_history=50&status_minutes=90").unwrap();
+        assert_eq!(c.status_history(), (50, Some(Duration::from_secs(90 * 60))));
+        assert_eq!(
+            c.to_string(),
+            "redis://h:6379/0?status_history=50&status_minutes=90"
+        );
+        assert_eq!(RedisConfig::from_url(&c.to_string()).unwrap(), c);
     }
 
     #[test]

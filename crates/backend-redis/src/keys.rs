@@ -5,17 +5,35 @@
 //! <p>:{<run>}:doc:<name>     hash  version, data     one document: its version (a random 128-bit token) and exact bytes
 //! <p>:{<run>}:docs           zset  document names (score 0, listed by ZRANGEBYLEX)
 //! <p>:{<run>}:staging        hash  bytes of a write in flight (only ever inside a MULTI/EXEC)
-//! <p>:{<run>}:lock           hash  owner, oid, fence, ttl[, since]; PEXPIRE = TTL    the run lock
+//! <p>:{<run>}:lock           hash  owner, oid, fence, since, ttl; PEXPIRE = TTL    the run lock
 //! <p>:{<run>}:lock:<name>    hash  (same)                                      a document lock
-//! <p>:{<run>}:fence[:<name>] string  fence counter of that lock (no TTL)
+//! <p>:{<run>}:fence[:<name>] string  last fence of that lock (no TTL)
 //! <p>:{<run>}:locks          set   lock keys of the run that were ever granted (live as long as their fences)
+//! <p>:{<run>}:watermark[:<name>]  string  highest fence of that lock granted by ANOTHER lock service and seen here (no TTL)
+//! <p>:{<run>}:milestones     hash  timestamps:<task> (epoch seconds), attrs:<name> (text)
+//! <p>:{<run>}:status         stream  status messages: fields topic, text, at (publisher's clock, ms); capped
 //! <p>:runs                   zset  runs with at least one document
-//! <p>:lockruns               zset  runs whose locks were ever granted
 //! ```
 //!
-//! Fence counters start from the server's clock in microseconds when first
-//! created, so they keep increasing even across a restart of a server that
-//! keeps nothing on disk.
+//! And two pub/sub channels per run (channels are not keys: they are
+//! shared by every database of the server, which the prefix accounts for):
+//!
+//! ```text
+//! <p>:{<run>}:events         what the write scripts announce: `c <version> <doc>` (written),
+//!                            `d <doc>` (deleted), `r <fence>` / `r <fence> <doc>` (run / document lock released)
+//! <p>:{<run>}:status:live    each status message as published: `<id> <at ms> <topic> <text>`
+//! ```
+//!
+//! Every grant's fence is `max(last fence + 1, server clock in µs)`, so
+//! fences keep increasing across a restart that lost the last grants (a
+//! server that keeps nothing on disk, an older snapshot, a truncated AOF,
+//! a promoted replica): the clock kept running while the counter went
+//! back.
+//!
+//! There is no store-wide index of locks: `list_locks(None)` finds the
+//! lock hashes with `SCAN MATCH <p>:{*}:lock*`, so acquiring touches only
+//! the run's slot. (Earlier versions kept a `<p>:lockruns` zset; it is
+//! no longer read or written and may be deleted.)
 
 use runstate_core::{DocName, LockKey, RunId};
 
@@ -66,6 +84,33 @@ impl Keys {
         }
     }
 
+    /// The fence watermark of a lock (for leases granted elsewhere).
+    pub(crate) fn watermark(&self, key: &LockKey) -> String {
+        match key {
+            LockKey::Run(run) => format!("{}:watermark", self.run_base(run)),
+            LockKey::Doc(run, doc) => format!("{}:watermark:{doc}", self.run_base(run)),
+        }
+    }
+
+    pub(crate) fn milestones(&self, run: &RunId) -> String {
+        format!("{}:milestones", self.run_base(run))
+    }
+
+    /// The stream of a run's status messages.
+    pub(crate) fn status(&self, run: &RunId) -> String {
+        format!("{}:status", self.run_base(run))
+    }
+
+    /// The channel the write scripts announce a run's changes on.
+    pub(crate) fn events(&self, run: &RunId) -> String {
+        format!("{}:events", self.run_base(run))
+    }
+
+    /// The channel a run's status messages are announced on.
+    pub(crate) fn status_channel(&self, run: &RunId) -> String {
+        format!("{}:status:live", self.run_base(run))
+    }
+
     pub(crate) fn locks(&self, run: &RunId) -> String {
         format!("{}:locks", self.run_base(run))
     }
@@ -74,14 +119,27 @@ impl Keys {
         format!("{}:runs", self.prefix)
     }
 
-    pub(crate) fn lock_runs(&self) -> String {
-        format!("{}:lockruns", self.prefix)
+    /// Every lock key under the prefix, as a `SCAN MATCH` pattern. It also
+    /// matches each run's `locks` index, which [`Keys::parse_any_lock`]
+    /// sorts out. Ids and the prefix hold no glob characters.
+    pub(crate) fn lock_pattern(&self) -> String {
+        format!("{}:{{*}}:lock*", self.prefix)
     }
 
     /// Every key under the prefix, as a `SCAN MATCH` pattern (glob
     /// characters cannot occur in a validated prefix).
     pub(crate) fn pattern(&self) -> String {
         format!("{}:*", self.prefix)
+    }
+
+    /// The lock any lock key under the prefix names, its run included;
+    /// `None` for any other key.
+    pub(crate) fn parse_any_lock(&self, key: &str) -> Option<LockKey> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
+        // Run ids cannot hold `}`, so the first one closes the hash tag.
+        let (run, _) = rest.split_once('}')?;
+        let run = RunId::new(run).ok()?;
+        self.parse_lock(&run, key)
     }
 
     /// The lock a lock key names.
@@ -113,11 +171,53 @@ mod tests {
         );
         let doc_lock = LockKey::Doc(run.clone(), doc);
         assert_eq!(keys.lock(&doc_lock), "rs:{Mica_flume1}:lock:climate");
-        assert_eq!(keys.parse_lock(&run, &keys.lock(&doc_lock)), Some(doc_lock));
+        assert_eq!(
+            keys.parse_lock(&run, &keys.lock(&doc_lock)),
+            Some(doc_lock.clone())
+        );
         assert_eq!(
             keys.parse_lock(&run, "rs:{Mica_flume1}:lock"),
             Some(LockKey::Run(run.clone()))
         );
         assert_eq!(keys.parse_lock(&run, "rs:{Mica_flume1}:locks"), None);
+        assert_eq!(
+            keys.watermark(&doc_lock),
+            "rs:{Mica_flume1}:watermark:climate"
+        );
+        assert_eq!(
+            keys.watermark(&LockKey::Run(run.clone())),
+            "rs:{Mica_flume1}:watermark"
+        );
+        assert_eq!(keys.milestones(&run), "rs:{Mica_flume1}:milestones");
+        assert_eq!(keys.status(&run), "rs:{Mica_flume1}:status");
+        assert_eq!(keys.events(&run), "rs:{Mica_flume1}:events");
+        assert_eq!(keys.status_channel(&run), "rs:{Mica_flume1}:status:live");
+        // None of them reads as a lock.
+        for key in [
+            keys.watermark(&doc_lock),
+            keys.milestones(&run),
+            keys.status(&run),
+        ] {
+            assert_eq!(keys.parse_any_lock(&key), None, "{key}");
+        }
+        assert_eq!(keys.lock_pattern(), "rs:{*}:lock*");
+        assert_eq!(
+            keys.parse_any_lock("rs:{Mica_flume1}:lock:climate"),
+            Some(doc_lock)
+        );
+        assert_eq!(
+            keys.parse_any_lock("rs:{Mica_flume1}:lock"),
+            Some(LockKey::Run(run.clone()))
+        );
+        for other in [
+            "rs:{Mica_flume1}:locks",
+            "rs:{Mica_flume1}:doc:lock",
+            "rsx:{Mica_flume1}:lock",
+            "rs:x:{Mica_flume1}:lock",
+            "rs:{bad/run}:lock",
+            "rs:{Mica_flume1",
+        ] {
+            assert_eq!(keys.parse_any_lock(other), None, "{other}");
+        }
     }
 }

@@ -19,18 +19,103 @@
 //!
 //! ## Key layout
 //!
-//! Readable with `redis-cli`; see the [`keys`](crate#key-layout) table:
+//! Readable with `redis-cli`; see the [`keys`](crate#key-layout) table.
+//! Every key of a run carries the hash tag `{<run>}`, so a run's keys share
+//! one slot:
 //!
 //! ```text
 //! <prefix>:{<run>}:doc:<name>     hash: version (random 128-bit token), data (exactly the saved bytes)
 //! <prefix>:{<run>}:docs           zset of document names      (listing never uses KEYS)
-//! <prefix>:{<run>}:lock[:<name>]  hash: owner, oid, fence, ttl (and since once renewed); expires by PEXPIRE
-//! <prefix>:{<run>}:fence[:<name>] fence counter of that lock (no TTL)
+//! <prefix>:{<run>}:lock[:<name>]  hash: owner, oid, fence, since, ttl; expires by PEXPIRE
+//! <prefix>:{<run>}:fence[:<name>] last fence of that lock (no TTL)
+//! <prefix>:{<run>}:watermark[:<name>]  highest fence of that lock granted by another lock service (no TTL)
 //! <prefix>:{<run>}:locks          set of the run's lock keys ever granted
+//! <prefix>:{<run>}:milestones     hash: timestamps:<task> (epoch seconds), attrs:<name>
+//! <prefix>:{<run>}:status         stream of status messages: topic, text, at (ms)
 //! <prefix>:runs                   zset of runs with documents (listed by ZRANGEBYLEX pages)
-//! <prefix>:lockruns               zset of runs whose locks were ever granted
 //! <prefix>:{<run>}:staging        a write's bytes, only ever inside its MULTI/EXEC
 //! ```
+//!
+//! and two pub/sub channels per run, `<prefix>:{<run>}:events` (what the
+//! write scripts announce) and `<prefix>:{<run>}:status:live` (status
+//! messages as published).
+//!
+//! There is no store-wide index of locks (earlier versions kept a
+//! `<prefix>:lockruns` zset, no longer read or written): `list_locks(None)`
+//! finds lock hashes with `SCAN MATCH <prefix>:{*}:lock*` and reads their
+//! holders in pipelined batches, a few round trips for any number of runs
+//! (`SCAN` walks the whole database, so its cost grows with every key in
+//! it, not only this store's).
+//!
+//! ## Watching runs, waiting for locks
+//!
+//! Every write announces itself **from the script (or transaction) that
+//! makes it**, with a `PUBLISH` on the run's events channel: `c <version>
+//! <doc>` for a document written (put, fenced save, save-and-release),
+//! `d <doc>` for one deleted (delete, and each document of a
+//! `delete_run`), `r <fence>` / `r <fence> <doc>` for a run / document lock
+//! released (release, save-and-release, break). The announcement is atomic
+//! with the write and costs no round trip: a locked update is still two.
+//!
+//! Each store opens **one listener connection** (pub/sub, `SUBSCRIBE`
+//! needs a connection of its own) on first use, shared by all its
+//! watchers, status subscriptions and lock waiters, rather than one per
+//! watcher. It subscribes to a run's channels while someone in this
+//! process follows them (and 10 s longer), reconnects by itself (50 ms to
+//! 2 s apart), checks an idle connection with `PING` every 15 s, and is
+//! closed when the store and every feed it served are dropped. A dropped
+//! [`Watcher`] or [`Subscription`] stops its task at once.
+//!
+//! - [`Store::watch`] subscribes before it returns, then reports every
+//!   acknowledged write on its own, in order
+//!   (`WatchMode::Native { every_write: true }`). After the listener
+//!   reconnected, each watcher gets `Resync` (what was announced meanwhile
+//!   was not heard); a watcher that does not keep up gets `Resync` from its
+//!   feed.
+//! - [`Lock::wait_for_release`] returns as soon as the grant that refused
+//!   this process's acquire is known released: announced by any process,
+//!   or released through this store (which wakes a local waiter at once,
+//!   the announcement then wakes nobody twice). One waiter per release,
+//!   per process. A lease that merely expires announces nothing (Redis
+//!   runs no script on expiry), and neither does a WEPPcloud lock: then the
+//!   wait ends with its bound, which the wait policy keeps within the
+//!   holder's remaining TTL. The first wait on a run subscribes and returns
+//!   at once (announcements before it may have been missed); later ones,
+//!   while the subscription lingers, sleep until woken. After a reconnect
+//!   every waiter is woken.
+//!
+//! ## Status messages and milestones
+//!
+//! Status messages are a capped stream per run (`status_history` messages, 1000 by default,
+//! and optionally `status_minutes`; see [`RedisConfig`]), one script
+//! appends, trims and announces; the message id is the stream id. A
+//! subscription replays from the stream (`XRANGE`, `XREVRANGE … COUNT n`),
+//! then follows the announcements through the listener, and after a
+//! reconnect re-reads the stream from its last message, so it reports
+//! `Resync` only when messages it missed were trimmed away meanwhile (or
+//! when its own feed overflowed). Milestones are WEPPcloud's per-run hash
+//! fields `timestamps:<task>` (epoch seconds, fractional when the time has
+//! a fraction) and `attrs:<name>`, each set by one `HSET`: atomic per
+//! field, no lock. [`Store::delete_run`] deletes the run's milestones and
+//! status history with its last documents (they describe the run); fence
+//! counters and watermarks stay.
+//!
+//! ## Split stores and caches
+//!
+//! As the document store of a split store, [`Store::claim`] raises the
+//! lock's watermark (`<prefix>:{<run>}:watermark[:<name>]`) to the fence
+//! the other lock service granted, in one script, and reads the document
+//! with an `HMGET` in the same `MULTI/EXEC` (the bytes never pass through
+//! Lua; with a size limit the script checks the size and reads). A put
+//! with [`PutOptions::foreign_lease`] is refused with `Fenced`, writing
+//! nothing, when that lease's fence is below its lock's watermark, and
+//! raises the watermark, in the same script as the write and its mode
+//! check. Watermarks are kept per lock, apart from this store's own fence
+//! counters, never expire and are kept by `delete_run`; they last as long
+//! as the server keeps its data (like the fence counters; unlike them they
+//! cannot fall back on the clock, since the fences are another service's).
+//! [`Store::get_if_changed`] is one script that answers `Unchanged`
+//! without sending the document, whatever its size.
 //!
 //! ## Guarantees and their limits
 //!
@@ -38,20 +123,40 @@
 //!   scripts). A fenced save checks, in the same script as the write, that
 //!   the lock key still holds the lease's owner id and fence: an expired
 //!   lease has no key, a newer grant has another fence.
-//! - Fence counters live in the run's slot beside the data they protect,
-//!   and start from the server's clock in microseconds: a non-persistent
-//!   server that restarts loses data, leases and counters together, a
-//!   client still holding a lease from before gets `LeaseLost`/`Fenced`,
-//!   and new fences still exceed old ones. Versions are random 128-bit
-//!   tokens, so a version from before a restart never matches a document
-//!   written after it.
+//! - Fence counters live in the run's slot beside the data they protect.
+//!   Every grant's fence is `max(last fence + 1, server clock in µs)`
+//!   (one `TIME` inside the acquire script), so fences strictly increase
+//!   even when the counter goes back: a server that keeps nothing on disk,
+//!   a restart from an older RDB snapshot or a truncated AOF, a replica
+//!   promoted before it saw the last grants. A client still holding a lease
+//!   from before such a loss gets `LeaseLost`/`Fenced`. The one limit: the
+//!   server's clock must not step back by more than the time the restart
+//!   or failover took. Versions are random 128-bit tokens, so a version
+//!   from before a restart never matches a document written after it.
+//! - TTLs are checked by [`runstate_core::check_ttl`] before anything is
+//!   sent, and again at the top of every script before any write; a lock
+//!   hash is never left without its expiry (see the scripts' order). A TTL
+//!   is sent in whole milliseconds, rounded up, so the server never expires
+//!   a lease before its holder's local deadline.
+//! - Acquiring is idempotent by owner id: the same owner asking again
+//!   while its grant is live gets that grant back (same fence, same
+//!   `since`, TTL restarted), so a retry after a lost reply does not wait
+//!   a whole TTL behind itself.
+//! - [`save_and_release`](Lock::save_and_release) releases the lease on
+//!   every failure except `Fenced`/`LeaseLost`: refused conditions and
+//!   command errors (a document key of the wrong type, say) inside the
+//!   script, and, with a separate release, failures before or around it (a
+//!   lease that does not cover the document, a transaction the server
+//!   refused, a lost connection).
 //! - A plain overwrite is a `MULTI/EXEC` of plain commands; every other
 //!   write stages its bytes in the same transaction and a script checks
 //!   and renames them into place, so no write copies the document through
 //!   Lua.
-//! - Scripts touch a run's keys and the store-wide `runs` index, so the
-//!   backend needs a standalone server (or a single-shard deployment), not a
-//!   multi-shard Redis Cluster.
+//! - Every script touches only its run's keys (one slot); document writes
+//!   also maintain the store-wide `runs` index, so the backend still needs
+//!   a standalone server (or a single-shard deployment), not a multi-shard
+//!   Redis Cluster. The announcements are plain `PUBLISH`es on channels
+//!   named with the run's hash tag, ready for sharded pub/sub.
 //!
 //! ## WEPPcloud's NoDb locks
 //!
@@ -69,29 +174,40 @@
 
 #![forbid(unsafe_code)]
 
+mod cache;
 mod config;
 mod errors;
 mod keys;
+mod listener;
 mod reply;
 mod scripts;
+mod status;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, ScriptInvocation, Value};
+use runstate_core::events::{AbortOnDrop, FEED_CAPACITY, check_label, check_text};
+use runstate_core::time::{from_unix_millis, unix_millis};
 use runstate_core::{
-    Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, GetOptions, Lease, ListPage,
-    Lock, LockInfo, LockKey, Operation, Owner, PutMode, PutOptions, ReleaseSignals, Result, RunId,
-    Store, StoredDoc, Version, async_trait,
+    Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fetched, GetOptions, Lease,
+    ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions, Replay,
+    Result, RunId, Store, StoredDoc, Subscription, Version, WatchMode, Watcher, async_trait,
+    check_ttl,
 };
 
-pub use config::{Address, DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisConfig, Secret, WeppcloudLocks};
+pub use cache::{DEFAULT_CACHE_TTL, RedisCache};
+pub use config::{
+    Address, DEFAULT_PREFIX, DEFAULT_STATUS_HISTORY, DEFAULT_TIMEOUT, MAX_STATUS_HISTORY,
+    RedisConfig, Secret, WeppcloudLocks,
+};
 
 use crate::errors::{map_redis_error, timed_out, unexpected};
 use crate::keys::Keys;
+use crate::listener::{Kind, Listener, Note, Waits};
 use crate::reply::Reply;
 use crate::scripts::Scripts;
 
@@ -105,6 +221,16 @@ const DELETE_BATCH: usize = 500;
 /// Redis's largest bulk string.
 const MAX_DOCUMENT: u64 = 512 * 1024 * 1024;
 
+/// Keys asked of each `SCAN` call by `list_locks(None)`.
+const SCAN_COUNT: usize = 1000;
+
+/// Lock holders read per pipelined round trip by `list_locks(None)`.
+const HOLDER_BATCH: usize = 1000;
+
+/// The longest a lock waiter sleeps when asked for longer than a timer can
+/// count.
+const MAX_WAIT: Duration = Duration::from_secs(86_400);
+
 /// The Redis backend. Cheap to clone; clones share one multiplexed
 /// connection that reconnects by itself.
 #[derive(Clone)]
@@ -115,10 +241,16 @@ pub struct RedisStore {
 struct Inner {
     config: RedisConfig,
     conn: ConnectionManager,
+    /// For the listener's own connection.
+    client: redis::Client,
     keys: Keys,
     scripts: Scripts,
     capabilities: Capabilities,
-    signals: ReleaseSignals,
+    /// What waiters of this process know of the locks they wait for; local
+    /// releases and announced ones wake them.
+    waits: Arc<Waits>,
+    /// The pub/sub connection, opened on first use.
+    listener: OnceLock<Arc<Listener>>,
 }
 
 fn connection_info(config: &RedisConfig) -> Result<redis::ConnectionInfo> {
@@ -183,6 +315,7 @@ impl RedisStore {
             Err(_) => return Err(context(timed_out(bound))),
         };
         let scripts = Scripts::new(config.weppcloud.as_ref(), config.db);
+        let listener_client = client.clone();
         for script in scripts.all() {
             match tokio::time::timeout(config.timeout, script.load_async(&mut conn)).await {
                 Ok(Ok(_)) => {}
@@ -196,11 +329,18 @@ impl RedisStore {
                 keys: Keys::new(&config.prefix),
                 config,
                 conn,
+                client: listener_client,
                 scripts,
                 capabilities: Capabilities::full(BACKEND)
                     .with_multi_host(true)
-                    .with_max_document_size(Some(MAX_DOCUMENT)),
-                signals: ReleaseSignals::new(),
+                    .with_max_document_size(Some(MAX_DOCUMENT))
+                    .with_foreign_fencing(true)
+                    .with_native_conditional_get(true)
+                    .with_watch(WatchMode::Native { every_write: true })
+                    .with_status(true)
+                    .with_milestones(true),
+                waits: Arc::new(Waits::default()),
+                listener: OnceLock::new(),
             }),
         })
     }
@@ -273,6 +413,18 @@ impl RedisStore {
 }
 
 impl Inner {
+    /// The store's listener, started on first use.
+    fn listener(&self) -> Arc<Listener> {
+        Arc::clone(self.listener.get_or_init(|| {
+            Arc::new(Listener::start(
+                self.client.clone(),
+                self.config.connect_timeout,
+                self.config.timeout,
+                Arc::clone(&self.waits),
+            ))
+        }))
+    }
+
     /// Runs a request under the configured bound.
     async fn bounded<T>(&self, request: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
         match tokio::time::timeout(self.config.timeout, request).await {
@@ -312,18 +464,36 @@ impl Inner {
         .await
     }
 
+    /// Checks a TTL ([`check_ttl`], before anything is sent) and gives it
+    /// in whole milliseconds, rounded up so the server never expires a
+    /// lease before its holder's local deadline.
     fn ttl_ms(key: &LockKey, ttl: Duration, op: Operation) -> Result<u64> {
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        if ms == 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                "a lease TTL must be at least 1 ms",
-            )
-            .with_backend(BACKEND)
-            .with_operation(op)
-            .with_lock(key));
+        check_ttl(ttl).map_err(|e| e.with_backend(BACKEND).with_operation(op).with_lock(key))?;
+        let ms = ttl.as_millis() + u128::from(!ttl.subsec_nanos().is_multiple_of(1_000_000));
+        // check_ttl bounds it by MAX_TTL, 86.4 million ms.
+        u64::try_from(ms).map_err(|_| unexpected("ttl"))
+    }
+
+    /// The error of a TTL a script refused (the client checks first, so
+    /// only a script out of step with the client gets here).
+    fn bad_ttl(key: &LockKey, op: Operation) -> Error {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            "redis refused the lease TTL; nothing was written",
+        )
+        .with_backend(BACKEND)
+        .with_operation(op)
+        .with_lock(key)
+    }
+
+    /// Releases `lease` after a failed save whose script never answered,
+    /// so never released it: best effort, since the lease expires by its
+    /// TTL anyway. The release checks owner id and fence, so it can never
+    /// release a later grant, and is harmless if the save did run.
+    async fn release_after_failure(&self, lease: &Lease, failure: &Error) {
+        if let Err(release) = self.lease_call(lease, None, Operation::Release).await {
+            tracing::debug!(%release, %failure, lock = %lease.key(), "release after a failed save");
         }
-        Ok(ms)
     }
 
     fn locked(key: &LockKey, holder: LockInfo, op: Operation) -> Error {
@@ -349,6 +519,98 @@ impl Inner {
             .with_holder(holder),
             Err(e) => e,
         }
+    }
+
+    /// The error of a fence below its lock's watermark: a newer grant of
+    /// the other lock service has been seen here.
+    fn below_watermark(key: &LockKey, fence: Fence, watermark: &str) -> Error {
+        Error::new(
+            ErrorKind::Fenced,
+            format!(
+                "lease with fence {fence} is older than fence {watermark} already seen here \
+                 for this lock; nothing was written"
+            ),
+        )
+        .with_backend(BACKEND)
+        .with_lock(key)
+    }
+
+    /// The held locks of one run: one script over the run's index.
+    async fn run_locks(&self, run: &RunId) -> Result<Vec<LockInfo>> {
+        let mut invocation = self.scripts.list_locks.prepare_invoke();
+        invocation.key(self.keys.locks(run));
+        let mut reply = self.invoke(&invocation).await?;
+        let mut found = Vec::new();
+        while reply.has_more() {
+            let lock_key = reply.text()?;
+            let key = self
+                .keys
+                .parse_lock(run, &lock_key)
+                .ok_or_else(|| unexpected("lock key"))?;
+            found.push(reply.holder(&key)?);
+        }
+        Ok(found)
+    }
+
+    /// Every held lock under the prefix, without a store-wide index: `SCAN`
+    /// for lock keys ([`SCAN_COUNT`] per call), then the holders, read by
+    /// the inspect script pipelined [`HOLDER_BATCH`] keys per round trip.
+    /// Each script touches one lock key, so nothing spans runs. A lock that
+    /// expires between the two steps reads as free and is left out.
+    async fn all_locks(&self) -> Result<Vec<LockInfo>> {
+        let mut con = self.conn.clone();
+        let pattern = self.keys.lock_pattern();
+        let mut seen = std::collections::HashSet::new();
+        let mut keys: Vec<(String, LockKey)> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = self
+                .bounded(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(SCAN_COUNT)
+                        .query_async(&mut con),
+                )
+                .await?;
+            // SCAN may return a key twice; the pattern also matches each
+            // run's `locks` index, which does not parse as a lock.
+            for name in batch {
+                if let Some(key) = self.keys.parse_any_lock(&name)
+                    && seen.insert(name.clone())
+                {
+                    keys.push((name, key));
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let mut locks = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(HOLDER_BATCH) {
+            let mut pipe = redis::pipe();
+            for (name, _) in chunk {
+                let mut invocation = self.scripts.inspect.prepare_invoke();
+                invocation.key(name);
+                pipe.invoke_script(&invocation);
+            }
+            let replies = self.transact(&pipe, &self.scripts.inspect).await?;
+            if replies.len() != chunk.len() {
+                return Err(unexpected("pipelined replies"));
+            }
+            for ((_, key), value) in chunk.iter().zip(replies) {
+                let mut reply = Reply::parse(value)?;
+                match reply.status.as_str() {
+                    "ok" => locks.push(reply.holder(key)?),
+                    "free" => {}
+                    other => return Err(unexpected(other)),
+                }
+            }
+        }
+        Ok(locks)
     }
 
     /// Acquire (and optionally load `doc`) in one script.
@@ -378,7 +640,6 @@ impl Inner {
             .key(self.keys.lock(key))
             .key(self.keys.fence(key))
             .key(self.keys.locks(run))
-            .key(self.keys.lock_runs())
             .key(doc_key)
             .key(self.keys.docs(run));
         invocation
@@ -421,33 +682,19 @@ impl Inner {
         match reply.status.as_str() {
             "ok" => {
                 let fence: u64 = reply.text()?.parse().map_err(|_| unexpected("fence"))?;
-                // The grant's time by the server's clock is derived when
-                // someone asks; the lease itself carries the local one.
+                // The grant's time by the server's clock: for a grant handed
+                // back to its owner, the time it was first made.
+                let since: u64 = reply.text()?.parse().map_err(|_| unexpected("since"))?;
                 let lease = Lease::new(
                     key.clone(),
                     owner.clone(),
                     Fence(fence),
                     ttl,
                     issued,
-                    SystemTime::now(),
+                    from_unix_millis(since),
                 );
                 let stored = match loaded.take() {
-                    Some(Value::Array(pair)) => {
-                        let mut pair = pair.into_iter();
-                        match (pair.next(), pair.next()) {
-                            (Some(Value::BulkString(version)), Some(Value::BulkString(bytes))) => {
-                                Some(StoredDoc {
-                                    bytes: Bytes::from(bytes),
-                                    version: Version::new(
-                                        String::from_utf8(version)
-                                            .map_err(|_| unexpected("version"))?,
-                                    ),
-                                })
-                            }
-                            _ => None,
-                        }
-                    }
-                    Some(_) => return Err(unexpected("loaded document")),
+                    Some(pair) => stored_of(pair)?,
                     None if load.is_some() => match (reply.text_opt()?, reply.bytes()?) {
                         (Some(version), Some(bytes)) => Some(StoredDoc {
                             bytes,
@@ -459,13 +706,30 @@ impl Inner {
                 };
                 Ok((lease, stored))
             }
-            "locked" => Err(Self::locked(key, reply.holder(key)?, op)),
-            "foreign" => Err(Self::weppcloud_locked(key, &mut reply, op)),
+            "locked" => {
+                let holder = reply.holder(key)?;
+                // What this process's waiters compare release announcements
+                // with (see `wait_for_release`).
+                self.waits.blocked(key, holder.fence);
+                Err(Self::locked(key, holder, op))
+            }
+            "foreign" => {
+                // A WEPPcloud lock announces no release: its waiters back off.
+                self.waits.blocked(key, Fence(0));
+                Err(Self::weppcloud_locked(key, &mut reply, op))
+            }
             "toolarge" => Err(too_large(reply.int()?, load.and_then(|(_, o)| o.limit))),
+            "badttl" => Err(Self::bad_ttl(key, op)),
             other => Err(unexpected(other)),
         }
     }
 
+    /// A write, and with `release` the save-and-release of `lease`: when
+    /// the save fails and its script did not answer (so did not release),
+    /// the lease is released here, unless it was fenced or lost. `foreign`
+    /// is a lease granted by another lock service, checked against (and
+    /// raising) its lock's watermark.
+    #[allow(clippy::too_many_arguments)]
     async fn put(
         &self,
         run: &RunId,
@@ -473,9 +737,45 @@ impl Inner {
         bytes: &Bytes,
         mode: &PutMode,
         lease: Option<&Lease>,
+        foreign: Option<&Lease>,
         release: bool,
     ) -> Result<Version> {
-        if let Some(lease) = lease {
+        let mut answered = false;
+        let outcome = self
+            .put_once(
+                run,
+                doc,
+                bytes,
+                mode,
+                lease,
+                foreign,
+                release,
+                &mut answered,
+            )
+            .await;
+        if let (Err(error), Some(lease), true, false) = (&outcome, lease, release, answered)
+            && !matches!(error.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost)
+        {
+            self.release_after_failure(lease, error).await;
+        }
+        outcome
+    }
+
+    /// One write; sets `answered` once the script's reply arrived (every
+    /// reply of the save script means it handled the lease itself).
+    #[allow(clippy::too_many_arguments)]
+    async fn put_once(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        bytes: &Bytes,
+        mode: &PutMode,
+        lease: Option<&Lease>,
+        foreign: Option<&Lease>,
+        release: bool,
+        answered: &mut bool,
+    ) -> Result<Version> {
+        for lease in lease.iter().chain(foreign.iter()) {
             lease.key().check_covers(run, doc)?;
         }
         let (mode_arg, expected) = match mode {
@@ -485,8 +785,14 @@ impl Inner {
         };
         let version = new_version();
         let doc_key = self.keys.doc(run, doc);
-        if lease.is_none() && *mode == PutMode::Overwrite && self.config.weppcloud.is_none() {
-            // Nothing to check: plain commands, no script.
+        let events = self.keys.events(run);
+        if lease.is_none()
+            && foreign.is_none()
+            && *mode == PutMode::Overwrite
+            && self.config.weppcloud.is_none()
+        {
+            // Nothing to check: plain commands, no script, the change
+            // announced in the same transaction.
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .cmd("HSET")
@@ -505,6 +811,10 @@ impl Inner {
                 .arg(self.keys.runs())
                 .arg(0)
                 .arg(run.as_str())
+                .ignore()
+                .cmd("PUBLISH")
+                .arg(&events)
+                .arg(format!("c {version} {doc}"))
                 .ignore();
             let mut con = self.conn.clone();
             self.bounded(pipe.query_async::<()>(&mut con)).await?;
@@ -515,23 +825,33 @@ impl Inner {
             Some(_) => &self.scripts.save,
         };
         let staging = self.keys.staging(run);
+        let watermark = match foreign {
+            Some(foreign) => self.keys.watermark(foreign.key()),
+            // Not read without a foreign fence; any key of the run's slot.
+            None => self.keys.watermark(&LockKey::Doc(run.clone(), doc.clone())),
+        };
         let mut invocation = script.prepare_invoke();
         invocation
             .key(&doc_key)
             .key(self.keys.docs(run))
             .key(self.keys.runs())
-            .key(&staging);
+            .key(&staging)
+            .key(watermark);
         invocation
             .arg(doc.as_str())
             .arg(run.as_str())
             .arg(mode_arg)
-            .arg(expected);
+            .arg(expected)
+            .arg(version.as_str())
+            .arg(&events)
+            .arg(foreign.map_or_else(String::new, |f| f.fence().to_string()));
         if let Some(lease) = lease {
             invocation.key(self.keys.lock(lease.key()));
             invocation
                 .arg(lease.owner().id())
                 .arg(lease.fence().to_string())
-                .arg(if release { "1" } else { "0" });
+                .arg(if release { "1" } else { "0" })
+                .arg(lease.key().doc().map_or("", DocName::as_str));
         }
         // The document is staged by a plain HSET in the same transaction;
         // the script renames it into place only if every check passes.
@@ -552,6 +872,7 @@ impl Inner {
                 .next()
                 .ok_or_else(|| unexpected("no reply"))?,
         )?;
+        *answered = true;
         match reply.status.as_str() {
             "ok" => Ok(version),
             "exists" => Err(
@@ -584,6 +905,16 @@ impl Inner {
                 }
                 Err(error)
             }
+            "watermark" => {
+                let Some(foreign) = foreign else {
+                    return Err(unexpected("watermark without a foreign lease"));
+                };
+                Err(Self::below_watermark(
+                    foreign.key(),
+                    foreign.fence(),
+                    &reply.text()?,
+                ))
+            }
             "foreign" => {
                 let key = LockKey::Doc(run.clone(), doc.clone());
                 let op = if release {
@@ -593,8 +924,34 @@ impl Inner {
                 };
                 Err(Self::weppcloud_locked(&key, &mut reply, op))
             }
+            // A command of the write failed (WRONGTYPE on a document key
+            // that is not a document, say): nothing was written.
+            "failed" => Err(Error::new(
+                ErrorKind::Backend,
+                format!(
+                    "redis refused the write; nothing was written: {}",
+                    reply.text()?
+                ),
+            )
+            .with_backend(BACKEND)),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Sets one field of the run's milestones hash: one `HSET`, atomic by
+    /// itself, no lock.
+    async fn set_field(&self, run: &RunId, field: &str, value: &str) -> Result<()> {
+        let mut con = self.conn.clone();
+        let _: i64 = self
+            .bounded(
+                redis::cmd("HSET")
+                    .arg(self.keys.milestones(run))
+                    .arg(field)
+                    .arg(value)
+                    .query_async(&mut con),
+            )
+            .await?;
+        Ok(())
     }
 
     async fn lease_call(&self, lease: &Lease, ttl: Option<u64>, op: Operation) -> Result<()> {
@@ -607,12 +964,17 @@ impl Inner {
         invocation
             .arg(lease.owner().id())
             .arg(lease.fence().to_string());
-        if let Some(ms) = ttl {
-            invocation.arg(ms);
-        }
+        match ttl {
+            Some(ms) => invocation.arg(ms),
+            // A release is announced for waiters anywhere.
+            None => invocation
+                .arg(self.keys.events(key.run()))
+                .arg(key.doc().map_or("", DocName::as_str)),
+        };
         let mut reply = self.invoke(&invocation).await?;
         match reply.status.as_str() {
             "ok" => Ok(()),
+            "badttl" => Err(Self::bad_ttl(key, op)),
             "lost" => {
                 let holder = reply.maybe_holder(key)?;
                 let why = match &holder {
@@ -644,6 +1006,21 @@ fn new_version() -> Version {
         fastrand::u64(..),
         fastrand::u64(..)
     ))
+}
+
+/// A document read by `HMGET <doc> version data`: both present, or none.
+fn stored_of(pair: Value) -> Result<Option<StoredDoc>> {
+    let Value::Array(pair) = pair else {
+        return Err(unexpected("loaded document"));
+    };
+    let mut pair = pair.into_iter();
+    Ok(match (pair.next(), pair.next()) {
+        (Some(Value::BulkString(version)), Some(Value::BulkString(bytes))) => Some(StoredDoc {
+            bytes: Bytes::from(bytes),
+            version: Version::new(String::from_utf8(version).map_err(|_| unexpected("version"))?),
+        }),
+        _ => None,
+    })
 }
 
 fn too_large(size: i64, limit: Option<u64>) -> Error {
@@ -741,7 +1118,15 @@ impl Store for RedisStore {
         options: PutOptions<'_>,
     ) -> Result<Version> {
         self.inner
-            .put(run, doc, &bytes, &options.mode, options.lease, false)
+            .put(
+                run,
+                doc,
+                &bytes,
+                &options.mode,
+                options.lease,
+                options.foreign_lease,
+                false,
+            )
             .await
             .map_err(|e| e.at_doc(Operation::Put, run, doc))
     }
@@ -761,7 +1146,8 @@ impl Store for RedisStore {
         invocation
             .arg(doc.as_str())
             .arg(run.as_str())
-            .arg(if_version.map_or("", Version::as_str));
+            .arg(if_version.map_or("", Version::as_str))
+            .arg(inner.keys.events(run));
         let outcome = async {
             let mut reply = inner.invoke(&invocation).await?;
             match reply.status.as_str() {
@@ -854,11 +1240,16 @@ impl Store for RedisStore {
         let mut deleted = 0;
         loop {
             let mut invocation = inner.scripts.delete_run.prepare_invoke();
-            invocation.key(inner.keys.docs(run)).key(inner.keys.runs());
+            invocation
+                .key(inner.keys.docs(run))
+                .key(inner.keys.runs())
+                .key(inner.keys.milestones(run))
+                .key(inner.keys.status(run));
             invocation
                 .arg(run.as_str())
                 .arg(inner.keys.doc_prefix(run))
-                .arg(DELETE_BATCH);
+                .arg(DELETE_BATCH)
+                .arg(inner.keys.events(run));
             let mut reply = inner
                 .invoke(&invocation)
                 .await
@@ -881,6 +1272,268 @@ impl Store for RedisStore {
                 other => return Err(unexpected(other)),
             }
         }
+    }
+
+    async fn get_if_changed(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        known: &Version,
+        options: GetOptions,
+    ) -> Result<Fetched> {
+        let inner = &self.inner;
+        let mut invocation = inner.scripts.get_if_changed.prepare_invoke();
+        invocation
+            .key(inner.keys.doc(run, doc))
+            .arg(known.as_str())
+            .arg(options.limit.map_or_else(String::new, |l| l.to_string()));
+        let outcome = async {
+            let mut reply = inner.invoke(&invocation).await?;
+            match reply.status.as_str() {
+                "unchanged" => Ok(Fetched::Unchanged),
+                "absent" => Ok(Fetched::Absent),
+                "changed" => {
+                    let version = Version::new(reply.text()?);
+                    let bytes = reply.bytes()?.unwrap_or_default();
+                    Ok(Fetched::Changed(StoredDoc { bytes, version }))
+                }
+                "toolarge" => Err(too_large(reply.int()?, options.limit)),
+                other => Err(unexpected(other)),
+            }
+        };
+        outcome
+            .await
+            .map_err(|e| e.at_doc(Operation::GetIfChanged, run, doc))
+    }
+
+    /// One script raises the watermark; without a size limit the document
+    /// is read by an HMGET in the same MULTI/EXEC (one round trip, the
+    /// bytes never pass through Lua), with one the script checks the size
+    /// first.
+    async fn claim(
+        &self,
+        key: &LockKey,
+        fence: Fence,
+        doc: Option<&DocName>,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        let inner = &self.inner;
+        let op = Operation::Claim;
+        let run = key.run();
+        let outcome = async {
+            if let Some(doc) = doc {
+                key.check_covers(run, doc)?;
+            }
+            let mut invocation = inner.scripts.claim.prepare_invoke();
+            invocation
+                .key(inner.keys.watermark(key))
+                .key(match doc {
+                    Some(doc) => inner.keys.doc(run, doc),
+                    None => inner.keys.docs(run),
+                })
+                .arg(fence.to_string())
+                .arg(if doc.is_some() && options.limit.is_some() {
+                    "1"
+                } else {
+                    "0"
+                })
+                .arg(options.limit.map_or_else(String::new, |l| l.to_string()));
+            let (mut reply, loaded) = match doc {
+                Some(doc) if options.limit.is_none() => {
+                    let mut pipe = redis::pipe();
+                    pipe.atomic()
+                        .invoke_script(&invocation)
+                        .cmd("HMGET")
+                        .arg(inner.keys.doc(run, doc))
+                        .arg("version")
+                        .arg("data");
+                    let mut replies = inner
+                        .transact(&pipe, &inner.scripts.claim)
+                        .await?
+                        .into_iter();
+                    let (Some(first), Some(second)) = (replies.next(), replies.next()) else {
+                        return Err(unexpected("transaction replies"));
+                    };
+                    (Reply::parse(first)?, Some(second))
+                }
+                _ => (inner.invoke(&invocation).await?, None),
+            };
+            match reply.status.as_str() {
+                "ok" => match (doc, loaded) {
+                    (None, _) => Ok(None),
+                    (Some(_), Some(pair)) => stored_of(pair),
+                    (Some(_), None) => match (reply.text_opt()?, reply.bytes()?) {
+                        (Some(version), Some(bytes)) => Ok(Some(StoredDoc {
+                            bytes,
+                            version: Version::new(version),
+                        })),
+                        _ => Ok(None),
+                    },
+                },
+                "watermark" => Err(Error::new(
+                    ErrorKind::Fenced,
+                    format!(
+                        "fence {fence} is older than fence {} already claimed here",
+                        reply.text()?
+                    ),
+                )
+                .with_backend(BACKEND)),
+                "toolarge" => Err(too_large(reply.int()?, options.limit)),
+                other => Err(unexpected(other)),
+            }
+        };
+        outcome.await.map_err(|e: Error| {
+            let e = e.with_operation(op).with_lock(key);
+            match doc {
+                Some(doc) => e.with_doc(doc),
+                None => e,
+            }
+        })
+    }
+
+    /// Follows the run's events channel through the store's listener
+    /// connection (subscribed before this returns). Every write announces
+    /// itself from its own script, so every acknowledged write is reported
+    /// on its own, in order; a reconnect of the listener is reported as
+    /// `Resync`.
+    async fn watch(&self, run: &RunId) -> Result<Watcher> {
+        let inner = &self.inner;
+        let (notes, mut heard) = tokio::sync::mpsc::unbounded_channel();
+        let (membership, _) = inner
+            .listener()
+            .join(
+                inner.keys.events(run),
+                run,
+                Kind::Events,
+                Some(notes),
+                inner.config.connect_timeout + inner.config.timeout,
+            )
+            .await
+            .map_err(|e| e.with_operation(Operation::Watch).with_run(run))?;
+        let (mut sender, feed) = Watcher::channel(FEED_CAPACITY);
+        let task = tokio::spawn(async move {
+            let _membership = membership;
+            loop {
+                let note = tokio::select! {
+                    note = heard.recv() => note,
+                    () = sender.closed() => return,
+                };
+                let open = match note {
+                    Some(Note::Event(event)) => sender.send(event),
+                    Some(Note::Reconnected) => sender.resync(),
+                    Some(Note::Status(_)) => true,
+                    None => return,
+                };
+                if !open {
+                    return;
+                }
+            }
+        });
+        Ok(feed.keep(Arc::new(AbortOnDrop(task.abort_handle()))))
+    }
+
+    /// One script appends the message to the run's stream, trims the
+    /// stream and announces the message.
+    async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
+        let inner = &self.inner;
+        let op = Operation::Publish;
+        let context = |e: Error| e.with_backend(BACKEND).with_operation(op).with_run(run);
+        check_label("topic", topic).map_err(context)?;
+        check_text("status message", text).map_err(context)?;
+        let mut invocation = inner.scripts.publish_status.prepare_invoke();
+        invocation
+            .key(inner.keys.status(run))
+            .arg(inner.keys.status_channel(run))
+            .arg(topic)
+            .arg(text)
+            .arg(unix_millis(SystemTime::now()))
+            .arg(inner.config.status_history)
+            .arg(
+                inner
+                    .config
+                    .status_max_age
+                    .map_or_else(String::new, |age| age.as_millis().to_string()),
+            );
+        let reply = inner.invoke(&invocation).await.map_err(context)?;
+        match reply.status.as_str() {
+            "ok" => Ok(()),
+            other => Err(context(unexpected(other))),
+        }
+    }
+
+    async fn subscribe(&self, run: &RunId, replay: Replay) -> Result<Subscription> {
+        let inner = &self.inner;
+        let context = |e: Error| e.with_operation(Operation::Subscribe).with_run(run);
+        let (notes, heard) = tokio::sync::mpsc::unbounded_channel();
+        // Subscribed first, then the history read: a message published in
+        // between is in both, and delivered once (by id).
+        let (membership, _) = inner
+            .listener()
+            .join(
+                inner.keys.status_channel(run),
+                run,
+                Kind::Status,
+                Some(notes),
+                inner.config.connect_timeout + inner.config.timeout,
+            )
+            .await
+            .map_err(context)?;
+        let (replayed, last) = inner.status_replay(run, replay).await.map_err(context)?;
+        let (sender, feed) = Subscription::channel(FEED_CAPACITY);
+        let task = tokio::spawn(status::follow(
+            Arc::clone(&self.inner),
+            run.clone(),
+            membership,
+            heard,
+            sender,
+            replayed,
+            last,
+        ));
+        Ok(feed.keep(Arc::new(AbortOnDrop(task.abort_handle()))))
+    }
+
+    /// One `HSET` of the field `timestamps:<task>`.
+    async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
+        let context = |e: Error| {
+            e.with_backend(BACKEND)
+                .with_operation(Operation::Mark)
+                .with_run(run)
+        };
+        check_label("task", task).map_err(context)?;
+        let value = status::format_timestamp(at).map_err(context)?;
+        self.inner
+            .set_field(run, &format!("timestamps:{task}"), &value)
+            .await
+            .map_err(context)
+    }
+
+    /// One `HSET` of the field `attrs:<name>`.
+    async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
+        let context = |e: Error| {
+            e.with_backend(BACKEND)
+                .with_operation(Operation::Mark)
+                .with_run(run)
+        };
+        check_label("attribute", name).map_err(context)?;
+        check_text("attribute value", value).map_err(context)?;
+        self.inner
+            .set_field(run, &format!("attrs:{name}"), value)
+            .await
+            .map_err(context)
+    }
+
+    async fn milestones(&self, run: &RunId) -> Result<Milestones> {
+        let inner = &self.inner;
+        let mut con = inner.conn.clone();
+        let fields: Vec<(String, String)> = inner
+            .bounded(
+                redis::cmd("HGETALL")
+                    .arg(inner.keys.milestones(run))
+                    .query_async(&mut con),
+            )
+            .await
+            .map_err(|e| e.with_operation(Operation::Milestones).with_run(run))?;
+        Ok(status::milestones_of(fields))
     }
 }
 
@@ -906,12 +1559,14 @@ impl Lock for RedisStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
+        self.inner.waits.releasing(lease.key(), lease.fence());
         let outcome = self
             .inner
             .lease_call(lease, None, Operation::Release)
             .await
             .map_err(|e| e.with_operation(Operation::Release).with_lock(lease.key()));
-        self.inner.signals.released(lease.key());
+        // Local waiters at once, without waiting for the announcement.
+        self.inner.waits.released(lease.key(), lease.fence());
         outcome
     }
 
@@ -941,7 +1596,9 @@ impl Lock for RedisStore {
         let mut invocation = inner.scripts.break_lock.prepare_invoke();
         invocation
             .key(inner.keys.lock(key))
-            .arg(only_fence.map_or_else(String::new, |f| f.to_string()));
+            .arg(only_fence.map_or_else(String::new, |f| f.to_string()))
+            .arg(inner.keys.events(key.run()))
+            .arg(key.doc().map_or("", DocName::as_str));
         let outcome = async {
             let mut reply = inner.invoke(&invocation).await?;
             match reply.status.as_str() {
@@ -954,66 +1611,77 @@ impl Lock for RedisStore {
                         by = %format!("{}:{}", runstate_core::process::hostname(), std::process::id()),
                         "lease broken"
                     );
+                    inner.waits.released(key, broken.fence);
                     Ok(Some(broken))
                 }
                 "free" => Ok(None),
                 other => Err(unexpected(other)),
             }
         };
-        let outcome = outcome
-            .await
-            .map_err(|e: Error| e.with_operation(Operation::BreakLock).with_lock(key));
-        inner.signals.released(key);
         outcome
+            .await
+            .map_err(|e: Error| e.with_operation(Operation::BreakLock).with_lock(key))
     }
 
     async fn list_locks(&self, run: Option<&RunId>) -> Result<Vec<LockInfo>> {
         let inner = &self.inner;
-        let runs = match run {
-            Some(run) => vec![run.clone()],
-            None => {
-                let mut con = inner.conn.clone();
-                let names: Vec<String> = inner
-                    .bounded(
-                        redis::cmd("ZRANGE")
-                            .arg(inner.keys.lock_runs())
-                            .arg(0)
-                            .arg(-1)
-                            .query_async(&mut con),
-                    )
-                    .await
-                    .map_err(|e| e.with_operation(Operation::ListLocks))?;
-                names
-                    .into_iter()
-                    .filter_map(|n| RunId::new(n).ok())
-                    .collect()
-            }
-        };
-        let mut locks = Vec::new();
-        for run in runs {
-            let mut invocation = inner.scripts.list_locks.prepare_invoke();
-            invocation.key(inner.keys.locks(&run));
-            let mut reply = inner
-                .invoke(&invocation)
+        let mut locks = match run {
+            Some(run) => inner
+                .run_locks(run)
                 .await
-                .map_err(|e| e.with_operation(Operation::ListLocks).with_run(&run))?;
-            let mut found = Vec::new();
-            while reply.has_more() {
-                let lock_key = reply.text()?;
-                let key = inner
-                    .keys
-                    .parse_lock(&run, &lock_key)
-                    .ok_or_else(|| unexpected("lock key"))?;
-                found.push(reply.holder(&key)?);
-            }
-            found.sort_by(|a, b| a.key.cmp(&b.key));
-            locks.extend(found);
-        }
+                .map_err(|e| e.with_operation(Operation::ListLocks).with_run(run))?,
+            None => inner
+                .all_locks()
+                .await
+                .map_err(|e| e.with_operation(Operation::ListLocks))?,
+        };
+        locks.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(locks)
     }
 
+    /// Returns when the grant that last refused this process's acquire of
+    /// `key` is known released, or `max` has passed. Releases are learnt
+    /// from the announcements of the release scripts of every process (on
+    /// the run's events channel, through the store's listener) and, at
+    /// once, from releases made through this store. Each release wakes one
+    /// waiter of this process. A lease that expires announces nothing: the
+    /// wait then ends with `max`, which the wait policy keeps within the
+    /// holder's remaining TTL.
     async fn wait_for_release(&self, key: &LockKey, max: Duration) {
-        self.inner.signals.wait(key, max).await;
+        let inner = &self.inner;
+        let deadline = tokio::time::Instant::now()
+            .checked_add(max)
+            .unwrap_or_else(|| tokio::time::Instant::now() + MAX_WAIT);
+        let slot = inner.waits.slot(key);
+        let notified = slot.notify.notified();
+        tokio::pin!(notified);
+        // From here on no release can slip by unnoticed.
+        notified.as_mut().enable();
+        if slot.free() {
+            return;
+        }
+        let run = key.run();
+        let joined = tokio::time::timeout_at(
+            deadline,
+            inner
+                .listener()
+                .join(inner.keys.events(run), run, Kind::Events, None, max),
+        )
+        .await;
+        match joined {
+            // Subscribed just now: a release announced before may have been
+            // missed, so try again at once (the subscription stays a while
+            // for the next wait).
+            Ok(Ok((_, false))) => {}
+            Ok(Ok((_following, true))) => {
+                let _ = tokio::time::timeout_at(deadline, notified).await;
+            }
+            // No listener (the server cannot be reached): local releases
+            // and the bound only.
+            _ => {
+                let _ = tokio::time::timeout_at(deadline, notified).await;
+            }
+        }
     }
 
     async fn acquire_and_load(
@@ -1041,12 +1709,13 @@ impl Lock for RedisStore {
         mode: PutMode,
     ) -> Result<Version> {
         let run = lease.key().run();
+        self.inner.waits.releasing(lease.key(), lease.fence());
         let outcome = self
             .inner
-            .put(run, doc, &bytes, &mode, Some(lease), true)
+            .put(run, doc, &bytes, &mode, Some(lease), None, true)
             .await
             .map_err(|e| e.at_doc(Operation::SaveAndRelease, run, doc));
-        self.inner.signals.released(lease.key());
+        self.inner.waits.released(lease.key(), lease.fence());
         outcome
     }
 }

@@ -4,39 +4,89 @@
 //!
 //! Replies are arrays whose first element says what happened: `ok`,
 //! `exists`, `precondition`, `fenced`, `locked`, `lost`, `foreign` (a
-//! WEPPcloud lock), `toolarge`, `absent`, `free`.
+//! WEPPcloud lock), `watermark` (a fence below its lock's watermark, with
+//! the watermark), `unchanged`, `changed`, `toolarge`, `absent`, `free`,
+//! `badttl` (a TTL argument
+//! outside 1 ms ..= `MAX_TTL`, refused before any write) and `failed` (a
+//! write whose command failed, e.g. `WRONGTYPE`, with the server's
+//! message; the staged bytes are dropped and, in save-and-release, the
+//! lease released).
 //!
 //! The common paths are kept to as few server calls as possible (a locked
-//! update is 4 calls to acquire, a pipelined HMGET to load, and 4 calls to
-//! save-and-release), since
-//! every call counts against the benchmark's raw `GET`/`SET` baseline.
+//! update is one script to acquire with a pipelined HMGET to load, and one
+//! MULTI/EXEC to save-and-release), since every call counts against the
+//! benchmark's raw `GET`/`SET` baseline.
+//!
+//! Two rules hold in every script:
+//!
+//! - **No lock hash without an expiry.** Every TTL argument is checked at
+//!   the top of its script, before any write (`badttl`); a new grant is
+//!   written with `HSET` and its `PEXPIRE` checked right after, the hash
+//!   deleted if that ever failed; an existing hash gets its new expiry
+//!   before its fields change. Redis does not roll a failing script back,
+//!   so the order is what keeps a half-done grant from living forever.
+//! - **Scripts touch only their run's `{run}` slot** (plus
+//!   WEPPcloud's keys when enabled): no store-wide index of locks is kept,
+//!   and `list_locks(None)` finds lock keys with `SCAN` instead. (Document
+//!   writes still maintain the store-wide `runs` index; nothing else
+//!   store-wide is written.)
+//!
+//! And one for change events: **every write announces itself, from the
+//! script (or transaction) that makes it**, on the run's channel
+//! `<prefix>:{run}:events` (see [`keys`]): a document written
+//! (`c <version> <doc>`), deleted (`d <doc>`), a lock released by its
+//! holder, by save-and-release or broken (`r <fence> [<doc>]`). A `PUBLISH`
+//! inside the script costs no round trip and is atomic with the write: a
+//! listener that is subscribed sees every acknowledged write, in order. An
+//! expiring lease announces nothing (Redis runs no script on expiry); its
+//! waiters wake by their backoff, which never outlasts the holder's TTL.
 
 use redis::Script;
 
 use crate::config::WeppcloudLocks;
 
-/// Helpers shared by the scripts. `WEPP*` are filled in per store.
+/// [`runstate_core::MAX_TTL`] in milliseconds: the scripts refuse any TTL
+/// argument above it (the client checks first; this is the last line).
+pub(crate) const MAX_TTL_MS: u128 = runstate_core::MAX_TTL.as_millis();
+
+/// Helpers shared by the scripts. `WEPP*` and `MAX_TTL_MS` are filled in
+/// per store.
 ///
 /// Numbers above 2^47 go through `string.format('%d')`: Redis turns a Lua
 /// number into a string with 14 significant digits, which would mangle a
 /// 16-digit counter.
 const PRELUDE: &str = r#"
-local function counter(key)
-  local n = redis.call('INCR', key)
-  if n == 1 then
-    local t = redis.call('TIME')
-    local seeded = t[1] .. string.format('%06d', tonumber(t[2]))
-    redis.call('SET', key, seeded)
-    return seeded, true
-  end
-  return string.format('%d', n), false
+-- A TTL argument in whole milliseconds, 1 ..= MAX_TTL_MS, or false.
+local function ttl_arg(arg)
+  local n = tonumber(arg)
+  if not n or n ~= math.floor(n) or n < 1 or n > MAX_TTL_MS then return false end
+  return n
+end
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return math.floor(now_us() / 1000)
 end
--- A grant stores its TTL; until a renewal pins it, 'since' is derived as
--- now - (ttl - pttl), which keeps TIME off the acquire path.
+-- The next fence of a lock: max(counter + 1, server clock in µs), stored
+-- back. The clock term keeps fences increasing when the counter goes back
+-- in time (a restart from an older snapshot, a truncated AOF, a promoted
+-- replica that missed the last grants): the clock kept running meanwhile.
+-- Returns the fence and whether the counter was new.
+local function next_fence(key, now)
+  local cur = redis.call('GET', key)
+  local n = now
+  if cur then
+    local after = tonumber(cur) + 1
+    if after > n then n = after end
+  end
+  local fence = string.format('%d', n)
+  redis.call('SET', key, fence)
+  return fence, not cur
+end
+-- Grants store 'since'; a grant written by an older version of this
+-- backend may lack it, and then it is derived as now - (ttl - pttl).
 local function since_of(h, pttl)
   if h[3] then return h[3] end
   return string.format('%d', now_ms() - (tonumber(h[4]) - pttl))
@@ -47,6 +97,9 @@ local function holder(lock)
   local pttl = redis.call('PTTL', lock)
   return {h[1], h[2], since_of(h, pttl), pttl}
 end
+local function home_db()
+  if WEPP and WEPP_DB ~= WEPP_HOME then redis.call('SELECT', WEPP_HOME) end
+end
 local function foreign_any(run, names)
   if not WEPP then return false end
   for _, n in ipairs(names) do
@@ -54,24 +107,82 @@ local function foreign_any(run, names)
     if WEPP_DB ~= WEPP_HOME then redis.call('SELECT', WEPP_DB) end
     local v = redis.call('GET', key)
     local ttl = redis.call('PTTL', key)
-    if WEPP_DB ~= WEPP_HOME then redis.call('SELECT', WEPP_HOME) end
+    home_db()
     if v then return {'foreign', v, ttl, n} end
   end
   return false
 end
+-- Reads the version in every mode, so a document key that is not a
+-- document hash fails the write (WRONGTYPE) instead of being replaced.
 local function check_mode(doc, mode, expected)
-  if mode == 'o' then return false end
   local cur = redis.call('HGET', doc, 'version')
   if mode == 'c' and cur then return {'exists'} end
   if mode == 'u' and cur ~= expected then return {'precondition'} end
   return false
 end
 local function place(staging, doc, docs, runs, name, run, mode)
-  redis.call('RENAME', staging, doc)
+  -- Index first: if indexing fails nothing is placed; a name indexed
+  -- without its document is skipped by listings.
   -- A run is in the runs index exactly while its index is not empty; an
   -- update found the document, so it is indexed already.
   if mode ~= 'u' and redis.call('ZADD', docs, 0, name) == 1 then redis.call('ZADD', runs, 0, run) end
+  redis.call('RENAME', staging, doc)
   return {'ok'}
+end
+-- Whether decimal fence `a` is below decimal fence `b`. Compared as
+-- strings (both without leading zeros), since a Lua number keeps only 53
+-- bits and fences are 64.
+local function below(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+-- Announces a change on the run's channel ('' = nobody to tell).
+local function emit(channel, message)
+  if channel ~= '' then redis.call('PUBLISH', channel, message) end
+end
+-- The lock part of a release announcement: the document's name, or
+-- nothing for the run lock.
+local function released(channel, fence, name)
+  if name ~= '' then emit(channel, 'r ' .. fence .. ' ' .. name) else emit(channel, 'r ' .. fence) end
+end
+-- The message of an error caught by pcall.
+local function failure(e)
+  if type(e) == 'table' and e.err then return e.err end
+  return tostring(e)
+end
+-- Checks and places a staged write: KEYS[1] doc, [2] docs index, [3] runs
+-- index, [4] staging, [5] the lock's watermark; ARGV[1] name, [2] run,
+-- [3] mode (o|c|u), [4] expected version, [5] the new version, [6] events
+-- channel, [7] fence of a lease granted elsewhere ('' = none). Such a
+-- fence below the watermark is refused ('watermark', nothing written); one
+-- at or above it raises the watermark with the write. Any command error
+-- (WRONGTYPE on a key that is not a document, say) becomes a 'failed'
+-- reply after the staged bytes are dropped and the home database is
+-- selected again. A write that was placed is announced.
+local function write_staged()
+  local ok, reply = pcall(function()
+    local f = foreign_any(ARGV[2], {ARGV[1]})
+    if f then return f end
+    local mark = false
+    if ARGV[7] ~= '' then
+      mark = redis.call('GET', KEYS[5])
+      if mark and below(ARGV[7], mark) then return {'watermark', mark} end
+    end
+    local refused = check_mode(KEYS[1], ARGV[3], ARGV[4])
+    if refused then return refused end
+    if ARGV[7] ~= '' and mark ~= ARGV[7] then redis.call('SET', KEYS[5], ARGV[7]) end
+    return place(KEYS[4], KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+  end)
+  if not ok then
+    home_db()
+    reply = {'failed', failure(reply)}
+  end
+  if reply[1] == 'ok' then
+    emit(ARGV[6], 'c ' .. ARGV[5] .. ' ' .. ARGV[1])
+  else
+    redis.call('DEL', KEYS[4])
+  end
+  return reply
 end
 "#;
 
@@ -84,37 +195,38 @@ end
 // An unconditional, unfenced write needs no check at all and skips Lua
 // (see `Inner::put`).
 
-/// Conditional (or, with WEPPcloud locks, any) unfenced put.
-/// KEYS: doc, docs index, runs index, staging.
-/// ARGV: name, run, mode (o|c|u), expected version.
+/// Conditional (or, with WEPPcloud locks or a lease granted elsewhere,
+/// any) put without a lease of this store.
+/// KEYS: doc, docs index, runs index, staging, watermark.
+/// ARGV: name, run, mode (o|c|u), expected version, new version, events
+/// channel, foreign fence ('' = none).
 const PUT: &str = r#"
-local refusal = foreign_any(ARGV[2], {ARGV[1]}) or check_mode(KEYS[1], ARGV[3], ARGV[4])
-if refusal then
-  redis.call('DEL', KEYS[4])
-  return refusal
-end
-return place(KEYS[4], KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+return write_staged()
 "#;
 
-/// Fenced put, optionally releasing the lease (save-and-release).
-/// KEYS: doc, docs index, runs index, staging, lock.
-/// ARGV: name, run, mode (o|c|u), expected version, lease oid, lease fence,
-/// release (0|1).
+/// Fenced put, optionally releasing the lease (save-and-release). Once the
+/// lease is found current, the lease is released whatever the write's
+/// outcome: written, refused by its condition or by WEPPcloud, or failed
+/// with a command error (`failed`). Only a lease that is no longer current
+/// (`fenced`) is left alone, since it is not ours to release. A release is
+/// announced (after the write's own announcement), so waiters anywhere
+/// retry at once.
+/// KEYS: doc, docs index, runs index, staging, watermark, lock.
+/// ARGV: as PUT, then lease oid, lease fence, release (0|1), lock's
+/// document name ('' for the run lock).
 const SAVE: &str = r#"
-local h = redis.call('HMGET', KEYS[5], 'oid', 'fence')
-if h[1] ~= ARGV[5] or h[2] ~= ARGV[6] then
+local h = redis.call('HMGET', KEYS[6], 'oid', 'fence')
+if h[1] ~= ARGV[8] or h[2] ~= ARGV[9] then
   redis.call('DEL', KEYS[4])
-  local who = holder(KEYS[5])
+  local who = holder(KEYS[6])
   if who then return {'fenced', who[1], who[2], who[3], who[4]} end
   return {'fenced'}
 end
-local reply = foreign_any(ARGV[2], {ARGV[1]}) or check_mode(KEYS[1], ARGV[3], ARGV[4])
-if reply then
-  redis.call('DEL', KEYS[4])
-else
-  reply = place(KEYS[4], KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+local reply = write_staged()
+if ARGV[10] == '1' then
+  redis.call('DEL', KEYS[6])
+  released(ARGV[6], ARGV[9], ARGV[11])
 end
-if ARGV[7] == '1' then redis.call('DEL', KEYS[5]) end
 return reply
 "#;
 
@@ -129,52 +241,81 @@ return {'ok', d[1], d[2]}
 "#;
 
 /// Acquire, optionally loading a document in the same step. Without a size
-/// limit the client loads with a plain HMGET in the same MULTI/EXEC
+/// limit the client loads with a plain HMGET pipelined behind the script
 /// instead, so the bytes skip Lua; with one, the size is checked here
-/// before any byte is sent.
-/// KEYS: lock, fence counter, locks index, lock runs index, doc, docs index.
+/// before anything is granted or sent.
+///
+/// Idempotent by owner: when the same owner id holds a live grant, that
+/// grant is returned again (same fence, same 'since') with its TTL
+/// restarted, so a retry after a lost reply gets its grant back. A new
+/// grant's fence is `max(counter + 1, server clock in µs)`.
+///
+/// Order: the TTL is checked before anything else; a new hash gets its
+/// `PEXPIRE` right after its `HSET`, and is deleted should that fail; an
+/// existing one gets its new expiry before its fields change.
+/// KEYS: lock, fence counter, locks index, doc, docs index.
 /// ARGV: owner json, oid, ttl ms, run, load (0|1), limit ('' = none), doc
 /// name ('' for a run lock).
+/// Reply: ok, fence, since ms[, version, data] | locked, holder… |
+/// foreign, … | toolarge, size | badttl.
 const ACQUIRE: &str = r#"
+local ttl = ttl_arg(ARGV[3])
+if not ttl then return {'badttl'} end
 if WEPP then
   local names
-  if ARGV[7] ~= '' then names = {ARGV[7]} else names = redis.call('ZRANGE', KEYS[6], 0, -1) end
+  if ARGV[7] ~= '' then names = {ARGV[7]} else names = redis.call('ZRANGE', KEYS[5], 0, -1) end
   local f = foreign_any(ARGV[4], names)
   if f then return f end
 end
-local who = holder(KEYS[1])
-if who then return {'locked', who[1], who[2], who[3], who[4]} end
-local fence, first = counter(KEYS[2])
--- A lock is indexed once, when its fence counter is created; the index
--- lives as long as the counters, and listing skips locks not held.
-if first then
-  redis.call('SADD', KEYS[3], KEYS[1])
-  redis.call('ZADD', KEYS[4], 0, ARGV[4])
+local h = redis.call('HMGET', KEYS[1], 'owner', 'fence', 'since', 'ttl', 'oid')
+if h[1] and h[5] ~= ARGV[2] then
+  local pttl = redis.call('PTTL', KEYS[1])
+  return {'locked', h[1], h[2], since_of(h, pttl), pttl}
 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'oid', ARGV[2], 'fence', fence, 'ttl', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if ARGV[5] == '1' then
-  if ARGV[6] ~= '' then
-    local n = redis.call('HSTRLEN', KEYS[5], 'data')
-    if n > tonumber(ARGV[6]) then
-      redis.call('DEL', KEYS[1])
-      return {'toolarge', n}
-    end
+if ARGV[5] == '1' and ARGV[6] ~= '' then
+  local n = redis.call('HSTRLEN', KEYS[4], 'data')
+  if n > tonumber(ARGV[6]) then return {'toolarge', n} end
+end
+local fence, since
+if h[1] then
+  -- The owner's own live grant: hand it back, TTL restarted.
+  fence = h[2]
+  since = since_of(h, redis.call('PTTL', KEYS[1]))
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('HSET', KEYS[1], 'since', since, 'ttl', ARGV[3])
+else
+  local now = now_us()
+  local first
+  fence, first = next_fence(KEYS[2], now)
+  -- A lock is indexed when its fence counter is created; the index lives
+  -- as long as the counters, and listing skips locks not held.
+  if first then redis.call('SADD', KEYS[3], KEYS[1]) end
+  since = string.format('%d', math.floor(now / 1000))
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'oid', ARGV[2], 'fence', fence, 'since', since, 'ttl', ARGV[3])
+  if redis.pcall('PEXPIRE', KEYS[1], ttl) ~= 1 then
+    redis.call('DEL', KEYS[1])
+    return {'badttl'}
   end
-  local d = redis.call('HMGET', KEYS[5], 'version', 'data')
-  return {'ok', fence, d[1], d[2]}
 end
-return {'ok', fence}
+if ARGV[5] == '1' then
+  local d = redis.call('HMGET', KEYS[4], 'version', 'data')
+  return {'ok', fence, since, d[1], d[2]}
+end
+return {'ok', fence, since}
 "#;
 
-/// Pins 'since' before the TTL changes, since it can no longer be derived
-/// after. KEYS: lock. ARGV: oid, fence, ttl ms.
+/// Restarts a held lease's TTL. The TTL is checked before anything else,
+/// and the expiry is set before the fields change (pinning 'since' for a
+/// grant that lacks it, since it can no longer be derived after).
+/// KEYS: lock. ARGV: oid, fence, ttl ms.
 const RENEW: &str = r#"
+local ttl = ttl_arg(ARGV[3])
+if not ttl then return {'badttl'} end
 local h = redis.call('HMGET', KEYS[1], 'oid', 'fence', 'since', 'ttl')
 if h[1] == ARGV[1] and h[2] == ARGV[2] then
-  local since = since_of({h[1], h[2], h[3], h[4]}, redis.call('PTTL', KEYS[1]))
+  local since = since_of(h, redis.call('PTTL', KEYS[1]))
+  redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('HSET', KEYS[1], 'since', since, 'ttl', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return {'ok'}
 end
 local who = holder(KEYS[1])
@@ -182,11 +323,13 @@ if who then return {'lost', who[1], who[2], who[3], who[4]} end
 return {'lost'}
 "#;
 
-/// KEYS: lock. ARGV: oid, fence.
+/// KEYS: lock. ARGV: oid, fence, events channel, lock's document name
+/// ('' for the run lock).
 const RELEASE: &str = r#"
 local h = redis.call('HMGET', KEYS[1], 'oid', 'fence')
 if h[1] == ARGV[1] and h[2] == ARGV[2] then
   redis.call('DEL', KEYS[1])
+  released(ARGV[3], ARGV[2], ARGV[4])
   return {'ok'}
 end
 local who = holder(KEYS[1])
@@ -194,15 +337,18 @@ if who then return {'lost', who[1], who[2], who[3], who[4]} end
 return {'lost'}
 "#;
 
-/// KEYS: lock. ARGV: only this fence ('' = any).
+/// KEYS: lock. ARGV: only this fence ('' = any), events channel, lock's
+/// document name ('' for the run lock).
 const BREAK: &str = r#"
 local who = holder(KEYS[1])
 if not who then return {'free'} end
 if ARGV[1] ~= '' and who[2] ~= ARGV[1] then return {'free'} end
 redis.call('DEL', KEYS[1])
+released(ARGV[2], who[2], ARGV[3])
 return {'ok', who[1], who[2], who[3], who[4]}
 "#;
 
+/// Also run once per lock key, pipelined, by `list_locks(None)`.
 /// KEYS: lock.
 const INSPECT: &str = r#"
 local who = holder(KEYS[1])
@@ -222,7 +368,8 @@ end
 return out
 "#;
 
-/// KEYS: doc, docs index, runs index. ARGV: name, run, if version ('' = any).
+/// KEYS: doc, docs index, runs index. ARGV: name, run, if version ('' =
+/// any), events channel.
 const DELETE: &str = r#"
 local cur = redis.call('HGET', KEYS[1], 'version')
 if not cur then return {'absent'} end
@@ -232,6 +379,7 @@ if ARGV[3] ~= '' and cur ~= ARGV[3] then return {'precondition'} end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[2]) end
+emit(ARGV[4], 'd ' .. ARGV[1])
 return {'ok'}
 "#;
 
@@ -257,8 +405,11 @@ end
 return out
 "#;
 
-/// Deletes up to `batch` documents of a run.
-/// KEYS: docs index, runs index. ARGV: run, doc key prefix, batch.
+/// Deletes up to `batch` documents of a run, announcing each; once none is
+/// left, the run's milestones and status history go too (run metadata,
+/// deleted with the run; fence counters and watermarks stay).
+/// KEYS: docs index, runs index, milestones, status stream. ARGV: run, doc
+/// key prefix, batch, events channel.
 const DELETE_RUN: &str = r#"
 local names = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)
 local f = foreign_any(ARGV[1], names)
@@ -266,8 +417,66 @@ if f then return f end
 for _, n in ipairs(names) do redis.call('DEL', ARGV[2] .. n) end
 if #names > 0 then redis.call('ZREM', KEYS[1], unpack(names)) end
 local left = redis.call('ZCARD', KEYS[1])
-if left == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) end
+if left == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[3], KEYS[4])
+end
+for _, n in ipairs(names) do emit(ARGV[4], 'd ' .. n) end
 return {'ok', #names, left}
+"#;
+
+/// Raises a lock's fence watermark to a fence granted by another lock
+/// service (never lowers it; equal is fine) and, with a size limit, reads
+/// the document in the same step. Without a limit the client reads with an
+/// HMGET in the same MULTI/EXEC instead, so the bytes skip Lua.
+/// KEYS: watermark, doc. ARGV: fence, load (0|1), limit ('' = none).
+/// Reply: ok[, version, data] | watermark, current | toolarge, size.
+const CLAIM: &str = r#"
+local mark = redis.call('GET', KEYS[1])
+if mark and below(ARGV[1], mark) then return {'watermark', mark} end
+if mark ~= ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) end
+if ARGV[2] == '1' then
+  if ARGV[3] ~= '' then
+    local n = redis.call('HSTRLEN', KEYS[2], 'data')
+    if n > tonumber(ARGV[3]) then return {'toolarge', n} end
+  end
+  local d = redis.call('HMGET', KEYS[2], 'version', 'data')
+  return {'ok', d[1], d[2]}
+end
+return {'ok'}
+"#;
+
+/// A conditional read: nothing but the answer when the stored version is
+/// the known one, whatever the document's size.
+/// KEYS: doc. ARGV: known version, limit ('' = none).
+/// Reply: unchanged | absent | changed, version, data | toolarge, size.
+const GET_IF_CHANGED: &str = r#"
+local v = redis.call('HGET', KEYS[1], 'version')
+if not v then return {'absent'} end
+if v == ARGV[1] then return {'unchanged'} end
+if ARGV[2] ~= '' then
+  local n = redis.call('HSTRLEN', KEYS[1], 'data')
+  if n > tonumber(ARGV[2]) then return {'toolarge', n} end
+end
+return {'changed', v, redis.call('HGET', KEYS[1], 'data')}
+"#;
+
+/// Appends a status message to the run's stream, capped at about `keep`
+/// messages (`MAXLEN ~`) and, with a maximum age, trimmed of older ones
+/// exactly (`MINID`, by the server's clock: approximate trimming would
+/// keep a whole stream node of old messages), then announces it with its
+/// id.
+/// KEYS: stream. ARGV: status channel, topic, text, at (ms, publisher's
+/// clock), keep, max age ms ('' = none).
+/// Reply: ok, id.
+const PUBLISH_STATUS: &str = r#"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'topic', ARGV[2], 'text', ARGV[3], 'at', ARGV[4])
+if ARGV[6] ~= '' then
+  local oldest = now_ms() - tonumber(ARGV[6])
+  if oldest > 0 then redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', oldest)) end
+end
+redis.call('PUBLISH', ARGV[1], id .. ' ' .. ARGV[4] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
+return {'ok', id}
 "#;
 
 /// The loaded scripts of one store.
@@ -284,6 +493,9 @@ pub(crate) struct Scripts {
     pub(crate) delete: Script,
     pub(crate) list_docs: Script,
     pub(crate) delete_run: Script,
+    pub(crate) claim: Script,
+    pub(crate) get_if_changed: Script,
+    pub(crate) publish_status: Script,
 }
 
 impl Scripts {
@@ -299,6 +511,7 @@ impl Scripts {
                 "local WEPP = false\nlocal WEPP_DB, WEPP_HOME, WEPP_EXT = '0', '0', ''\n".to_owned()
             }
         };
+        let settings = format!("{settings}local MAX_TTL_MS = {MAX_TTL_MS}\n");
         let script = |body: &str| Script::new(&format!("{settings}{PRELUDE}\n{body}"));
         Scripts {
             put: script(PUT),
@@ -313,10 +526,13 @@ impl Scripts {
             delete: script(DELETE),
             list_docs: script(LIST_DOCS),
             delete_run: script(DELETE_RUN),
+            claim: script(CLAIM),
+            get_if_changed: script(GET_IF_CHANGED),
+            publish_status: script(PUBLISH_STATUS),
         }
     }
 
-    pub(crate) fn all(&self) -> [&Script; 12] {
+    pub(crate) fn all(&self) -> [&Script; 15] {
         [
             &self.put,
             &self.save,
@@ -330,6 +546,256 @@ impl Scripts {
             &self.delete,
             &self.list_docs,
             &self.delete_run,
+            &self.claim,
+            &self.get_if_changed,
+            &self.publish_status,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+
+    async fn shared() -> Option<redis::aio::MultiplexedConnection> {
+        let url =
+            runstate_conformance::server_url("redis", "RUNSTATE_REDIS_URL", "a Redis script test")?;
+        Some(
+            redis::Client::open(url.as_str())
+                .expect("client")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connection"),
+        )
+    }
+
+    fn status(value: redis::RedisResult<Value>) -> (String, Vec<Value>) {
+        match value {
+            Ok(Value::Array(items)) => match items.first() {
+                Some(Value::BulkString(s)) => (String::from_utf8_lossy(s).into_owned(), items),
+                other => panic!("no status: {other:?}"),
+            },
+            other => panic!("the script must answer, not fail: {other:?}"),
+        }
+    }
+
+    /// Item 7 at the script level: when a command of the save fails
+    /// (WRONGTYPE on a document key that is not a document hash), the save
+    /// script still releases the lease and drops the staged bytes, and
+    /// answers `failed` instead of aborting half-way; without `release` the
+    /// lease is kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn save_script_releases_on_a_command_error() {
+        let Some(mut con) = shared().await else {
+            return;
+        };
+        let scripts = Scripts::new(None, 0);
+        let p = format!("rsunit:{:012x}", fastrand::u64(..) >> 16);
+        let (doc, docs, runs, staging, lock) = (
+            format!("{p}:{{r}}:doc:d"),
+            format!("{p}:{{r}}:docs"),
+            format!("{p}:runs"),
+            format!("{p}:{{r}}:staging"),
+            format!("{p}:{{r}}:lock:d"),
+        );
+        let mark = format!("{p}:{{r}}:watermark:d");
+        let () = redis::cmd("SET")
+            .arg(&doc)
+            .arg("not a document")
+            .query_async(&mut con)
+            .await
+            .expect("SET");
+        for (mode, expected, release) in [("o", "", "0"), ("u", "v1", "1"), ("o", "", "1")] {
+            let () = redis::pipe()
+                .cmd("HSET")
+                .arg(&lock)
+                .arg("owner")
+                .arg("{}")
+                .arg("oid")
+                .arg("o1")
+                .arg("fence")
+                .arg("7")
+                .arg("since")
+                .arg("0")
+                .arg("ttl")
+                .arg("30000")
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&lock)
+                .arg(30000)
+                .ignore()
+                .cmd("HSET")
+                .arg(&staging)
+                .arg("version")
+                .arg("v2")
+                .arg("data")
+                .arg("bytes")
+                .ignore()
+                .query_async(&mut con)
+                .await
+                .expect("stage");
+            let mut save = scripts.save.prepare_invoke();
+            save.key(&doc)
+                .key(&docs)
+                .key(&runs)
+                .key(&staging)
+                .key(&mark)
+                .key(&lock)
+                .arg("d")
+                .arg("r")
+                .arg(mode)
+                .arg(expected)
+                .arg("v2")
+                .arg("")
+                .arg("")
+                .arg("o1")
+                .arg("7")
+                .arg(release)
+                .arg("d");
+            let (status, items) = status(save.invoke_async::<Value>(&mut con).await);
+            assert_eq!(status, "failed", "mode {mode}: {items:?}");
+            assert!(
+                format!("{items:?}").contains("WRONGTYPE"),
+                "the server's reason: {items:?}"
+            );
+            let (lock_left, staging_left): (i64, i64) = redis::pipe()
+                .cmd("EXISTS")
+                .arg(&lock)
+                .cmd("EXISTS")
+                .arg(&staging)
+                .query_async(&mut con)
+                .await
+                .expect("EXISTS");
+            assert_eq!(staging_left, 0, "the staged bytes are dropped");
+            assert_eq!(
+                lock_left,
+                i64::from(release == "0"),
+                "released exactly when asked (mode {mode}, release {release})"
+            );
+            let kept: String = redis::cmd("GET")
+                .arg(&doc)
+                .query_async(&mut con)
+                .await
+                .expect("GET");
+            assert_eq!(kept, "not a document", "nothing written over it");
+        }
+        let _: i64 = redis::cmd("DEL")
+            .arg(&doc)
+            .arg(&docs)
+            .arg(&runs)
+            .arg(&staging)
+            .arg(&lock)
+            .query_async(&mut con)
+            .await
+            .expect("cleanup");
+    }
+
+    /// Item 9 at the script level: the acquire and renew scripts refuse a
+    /// TTL argument the client would never send (bypassing the client's
+    /// check) before writing anything, so no lock hash is ever left
+    /// without an expiry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scripts_refuse_bad_ttls_before_writing() {
+        let Some(mut con) = shared().await else {
+            return;
+        };
+        let scripts = Scripts::new(None, 0);
+        let p = format!("rsunit:{:012x}", fastrand::u64(..) >> 16);
+        let (lock, fence, locks) = (
+            format!("{p}:{{r}}:lock:d"),
+            format!("{p}:{{r}}:fence:d"),
+            format!("{p}:{{r}}:locks"),
+        );
+        let (doc, docs) = (format!("{p}:{{r}}:doc:d"), format!("{p}:{{r}}:docs"));
+        let acquire = |ttl: &str, oid: &str| {
+            let mut invocation = scripts.acquire.prepare_invoke();
+            invocation
+                .key(&lock)
+                .key(&fence)
+                .key(&locks)
+                .key(&doc)
+                .key(&docs)
+                .arg(r#"{"host":"h","pid":1,"id":"o1"}"#)
+                .arg(oid)
+                .arg(ttl)
+                .arg("r")
+                .arg("0")
+                .arg("")
+                .arg("d");
+            invocation
+        };
+        let status = |value| status(value).0;
+        let pttl = |con: &mut redis::aio::MultiplexedConnection| {
+            let mut con = con.clone();
+            let lock = lock.clone();
+            async move {
+                redis::cmd("PTTL")
+                    .arg(&lock)
+                    .query_async::<i64>(&mut con)
+                    .await
+                    .expect("PTTL")
+            }
+        };
+        let max_plus_one = (MAX_TTL_MS + 1).to_string();
+        let bad = [
+            "18446744073709551615",
+            max_plus_one.as_str(),
+            "0",
+            "-5",
+            "1.5",
+            "abc",
+            "",
+            "1e30",
+            "nan",
+        ];
+        for ttl in bad {
+            let reply = acquire(ttl, "o1").invoke_async::<Value>(&mut con).await;
+            assert_eq!(status(reply), "badttl", "acquire with ttl {ttl:?}");
+            assert_eq!(pttl(&mut con).await, -2, "no lock key after ttl {ttl:?}");
+            let exists: i64 = redis::cmd("EXISTS")
+                .arg(&fence)
+                .arg(&locks)
+                .query_async(&mut con)
+                .await
+                .expect("EXISTS");
+            assert_eq!(exists, 0, "nothing written for ttl {ttl:?}");
+        }
+        let reply = acquire("5000", "o1").invoke_async::<Value>(&mut con).await;
+        assert_eq!(status(reply), "ok");
+        let granted: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&lock)
+            .arg("fence")
+            .arg("ttl")
+            .query_async(&mut con)
+            .await
+            .expect("HMGET");
+        for ttl in bad {
+            let mut renew = scripts.renew.prepare_invoke();
+            renew
+                .key(&lock)
+                .arg("o1")
+                .arg(granted[0].as_deref().expect("fence"))
+                .arg(ttl);
+            let reply = renew.invoke_async::<Value>(&mut con).await;
+            assert_eq!(status(reply), "badttl", "renew with ttl {ttl:?}");
+            let left = pttl(&mut con).await;
+            assert!(left > 0 && left <= 5000, "expiry kept: {left}");
+            let after: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(&lock)
+                .arg("fence")
+                .arg("ttl")
+                .query_async(&mut con)
+                .await
+                .expect("HMGET");
+            assert_eq!(after, granted, "fields unchanged by a refused renewal");
+        }
+        let _: i64 = redis::cmd("DEL")
+            .arg(&lock)
+            .arg(&fence)
+            .arg(&locks)
+            .query_async(&mut con)
+            .await
+            .expect("cleanup");
     }
 }

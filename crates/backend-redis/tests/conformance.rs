@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use runstate_conformance::Harness;
-use runstate_core::{Error, Lock, async_trait};
+use runstate_core::{DocName, Error, Lock, RunId, async_trait};
 use runstate_redis::{RedisConfig, RedisStore};
 
 /// The variable holding the server's URL.
@@ -12,12 +12,24 @@ const URL_VAR: &str = "RUNSTATE_REDIS_URL";
 
 struct Redis;
 
+fn prefix(namespace: &str) -> String {
+    format!("rstest:{namespace}")
+}
+
 async fn open(namespace: &str) -> Result<Option<RedisStore>, Error> {
     let Ok(url) = std::env::var(URL_VAR) else {
         return Ok(None);
     };
-    let config = RedisConfig::from_url(&url)?.with_prefix(format!("rstest:{namespace}"))?;
+    let config = RedisConfig::from_url(&url)?.with_prefix(prefix(namespace))?;
     RedisStore::open(config).await.map(Some)
+}
+
+fn raw_error(e: redis::RedisError) -> Error {
+    Error::new(
+        runstate_core::ErrorKind::Backend,
+        "raw redis connection failed",
+    )
+    .with_source(e)
 }
 
 #[async_trait]
@@ -34,6 +46,29 @@ impl Harness for Redis {
             store.purge_prefix().await?;
         }
         Ok(())
+    }
+
+    /// Turns the document's key into a plain string, a key of the wrong
+    /// type for a document hash: every save of it then fails with the
+    /// server's `WRONGTYPE`, as a refusing server would. (The key layout is
+    /// the one documented in the crate: `<prefix>:{<run>}:doc:<name>`.)
+    async fn make_unwritable(namespace: &str, run: &RunId, doc: &DocName) -> Result<bool, Error> {
+        let Ok(url) = std::env::var(URL_VAR) else {
+            return Ok(false);
+        };
+        let mut raw = redis::Client::open(url.as_str())
+            .map_err(raw_error)?
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(raw_error)?;
+        let key = format!("{}:{{{run}}}:doc:{doc}", prefix(namespace));
+        let () = redis::cmd("SET")
+            .arg(&key)
+            .arg("x")
+            .query_async(&mut raw)
+            .await
+            .map_err(raw_error)?;
+        Ok(true)
     }
 }
 

@@ -1,5 +1,6 @@
 //! A private redis-server for tests that restart, pause or kill it: started
-//! on a free loopback port, stopped by its PID, never the shared one.
+//! on a free loopback port with its data folder under target/, stopped by
+//! its PID, never the shared one.
 
 #![allow(dead_code)]
 
@@ -27,8 +28,10 @@ impl OwnRedis {
     /// append-only file, so a restart keeps everything acknowledged.
     pub fn start(persistent: bool, extra: &[&str]) -> OwnRedis {
         let port = free_port();
-        let dir =
-            std::env::temp_dir().join(format!("runstate-own-redis-{port}-{:x}", fastrand::u64(..)));
+        // Under target/ (Cargo's scratch folder for integration tests),
+        // removed when the server is dropped.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("runstate-own-redis-{port}-{:x}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).expect("redis dir");
         let mut args: Vec<String> = vec![
             "--port".into(),
