@@ -12,10 +12,29 @@
 //! | `timeout_ms` | 5000 | statement timeout on the server, and bound on every call |
 //! | `acquire_timeout_ms` | 5000 | bound on waiting for a pooled connection |
 //! | `max_connections` | 10 (SQLite: 4) | pool size |
-//! | `migrate` | `true` | apply the embedded migrations on open; `false` to leave DDL to [`SqlStore::migrate`](crate::SqlStore::migrate) |
+//! | `migrate` | `true` | apply the embedded migrations on open; `false` to leave DDL to [`SqlStore::migrate`] |
+//! | `watch_ms` | 250 | MySQL and SQLite: how often a watch lists the run and a status subscription reads the history for new messages (PostgreSQL is told by `NOTIFY` and ignores it) |
+//! | `status_history` | 1000 | status messages kept per run: each publish deletes the run's messages older than the newest this many |
 //!
-//! Any other query option is passed to sqlx (for example `sslmode`). The
-//! password never appears in `Debug`, `Display` or errors.
+//! Besides these, only the driver options below are accepted, and passed
+//! on to sqlx; any other option is refused with [`ErrorKind::Config`]
+//! naming it (never its value). sqlx would log an option it does not know
+//! at `WARN` with its value, which may be a secret, and ignore it.
+//!
+//! | database | driver options passed on |
+//! |---|---|
+//! | PostgreSQL | `sslmode` (`ssl-mode`), `sslrootcert` (`ssl-root-cert`, `ssl-ca`), `sslcert` (`ssl-cert`), `sslkey` (`ssl-key`), `statement-cache-capacity`, `host`, `hostaddr`, `port`, `dbname`, `user`, `password`, `application_name`, `options`, `options[NAME]` |
+//! | MySQL / MariaDB | `ssl-mode` (`sslmode`), `ssl-ca` (`sslca`), `ssl-cert` (`sslcert`), `ssl-key` (`sslkey`), `charset`, `collation`, `statement-cache-capacity`, `socket` |
+//! | SQLite | `mode` (`ro`, `rw`, `rwc`; default `rwc`), `cache`, `immutable`, `vfs` |
+//!
+//! These are the options sqlx 0.9 parses for each database. MySQL's
+//! `timezone` is not among them: every session runs in UTC. SQLite's
+//! `mode=memory` is refused: each pooled connection would open a database
+//! of its own.
+//!
+//! The password (in the URL or a `password` option) never appears in
+//! `Debug`, `Display`, errors or logs; other options whose name suggests a
+//! secret (`key`, `pass`, `token`, …) are shown as `***`.
 
 use std::fmt;
 use std::time::Duration;
@@ -83,12 +102,19 @@ pub struct SqlConfig {
     pub(crate) acquire_timeout: Duration,
     pub(crate) max_connections: u32,
     pub(crate) migrate: bool,
+    pub(crate) watch_interval: Duration,
+    pub(crate) status_history: u64,
 }
 
 /// The default table prefix.
 pub const DEFAULT_PREFIX: &str = "runstate_";
 /// The default statement timeout and bound on every call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often, by default, MySQL and SQLite watches and status
+/// subscriptions look for changes (URL option `watch_ms`).
+pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// Status messages kept per run by default (URL option `status_history`).
+pub const DEFAULT_STATUS_HISTORY: u64 = 1000;
 
 fn config_error(message: impl Into<String>) -> Error {
     Error::new(ErrorKind::Config, message.into()).with_backend("sql")
@@ -108,6 +134,76 @@ pub(crate) fn check_prefix(prefix: &str) -> Result<(), Error> {
         Err(config_error(format!(
             "table prefix {prefix:?} must match [a-z][a-z0-9_]* and be at most 32 bytes"
         )))
+    }
+}
+
+/// The driver options of PostgreSQL URLs that sqlx 0.9 parses (plus
+/// `options[NAME]`, see [`driver_option_known`]).
+const POSTGRES_OPTIONS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// The driver options of MySQL URLs that sqlx 0.9 parses, but `timezone`
+/// (sessions run in UTC).
+const MYSQL_OPTIONS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslca",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "charset",
+    "collation",
+    "statement-cache-capacity",
+    "socket",
+];
+
+/// The driver options of SQLite URLs that sqlx 0.9 parses.
+const SQLITE_OPTIONS: &[&str] = &["mode", "cache", "immutable", "vfs"];
+
+/// Whether `name` is a driver option of `dialect` that is passed on.
+fn driver_option_known(dialect: Dialect, name: &str) -> bool {
+    match dialect {
+        Dialect::Postgres => {
+            POSTGRES_OPTIONS.contains(&name)
+                || name
+                    .strip_prefix("options[")
+                    .and_then(|rest| rest.strip_suffix(']'))
+                    .is_some_and(|key| !key.is_empty())
+        }
+        Dialect::MySql => MYSQL_OPTIONS.contains(&name),
+        Dialect::Sqlite => SQLITE_OPTIONS.contains(&name),
+    }
+}
+
+/// An option name fit for an error message: escaped, and cut short (it was
+/// typed where a value might have been meant).
+fn shown_name(name: &str) -> String {
+    let short: String = name.chars().take(40).collect();
+    let shown = format!("{short:?}");
+    if short.len() < name.len() {
+        format!("{shown}…")
+    } else {
+        shown
     }
 }
 
@@ -150,7 +246,9 @@ impl SqlConfig {
     ///
     /// # Errors
     /// [`ErrorKind::Config`] for an unknown scheme, a scheme whose cargo
-    /// feature is off (the error names the feature), or a bad option. The
+    /// feature is off (the error names the feature), a bad value of one of
+    /// runstate's options, or an option that is neither runstate's nor a
+    /// driver option passed on (the error names it, never its value). The
     /// URL is never repeated unredacted.
     pub fn from_url(url: &str) -> Result<Self, Error> {
         let (scheme, rest) = url.split_once(':').ok_or_else(|| {
@@ -185,6 +283,8 @@ impl SqlConfig {
             acquire_timeout: DEFAULT_TIMEOUT,
             max_connections: if dialect == Dialect::Sqlite { 4 } else { 10 },
             migrate: true,
+            watch_interval: DEFAULT_WATCH_INTERVAL,
+            status_history: DEFAULT_STATUS_HISTORY,
         };
         let mut passed: Vec<(String, String)> = Vec::new();
         let mut ours: Vec<(String, String)> = Vec::new();
@@ -205,6 +305,15 @@ impl SqlConfig {
                             ))
                         })?;
                 }
+                "watch_ms" => config.watch_interval = parse_ms(&name, &value)?,
+                "status_history" => {
+                    config.status_history =
+                        value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                            config_error(format!(
+                                "status_history must be a positive number of messages, got {value:?}"
+                            ))
+                        })?;
+                }
                 "migrate" => {
                     config.migrate = match value.as_str() {
                         "true" | "1" | "yes" => true,
@@ -216,9 +325,24 @@ impl SqlConfig {
                         }
                     };
                 }
-                _ => {
+                _ if driver_option_known(dialect, &name) => {
+                    if dialect == Dialect::Sqlite && name == "mode" && value == "memory" {
+                        return Err(config_error(
+                            "sqlite option mode=memory is not supported: each pooled \
+                             connection would open a database of its own",
+                        ));
+                    }
                     passed.push((name, value));
                     continue;
+                }
+                _ => {
+                    // Named, never valued: the value may be a secret.
+                    return Err(config_error(format!(
+                        "unknown option {} in a {dialect} URL (runstate's: prefix, timeout_ms, \
+                         acquire_timeout_ms, max_connections, migrate, watch_ms, status_history; the driver options \
+                         passed on are listed in the runstate-sql documentation)",
+                        shown_name(&name)
+                    )));
                 }
             }
             ours.push((name, value));
@@ -295,6 +419,19 @@ impl SqlConfig {
         self
     }
 
+    /// Sets how often MySQL and SQLite watches and status subscriptions
+    /// look for changes (PostgreSQL is told by `NOTIFY`).
+    pub fn with_watch_interval(mut self, every: Duration) -> Self {
+        self.watch_interval = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets how many status messages are kept per run (at least one).
+    pub fn with_status_history(mut self, messages: u64) -> Self {
+        self.status_history = messages.max(1);
+        self
+    }
+
     /// Whether to apply migrations on open.
     pub fn with_migrate(mut self, migrate: bool) -> Self {
         self.migrate = migrate;
@@ -334,6 +471,8 @@ impl fmt::Debug for SqlConfig {
             .field("acquire_timeout", &self.acquire_timeout)
             .field("max_connections", &self.max_connections)
             .field("migrate", &self.migrate)
+            .field("watch_interval", &self.watch_interval)
+            .field("status_history", &self.status_history)
             .finish()
     }
 }
@@ -353,6 +492,12 @@ mod tests {
         assert_eq!(c.prefix, "t_");
         assert!(!c.migrate);
         assert_eq!(c.driver_url, "postgres://u:p@h:5432/db?sslmode=disable");
+        assert_eq!(c.watch_interval, DEFAULT_WATCH_INTERVAL);
+        assert_eq!(c.status_history, DEFAULT_STATUS_HISTORY);
+        let c = SqlConfig::from_url("sqlite://x.db?watch_ms=40&status_history=7").unwrap();
+        assert_eq!(c.watch_interval, Duration::from_millis(40));
+        assert_eq!(c.status_history, 7);
+        assert_eq!(c.driver_url, "sqlite://x.db?mode=rwc");
         let c = SqlConfig::from_url("mariadb://root@127.0.0.1:3306/test").unwrap();
         assert_eq!(c.dialect, Dialect::MySql);
         assert_eq!(c.driver_url, "mysql://root@127.0.0.1:3306/test");
@@ -369,6 +514,9 @@ mod tests {
             ("postgres://h/db?prefix=a;drop", "table prefix"),
             ("postgres://h/db?timeout_ms=-1", "timeout_ms"),
             ("postgres://h/db?migrate=maybe", "migrate"),
+            ("postgres://h/db?watch_ms=0", "watch_ms"),
+            ("sqlite://x.db?status_history=none", "status_history"),
+            ("mysql://h/db?status_history=0", "status_history"),
             ("nourl", "no scheme"),
         ] {
             let err = SqlConfig::from_url(url).unwrap_err();
@@ -396,7 +544,7 @@ mod tests {
     #[test]
     fn secret_driver_options_never_show() {
         let c = SqlConfig::from_url(&format!(
-            "postgres://app@db/runs?sslmode=require&sslpassword={SENTINEL}"
+            "postgres://app@db/runs?sslmode=require&password={SENTINEL}"
         ))
         .unwrap();
         for shown in [c.to_string(), format!("{c:?}")] {
@@ -404,9 +552,66 @@ mod tests {
         }
         assert!(c.to_string().contains("sslmode=require"));
         assert!(
-            c.to_string().contains("sslpassword=***")
-                || c.to_string().contains("sslpassword=%2A%2A%2A")
+            c.to_string().contains("password=***") || c.to_string().contains("password=%2A%2A%2A")
         );
         assert!(c.driver_url.contains(SENTINEL), "the driver still gets it");
+    }
+
+    /// sqlx logs an option it does not parse at WARN with its value (and
+    /// ignores it): such options are refused, named, never valued.
+    #[test]
+    fn unknown_options_are_refused_by_name_only() {
+        for url in [
+            format!("postgres://app@db/runs?sslpassword={SENTINEL}"),
+            format!("postgres://app@db/runs?sslmode=require&passwd={SENTINEL}"),
+            format!("mysql://root@db/runs?password={SENTINEL}"),
+            format!("mysql://root@db/runs?timezone={SENTINEL}"),
+            format!("sqlite://data/runs.db?key={SENTINEL}"),
+        ] {
+            let error = SqlConfig::from_url(&url).expect_err("an unknown option");
+            assert_eq!(error.kind(), ErrorKind::Config, "{url}");
+            let shown = format!("{} {error:?}", runstate_core::display_chain(&error));
+            assert!(!shown.contains(SENTINEL), "{shown}");
+            assert!(shown.contains("unknown option"), "{shown}");
+            let name = url
+                .rsplit(['?', '&'])
+                .next()
+                .and_then(|pair| pair.split('=').next())
+                .unwrap();
+            assert!(
+                shown.contains(&format!("{name:?}")),
+                "names {name}: {shown}"
+            );
+        }
+        let long = format!("postgres://app@db/runs?{}=1", "x".repeat(500));
+        let error = SqlConfig::from_url(&long).expect_err("unknown");
+        assert!(error.to_string().len() < 400, "the name is cut short");
+    }
+
+    #[test]
+    fn documented_driver_options_are_passed_on() {
+        for (url, passed) in [
+            (
+                "postgres://app@db/runs?sslmode=verify-full&sslrootcert=/etc/ca.pem&application_name=lab&options[search_path]=x&statement-cache-capacity=50&prefix=p_",
+                "sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=lab&options%5Bsearch_path%5D=x&statement-cache-capacity=50",
+            ),
+            (
+                "mysql://root@db/runs?ssl-mode=REQUIRED&ssl-ca=/etc/ca.pem&charset=utf8mb4&socket=/run/my.sock",
+                "ssl-mode=REQUIRED&ssl-ca=%2Fetc%2Fca.pem&charset=utf8mb4&socket=%2Frun%2Fmy.sock",
+            ),
+            (
+                "sqlite://data/runs.db?mode=rw&cache=private&immutable=false&vfs=unix-none",
+                "mode=rw&cache=private&immutable=false&vfs=unix-none",
+            ),
+        ] {
+            let c = SqlConfig::from_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert!(
+                c.driver_url.ends_with(&format!("?{passed}")),
+                "{}",
+                c.driver_url
+            );
+        }
+        let error = SqlConfig::from_url("sqlite://data/runs.db?mode=memory").expect_err("memory");
+        assert_eq!(error.kind(), ErrorKind::Config);
     }
 }

@@ -218,6 +218,19 @@ pub(crate) fn map_error(dialect: Dialect, error: sqlx::Error) -> Error {
         .set_retryable(m.retryable)
 }
 
+/// Whether a connection whose statement failed with `error` may be lent
+/// again: only when the database answered with a refusal that does not
+/// concern the connection (a duplicate key, a failed check, a missing
+/// table). Anything else (I/O, protocol, a timeout, a server shutting the
+/// session down) leaves it in an unknown state, so it is dropped.
+pub(crate) fn leaves_connection_usable(dialect: Dialect, error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => !database_meaning(dialect, db.as_ref()).retryable,
+        sqlx::Error::RowNotFound => true,
+        _ => false,
+    }
+}
+
 /// [`map_error`], saying what was being done.
 pub(crate) fn map_error_during(dialect: Dialect, error: sqlx::Error, doing: &str) -> Error {
     let mapped = map_error(dialect, error);

@@ -16,16 +16,58 @@
 //!
 //! ## Schema
 //!
-//! Two tables (and in MySQL one procedure) under a configurable prefix,
-//! created by embedded, versioned migrations on first open (or by
-//! [`SqlStore::migrate`] for operators who run DDL separately):
+//! Tables (and in MySQL procedures) under a configurable prefix, created
+//! by embedded, versioned migrations on first open (or by
+//! [`SqlStore::migrate`] for operators who run DDL separately); an
+//! applied migration is never edited, changes come as new ones.
 //!
-//! - `<prefix>documents (run, name, version, bytes, size, updated_at)`,
-//!   primary key `(run, name)`, names sorted by bytes;
-//! - `<prefix>leases (run, doc, owner, owner_id, fence, since_ms,
-//!   expires_at_ms)`, primary key `(run, doc)` (`doc` is empty for a run
-//!   lock); a released lease keeps its row, so fences keep increasing;
-//! - `<prefix>schema_migrations (version, description, applied_at)`.
+//! | table | primary key | holds |
+//! |---|---|---|
+//! | `<prefix>documents (run, name, version, bytes, size, updated_at)` | `(run, name)` | the documents; names sorted by bytes |
+//! | `<prefix>leases (run, doc, owner, owner_id, fence, since_ms, expires_at_ms)` | `(run, doc)` | one row per lock (`doc` empty for a run lock); a released lease keeps its row, so fences keep increasing |
+//! | `<prefix>watermarks (run, doc, fence)` | `(run, doc)` | per lock, the highest fence of a lease granted by another lock service seen here ([`Store::claim`], [`PutOptions::foreign_lease`]); independent of `leases.fence` |
+//! | `<prefix>status (run, seq, topic, body, at_ms)` | `(run, seq)` | the bounded history of status messages; `seq` counts a run's messages from 1 without gaps |
+//! | `<prefix>status_seq (run, seq)` | `run` | the last `seq` given out per run (kept when messages are trimmed, so numbers never repeat) |
+//! | `<prefix>milestones (run, kind, name, value)` | `(run, kind, name)` | `kind` `timestamps` (value: seconds since the epoch with nine decimals, as WEPPcloud's `timestamps:<task>`) or `attrs` (WEPPcloud's `attrs:<name>`) |
+//! | `<prefix>schema_migrations (version, description, applied_at)` | `version` | the migrations applied |
+//!
+//! | migration | PostgreSQL, SQLite | MySQL |
+//! |---|---|---|
+//! | documents and leases | 1 | 1 (with the `acquire_and_load` procedure) |
+//! | `acquire_and_load` idempotent by owner, sending the document only with a grant | — | 2 |
+//! | watermarks, status, milestones | 2 | 3 (with the `claim`, `foreign_put` and `publish` procedures) |
+//!
+//! What [`Store::delete_run`] does to a run's rows: documents and
+//! milestones (run metadata) are deleted together; the status history,
+//! the lease rows and the watermarks are kept (fences and watermarks must
+//! never go back; messages keep their numbers).
+//!
+//! ## Watches, status messages, waiters
+//!
+//! | | PostgreSQL | MySQL, SQLite |
+//! |---|---|---|
+//! | [`Store::watch`] | `NOTIFY`: every write announced by its own statement, reported one by one ([`WatchMode::Native`] with `every_write`) | listing the run every `watch_ms` ([`WatchMode::Polling`]) |
+//! | status followers | woken by `NOTIFY`, then read the new rows | read the new rows every `watch_ms` |
+//! | [`Lock::wait_for_release`] | woken by a release in any process (`NOTIFY` on release, save-and-release, break) or through this store | woken by releases through this store; otherwise its backoff |
+//!
+//! In PostgreSQL, writes and releases call `pg_notify` on the channel
+//! `<prefix>events` inside the writing statement (a CTE of its own: no
+//! round trip is added, and the notification goes out when, and only if,
+//! the change commits). A store listens on one connection of its own,
+//! opened by its first watch, subscription or waiting acquire and closed
+//! 2 s after the last one is gone. When that connection is lost (a killed
+//! session, a restart, a ping every 30 s that gets no answer), it is
+//! replaced; the watches that were listening then get `Resync`, and the
+//! subscriptions read the history from where they were. A subscription
+//! (any dialect) reads "the messages after the last one delivered", so a
+//! late or repeated wake-up loses nothing; it reports `Resync` when its
+//! consumer fell behind (its feed overflowed) or when messages it had not
+//! read yet were trimmed from the history (a gap in `seq`).
+//!
+//! The history keeps the newest `status_history` messages per run (1000
+//! by default): each publish deletes older ones in its statement or
+//! transaction. Age is not a limit: a run that stops publishing keeps its
+//! last messages.
 //!
 //! ## How the promises are kept
 //!
@@ -34,13 +76,34 @@
 //! - Leases are rows judged by the database's clock, never session advisory
 //!   locks (which leak through pools and vanish on disconnect): a lease
 //!   stays valid until its expiry even if the connection that took it
-//!   dies. Acquire is one statement (insert, or take over an expired row,
-//!   returning the fence).
+//!   dies. Acquire is one statement (insert, or take over a free or expired
+//!   row, returning the fence). TTLs are checked by
+//!   [`runstate_core::check_ttl`] before anything is sent.
+//! - Acquire is idempotent by owner: when the caller's owner id holds the
+//!   lock with a live grant, the same statement returns that grant again
+//!   (same fence and `since`, expiry restarted from now), so the retry of
+//!   an acquire whose reply was lost gets its grant back instead of waiting
+//!   a whole TTL behind itself; an expired grant of the same owner is a new
+//!   grant (fence + 1).
 //! - A fenced save checks the lease and the version in the statement that
 //!   writes (PostgreSQL: a CTE that locks the lease row; MySQL: a
 //!   multi-table `UPDATE`; SQLite: writers are serialized). A locked update
-//!   is two round trips: acquire-and-load (PostgreSQL: one statement;
-//!   MySQL: a stored procedure) and save-and-release.
+//!   of an existing document is two round trips: acquire-and-load
+//!   (PostgreSQL: one statement; MySQL: a stored procedure, which sends the
+//!   document back only when the lock was granted) and save-and-release.
+//! - A waiter granted the lock right after the previous holder *created*
+//!   the document loads it: in PostgreSQL the acquire-and-load statement
+//!   reads with the snapshot it took before waiting for that holder, in
+//!   which an inserted row does not exist, so an absent document is read
+//!   again by a new statement (a third round trip only for absent
+//!   documents). MySQL's procedure and SQLite read after granting.
+//! - `save_and_release` releases the lease whenever the save fails for a
+//!   reason other than a lost lease (`Fenced`, `LeaseLost`): a lease that
+//!   does not cover the document, a size over the limit, a refused
+//!   condition, a row the database refuses (a constraint, a trigger, a full
+//!   disk), a lost connection. Where the release is part of the failed
+//!   statement (PostgreSQL) or transaction (SQLite), it is made again on
+//!   its own.
 //! - Versions are random 64-bit tokens, so a version read before a document
 //!   was deleted and created again never matches the new one.
 //! - SQLite runs in WAL mode with a busy timeout; several processes on one
@@ -48,11 +111,41 @@
 //! - Every call is bounded by `timeout_ms` (also the server's statement
 //!   timeout where it has one), waiting for a pooled connection by
 //!   `acquire_timeout_ms`.
+//! - The connection pool sends nothing of its own: no ping before lending
+//!   a connection (sqlx's `test_before_acquire`) nor after taking it back
+//!   (which sqlx's pool always does), so a statement is one round trip. A
+//!   connection goes back to the pool only when its statement finished
+//!   with a reply; one cut short (a timeout, a cancelled call) or failed on
+//!   the connection is dropped. A connection that broke while idle (a
+//!   restarted server, a killed session) fails the next call that uses it
+//!   with a retryable error, once; the call after connects afresh. Idle
+//!   connections are closed after 10 minutes, all after 30.
+//! - A save under a lease granted by another lock service (a split store)
+//!   checks and raises the lock's watermark in the writing statement
+//!   (PostgreSQL: a CTE whose upsert takes the watermark row only when the
+//!   lease's fence is not below it, and locks it until the commit; MySQL:
+//!   the `foreign_put` procedure, one transaction holding the row; SQLite:
+//!   one transaction, writers being serialized). The fence is checked
+//!   before the mode, so a stale holder hears `Fenced`. A claim raises the
+//!   watermark and then reads in one round trip (PostgreSQL: one
+//!   statement; MySQL: the `claim` procedure, whose read follows the
+//!   raise's commit; SQLite: an upsert, then a read).
+//! - A conditional read ([`Store::get_if_changed`]) compares the version
+//!   in the database, which sends the bytes only when it differs.
+//! - Milestones and attributes are rows upserted one field at a time: no
+//!   lock, and marks of different fields never interfere.
+//! - URL options the backend does not know are refused, not handed to
+//!   sqlx (which would log them with their values); see [`SqlConfig`].
+//!   Nothing here logs a URL, a password or an option value.
 
 #![forbid(unsafe_code)]
 
 mod config;
 mod errors;
+mod feeds;
+#[cfg(feature = "postgres")]
+mod listen;
+mod pool;
 mod schema;
 mod statements;
 
@@ -61,18 +154,25 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use runstate_core::events::{check_label, check_text};
 use runstate_core::time::from_unix_millis;
 use runstate_core::{
-    Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, GetOptions, Lease, ListPage,
-    Lock, LockInfo, LockKey, Operation, Owner, PutMode, PutOptions, ReleaseSignals, Result, RunId,
-    Store, StoredDoc, Version, async_trait,
+    Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fetched, GetOptions, Lease,
+    ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
+    ReleaseSignals, Replay, Result, RunId, StatusMessage, Store, StoredDoc, Subscription, Version,
+    WatchMode, Watcher, async_trait,
 };
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyQueryResult, AnyRow};
-use sqlx::{Any, AnyPool, Executor, Row};
+use sqlx::any::{AnyConnectOptions, AnyQueryResult, AnyRow};
+use sqlx::{Any, Row};
 
-pub use config::{DEFAULT_PREFIX, DEFAULT_TIMEOUT, Dialect, SqlConfig};
+pub use config::{
+    DEFAULT_PREFIX, DEFAULT_STATUS_HISTORY, DEFAULT_TIMEOUT, DEFAULT_WATCH_INTERVAL, Dialect,
+    SqlConfig,
+};
 
 use crate::errors::{map_error, map_error_during};
+use crate::feeds::{Start, Wake};
+use crate::pool::{Lent, Pool};
 use crate::statements::{FencedKind, Statements, Stmt};
 
 /// The SQL backend. Cheap to clone; clones share the pool.
@@ -84,13 +184,17 @@ pub struct SqlStore {
 struct Inner {
     config: SqlConfig,
     dialect: Dialect,
-    pool: AnyPool,
+    pool: Arc<Pool>,
     /// Where lease-only writes go. SQLite: a pool committing without
     /// waiting for the disk (see `session_setup`); elsewhere `pool` itself.
-    lease_pool: AnyPool,
+    lease_pool: Arc<Pool>,
     sql: Statements,
     capabilities: Capabilities,
-    signals: ReleaseSignals,
+    /// Local releases, and in PostgreSQL those announced by the listener.
+    signals: Arc<ReleaseSignals>,
+    /// PostgreSQL's shared listener (watches, subscriptions, waiters).
+    #[cfg(feature = "postgres")]
+    hub: Option<Arc<listen::Hub>>,
 }
 
 /// A bind parameter.
@@ -130,8 +234,9 @@ fn lock_doc(key: &LockKey) -> &str {
 }
 
 impl SqlStore {
-    /// Opens a pool, applies the migrations unless disabled, and checks the
-    /// schema is there.
+    /// Opens a pool (connecting once, so that bad settings and unreachable
+    /// servers fail here), applies the migrations unless disabled, and
+    /// checks the schema is there.
     ///
     /// # Errors
     /// `Config` for bad settings, refused credentials or a missing schema
@@ -148,42 +253,44 @@ impl SqlStore {
             .driver_url
             .parse()
             .map_err(|e| context(map_error_during(dialect, e, "parsing the database URL")))?;
-        let connect = |leases_only: bool, max: u32| {
-            let timeout = config.timeout;
-            AnyPoolOptions::new()
-                .max_connections(max)
-                .acquire_timeout(config.acquire_timeout)
-                .after_connect(move |conn, _meta| {
-                    Box::pin(async move {
-                        for (statement, may_fail) in session_setup(dialect, timeout, leases_only) {
-                            let outcome = conn
-                                .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statement)))
-                                .await;
-                            if let Err(e) = outcome
-                                && !may_fail
-                            {
-                                return Err(e);
-                            }
-                        }
-                        Ok(())
-                    })
-                })
-                .connect_with(options.clone())
+        let new_pool = |leases_only: bool, max: u32| {
+            Arc::new(Pool::new(
+                dialect,
+                options.clone(),
+                session_setup(dialect, config.timeout, leases_only),
+                max,
+                config.acquire_timeout,
+            ))
         };
-        let bound = config.acquire_timeout + config.timeout;
-        let pool = match tokio::time::timeout(bound, connect(false, config.max_connections)).await {
-            Ok(Ok(pool)) => pool,
-            Ok(Err(e)) => return Err(context(map_error_during(dialect, e, "connecting"))),
-            Err(_) => return Err(context(timed_out(dialect, bound))),
-        };
+        let pool = new_pool(false, config.max_connections);
         let lease_pool = if dialect == Dialect::Sqlite {
-            match tokio::time::timeout(bound, connect(true, 2)).await {
-                Ok(Ok(pool)) => pool,
+            new_pool(true, 2)
+        } else {
+            Arc::clone(&pool)
+        };
+        // Connect once now, so that bad settings, refused credentials and
+        // an unreachable server fail the open; the connection stays idle.
+        let bound = config.acquire_timeout + config.timeout;
+        for pool in [&pool, &lease_pool] {
+            match tokio::time::timeout(bound, pool.get()).await {
+                Ok(Ok(_lent)) => {}
                 Ok(Err(e)) => return Err(context(map_error_during(dialect, e, "connecting"))),
                 Err(_) => return Err(context(timed_out(dialect, bound))),
             }
-        } else {
-            pool.clone()
+        }
+        let signals = Arc::new(ReleaseSignals::new());
+        #[cfg(feature = "postgres")]
+        let hub = match dialect {
+            Dialect::Postgres => Some(Arc::new(
+                listen::Hub::new(
+                    &config.driver_url,
+                    statements::channel(&config.prefix),
+                    bound,
+                    Arc::clone(&signals),
+                )
+                .map_err(context)?,
+            )),
+            _ => None,
         };
         let store = SqlStore {
             inner: Arc::new(Inner {
@@ -193,19 +300,35 @@ impl SqlStore {
                     .with_max_document_size(Some(match dialect {
                         Dialect::Postgres | Dialect::Sqlite => 1_000_000_000,
                         Dialect::MySql => 0,
-                    })),
+                    }))
+                    .with_foreign_fencing(true)
+                    .with_native_conditional_get(true)
+                    .with_status(true)
+                    .with_milestones(true)
+                    .with_watch(match dialect {
+                        Dialect::Postgres => WatchMode::Native { every_write: true },
+                        _ => WatchMode::Polling(config.watch_interval),
+                    }),
                 dialect,
                 pool,
                 lease_pool,
                 config,
-                signals: ReleaseSignals::new(),
+                signals,
+                #[cfg(feature = "postgres")]
+                hub,
             }),
         };
         if store.inner.config.migrate {
             store.migrate().await?;
         }
         let store = store.with_probed_limits().await?;
-        tracing::debug!(database = %store.inner.config, "sql store open");
+        // The dialect and prefix only: the URL and its options stay out of
+        // logs, redacted or not.
+        tracing::debug!(
+            dialect = dialect.name(),
+            prefix = %store.inner.config.prefix,
+            "sql store open"
+        );
         Ok(store)
     }
 
@@ -226,24 +349,25 @@ impl SqlStore {
             inner.config.prefix
         );
         inner
-            .bounded(
-                inner
-                    .pool
-                    .fetch_optional(sqlx::raw_sql(sqlx::AssertSqlSafe(probe))),
-            )
+            .bounded(async {
+                let mut conn = inner.pool.get().await?;
+                conn.fetch_optional(sqlx::raw_sql(sqlx::AssertSqlSafe(probe)))
+                    .await
+            })
             .await
             .map_err(|e| e.with_operation(Operation::Open))?;
         if inner.dialect != Dialect::MySql {
             return Ok(self);
         }
         let row = inner
-            .bounded(
-                inner
-                    .pool
-                    .fetch_one(sqlx::raw_sql("SELECT CAST(@@max_allowed_packet AS SIGNED)")),
-            )
+            .bounded(async {
+                let mut conn = inner.pool.get().await?;
+                conn.fetch_optional(sqlx::raw_sql("SELECT CAST(@@max_allowed_packet AS SIGNED)"))
+                    .await
+            })
             .await
-            .map_err(|e| e.with_operation(Operation::Open))?;
+            .map_err(|e| e.with_operation(Operation::Open))?
+            .ok_or_else(|| unexpected(inner.dialect, "no max_allowed_packet"))?;
         let packet: i64 = row.try_get(0).map_err(|e| map_error(inner.dialect, e))?;
         // Room for the statement and the other columns around the bytes.
         let max = u64::try_from(packet).unwrap_or(0).saturating_sub(64 * 1024);
@@ -266,16 +390,23 @@ impl SqlStore {
         let inner = &self.inner;
         let dialect = inner.dialect;
         let mut conn = inner
-            .bounded(inner.pool.acquire())
+            .bounded(inner.pool.get())
             .await
             .map_err(|e| e.with_operation(Operation::Open))?;
         let wait = inner.config.timeout.max(Duration::from_secs(30));
-        tokio::time::timeout(
+        let raw = conn
+            .raw()
+            .map_err(|e| map_error(dialect, e).with_operation(Operation::Open))?;
+        let outcome = tokio::time::timeout(
             wait * 2,
-            schema::migrate(&mut conn, dialect, &inner.config.prefix, wait),
+            schema::migrate(raw, dialect, &inner.config.prefix, wait),
         )
         .await
-        .map_err(|_| timed_out(dialect, wait * 2).with_operation(Operation::Open))?
+        .map_err(|_| timed_out(dialect, wait * 2).with_operation(Operation::Open))?;
+        // A failed migration may leave its lock (a session-level one in
+        // PostgreSQL) on the connection: only a clean one goes back.
+        conn.keep(outcome.is_ok());
+        outcome
     }
 
     /// Drops every table (and procedure) of this store's prefix. Destroys
@@ -285,8 +416,11 @@ impl SqlStore {
     /// Database errors.
     pub async fn uninstall(&self) -> Result<()> {
         let inner = &self.inner;
-        let mut conn = inner.bounded(inner.pool.acquire()).await?;
-        schema::drop_all(&mut conn, inner.dialect, &inner.config.prefix).await
+        let mut conn = inner.bounded(inner.pool.get()).await?;
+        let raw = conn.raw().map_err(|e| map_error(inner.dialect, e))?;
+        let outcome = schema::drop_all(raw, inner.dialect, &inner.config.prefix).await;
+        conn.keep(outcome.is_ok());
+        outcome
     }
 
     /// The settings (password redacted when printed).
@@ -294,7 +428,9 @@ impl SqlStore {
         &self.inner.config
     }
 
-    /// Closes the pool.
+    /// Closes the pool: idle connections now, lent ones when their call
+    /// ends; later calls fail. Watches and subscriptions still open keep
+    /// PostgreSQL's listening connection until they are dropped.
     pub async fn close(&self) {
         self.inner.pool.close().await;
         self.inner.lease_pool.close().await;
@@ -364,6 +500,8 @@ impl Inner {
         self.dialect.name()
     }
 
+    /// Runs `request` (lending a connection included) within the call
+    /// bound. A request cut short drops its connection (see [`pool`]).
     async fn bounded<T>(
         &self,
         request: impl Future<Output = std::result::Result<T, sqlx::Error>>,
@@ -374,28 +512,90 @@ impl Inner {
         }
     }
 
+    async fn execute_on(
+        &self,
+        pool: &Pool,
+        stmt: &Stmt,
+        params: &[P<'_>],
+    ) -> Result<AnyQueryResult> {
+        self.bounded(async {
+            let mut conn = pool.get().await?;
+            conn.execute(query(stmt, params)).await
+        })
+        .await
+    }
+
+    async fn fetch_optional_on(
+        &self,
+        pool: &Pool,
+        stmt: &Stmt,
+        params: &[P<'_>],
+    ) -> Result<Option<AnyRow>> {
+        self.bounded(async {
+            let mut conn = pool.get().await?;
+            conn.fetch_optional(query(stmt, params)).await
+        })
+        .await
+    }
+
     async fn execute(&self, stmt: &Stmt, params: &[P<'_>]) -> Result<AnyQueryResult> {
-        self.bounded(query(stmt, params).execute(&self.pool)).await
+        self.execute_on(&self.pool, stmt, params).await
     }
 
     async fn execute_lease(&self, stmt: &Stmt, params: &[P<'_>]) -> Result<AnyQueryResult> {
-        self.bounded(query(stmt, params).execute(&self.lease_pool))
-            .await
+        self.execute_on(&self.lease_pool, stmt, params).await
     }
 
     async fn fetch_optional_lease(&self, stmt: &Stmt, params: &[P<'_>]) -> Result<Option<AnyRow>> {
-        self.bounded(query(stmt, params).fetch_optional(&self.lease_pool))
-            .await
+        self.fetch_optional_on(&self.lease_pool, stmt, params).await
     }
 
     async fn fetch_optional(&self, stmt: &Stmt, params: &[P<'_>]) -> Result<Option<AnyRow>> {
-        self.bounded(query(stmt, params).fetch_optional(&self.pool))
-            .await
+        self.fetch_optional_on(&self.pool, stmt, params).await
     }
 
     async fn fetch_all(&self, stmt: &Stmt, params: &[P<'_>]) -> Result<Vec<AnyRow>> {
-        self.bounded(query(stmt, params).fetch_all(&self.pool))
-            .await
+        self.bounded(async {
+            let mut conn = self.pool.get().await?;
+            conn.fetch_all(query(stmt, params)).await
+        })
+        .await
+    }
+
+    /// Runs a statement that changes rows and returns how many: from the
+    /// command tag, or from its first column for statements that announce
+    /// their change in PostgreSQL ([`Stmt::counted`]).
+    async fn affected_on(&self, pool: &Pool, stmt: &Stmt, params: &[P<'_>]) -> Result<u64> {
+        if stmt.counted {
+            let row = self
+                .fetch_optional_on(pool, stmt, params)
+                .await?
+                .ok_or_else(|| unexpected(self.dialect, "no row count"))?;
+            Ok(u64::try_from(self.get_i64(&row, 0)?).unwrap_or(0))
+        } else {
+            Ok(self.execute_on(pool, stmt, params).await?.rows_affected())
+        }
+    }
+
+    async fn affected(&self, stmt: &Stmt, params: &[P<'_>]) -> Result<u64> {
+        self.affected_on(&self.pool, stmt, params).await
+    }
+
+    async fn affected_lease(&self, stmt: &Stmt, params: &[P<'_>]) -> Result<u64> {
+        self.affected_on(&self.lease_pool, stmt, params).await
+    }
+
+    /// Begins a transaction on a connection of `pool` (SQLite: taking the
+    /// write lock at once, under the busy timeout).
+    async fn begin<'p>(&'p self, pool: &'p Pool) -> Result<Tx<'p>> {
+        let mut conn = self.bounded(pool.get()).await?;
+        let begin = match self.dialect {
+            Dialect::Sqlite => "BEGIN IMMEDIATE",
+            Dialect::MySql => "START TRANSACTION",
+            Dialect::Postgres => "BEGIN",
+        };
+        self.bounded(conn.begin(begin)).await?;
+        Ok(Tx { inner: self, conn })
     }
 
     fn get_i64(&self, row: &AnyRow, index: usize) -> Result<i64> {
@@ -577,15 +777,392 @@ impl Inner {
             PutMode::Create => &self.sql.put_create,
             PutMode::Update(_) => &self.sql.put_update,
         };
-        let done = self.execute(stmt, &params).await?;
-        if matches!(mode, PutMode::Update(_)) && done.rows_affected() == 0 {
+        let changed = self.affected(stmt, &params).await?;
+        if matches!(mode, PutMode::Update(_)) && changed == 0 {
             return Err(self.refused(mode));
         }
         Ok(Version::new(version.to_string()))
     }
 
-    /// A write fenced by `lease`; with `release`, the lease is given up in
-    /// the same step whether or not the write happened.
+    /// A write under a lease granted by another lock service: refused with
+    /// `Fenced` (writing nothing) when the lock's watermark is above the
+    /// lease's fence, checked before the mode; otherwise the watermark is
+    /// raised to the fence and the write made with its mode's check, all
+    /// in one statement (PostgreSQL), procedure call (MySQL) or
+    /// transaction (SQLite).
+    async fn foreign_put(
+        &self,
+        lease: &Lease,
+        doc: &DocName,
+        bytes: &[u8],
+        mode: &PutMode,
+    ) -> Result<Version> {
+        let key = lease.key();
+        let run = key.run();
+        key.check_covers(run, doc)?;
+        self.check_size(bytes)?;
+        let fence = fence_i64(lease.fence())?;
+        let version = new_version();
+        let kind = FencedKind::of(mode);
+        let expected = Self::expected(mode).unwrap_or(0);
+        let (accepted, written) = match self.dialect {
+            Dialect::Postgres | Dialect::MySql => {
+                let params = [
+                    P::T(run.as_str()),
+                    P::T(doc.as_str()),
+                    P::I(version),
+                    P::B(bytes),
+                    P::I(bytes.len() as i64),
+                    P::T(lock_doc(key)),
+                    P::I(fence),
+                    P::I(expected),
+                    P::I(kind as i64),
+                ];
+                let row = self
+                    .fetch_optional(&self.sql.foreign[kind as usize], &params)
+                    .await?
+                    .ok_or_else(|| unexpected(self.dialect, "no reply to a fenced write"))?;
+                (
+                    self.get_opt_i64(&row, 0)?.unwrap_or(0) > 0,
+                    self.get_opt_i64(&row, 1)?.unwrap_or(0) > 0,
+                )
+            }
+            Dialect::Sqlite => {
+                let mut tx = self.begin(&self.pool).await?;
+                let outcome = async {
+                    let raised = tx
+                        .fetch_optional(
+                            &self.sql.mark,
+                            &[P::T(run.as_str()), P::T(lock_doc(key)), P::I(fence)],
+                        )
+                        .await?
+                        .is_some();
+                    if !raised {
+                        return Ok((false, false));
+                    }
+                    let params = [
+                        P::T(run.as_str()),
+                        P::T(doc.as_str()),
+                        P::I(version),
+                        P::B(bytes),
+                        P::I(bytes.len() as i64),
+                        P::I(expected),
+                    ];
+                    let stmt = match kind {
+                        FencedKind::Overwrite => &self.sql.put_overwrite,
+                        FencedKind::Create => &self.sql.put_create,
+                        FencedKind::Update => &self.sql.put_update,
+                    };
+                    // A refused condition keeps the raised watermark, as in
+                    // the other dialects: the lease is current.
+                    match tx.execute(stmt, &params).await {
+                        Ok(done) => {
+                            Ok((true, kind != FencedKind::Update || done.rows_affected() > 0))
+                        }
+                        Err(error) if error.kind() == ErrorKind::AlreadyExists => Ok((true, false)),
+                        Err(error) => Err(error),
+                    }
+                }
+                .await;
+                tx.finish(outcome).await?
+            }
+        };
+        if !accepted {
+            return Err(Error::new(
+                ErrorKind::Fenced,
+                format!(
+                    "lease with fence {} is older than a fence already claimed here for its lock; \
+                     nothing was written",
+                    lease.fence()
+                ),
+            )
+            .with_backend(self.backend())
+            .with_lock(key));
+        }
+        if !written {
+            return Err(self.refused(mode));
+        }
+        Ok(Version::new(version.to_string()))
+    }
+
+    /// Raises `key`'s watermark to `fence` unless it is above it, then
+    /// reads `doc` (PostgreSQL: one statement; MySQL: one procedure call;
+    /// SQLite: a raise, then a read that sees every commit before it).
+    async fn claim(
+        &self,
+        key: &LockKey,
+        fence: Fence,
+        doc: Option<&DocName>,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        let run = key.run();
+        if let Some(doc) = doc {
+            key.check_covers(run, doc)?;
+        }
+        let fence_value = fence_i64(fence)?;
+        let refused = || {
+            Error::new(
+                ErrorKind::Fenced,
+                format!("fence {fence} is older than a fence already claimed here for this lock"),
+            )
+            .with_backend(self.backend())
+            .with_lock(key)
+        };
+        let loaded = match self.dialect {
+            Dialect::Postgres | Dialect::MySql => {
+                let row = self
+                    .fetch_optional(
+                        &self.sql.claim,
+                        &[
+                            P::T(run.as_str()),
+                            P::T(lock_doc(key)),
+                            P::I(fence_value),
+                            P::T(doc.map_or("", DocName::as_str)),
+                            P::I(Self::limit(options)),
+                        ],
+                    )
+                    .await?
+                    .ok_or_else(|| unexpected(self.dialect, "no reply to a claim"))?;
+                if self.get_opt_i64(&row, 0)?.unwrap_or(0) <= 0 {
+                    return Err(refused());
+                }
+                match doc {
+                    None => return Ok(None),
+                    Some(_) => self.stored_at(&row, 1, options.limit)?,
+                }
+            }
+            Dialect::Sqlite => {
+                let raised = self
+                    .fetch_optional_lease(
+                        &self.sql.mark,
+                        &[P::T(run.as_str()), P::T(lock_doc(key)), P::I(fence_value)],
+                    )
+                    .await?;
+                if raised.is_none() {
+                    return Err(refused());
+                }
+                None
+            }
+        };
+        match (doc, loaded) {
+            (None, _) => Ok(None),
+            (Some(_), Some(stored)) => Ok(Some(stored)),
+            // SQLite reads now; PostgreSQL's statement may have waited for
+            // a save that created the document, which its snapshot does
+            // not show (as in acquire-and-load): read it again. MySQL's
+            // read follows the raise's commit, so absent is absent.
+            (Some(doc), None) if self.dialect != Dialect::MySql => {
+                self.get(run, doc, options).await
+            }
+            (Some(_), None) => Ok(None),
+        }
+    }
+
+    /// Reads `doc` unless its version is `known`: the version column is
+    /// compared in the database, which sends the bytes only when it
+    /// differs (and the size allows).
+    async fn get_if_changed(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        known: &Version,
+        options: GetOptions,
+    ) -> Result<Fetched> {
+        // Only a version this backend made can match (it prints as it was
+        // parsed); anything else is compared as 0, which no version is.
+        let known = known
+            .as_str()
+            .parse::<i64>()
+            .ok()
+            .filter(|v| v.to_string() == known.as_str())
+            .unwrap_or(0);
+        let row = self
+            .fetch_optional(
+                &self.sql.get_if_changed,
+                &[
+                    P::T(run.as_str()),
+                    P::T(doc.as_str()),
+                    P::I(known),
+                    P::I(Self::limit(options)),
+                ],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(Fetched::Absent);
+        };
+        if self.get_i64(&row, 0)? == known {
+            return Ok(Fetched::Unchanged);
+        }
+        match self.stored_at(&row, 0, options.limit)? {
+            Some(stored) => Ok(Fetched::Changed(stored)),
+            None => Ok(Fetched::Absent),
+        }
+    }
+
+    /// Deletes a run's documents and its milestones; returns how many
+    /// documents there were.
+    async fn delete_run(&self, run: &RunId) -> Result<u64> {
+        let params = [P::T(run.as_str())];
+        if self.dialect == Dialect::Postgres {
+            return self.affected(&self.sql.delete_run, &params).await;
+        }
+        let mut tx = self.begin(&self.pool).await?;
+        let outcome = async {
+            tx.execute(&self.sql.delete_milestones, &params).await?;
+            Ok(tx
+                .execute(&self.sql.delete_run, &params)
+                .await?
+                .rows_affected())
+        }
+        .await;
+        tx.finish(outcome).await
+    }
+
+    /// Appends a status message to `run`'s history, trimming it to the
+    /// configured length, and returns its number.
+    async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<u64> {
+        let at = i64::try_from(runstate_core::time::unix_millis(SystemTime::now())).unwrap_or(0);
+        let keep = i64::try_from(self.config.status_history).unwrap_or(i64::MAX);
+        let seq = match self.dialect {
+            Dialect::Postgres | Dialect::MySql => {
+                let row = self
+                    .fetch_optional(
+                        &self.sql.publish,
+                        &[
+                            P::T(run.as_str()),
+                            P::T(topic),
+                            P::T(text),
+                            P::I(at),
+                            P::I(keep),
+                        ],
+                    )
+                    .await?
+                    .ok_or_else(|| unexpected(self.dialect, "no reply to a publish"))?;
+                self.get_i64(&row, 0)?
+            }
+            Dialect::Sqlite => {
+                // Status messages commit like lease grants (see
+                // `session_setup`): a process crash keeps them.
+                let mut tx = self.begin(&self.lease_pool).await?;
+                let outcome = async {
+                    let row = tx
+                        .fetch_optional(&self.sql.status_next, &[P::T(run.as_str())])
+                        .await?
+                        .ok_or_else(|| unexpected(self.dialect, "no message number"))?;
+                    let seq = self.get_i64(&row, 0)?;
+                    tx.execute(
+                        &self.sql.status_insert,
+                        &[
+                            P::T(run.as_str()),
+                            P::I(seq),
+                            P::T(topic),
+                            P::T(text),
+                            P::I(at),
+                        ],
+                    )
+                    .await?;
+                    tx.execute(
+                        &self.sql.status_trim,
+                        &[P::T(run.as_str()), P::I(seq.saturating_sub(keep))],
+                    )
+                    .await?;
+                    Ok(seq)
+                }
+                .await;
+                tx.finish(outcome).await?
+            }
+        };
+        Ok(u64::try_from(seq).unwrap_or(0))
+    }
+
+    /// `run`'s messages numbered after `after`, in order, at most `limit`.
+    async fn status_since(
+        &self,
+        run: &RunId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StatusMessage)>> {
+        let rows = self
+            .fetch_all(
+                &self.sql.status_since,
+                &[
+                    P::T(run.as_str()),
+                    P::I(i64::try_from(after).unwrap_or(i64::MAX)),
+                    P::I(i64::try_from(limit).unwrap_or(i64::MAX)),
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let seq = u64::try_from(self.get_i64(row, 0)?).unwrap_or(0);
+                Ok((
+                    seq,
+                    feeds::message(
+                        seq,
+                        self.get_text(row, 1)?,
+                        self.get_text(row, 2)?,
+                        self.get_i64(row, 3)?,
+                    ),
+                ))
+            })
+            .collect()
+    }
+
+    /// The number of `run`'s last status message (0 before the first).
+    async fn status_last(&self, run: &RunId) -> Result<u64> {
+        let row = self
+            .fetch_optional(&self.sql.status_last, &[P::T(run.as_str())])
+            .await?;
+        Ok(match row {
+            Some(row) => u64::try_from(self.get_i64(&row, 0)?).unwrap_or(0),
+            None => 0,
+        })
+    }
+
+    async fn set_milestone(&self, run: &RunId, kind: &str, name: &str, value: &str) -> Result<()> {
+        self.execute(
+            &self.sql.set_milestone,
+            &[P::T(run.as_str()), P::T(kind), P::T(name), P::T(value)],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn milestones(&self, run: &RunId) -> Result<Milestones> {
+        let rows = self
+            .fetch_all(&self.sql.milestones, &[P::T(run.as_str())])
+            .await?;
+        let mut milestones = Milestones::default();
+        for row in &rows {
+            let (kind, name, value) = (
+                self.get_text(row, 0)?,
+                self.get_text(row, 1)?,
+                self.get_text(row, 2)?,
+            );
+            match kind.as_str() {
+                TIMESTAMPS => {
+                    let at = parse_timestamp(&value)
+                        .ok_or_else(|| unexpected(self.dialect, "milestone timestamp"))?;
+                    milestones.timestamps.insert(name, at);
+                }
+                ATTRS => {
+                    milestones.attrs.insert(name, value);
+                }
+                // A kind a later version may add.
+                _ => {}
+            }
+        }
+        Ok(milestones)
+    }
+
+    /// A write fenced by `lease`. With `release`, the lease is given up
+    /// whatever happens, unless it is no longer this grant (`Fenced`,
+    /// `LeaseLost`): in the writing statement or transaction where the
+    /// database allows, otherwise right after; and when the write fails
+    /// early (a lease that does not cover `doc`, a document over the size
+    /// limit) or with an error (a constraint or trigger refusing the row,
+    /// a full disk, a lost connection, which in PostgreSQL also undoes the
+    /// release made by the same statement), by a release of its own.
     async fn fenced_put(
         &self,
         lease: &Lease,
@@ -594,16 +1171,38 @@ impl Inner {
         mode: &PutMode,
         release: bool,
     ) -> Result<Version> {
+        let mut released = false;
+        let outcome = self
+            .fenced_write(lease, doc, bytes, mode, release, &mut released)
+            .await;
+        if release
+            && !released
+            && let Err(error) = &outcome
+            && !matches!(error.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost)
+            && let Err(release_error) = self.release(lease).await
+        {
+            tracing::debug!(error = %release_error, "release after a failed save");
+        }
+        outcome
+    }
+
+    /// The write of [`Inner::fenced_put`]; sets `released` once the lease
+    /// was given up (or a release was tried) on the way.
+    async fn fenced_write(
+        &self,
+        lease: &Lease,
+        doc: &DocName,
+        bytes: &[u8],
+        mode: &PutMode,
+        release: bool,
+        released: &mut bool,
+    ) -> Result<Version> {
         let run = lease.key().run();
         lease.key().check_covers(run, doc)?;
         self.check_size(bytes)?;
         let version = new_version();
         let fence = i64::try_from(lease.fence().get()).unwrap_or(i64::MAX);
-        let kind = match mode {
-            PutMode::Overwrite => FencedKind::Overwrite,
-            PutMode::Create => FencedKind::Create,
-            PutMode::Update(_) => FencedKind::Update,
-        };
+        let kind = FencedKind::of(mode);
         let params = [
             P::T(run.as_str()),
             P::T(doc.as_str()),
@@ -615,9 +1214,17 @@ impl Inner {
             P::I(fence),
             P::I(Self::expected(mode).unwrap_or(0)),
         ];
+        let lease_params = [
+            P::T(run.as_str()),
+            P::T(lock_doc(lease.key())),
+            P::T(lease.owner().id()),
+            P::I(fence),
+        ];
         let stmt = &self.sql.fenced[kind as usize][usize::from(release)];
         let written = match self.dialect {
             Dialect::Postgres => {
+                // One statement: when it fails, its release is undone too,
+                // and `fenced_put` releases.
                 let row = self
                     .fetch_optional(stmt, &params)
                     .await?
@@ -627,67 +1234,62 @@ impl Inner {
                 if !lease_ok {
                     return Err(self.fenced(lease, self.holder(lease.key()).await.ok().flatten()));
                 }
+                *released = release;
                 written
             }
             Dialect::Sqlite if release => {
                 // One transaction, so one commit (and one fsync) for the
                 // write and the release. BEGIN IMMEDIATE takes the write
                 // lock first, under the busy timeout.
-                let lease_params = [
-                    P::T(run.as_str()),
-                    P::T(lock_doc(lease.key())),
-                    P::T(lease.owner().id()),
-                    P::I(fence),
-                ];
-                let mut tx = self
-                    .bounded(self.pool.begin_with("BEGIN IMMEDIATE"))
-                    .await?;
+                let mut conn = self.bounded(self.pool.get()).await?;
+                self.bounded(conn.begin("BEGIN IMMEDIATE")).await?;
                 // The write checks the lease itself; the release frees it
                 // only if it is still this grant, and says whether it was.
-                let written = match self.bounded(query(stmt, &params).execute(&mut *tx)).await {
+                // On any error the transaction is rolled back (or the
+                // connection dropped, which rolls it back) and
+                // `fenced_put` releases on another connection.
+                let written = match self.bounded(conn.execute(query(stmt, &params))).await {
+                    Ok(done) => done.rows_affected() > 0,
+                    Err(error) if error.kind() == ErrorKind::AlreadyExists => false,
+                    Err(error) => {
+                        let _ = self.bounded(conn.end("ROLLBACK")).await;
+                        return Err(error);
+                    }
+                };
+                let freed = match self
+                    .bounded(conn.execute(query(&self.sql.release, &lease_params)))
+                    .await
+                {
+                    Ok(done) => done.rows_affected() > 0,
+                    Err(error) => {
+                        let _ = self.bounded(conn.end("ROLLBACK")).await;
+                        return Err(error);
+                    }
+                };
+                if !freed {
+                    // Not the current grant: the write was refused too.
+                    let _ = self.bounded(conn.end("ROLLBACK")).await;
+                    drop(conn);
+                    return Err(self.fenced(lease, self.holder(lease.key()).await.ok().flatten()));
+                }
+                self.bounded(conn.end("COMMIT")).await?;
+                *released = true;
+                written
+            }
+            Dialect::MySql | Dialect::Sqlite => {
+                // MySQL's inserts and SQLite without release: the write
+                // statement does not release the lease.
+                let released_in_statement =
+                    self.dialect == Dialect::MySql && kind == FencedKind::Update;
+                let written = match self.execute(stmt, &params).await {
                     Ok(done) => done.rows_affected() > 0,
                     Err(error) if error.kind() == ErrorKind::AlreadyExists => false,
                     Err(error) => return Err(error),
                 };
-                let released = self
-                    .bounded(query(&self.sql.release, &lease_params).execute(&mut *tx))
-                    .await?;
-                if released.rows_affected() == 0 {
-                    // Not the current grant: the write was refused too.
-                    drop(tx);
-                    return Err(self.fenced(lease, self.holder(lease.key()).await.ok().flatten()));
-                }
-                self.bounded(tx.commit()).await?;
-                written
-            }
-            Dialect::MySql | Dialect::Sqlite => {
-                let outcome = self.execute(stmt, &params).await;
-                // The write statement did not release the lease (MySQL's
-                // inserts, SQLite): do it now, also after a refused write.
-                let released_in_statement =
-                    self.dialect == Dialect::MySql && kind == FencedKind::Update;
-                let written = match outcome {
-                    Ok(done) => done.rows_affected() > 0,
-                    Err(error) if error.kind() == ErrorKind::AlreadyExists => false,
-                    Err(error) => {
-                        if release {
-                            let _ = self.release(lease).await;
-                        }
-                        return Err(error);
-                    }
-                };
                 if !written {
                     // Refused: tell a lost lease from a failed condition.
                     let current = self
-                        .fetch_optional(
-                            &self.sql.lease_is_current,
-                            &[
-                                P::T(run.as_str()),
-                                P::T(lock_doc(lease.key())),
-                                P::T(lease.owner().id()),
-                                P::I(fence),
-                            ],
-                        )
+                        .fetch_optional(&self.sql.lease_is_current, &lease_params)
                         .await?
                         .is_some();
                     if !current {
@@ -695,14 +1297,17 @@ impl Inner {
                             self.fenced(lease, self.holder(lease.key()).await.ok().flatten())
                         );
                     }
+                    return Err(self.refused(mode));
                 }
-                if release
-                    && !(written && released_in_statement)
-                    && let Err(error) = self.release(lease).await
-                {
-                    tracing::debug!(%error, "release after a fenced write");
+                if release && !released_in_statement {
+                    // Saved: a release that fails now only means the lease
+                    // runs out by its TTL.
+                    if let Err(error) = self.release(lease).await {
+                        tracing::debug!(%error, "release after a fenced write");
+                    }
                 }
-                written
+                *released = release;
+                true
             }
         };
         if written {
@@ -719,7 +1324,7 @@ impl Inner {
         ttl: Duration,
         issued: Instant,
     ) -> Result<Lease> {
-        let ttl_ms = check_ttl(self.dialect, key, ttl)?;
+        let ttl_ms = ttl_ms(self.dialect, key, ttl)?;
         let owner_json = owner_json(owner)?;
         let params = [
             P::T(key.run().as_str()),
@@ -728,19 +1333,27 @@ impl Inner {
             P::T(owner.id()),
             P::I(ttl_ms),
         ];
-        let fence = match self.dialect {
+        // The grant's fence, and its start by the database's clock where
+        // the reply says it (MySQL's reports the fence only).
+        let (fence, since) = match self.dialect {
             Dialect::Postgres | Dialect::Sqlite => {
                 let row = self
                     .fetch_optional_lease(&self.sql.acquire, &params)
                     .await?;
                 match row {
-                    Some(row) => self.get_i64(&row, 0)?,
-                    None => 0,
+                    Some(row) => {
+                        let since = self.get_i64(&row, 1)?;
+                        (
+                            self.get_i64(&row, 0)?,
+                            from_unix_millis(u64::try_from(since).unwrap_or(0)),
+                        )
+                    }
+                    None => (0, SystemTime::now()),
                 }
             }
             Dialect::MySql => {
                 let done = self.execute_lease(&self.sql.acquire, &params).await?;
-                done.last_insert_id().unwrap_or(0)
+                (done.last_insert_id().unwrap_or(0), SystemTime::now())
             }
         };
         if fence <= 0 {
@@ -752,7 +1365,7 @@ impl Inner {
             Fence(fence as u64),
             ttl,
             issued,
-            SystemTime::now(),
+            since,
         ))
     }
 
@@ -767,7 +1380,8 @@ impl Inner {
     ) -> Result<(Lease, Option<StoredDoc>)> {
         key.check_covers(key.run(), doc)?;
         if self.dialect == Dialect::Sqlite {
-            // Local calls: acquire, then read.
+            // Local calls: acquire, then read (a read begun after the grant
+            // sees every commit that preceded it).
             let lease = self.try_acquire(key, owner, ttl, issued).await?;
             return match self.get(key.run(), doc, options).await {
                 Ok(stored) => Ok((lease, stored)),
@@ -777,7 +1391,7 @@ impl Inner {
                 }
             };
         }
-        let ttl_ms = check_ttl(self.dialect, key, ttl)?;
+        let ttl_ms = ttl_ms(self.dialect, key, ttl)?;
         let owner_json = owner_json(owner)?;
         let params = [
             P::T(key.run().as_str()),
@@ -813,7 +1427,24 @@ impl Inner {
             issued,
             from_unix_millis(u64::try_from(since).unwrap_or(0)),
         );
-        match self.stored_at(&row, 6, options.limit) {
+        let loaded = match self.stored_at(&row, 6, options.limit) {
+            // PostgreSQL: a statement that waited for the previous holder
+            // to commit reads with the snapshot it took before waiting. Its
+            // `FOR SHARE` follows rows updated since to their newest
+            // version, but a row the holder *inserted* is not in that
+            // snapshot at all: absent here may mean "created by the grant
+            // this one waited for". A new statement's snapshot sees every
+            // commit that preceded the grant, so read again. (MySQL's
+            // procedure reads the document in a statement of its own, after
+            // the grant, so it never misses it; SQLite reads after
+            // granting.) Absent documents pay a third round trip, existing
+            // ones none.
+            Ok(None) if self.dialect == Dialect::Postgres => {
+                self.get(key.run(), doc, options).await
+            }
+            other => other,
+        };
+        match loaded {
             Ok(stored) => Ok((lease, stored)),
             Err(error) => {
                 let _ = self.release(&lease).await;
@@ -872,28 +1503,107 @@ impl Inner {
             P::T(lease.owner().id()),
             P::I(fence),
         ];
-        let done = self.execute_lease(&self.sql.release, &params).await?;
-        if done.rows_affected() > 0 {
+        if self.affected_lease(&self.sql.release, &params).await? > 0 {
             return Ok(());
         }
         // Ours but expired: clear it, and say it was lost.
-        self.execute_lease(&self.sql.release_lapsed, &params)
+        self.affected_lease(&self.sql.release_lapsed, &params)
             .await?;
         Err(self.lease_lost(lease, self.holder(key).await?, Operation::Release))
     }
 }
 
-fn check_ttl(dialect: Dialect, key: &LockKey, ttl: Duration) -> Result<i64> {
-    let ttl_ms = ms(ttl);
-    if ttl_ms <= 0 {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            "a lease TTL must be at least 1 ms",
-        )
-        .with_backend(dialect.name())
-        .with_lock(key));
+/// A transaction: each statement bounded by the call bound. Dropped
+/// without [`Tx::commit`] or [`Tx::rollback`], its connection is closed,
+/// which rolls it back.
+struct Tx<'p> {
+    inner: &'p Inner,
+    conn: Lent<'p>,
+}
+
+impl Tx<'_> {
+    async fn execute(&mut self, stmt: &Stmt, params: &[P<'_>]) -> Result<AnyQueryResult> {
+        self.inner
+            .bounded(self.conn.execute(query(stmt, params)))
+            .await
     }
-    Ok(ttl_ms)
+
+    async fn fetch_optional(&mut self, stmt: &Stmt, params: &[P<'_>]) -> Result<Option<AnyRow>> {
+        self.inner
+            .bounded(self.conn.fetch_optional(query(stmt, params)))
+            .await
+    }
+
+    async fn commit(mut self) -> Result<()> {
+        self.inner.bounded(self.conn.end("COMMIT")).await
+    }
+
+    async fn rollback(mut self) {
+        let _ = self.inner.bounded(self.conn.end("ROLLBACK")).await;
+    }
+
+    /// Commits after `outcome` succeeded, rolls back after it failed.
+    async fn finish<T>(self, outcome: Result<T>) -> Result<T> {
+        match outcome {
+            Ok(value) => {
+                self.commit().await?;
+                Ok(value)
+            }
+            Err(error) => {
+                self.rollback().await;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// A fence as the database's BIGINT.
+fn fence_i64(fence: Fence) -> Result<i64> {
+    i64::try_from(fence.get()).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            format!("fence {fence} is beyond what the database can store"),
+        )
+    })
+}
+
+/// A milestone's timestamp as stored: seconds since the epoch with nine
+/// decimals (what WEPPcloud's `time.time()` strings parse as).
+fn timestamp_text(at: SystemTime) -> Result<String> {
+    let since = at.duration_since(SystemTime::UNIX_EPOCH).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            "a milestone cannot be dated before 1970",
+        )
+    })?;
+    Ok(format!("{}.{:09}", since.as_secs(), since.subsec_nanos()))
+}
+
+/// Parses seconds since the epoch, with any number of decimals.
+fn parse_timestamp(text: &str) -> Option<SystemTime> {
+    let (secs, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let secs: u64 = secs.parse().ok()?;
+    if !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits: String = fraction
+        .chars()
+        .chain("000000000".chars())
+        .take(9)
+        .collect();
+    let nanos: u32 = digits.parse().ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+}
+
+/// The milestone kinds, as WEPPcloud names its hash fields' prefixes.
+const TIMESTAMPS: &str = "timestamps";
+const ATTRS: &str = "attrs";
+
+/// The TTL in milliseconds, once [`runstate_core::check_ttl`] accepted it
+/// (so the database's clock arithmetic cannot overflow).
+fn ttl_ms(dialect: Dialect, key: &LockKey, ttl: Duration) -> Result<i64> {
+    runstate_core::check_ttl(ttl).map_err(|e| e.with_backend(dialect.name()).with_lock(key))?;
+    Ok(ms(ttl))
 }
 
 fn owner_json(owner: &Owner) -> Result<String> {
@@ -935,14 +1645,25 @@ impl Store for SqlStore {
         bytes: Bytes,
         options: PutOptions<'_>,
     ) -> Result<Version> {
-        let outcome = match options.lease {
-            None => self.inner.put(run, doc, &bytes, &options.mode).await,
-            Some(lease) => {
+        let outcome = match (options.lease, options.foreign_lease) {
+            (None, None) => self.inner.put(run, doc, &bytes, &options.mode).await,
+            (Some(lease), None) => {
                 lease.key().check_covers(run, doc)?;
                 self.inner
                     .fenced_put(lease, doc, &bytes, &options.mode, false)
                     .await
             }
+            (None, Some(lease)) => {
+                lease.key().check_covers(run, doc)?;
+                self.inner
+                    .foreign_put(lease, doc, &bytes, &options.mode)
+                    .await
+            }
+            (Some(_), Some(_)) => Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "a save is fenced by a lease of this store or by a foreign one, not both",
+            )
+            .with_backend(self.inner.backend())),
         };
         outcome.map_err(|e| e.at_doc(Operation::Put, run, doc))
     }
@@ -958,20 +1679,20 @@ impl Store for SqlStore {
             let done = match if_version {
                 None => {
                     inner
-                        .execute(&inner.sql.delete, &[P::T(run.as_str()), P::T(doc.as_str())])
+                        .affected(&inner.sql.delete, &[P::T(run.as_str()), P::T(doc.as_str())])
                         .await?
                 }
                 Some(v) => {
                     let expected = v.as_str().parse::<i64>().unwrap_or(0);
                     inner
-                        .execute(
+                        .affected(
                             &inner.sql.delete_if,
                             &[P::T(run.as_str()), P::T(doc.as_str()), P::I(expected)],
                         )
                         .await?
                 }
             };
-            if done.rows_affected() > 0 {
+            if done > 0 {
                 return Ok(true);
             }
             if if_version.is_some()
@@ -1050,13 +1771,160 @@ impl Store for SqlStore {
         Ok(ListPage { items, more })
     }
 
+    /// Deletes the run's documents and, with them, its milestones and
+    /// attributes (run metadata); its status history, lock bookkeeping and
+    /// fence watermarks are kept.
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
-        let inner = &self.inner;
-        let done = inner
-            .execute(&inner.sql.delete_run, &[P::T(run.as_str())])
+        self.inner
+            .delete_run(run)
             .await
-            .map_err(|e| e.with_operation(Operation::DeleteRun).with_run(run))?;
-        Ok(done.rows_affected())
+            .map_err(|e| e.with_operation(Operation::DeleteRun).with_run(run))
+    }
+
+    async fn get_if_changed(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        known: &Version,
+        options: GetOptions,
+    ) -> Result<Fetched> {
+        self.inner
+            .get_if_changed(run, doc, known, options)
+            .await
+            .map_err(|e| e.at_doc(Operation::GetIfChanged, run, doc))
+    }
+
+    async fn claim(
+        &self,
+        key: &LockKey,
+        fence: Fence,
+        doc: Option<&DocName>,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        self.inner
+            .claim(key, fence, doc, options)
+            .await
+            .map_err(|e| {
+                let e = e.with_operation(Operation::Claim).with_lock(key);
+                match doc {
+                    Some(doc) => e.with_doc(doc),
+                    None => e,
+                }
+            })
+    }
+
+    async fn watch(&self, run: &RunId) -> Result<Watcher> {
+        let outcome = match self.inner.dialect {
+            #[cfg(feature = "postgres")]
+            Dialect::Postgres => match &self.inner.hub {
+                Some(hub) => hub.watch(run.clone()).await,
+                None => Err(unexpected(self.inner.dialect, "no listener")),
+            },
+            _ => {
+                runstate_core::events::poll_watch(
+                    Arc::new(self.clone()),
+                    run.clone(),
+                    self.inner.config.watch_interval,
+                )
+                .await
+            }
+        };
+        outcome.map_err(|e| e.with_operation(Operation::Watch).with_run(run))
+    }
+
+    async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
+        let backend = self.inner.backend();
+        let context = |e: Error| {
+            e.with_backend(backend)
+                .with_operation(Operation::Publish)
+                .with_run(run)
+        };
+        check_label("topic", topic).map_err(context)?;
+        check_text("status message", text).map_err(context)?;
+        self.inner
+            .publish(run, topic, text)
+            .await
+            .map(drop)
+            .map_err(context)
+    }
+
+    async fn subscribe(&self, run: &RunId, replay: Replay) -> Result<Subscription> {
+        let inner = &self.inner;
+        let outcome = async {
+            // PostgreSQL: listen first, so no message published after the
+            // starting point below goes unannounced.
+            #[cfg(feature = "postgres")]
+            let (wake, registration) = match &inner.hub {
+                Some(hub) => {
+                    let (wake, registration) = hub.follow(run.clone()).await?;
+                    (Wake::Notified(wake), Some(registration))
+                }
+                None => (Wake::Every(inner.config.watch_interval), None),
+            };
+            #[cfg(not(feature = "postgres"))]
+            let (wake, registration) = (Wake::Every(inner.config.watch_interval), None::<()>);
+            let last = inner.status_last(run).await?;
+            let after = match replay {
+                Replay::None => last,
+                Replay::Last(n) => last.saturating_sub(u64::try_from(n).unwrap_or(u64::MAX)),
+                _ => 0,
+            };
+            let (sender, feed) = Subscription::channel(runstate_core::events::FEED_CAPACITY);
+            let task = tokio::spawn(feeds::follow_status(
+                self.clone(),
+                run.clone(),
+                Start {
+                    after,
+                    live_from: last,
+                },
+                wake,
+                sender,
+            ));
+            Ok(feed.keep(Arc::new((
+                runstate_core::events::AbortOnDrop(task.abort_handle()),
+                registration,
+            ))))
+        };
+        outcome
+            .await
+            .map_err(|e: Error| e.with_operation(Operation::Subscribe).with_run(run))
+    }
+
+    async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
+        let backend = self.inner.backend();
+        let context = |e: Error| {
+            e.with_backend(backend)
+                .with_operation(Operation::Mark)
+                .with_run(run)
+        };
+        check_label("task", task).map_err(context)?;
+        let value = timestamp_text(at).map_err(context)?;
+        self.inner
+            .set_milestone(run, TIMESTAMPS, task, &value)
+            .await
+            .map_err(context)
+    }
+
+    async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
+        let backend = self.inner.backend();
+        let context = |e: Error| {
+            e.with_backend(backend)
+                .with_operation(Operation::Mark)
+                .with_run(run)
+        };
+        check_label("attribute", name).map_err(context)?;
+        check_text("attribute value", value).map_err(context)?;
+        self.inner
+            .set_milestone(run, ATTRS, name, value)
+            .await
+            .map_err(context)
+    }
+
+    async fn milestones(&self, run: &RunId) -> Result<Milestones> {
+        self.inner
+            .milestones(run)
+            .await
+            .map_err(|e| e.with_operation(Operation::Milestones).with_run(run))
     }
 }
 
@@ -1074,7 +1942,8 @@ impl Lock for SqlStore {
         let inner = &self.inner;
         let key = lease.key();
         let issued = Instant::now();
-        let ttl_ms = check_ttl(inner.dialect, key, ttl)?;
+        let ttl_ms =
+            ttl_ms(inner.dialect, key, ttl).map_err(|e| e.with_operation(Operation::Renew))?;
         let fence = i64::try_from(lease.fence().get()).unwrap_or(i64::MAX);
         let done = inner
             .execute_lease(
@@ -1127,12 +1996,12 @@ impl Lock for SqlStore {
             }
             let fence = i64::try_from(holder.fence.get()).unwrap_or(i64::MAX);
             let done = inner
-                .execute_lease(
+                .affected_lease(
                     &inner.sql.break_fence,
                     &[P::T(key.run().as_str()), P::T(lock_doc(key)), P::I(fence)],
                 )
                 .await?;
-            if done.rows_affected() == 0 {
+            if done == 0 {
                 return Ok(None);
             }
             tracing::warn!(
@@ -1181,7 +2050,12 @@ impl Lock for SqlStore {
             .collect()
     }
 
+    /// Waits for a release of `key` made through this store (any
+    /// dialect) or, in PostgreSQL, announced by any process (`NOTIFY`),
+    /// or `max`.
     async fn wait_for_release(&self, key: &LockKey, max: Duration) {
+        #[cfg(feature = "postgres")]
+        let _listening = self.inner.hub.as_ref().map(|hub| hub.hold());
         self.inner.signals.wait(key, max).await;
     }
 
@@ -1219,5 +2093,42 @@ impl Lock for SqlStore {
             .map_err(|e| e.at_doc(Operation::SaveAndRelease, run, doc));
         self.inner.signals.released(lease.key());
         outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_and_parse_weppcloud_strings() {
+        let at = SystemTime::UNIX_EPOCH + Duration::new(1_795_000_000, 5);
+        let text = timestamp_text(at).expect("after 1970");
+        assert_eq!(text, "1795000000.000000005");
+        assert_eq!(parse_timestamp(&text), Some(at));
+        for (text, expected) in [
+            ("1795000100", Some(Duration::from_secs(1_795_000_100))),
+            (
+                "1795000100.5",
+                Some(Duration::from_millis(1_795_000_100_500)),
+            ),
+            ("1.1234567891", Some(Duration::new(1, 123_456_789))),
+            ("", None),
+            ("abc", None),
+            ("1.-5", None),
+            ("-1.5", None),
+        ] {
+            assert_eq!(
+                parse_timestamp(text),
+                expected.map(|d| SystemTime::UNIX_EPOCH + d),
+                "{text:?}"
+            );
+        }
+        assert_eq!(
+            timestamp_text(SystemTime::UNIX_EPOCH - Duration::from_secs(1))
+                .expect_err("before 1970")
+                .kind(),
+            ErrorKind::InvalidArgument
+        );
     }
 }

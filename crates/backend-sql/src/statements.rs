@@ -4,6 +4,22 @@
 //! Time comes from the database's clock only: `{NOW}` is the current time
 //! in milliseconds since the epoch by the server (`clock_timestamp()` in
 //! PostgreSQL, `NOW(6)` in MySQL, `julianday('now')` in SQLite).
+//!
+//! In PostgreSQL every statement that changes a document or frees a lock
+//! also calls `pg_notify` on the store's channel (see [`channel`]) in a CTE
+//! of its own, so the notification costs no round trip and, being sent at
+//! commit, exactly when the change is visible. Payloads (run ids and
+//! document names never contain a space):
+//!
+//! | payload | meaning |
+//! |---|---|
+//! | `c <run> <doc> <version>` | a document was written |
+//! | `d <run> <doc>` | a document was deleted |
+//! | `r <run> <doc>` | a lock was released or broken (`<doc>` empty for a run lock) |
+//! | `s <run> <seq>` | status message `<seq>` was published |
+//!
+//! Those statements return the affected row count as their first column
+//! ([`Stmt::counted`]) instead of a command tag.
 
 use std::sync::Arc;
 
@@ -17,6 +33,22 @@ pub(crate) struct Stmt {
     /// Shared, so handing it to sqlx on every call copies nothing.
     pub(crate) sql: Arc<str>,
     pub(crate) order: Vec<u8>,
+    /// The statement reports the rows it changed as its first column (a
+    /// PostgreSQL CTE that also notifies), not in its command tag.
+    pub(crate) counted: bool,
+}
+
+impl Stmt {
+    fn counted(mut self) -> Stmt {
+        self.counted = true;
+        self
+    }
+}
+
+/// The PostgreSQL channel of the store with `prefix`: every change of its
+/// documents and locks is announced there.
+pub(crate) fn channel(prefix: &str) -> String {
+    format!("{prefix}events")
 }
 
 /// The statements of one store.
@@ -50,6 +82,31 @@ pub(crate) struct Statements {
     pub(crate) lease_is_current: Stmt,
     /// Fenced writes, indexed by [`FencedKind`] and whether they release.
     pub(crate) fenced: [[Stmt; 2]; 3],
+    /// A read that sends the bytes only when the version differs.
+    pub(crate) get_if_changed: Stmt,
+    /// PostgreSQL: raise the watermark and read, one statement; MySQL: the
+    /// procedure doing the same; SQLite: unused (see `mark`).
+    pub(crate) claim: Stmt,
+    /// SQLite: raise a watermark unless it is above the fence, returning
+    /// the fence when it was raised (or equal).
+    pub(crate) mark: Stmt,
+    /// Writes under a foreign lease, indexed by [`FencedKind`]: PostgreSQL
+    /// one statement each, MySQL one procedure; SQLite: `mark` and a plain
+    /// write in one transaction.
+    pub(crate) foreign: [Stmt; 3],
+    /// PostgreSQL: a status message in one statement; MySQL: the
+    /// procedure; SQLite: `status_next`, `status_insert`, `status_trim`.
+    pub(crate) publish: Stmt,
+    pub(crate) status_next: Stmt,
+    pub(crate) status_insert: Stmt,
+    pub(crate) status_trim: Stmt,
+    /// A run's messages after a sequence number, in order.
+    pub(crate) status_since: Stmt,
+    /// The last sequence number given out for a run.
+    pub(crate) status_last: Stmt,
+    pub(crate) set_milestone: Stmt,
+    pub(crate) milestones: Stmt,
+    pub(crate) delete_milestones: Stmt,
 }
 
 /// The mode of a fenced write.
@@ -58,6 +115,16 @@ pub(crate) enum FencedKind {
     Overwrite = 0,
     Create = 1,
     Update = 2,
+}
+
+impl FencedKind {
+    pub(crate) fn of(mode: &runstate_core::PutMode) -> FencedKind {
+        match mode {
+            runstate_core::PutMode::Overwrite => FencedKind::Overwrite,
+            runstate_core::PutMode::Create => FencedKind::Create,
+            runstate_core::PutMode::Update(_) => FencedKind::Update,
+        }
+    }
 }
 
 /// Numbered placeholders for PostgreSQL (bound 1..=max), `?` elsewhere
@@ -90,8 +157,39 @@ fn placeholders(dialect: Dialect, sql: &str) -> Stmt {
     Stmt {
         sql: out.into(),
         order,
+        counted: false,
     }
 }
+
+/// PostgreSQL: `write` (ending in `RETURNING` the columns `notify` reads)
+/// and a `pg_notify` per returned row, answering the row count.
+fn notifying(write: &str, notify: &str) -> String {
+    format!(
+        "WITH w AS ({write}), n AS (SELECT pg_notify({{CH}}, {notify}) FROM w) \
+         SELECT (SELECT count(*) FROM w), (SELECT count(*) FROM n)"
+    )
+}
+
+const CHANGED: &str = "'c ' || run || ' ' || name || ' ' || version";
+const DELETED: &str = "'d ' || run || ' ' || name";
+const RELEASED: &str = "'r ' || run || ' ' || doc";
+
+/// A grant in PostgreSQL and SQLite, with binds $1 run, $2 lock doc, $3
+/// owner, $4 owner id, $5 TTL in ms: inserts the lease row, or takes it
+/// over when it is free (released or expired: a new grant, fence + 1), or
+/// when the same owner id holds it (acquire is idempotent by owner: a live
+/// grant of that owner is returned again with the same fence and `since`,
+/// its expiry restarted; an expired one is a new grant). `SET` expressions
+/// read the row as it was before the update.
+const GRANT: &str = "INSERT INTO {L} AS l (run, doc, owner, owner_id, fence, since_ms, expires_at_ms) \
+     VALUES ($1, $2, $3, $4, 1, {NOW}, {NOW} + $5) \
+     ON CONFLICT (run, doc) DO UPDATE SET owner = excluded.owner, owner_id = excluded.owner_id, \
+     fence = CASE WHEN l.owner_id = excluded.owner_id AND l.expires_at_ms > excluded.since_ms \
+       THEN l.fence ELSE l.fence + 1 END, \
+     since_ms = CASE WHEN l.owner_id = excluded.owner_id AND l.expires_at_ms > excluded.since_ms \
+       THEN l.since_ms ELSE excluded.since_ms END, \
+     expires_at_ms = excluded.expires_at_ms \
+     WHERE l.expires_at_ms IS NULL OR l.expires_at_ms <= excluded.since_ms OR l.owner_id = excluded.owner_id";
 
 pub(crate) fn now_ms(dialect: Dialect) -> &'static str {
     match dialect {
@@ -113,6 +211,12 @@ impl Statements {
     pub(crate) fn new(dialect: Dialect, prefix: &str) -> Self {
         let d = format!("{prefix}documents");
         let l = format!("{prefix}leases");
+        let w = format!("{prefix}watermarks");
+        let st = format!("{prefix}status");
+        let q = format!("{prefix}status_seq");
+        let m = format!("{prefix}milestones");
+        let ch = format!("'{}'", channel(prefix));
+        let pg = dialect == Dialect::Postgres;
         let now = now_ms(dialect);
         let upd = updated_at(dialect);
         // Fill in tables and clock; numbered placeholders become `?` outside
@@ -123,6 +227,11 @@ impl Statements {
                 dialect,
                 &sql.replace("{D}", &d)
                     .replace("{L}", &l)
+                    .replace("{W}", &w)
+                    .replace("{S}", &st)
+                    .replace("{Q}", &q)
+                    .replace("{M}", &m)
+                    .replace("{CH}", &ch)
                     .replace("{NOW}", now)
                     .replace("{UPD}", upd)
                     .replace("{P}", prefix),
@@ -139,39 +248,75 @@ impl Statements {
             }
         };
         let insert = "INSERT INTO {D} (run, name, version, bytes, size, updated_at) VALUES ($1, $2, $3, $4, $5, {UPD})";
+        // A write that notifies in PostgreSQL; as it is elsewhere.
+        let announced = |sql: &str, returning: &str, notify: &str| {
+            if pg {
+                t(&notifying(&format!("{sql} RETURNING {returning}"), notify)).counted()
+            } else {
+                t(sql)
+            }
+        };
+        let put_update = "UPDATE {D} SET version = $3, bytes = $4, size = $5, updated_at = {UPD} \
+                          WHERE run = $1 AND name = $2 AND version = $6";
+        let free = |condition: &str| {
+            announced(
+                &format!("UPDATE {{L}} SET expires_at_ms = NULL WHERE {condition}"),
+                "run, doc",
+                RELEASED,
+            )
+        };
+        let raise = "INSERT INTO {W} AS w (run, doc, fence) VALUES ($1, $2, $3) \
+                     ON CONFLICT (run, doc) DO UPDATE SET fence = excluded.fence \
+                     WHERE w.fence <= excluded.fence";
         Statements {
             get: t(
                 "SELECT version, size, CASE WHEN size <= $3 THEN bytes END FROM {D} WHERE run = $1 AND name = $2",
             ),
             get_unlimited: t("SELECT version, bytes FROM {D} WHERE run = $1 AND name = $2"),
-            put_overwrite: t(&format!("{insert} {upsert_tail}")),
-            put_create: t(insert),
-            put_update: t(
-                "UPDATE {D} SET version = $3, bytes = $4, size = $5, updated_at = {UPD} \
-                           WHERE run = $1 AND name = $2 AND version = $6",
+            put_overwrite: announced(
+                &format!("{insert} {upsert_tail}"),
+                "run, name, version",
+                CHANGED,
             ),
-            delete: t("DELETE FROM {D} WHERE run = $1 AND name = $2"),
-            delete_if: t("DELETE FROM {D} WHERE run = $1 AND name = $2 AND version = $3"),
+            put_create: announced(insert, "run, name, version", CHANGED),
+            put_update: announced(put_update, "run, name, version", CHANGED),
+            delete: announced(
+                "DELETE FROM {D} WHERE run = $1 AND name = $2",
+                "run, name",
+                DELETED,
+            ),
+            delete_if: announced(
+                "DELETE FROM {D} WHERE run = $1 AND name = $2 AND version = $3",
+                "run, name",
+                DELETED,
+            ),
             exists: t("SELECT version FROM {D} WHERE run = $1 AND name = $2"),
             list_docs: t(
                 "SELECT name, version, size FROM {D} WHERE run = $1 AND name > $2 ORDER BY name LIMIT $3",
             ),
             list_runs: t("SELECT DISTINCT run FROM {D} WHERE run > $1 ORDER BY run LIMIT $2"),
-            delete_run: t("DELETE FROM {D} WHERE run = $1"),
+            // PostgreSQL deletes the run's milestones in the same
+            // statement; elsewhere a transaction runs `delete_milestones`
+            // too.
+            delete_run: if pg {
+                t(&format!(
+                    "WITH w AS (DELETE FROM {{D}} WHERE run = $1 RETURNING run, name), \
+                     gone AS (DELETE FROM {{M}} WHERE run = $1), \
+                     n AS (SELECT pg_notify({{CH}}, {DELETED}) FROM w) \
+                     SELECT (SELECT count(*) FROM w), (SELECT count(*) FROM n)"
+                ))
+                .counted()
+            } else {
+                t("DELETE FROM {D} WHERE run = $1")
+            },
             acquire: match dialect {
                 // $1 run, $2 doc, $3 owner, $4 owner id, $5 ttl ms.
-                Dialect::Postgres | Dialect::Sqlite => t(
-                    "INSERT INTO {L} AS l (run, doc, owner, owner_id, fence, since_ms, expires_at_ms) \
-                     VALUES ($1, $2, $3, $4, 1, {NOW}, {NOW} + $5) \
-                     ON CONFLICT (run, doc) DO UPDATE SET owner = excluded.owner, owner_id = excluded.owner_id, \
-                     fence = l.fence + 1, since_ms = excluded.since_ms, expires_at_ms = excluded.expires_at_ms \
-                     WHERE l.expires_at_ms IS NULL OR l.expires_at_ms <= excluded.since_ms \
-                     RETURNING fence, since_ms",
-                ),
+                Dialect::Postgres | Dialect::Sqlite => {
+                    t(&format!("{GRANT} RETURNING fence, since_ms"))
+                }
                 // MySQL has no RETURNING: the grant's fence (or 0 when the
                 // lock is held) comes back as LAST_INSERT_ID in the OK
-                // packet. Assignments run left to right, so expires_at_ms,
-                // which the condition reads, is assigned last.
+                // packet.
                 Dialect::MySql => t(&mysql_acquire("$1", "$2", "$3", "$4", "$5", now)),
             },
             acquire_and_load: match dialect {
@@ -180,29 +325,27 @@ impl Statements {
                 // holder (the CTEs see the snapshot from before the insert).
                 //
                 // The document is read only once the lease is granted (the
-                // EXISTS runs first) and with FOR SHARE, so it is the newest
-                // committed version even when the grant waited for the
-                // previous holder's save to commit (a plain read would see
-                // the statement's older snapshot), and rows are locked in
-                // the order save-and-release locks them: lease, then
-                // document.
-                Dialect::Postgres => t("WITH granted AS ( \
-                       INSERT INTO {L} AS l (run, doc, owner, owner_id, fence, since_ms, expires_at_ms) \
-                       VALUES ($1, $2, $3, $4, 1, {NOW}, {NOW} + $5) \
-                       ON CONFLICT (run, doc) DO UPDATE SET owner = excluded.owner, owner_id = excluded.owner_id, \
-                       fence = l.fence + 1, since_ms = excluded.since_ms, expires_at_ms = excluded.expires_at_ms \
-                       WHERE l.expires_at_ms IS NULL OR l.expires_at_ms <= excluded.since_ms \
-                       RETURNING fence, since_ms), \
-                     held AS (SELECT owner, fence, since_ms, expires_at_ms - {NOW} AS expires_in \
-                       FROM {L} WHERE run = $1 AND doc = $2), \
+                // EXISTS runs first) and with FOR SHARE, so that a row the
+                // previous holder updated is read in its newest committed
+                // version even when the grant waited for that holder's
+                // save to commit (a plain read would see the statement's
+                // older snapshot), and rows are locked in the order
+                // save-and-release locks them: lease, then document. A row
+                // that holder *inserted* is not in the snapshot at all, so
+                // the caller reads an absent document again.
+                Dialect::Postgres => t(&format!(
+                    "WITH granted AS ({GRANT} RETURNING fence, since_ms), \
+                     held AS (SELECT owner, fence, since_ms, expires_at_ms - {{NOW}} AS expires_in \
+                       FROM {{L}} WHERE run = $1 AND doc = $2), \
                      loaded AS (SELECT version, size, CASE WHEN size <= $7 THEN bytes END AS bytes \
-                       FROM {D} WHERE run = $1 AND name = $6 AND EXISTS (SELECT 1 FROM granted) FOR SHARE) \
+                       FROM {{D}} WHERE run = $1 AND name = $6 AND EXISTS (SELECT 1 FROM granted) FOR SHARE) \
                      SELECT g.fence, g.since_ms, h.owner, h.fence, h.since_ms, h.expires_in, \
                        d.version, d.size, d.bytes \
                      FROM (SELECT 1 AS one) one \
                      LEFT JOIN granted g ON true \
                      LEFT JOIN held h ON g.fence IS NULL \
-                     LEFT JOIN loaded d ON true"),
+                     LEFT JOIN loaded d ON true"
+                )),
                 Dialect::MySql => t("CALL {P}acquire_and_load($1, $2, $3, $4, $5, $6, $7)"),
                 Dialect::Sqlite => Stmt::default(),
             },
@@ -212,12 +355,13 @@ impl Statements {
             ),
             renew: t("UPDATE {L} SET expires_at_ms = {NOW} + $5 \
                       WHERE run = $1 AND doc = $2 AND owner_id = $3 AND fence = $4 AND expires_at_ms > {NOW}"),
-            release: t("UPDATE {L} SET expires_at_ms = NULL \
-                        WHERE run = $1 AND doc = $2 AND owner_id = $3 AND fence = $4 AND expires_at_ms > {NOW}"),
-            release_lapsed: t("UPDATE {L} SET expires_at_ms = NULL \
-                               WHERE run = $1 AND doc = $2 AND owner_id = $3 AND fence = $4 AND expires_at_ms IS NOT NULL"),
-            break_fence: t("UPDATE {L} SET expires_at_ms = NULL \
-                            WHERE run = $1 AND doc = $2 AND fence = $3 AND expires_at_ms IS NOT NULL"),
+            release: free(
+                "run = $1 AND doc = $2 AND owner_id = $3 AND fence = $4 AND expires_at_ms > {NOW}",
+            ),
+            release_lapsed: free(
+                "run = $1 AND doc = $2 AND owner_id = $3 AND fence = $4 AND expires_at_ms IS NOT NULL",
+            ),
+            break_fence: free("run = $1 AND doc = $2 AND fence = $3 AND expires_at_ms IS NOT NULL"),
             list_locks: t(
                 "SELECT run, doc, owner, fence, since_ms, expires_at_ms - {NOW} FROM {L} \
                            WHERE expires_at_ms > {NOW} ORDER BY run, doc",
@@ -229,12 +373,79 @@ impl Statements {
             lease_is_current: t("SELECT fence FROM {L} \
                                  WHERE run = $1 AND doc = $2 AND owner_id = $3 AND fence = $4 AND expires_at_ms > {NOW}"),
             fenced: fenced_statements(dialect, &t, upsert_tail),
+            get_if_changed: t(
+                "SELECT version, size, CASE WHEN version <> $3 AND size <= $4 THEN bytes END \
+                 FROM {D} WHERE run = $1 AND name = $2",
+            ),
+            claim: match dialect {
+                // $1 run, $2 lock doc, $3 fence, $4 document (empty: none),
+                // $5 size limit. The read runs only once the watermark was
+                // raised, FOR SHARE as in acquire-and-load (a document
+                // updated by a save the raise waited for is read in its
+                // newest version; one *created* by it is not in the
+                // statement's snapshot, so the caller reads an absent
+                // document again).
+                Dialect::Postgres => t(&format!(
+                    "WITH mark AS ({raise} RETURNING 1 AS ok), \
+                     loaded AS (SELECT version, size, CASE WHEN size <= $5 THEN bytes END AS bytes \
+                       FROM {{D}} WHERE run = $1 AND name = $4 AND EXISTS (SELECT 1 FROM mark) FOR SHARE) \
+                     SELECT (SELECT count(*) FROM mark), d.version, d.size, d.bytes \
+                     FROM (SELECT 1 AS one) one LEFT JOIN loaded d ON true"
+                )),
+                Dialect::MySql => t("CALL {P}claim($1, $2, $3, $4, $5)"),
+                Dialect::Sqlite => Stmt::default(),
+            },
+            mark: t(&format!("{raise} RETURNING fence")),
+            foreign: foreign_statements(dialect, &t, upsert_tail),
+            publish: match dialect {
+                // $1 run, $2 topic, $3 text, $4 at (ms), $5 messages kept.
+                Dialect::Postgres => {
+                    t("WITH c AS (INSERT INTO {Q} AS q (run, seq) VALUES ($1, 1) \
+                       ON CONFLICT (run) DO UPDATE SET seq = q.seq + 1 RETURNING seq), \
+                     m AS (INSERT INTO {S} (run, seq, topic, body, at_ms) \
+                       SELECT $1, seq, $2, $3, $4 FROM c RETURNING seq), \
+                     trimmed AS (DELETE FROM {S} WHERE run = $1 AND seq <= (SELECT seq FROM c) - $5), \
+                     n AS (SELECT pg_notify({CH}, 's ' || $1 || ' ' || seq) FROM m) \
+                     SELECT (SELECT seq FROM m), (SELECT count(*) FROM n)")
+                }
+                Dialect::MySql => t("CALL {P}publish($1, $2, $3, $4, $5)"),
+                Dialect::Sqlite => Stmt::default(),
+            },
+            status_next: t("INSERT INTO {Q} AS q (run, seq) VALUES ($1, 1) \
+                            ON CONFLICT (run) DO UPDATE SET seq = q.seq + 1 RETURNING seq"),
+            status_insert: t(
+                "INSERT INTO {S} (run, seq, topic, body, at_ms) VALUES ($1, $2, $3, $4, $5)",
+            ),
+            status_trim: t("DELETE FROM {S} WHERE run = $1 AND seq <= $2"),
+            status_since: t(
+                "SELECT seq, topic, body, at_ms FROM {S} WHERE run = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            ),
+            status_last: t("SELECT seq FROM {Q} WHERE run = $1"),
+            set_milestone: t(match dialect {
+                Dialect::MySql => {
+                    "INSERT INTO {M} (run, kind, name, value) VALUES ($1, $2, $3, $4) \
+                     ON DUPLICATE KEY UPDATE value = VALUES(value)"
+                }
+                _ => {
+                    "INSERT INTO {M} (run, kind, name, value) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (run, kind, name) DO UPDATE SET value = excluded.value"
+                }
+            }),
+            milestones: t("SELECT kind, name, value FROM {M} WHERE run = $1"),
+            delete_milestones: t("DELETE FROM {M} WHERE run = $1"),
         }
     }
 }
 
 /// The MySQL acquire statement, with its five arguments as SQL
-/// expressions.
+/// expressions. A free lock (released or expired) is a new grant, fence +
+/// 1; a live grant of the same owner id is returned again (same fence and
+/// since, expiry restarted: acquire is idempotent by owner); any other
+/// holder leaves the row as it is and LAST_INSERT_ID at 0. Assignments run
+/// left to right on the updated row, so the fence, which the conditions
+/// decide, is assigned first and `expires_at_ms`, which they read, last
+/// (`owner_id` changes before it only when the lock was free, which the
+/// last condition tests first).
 fn mysql_acquire(
     run: &str,
     doc: &str,
@@ -244,15 +455,16 @@ fn mysql_acquire(
     now: &str,
 ) -> String {
     let free = "(expires_at_ms IS NULL OR expires_at_ms <= VALUES(since_ms))";
+    let mine = "(owner_id = VALUES(owner_id) AND expires_at_ms > VALUES(since_ms))";
     format!(
         "INSERT INTO {{L}} (run, doc, owner, owner_id, fence, since_ms, expires_at_ms) \
          VALUES ({run}, {doc}, {owner}, {owner_id}, LAST_INSERT_ID(1), {now}, {now} + {ttl}) \
          ON DUPLICATE KEY UPDATE \
+         fence = IF({free}, LAST_INSERT_ID(fence + 1), IF({mine}, LAST_INSERT_ID(fence), fence + LAST_INSERT_ID(0))), \
+         since_ms = IF({free}, VALUES(since_ms), since_ms), \
          owner = IF({free}, VALUES(owner), owner), \
          owner_id = IF({free}, VALUES(owner_id), owner_id), \
-         fence = IF({free}, LAST_INSERT_ID(fence + 1), fence + LAST_INSERT_ID(0)), \
-         since_ms = IF({free}, VALUES(since_ms), since_ms), \
-         expires_at_ms = IF({free}, VALUES(expires_at_ms), expires_at_ms)"
+         expires_at_ms = IF({free} OR {mine}, VALUES(expires_at_ms), expires_at_ms)"
     )
 }
 
@@ -286,17 +498,29 @@ fn fenced_statements(
             let insert = "INSERT INTO {D} (run, name, version, bytes, size, updated_at) \
                           SELECT $1, $2, $3, $4, $5, {UPD} WHERE EXISTS (SELECT 1 FROM lease)";
             let write = [
-                format!("{insert} {upsert_tail} RETURNING 1"),
-                format!("{insert} ON CONFLICT (run, name) DO NOTHING RETURNING 1"),
+                format!("{insert} {upsert_tail} RETURNING run, name, version"),
+                format!("{insert} ON CONFLICT (run, name) DO NOTHING RETURNING run, name, version"),
                 "UPDATE {D} SET version = $3, bytes = $4, size = $5, updated_at = {UPD} \
-                 WHERE run = $1 AND name = $2 AND version = $9 AND EXISTS (SELECT 1 FROM lease) RETURNING 1"
+                 WHERE run = $1 AND name = $2 AND version = $9 AND EXISTS (SELECT 1 FROM lease) \
+                 RETURNING run, name, version"
                     .to_owned(),
             ];
+            // The change, and a release, are announced in the statement.
             write.map(|w| {
                 [false, true].map(|release| {
+                    let (freed, count_freed) = if release {
+                        (
+                            ", freed AS (SELECT pg_notify({CH}, 'r ' || $1 || ' ' || $6) FROM lease)",
+                            ", (SELECT count(*) FROM freed)",
+                        )
+                    } else {
+                        ("", "")
+                    };
                     t(&format!(
-                        "WITH lease AS ({}), written AS ({w}) \
-                         SELECT (SELECT count(*) FROM lease), (SELECT count(*) FROM written)",
+                        "WITH lease AS ({}), written AS ({w}), \
+                         changed AS (SELECT pg_notify({{CH}}, {CHANGED}) FROM written){freed} \
+                         SELECT (SELECT count(*) FROM lease), (SELECT count(*) FROM written), \
+                         (SELECT count(*) FROM changed){count_freed}",
                         lease(release)
                     ))
                 })
@@ -350,6 +574,49 @@ fn fenced_statements(
     }
 }
 
+/// Writes under a lease granted by another lock service. Binds: $1 run,
+/// $2 name, $3 version, $4 bytes, $5 size, $6 lock doc, $7 fence, $8
+/// expected version (update), $9 mode (MySQL: 0 overwrite, 1 create, 2
+/// update).
+///
+/// PostgreSQL: one statement, whose first CTE raises the watermark (an
+/// upsert that takes the row only when its fence is not above the lease's,
+/// locking it until the commit) and whose write runs only if it did; the
+/// reply says which part refused. MySQL: a procedure doing the same in a
+/// transaction. SQLite: unused (`mark` and a plain write in a transaction).
+fn foreign_statements(dialect: Dialect, t: &dyn Fn(&str) -> Stmt, upsert_tail: &str) -> [Stmt; 3] {
+    match dialect {
+        Dialect::Postgres => {
+            let insert = "INSERT INTO {D} (run, name, version, bytes, size, updated_at) \
+                          SELECT $1, $2, $3, $4, $5, {UPD} WHERE EXISTS (SELECT 1 FROM mark)";
+            [
+                format!("{insert} {upsert_tail} RETURNING run, name, version"),
+                format!("{insert} ON CONFLICT (run, name) DO NOTHING RETURNING run, name, version"),
+                "UPDATE {D} SET version = $3, bytes = $4, size = $5, updated_at = {UPD} \
+                 WHERE run = $1 AND name = $2 AND version = $8 AND EXISTS (SELECT 1 FROM mark) \
+                 RETURNING run, name, version"
+                    .to_owned(),
+            ]
+            .map(|write| {
+                t(&format!(
+                    "WITH mark AS (INSERT INTO {{W}} AS w (run, doc, fence) VALUES ($1, $6, $7) \
+                       ON CONFLICT (run, doc) DO UPDATE SET fence = excluded.fence \
+                       WHERE w.fence <= excluded.fence RETURNING 1 AS ok), \
+                     written AS ({write}), \
+                     changed AS (SELECT pg_notify({{CH}}, {CHANGED}) FROM written) \
+                     SELECT (SELECT count(*) FROM mark), (SELECT count(*) FROM written), \
+                     (SELECT count(*) FROM changed)"
+                ))
+            })
+        }
+        Dialect::MySql => {
+            let call = t("CALL {P}foreign_put($1, $2, $3, $4, $5, $6, $7, $9, $8)");
+            [call.clone(), call.clone(), call]
+        }
+        Dialect::Sqlite => [Stmt::default(), Stmt::default(), Stmt::default()],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +642,18 @@ mod tests {
             assert!(s.get.sql.contains("zz_documents"));
             assert!(s.acquire.sql.contains("zz_leases"));
             assert!(!s.get.sql.contains("{D}") && !s.acquire.sql.contains("{NOW}"));
+            for stmt in [&s.release, &s.delete_run, &s.put_overwrite, &s.claim] {
+                assert!(!stmt.sql.contains('{'), "{}", stmt.sql);
+            }
+            assert_eq!(s.put_update.counted, dialect == Dialect::Postgres);
         }
+        let s = Statements::new(Dialect::Postgres, "zz_");
+        for stmt in s.fenced.iter().flatten().chain(&s.foreign) {
+            assert!(stmt.sql.contains("pg_notify('zz_events'"), "{}", stmt.sql);
+        }
+        assert!(s.fenced[0][1].sql.contains("'r ' ||"));
+        assert!(!s.fenced[0][0].sql.contains("'r ' ||"));
+        let s = Statements::new(Dialect::MySql, "zz_");
+        assert_eq!(s.foreign[2].order, vec![1, 2, 3, 4, 5, 6, 7, 9, 8]);
     }
 }

@@ -6,8 +6,34 @@
 use std::sync::Arc;
 
 use runstate_conformance::Harness;
-use runstate_core::{Error, Lock, async_trait};
+use runstate_core::{DocName, Error, ErrorKind, Lock, RunId, async_trait};
 use runstate_sql::{SqlConfig, SqlStore};
+use sqlx::{Connection, Executor};
+
+/// Runs `statements` on a connection of its own to `url` (sqlx directly,
+/// not the store: this is the harness reaching behind the store's back).
+async fn raw_execute(url: &str, statements: &[String]) -> Result<(), Error> {
+    let failed =
+        |e: sqlx::Error| Error::new(ErrorKind::Backend, "staging SQL failed").with_source(e);
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await.map_err(failed)?;
+    for statement in statements {
+        conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone())))
+            .await
+            .map_err(failed)?;
+    }
+    conn.close().await.map_err(failed)
+}
+
+/// The condition "this row is `run`/`doc`" in SQL. Ids are made of
+/// `[A-Za-z0-9._-]`, so they need no quoting beyond the quotes.
+fn is_row(run: &RunId, doc: &DocName, row: &str) -> String {
+    format!(
+        "{row}run = '{}' AND {row}name = '{}'",
+        run.as_str(),
+        doc.as_str()
+    )
+}
 
 async fn open_server(var: &str, namespace: &str) -> Result<Option<SqlStore>, Error> {
     let Ok(url) = std::env::var(var) else {
@@ -42,6 +68,28 @@ macro_rules! server_harness {
                     }
                     Ok(())
                 }
+
+                /// A CHECK constraint refusing that row, as a server
+                /// refusing the write would; dropped with the table.
+                async fn make_unwritable(
+                    namespace: &str,
+                    run: &RunId,
+                    doc: &DocName,
+                ) -> Result<bool, Error> {
+                    let Ok(url) = std::env::var($var) else {
+                        return Ok(false);
+                    };
+                    raw_execute(
+                        &url,
+                        &[format!(
+                            "ALTER TABLE {namespace}_documents ADD CONSTRAINT {namespace}_unwritable \
+                             CHECK (NOT ({}))",
+                            is_row(run, doc, "")
+                        )],
+                    )
+                    .await?;
+                    Ok(true)
+                }
             }
 
             runstate_conformance::suite!($name);
@@ -69,6 +117,25 @@ mod sqlite {
         async fn open(namespace: &str) -> Result<Option<Arc<dyn Lock>>, Error> {
             let url = format!("sqlite://{}", path(namespace).display());
             Ok(Some(Arc::new(SqlStore::connect(&url).await?)))
+        }
+
+        /// Triggers aborting any insert or update of that row.
+        async fn make_unwritable(
+            namespace: &str,
+            run: &RunId,
+            doc: &DocName,
+        ) -> Result<bool, Error> {
+            let url = format!("sqlite://{}", path(namespace).display());
+            let table = format!("{}documents", runstate_sql::DEFAULT_PREFIX);
+            let statements = ["INSERT", "UPDATE"].map(|event| {
+                format!(
+                    "CREATE TRIGGER unwritable_{event} BEFORE {event} ON {table} \
+                     WHEN {} BEGIN SELECT RAISE(ABORT, 'unwritable'); END",
+                    is_row(run, doc, "NEW.")
+                )
+            });
+            raw_execute(&url, &statements).await?;
+            Ok(true)
         }
 
         async fn cleanup(namespace: &str) -> Result<(), Error> {
