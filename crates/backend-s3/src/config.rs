@@ -13,6 +13,7 @@
 //! | `retries` | 3 | retries of a failed request (transient errors only) |
 //! | `probe` | `true` | check on open that the server honours conditional writes |
 //! | `skew_pct` | 10 | clock-skew margin of lease expiry, in percent of the TTL |
+//! | `watch_ms` | 1000 | how often a [`watch`](runstate_core::Store::watch) lists the run (S3 has no change channel); at least 1 |
 //!
 //! Credentials come from the standard AWS environment variables
 //! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, …)
@@ -20,11 +21,15 @@
 //! never appear in `Debug`, `Display` or errors.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use object_store::aws::AmazonS3Builder;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 use runstate_core::{Error, ErrorKind};
 
 use crate::BACKEND;
+use crate::errors::map_error;
 
 /// Settings of an [`S3Store`](crate::S3Store).
 ///
@@ -46,6 +51,7 @@ pub struct S3Config {
     pub(crate) retries: usize,
     pub(crate) probe: bool,
     pub(crate) skew_pct: u32,
+    pub(crate) watch_interval: Duration,
 }
 
 fn config_error(message: impl Into<String>) -> Error {
@@ -87,6 +93,7 @@ impl S3Config {
             retries: 3,
             probe: true,
             skew_pct: 10,
+            watch_interval: Duration::from_secs(1),
         }
     }
 
@@ -136,10 +143,14 @@ impl S3Config {
                     config.skew_pct =
                         u32::try_from(parse_number(&name, &value)?).unwrap_or(u32::MAX)
                 }
+                "watch_ms" => {
+                    config.watch_interval =
+                        Duration::from_millis(parse_number(&name, &value)?.max(1));
+                }
                 other => {
                     return Err(config_error(format!(
                         "unknown S3 URL option {other:?} (known: endpoint, region, allow_http, ext, \
-                         timeout_ms, retries, probe, skew_pct)"
+                         timeout_ms, retries, probe, skew_pct, watch_ms)"
                     )));
                 }
             }
@@ -191,6 +202,70 @@ impl S3Config {
     pub fn with_probe(mut self, probe: bool) -> Self {
         self.probe = probe;
         self
+    }
+
+    /// Sets how many times a failed request is retried (transient errors
+    /// only).
+    pub fn with_retries(mut self, retries: usize) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// Sets the clock-skew margin of lease expiry, in percent of the TTL
+    /// (see [the expiry rule](crate#lease-expiry)).
+    pub fn with_skew_pct(mut self, skew_pct: u32) -> Self {
+        self.skew_pct = skew_pct;
+        self
+    }
+
+    /// Sets how often a [`watch`](runstate_core::Store::watch) lists the
+    /// run (at least 1 ms): S3 has no change channel, so a watch polls.
+    pub fn with_watch_interval(mut self, every: Duration) -> Self {
+        self.watch_interval = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Builds the object_store S3 client these settings describe, the one
+    /// [`S3Store::open`](crate::S3Store::open) uses: bucket, endpoint,
+    /// region, `allow_http`, per-request timeout and retries, credentials
+    /// from the AWS environment. Wrap it (in a limit, a tracing or a
+    /// fault-injecting [`ObjectStore`]) and hand it to
+    /// [`S3Store::from_object_store`](crate::S3Store::from_object_store).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] when object_store refuses the settings.
+    pub fn object_store(&self) -> Result<Arc<dyn ObjectStore>, Error> {
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(&self.bucket);
+        if let Some(endpoint) = &self.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(region) = &self.region {
+            builder = builder.with_region(region);
+        }
+        let client = ClientOptions::new()
+            .with_timeout(self.timeout)
+            .with_connect_timeout(self.timeout.min(Duration::from_secs(5)))
+            .with_allow_http(self.allow_http);
+        let retry = RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: self.retries,
+            retry_timeout: self
+                .timeout
+                .saturating_mul(u32::try_from(self.retries.saturating_add(1)).unwrap_or(u32::MAX)),
+        };
+        let store = builder
+            .with_client_options(client)
+            .with_retry(retry)
+            .build()
+            .map_err(map_error)?;
+        Ok(Arc::new(store))
+    }
+
+    /// The bound on one call of the store: the per-request timeout times
+    /// the retries plus two, so object_store's own retries finish first.
+    pub(crate) fn bound(&self) -> Duration {
+        self.timeout
+            .saturating_mul(u32::try_from(self.retries.saturating_add(2)).unwrap_or(u32::MAX))
     }
 
     /// The bucket.
@@ -264,6 +339,7 @@ impl fmt::Debug for S3Config {
             .field("retries", &self.retries)
             .field("probe", &self.probe)
             .field("skew_pct", &self.skew_pct)
+            .field("watch_interval", &self.watch_interval)
             .field("AWS_SECRET_ACCESS_KEY", &present("AWS_SECRET_ACCESS_KEY"))
             .field("AWS_SESSION_TOKEN", &present("AWS_SESSION_TOKEN"))
             .finish()
@@ -276,7 +352,7 @@ mod tests {
 
     #[test]
     fn parses_the_documented_form() {
-        let c = S3Config::from_url("s3://b/p/q?endpoint=http://127.0.0.1:9000&region=eu-west-1&allow_http=true&ext=nodb&timeout_ms=500&retries=1&probe=false").unwrap();
+        let c = S3Config::from_url("s3://b/p/q?endpoint=http://127.0.0.1:9000&region=eu-west-1&allow_http=true&ext=nodb&timeout_ms=500&retries=1&probe=false&watch_ms=250").unwrap();
         assert_eq!(
             (c.bucket.as_str(), c.prefix.as_str(), c.ext.as_str()),
             ("b", "p/q", "nodb")
@@ -284,8 +360,12 @@ mod tests {
         assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         assert!(c.allow_http && !c.probe);
         assert_eq!((c.timeout, c.retries), (Duration::from_millis(500), 1));
+        assert_eq!(c.watch_interval, Duration::from_millis(250));
         let c = S3Config::from_url("s3://only-bucket").unwrap();
         assert_eq!(c.prefix, "");
+        assert_eq!(c.watch_interval, Duration::from_secs(1));
+        let c = S3Config::from_url("s3://b?watch_ms=0").unwrap();
+        assert_eq!(c.watch_interval, Duration::from_millis(1), "at least 1 ms");
     }
 
     #[test]
@@ -297,6 +377,7 @@ mod tests {
             ("s3://b/p?bogus=1", "unknown S3 URL option"),
             ("s3://key:secret@b/p", "environment variables"),
             ("s3://b/p?ext=../x", "extension"),
+            ("s3://b/p?watch_ms=soon", "watch_ms"),
         ] {
             let err = S3Config::from_url(url).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Config, "{url}");

@@ -17,11 +17,22 @@
 //! a compare-and-swap; fences increase by one per grant and a released lease
 //! keeps its fence.
 //!
+//! **Idempotent by owner.** An acquire that finds a live grant of its own
+//! owner id returns that grant (same fence, same `since`) after renewing it
+//! with a conditional write, so a retry after a lost grant reply does not
+//! wait a TTL behind itself. Since every body is distinct (the nonce), a
+//! conditional write refused after object_store retried it (5xx, then
+//! `412`) is recognised as applied when the object holds exactly the body
+//! it wrote: for grants, renewals and releases alike.
+//!
 //! **Expiry rule.** S3 offers no server clock to compare with, and object
 //! timestamps must not be compared with a client's wall clock. A waiter
 //! therefore judges a held lease by its own monotonic clock: the lease
 //! version (ETag) it sees expires `ttl × (1 + skew)` after the moment this
-//! store first saw that version (or wrote it). A renewal writes a new
+//! store first saw that version (or wrote it). A version is seen when the
+//! response carrying it has arrived, never when the request was sent: a
+//! read held up in the network or retried by object_store may return a
+//! lease granted long after it was asked for. A renewal writes a new
 //! version, which restarts the wait. A waiter that sees a lease for the
 //! first time thus waits a full TTL (plus the skew margin) before taking it
 //! over, however old the lease is; the holder's own deadline, counted from
@@ -54,6 +65,12 @@ pub(crate) struct LeaseBody {
 
 fn nonce() -> String {
     format!("{:016x}", fastrand::u64(..))
+}
+
+/// The nonce of one document write: 128 random bits, so no two writes
+/// anywhere share one.
+pub(crate) fn write_nonce() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
 impl LeaseBody {

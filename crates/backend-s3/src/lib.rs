@@ -17,50 +17,171 @@
 //!
 //! ## Layout
 //!
-//! ```text
-//! s3://bucket/prefix/<run>/<name>.<ext>                  exactly the saved bytes
-//! s3://bucket/prefix/.runstate/locks/<run>/run.lease      lease of the run lock
-//! s3://bucket/prefix/.runstate/locks/<run>/doc.<name>.lease
-//! s3://bucket/prefix/.runstate/probe/…                   scratch keys of the probe
-//! ```
+//! | object | what it holds |
+//! |---|---|
+//! | `prefix/<run>/<name>.<ext>` | a document: exactly the saved bytes |
+//! | `prefix/.runstate/locks/<run>/run.lease` | the lease of the run lock (JSON) |
+//! | `prefix/.runstate/locks/<run>/doc.<name>.lease` | the lease of a document lock (JSON) |
+//! | `prefix/.runstate/milestones/<run>.json` | the run's milestones and attributes (JSON) |
+//! | `prefix/.runstate/probe/…` | scratch keys of the conditional-write probe |
+//!
+//! URL options are listed in [`S3Config`]'s module documentation
+//! (`s3://bucket/prefix?endpoint=…&watch_ms=…`).
+//!
+//! Only objects named `<name>.<ext>` directly in a run's folder, with a
+//! valid document name, are documents. Anything else under the prefix
+//! (model outputs, other extensions, nested folders) is left alone by every
+//! operation except [`S3Store::purge_prefix`].
+//!
+//! ## Any object store
+//!
+//! [`S3Store::open`] builds the S3 client from an [`S3Config`];
+//! [`S3Store::from_object_store`] opens the store on any
+//! [`ObjectStore`] instead: an S3 client the caller built or wrapped (a
+//! limit, tracing, fault injection), or object_store's
+//! [`InMemory`](object_store::memory::InMemory), which honours conditional
+//! puts and conditional reads and passes the whole conformance suite but
+//! the multi-process cases (it lives in one process). The probe runs the same
+//! way on either.
 //!
 //! ## What is guaranteed, exactly
 //!
 //! - `Create` is `If-None-Match: *`, `Update(version)` is `If-Match`
 //!   with the version's ETag: both atomic on the server.
+//! - **A write reported as failed is recognised when it happened.** Every
+//!   document write carries a random nonce in the object's user metadata
+//!   (`x-amz-meta-runstate-nonce`). When a conditional write is refused
+//!   (`412`), or its outcome is unknown (a transport error, a timeout), the
+//!   store reads the document's metadata back (one `HEAD`): if it carries
+//!   this write's nonce, the write was applied (S3 answered 5xx to a PUT it
+//!   applied and object_store's retry got `412`, or a reply was lost) and
+//!   the call succeeds with its version; a typed update therefore never
+//!   applies its closure twice. The same bytes written by anyone else
+//!   carry another nonce and are not taken for this write. When the
+//!   metadata cannot be read back after a refusal, the error is a
+//!   retryable `Backend` error (outcome unknown), never `Precondition`.
+//!   The one case it cannot recognise: a writer that does not take the
+//!   lock overwrites the applied try before the read back (then the write
+//!   is reported refused although it happened once); fenced writers of
+//!   the same lock cannot, as the lease is still held.
 //! - Conditional deletes are not offered ([`Capabilities::conditional_delete`]
 //!   is `false`; they fail with `Unsupported`).
 //! - Leases are compare-and-swap writes of lease objects; expiry follows the
-//!   waiter's monotonic clock (see [`leases`](crate#lease-expiry)).
+//!   waiter's monotonic clock (see [`leases`](crate#lease-expiry)). TTLs
+//!   outside 1 ms ..= [`MAX_TTL`](runstate_core::MAX_TTL) are refused with
+//!   `InvalidArgument` before anything is sent.
+//! - **Acquire is idempotent by owner**: the owner id that holds a live
+//!   grant gets that grant back from `try_acquire` / `acquire_and_load`
+//!   (same fence, same `since`), its TTL restarted by a conditional write of
+//!   the lease object. A retry after a lost grant reply thus gets its grant
+//!   instead of waiting a TTL behind itself. A renewal or release whose
+//!   reply was lost is recognised the same way (the lease object holds
+//!   exactly the body it wrote).
 //! - **Fencing is [`Fencing::VersionOnly`]**: S3 cannot make a write
-//!   conditional on another object. A save under a lease is refused with
-//!   `Fenced` when the lease's own local deadline has passed or the lease
-//!   object is no longer the version this grant wrote (one `HEAD` just
-//!   before the write), and the write itself is always conditional on the
-//!   document's version (`If-Match` on the version loaded under the lease,
-//!   or on the version seen just before the write for an overwrite), so no
-//!   update is ever lost. What it cannot promise: a holder whose lease
-//!   expires in the instant between that check and its write still writes
-//!   if nobody changed the document meanwhile.
+//!   conditional on another object. A save under a lease is made in this
+//!   order: (1) the version the write will be conditional on is fixed: the
+//!   version loaded under the lease for `Update`, "absent" for `Create`,
+//!   and for `Overwrite` the document's version read now (one `HEAD`);
+//!   (2) the lease is checked: refused with `Fenced` when its own local
+//!   deadline has passed or the lease object is no longer the version this
+//!   grant wrote (one `HEAD`); (3) the write is conditional on the version
+//!   of (1) (`If-Match`, or `If-None-Match: *` when absent). A successor
+//!   can only save after taking the lease, which comes after (2) succeeded
+//!   for a stalled holder, so the successor's save changes the version and
+//!   the stalled write is refused; an overwrite refused that way starts
+//!   again from (1), so no write is ever conditional on a version read after
+//!   the last lease check. No update is ever lost. What it cannot promise:
+//!   a holder whose lease expires between (2) and (3) still writes if
+//!   nobody changed the document meanwhile. A fenced `Update` or `Create`
+//!   costs two requests (the lease `HEAD` and the PUT), an `Overwrite`
+//!   three; `save_and_release` adds the release's PUT.
+//! - `save_and_release` releases the lease whatever the save's outcome,
+//!   except when the save found the lease already lost (`Fenced`,
+//!   `LeaseLost`).
+//! - `delete_run` deletes only the run's documents; other objects in the
+//!   run's folder and the run's lease objects stay (fences keep
+//!   increasing). `list_runs` lists every folder under the prefix whose
+//!   name is a valid run id, including one left with no document; its
+//!   later pages come from the listing made for the first page (see
+//!   [`S3Store`]'s `list_runs`), so listing every run costs one listing.
 //! - A conditional-write probe runs on open (and on demand with
 //!   [`S3Store::doctor`]); on a server that ignores the conditional headers
-//!   the store refuses `Create`, `Update` and every lease operation with
-//!   `Unsupported` instead of pretending.
+//!   the store refuses `Create`, `Update`, every lease operation and
+//!   milestones with `Unsupported` instead of pretending.
+//!
+//! ## Split stores, cached reads, watching, status, milestones
+//!
+//! | capability | on S3 |
+//! |---|---|
+//! | `foreign_fencing` | `false` |
+//! | `native_conditional_get` | `true` |
+//! | `watch` | `Polling(watch_ms)`, 1 s by default |
+//! | `status` | `false` |
+//! | `milestones` | `true` (when the probe found conditional writes honoured) |
+//!
+//! - **No fence watermarks.** S3 cannot make a write conditional on
+//!   another object, so this store cannot keep a per-lock watermark
+//!   checked atomically with a document write. [`Store::claim`] and a put
+//!   with [`PutOptions::foreign_lease`] fail with `Unsupported` (the put
+//!   before anything is sent: never written unfenced). As the document
+//!   store of a split store it is therefore `VersionOnly`: a save is
+//!   conditional on the version loaded under the lease.
+//! - **Conditional reads are native**: [`Store::get_if_changed`] is one
+//!   `GET` with `If-None-Match: <ETag>`; an unchanged document is answered
+//!   `304 Not Modified`, without its bytes.
+//! - **Watching polls**: S3 has no change channel. [`Store::watch`] lists
+//!   the run every `watch_ms` and reports the differences
+//!   ([`poll_watch`]); writes superseded within one interval are reported
+//!   once, with the latest version. The first listing is made before
+//!   `watch` returns, so nothing written after it is missed.
+//! - **Waiting for a release** ([`Lock::wait_for_release`]) is woken by
+//!   releases made through the same store instance; S3 offers no
+//!   notification, so waiters in other processes (or other store
+//!   instances) poll, with their wait policy's backoff.
+//! - **No status messages** (`publish`, `subscribe` fail with
+//!   `Unsupported`). A replayable, ordered history needs an append; S3
+//!   objects can only be replaced. The designs that remain cost too much
+//!   for progress messages or are unsound: one object rewritten by
+//!   compare-and-swap serialises every publisher of a run on one object
+//!   and rewrites the whole history per message; one object per message
+//!   needs a sequence number that publishers race for (a conditional
+//!   create per try) and a `LIST` per subscriber per poll, and trimming it
+//!   needs deletes that race with readers. Use a split store whose status
+//!   service has a log (Redis streams, SQL), as WEPPcloud does.
+//! - **Milestones** ([`Store::mark`], [`Store::set_attr`],
+//!   [`Store::milestones`]): one JSON object per run,
+//!   `prefix/.runstate/milestones/<run>.json`,
+//!   `{"v":1,"timestamps":{"build_climate":"1795000000.25"},"attrs":{"has_sbs":"false"}}`
+//!   (timestamps are epoch seconds with up to nine decimals, as text, so
+//!   they come back exactly). It is changed only by compare-and-swap: read
+//!   it with its ETag, set the one field, write it with `If-Match` (or
+//!   `If-None-Match: *` when there is none), and on a refusal (someone set
+//!   another field meanwhile) read again and retry, with a jittered
+//!   backoff, up to 64 tries. Concurrent marks of different fields
+//!   therefore never lose one, without a document lock; a mark costs a
+//!   `GET` and a `PUT` when nobody else marks the same run at once.
+//!   [`Store::delete_run`] deletes it with the run's documents: it is run
+//!   metadata.
 //!
 //! ## Lease expiry
 //!
 //! A waiter never compares its wall clock with object timestamps: a held
 //! lease version (ETag) is expired `ttl × (1 + skew_pct / 100)` after this
-//! store first saw it (or wrote it). A store seeing a lease for the first
-//! time therefore waits a full TTL plus the margin before taking it over.
+//! store first saw it (or wrote it). "Saw" is when the response carrying
+//! that version arrived, not when the request was sent (object_store may
+//! retry a read for a long time, and the lease may have been written
+//! meanwhile). A store seeing a lease for the first time therefore waits a
+//! full TTL plus the margin before taking it over.
 
 #![forbid(unsafe_code)]
 
 mod config;
 mod errors;
 mod leases;
+mod milestones;
 mod probe;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -68,29 +189,48 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{StreamExt, TryStreamExt};
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode as OsPutMode,
-    PutOptions as OsPutOptions, PutPayload, RetryConfig, UpdateVersion,
+    Attribute, AttributeValue, Attributes, GetOptions as OsGetOptions, ObjectStore, ObjectStoreExt,
+    PutMode as OsPutMode, PutOptions as OsPutOptions, PutPayload, UpdateVersion,
 };
+use runstate_core::events::{check_label, check_text, poll_watch};
+use runstate_core::time::from_unix_millis;
 use runstate_core::{
-    Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fencing, GetOptions, Lease,
-    ListPage, Lock, LockInfo, LockKey, Operation, Owner, PutMode, PutOptions, ReleaseSignals,
-    Result, RunId, Store, StoredDoc, Version, async_trait,
+    Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fencing, Fetched, GetOptions,
+    Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
+    ReleaseSignals, Result, RunId, Store, StoredDoc, Version, WatchMode, Watcher, async_trait,
+    check_ttl,
 };
 
 pub use config::S3Config;
+/// The object_store crate this backend is built on, so a caller wrapping
+/// or building an [`ObjectStore`] for [`S3Store::from_object_store`] uses
+/// the same version.
+pub use object_store;
 pub use probe::ProbeReport;
 
 use crate::errors::{map_error, timed_out, unconditional_server};
 use crate::leases::{LeaseBody, Sightings, info};
+use crate::milestones::{MilestonesBody, format_time};
 
 /// The backend's name in errors and capabilities.
 pub const BACKEND: &str = "s3";
 
 /// The largest object a single PUT may write.
 const MAX_OBJECT: u64 = 5 * 1024 * 1024 * 1024;
+
+/// The user-metadata key (`x-amz-meta-runstate-nonce` on S3) of the random
+/// nonce every document write carries, so a write reported as failed can be
+/// recognised as applied (see [`Inner::write_doc`]).
+const NONCE_KEY: &str = "runstate-nonce";
+
+/// How long a listing of the runs serves later pages of a paging pass.
+const LISTING_FRESH: Duration = Duration::from_secs(30);
+
+/// Compare-and-swap tries of one milestone change before giving up (each
+/// lost try means another field of the run was changed meanwhile).
+const MILESTONE_TRIES: u32 = 64;
 
 /// The S3 backend. Cheap to clone; clones share the client.
 #[derive(Clone)]
@@ -109,8 +249,41 @@ struct Inner {
     /// The last lease object this store wrote at each path, so a lock it
     /// released can be taken again without reading it first.
     written: Mutex<HashMap<String, (String, LeaseBody)>>,
+    /// The last full listing of the runs, which serves the later pages of
+    /// a paging pass (see [`Store::list_runs`] on [`S3Store`]).
+    runs: Mutex<Option<RunListing>>,
     signals: ReleaseSignals,
     bound: Duration,
+}
+
+/// Every run, sorted, as listed at `taken`.
+struct RunListing {
+    runs: Arc<[RunId]>,
+    taken: Instant,
+}
+
+/// A document's metadata as read back: its version and the nonce of the
+/// write that made it (absent when it was not written by runstate).
+struct DocHead {
+    version: Version,
+    nonce: Option<String>,
+}
+
+/// How a document write failed.
+enum WriteError {
+    /// The server refused the write's condition, and the document read
+    /// back is not this write's: `now` is what is there (`None`: nothing).
+    Refused { error: Error, now: Option<DocHead> },
+    /// Any other failure, including an ambiguous one.
+    Failed(Error),
+}
+
+impl WriteError {
+    fn into_error(self) -> Error {
+        match self {
+            WriteError::Refused { error, .. } | WriteError::Failed(error) => error,
+        }
+    }
 }
 
 fn version_of(e_tag: Option<String>) -> Result<Version> {
@@ -120,50 +293,67 @@ fn version_of(e_tag: Option<String>) -> Result<Version> {
 }
 
 impl S3Store {
-    /// Builds the client and, unless disabled, probes whether the server
-    /// honours conditional writes.
+    /// Builds the S3 client [`S3Config::object_store`] describes and opens
+    /// the store on it (see [`from_object_store`](Self::from_object_store)).
     ///
     /// # Errors
     /// `Config` for bad settings; backend errors when the bucket cannot be
     /// reached during the probe.
     pub async fn open(config: S3Config) -> Result<S3Store> {
+        let store = config
+            .object_store()
+            .map_err(|e| e.with_operation(Operation::Open))?;
+        Self::from_object_store(store, config).await
+    }
+
+    /// Opens the store on any [`ObjectStore`]: an S3 client built by the
+    /// caller (or by [`S3Config::object_store`]) and wrapped as it likes,
+    /// or another store with conditional puts, such as
+    /// [`InMemory`](object_store::memory::InMemory) for tests.
+    ///
+    /// From `config` it uses the key prefix, the document extension, the
+    /// probe setting, the skew margin and the timeout and retries (which
+    /// bound each call: `timeout × (retries + 2)`); the bucket only names
+    /// the store in logs. The endpoint, region, credentials and the
+    /// client's own timeouts and retries are `store`'s. Unless disabled,
+    /// the conditional-write probe runs on `store` as in
+    /// [`open`](Self::open).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use runstate_core::Store;
+    /// use runstate_s3::object_store::memory::InMemory;
+    /// use runstate_s3::{S3Config, S3Store};
+    ///
+    /// # async fn example() -> runstate_core::Result<()> {
+    /// let config = S3Config::new("memory").with_prefix("lab")?;
+    /// let store = S3Store::from_object_store(Arc::new(InMemory::new()), config).await?;
+    /// assert!(store.capabilities().leases);
+    /// # Ok(()) }
+    /// # let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    /// # runtime.expect("a runtime").block_on(example()).expect("opens");
+    /// ```
+    ///
+    /// # Errors
+    /// Backend errors when the probe cannot run.
+    pub async fn from_object_store(
+        store: Arc<dyn ObjectStore>,
+        config: S3Config,
+    ) -> Result<S3Store> {
         let context = |e: Error| e.with_operation(Operation::Open);
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(&config.bucket);
-        if let Some(endpoint) = &config.endpoint {
-            builder = builder.with_endpoint(endpoint);
-        }
-        if let Some(region) = &config.region {
-            builder = builder.with_region(region);
-        }
-        let client = ClientOptions::new()
-            .with_timeout(config.timeout)
-            .with_connect_timeout(config.timeout.min(Duration::from_secs(5)))
-            .with_allow_http(config.allow_http);
-        let retry = RetryConfig {
-            backoff: BackoffConfig::default(),
-            max_retries: config.retries,
-            retry_timeout: config.timeout * u32::try_from(config.retries + 1).unwrap_or(u32::MAX),
-        };
-        let store: Arc<dyn ObjectStore> = Arc::new(
-            builder
-                .with_client_options(client)
-                .with_retry(retry)
-                .build()
-                .map_err(|e| context(map_error(e)))?,
-        );
         let root = if config.prefix.is_empty() {
             String::new()
         } else {
             format!("{}/", config.prefix)
         };
-        let bound = config.timeout * u32::try_from(config.retries + 2).unwrap_or(u32::MAX);
+        let bound = config.bound();
         let probe = if config.probe {
             let scratch = Path::from(format!("{root}.runstate/probe"));
-            let report = match tokio::time::timeout(bound * 4, probe::probe(&store, &scratch)).await
-            {
+            let limit = bound.saturating_mul(4);
+            let report = match tokio::time::timeout(limit, probe::probe(&store, &scratch)).await {
                 Ok(Ok(report)) => report,
                 Ok(Err(e)) => return Err(context(map_error(e))),
-                Err(_) => return Err(context(timed_out(bound * 4))),
+                Err(_) => return Err(context(timed_out(limit))),
             };
             if !report.honoured() {
                 tracing::warn!(%report, bucket = %config.bucket, "S3 server ignores conditional writes; leases disabled");
@@ -176,6 +366,15 @@ impl S3Store {
         let capabilities = Capabilities::full(BACKEND)
             .with_conditional_delete(false)
             .with_fencing(Fencing::VersionOnly)
+            // S3 cannot make a write conditional on another object, so no
+            // fence watermarks: a split store treats this one as
+            // VersionOnly (see the crate documentation).
+            .with_foreign_fencing(false)
+            .with_native_conditional_get(true)
+            .with_watch(WatchMode::Polling(config.watch_interval))
+            // No append: see the crate documentation.
+            .with_status(false)
+            .with_milestones(conditional)
             .with_multi_host(true)
             .with_max_document_size(Some(MAX_OBJECT))
             .with_conditional_put(conditional)
@@ -189,6 +388,7 @@ impl S3Store {
                 capabilities,
                 probe,
                 written: Mutex::new(HashMap::new()),
+                runs: Mutex::new(None),
                 signals: ReleaseSignals::new(),
                 bound,
             }),
@@ -226,14 +426,15 @@ impl S3Store {
             .map_err(|e| e.with_operation(Operation::Doctor))
     }
 
-    /// Deletes every object under this store's prefix and returns how
-    /// many. For tests and for decommissioning a prefix.
+    /// Deletes every object under this store's prefix, documents or not,
+    /// and returns how many. For tests and for decommissioning a prefix.
     ///
     /// # Errors
     /// Backend errors.
     pub async fn purge_prefix(&self) -> Result<u64> {
         let prefix =
             (!self.inner.root.is_empty()).then(|| Path::from(self.inner.config.prefix.as_str()));
+        *self.inner.runs.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.inner.delete_under(prefix.as_ref()).await
     }
 }
@@ -243,10 +444,18 @@ impl Inner {
         &self,
         request: impl Future<Output = std::result::Result<T, object_store::Error>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.bound, request).await {
-            Ok(outcome) => outcome.map_err(map_error),
-            Err(_) => Err(timed_out(self.bound)),
-        }
+        self.bounded_raw(request).await?.map_err(map_error)
+    }
+
+    /// [`bounded`](Self::bounded), with object_store's error unmapped, for
+    /// callers that tell its kinds apart (a `304` is not a failure).
+    async fn bounded_raw<T>(
+        &self,
+        request: impl Future<Output = std::result::Result<T, object_store::Error>>,
+    ) -> Result<std::result::Result<T, object_store::Error>> {
+        tokio::time::timeout(self.bound, request)
+            .await
+            .map_err(|_| timed_out(self.bound))
     }
 
     /// [`bounded`](Self::bounded), with an absent object as `None`.
@@ -267,6 +476,10 @@ impl Inner {
 
     fn run_path(&self, run: &RunId) -> Path {
         Path::from(format!("{}{run}", self.root))
+    }
+
+    fn milestones_path(&self, run: &RunId) -> Path {
+        Path::from(format!("{}.runstate/milestones/{run}.json", self.root))
     }
 
     fn locks_path(&self, run: Option<&RunId>) -> Path {
@@ -295,6 +508,8 @@ impl Inner {
         Some(LockKey::Doc(run, doc))
     }
 
+    /// The document an object is, when its file name is a valid document
+    /// name with this store's extension.
     fn doc_of(&self, path: &Path) -> Option<DocName> {
         let file = path.filename()?;
         DocName::new(file.strip_suffix(&format!(".{}", self.config.ext))?).ok()
@@ -323,6 +538,88 @@ impl Inner {
         Ok(result.e_tag)
     }
 
+    /// The version and write nonce of a document, without its bytes.
+    async fn doc_head(&self, path: &Path) -> Result<Option<DocHead>> {
+        let options = OsGetOptions::new().with_head(true);
+        let Some(got) = self.found(self.store.get_opts(path, options)).await? else {
+            return Ok(None);
+        };
+        let nonce = got
+            .attributes
+            .get(&Attribute::Metadata(Cow::Borrowed(NONCE_KEY)))
+            .map(|value| value.as_ref().to_owned());
+        Ok(Some(DocHead {
+            version: version_of(got.meta.e_tag)?,
+            nonce,
+        }))
+    }
+
+    /// Writes a document, recognising its own write when the reply says
+    /// otherwise.
+    ///
+    /// Every write carries a fresh random nonce in the object's user
+    /// metadata. When the server refuses the write's condition
+    /// (`Precondition`, `AlreadyExists`) or the outcome is unknown (a
+    /// transport error, a timeout), the document's metadata is read back:
+    /// if it carries this write's nonce, the write was applied (an earlier
+    /// try whose reply was lost, a 5xx that object_store retried into a
+    /// 412) and its version is returned. The same bytes written by someone
+    /// else carry another nonce and are not taken for this write.
+    async fn write_doc(
+        &self,
+        path: &Path,
+        bytes: Bytes,
+        mode: OsPutMode,
+    ) -> std::result::Result<Version, WriteError> {
+        let nonce = leases::write_nonce();
+        let mut attributes = Attributes::new();
+        attributes.insert(
+            Attribute::Metadata(Cow::Borrowed(NONCE_KEY)),
+            AttributeValue::from(nonce.clone()),
+        );
+        let mut options = OsPutOptions::from(mode);
+        options.attributes = attributes;
+        let error = match self
+            .bounded(self.store.put_opts(path, PutPayload::from(bytes), options))
+            .await
+        {
+            Ok(result) => return version_of(result.e_tag).map_err(WriteError::Failed),
+            Err(error) => error,
+        };
+        let refused = matches!(
+            error.kind(),
+            ErrorKind::Precondition | ErrorKind::AlreadyExists | ErrorKind::NotFound
+        );
+        let ambiguous = matches!(error.kind(), ErrorKind::Backend | ErrorKind::Timeout);
+        if !refused && !ambiguous {
+            return Err(WriteError::Failed(error));
+        }
+        match self.doc_head(path).await {
+            Ok(Some(head)) if head.nonce.as_deref() == Some(nonce.as_str()) => {
+                tracing::debug!(%path, %error, "a document write reported as failed was applied");
+                Ok(head.version)
+            }
+            Ok(now) if refused => Err(WriteError::Refused { error, now }),
+            Ok(_) => Err(WriteError::Failed(error)),
+            // A refusal may follow an applied try of the same write: without
+            // the read back, the outcome is unknown, not refused.
+            Err(reread) if refused => Err(WriteError::Failed(
+                Error::new(
+                    ErrorKind::Backend,
+                    "a write was refused, and whether an earlier try of it was applied could not \
+                     be read back",
+                )
+                .with_backend(BACKEND)
+                .with_source(reread)
+                .set_retryable(true),
+            )),
+            Err(reread) => {
+                tracing::debug!(%path, %reread, "reading back a failed write");
+                Err(WriteError::Failed(error))
+            }
+        }
+    }
+
     async fn delete_under(&self, prefix: Option<&Path>) -> Result<u64> {
         let paths: Vec<Path> = self
             .bounded(
@@ -332,26 +629,107 @@ impl Inner {
                     .try_collect(),
             )
             .await?;
+        self.delete_paths(paths).await
+    }
+
+    async fn delete_paths(&self, paths: Vec<Path>) -> Result<u64> {
         let count = paths.len() as u64;
+        if count == 0 {
+            return Ok(0);
+        }
         let stream = futures_util::stream::iter(paths.into_iter().map(Ok)).boxed();
-        let deleted: Vec<Path> = self
+        let _: Vec<Path> = self
             .bounded(self.store.delete_stream(stream).try_collect())
             .await?;
-        let _ = deleted;
         Ok(count)
+    }
+
+    // -------------------------------------------------------- milestones
+
+    /// The milestones object of a run: its ETag and body, `None` when the
+    /// run has none.
+    async fn read_milestones(&self, run: &RunId) -> Result<Option<(String, MilestonesBody)>> {
+        let path = self.milestones_path(run);
+        let Some(got) = self.found(self.store.get(&path)).await? else {
+            return Ok(None);
+        };
+        let etag = got.meta.e_tag.clone().ok_or_else(|| {
+            Error::new(ErrorKind::Backend, "the server returned no ETag").with_backend(BACKEND)
+        })?;
+        let bytes = self.bounded(got.bytes()).await?;
+        Ok(Some((etag, MilestonesBody::decode(&bytes, path.as_ref())?)))
+    }
+
+    /// Applies `change` to the run's milestones object by compare-and-swap:
+    /// read it (with its ETag), change the one field, write it back
+    /// conditional on that ETag (`If-None-Match: *` when there was none),
+    /// and start again when the write is refused because someone changed
+    /// another field meanwhile. So concurrent changes of different fields
+    /// never lose one, and no lock is taken. `change` returns whether it
+    /// changed anything: a field that already holds the value needs no
+    /// write (which also makes a retry after a lost reply cheap).
+    ///
+    /// A write whose outcome is unknown (a timeout, a 5xx after retries)
+    /// fails the call with a retryable error; retrying it sets the same
+    /// field to the same value again, which is harmless.
+    async fn change_milestones(
+        &self,
+        run: &RunId,
+        change: impl Fn(&mut MilestonesBody) -> bool,
+    ) -> Result<()> {
+        self.require_conditional()?;
+        let path = self.milestones_path(run);
+        let mut pause = Duration::from_millis(4);
+        for _ in 0..MILESTONE_TRIES {
+            let (mode, mut body) = match self.read_milestones(run).await? {
+                None => (OsPutMode::Create, MilestonesBody::new()),
+                Some((etag, body)) => (Self::if_match(&etag), body),
+            };
+            if !change(&mut body) {
+                return Ok(());
+            }
+            match self
+                .put_object(&path, Bytes::from(body.encode()?), mode)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                // Another field changed (or the object was created or
+                // deleted) since the read: read again.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Precondition | ErrorKind::AlreadyExists | ErrorKind::NotFound
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            // Jittered, growing pauses, so that many workers marking one
+            // run at once do not collide in lockstep.
+            tokio::time::sleep(pause.mul_f64(0.5 + fastrand::f64())).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+        Err(Error::new(
+            ErrorKind::Backend,
+            format!(
+                "the run's milestones kept changing: {MILESTONE_TRIES} compare-and-swap tries lost"
+            ),
+        )
+        .with_backend(BACKEND)
+        .set_retryable(true))
     }
 
     // ------------------------------------------------------------ leases
 
     /// The lease object at `path`: its ETag, body and when this store first
-    /// saw that version.
+    /// saw that version. A version is first seen when the response carrying
+    /// it arrived, never earlier: the request may have waited (or been
+    /// retried) for a long time while the lease was written.
     async fn read_lease(&self, path: &Path) -> Result<Option<(String, LeaseBody, Instant)>> {
-        let seen_at = Instant::now();
         let Some(got) = self.found(self.store.get(path)).await? else {
             return Ok(None);
         };
         let etag = got.meta.e_tag.clone().unwrap_or_default();
         let bytes = self.bounded(got.bytes()).await?;
+        let seen_at = Instant::now();
         let body: LeaseBody = serde_json::from_slice(&bytes).map_err(|e| {
             Error::new(
                 ErrorKind::Corrupt,
@@ -362,6 +740,15 @@ impl Inner {
         })?;
         let first = self.sightings.saw(path.as_ref(), &etag, seen_at);
         Ok(Some((etag, body, first)))
+    }
+
+    /// Records a lease version this store wrote (or found it had written).
+    fn remember(&self, path: &Path, etag: &str, body: &LeaseBody, at: Instant) {
+        self.sightings.saw(path.as_ref(), etag, at);
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.as_ref().to_owned(), (etag.to_owned(), body.clone()));
     }
 
     /// Writes a lease body; `None` when the condition failed.
@@ -379,11 +766,7 @@ impl Inner {
         })?;
         match self.put_object(path, Bytes::from(json), mode).await {
             Ok(Some(etag)) => {
-                self.sightings.saw(path.as_ref(), &etag, at);
-                self.written
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(path.as_ref().to_owned(), (etag.clone(), body.clone()));
+                self.remember(path, &etag, body, at);
                 Ok(Some(etag))
             }
             Ok(None) => Err(
@@ -398,6 +781,33 @@ impl Inner {
                 Ok(None)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Writes a lease body conditional on `etag`; when the condition fails,
+    /// reads the lease back: if it holds exactly `body` (its nonce makes
+    /// every body distinct), an earlier try of this write was applied and
+    /// its reply lost, and the write counts. Otherwise `Err` with what is
+    /// there now.
+    async fn swap_lease(
+        &self,
+        path: &Path,
+        body: &LeaseBody,
+        etag: &str,
+        at: Instant,
+    ) -> Result<std::result::Result<String, Option<(String, LeaseBody, Instant)>>> {
+        if let Some(new) = self
+            .write_lease(path, body, Self::if_match(etag), at)
+            .await?
+        {
+            return Ok(Ok(new));
+        }
+        match self.read_lease(path).await? {
+            Some((etag, found, _)) if found == *body => {
+                self.remember(path, &etag, body, at);
+                Ok(Ok(etag))
+            }
+            other => Ok(Err(other)),
         }
     }
 
@@ -419,31 +829,40 @@ impl Inner {
         error
     }
 
-    async fn live_holder(&self, key: &LockKey) -> Result<Option<LockInfo>> {
-        Ok(match self.read_lease(&self.lease_path(key)).await? {
+    /// Who holds a lease object as read, if its grant is live.
+    fn holder_of(
+        &self,
+        key: &LockKey,
+        read: Option<&(String, LeaseBody, Instant)>,
+    ) -> Option<LockInfo> {
+        match read {
             Some((_, body, first)) if body.held => {
-                let left = self.sightings.remaining(body.ttl(), first);
+                let left = self.sightings.remaining(body.ttl(), *first);
                 if left.is_zero() {
                     None
                 } else {
-                    info(key, &body, left)
+                    info(key, body, left)
                 }
             }
             _ => None,
-        })
+        }
+    }
+
+    async fn live_holder(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+        let read = self.read_lease(&self.lease_path(key)).await?;
+        Ok(self.holder_of(key, read.as_ref()))
     }
 
     async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease> {
+        check_ttl(ttl).map_err(|e| e.with_backend(BACKEND))?;
         self.require_conditional()?;
-        if ttl.is_zero() {
-            return Err(
-                Error::new(ErrorKind::InvalidArgument, "a lease TTL must be positive")
-                    .with_backend(BACKEND),
-            );
-        }
         let path = self.lease_path(key);
         let issued = Instant::now();
-        let since = SystemTime::now();
+        let now = SystemTime::now();
+        let grant = |fence: u64, since: SystemTime, etag: String| {
+            Lease::new(key.clone(), owner.clone(), Fence(fence), ttl, issued, since)
+                .with_token(etag)
+        };
         // A lock this store released can be retaken without reading it.
         let cached = self
             .written
@@ -454,63 +873,54 @@ impl Inner {
         if let Some((etag, body)) = cached
             && !body.held
         {
-            let grant = LeaseBody::held(owner, body.fence + 1, ttl, since);
-            if let Some(new) = self
-                .write_lease(&path, &grant, Self::if_match(&etag), issued)
+            let new = LeaseBody::held(owner, body.fence + 1, ttl, now);
+            if let Some(etag) = self
+                .write_lease(&path, &new, Self::if_match(&etag), issued)
                 .await?
             {
-                return Ok(Lease::new(
-                    key.clone(),
-                    owner.clone(),
-                    Fence(grant.fence),
-                    ttl,
-                    issued,
-                    since,
-                )
-                .with_token(new));
+                return Ok(grant(new.fence, now, etag));
             }
         }
         let mut attempted: Option<LeaseBody> = None;
         for _ in 0..3 {
-            let (grant, mode) = match self.read_lease(&path).await? {
-                None => (LeaseBody::held(owner, 1, ttl, since), OsPutMode::Create),
+            let (new, since, mode) = match self.read_lease(&path).await? {
+                None => (LeaseBody::held(owner, 1, ttl, now), now, OsPutMode::Create),
                 Some((etag, body, first)) => {
-                    // The very grant this call wrote, whose reply was lost
-                    // and retried into a conflict, is ours. (Other tasks
-                    // may share the owner id, so nothing less identifies it.)
+                    // The very body this call wrote, whose reply was lost
+                    // and retried into a conflict, is ours.
                     if attempted.as_ref() == Some(&body) {
-                        return Ok(Lease::new(
-                            key.clone(),
-                            owner.clone(),
-                            Fence(body.fence),
-                            ttl,
-                            issued,
-                            since,
-                        )
-                        .with_token(etag));
+                        let since = from_unix_millis(body.since_ms);
+                        self.remember(&path, &etag, &body, issued);
+                        return Ok(grant(body.fence, since, etag));
                     }
                     let left = self.sightings.remaining(body.ttl(), first);
-                    if body.held && !left.is_zero() {
+                    let live = body.held && !left.is_zero();
+                    let mine = body.owner.as_ref().is_some_and(|o| o.id() == owner.id());
+                    if live && mine {
+                        // Idempotent by owner: this owner's live grant is
+                        // returned again, same fence and `since`, its TTL
+                        // restarted by a conditional write.
+                        let since = from_unix_millis(body.since_ms);
+                        (
+                            LeaseBody::held(owner, body.fence, ttl, since),
+                            since,
+                            Self::if_match(&etag),
+                        )
+                    } else if live {
                         return Err(self.locked(key, info(key, &body, left)));
+                    } else {
+                        (
+                            LeaseBody::held(owner, body.fence + 1, ttl, now),
+                            now,
+                            Self::if_match(&etag),
+                        )
                     }
-                    (
-                        LeaseBody::held(owner, body.fence + 1, ttl, since),
-                        Self::if_match(&etag),
-                    )
                 }
             };
-            if let Some(new) = self.write_lease(&path, &grant, mode, issued).await? {
-                return Ok(Lease::new(
-                    key.clone(),
-                    owner.clone(),
-                    Fence(grant.fence),
-                    ttl,
-                    issued,
-                    since,
-                )
-                .with_token(new));
+            if let Some(etag) = self.write_lease(&path, &new, mode, issued).await? {
+                return Ok(grant(new.fence, since, etag));
             }
-            attempted = Some(grant);
+            attempted = Some(new);
         }
         Err(self.locked(key, self.live_holder(key).await?))
     }
@@ -546,38 +956,106 @@ impl Inner {
         }
     }
 
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        check_ttl(ttl).map_err(|e| e.with_backend(BACKEND))?;
+        self.require_conditional()?;
+        if lease.is_expired() {
+            return Err(self.lease_lost(lease, None, Operation::Renew, "the lease expired"));
+        }
+        let issued = Instant::now();
+        let token = self.token(lease, Operation::Renew)?;
+        let body = LeaseBody::held(lease.owner(), lease.fence().get(), ttl, lease.since());
+        let path = self.lease_path(lease.key());
+        match self.swap_lease(&path, &body, token, issued).await? {
+            Ok(etag) => Ok(lease.renewed(ttl, issued).with_token(etag)),
+            Err(now) => Err(self.lease_lost(
+                lease,
+                self.holder_of(lease.key(), now.as_ref()),
+                Operation::Renew,
+                "the lease was taken over, released or broken",
+            )),
+        }
+    }
+
     async fn release(&self, lease: &Lease) -> Result<()> {
         self.require_conditional()?;
         let path = self.lease_path(lease.key());
         let token = self.token(lease, Operation::Release)?;
         let lapsed = lease.is_expired();
-        let freed = self
-            .write_lease(
-                &path,
-                &LeaseBody::free(lease.fence().get()),
-                Self::if_match(token),
-                Instant::now(),
-            )
-            .await?;
-        match (freed, lapsed) {
-            (Some(_), false) => Ok(()),
-            (Some(_), true) => Err(self.lease_lost(
+        let free = LeaseBody::free(lease.fence().get());
+        match (
+            self.swap_lease(&path, &free, token, Instant::now()).await?,
+            lapsed,
+        ) {
+            (Ok(_), false) => Ok(()),
+            (Ok(_), true) => Err(self.lease_lost(
                 lease,
                 None,
                 Operation::Release,
                 "the lease expired before it was released",
             )),
-            (None, _) => Err(self.lease_lost(
+            (Err(now), _) => Err(self.lease_lost(
                 lease,
-                self.live_holder(lease.key()).await?,
+                self.holder_of(lease.key(), now.as_ref()),
                 Operation::Release,
                 "the lease was taken over, released or broken",
             )),
         }
     }
 
+    fn fenced(&self, lease: &Lease, holder: Option<LockInfo>, why: &str) -> Error {
+        let mut error = Error::new(
+            ErrorKind::Fenced,
+            format!(
+                "lease with fence {}: {why}; nothing was written",
+                lease.fence()
+            ),
+        )
+        .with_backend(BACKEND)
+        .with_lock(lease.key());
+        if let Some(holder) = holder {
+            error = error.with_holder(holder);
+        }
+        error
+    }
+
+    /// Checks that `lease` is still the current grant of its lock: its
+    /// local deadline has not passed and its lease object is still the
+    /// version this grant wrote (one `HEAD`).
+    async fn check_lease(&self, lease: &Lease) -> Result<()> {
+        if lease.is_expired() {
+            return Err(self.fenced(lease, None, "its deadline has passed"));
+        }
+        let current = self
+            .found(self.store.head(&self.lease_path(lease.key())))
+            .await?
+            .and_then(|meta| meta.e_tag);
+        if current.is_none() || current.as_deref() != lease.token() {
+            return Err(self.fenced(
+                lease,
+                self.live_holder(lease.key()).await?,
+                "the lease object changed",
+            ));
+        }
+        // The HEAD may have taken a while.
+        if lease.is_expired() {
+            return Err(self.fenced(lease, None, "its deadline has passed"));
+        }
+        Ok(())
+    }
+
     /// A write fenced by `lease` (see the crate documentation for exactly
     /// what is checked).
+    ///
+    /// The order is what makes it safe: the version the write will be
+    /// conditional on is fixed first (the caller's for `Create` and
+    /// `Update`; for `Overwrite`, the document's version read now), the
+    /// lease is checked after that, and the write is conditional on that
+    /// version. A holder that stalls after its check, and whose lease a
+    /// successor takes over and saves under meanwhile, finds the version
+    /// changed and is refused. A retry of an overwrite after a conflict
+    /// starts again from reading the version, then the lease: no write is
+    /// ever made on a version read after the last lease check.
     async fn fenced_put(
         &self,
         lease: &Lease,
@@ -588,68 +1066,44 @@ impl Inner {
         self.require_conditional()?;
         let run = lease.key().run();
         lease.key().check_covers(run, doc)?;
-        let fenced = |holder: Option<LockInfo>, why: &str| {
-            let mut error = Error::new(
-                ErrorKind::Fenced,
-                format!(
-                    "lease with fence {}: {why}; nothing was written",
-                    lease.fence()
-                ),
-            )
-            .with_backend(BACKEND)
-            .with_lock(lease.key());
-            if let Some(holder) = holder {
-                error = error.with_holder(holder);
-            }
-            error
-        };
-        if lease.is_expired() {
-            return Err(fenced(None, "its deadline has passed"));
-        }
-        let lease_path = self.lease_path(lease.key());
-        let current = self
-            .found(self.store.head(&lease_path))
-            .await?
-            .and_then(|meta| meta.e_tag);
-        if current.is_none() || current.as_deref() != lease.token() {
-            return Err(fenced(
-                self.live_holder(lease.key()).await?,
-                "the lease object changed",
-            ));
-        }
         let path = self.doc_path(run, doc);
+        // For an overwrite: the document as read back after a refused
+        // write, which serves as the next try's first read.
+        let mut reread: Option<Option<DocHead>> = None;
         for _ in 0..3 {
             let os_mode = match mode {
                 PutMode::Create => OsPutMode::Create,
                 PutMode::Update(v) => Self::if_match(v.as_str()),
-                // Conditional on what is there now, so a write slipping in
-                // between is never overwritten blindly.
-                PutMode::Overwrite => match self.found(self.store.head(&path)).await? {
-                    Some(meta) => match meta.e_tag {
-                        Some(etag) => Self::if_match(&etag),
-                        None => OsPutMode::Overwrite,
-                    },
-                    None => OsPutMode::Create,
-                },
-            };
-            match self.put_object(&path, bytes.clone(), os_mode).await {
-                Ok(etag) => return version_of(etag),
-                Err(e)
-                    if *mode == PutMode::Overwrite
-                        && matches!(
-                            e.kind(),
-                            ErrorKind::AlreadyExists | ErrorKind::Precondition
-                        ) =>
-                {
-                    continue;
+                PutMode::Overwrite => {
+                    if lease.is_expired() {
+                        return Err(self.fenced(lease, None, "its deadline has passed"));
+                    }
+                    let current = match reread.take() {
+                        Some(current) => current,
+                        None => self.doc_head(&path).await?,
+                    };
+                    match current {
+                        Some(head) => Self::if_match(head.version.as_str()),
+                        None => OsPutMode::Create,
+                    }
                 }
-                Err(e) if matches!(mode, PutMode::Update(_)) && e.kind() == ErrorKind::NotFound => {
+            };
+            self.check_lease(lease).await?;
+            match self.write_doc(&path, bytes.clone(), os_mode).await {
+                Ok(version) => return Ok(version),
+                Err(WriteError::Refused { now, .. }) if *mode == PutMode::Overwrite => {
+                    reread = Some(now);
+                }
+                Err(WriteError::Refused { error, .. })
+                    if matches!(mode, PutMode::Update(_))
+                        && error.kind() == ErrorKind::NotFound =>
+                {
                     return Err(
                         Error::new(ErrorKind::Precondition, "the document does not exist")
                             .with_backend(BACKEND),
                     );
                 }
-                Err(e) => return Err(e),
+                Err(error) => return Err(error.into_error()),
             }
         }
         Err(Error::new(
@@ -657,6 +1111,39 @@ impl Inner {
             "the document kept changing during the save",
         )
         .with_backend(BACKEND))
+    }
+
+    /// Every run under the prefix, sorted: the last listing while it is
+    /// fresh and `reuse` is set, else a new one.
+    async fn run_listing(&self, reuse: bool) -> Result<Arc<[RunId]>> {
+        if reuse
+            && let Some(listing) = self
+                .runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .filter(|l| l.taken.elapsed() < LISTING_FRESH)
+        {
+            return Ok(Arc::clone(&listing.runs));
+        }
+        let taken = Instant::now();
+        let root = (!self.root.is_empty()).then(|| Path::from(self.config.prefix.as_str()));
+        let listing = self
+            .bounded(self.store.list_with_delimiter(root.as_ref()))
+            .await?;
+        let mut runs: Vec<RunId> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().and_then(|n| RunId::new(n).ok()))
+            .collect();
+        runs.sort();
+        runs.dedup();
+        let runs: Arc<[RunId]> = runs.into();
+        *self.runs.lock().unwrap_or_else(|p| p.into_inner()) = Some(RunListing {
+            runs: Arc::clone(&runs),
+            taken,
+        });
+        Ok(runs)
     }
 }
 
@@ -666,18 +1153,6 @@ impl fmt::Debug for S3Store {
             .field("config", &self.inner.config)
             .field("probe", &self.inner.probe)
             .finish()
-    }
-}
-
-fn page<T: Clone + Ord>(mut all: Vec<T>, after: Option<&T>, limit: usize) -> ListPage<T> {
-    all.sort();
-    all.dedup();
-    let start = after.map_or(0, |a| all.partition_point(|x| x <= a));
-    let limit = limit.max(1);
-    let more = all.len() > start + limit;
-    ListPage {
-        items: all.into_iter().skip(start).take(limit).collect(),
-        more,
     }
 }
 
@@ -730,6 +1205,17 @@ impl Store for S3Store {
     ) -> Result<Version> {
         let inner = &self.inner;
         let outcome = async {
+            if let Some(foreign) = options.foreign_lease {
+                // Never written unfenced: refused before anything is sent.
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    "S3 cannot make a write conditional on another object, so this store keeps \
+                     no fence watermarks and cannot fence a save under a lease granted by another \
+                     lock service (capability foreign_fencing is false); nothing was written",
+                )
+                .with_backend(BACKEND)
+                .with_lock(foreign.key()));
+            }
             if let Some(lease) = options.lease {
                 lease.key().check_covers(run, doc)?;
                 return inner.fenced_put(lease, doc, bytes, &options.mode).await;
@@ -746,20 +1232,20 @@ impl Store for S3Store {
                 }
             };
             match inner
-                .put_object(&inner.doc_path(run, doc), bytes, mode)
+                .write_doc(&inner.doc_path(run, doc), bytes, mode)
                 .await
             {
-                Ok(etag) => version_of(etag),
-                Err(e)
+                Ok(version) => Ok(version),
+                Err(WriteError::Refused { error, .. })
                     if matches!(options.mode, PutMode::Update(_))
-                        && e.kind() == ErrorKind::NotFound =>
+                        && error.kind() == ErrorKind::NotFound =>
                 {
                     Err(
                         Error::new(ErrorKind::Precondition, "the document does not exist")
                             .with_backend(BACKEND),
                     )
                 }
-                Err(e) => Err(e),
+                Err(error) => Err(error.into_error()),
             }
         };
         outcome
@@ -831,45 +1317,217 @@ impl Store for S3Store {
         })
     }
 
+    /// Lists the runs: the folders under the store's prefix whose names
+    /// are valid run ids.
+    ///
+    /// A first page (`after` = `None`) lists the prefix anew (one
+    /// delimited listing, paged by the server, 1,000 runs a request on
+    /// S3) and keeps the sorted result; later pages (`after` = `Some`) are
+    /// served from the kept listing while it is under 30 s old, so listing
+    /// every run page by page costs one listing, not one per page. A
+    /// paging pass therefore sees the runs as they were at its first page
+    /// (or at a later first page of another pass through this store):
+    /// runs created after it may be missing and runs deleted after it may
+    /// still be listed, until the next first page or the listing's age
+    /// runs out. This store's own [`delete_run`](Store::delete_run) drops
+    /// the kept listing.
+    ///
+    /// A folder that holds no document (only other objects, such as model
+    /// outputs left by [`delete_run`](Store::delete_run)) still lists:
+    /// telling it apart would cost a listing of every folder.
     async fn list_runs(&self, after: Option<&RunId>, limit: usize) -> Result<ListPage<RunId>> {
-        let inner = &self.inner;
-        let root = (!inner.root.is_empty()).then(|| Path::from(inner.config.prefix.as_str()));
-        let listing = inner
-            .bounded(inner.store.list_with_delimiter(root.as_ref()))
+        let runs = self
+            .inner
+            .run_listing(after.is_some())
             .await
             .map_err(|e| e.with_operation(Operation::ListRuns))?;
-        let runs: Vec<RunId> = listing
-            .common_prefixes
-            .iter()
-            .filter_map(|p| p.filename().and_then(|n| RunId::new(n).ok()))
-            .collect();
-        Ok(page(runs, after, limit))
+        let start = after.map_or(0, |a| runs.partition_point(|x| x <= a));
+        let end = start.saturating_add(limit.max(1)).min(runs.len());
+        Ok(ListPage {
+            items: runs[start..end].to_vec(),
+            more: end < runs.len(),
+        })
     }
 
+    /// Deletes the run's documents: the objects directly in its folder
+    /// named `<name>.<ext>` with a valid document name, and the run's
+    /// milestones object (run metadata, gone with the run). Every other
+    /// object in the folder (model outputs, other extensions, nested
+    /// folders) stays, and so do the run's leases (fences keep increasing).
+    /// Returns how many documents were deleted.
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
         let inner = &self.inner;
-        let prefix = inner.run_path(run);
         let outcome = async {
-            let paths: Vec<Path> = inner
-                .bounded(
-                    inner
-                        .store
-                        .list(Some(&prefix))
-                        .map_ok(|meta| meta.location)
-                        .try_collect(),
-                )
+            let listing = inner
+                .bounded(inner.store.list_with_delimiter(Some(&inner.run_path(run))))
                 .await?;
-            let docs = paths.iter().filter(|p| inner.doc_of(p).is_some()).count() as u64;
-            let stream = futures_util::stream::iter(paths.into_iter().map(Ok)).boxed();
-            let _: Vec<Path> = inner
-                .bounded(inner.store.delete_stream(stream).try_collect())
-                .await?;
-            Ok(docs)
+            let mut paths: Vec<Path> = listing
+                .objects
+                .into_iter()
+                .map(|meta| meta.location)
+                .filter(|path| inner.doc_of(path).is_some())
+                .collect();
+            let docs = paths.len() as u64;
+            // Deleting an absent object succeeds on S3: no HEAD first.
+            paths.push(inner.milestones_path(run));
+            let deleted = inner.delete_paths(paths).await.map(|_| docs);
+            *inner.runs.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            deleted
         };
         outcome
             .await
             .map_err(|e: Error| e.with_operation(Operation::DeleteRun).with_run(run))
     }
+
+    /// One `GET` with `If-None-Match: <known>`: S3 answers `304 Not
+    /// Modified` without the body when the document is still at `known`,
+    /// so an unchanged document costs one small round trip whatever its
+    /// size (and is `Unchanged` whatever `options.limit` says). A changed
+    /// one comes back in the same response, its size checked against the
+    /// limit before the body is read. A `known` that is not a plain ETag
+    /// (`"…"`, as this store's versions are) is not sent: the document is
+    /// read and its version compared. A server that ignores the header
+    /// answers `200`; the version is compared then too, so the result is
+    /// right, only the bytes travelled.
+    async fn get_if_changed(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        known: &Version,
+        options: GetOptions,
+    ) -> Result<Fetched> {
+        let inner = &self.inner;
+        let path = inner.doc_path(run, doc);
+        let outcome = async {
+            let mut request = OsGetOptions::new();
+            if is_plain_etag(known.as_str()) {
+                request = request.with_if_none_match(Some(known.as_str()));
+            }
+            let got = match inner
+                .bounded_raw(inner.store.get_opts(&path, request))
+                .await?
+            {
+                Ok(got) => got,
+                Err(object_store::Error::NotModified { .. }) => return Ok(Fetched::Unchanged),
+                Err(object_store::Error::NotFound { .. }) => return Ok(Fetched::Absent),
+                Err(e) => return Err(map_error(e)),
+            };
+            let version = version_of(got.meta.e_tag.clone())?;
+            if version == *known {
+                return Ok(Fetched::Unchanged);
+            }
+            if let Some(limit) = options.limit
+                && got.meta.size > limit
+            {
+                return Err(Error::new(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "document is {} bytes, over the limit of {limit}",
+                        got.meta.size
+                    ),
+                )
+                .with_backend(BACKEND));
+            }
+            let bytes = inner.bounded(got.bytes()).await?;
+            Ok(Fetched::Changed(StoredDoc { bytes, version }))
+        };
+        outcome
+            .await
+            .map_err(|e| e.at_doc(Operation::GetIfChanged, run, doc))
+    }
+
+    /// Polls: S3 has no change channel. The run is listed every
+    /// `watch_ms` ([`S3Config::with_watch_interval`], default 1 s) by
+    /// [`poll_watch`], which reports the differences; writes superseded
+    /// within one interval are reported once, with the latest version
+    /// (`WatchMode::Polling`). The first listing is made here, before the
+    /// watcher is returned, so a write acknowledged after `watch` returns
+    /// is always reported. Each watcher costs one
+    /// listing of the run per interval; dropping it stops the polling.
+    async fn watch(&self, run: &RunId) -> Result<Watcher> {
+        poll_watch(
+            Arc::new(self.clone()),
+            run.clone(),
+            self.inner.config.watch_interval,
+        )
+        .await
+        .map_err(|e| e.with_operation(Operation::Watch).with_run(run))
+    }
+
+    /// Sets `timestamps.<task>` in the run's milestones object by
+    /// compare-and-swap (see the crate documentation): one `GET` and one
+    /// conditional `PUT` uncontended, again per concurrent change of
+    /// another field. Times before 1970 are refused (`InvalidArgument`).
+    async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
+        let context = |e: Error| {
+            e.with_backend(BACKEND)
+                .with_operation(Operation::Mark)
+                .with_run(run)
+        };
+        check_label("task", task).map_err(context)?;
+        let text = format_time(at).ok_or_else(|| {
+            context(Error::new(
+                ErrorKind::InvalidArgument,
+                "a milestone time before 1970 cannot be stored",
+            ))
+        })?;
+        self.inner
+            .change_milestones(run, |body| {
+                body.timestamps.insert(task.to_owned(), text.clone()) != Some(text.clone())
+            })
+            .await
+            .map_err(context)
+    }
+
+    /// Sets `attrs.<name>` in the run's milestones object, as
+    /// [`mark`](Store::mark) sets a timestamp.
+    async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
+        let context = |e: Error| {
+            e.with_backend(BACKEND)
+                .with_operation(Operation::Mark)
+                .with_run(run)
+        };
+        check_label("attribute", name).map_err(context)?;
+        check_text("attribute value", value).map_err(context)?;
+        self.inner
+            .change_milestones(run, |body| {
+                body.attrs
+                    .insert(name.to_owned(), value.to_owned())
+                    .as_deref()
+                    != Some(value)
+            })
+            .await
+            .map_err(context)
+    }
+
+    /// Reads the run's milestones object (one `GET`); empty when it has
+    /// none.
+    async fn milestones(&self, run: &RunId) -> Result<Milestones> {
+        let inner = &self.inner;
+        let outcome = async {
+            inner.require_conditional()?;
+            match inner.read_milestones(run).await? {
+                None => Ok(Milestones::default()),
+                Some((_, body)) => body.to_milestones(inner.milestones_path(run).as_ref()),
+            }
+        };
+        outcome
+            .await
+            .map_err(|e: Error| e.with_operation(Operation::Milestones).with_run(run))
+    }
+}
+
+/// Whether `version` is a plain strong ETag (`"…"` of visible ASCII, no
+/// quote or comma inside): what an `If-None-Match` header may carry as one
+/// tag. Anything else could be read by the server as a list of tags or a
+/// wildcard, or be no valid header at all.
+fn is_plain_etag(version: &str) -> bool {
+    version.len() >= 2
+        && version.starts_with('"')
+        && version.ends_with('"')
+        && version[1..version.len() - 1]
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b',')
 }
 
 #[async_trait]
@@ -882,30 +1540,8 @@ impl Lock for S3Store {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-        let inner = &self.inner;
-        let outcome = async {
-            inner.require_conditional()?;
-            if lease.is_expired() {
-                return Err(inner.lease_lost(lease, None, Operation::Renew, "the lease expired"));
-            }
-            let issued = Instant::now();
-            let token = inner.token(lease, Operation::Renew)?;
-            let body = LeaseBody::held(lease.owner(), lease.fence().get(), ttl, lease.since());
-            let path = inner.lease_path(lease.key());
-            match inner
-                .write_lease(&path, &body, Inner::if_match(token), issued)
-                .await?
-            {
-                Some(etag) => Ok(lease.renewed(ttl, issued).with_token(etag)),
-                None => Err(inner.lease_lost(
-                    lease,
-                    inner.live_holder(lease.key()).await?,
-                    Operation::Renew,
-                    "the lease was taken over, released or broken",
-                )),
-            }
-        };
-        outcome
+        self.inner
+            .renew(lease, ttl)
             .await
             .map_err(|e: Error| e.with_operation(Operation::Renew).with_lock(lease.key()))
     }
@@ -1004,6 +1640,11 @@ impl Lock for S3Store {
             .map_err(|e: Error| e.with_operation(Operation::ListLocks))
     }
 
+    /// Wakes on releases made through this store instance
+    /// ([`ReleaseSignals`]). S3 has no channel to learn of a release made
+    /// by another process or host, so waiters there are not woken: they
+    /// find the lock free at their next try, after their wait policy's
+    /// backoff (or `max`, whichever comes first).
     async fn wait_for_release(&self, key: &LockKey, max: Duration) {
         self.inner.signals.wait(key, max).await;
     }
@@ -1017,6 +1658,7 @@ impl Lock for S3Store {
         options: GetOptions,
     ) -> Result<(Lease, Option<StoredDoc>)> {
         let op = Operation::AcquireAndLoad;
+        check_ttl(ttl).map_err(|e| e.with_backend(BACKEND).with_operation(op).with_lock(key))?;
         key.check_covers(key.run(), doc)
             .map_err(|e| e.with_backend(BACKEND).with_operation(op))?;
         let lease = self
@@ -1026,12 +1668,17 @@ impl Lock for S3Store {
         match self.get(key.run(), doc, options).await {
             Ok(stored) => Ok((lease, stored)),
             Err(error) => {
-                let _ = self.release(&lease).await;
+                if let Err(release) = self.release(&lease).await {
+                    tracing::debug!(%release, "release after a failed load");
+                }
                 Err(error.with_operation(op))
             }
         }
     }
 
+    /// Saves, then releases. The lease is released whatever the save's
+    /// outcome, except when the save found it already lost (`Fenced`,
+    /// `LeaseLost`): a failed save never leaves its lock held.
     async fn save_and_release(
         &self,
         lease: &Lease,
@@ -1045,9 +1692,8 @@ impl Lock for S3Store {
             .fenced_put(lease, doc, bytes, &mode)
             .await
             .map_err(|e| e.at_doc(Operation::SaveAndRelease, run, doc));
-        if !matches!(&saved, Err(e) if e.kind() == ErrorKind::Fenced)
-            && let Err(error) = self.inner.release(lease).await
-        {
+        let lost = matches!(&saved, Err(e) if matches!(e.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost));
+        if !lost && let Err(error) = self.inner.release(lease).await {
             tracing::debug!(%error, "release after a save");
         }
         self.inner.signals.released(lease.key());

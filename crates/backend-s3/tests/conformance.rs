@@ -1,11 +1,15 @@
 //! The conformance suite against a real S3 server (`RUNSTATE_S3_URL`, for
 //! example moto's server mode started by `cargo xtask test`), each case
-//! under its own key prefix.
+//! under its own key prefix. The store is opened on the S3 client behind a
+//! wrapper that can make chosen documents unwritable
+//! ([`Harness::make_unwritable`]).
+
+mod support;
 
 use std::sync::Arc;
 
 use runstate_conformance::Harness;
-use runstate_core::{Error, Lock, async_trait};
+use runstate_core::{DocName, Error, Lock, RunId, async_trait};
 use runstate_s3::{S3Config, S3Store};
 
 const URL_VAR: &str = "RUNSTATE_S3_URL";
@@ -22,7 +26,13 @@ async fn open(namespace: &str) -> Result<Option<S3Store>, Error> {
     } else {
         format!("{}/{namespace}", config.prefix())
     };
-    S3Store::open(config.with_prefix(prefix)?).await.map(Some)
+    // The parent process probed the server when it opened the case; its
+    // child processes (the multi-process cases) skip the probe, which would
+    // only load a shared test server while the case waits for them.
+    let child = std::env::var_os(runstate_conformance::CHILD_VAR).is_some();
+    let config = config.with_prefix(prefix)?.with_probe(!child);
+    let client = support::with_unwritable(config.object_store()?);
+    S3Store::from_object_store(client, config).await.map(Some)
 }
 
 #[async_trait]
@@ -39,6 +49,11 @@ impl Harness for S3 {
             store.purge_prefix().await?;
         }
         Ok(())
+    }
+
+    async fn make_unwritable(namespace: &str, run: &RunId, doc: &DocName) -> Result<bool, Error> {
+        support::make_unwritable(format!("{namespace}/{run}/{doc}.json"));
+        Ok(true)
     }
 }
 

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runstate_core::{
-    Bytes, DocName, ErrorKind, Lock, LockKey, Owner, PutOptions, RunId, Store, StoreExt,
+    Bytes, DocName, ErrorKind, Fetched, GetOptions, Lock, LockKey, Owner, PutOptions, RunId, Store,
+    StoreExt,
 };
 use runstate_s3::{S3Config, S3Store};
 
@@ -108,7 +109,7 @@ async fn a_server_that_ignores_conditions_gets_no_locks() {
     assert!(!report.honoured(), "{report}");
     assert!(!report.create_only, "{report}");
     let caps = store.capabilities();
-    assert!(!caps.conditional_put && !caps.leases);
+    assert!(!caps.conditional_put && !caps.leases && !caps.milestones);
 
     let (run, doc) = (
         RunId::new("r").expect("valid"),
@@ -132,19 +133,33 @@ async fn a_server_that_ignores_conditions_gets_no_locks() {
         .await
         .expect_err("no leases");
     assert_eq!(error.kind(), ErrorKind::Unsupported);
+    // Milestones are changed by compare-and-swap: not without conditions.
+    let error = store
+        .mark(&run, "build_climate", std::time::SystemTime::now())
+        .await
+        .expect_err("no milestones");
+    assert_eq!(error.kind(), ErrorKind::Unsupported);
+    let error = store.milestones(&run).await.expect_err("no milestones");
+    assert_eq!(error.kind(), ErrorKind::Unsupported);
     // Plain writes and reads still work.
     store
         .put_bytes(&run, &doc, Bytes::from_static(b"plain"))
         .await
         .expect("overwrite");
+    let stored = store
+        .get_bytes(&run, &doc)
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(&stored.bytes[..], b"plain");
+    // It ignores If-None-Match on reads too (200 with the body): the
+    // version is compared, so the answer is still right.
     assert_eq!(
-        &store
-            .get_bytes(&run, &doc)
+        store
+            .get_if_changed(&run, &doc, &stored.version, GetOptions::new())
             .await
-            .expect("get")
-            .expect("present")
-            .bytes[..],
-        b"plain"
+            .expect("check"),
+        Fetched::Unchanged
     );
 }
 

@@ -1,0 +1,181 @@
+//! The milestones object of a run, and how its timestamps are written.
+//!
+//! One small JSON object per run, `<prefix>/.runstate/milestones/<run>.json`:
+//!
+//! ```json
+//! {"v":1,"timestamps":{"build_climate":"1795000000.123456789"},"attrs":{"has_sbs":"false"}}
+//! ```
+//!
+//! Timestamps are epoch seconds with up to nine decimals, as text, so a
+//! `SystemTime` comes back exactly (a JSON number would round it to a
+//! fraction of a microsecond). The object is changed only by
+//! compare-and-swap writes (see [`S3Store::mark`](crate::S3Store)).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use runstate_core::{Error, ErrorKind, Milestones};
+use serde::{Deserialize, Serialize};
+
+use crate::BACKEND;
+
+/// The body of a milestones object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct MilestonesBody {
+    pub(crate) v: u32,
+    #[serde(default)]
+    pub(crate) timestamps: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) attrs: BTreeMap<String, String>,
+}
+
+fn corrupt(message: String) -> Error {
+    Error::new(ErrorKind::Corrupt, message).with_backend(BACKEND)
+}
+
+impl MilestonesBody {
+    /// An empty body of the current format.
+    pub(crate) fn new() -> Self {
+        MilestonesBody {
+            v: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Parses a stored object.
+    ///
+    /// # Errors
+    /// `Corrupt` when it is not a milestones object of a known format.
+    pub(crate) fn decode(bytes: &[u8], path: &str) -> Result<Self, Error> {
+        let body: MilestonesBody = serde_json::from_slice(bytes).map_err(|e| {
+            corrupt(format!("milestones object {path} is not valid JSON")).with_source(e)
+        })?;
+        if body.v != 1 {
+            return Err(corrupt(format!(
+                "milestones object {path} has unknown format version {}",
+                body.v
+            )));
+        }
+        Ok(body)
+    }
+
+    /// The object's bytes.
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, Error> {
+        serde_json::to_vec(self).map_err(|e| {
+            Error::new(ErrorKind::Backend, "encoding milestones")
+                .with_backend(BACKEND)
+                .with_source(e)
+        })
+    }
+
+    /// What the object says, timestamps parsed.
+    ///
+    /// # Errors
+    /// `Corrupt` for a timestamp that is not `secs[.fraction]`.
+    pub(crate) fn to_milestones(&self, path: &str) -> Result<Milestones, Error> {
+        let mut out = Milestones::default();
+        for (task, text) in &self.timestamps {
+            let at = parse_time(text).ok_or_else(|| {
+                corrupt(format!(
+                    "milestones object {path}: timestamp of {task:?} is not epoch seconds"
+                ))
+            })?;
+            out.timestamps.insert(task.clone(), at);
+        }
+        out.attrs = self.attrs.clone();
+        Ok(out)
+    }
+}
+
+/// `at` as epoch seconds with nanoseconds, as text; `None` before 1970.
+pub(crate) fn format_time(at: SystemTime) -> Option<String> {
+    let since = at.duration_since(UNIX_EPOCH).ok()?;
+    Some(match since.subsec_nanos() {
+        0 => since.as_secs().to_string(),
+        nanos => {
+            let fraction = format!("{nanos:09}");
+            format!("{}.{}", since.as_secs(), fraction.trim_end_matches('0'))
+        }
+    })
+}
+
+/// The inverse of [`format_time`] (up to nine decimals).
+pub(crate) fn parse_time(text: &str) -> Option<SystemTime> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (secs, fraction) = match text.split_once('.') {
+        Some((secs, fraction)) if digits(fraction) && fraction.len() <= 9 => (secs, fraction),
+        Some(_) => return None,
+        None => (text, ""),
+    };
+    if !digits(secs) {
+        return None;
+    }
+    let secs: u64 = secs.parse().ok()?;
+    let nanos: u32 = if fraction.is_empty() {
+        0
+    } else {
+        format!("{fraction:0<9}").parse().ok()?
+    };
+    UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_exactly() {
+        for at in [
+            UNIX_EPOCH,
+            UNIX_EPOCH + Duration::from_secs(1_795_000_000),
+            UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789),
+            UNIX_EPOCH + Duration::new(1_795_000_000, 500_000_000),
+            UNIX_EPOCH + Duration::new(1, 1),
+            SystemTime::now(),
+        ] {
+            let text = format_time(at).expect("after the epoch");
+            assert_eq!(parse_time(&text), Some(at), "{text}");
+        }
+        assert_eq!(
+            format_time(UNIX_EPOCH + Duration::new(1_795_000_000, 500_000_000)).as_deref(),
+            Some("1795000000.5")
+        );
+        assert_eq!(format_time(UNIX_EPOCH - Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn bad_times_are_refused() {
+        for text in [
+            "",
+            ".",
+            "1.",
+            ".5",
+            "-1",
+            "1.2.3",
+            "1e9",
+            "1.1234567890",
+            " 1",
+            "x",
+        ] {
+            assert_eq!(parse_time(text), None, "{text:?}");
+        }
+        assert_eq!(
+            parse_time("1795000000.25"),
+            Some(UNIX_EPOCH + Duration::new(1_795_000_000, 250_000_000))
+        );
+    }
+
+    #[test]
+    fn unknown_formats_are_corrupt() {
+        let err = MilestonesBody::decode(br#"{"v":2}"#, "p").expect_err("v2");
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        let err = MilestonesBody::decode(b"not json", "p").expect_err("garbage");
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        let body = MilestonesBody::decode(br#"{"v":1}"#, "p").expect("minimal");
+        assert_eq!(body, MilestonesBody::new());
+        let mut bad = MilestonesBody::new();
+        bad.timestamps.insert("t".into(), "soon".into());
+        let err = bad.to_milestones("p").expect_err("bad time");
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+    }
+}
