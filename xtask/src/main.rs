@@ -73,6 +73,14 @@ const BACKENDS: &[Backend] = &[
         services: &[],
         moto: true,
     },
+    // The in-memory store: no server, no files.
+    Backend {
+        name: "memory",
+        package: "runstate",
+        filter: Some("memory"),
+        services: &[],
+        moto: false,
+    },
 ];
 
 const USAGE: &str = "\
@@ -85,8 +93,9 @@ commands:
   ci                                cargo fmt --check, clippy -D warnings, doc -D warnings,
                                     then `cargo xtask test`
   bench [--backend NAME] [--quick]  run workloads W1-W4 and the migrations between backends
-                                    against raw baselines; prints tables and writes
-                                    target/bench/report.json and target/bench/migration.json
+                                    against raw baselines, listing 1,000 and 100,000 runs, cached
+                                    loads and optimistic updates; prints tables and writes
+                                    target/bench/{report,migration,listing,cache}.json
 ";
 
 fn main() -> ExitCode {
@@ -231,6 +240,9 @@ fn test(backend: Option<&str>) -> Result<(), String> {
     }
     let required = backend.map_or_else(|| "all".to_owned(), str::to_owned);
     command.env("RUNSTATE_REQUIRE_BACKENDS", &required);
+    // The case-insensitive file system test stages a real FUSE mount; a
+    // machine that cannot must fail the run, not skip it.
+    command.env("RUNSTATE_REQUIRE_FUSE", "1");
     command.envs(env);
     eprintln!(
         "backends: {} (RUNSTATE_REQUIRE_BACKENDS={required}: a backend whose server is missing fails, never skips)",
@@ -316,6 +328,10 @@ fn bench(args: &[String]) -> Result<(), String> {
         "workloads",
         "--bench",
         "migration",
+        "--bench",
+        "listing",
+        "--bench",
+        "cache",
         "--all-features",
         "--",
     ]);

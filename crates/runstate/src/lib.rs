@@ -137,9 +137,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod doctor;
+pub mod layers;
 pub mod migrate;
 mod open;
+pub mod split;
 
 pub use open::{
     AnyStore, OpenMode, Scheme, URL_VAR, is_missing_store, open, open_env, open_with, redact_url,

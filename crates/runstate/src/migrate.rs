@@ -204,6 +204,9 @@ pub struct RunReport {
     pub verified: u64,
     /// Whether the run was deleted from the source.
     pub source_deleted: bool,
+    /// Milestones and attributes copied (set on the target because they
+    /// were missing there or differed).
+    pub milestones: u64,
 }
 
 /// What [`migrate`] did (or, for a dry run, would do).
@@ -654,6 +657,8 @@ impl Migration<'_> {
             return Err(error);
         }
 
+        let milestones = self.copy_milestones(target).await?;
+
         // Extras are removed only when the target is to mirror the source:
         // with `delete_source` they may be documents a resumed move already
         // deleted from the source, the only copies left.
@@ -692,6 +697,7 @@ impl Migration<'_> {
         }
 
         let mut report = self.report(&plan, copied_bytes);
+        report.milestones = milestones;
         if self.options.delete_source {
             for meta in &plan.source {
                 self.delete_source_doc(meta, source).await?;
@@ -699,6 +705,49 @@ impl Migration<'_> {
             report.source_deleted = true;
         }
         Ok(report)
+    }
+
+    /// Copies the run's milestones and attributes (a field at a time, as
+    /// they are written) where the target lacks them or holds another
+    /// value; returns how many were set. Nothing to copy when the source
+    /// keeps none; a target that cannot keep them while the source has
+    /// some fails the run, rather than dropping them silently.
+    async fn copy_milestones(&self, target: &HeldLease<'_>) -> Result<u64> {
+        if !self.source.capabilities().milestones {
+            return Ok(0);
+        }
+        let from = self.source.milestones(self.run).await?;
+        if from.timestamps.is_empty() && from.attrs.is_empty() {
+            return Ok(0);
+        }
+        if !self.target.capabilities().milestones {
+            return Err(migrate_error(
+                ErrorKind::Unsupported,
+                format!(
+                    "the run has {} milestones and attributes, and the target ({}) cannot keep them",
+                    from.timestamps.len() + from.attrs.len(),
+                    self.target.capabilities().backend
+                ),
+                self.run,
+            ));
+        }
+        let there = self.target.milestones(self.run).await?;
+        let mut set = 0;
+        for (task, at) in &from.timestamps {
+            if there.timestamps.get(task) != Some(at) {
+                target.current()?;
+                self.target.mark(self.run, task, *at).await?;
+                set += 1;
+            }
+        }
+        for (name, value) in &from.attrs {
+            if there.attrs.get(name) != Some(value) {
+                target.current()?;
+                self.target.set_attr(self.run, name, value).await?;
+                set += 1;
+            }
+        }
+        Ok(set)
     }
 
     /// Deletes one verified source document under its own lock as well as
@@ -929,6 +978,7 @@ impl Migration<'_> {
                 (plan.identical.len() + plan.create.len() + plan.replace.len()) as u64
             },
             source_deleted: false,
+            milestones: 0,
         }
     }
 }

@@ -19,6 +19,13 @@ pub const URL_VAR: &str = "RUNSTATE_URL";
 const TTL_OPTION: &str = "ttl_ms";
 const WAIT_OPTION: &str = "wait_ms";
 const LIMIT_OPTION: &str = "max_doc_bytes";
+/// The lock service of a split store: documents in the URL's store,
+/// leases from the store this option's value (a URL) names.
+const LOCKS_OPTION: &str = "locks";
+/// A cache in front of the store: `memory` or a Redis URL.
+const CACHE_OPTION: &str = "cache";
+/// The budget of a `cache=memory`, in bytes.
+const CACHE_BYTES_OPTION: &str = "cache_bytes";
 
 /// The backends `open` knows, whether or not their cargo feature is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,17 +43,21 @@ pub enum Scheme {
     Redis,
     /// `s3:` — the S3 backend.
     S3,
+    /// `memory:` — in this process's memory, no server and no files
+    /// (`memory://name` shares one store per name within the process).
+    Memory,
 }
 
 impl Scheme {
     /// Every scheme, in the order of the documentation.
-    pub const ALL: [Scheme; 6] = [
+    pub const ALL: [Scheme; 7] = [
         Scheme::File,
         Scheme::Sqlite,
         Scheme::Postgres,
         Scheme::Mysql,
         Scheme::Redis,
         Scheme::S3,
+        Scheme::Memory,
     ];
 
     /// The backend's name (`file`, `sqlite`, `postgres`, `mysql`, `redis`,
@@ -59,6 +70,7 @@ impl Scheme {
             Scheme::Mysql => "mysql",
             Scheme::Redis => "redis",
             Scheme::S3 => "s3",
+            Scheme::Memory => "memory",
         }
     }
 
@@ -71,10 +83,12 @@ impl Scheme {
             Scheme::Mysql => &["mysql", "mariadb"],
             Scheme::Redis => &["redis", "rediss", "unix", "redis+unix"],
             Scheme::S3 => &["s3"],
+            Scheme::Memory => &["memory"],
         }
     }
 
-    /// The cargo feature of `runstate` that compiles it in.
+    /// The cargo feature of `runstate` that compiles it in (the memory
+    /// store is always there).
     pub fn feature(self) -> &'static str {
         self.name()
     }
@@ -88,6 +102,7 @@ impl Scheme {
             Scheme::Mysql => cfg!(feature = "mysql"),
             Scheme::Redis => cfg!(feature = "redis"),
             Scheme::S3 => cfg!(feature = "s3"),
+            Scheme::Memory => true,
         }
     }
 
@@ -146,44 +161,11 @@ fn describe(url: &str) -> String {
 }
 
 /// `url` with every secret replaced by `***`: the password of the
-/// authority, and the values of options whose names say they hold one
-/// (`password`, `secret`, `token`, `key`, …). A URL that does not parse is
-/// cut down to its scheme, since where its secret sits cannot be told.
+/// authority, even one holding an unencoded `/`, `?` or `@`, and the values
+/// of options whose names say they hold one (`password`, `secret`, `token`,
+/// `key`, …). See [`runstate_core::secrets::redact_url`].
 pub fn redact_url(url: &str) -> String {
-    if url.starts_with("file:") {
-        // A path holds no secret, and re-serialising would turn a relative
-        // `file:data` into `file:///data`.
-        return url.to_owned();
-    }
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        return match url.split_once("://") {
-            Some((scheme, _)) => format!("{scheme}://…"),
-            None => "…".to_owned(),
-        };
-    };
-    if parsed.password().is_some() {
-        // Only fails for URLs that cannot have a password, which this has.
-        let _ = parsed.set_password(Some("***"));
-    }
-    if parsed.query().is_some() {
-        let pairs: Vec<(String, String)> = parsed
-            .query_pairs()
-            .map(|(name, value)| {
-                let lower = name.to_ascii_lowercase();
-                let secret = ["pass", "secret", "token", "key", "credential"]
-                    .iter()
-                    .any(|word| lower.contains(word));
-                let value = if secret {
-                    "***".to_owned()
-                } else {
-                    value.into_owned()
-                };
-                (name.into_owned(), value)
-            })
-            .collect();
-        parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    parsed.to_string()
+    runstate_core::secrets::redact_url(url)
 }
 
 /// The facade's own URL options, and the URL without them.
@@ -305,6 +287,7 @@ fn parse_ms(name: &str, value: &str, min: Duration) -> Result<Duration> {
 #[derive(Clone)]
 pub struct AnyStore {
     lock: Arc<dyn Lock>,
+    health: crate::layers::Health,
     scheme: Scheme,
     shown_url: String,
     client: ClientConfig,
@@ -318,6 +301,7 @@ impl AnyStore {
     pub fn from_lock(lock: Arc<dyn Lock>, scheme: Scheme, shown_url: impl Into<String>) -> Self {
         AnyStore {
             lock,
+            health: crate::layers::Health::new(),
             scheme,
             shown_url: redact_url(&shown_url.into()),
             client: ClientConfig::default(),
@@ -356,6 +340,14 @@ impl AnyStore {
     /// A typed client on this store with the URL's settings.
     pub fn client(&self) -> Client {
         Client::with_config(Arc::clone(&self.lock), self.client.clone())
+    }
+
+    /// How this store has been doing, from every call made through this
+    /// handle (and its clones): ok / degraded / failing, the last error,
+    /// latency percentiles per operation, calls in flight and failed lease
+    /// renewals. See [`layers::Health`](crate::layers::Health).
+    pub fn health(&self) -> crate::layers::HealthReport {
+        self.health.report()
     }
 
     /// Probes what this backend honours, on a scratch run it removes
@@ -460,6 +452,7 @@ pub async fn open_with(url: &str, mode: OpenMode) -> Result<AnyStore> {
     if url.to_ascii_lowercase().starts_with("rediss:") && !cfg!(feature = "redis-tls") {
         return Err(feature_off(scheme, "redis-tls"));
     }
+    runstate_core::secrets::check_userinfo(url).map_err(|e| e.with_operation(Operation::Open))?;
     let Split {
         backend_url,
         client,
@@ -473,12 +466,102 @@ pub async fn open_with(url: &str, mode: OpenMode) -> Result<AnyStore> {
         _ => backend_url,
     };
     let shown_url = redact_url(url);
+    let (backend_url, locks_url) = take_option(&backend_url, LOCKS_OPTION);
+    let (backend_url, cache_url) = take_option(&backend_url, CACHE_OPTION);
+    let (backend_url, cache_bytes) = take_option(&backend_url, CACHE_BYTES_OPTION);
     let mut store = open_backend(scheme, &backend_url)
         .await
         .map_err(|e| e.with_operation(Operation::Open))?;
+    if let Some(locks_url) = locks_url {
+        // The lock service may be any backend; it is created if missing
+        // (its state is leases only).
+        let locks = Box::pin(open_with(&locks_url, OpenMode::Create))
+            .await
+            .map_err(|e| e.with_operation(Operation::Open))?;
+        let docs: Arc<dyn runstate_core::Store> = Arc::clone(&store.lock) as _;
+        let split = crate::split::SplitStore::new(docs, locks.into_lock())?;
+        store.lock = Arc::new(split);
+    }
+    if let Some(cache) = open_cache(cache_url, cache_bytes).await? {
+        store.lock = Arc::new(crate::cache::CachedStore::new(
+            Arc::clone(&store.lock),
+            cache,
+        ));
+    }
+    // Every call is traced (one span each, at DEBUG) and counted for
+    // `health()`.
+    store.lock = Arc::new(crate::layers::Observed::new(
+        Arc::clone(&store.lock),
+        (crate::layers::Tracing, store.health.clone()),
+    ));
     store.shown_url = shown_url;
     store.client = client;
     Ok(store)
+}
+
+/// The cache a URL's `cache` option asks for: `memory` (with
+/// `cache_bytes`, 64 MiB by default) or a `redis://` URL (the `redis`
+/// feature).
+async fn open_cache(
+    cache: Option<String>,
+    bytes: Option<String>,
+) -> Result<Option<Arc<dyn runstate_core::Cache>>> {
+    let budget = match bytes {
+        Some(bytes) => Some(bytes.parse::<u64>().ok().filter(|b| *b > 0).ok_or_else(|| {
+            config_error(format!(
+                "URL option {CACHE_BYTES_OPTION}={bytes:?} must be a positive number of bytes"
+            ))
+        })?),
+        None => None,
+    };
+    let Some(cache) = cache else {
+        if budget.is_some() {
+            return Err(config_error(format!(
+                "URL option {CACHE_BYTES_OPTION} needs {CACHE_OPTION}=memory"
+            )));
+        }
+        return Ok(None);
+    };
+    if cache == "memory" {
+        let budget = budget.unwrap_or(64 * 1024 * 1024);
+        return Ok(Some(Arc::new(crate::cache::MemoryCache::new(budget))));
+    }
+    match Scheme::of_url(&cache) {
+        #[cfg(feature = "redis")]
+        Ok(Scheme::Redis) => {
+            let cache = runstate_redis::RedisCache::connect(&cache).await?;
+            Ok(Some(Arc::new(cache)))
+        }
+        #[cfg(not(feature = "redis"))]
+        Ok(Scheme::Redis) => Err(feature_off(Scheme::Redis, "redis")),
+        _ => Err(config_error(format!(
+            "URL option {CACHE_OPTION} must be `memory` or a redis:// URL, not {}",
+            describe(&cache)
+        ))),
+    }
+}
+
+/// `url` without the option `name`, and that option's (decoded) value.
+fn take_option(url: &str, name: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut value = None;
+    let mut kept = url::form_urlencoded::Serializer::new(String::new());
+    let mut any_kept = false;
+    for (n, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        if n == name {
+            value = Some(v.into_owned());
+        } else {
+            kept.append_pair(&n, &v);
+            any_kept = true;
+        }
+    }
+    match (value, any_kept) {
+        (None, _) => (url.to_owned(), None),
+        (Some(v), false) => (base.to_owned(), Some(v)),
+        (Some(v), true) => (format!("{base}?{}", kept.finish()), Some(v)),
+    }
 }
 
 /// Opens the store named by the `RUNSTATE_URL` environment variable.
@@ -509,6 +592,7 @@ fn feature_off(scheme: Scheme, feature: &str) -> Error {
 fn wrap(lock: Arc<dyn Lock>, scheme: Scheme) -> AnyStore {
     AnyStore {
         lock,
+        health: crate::layers::Health::new(),
         scheme,
         shown_url: String::new(),
         client: ClientConfig::default(),
@@ -542,9 +626,43 @@ async fn open_backend(scheme: Scheme, url: &str) -> Result<AnyStore> {
             any.s3 = Some(store);
             Ok(any)
         }
+        Scheme::Memory => {
+            let name = memory_name(url)?;
+            let store = match name {
+                Some(name) => runstate_core::memory::MemoryStore::named(&name),
+                None => runstate_core::memory::MemoryStore::new(),
+            };
+            Ok(wrap(Arc::new(store), scheme))
+        }
         #[allow(unreachable_patterns)] // every scheme compiled in
         _ => Err(feature_off(scheme, scheme.feature())),
     }
+}
+
+/// The store name of a `memory:` URL: `memory://name` (or `memory:name`);
+/// `None` for `memory://` (a store of its own).
+fn memory_name(url: &str) -> Result<Option<String>> {
+    let rest = url.split_once(':').map_or("", |(_, rest)| rest);
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let (name, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if let Some((option, _)) = url::form_urlencoded::parse(query.as_bytes()).next() {
+        return Err(config_error(format!(
+            "unknown memory URL option {option:?} (it has none besides ttl_ms, wait_ms and max_doc_bytes)"
+        )));
+    }
+    let name = name.trim_end_matches('/');
+    if name.is_empty() {
+        return Ok(None);
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(config_error(format!(
+            "memory store name {name:?} must be made of [A-Za-z0-9._-]"
+        )));
+    }
+    Ok(Some(name.to_owned()))
 }
 
 /// What a backend declares, as shown by `runstate doctor`.

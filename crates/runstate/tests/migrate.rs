@@ -135,11 +135,25 @@ fn pair(from: Backend, to: Backend, test: &'static str) {
         // A second run that must not move, since only `id` is selected.
         seed(&*source, &run("left_behind"), &docs[..1]).await;
         let total: u64 = docs.iter().map(|(_, b)| b.len() as u64).sum();
+        // Milestones travel with the run, to a millisecond.
+        let milestones = source.capabilities().milestones && target.capabilities().milestones;
+        if milestones {
+            let at = std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_250);
+            source.mark(&id, "build_climate", at).await.expect("mark");
+            source.set_attr(&id, "has_sbs", "false").await.expect("set");
+        }
 
         let options = MigrateOptions::new(Selection::Runs(vec![id.clone()]));
         let report = migrate(&*source, &*target, &options, &())
             .await
             .expect("migrate");
+        if milestones {
+            assert_eq!(report.runs[0].milestones, 2);
+            assert_eq!(
+                target.milestones(&id).await.expect("target milestones"),
+                source.milestones(&id).await.expect("source milestones")
+            );
+        }
         assert_eq!(report.documents, docs.len() as u64);
         assert_eq!(report.bytes, total);
         assert_eq!(report.verified, docs.len() as u64);
@@ -164,6 +178,10 @@ fn pair(from: Backend, to: Backend, test: &'static str) {
             .await
             .expect("migrate again");
         assert_eq!((again.documents, again.identical), (0, docs.len() as u64));
+        assert_eq!(
+            again.runs[0].milestones, 0,
+            "milestones already there are not set again"
+        );
         assert_eq!(
             target.list_all_docs(&id).await.expect("list"),
             versions_before

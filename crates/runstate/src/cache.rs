@@ -1,0 +1,549 @@
+//! A cache in front of any store that can never cause a lost update:
+//! [`CachedStore`], with an in-process [`MemoryCache`] (or any
+//! [`Cache`], such as a Redis cache shared by
+//! workers).
+//!
+//! WEPPcloud's recorded incident: a worker hydrated a stale cached copy of a
+//! controller and wrote it back over newer fields. Here that cannot happen:
+//!
+//! - a cache hit is **validated** with a conditional read
+//!   ([`Store::get_if_changed`]: a version check that sends no bytes when
+//!   the copy is current), so reads are as fresh as the store's, unless the
+//!   caller opts into serving copies up to
+//!   [`GetOptions::max_staleness`] old without asking (a UI, an
+//!   optimistic update);
+//! - writes through the cache update it (with the version the store
+//!   returned) or forget the entry; writes by others are caught by the
+//!   validation;
+//! - a locked update loads from the store under its lease
+//!   ([`Lock::acquire_and_load`] is never served from the cache) and saves
+//!   conditional on that version; an optimistic update
+//!   ([`Run::update_optimistic`](runstate_core::Run::update_optimistic))
+//!   saves conditional on the cached version. A stale copy thus costs a
+//!   retry, never an update.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> runstate::Result<()> {
+//! use std::sync::Arc;
+//! use runstate::cache::{CachedStore, MemoryCache};
+//! use runstate::memory::MemoryStore;
+//! let store = CachedStore::new(Arc::new(MemoryStore::new()), Arc::new(MemoryCache::new(64 << 20)));
+//! # let _ = store; Ok(()) }
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use runstate_core::{
+    Bytes, Cache, Cached, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fetched,
+    GetOptions, Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Owner, PutMode, PutOptions,
+    Replay, Result, RunId, Store, StoredDoc, Subscription, Version, Watcher, async_trait,
+};
+
+/// Any store with a cache in front: itself a store, with the same
+/// capabilities (see the [module documentation](self)).
+#[derive(Clone)]
+pub struct CachedStore {
+    store: Arc<dyn Lock>,
+    cache: Arc<dyn Cache>,
+}
+
+impl CachedStore {
+    /// `store` with `cache` in front of its reads.
+    pub fn new(store: Arc<dyn Lock>, cache: Arc<dyn Cache>) -> Self {
+        CachedStore { store, cache }
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &Arc<dyn Lock> {
+        &self.store
+    }
+
+    /// The cache.
+    pub fn cache(&self) -> &Arc<dyn Cache> {
+        &self.cache
+    }
+
+    fn too_large(size: usize, limit: u64) -> Error {
+        Error::new(
+            ErrorKind::TooLarge,
+            format!("document is {size} bytes, over the limit of {limit}"),
+        )
+    }
+
+    /// A cached copy as the caller asked for it: within its size limit.
+    fn serve(
+        copy: StoredDoc,
+        options: GetOptions,
+        run: &RunId,
+        doc: &DocName,
+    ) -> Result<StoredDoc> {
+        match options.limit {
+            Some(limit) if copy.bytes.len() as u64 > limit => Err(Self::too_large(
+                copy.bytes.len(),
+                limit,
+            )
+            .at_doc(runstate_core::Operation::Get, run, doc)),
+            _ => Ok(copy),
+        }
+    }
+
+    async fn remember(&self, run: &RunId, doc: &DocName, stored: &StoredDoc, known_at: SystemTime) {
+        self.cache
+            .put(
+                run,
+                doc,
+                Cached {
+                    doc: stored.clone(),
+                    known_at,
+                },
+            )
+            .await;
+    }
+}
+
+impl fmt::Debug for CachedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedStore")
+            .field("store", &self.store)
+            .field("cache", &self.cache)
+            .finish()
+    }
+}
+
+#[async_trait]
+#[deny(clippy::missing_trait_methods)]
+impl Store for CachedStore {
+    fn capabilities(&self) -> &Capabilities {
+        self.store.capabilities()
+    }
+
+    async fn get(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        let asked = SystemTime::now();
+        if let Some((version, known_at)) = self.cache.version(run, doc).await {
+            let age = asked.duration_since(known_at).unwrap_or(Duration::ZERO);
+            if options.max_staleness.is_some_and(|max| age <= max)
+                && let Some(hit) = self.cache.get(run, doc).await
+            {
+                return Self::serve(hit.doc, options, run, doc).map(Some);
+            }
+            // Ask the store whether the cached version is current while
+            // the bytes come from the cache: the hit costs the slower of
+            // the two, not their sum.
+            let (fetched, hit) = tokio::join!(
+                self.store.get_if_changed(run, doc, &version, options),
+                self.cache.get(run, doc)
+            );
+            match fetched? {
+                Fetched::Unchanged => match hit {
+                    Some(hit) if hit.doc.version == version => {
+                        // Off the read's path: only stale-tolerant reads
+                        // gain from it.
+                        let (cache, run2, doc2) =
+                            (Arc::clone(&self.cache), run.clone(), doc.clone());
+                        tokio::spawn(
+                            async move { cache.touch(&run2, &doc2, &version, asked).await },
+                        );
+                        return Self::serve(hit.doc, options, run, doc).map(Some);
+                    }
+                    // The cache changed meanwhile: ask the store below.
+                    _ => {}
+                },
+                Fetched::Changed(stored) => {
+                    self.remember(run, doc, &stored, asked).await;
+                    return Ok(Some(stored));
+                }
+                Fetched::Absent => {
+                    self.cache.remove(run, doc).await;
+                    return Ok(None);
+                }
+            }
+        }
+        let stored = self.store.get(run, doc, options).await?;
+        match &stored {
+            Some(stored) => self.remember(run, doc, stored, asked).await,
+            None => self.cache.remove(run, doc).await,
+        }
+        Ok(stored)
+    }
+
+    async fn put(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        bytes: Bytes,
+        options: PutOptions<'_>,
+    ) -> Result<Version> {
+        let sent = SystemTime::now();
+        match self.store.put(run, doc, bytes.clone(), options).await {
+            Ok(version) => {
+                let stored = StoredDoc {
+                    bytes,
+                    version: version.clone(),
+                };
+                self.remember(run, doc, &stored, sent).await;
+                Ok(version)
+            }
+            Err(error) => {
+                // Refused or unknown: whatever the cache holds may be stale.
+                self.cache.remove(run, doc).await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn delete(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        if_version: Option<&Version>,
+    ) -> Result<bool> {
+        let deleted = self.store.delete(run, doc, if_version).await;
+        self.cache.remove(run, doc).await;
+        deleted
+    }
+
+    async fn list_docs(
+        &self,
+        run: &RunId,
+        after: Option<&DocName>,
+        limit: usize,
+    ) -> Result<ListPage<DocMeta>> {
+        self.store.list_docs(run, after, limit).await
+    }
+
+    async fn list_runs(&self, after: Option<&RunId>, limit: usize) -> Result<ListPage<RunId>> {
+        self.store.list_runs(after, limit).await
+    }
+
+    async fn delete_run(&self, run: &RunId) -> Result<u64> {
+        let deleted = self.store.delete_run(run).await;
+        self.cache.remove_run(run).await;
+        deleted
+    }
+
+    async fn get_if_changed(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        known: &Version,
+        options: GetOptions,
+    ) -> Result<Fetched> {
+        let asked = SystemTime::now();
+        let fetched = self.store.get_if_changed(run, doc, known, options).await?;
+        match &fetched {
+            Fetched::Changed(stored) => self.remember(run, doc, stored, asked).await,
+            Fetched::Absent => self.cache.remove(run, doc).await,
+            Fetched::Unchanged => {}
+        }
+        Ok(fetched)
+    }
+
+    async fn claim(
+        &self,
+        key: &LockKey,
+        fence: Fence,
+        doc: Option<&DocName>,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        self.store.claim(key, fence, doc, options).await
+    }
+
+    async fn watch(&self, run: &RunId) -> Result<Watcher> {
+        self.store.watch(run).await
+    }
+
+    async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
+        self.store.publish(run, topic, text).await
+    }
+
+    async fn subscribe(&self, run: &RunId, replay: Replay) -> Result<Subscription> {
+        self.store.subscribe(run, replay).await
+    }
+
+    async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
+        self.store.mark(run, task, at).await
+    }
+
+    async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
+        self.store.set_attr(run, name, value).await
+    }
+
+    async fn milestones(&self, run: &RunId) -> Result<Milestones> {
+        self.store.milestones(run).await
+    }
+}
+
+#[async_trait]
+#[deny(clippy::missing_trait_methods)]
+impl Lock for CachedStore {
+    async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease> {
+        self.store.try_acquire(key, owner, ttl).await
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        self.store.renew(lease, ttl).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        self.store.release(lease).await
+    }
+
+    async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+        self.store.inspect(key).await
+    }
+
+    async fn break_lock(
+        &self,
+        key: &LockKey,
+        only_fence: Option<Fence>,
+    ) -> Result<Option<LockInfo>> {
+        self.store.break_lock(key, only_fence).await
+    }
+
+    async fn list_locks(&self, run: Option<&RunId>) -> Result<Vec<LockInfo>> {
+        self.store.list_locks(run).await
+    }
+
+    async fn wait_for_release(&self, key: &LockKey, max: Duration) {
+        self.store.wait_for_release(key, max).await;
+    }
+
+    /// Always from the store, under the lease: a locked update never
+    /// starts from a cached copy.
+    async fn acquire_and_load(
+        &self,
+        key: &LockKey,
+        doc: &DocName,
+        owner: &Owner,
+        ttl: Duration,
+        options: GetOptions,
+    ) -> Result<(Lease, Option<StoredDoc>)> {
+        let asked = SystemTime::now();
+        let (lease, stored) = self
+            .store
+            .acquire_and_load(key, doc, owner, ttl, options)
+            .await?;
+        match &stored {
+            Some(stored) => self.remember(key.run(), doc, stored, asked).await,
+            None => self.cache.remove(key.run(), doc).await,
+        }
+        Ok((lease, stored))
+    }
+
+    async fn save_and_release(
+        &self,
+        lease: &Lease,
+        doc: &DocName,
+        bytes: Bytes,
+        mode: PutMode,
+    ) -> Result<Version> {
+        let run = lease.key().run();
+        let sent = SystemTime::now();
+        match self
+            .store
+            .save_and_release(lease, doc, bytes.clone(), mode)
+            .await
+        {
+            Ok(version) => {
+                let stored = StoredDoc {
+                    bytes,
+                    version: version.clone(),
+                };
+                self.remember(run, doc, &stored, sent).await;
+                Ok(version)
+            }
+            Err(error) => {
+                self.cache.remove(run, doc).await;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// An in-process cache: least recently used copies go first once their
+/// bytes exceed the budget.
+pub struct MemoryCache {
+    budget: u64,
+    inner: Mutex<Lru>,
+}
+
+#[derive(Default)]
+struct Lru {
+    entries: HashMap<(RunId, DocName), (Cached, u64)>,
+    /// Use order: tick → key.
+    order: BTreeMap<u64, (RunId, DocName)>,
+    tick: u64,
+    bytes: u64,
+}
+
+impl Lru {
+    fn touch(&mut self, key: &(RunId, DocName)) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some((_, used)) = self.entries.get_mut(key) {
+            self.order.remove(used);
+            *used = tick;
+            self.order.insert(tick, key.clone());
+        }
+    }
+
+    fn remove(&mut self, key: &(RunId, DocName)) {
+        if let Some((copy, used)) = self.entries.remove(key) {
+            self.order.remove(&used);
+            self.bytes -= copy.doc.bytes.len() as u64;
+        }
+    }
+}
+
+impl MemoryCache {
+    /// A cache keeping at most `budget` bytes of documents (a document
+    /// larger than the budget is not kept).
+    pub fn new(budget: u64) -> Self {
+        MemoryCache {
+            budget,
+            inner: Mutex::new(Lru::default()),
+        }
+    }
+
+    fn lru(&self) -> std::sync::MutexGuard<'_, Lru> {
+        // Every change is made whole under the lock.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Bytes of documents held.
+    pub fn bytes(&self) -> u64 {
+        self.lru().bytes
+    }
+
+    /// Documents held.
+    pub fn len(&self) -> usize {
+        self.lru().entries.len()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for MemoryCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lru = self.lru();
+        f.debug_struct("MemoryCache")
+            .field("budget", &self.budget)
+            .field("bytes", &lru.bytes)
+            .field("documents", &lru.entries.len())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Cache for MemoryCache {
+    async fn get(&self, run: &RunId, doc: &DocName) -> Option<Cached> {
+        let key = (run.clone(), doc.clone());
+        let mut lru = self.lru();
+        let copy = lru.entries.get(&key).map(|(copy, _)| copy.clone())?;
+        lru.touch(&key);
+        Some(copy)
+    }
+
+    async fn put(&self, run: &RunId, doc: &DocName, copy: Cached) {
+        let key = (run.clone(), doc.clone());
+        let size = copy.doc.bytes.len() as u64;
+        let mut lru = self.lru();
+        lru.remove(&key);
+        if size > self.budget {
+            return;
+        }
+        while lru.bytes + size > self.budget {
+            let Some((_, oldest)) = lru.order.pop_first() else {
+                break;
+            };
+            if let Some((evicted, _)) = lru.entries.remove(&oldest) {
+                lru.bytes -= evicted.doc.bytes.len() as u64;
+            }
+        }
+        lru.tick += 1;
+        let tick = lru.tick;
+        lru.order.insert(tick, key.clone());
+        lru.entries.insert(key, (copy, tick));
+        lru.bytes += size;
+    }
+
+    async fn touch(&self, run: &RunId, doc: &DocName, version: &Version, known_at: SystemTime) {
+        let key = (run.clone(), doc.clone());
+        if let Some((copy, _)) = self.lru().entries.get_mut(&key)
+            && copy.doc.version == *version
+        {
+            copy.known_at = copy.known_at.max(known_at);
+        }
+    }
+
+    async fn remove(&self, run: &RunId, doc: &DocName) {
+        self.lru().remove(&(run.clone(), doc.clone()));
+    }
+
+    async fn remove_run(&self, run: &RunId) {
+        let mut lru = self.lru();
+        let keys: Vec<(RunId, DocName)> = lru
+            .entries
+            .keys()
+            .filter(|(r, _)| r == run)
+            .cloned()
+            .collect();
+        for key in keys {
+            lru.remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy(bytes: &'static [u8], version: &str) -> Cached {
+        Cached {
+            doc: StoredDoc {
+                bytes: Bytes::from_static(bytes),
+                version: Version::new(version),
+            },
+            known_at: SystemTime::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_used_go_first_within_the_budget() {
+        let cache = MemoryCache::new(10);
+        let run = RunId::new("r").unwrap();
+        let (a, b, c) = (
+            DocName::new("a").unwrap(),
+            DocName::new("b").unwrap(),
+            DocName::new("c").unwrap(),
+        );
+        cache.put(&run, &a, copy(b"aaaa", "1")).await;
+        cache.put(&run, &b, copy(b"bbbb", "1")).await;
+        assert!(cache.get(&run, &a).await.is_some()); // a is now the most recent
+        cache.put(&run, &c, copy(b"cccc", "1")).await; // evicts b
+        assert!(cache.get(&run, &b).await.is_none());
+        assert!(cache.get(&run, &a).await.is_some());
+        assert!(cache.get(&run, &c).await.is_some());
+        assert_eq!(cache.bytes(), 8);
+        cache.put(&run, &a, copy(b"too large for it", "2")).await;
+        assert!(
+            cache.get(&run, &a).await.is_none(),
+            "over the budget: not kept, old copy gone"
+        );
+        cache.remove_run(&run).await;
+        assert!(cache.is_empty());
+        assert_eq!(cache.bytes(), 0);
+    }
+}

@@ -1,0 +1,479 @@
+//! Documents in one store, leases in another: [`SplitStore`].
+//!
+//! WEPPcloud keeps its controllers as files on a folder shared by several
+//! worker hosts and locks them with Redis keys. A split store is that
+//! shape done safely: any backend holds the documents, any backend grants
+//! the leases, and **fencing stays with the store that holds the bytes**.
+//! The lock service's fences mean nothing to the document store unless it
+//! checks them, so the document store keeps, per lock, the highest fence it
+//! has seen (its watermark) and refuses, atomically with the write, a save
+//! whose lease's fence is below it ([`PutOptions::foreign_lease`]). Every
+//! grant is claimed in the document store ([`Store::claim`]: the watermark
+//! is raised to the new fence) *before* the new holder reads, so a stalled
+//! previous holder is refused even if the new one never writes.
+//!
+//! ```text
+//! acquire_and_load = locks.try_acquire → docs.claim(fence) + read
+//! save_and_release = docs.put(fenced by the watermark, conditional on the version)
+//!                    → locks.release ∥ docs.claim(fence + 1)
+//! release          = locks.release → docs.claim(fence + 1)
+//! ```
+//!
+//! A released (or broken) grant is closed in the document store too: the
+//! watermark moves past its fence, so a save that comes late under it is
+//! refused even if nobody has taken the lock since. A lease whose local
+//! deadline has passed is refused before anything is sent. (In the
+//! remaining case, a holder paused between that check and its write for
+//! longer than its TTL while nobody took the lock, the late write lands
+//! where no other holder wrote: no update is lost.)
+//!
+//! A document store without watermarks (S3, whose writes cannot be made
+//! conditional on another object) makes a [`Fencing::VersionOnly`] split
+//! store: before each save under a lease the lock service is asked whether
+//! the lease is still the lock's grant, and the write is conditional on the
+//! document's version (for an `Overwrite`, the version read just before the
+//! check), so no update is lost; a holder whose lease lapses in the instant
+//! between that check and its write still writes if nobody changed the
+//! document meanwhile.
+//!
+//! Open one by URL with the `locks` option (`file:///runs?ext=nodb&locks=redis%3A%2F%2Fcache%3A6379%2F0`)
+//! or build it with [`SplitStore::new`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use runstate_core::{
+    Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fencing, Fetched, GetOptions,
+    Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
+    Replay, Result, RunId, Store, StoredDoc, Subscription, Version, Watcher, async_trait,
+};
+
+/// A store whose documents live in one backend and whose leases are
+/// granted by another (or the same), fenced by the document store.
+#[derive(Clone)]
+pub struct SplitStore {
+    docs: Arc<dyn Store>,
+    locks: Arc<dyn Lock>,
+    capabilities: Capabilities,
+}
+
+impl SplitStore {
+    /// Documents in `docs`, leases from `locks`.
+    ///
+    /// The split store fences atomically ([`Fencing::Atomic`]) when `docs`
+    /// keeps fence watermarks ([`Capabilities::foreign_fencing`]), by
+    /// version only otherwise; it may be shared by processes on several
+    /// hosts when `locks` may be and `docs` keeps watermarks.
+    ///
+    /// # Errors
+    /// `Config` when `locks` grants no leases or `docs` has no conditional
+    /// writes (a split store's saves must be conditional on the version).
+    pub fn new(docs: Arc<dyn Store>, locks: Arc<dyn Lock>) -> Result<SplitStore> {
+        let d = docs.capabilities();
+        let l = locks.capabilities();
+        let refuse =
+            |why: String| Err(Error::new(ErrorKind::Config, why).with_operation(Operation::Open));
+        if !l.leases {
+            return refuse(format!("the lock service ({}) grants no leases", l.backend));
+        }
+        if !d.conditional_put {
+            return refuse(format!(
+                "the document store ({}) has no conditional writes",
+                d.backend
+            ));
+        }
+        // One name per combination, made once per store opened.
+        let backend: &'static str =
+            Box::leak(format!("{}+{}", d.backend, l.backend).into_boxed_str());
+        let capabilities = Capabilities::full(backend)
+            .with_conditional_put(true)
+            .with_conditional_delete(d.conditional_delete)
+            .with_leases(true)
+            .with_fencing(if d.foreign_fencing {
+                Fencing::Atomic
+            } else {
+                Fencing::VersionOnly
+            })
+            .with_max_document_size(d.max_document_size)
+            .with_multi_host(l.multi_host && (d.multi_host || d.foreign_fencing))
+            .with_native_conditional_get(d.native_conditional_get)
+            .with_watch(d.watch)
+            .with_status(l.status || d.status)
+            .with_milestones(l.milestones || d.milestones);
+        Ok(SplitStore {
+            docs,
+            locks,
+            capabilities,
+        })
+    }
+
+    /// The document store.
+    pub fn docs(&self) -> &Arc<dyn Store> {
+        &self.docs
+    }
+
+    /// The lock service.
+    pub fn locks(&self) -> &Arc<dyn Lock> {
+        &self.locks
+    }
+
+    /// Where status messages go: the lock service when it carries them
+    /// (a shared Redis or PostgreSQL, which every worker reaches), else the
+    /// document store.
+    fn events(&self) -> &dyn Store {
+        if self.locks.capabilities().status {
+            &*self.locks
+        } else {
+            &*self.docs
+        }
+    }
+
+    /// Where milestones and attributes go, by the same rule.
+    fn run_facts(&self) -> &dyn Store {
+        if self.locks.capabilities().milestones {
+            &*self.locks
+        } else {
+            &*self.docs
+        }
+    }
+
+    fn watermarks(&self) -> bool {
+        self.docs.capabilities().foreign_fencing
+    }
+
+    /// Claims a fresh grant in the document store (raising its watermark)
+    /// and reads `doc`; on failure the grant is given back.
+    async fn claim(
+        &self,
+        lease: Lease,
+        doc: Option<&DocName>,
+        options: GetOptions,
+        op: Operation,
+    ) -> Result<(Lease, Option<StoredDoc>)> {
+        let key = lease.key();
+        let claimed = if self.watermarks() {
+            self.docs.claim(key, lease.fence(), doc, options).await
+        } else {
+            match doc {
+                Some(doc) => self.docs.get(key.run(), doc, options).await,
+                None => Ok(None),
+            }
+        };
+        match claimed {
+            Ok(stored) => Ok((lease, stored)),
+            Err(error) => {
+                if let Err(release) = self.locks.release(&lease).await {
+                    tracing::debug!(%release, "release after a failed claim");
+                }
+                Err(error.with_operation(op).with_lock(key))
+            }
+        }
+    }
+
+    /// A save under `lease`, fenced by the document store.
+    async fn fenced_put(
+        &self,
+        lease: &Lease,
+        doc: &DocName,
+        bytes: Bytes,
+        mode: PutMode,
+        op: Operation,
+    ) -> Result<Version> {
+        let run = lease.key().run();
+        lease
+            .key()
+            .check_covers(run, doc)
+            .map_err(|e| e.at_doc(op, run, doc))?;
+        let fenced = |why: &str| {
+            Error::new(
+                ErrorKind::Fenced,
+                format!(
+                    "lease with fence {}: {why}; nothing was written",
+                    lease.fence()
+                ),
+            )
+            .with_lock(lease.key())
+            .at_doc(op, run, doc)
+        };
+        if lease.is_expired() {
+            return Err(fenced("it expired before the save"));
+        }
+        if self.watermarks() {
+            let options = PutOptions::mode(mode).with_foreign_lease(lease);
+            return self.docs.put(run, doc, bytes, options).await;
+        }
+        // Version only: read the version an overwrite is conditional on,
+        // then check the lease, then write; every retry starts over.
+        let overwrite = mode == PutMode::Overwrite;
+        for _ in 0..3 {
+            let mode = match &mode {
+                PutMode::Overwrite => match self.docs.get(run, doc, GetOptions::new()).await? {
+                    Some(stored) => PutMode::Update(stored.version),
+                    None => PutMode::Create,
+                },
+                other => other.clone(),
+            };
+            match self.locks.inspect(lease.key()).await? {
+                Some(holder)
+                    if holder.fence == lease.fence() && holder.owner.id() == lease.owner().id() => {
+                }
+                _ => return Err(fenced("it is no longer the current grant of its lock")),
+            }
+            match self
+                .docs
+                .put(run, doc, bytes.clone(), PutOptions::mode(mode))
+                .await
+            {
+                // An overwrite lost a race with another writer: read the
+                // new version and check the lease again.
+                Err(e)
+                    if overwrite
+                        && matches!(
+                            e.kind(),
+                            ErrorKind::Precondition | ErrorKind::AlreadyExists
+                        ) =>
+                {
+                    continue;
+                }
+                outcome => return outcome,
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Precondition,
+            "the document kept changing during the save",
+        )
+        .at_doc(op, run, doc))
+    }
+
+    /// Moves the document store's watermark past a grant that ended, so a
+    /// save that comes late under it is refused. Best effort: the grant's
+    /// end is the lock service's; a failure here only leaves the watermark
+    /// where the next grant's claim will raise it.
+    async fn close(&self, key: &LockKey, fence: Fence) {
+        if !self.watermarks() {
+            return;
+        }
+        if let Err(error) = self
+            .docs
+            .claim(
+                key,
+                Fence(fence.get().saturating_add(1)),
+                None,
+                GetOptions::new(),
+            )
+            .await
+        {
+            tracing::debug!(%error, lock = %key, "closing an ended grant in the document store");
+        }
+    }
+}
+
+impl fmt::Debug for SplitStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SplitStore")
+            .field("docs", &self.docs)
+            .field("locks", &self.locks)
+            .finish()
+    }
+}
+
+#[async_trait]
+#[deny(clippy::missing_trait_methods)]
+impl Store for SplitStore {
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    async fn get(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        self.docs.get(run, doc, options).await
+    }
+
+    async fn put(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        bytes: Bytes,
+        options: PutOptions<'_>,
+    ) -> Result<Version> {
+        match (options.lease, options.foreign_lease) {
+            (None, None) => self.docs.put(run, doc, bytes, options).await,
+            (Some(lease), _) | (None, Some(lease)) => {
+                lease
+                    .key()
+                    .check_covers(run, doc)
+                    .map_err(|e| e.at_doc(Operation::Put, run, doc))?;
+                self.fenced_put(lease, doc, bytes, options.mode, Operation::Put)
+                    .await
+            }
+        }
+    }
+
+    async fn delete(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        if_version: Option<&Version>,
+    ) -> Result<bool> {
+        self.docs.delete(run, doc, if_version).await
+    }
+
+    async fn list_docs(
+        &self,
+        run: &RunId,
+        after: Option<&DocName>,
+        limit: usize,
+    ) -> Result<ListPage<DocMeta>> {
+        self.docs.list_docs(run, after, limit).await
+    }
+
+    async fn list_runs(&self, after: Option<&RunId>, limit: usize) -> Result<ListPage<RunId>> {
+        self.docs.list_runs(after, limit).await
+    }
+
+    async fn delete_run(&self, run: &RunId) -> Result<u64> {
+        self.docs.delete_run(run).await
+    }
+
+    async fn get_if_changed(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        known: &Version,
+        options: GetOptions,
+    ) -> Result<Fetched> {
+        self.docs.get_if_changed(run, doc, known, options).await
+    }
+
+    async fn claim(
+        &self,
+        key: &LockKey,
+        fence: Fence,
+        doc: Option<&DocName>,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        // A split store's watermarks are its document store's; nesting a
+        // split store as another's document store is not supported.
+        let _ = (fence, doc, options);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "a split store cannot be the document store of another split store",
+        )
+        .with_operation(Operation::Claim)
+        .with_lock(key))
+    }
+
+    async fn watch(&self, run: &RunId) -> Result<Watcher> {
+        self.docs.watch(run).await
+    }
+
+    async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
+        self.events().publish(run, topic, text).await
+    }
+
+    async fn subscribe(&self, run: &RunId, replay: Replay) -> Result<Subscription> {
+        self.events().subscribe(run, replay).await
+    }
+
+    async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
+        self.run_facts().mark(run, task, at).await
+    }
+
+    async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
+        self.run_facts().set_attr(run, name, value).await
+    }
+
+    async fn milestones(&self, run: &RunId) -> Result<Milestones> {
+        self.run_facts().milestones(run).await
+    }
+}
+
+#[async_trait]
+#[deny(clippy::missing_trait_methods)]
+impl Lock for SplitStore {
+    async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease> {
+        let lease = self.locks.try_acquire(key, owner, ttl).await?;
+        self.claim(lease, None, GetOptions::new(), Operation::Acquire)
+            .await
+            .map(|(lease, _)| lease)
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        self.locks.renew(lease, ttl).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let released = self.locks.release(lease).await;
+        self.close(lease.key(), lease.fence()).await;
+        released
+    }
+
+    async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+        self.locks.inspect(key).await
+    }
+
+    async fn break_lock(
+        &self,
+        key: &LockKey,
+        only_fence: Option<Fence>,
+    ) -> Result<Option<LockInfo>> {
+        let broken = self.locks.break_lock(key, only_fence).await?;
+        if let Some(broken) = &broken {
+            self.close(key, broken.fence).await;
+        }
+        Ok(broken)
+    }
+
+    async fn list_locks(&self, run: Option<&RunId>) -> Result<Vec<LockInfo>> {
+        self.locks.list_locks(run).await
+    }
+
+    async fn wait_for_release(&self, key: &LockKey, max: Duration) {
+        self.locks.wait_for_release(key, max).await;
+    }
+
+    async fn acquire_and_load(
+        &self,
+        key: &LockKey,
+        doc: &DocName,
+        owner: &Owner,
+        ttl: Duration,
+        options: GetOptions,
+    ) -> Result<(Lease, Option<StoredDoc>)> {
+        key.check_covers(key.run(), doc)
+            .map_err(|e| e.with_operation(Operation::AcquireAndLoad))?;
+        let lease = self.locks.try_acquire(key, owner, ttl).await?;
+        self.claim(lease, Some(doc), options, Operation::AcquireAndLoad)
+            .await
+    }
+
+    async fn save_and_release(
+        &self,
+        lease: &Lease,
+        doc: &DocName,
+        bytes: Bytes,
+        mode: PutMode,
+    ) -> Result<Version> {
+        let saved = self
+            .fenced_put(lease, doc, bytes, mode, Operation::SaveAndRelease)
+            .await;
+        let lost = matches!(&saved, Err(e) if matches!(e.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost));
+        if !lost {
+            // Both at once: the release in the lock service, the closing
+            // of the grant in the document store.
+            let (released, ()) = tokio::join!(
+                self.locks.release(lease),
+                self.close(lease.key(), lease.fence())
+            );
+            if let Err(release) = released {
+                tracing::debug!(%release, "release after a split save");
+            }
+        }
+        saved
+    }
+}
