@@ -105,7 +105,7 @@ macro_rules! __case_list {
             // 2. put modes
             overwrite_replaces, create_absent_succeeds, create_existing_already_exists,
             update_current_version_succeeds, update_stale_version_precondition,
-            update_absent_precondition, versions_track_contents,
+            update_absent_precondition, versions_track_contents, batches_are_per_document,
             // 3. delete and list
             delete_absent_is_ok, delete_removes_document, delete_if_version_stale_refused,
             delete_if_version_current, list_docs_1000, list_runs_1000, list_pages_resume_after,

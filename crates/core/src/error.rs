@@ -129,6 +129,10 @@ pub enum Operation {
     Mark,
     /// Reading milestones and attributes.
     Milestones,
+    /// Reading several documents at once.
+    GetMany,
+    /// Writing several documents at once.
+    PutMany,
 }
 
 impl Operation {
@@ -164,6 +168,8 @@ impl Operation {
             Operation::Subscribe => "subscribe",
             Operation::Mark => "mark",
             Operation::Milestones => "milestones",
+            Operation::GetMany => "get_many",
+            Operation::PutMany => "put_many",
         }
     }
 }

@@ -90,7 +90,7 @@ pub use process::ProcessStamp;
 pub use signals::ReleaseSignals;
 pub use store::{
     Capabilities, DocMeta, Fencing, Fetched, GetOptions, LIST_PAGE, ListPage, PutMode, PutOptions,
-    Store, StoreExt, StoredDoc, WatchMode,
+    PutRequest, Store, StoreExt, StoredDoc, WatchMode,
 };
 pub use typed::{
     Client, ClientConfig, DEFAULT_LIMIT, DEFAULT_TTL, Data, Doc, Document, Guard, LockScope, Run,

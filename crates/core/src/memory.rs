@@ -20,8 +20,8 @@ use crate::lease::{Fence, Lease, LockInfo, LockKey, Owner, check_ttl};
 use crate::lock::Lock;
 use crate::signals::ReleaseSignals;
 use crate::store::{
-    Capabilities, DocMeta, Fetched, GetOptions, ListPage, PutMode, PutOptions, Store, StoredDoc,
-    WatchMode,
+    Capabilities, DocMeta, Fetched, GetOptions, ListPage, PutMode, PutOptions, PutRequest, Store,
+    StoredDoc, WatchMode,
 };
 use crate::version::Version;
 
@@ -552,6 +552,39 @@ impl Store for MemoryStore {
         }
         state.milestones.remove(run);
         Ok(docs.len() as u64)
+    }
+
+    async fn get_many(
+        &self,
+        run: &RunId,
+        docs: &[DocName],
+        options: GetOptions,
+    ) -> Result<Vec<Result<Option<StoredDoc>>>> {
+        let state = self.state();
+        Ok(docs
+            .iter()
+            .map(|doc| {
+                Self::read(&state, run, doc, options)
+                    .map_err(|e| e.at_doc(Operation::Get, run, doc))
+            })
+            .collect())
+    }
+
+    async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
+        let mut state = self.state();
+        Ok(puts
+            .into_iter()
+            .map(|put| {
+                self.write(
+                    &mut state,
+                    run,
+                    &put.doc,
+                    put.bytes,
+                    &PutOptions::mode(put.mode),
+                )
+                .map_err(|e| e.at_doc(Operation::Put, run, &put.doc))
+            })
+            .collect())
     }
 
     async fn get_if_changed(

@@ -125,6 +125,25 @@ impl<'a> PutOptions<'a> {
     }
 }
 
+/// One write of a batch ([`Store::put_many`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PutRequest {
+    /// The document.
+    pub doc: DocName,
+    /// Its bytes.
+    pub bytes: Bytes,
+    /// Overwrite, create-only or update-if-version, for this document.
+    pub mode: PutMode,
+}
+
+impl PutRequest {
+    /// A write of `bytes` to `doc` with `mode`.
+    pub fn new(doc: DocName, bytes: Bytes, mode: PutMode) -> Self {
+        PutRequest { doc, bytes, mode }
+    }
+}
+
 /// What a conditional read ([`Store::get_if_changed`]) found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fetched {
@@ -432,6 +451,47 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// Reads several documents of `run`: one result per name, in order,
+    /// each as [`get`](Store::get) would give it. The outer error is a
+    /// failure of the whole batch (nothing can be said of any document).
+    /// Backends batch natively (one statement, one pipeline, concurrent
+    /// requests); the default reads one after the other.
+    ///
+    /// # Errors
+    /// Backend errors that fail the whole batch.
+    async fn get_many(
+        &self,
+        run: &RunId,
+        docs: &[DocName],
+        options: GetOptions,
+    ) -> Result<Vec<Result<Option<StoredDoc>>>> {
+        let mut out = Vec::with_capacity(docs.len());
+        for doc in docs {
+            out.push(self.get(run, doc, options).await);
+        }
+        Ok(out)
+    }
+
+    /// Writes several documents of `run`: one result per request, in
+    /// order, each as [`put`](Store::put) would give it (each document all
+    /// or nothing and conditional on its own mode; the batch as a whole is
+    /// not atomic). Backends batch natively; the default writes one after
+    /// the other.
+    ///
+    /// # Errors
+    /// Backend errors that fail the whole batch (then nothing is known of
+    /// which documents were written: read them back).
+    async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
+        let mut out = Vec::with_capacity(puts.len());
+        for put in puts {
+            out.push(
+                self.put(run, &put.doc, put.bytes, PutOptions::mode(put.mode))
+                    .await,
+            );
+        }
+        Ok(out)
+    }
+
     /// Raises the fence watermark of `key` to `fence` (never lowers it)
     /// and then reads `doc`, atomically: after it returns, any save fenced
     /// by a lease of `key` with a lower fence is refused. A split store
@@ -652,6 +712,21 @@ macro_rules! forward_store {
             }
             async fn watch(&self, run: &RunId) -> Result<Watcher> {
                 (**self).watch(run).await
+            }
+            async fn get_many(
+                &self,
+                run: &RunId,
+                docs: &[DocName],
+                options: GetOptions,
+            ) -> Result<Vec<Result<Option<StoredDoc>>>> {
+                (**self).get_many(run, docs, options).await
+            }
+            async fn put_many(
+                &self,
+                run: &RunId,
+                puts: Vec<PutRequest>,
+            ) -> Result<Vec<Result<Version>>> {
+                (**self).put_many(run, puts).await
             }
             async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
                 (**self).publish(run, topic, text).await

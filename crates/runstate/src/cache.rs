@@ -40,7 +40,8 @@ use std::time::{Duration, SystemTime};
 use runstate_core::{
     Bytes, Cache, Cached, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fetched,
     GetOptions, Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Owner, PutMode, PutOptions,
-    Replay, Result, RunId, Store, StoredDoc, Subscription, Version, Watcher, async_trait,
+    PutRequest, Replay, Result, RunId, Store, StoredDoc, Subscription, Version, Watcher,
+    async_trait,
 };
 
 /// Any store with a cache in front: itself a store, with the same
@@ -228,6 +229,58 @@ impl Store for CachedStore {
         let deleted = self.store.delete_run(run).await;
         self.cache.remove_run(run).await;
         deleted
+    }
+
+    /// From the store (one batch), remembering what it read: a batch is
+    /// for bulk work (a migration), where validating each hit one by one
+    /// would cost more than the batch.
+    async fn get_many(
+        &self,
+        run: &RunId,
+        docs: &[DocName],
+        options: GetOptions,
+    ) -> Result<Vec<Result<Option<StoredDoc>>>> {
+        let asked = SystemTime::now();
+        let got = self.store.get_many(run, docs, options).await?;
+        for (doc, result) in docs.iter().zip(&got) {
+            match result {
+                Ok(Some(stored)) => self.remember(run, doc, stored, asked).await,
+                Ok(None) => self.cache.remove(run, doc).await,
+                Err(_) => {}
+            }
+        }
+        Ok(got)
+    }
+
+    async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
+        let sent = SystemTime::now();
+        let written: Vec<(DocName, Bytes)> = puts
+            .iter()
+            .map(|p| (p.doc.clone(), p.bytes.clone()))
+            .collect();
+        let outcome = self.store.put_many(run, puts).await;
+        match &outcome {
+            Ok(results) => {
+                for ((doc, bytes), result) in written.into_iter().zip(results) {
+                    match result {
+                        Ok(version) => {
+                            let stored = StoredDoc {
+                                bytes,
+                                version: version.clone(),
+                            };
+                            self.remember(run, &doc, &stored, sent).await;
+                        }
+                        Err(_) => self.cache.remove(run, &doc).await,
+                    }
+                }
+            }
+            Err(_) => {
+                for (doc, _) in written {
+                    self.cache.remove(run, &doc).await;
+                }
+            }
+        }
+        outcome
     }
 
     async fn get_if_changed(

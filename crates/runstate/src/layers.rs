@@ -37,8 +37,9 @@ use std::time::{Duration, Instant, SystemTime};
 use runstate_core::time::Short;
 use runstate_core::{
     Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fetched, GetOptions, Lease,
-    ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions, Replay,
-    Result, RunId, Store, StoredDoc, Subscription, Version, Watcher, async_trait,
+    ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
+    PutRequest, Replay, Result, RunId, Store, StoredDoc, Subscription, Version, Watcher,
+    async_trait,
 };
 use tracing::Instrument;
 
@@ -135,6 +136,16 @@ impl Received for Fetched {
     }
 }
 impl Received for Version {}
+impl Received for Vec<Result<Option<StoredDoc>>> {
+    fn received(&self) -> Option<u64> {
+        Some(
+            self.iter()
+                .filter_map(|r| r.as_ref().ok().and_then(Received::received))
+                .sum(),
+        )
+    }
+}
+impl Received for Vec<Result<Version>> {}
 impl Received for bool {}
 impl Received for u64 {}
 impl Received for () {}
@@ -277,6 +288,23 @@ impl<O: Observer> Store for Observed<O> {
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
         let call = self.call(Operation::DeleteRun, Some(run), None);
         self.observe(call, self.store.delete_run(run)).await
+    }
+
+    async fn get_many(
+        &self,
+        run: &RunId,
+        docs: &[DocName],
+        options: GetOptions,
+    ) -> Result<Vec<Result<Option<StoredDoc>>>> {
+        let call = self.call(Operation::GetMany, Some(run), None);
+        self.observe(call, self.store.get_many(run, docs, options))
+            .await
+    }
+
+    async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
+        let mut call = self.call(Operation::PutMany, Some(run), None);
+        call.bytes = Some(puts.iter().map(|p| p.bytes.len() as u64).sum());
+        self.observe(call, self.store.put_many(run, puts)).await
     }
 
     async fn get_if_changed(

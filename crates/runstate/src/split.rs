@@ -46,7 +46,8 @@ use std::time::{Duration, SystemTime};
 use runstate_core::{
     Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fencing, Fetched, GetOptions,
     Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
-    Replay, Result, RunId, Store, StoredDoc, Subscription, Version, Watcher, async_trait,
+    PutRequest, Replay, Result, RunId, Store, StoredDoc, Subscription, Version, Watcher,
+    async_trait,
 };
 
 /// A store whose documents live in one backend and whose leases are
@@ -348,6 +349,19 @@ impl Store for SplitStore {
         options: GetOptions,
     ) -> Result<Fetched> {
         self.docs.get_if_changed(run, doc, known, options).await
+    }
+
+    async fn get_many(
+        &self,
+        run: &RunId,
+        docs: &[DocName],
+        options: GetOptions,
+    ) -> Result<Vec<Result<Option<StoredDoc>>>> {
+        self.docs.get_many(run, docs, options).await
+    }
+
+    async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
+        self.docs.put_many(run, puts).await
     }
 
     async fn claim(

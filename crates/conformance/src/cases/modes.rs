@@ -1,6 +1,6 @@
 //! Case group 2: Overwrite, create-only and update-if-version.
 
-use runstate_core::{Bytes, ErrorKind, PutOptions, StoreExt, Version};
+use runstate_core::{Bytes, ErrorKind, PutMode, PutOptions, StoreExt, Version};
 
 use super::expect_kind;
 use crate::Ctx;
@@ -215,4 +215,100 @@ pub async fn versions_track_contents(ctx: Ctx) {
     let listed = ctx.store.list_all_docs(&run).await.expect("list");
     assert_eq!(listed[0].version, version);
     assert_eq!(listed[0].size, 1);
+}
+
+/// Batches: `put_many` gives one result per document, each all or nothing
+/// and conditional on its own mode (a refused one does not stop the
+/// others); `get_many` one result per name, in order, absent and over the
+/// limit included.
+pub async fn batches_are_per_document(ctx: Ctx) {
+    use runstate_core::{GetOptions, PutRequest};
+    let run = ctx.run("batch");
+    let (a, b, c, d) = (ctx.doc("a"), ctx.doc("b"), ctx.doc("c"), ctx.doc("d"));
+    let vb = ctx
+        .store
+        .put_bytes(&run, &b, Bytes::from_static(b"b0"))
+        .await
+        .expect("seed");
+    let vc = ctx
+        .store
+        .put_bytes(&run, &c, Bytes::from_static(b"c0"))
+        .await
+        .expect("seed");
+    let results = ctx
+        .store
+        .put_many(
+            &run,
+            vec![
+                PutRequest::new(a.clone(), Bytes::from_static(b"a1"), PutMode::Create),
+                PutRequest::new(b.clone(), Bytes::from_static(b"b1"), PutMode::Create),
+                PutRequest::new(
+                    c.clone(),
+                    Bytes::from_static(b"c1"),
+                    PutMode::Update(Version::new("stale")),
+                ),
+                PutRequest::new(b.clone(), Bytes::from_static(b"b2"), PutMode::Update(vb)),
+                PutRequest::new(d.clone(), Bytes::from(vec![b'd'; 5000]), PutMode::Overwrite),
+            ],
+        )
+        .await
+        .expect("a batch");
+    assert_eq!(results.len(), 5);
+    let va = results[0].as_ref().expect("create a").clone();
+    assert_eq!(
+        results[1].as_ref().expect_err("b exists").kind(),
+        ErrorKind::AlreadyExists
+    );
+    assert_eq!(
+        results[2]
+            .as_ref()
+            .expect_err("c is not at that version")
+            .kind(),
+        ErrorKind::Precondition
+    );
+    let vb2 = results[3].as_ref().expect("update b").clone();
+    results[4].as_ref().expect("overwrite d");
+    let absent = ctx.doc("absent");
+    let got = ctx
+        .store
+        .get_many(
+            &run,
+            &[a.clone(), b.clone(), absent, c.clone(), d.clone()],
+            GetOptions::new().with_limit(4096),
+        )
+        .await
+        .expect("a batch");
+    assert_eq!(got.len(), 5);
+    let stored = |i: usize| got[i].as_ref().expect("read").clone();
+    assert_eq!(
+        stored(0).map(|s| (s.bytes, s.version)),
+        Some((Bytes::from_static(b"a1"), va))
+    );
+    assert_eq!(
+        stored(1).map(|s| (s.bytes, s.version)),
+        Some((Bytes::from_static(b"b2"), vb2))
+    );
+    assert!(stored(2).is_none());
+    assert_eq!(
+        stored(3).map(|s| (s.bytes, s.version)),
+        Some((Bytes::from_static(b"c0"), vc))
+    );
+    assert_eq!(
+        got[4].as_ref().expect_err("over the limit").kind(),
+        ErrorKind::TooLarge
+    );
+    assert!(
+        ctx.store
+            .get_many(&run, &[], GetOptions::new())
+            .await
+            .expect("empty")
+            .is_empty()
+    );
+    assert!(
+        ctx.store
+            .put_many(&run, Vec::new())
+            .await
+            .expect("empty")
+            .is_empty()
+    );
 }
