@@ -131,6 +131,8 @@ pub enum Operation {
     Milestones,
     /// Reading several documents at once.
     GetMany,
+    /// Reading a document's metadata.
+    Head,
     /// Writing several documents at once.
     PutMany,
 }
@@ -169,6 +171,7 @@ impl Operation {
             Operation::Mark => "mark",
             Operation::Milestones => "milestones",
             Operation::GetMany => "get_many",
+            Operation::Head => "head",
             Operation::PutMany => "put_many",
         }
     }

@@ -89,8 +89,8 @@ pub use lock::Lock;
 pub use process::ProcessStamp;
 pub use signals::ReleaseSignals;
 pub use store::{
-    Capabilities, DocMeta, Fencing, Fetched, GetOptions, LIST_PAGE, ListPage, PutMode, PutOptions,
-    PutRequest, Store, StoreExt, StoredDoc, WatchMode,
+    Capabilities, DocMeta, DocStat, Fencing, Fetched, GetOptions, LIST_PAGE, ListPage, PutMode,
+    PutOptions, PutRequest, Store, StoreExt, StoredDoc, WatchMode,
 };
 pub use typed::{
     Client, ClientConfig, DEFAULT_LIMIT, DEFAULT_TTL, Data, Doc, Document, Guard, LockScope, Run,

@@ -20,8 +20,8 @@ use crate::lease::{Fence, Lease, LockInfo, LockKey, Owner, check_ttl};
 use crate::lock::Lock;
 use crate::signals::ReleaseSignals;
 use crate::store::{
-    Capabilities, DocMeta, Fetched, GetOptions, ListPage, PutMode, PutOptions, PutRequest, Store,
-    StoredDoc, WatchMode,
+    Capabilities, DocMeta, DocStat, Fetched, GetOptions, ListPage, PutMode, PutOptions, PutRequest,
+    Store, StoredDoc, WatchMode,
 };
 use crate::version::Version;
 
@@ -552,6 +552,15 @@ impl Store for MemoryStore {
         }
         state.milestones.remove(run);
         Ok(docs.len() as u64)
+    }
+
+    async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+        let state = self.state();
+        Ok(state
+            .runs
+            .get(run)
+            .and_then(|d| d.get(doc))
+            .map(|stored| DocStat::new(stored.version.clone(), stored.bytes.len() as u64, None)))
     }
 
     async fn get_many(

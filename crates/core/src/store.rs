@@ -125,6 +125,29 @@ impl<'a> PutOptions<'a> {
     }
 }
 
+/// What [`Store::head`] knows of a document without reading its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DocStat {
+    /// Its current version.
+    pub version: Version,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last written, where the backend records it.
+    pub modified: Option<SystemTime>,
+}
+
+impl DocStat {
+    /// A stat; for backends.
+    pub fn new(version: Version, size: u64, modified: Option<SystemTime>) -> Self {
+        DocStat {
+            version,
+            size,
+            modified,
+        }
+    }
+}
+
 /// One write of a batch ([`Store::put_many`]).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -451,6 +474,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// A document's version, size and modification time, or `None` when
+    /// absent. Backends answer from metadata; the default reads the
+    /// document (and knows no modification time).
+    ///
+    /// # Errors
+    /// As [`get`](Store::get).
+    async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+        Ok(self
+            .get(run, doc, GetOptions::new())
+            .await?
+            .map(|stored| DocStat::new(stored.version, stored.bytes.len() as u64, None)))
+    }
+
     /// Reads several documents of `run`: one result per name, in order,
     /// each as [`get`](Store::get) would give it. The outer error is a
     /// failure of the whole batch (nothing can be said of any document).
@@ -712,6 +748,9 @@ macro_rules! forward_store {
             }
             async fn watch(&self, run: &RunId) -> Result<Watcher> {
                 (**self).watch(run).await
+            }
+            async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+                (**self).head(run, doc).await
             }
             async fn get_many(
                 &self,

@@ -38,10 +38,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use runstate_core::{
-    Bytes, Cache, Cached, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fetched,
-    GetOptions, Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Owner, PutMode, PutOptions,
-    PutRequest, Replay, Result, RunId, Store, StoredDoc, Subscription, Version, Watcher,
-    async_trait,
+    Bytes, Cache, Cached, Capabilities, DocMeta, DocName, DocStat, Error, ErrorKind, Fence,
+    Fetched, GetOptions, Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Owner, PutMode,
+    PutOptions, PutRequest, Replay, Result, RunId, Store, StoredDoc, Subscription, Version,
+    Watcher, async_trait,
 };
 
 /// Any store with a cache in front: itself a store, with the same
@@ -229,6 +229,10 @@ impl Store for CachedStore {
         let deleted = self.store.delete_run(run).await;
         self.cache.remove_run(run).await;
         deleted
+    }
+
+    async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+        self.store.head(run, doc).await
     }
 
     /// From the store (one batch), remembering what it read: a batch is

@@ -36,8 +36,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use runstate_core::time::Short;
 use runstate_core::{
-    Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fetched, GetOptions, Lease,
-    ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
+    Bytes, Capabilities, DocMeta, DocName, DocStat, Error, ErrorKind, Fence, Fetched, GetOptions,
+    Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
     PutRequest, Replay, Result, RunId, Store, StoredDoc, Subscription, Version, Watcher,
     async_trait,
 };
@@ -136,6 +136,7 @@ impl Received for Fetched {
     }
 }
 impl Received for Version {}
+impl Received for Option<DocStat> {}
 impl Received for Vec<Result<Option<StoredDoc>>> {
     fn received(&self) -> Option<u64> {
         Some(
@@ -288,6 +289,11 @@ impl<O: Observer> Store for Observed<O> {
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
         let call = self.call(Operation::DeleteRun, Some(run), None);
         self.observe(call, self.store.delete_run(run)).await
+    }
+
+    async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+        let call = self.call(Operation::Head, Some(run), Some(doc));
+        self.observe(call, self.store.head(run, doc)).await
     }
 
     async fn get_many(

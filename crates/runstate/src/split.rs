@@ -44,10 +44,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use runstate_core::{
-    Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fencing, Fetched, GetOptions,
-    Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
-    PutRequest, Replay, Result, RunId, Store, StoredDoc, Subscription, Version, Watcher,
-    async_trait,
+    Bytes, Capabilities, DocMeta, DocName, DocStat, Error, ErrorKind, Fence, Fencing, Fetched,
+    GetOptions, Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode,
+    PutOptions, PutRequest, Replay, Result, RunId, Store, StoredDoc, Subscription, Version,
+    Watcher, async_trait,
 };
 
 /// A store whose documents live in one backend and whose leases are
@@ -349,6 +349,10 @@ impl Store for SplitStore {
         options: GetOptions,
     ) -> Result<Fetched> {
         self.docs.get_if_changed(run, doc, known, options).await
+    }
+
+    async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+        self.docs.head(run, doc).await
     }
 
     async fn get_many(
