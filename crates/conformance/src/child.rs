@@ -34,8 +34,10 @@ pub(crate) enum Task {
     /// `increments` locked increments of the counter.
     #[default]
     Increments,
-    /// Lock the counter (TTL `increments` ms), set it to 999, print
-    /// [`LOCKED`], wait for a line on stdin, commit, print the outcome.
+    /// Lock the counter (TTL `increments` ms), print [`LOCKED`], wait for
+    /// a line on stdin, then save 999 under the lease as it was, dated now
+    /// (a holder paused right after checking its own deadline), and print
+    /// the outcome.
     HoldThenCommit,
 }
 
@@ -72,18 +74,36 @@ pub fn child_main<H: Harness>() {
             let run = client
                 .with_ttl(Duration::from_millis(job.increments))
                 .run(run.id().clone());
-            let mut guard = run.lock::<Counter>().await.expect("child locks");
-            guard.n = 999;
+            let guard = run.lock::<Counter>().await.expect("child locks");
+            let version = guard.version().expect("the counter exists").clone();
             println!("{LOCKED}");
             let mut line = String::new();
             tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line))
                 .await
                 .expect("join")
                 .expect("a line on stdin");
-            let outcome = match guard.commit().await {
+            // A holder paused right after it checked its own deadline: its
+            // lease as it was, dated now, so only the store can refuse it.
+            let lease = guard.lease();
+            let stale = lease.renewed(lease.ttl(), std::time::Instant::now());
+            let bytes = serde_json::to_vec(&Counter {
+                n: 999,
+                note: String::new(),
+            })
+            .expect("encodes");
+            let saved = store
+                .put(
+                    run.id(),
+                    &runstate_core::DocName::new("counter").expect("valid"),
+                    runstate_core::Bytes::from(bytes),
+                    runstate_core::PutOptions::update(version).with_lease(&stale),
+                )
+                .await;
+            let outcome = match saved {
                 Ok(_) => "saved".to_owned(),
                 Err(error) => format!("{:?}", error.kind()),
             };
+            drop(guard);
             println!("{OUTCOME}{outcome}");
             return;
         }

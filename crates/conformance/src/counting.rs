@@ -3,11 +3,12 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use runstate_core::{
-    Bytes, Capabilities, DocMeta, DocName, Fence, GetOptions, Lease, ListPage, Lock, LockInfo,
-    LockKey, Owner, PutMode, PutOptions, Result, RunId, Store, StoredDoc, Version, async_trait,
+    Bytes, Capabilities, DocMeta, DocName, DocStat, Fence, Fetched, GetOptions, Lease, ListPage,
+    Lock, LockInfo, LockKey, Milestones, Owner, PutMode, PutOptions, PutRequest, Replay, Result,
+    RunId, Store, StoredDoc, Subscription, Version, Watcher, async_trait,
 };
 
 /// Write counts seen by a [`CountingLock`].
@@ -19,6 +20,8 @@ pub struct Counts {
     pub saves_and_releases: AtomicU64,
     /// Calls of `delete` and `delete_run`.
     pub deletes: AtomicU64,
+    /// Calls of `wait_for_release` that have begun (a waiter is waiting).
+    pub waits: AtomicU64,
 }
 
 impl Counts {
@@ -58,6 +61,7 @@ impl fmt::Debug for CountingLock {
 }
 
 #[async_trait]
+#[deny(clippy::missing_trait_methods)]
 impl Store for CountingLock {
     fn capabilities(&self) -> &Capabilities {
         self.inner.capabilities()
@@ -104,9 +108,63 @@ impl Store for CountingLock {
         self.counts.deletes.fetch_add(1, Ordering::SeqCst);
         self.inner.delete_run(run).await
     }
+    async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+        self.inner.head(run, doc).await
+    }
+    async fn get_many(
+        &self,
+        run: &RunId,
+        docs: &[DocName],
+        options: GetOptions,
+    ) -> Result<Vec<Result<Option<StoredDoc>>>> {
+        self.inner.get_many(run, docs, options).await
+    }
+    async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
+        self.counts
+            .puts
+            .fetch_add(puts.len() as u64, Ordering::SeqCst);
+        self.inner.put_many(run, puts).await
+    }
+    async fn get_if_changed(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        known: &Version,
+        options: GetOptions,
+    ) -> Result<Fetched> {
+        self.inner.get_if_changed(run, doc, known, options).await
+    }
+    async fn claim(
+        &self,
+        key: &LockKey,
+        fence: Fence,
+        doc: Option<&DocName>,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        self.inner.claim(key, fence, doc, options).await
+    }
+    async fn watch(&self, run: &RunId) -> Result<Watcher> {
+        self.inner.watch(run).await
+    }
+    async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
+        self.inner.publish(run, topic, text).await
+    }
+    async fn subscribe(&self, run: &RunId, replay: Replay) -> Result<Subscription> {
+        self.inner.subscribe(run, replay).await
+    }
+    async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
+        self.inner.mark(run, task, at).await
+    }
+    async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
+        self.inner.set_attr(run, name, value).await
+    }
+    async fn milestones(&self, run: &RunId) -> Result<Milestones> {
+        self.inner.milestones(run).await
+    }
 }
 
 #[async_trait]
+#[deny(clippy::missing_trait_methods)]
 impl Lock for CountingLock {
     async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease> {
         self.inner.try_acquire(key, owner, ttl).await
@@ -131,6 +189,7 @@ impl Lock for CountingLock {
         self.inner.list_locks(run).await
     }
     async fn wait_for_release(&self, key: &LockKey, max: Duration) {
+        self.counts.waits.fetch_add(1, Ordering::SeqCst);
         self.inner.wait_for_release(key, max).await
     }
     async fn acquire_and_load(

@@ -4,6 +4,12 @@
 //! applied; the client never hears back), or answers it with bytes of its
 //! own (an HTTP 500, say) instead.
 //!
+//! It knows no protocol: the reply it loses is the first data the server
+//! sends after the matching request was seen. Use it with one request in
+//! flight per connection at the moment the fault fires (a pipelined
+//! request ahead of it would lose its reply instead), and on connections
+//! the server does not push unsolicited data on (pub/sub, `NOTIFY`).
+//!
 //! ```no_run
 //! # async fn demo() {
 //! use runstate_conformance::proxy::{Proxy, ReplyFault};
@@ -134,13 +140,17 @@ impl Proxy {
         self.shared.fired_count.load(Ordering::SeqCst)
     }
 
-    /// Waits until an armed fault fires.
+    /// Waits until the next fault fires (the matching request was
+    /// forwarded and its reply lost or replaced).
     pub async fn wait_fired(&self) {
-        let notified = self.shared.fired.notified();
-        if !self.armed() {
-            return;
+        let before = self.fired();
+        loop {
+            let notified = self.shared.fired.notified();
+            if self.fired() > before {
+                return;
+            }
+            notified.await;
         }
-        notified.await;
     }
 
     /// Bytes forwarded from the server to clients so far.

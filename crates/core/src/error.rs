@@ -125,8 +125,10 @@ pub enum Operation {
     Publish,
     /// Subscribing to status messages.
     Subscribe,
-    /// Marking a milestone or setting an attribute.
+    /// Marking a milestone.
     Mark,
+    /// Setting an attribute.
+    SetAttr,
     /// Reading milestones and attributes.
     Milestones,
     /// Reading several documents at once.
@@ -169,6 +171,7 @@ impl Operation {
             Operation::Publish => "publish",
             Operation::Subscribe => "subscribe",
             Operation::Mark => "mark",
+            Operation::SetAttr => "set_attr",
             Operation::Milestones => "milestones",
             Operation::GetMany => "get_many",
             Operation::Head => "head",

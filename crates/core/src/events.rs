@@ -28,8 +28,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -196,6 +196,9 @@ pub struct Feed<T> {
     /// Set by the sender when an event did not fit: once the buffer is
     /// drained, the consumer gets a `Resync` even if nothing else comes.
     gap: Arc<AtomicBool>,
+    /// The error the producer failed with, when it did not fit in the
+    /// buffer: delivered once the buffer is drained.
+    failure: Arc<Mutex<Option<Error>>>,
     /// Kept alive with the feed (a listener task's abort handle, say).
     _keep: Option<Arc<dyn Send + Sync>>,
 }
@@ -211,6 +214,7 @@ pub struct FeedSender<T> {
     /// Something was dropped since the last delivered event (shared with
     /// the feed, which reports it once its buffer is drained).
     gap: Arc<AtomicBool>,
+    failure: Arc<Mutex<Option<Error>>>,
 }
 
 /// Events a feed buffers before a slow consumer gets a `Resync` instead.
@@ -221,14 +225,17 @@ impl<T: Resyncable> Feed<T> {
     pub fn channel(capacity: usize) -> (FeedSender<T>, Feed<T>) {
         let (tx, rx) = mpsc::channel(capacity.max(2));
         let gap = Arc::new(AtomicBool::new(false));
+        let failure = Arc::new(Mutex::new(None));
         (
             FeedSender {
                 tx,
                 gap: Arc::clone(&gap),
+                failure: Arc::clone(&failure),
             },
             Feed {
                 rx,
                 gap,
+                failure,
                 _keep: None,
             },
         )
@@ -257,7 +264,16 @@ impl<T: Resyncable> Feed<T> {
                 drop(other);
                 Poll::Ready(Some(Ok(T::resync())))
             }
-            other => other,
+            // The producer is gone: with the error it failed with, if that
+            // did not fit in the buffer.
+            Poll::Ready(None) => Poll::Ready(
+                self.failure
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take()
+                    .map(Err),
+            ),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -292,10 +308,23 @@ impl<T: Resyncable> FeedSender<T> {
         }
         match self.tx.try_send(Ok(event)) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.gap.store(true, Ordering::SeqCst);
+            Err(mpsc::error::TrySendError::Full(_)) => self.mark_gap(),
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Records that an event was dropped. The consumer may have drained the
+    /// whole buffer between the refused send and now, and gone to sleep
+    /// without seeing the flag: try once more to put the marker itself in
+    /// the buffer, which wakes it.
+    fn mark_gap(&mut self) -> bool {
+        self.gap.store(true, Ordering::SeqCst);
+        match self.tx.try_send(Ok(T::resync())) {
+            Ok(()) => {
+                self.gap.store(false, Ordering::SeqCst);
                 true
             }
+            Err(mpsc::error::TrySendError::Full(_)) => true,
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
@@ -306,17 +335,24 @@ impl<T: Resyncable> FeedSender<T> {
     pub fn resync(&mut self) -> bool {
         match self.tx.try_send(Ok(T::resync())) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.gap.store(true, Ordering::SeqCst);
-                true
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => self.mark_gap(),
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
-    /// Ends the feed with an error (best effort).
+    /// Ends the feed with an error, delivered after what is buffered (kept
+    /// aside when the buffer is full, so it is never lost).
     pub fn fail(self, error: Error) {
-        let _ = self.tx.try_send(Err(error));
+        if let Err(mpsc::error::TrySendError::Full(Err(error))) = self.tx.try_send(Err(error)) {
+            *self.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
+        }
+    }
+
+    /// Whether events were dropped since the consumer last read past a
+    /// `Resync`: a producer that skips what it believes the consumer
+    /// already knows must not trust that belief now.
+    pub fn has_gap(&self) -> bool {
+        self.gap.load(Ordering::SeqCst)
     }
 
     /// Whether the consumer dropped its feed.
@@ -353,6 +389,7 @@ pub async fn poll_watch(store: Arc<dyn Store>, run: RunId, every: Duration) -> R
     let (mut sender, feed) = Watcher::channel(FEED_CAPACITY);
     let task = tokio::spawn(async move {
         let mut known = first;
+        let mut resend = false;
         loop {
             tokio::select! {
                 () = sender.closed() => return,
@@ -366,7 +403,7 @@ pub async fn poll_watch(store: Arc<dyn Store>, run: RunId, every: Duration) -> R
                 }
             };
             for (doc, version) in &now {
-                if known.get(doc) != Some(version)
+                if (resend || known.get(doc) != Some(version))
                     && !sender.send(WatchEvent::Changed {
                         doc: doc.clone(),
                         version: version.clone(),
@@ -380,6 +417,11 @@ pub async fn poll_watch(store: Arc<dyn Store>, run: RunId, every: Duration) -> R
                     return;
                 }
             }
+            // Events were dropped: the consumer will re-list at some later
+            // moment, and a document may be back at a version `now` holds
+            // by then. The next poll reports every document again
+            // (repeats are harmless).
+            resend = sender.has_gap();
             known = now;
         }
     });
@@ -394,5 +436,46 @@ pub struct AbortOnDrop(pub tokio::task::AbortHandle);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failure_that_did_not_fit_is_delivered_after_the_buffer() {
+        let (mut sender, mut feed) = Watcher::channel(2);
+        assert!(sender.send(WatchEvent::Resync));
+        assert!(sender.send(WatchEvent::Resync));
+        sender.fail(Error::new(ErrorKind::Backend, "listener gone"));
+        assert!(matches!(feed.next().await, Some(Ok(_))));
+        assert!(matches!(feed.next().await, Some(Ok(_))));
+        let last = feed
+            .next()
+            .await
+            .expect("the failure")
+            .expect_err("an error");
+        assert_eq!(last.kind(), ErrorKind::Backend);
+        assert!(feed.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_overflow_is_reported_even_if_nothing_follows() {
+        let (mut sender, mut feed) = Watcher::channel(2);
+        let doc = DocName::new("d").unwrap();
+        for _ in 0..5 {
+            assert!(sender.send(WatchEvent::Deleted { doc: doc.clone() }));
+        }
+        let mut resyncs = 0;
+        while let Ok(Some(event)) =
+            tokio::time::timeout(Duration::from_millis(50), feed.next()).await
+        {
+            if event.expect("ok") == WatchEvent::Resync {
+                resyncs += 1;
+            }
+        }
+        assert!(resyncs >= 1);
+        drop(sender);
     }
 }

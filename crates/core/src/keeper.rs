@@ -27,9 +27,20 @@ use crate::lock::Lock;
 ///
 /// Outside a Tokio runtime nothing renews: the lease simply lapses by its
 /// TTL.
-#[must_use = "dropping a LeaseKeeper stops renewing the lease at once"]
+///
+/// Dropped without [`stop`](LeaseKeeper::stop) (a cancelled update, a
+/// guard dropped without commit), a keeper stops renewing and releases the
+/// lease in the background, so nobody waits a whole TTL behind a holder
+/// that went away.
+#[must_use = "dropping a LeaseKeeper stops renewing and releases the lease"]
 pub struct LeaseKeeper {
     shared: Arc<Mutex<State>>,
+    /// Where the lease was granted, for the release on drop.
+    store: Arc<dyn Lock>,
+    /// Held across every renewal, so two never race: on backends whose
+    /// renewal swaps a token (S3), the loser of such a race would be
+    /// refused and the lease wrongly marked lost.
+    renewing: Arc<tokio::sync::Mutex<()>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -52,17 +63,28 @@ impl LeaseKeeper {
     /// of `ttl`.
     pub fn start(lock: Arc<dyn Lock>, lease: Lease, ttl: Duration) -> LeaseKeeper {
         let shared = Arc::new(Mutex::new(State::Held(lease)));
+        let renewing = Arc::new(tokio::sync::Mutex::new(()));
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return LeaseKeeper {
                 shared,
+                store: lock,
+                renewing,
                 stop: None,
                 task: None,
             };
         };
         let (stop, stopped) = oneshot::channel();
-        let task = runtime.spawn(renew_loop(lock, Arc::clone(&shared), ttl, stopped));
+        let task = runtime.spawn(renew_loop(
+            Arc::clone(&lock),
+            Arc::clone(&shared),
+            Arc::clone(&renewing),
+            ttl,
+            stopped,
+        ));
         LeaseKeeper {
             shared,
+            store: lock,
+            renewing,
             stop: Some(stop),
             task: Some(task),
         }
@@ -100,6 +122,8 @@ impl LeaseKeeper {
     /// The renewal's error; `LeaseLost` and `Fenced` also mark the lease
     /// lost.
     pub async fn renew_now(&self, store: &dyn Lock, ttl: Duration) -> Result<Lease> {
+        let _turn = self.renewing.lock().await;
+        // Whatever lease is current once no other renewal runs.
         let lease = self.check()?;
         let outcome = store.renew(&lease, ttl).await;
         record(&self.shared, &lease, outcome)
@@ -145,14 +169,20 @@ fn lost_error(lease: &Lease, why: &str) -> Error {
     .with_lock(lease.key())
 }
 
+/// Whether two leases are the same grant in the same state (a renewal
+/// that swaps a token makes another state).
+fn same(a: &Lease, b: &Lease) -> bool {
+    a.fence() == b.fence() && a.token() == b.token() && a.owner().id() == b.owner().id()
+}
+
 /// Records the outcome of renewing `lease`; returns the renewed lease or
-/// the error.
+/// the error. Only an outcome about the lease that is still current
+/// changes anything: a loss or a newer lease recorded meanwhile wins.
 fn record(shared: &Mutex<State>, lease: &Lease, outcome: Result<Lease>) -> Result<Lease> {
     match outcome {
         Ok(renewed) => {
             let mut state = lock(shared);
-            // A stop or a loss recorded meanwhile wins.
-            if matches!(&*state, State::Held(_)) {
+            if matches!(&*state, State::Held(current) if same(current, lease)) {
                 *state = State::Held(renewed.clone());
             }
             Ok(renewed)
@@ -162,7 +192,8 @@ fn record(shared: &Mutex<State>, lease: &Lease, outcome: Result<Lease>) -> Resul
                 error.kind(),
                 ErrorKind::LeaseLost | ErrorKind::Fenced | ErrorKind::InvalidArgument
             );
-            if refused || lease.is_expired() {
+            let current = matches!(&*lock(shared), State::Held(current) if same(current, lease));
+            if current && (refused || lease.is_expired()) {
                 tracing::warn!(
                     lock = %lease.key(),
                     fence = %lease.fence(),
@@ -170,7 +201,7 @@ fn record(shared: &Mutex<State>, lease: &Lease, outcome: Result<Lease>) -> Resul
                     "lease lost: a renewal was refused or came too late"
                 );
                 *lock(shared) = State::Lost(lease.clone(), error.to_string());
-            } else {
+            } else if current {
                 tracing::warn!(
                     lock = %lease.key(),
                     fence = %lease.fence(),
@@ -187,6 +218,7 @@ fn record(shared: &Mutex<State>, lease: &Lease, outcome: Result<Lease>) -> Resul
 async fn renew_loop(
     store: Arc<dyn Lock>,
     shared: Arc<Mutex<State>>,
+    renewing: Arc<tokio::sync::Mutex<()>>,
     ttl: Duration,
     mut stopped: oneshot::Receiver<()>,
 ) {
@@ -200,6 +232,7 @@ async fn renew_loop(
         if tokio::time::timeout(wait, &mut stopped).await.is_ok() {
             return;
         }
+        let _turn = renewing.lock().await;
         let lease = match lock(&shared).clone() {
             State::Held(lease) => lease,
             State::Lost(..) => return,
@@ -221,9 +254,29 @@ async fn renew_loop(
 
 impl Drop for LeaseKeeper {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        // `stop` takes both; a keeper still holding them was dropped
+        // without it: stop renewing, then give the lease back.
+        let (Some(stop), task) = (self.stop.take(), self.task.take()) else {
+            return;
+        };
+        let _ = stop.send(());
+        let (store, shared) = (Arc::clone(&self.store), Arc::clone(&self.shared));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Some(task) = task {
+                // Let a renewal in flight finish, so the release carries
+                // the current lease.
+                let _ = task.await;
+            }
+            let state = lock(&shared).clone();
+            if let Ok(lease) = current(state)
+                && let Err(error) = store.release(&lease).await
+            {
+                tracing::debug!(%error, "release of a dropped lease keeper");
+            }
+        });
     }
 }
 
@@ -233,5 +286,57 @@ impl fmt::Debug for LeaseKeeper {
             .field("lease", &self.lease())
             .field("lost", &self.is_lost())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Instant, SystemTime};
+
+    use super::*;
+    use crate::{Fence, LockKey, Owner, RunId};
+
+    fn lease(token: &str) -> Lease {
+        Lease::new(
+            LockKey::Run(RunId::new("r").unwrap()),
+            Owner::for_this_process(),
+            Fence(7),
+            Duration::from_secs(30),
+            Instant::now(),
+            SystemTime::now(),
+        )
+        .with_token(token)
+    }
+
+    /// Two renewals of one lease raced (S3 swaps a token per renewal): the
+    /// loser's refusal, or a late success, must not undo the winner's.
+    #[test]
+    fn a_stale_renewal_outcome_changes_nothing() {
+        let first = lease("t1");
+        let shared = Mutex::new(State::Held(first.clone()));
+        let renewed = first
+            .renewed(Duration::from_secs(30), Instant::now())
+            .with_token("t2");
+        assert!(record(&shared, &first, Ok(renewed.clone())).is_ok());
+        // The loser, sent with t1, is refused: the lease is still held.
+        let refused = Error::new(ErrorKind::LeaseLost, "412");
+        assert!(record(&shared, &first, Err(refused)).is_err());
+        match &*lock(&shared) {
+            State::Held(current) => assert_eq!(current.token(), Some("t2")),
+            State::Lost(..) => panic!("a stale refusal marked a live lease lost"),
+        }
+        // A late success of an older state does not replace the newer one.
+        let older = first
+            .renewed(Duration::from_secs(30), Instant::now())
+            .with_token("t0");
+        assert!(record(&shared, &first, Ok(older)).is_ok());
+        match &*lock(&shared) {
+            State::Held(current) => assert_eq!(current.token(), Some("t2")),
+            State::Lost(..) => panic!("lost"),
+        }
+        // A refusal of the current lease does mark it lost.
+        let refused = Error::new(ErrorKind::LeaseLost, "broken");
+        assert!(record(&shared, &renewed, Err(refused)).is_err());
+        assert!(matches!(&*lock(&shared), State::Lost(..)));
     }
 }

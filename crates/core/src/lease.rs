@@ -112,12 +112,32 @@ impl fmt::Debug for Fence {
 /// Two owners are the same owner exactly when their ids are equal. Only the
 /// owner that was granted a lease may renew or release it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "OwnerRecord")]
 pub struct Owner {
     host: String,
     pid: u32,
     id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     process: Option<ProcessStamp>,
+}
+
+/// An owner as stored, checked by [`Owner::new`]'s rules when read back
+/// (a planted or corrupt record must not put control characters in logs).
+#[derive(Deserialize)]
+struct OwnerRecord {
+    host: String,
+    pid: u32,
+    id: String,
+    #[serde(default)]
+    process: Option<ProcessStamp>,
+}
+
+impl TryFrom<OwnerRecord> for Owner {
+    type Error = Error;
+
+    fn try_from(record: OwnerRecord) -> Result<Self, Error> {
+        Ok(Owner::new(record.host, record.pid, record.id)?.with_process(record.process))
+    }
 }
 
 /// Longest lease TTL any backend grants: 24 hours. A lease is meant to be
@@ -456,6 +476,20 @@ mod tests {
         assert_eq!(a.id().len(), 32);
         #[cfg(target_os = "linux")]
         assert_eq!(a.is_dead_here(), Some(false));
+    }
+
+    #[test]
+    fn stored_owners_are_checked_like_new_ones() {
+        let good = Owner::for_this_process();
+        let json = serde_json::to_string(&good).unwrap();
+        assert_eq!(serde_json::from_str::<Owner>(&json).unwrap(), good);
+        for bad in [
+            r#"{"host":"a\nb","pid":1,"id":"x"}"#,
+            r#"{"host":"h","pid":1,"id":"x y"}"#,
+            r#"{"host":"","pid":1,"id":"x"}"#,
+        ] {
+            assert!(serde_json::from_str::<Owner>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

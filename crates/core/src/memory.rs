@@ -620,6 +620,10 @@ impl Store for MemoryStore {
         doc: Option<&DocName>,
         options: GetOptions,
     ) -> Result<Option<StoredDoc>> {
+        if let Some(doc) = doc {
+            key.check_covers(key.run(), doc)
+                .map_err(|e| e.with_backend(BACKEND).with_operation(Operation::Claim))?;
+        }
         let mut state = self.state();
         let mark = state.watermarks.entry(key.clone()).or_default();
         if fence.get() < *mark {

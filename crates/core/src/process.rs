@@ -150,7 +150,12 @@ pub fn liveness(pid: u32, stamp: &ProcessStamp) -> Liveness {
     let Some(ours) = current_stamp() else {
         return Liveness::Unknown;
     };
-    if ours.boot_id != stamp.boot_id || ours.pid_ns != stamp.pid_ns {
+    // Another machine (a VM cloned from a live snapshot may share the
+    // boot id and pid namespace) can never be judged from here.
+    if ours.same_machine_as(stamp) == Some(false)
+        || ours.boot_id != stamp.boot_id
+        || ours.pid_ns != stamp.pid_ns
+    {
         return Liveness::Unknown;
     }
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -243,6 +248,15 @@ mod tests {
             ..ours.clone()
         };
         assert_eq!(liveness(pid, &elsewhere), Liveness::Unknown);
+        // A clone of this machine: same boot id and pid namespace, another
+        // machine id.
+        if ours.machine_id.is_some() {
+            let clone = ProcessStamp {
+                machine_id: Some("another-machine".into()),
+                ..stamp.clone()
+            };
+            assert_eq!(liveness(pid, &clone), Liveness::Unknown);
+        }
     }
 
     #[test]

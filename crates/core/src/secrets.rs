@@ -10,7 +10,15 @@ pub const REDACTED: &str = "***";
 /// Words that make a URL option's value a secret when they appear in its
 /// name (case-insensitively): `password`, `secret_key`, `token`,
 /// `sslkey`, `credentials`, …
-const SECRET_WORDS: [&str; 6] = ["pass", "secret", "token", "key", "credential", "auth"];
+const SECRET_WORDS: [&str; 7] = [
+    "pass",
+    "pwd",
+    "secret",
+    "token",
+    "key",
+    "credential",
+    "auth",
+];
 
 /// Whether a URL option named `name` holds a secret, by its name.
 pub fn is_secret_option(name: &str) -> bool {
@@ -65,7 +73,15 @@ pub fn redact_url(url: &str) -> String {
             None => url.to_owned(),
         };
     };
-    let (userinfo, after) = match userinfo_end(rest) {
+    // The userinfo ends at the last `@` followed by a host-shaped
+    // authority; failing that (a host with odd characters: `${DB_HOST}`,
+    // a space, a non-ASCII name), at the last `@` before any fragment, so
+    // that a password is never shown merely because its host looks odd.
+    let at = userinfo_end(rest).or_else(|| {
+        let end = rest.find('#').unwrap_or(rest.len());
+        rest[..end].rfind('@')
+    });
+    let (userinfo, after) = match at {
         Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
         None => (None, rest),
     };
@@ -126,6 +142,11 @@ pub fn check_userinfo(url: &str) -> Result<(), crate::Error> {
     let Some((_, rest)) = url.split_once("://") else {
         return Ok(());
     };
+    // No authority (`file:///path`, `unix:///socket`): nothing to check;
+    // an `@` in a path or an option is not a password's.
+    if rest.starts_with('/') {
+        return Ok(());
+    }
     let Some(at) = userinfo_end(rest) else {
         return Ok(());
     };
@@ -317,6 +338,10 @@ mod tests {
             "redis://u:s3cr3t@/path",
             "postgres://u:s3cr3t",
             "x://u:s3cr3t@h@",
+            "postgres://app:s3cr3t@${DB_HOST}:5432/runs",
+            "postgres://u:s3cr3t@bücher.example:5432/db",
+            "redis://:s3cr3t@my host:6379/0",
+            "file:///r?locks=redis%3A%2F%2Fu%3As3cr3t%40%24%7BH%7D%3A6379%2F0",
         ] {
             let shown = redact_url(url);
             assert!(!shown.contains("s3cr3t"), "{url} -> {shown}");
@@ -342,6 +367,10 @@ mod tests {
             "sqlite:x.db",
             "postgres://u@h/db",
             "mysql://root:p@w@h/db",
+            "file:///mnt/backup@2024/runs",
+            "file:///srv/runs?ext=nodb&note=a@b",
+            "unix:///run/redis@1.sock",
+            "file:///runs?ext=nodb&locks=redis://:pw@cache:6379/0",
         ] {
             assert!(check_userinfo(good).is_ok(), "{good}");
         }

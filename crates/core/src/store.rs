@@ -613,7 +613,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// value; `Unsupported` without [`Capabilities::milestones`].
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
         let _ = (name, value);
-        Err(unsupported("attributes", crate::Operation::Mark).with_run(run))
+        Err(unsupported("attributes", crate::Operation::SetAttr).with_run(run))
     }
 
     /// Every milestone and attribute of `run` (empty for a run without).

@@ -551,7 +551,11 @@ impl<T: Data> Doc<T> {
 
     /// Locked read-modify-write: acquire → load → `f` → fenced save →
     /// release, in two backend calls when the backend supports it. The
-    /// lease is renewed in the background while `f` runs, however long.
+    /// lease is renewed in the background while `f` runs, however long —
+    /// on a multi-thread Tokio runtime: `f` is synchronous, and on a
+    /// current-thread runtime a long `f` blocks the renewal too (the lease
+    /// then lapses and the update is redone). Run long computations in
+    /// `spawn_blocking`, or keep `f` short and hold a [`Guard`] instead.
     ///
     /// When the encoded bytes did not change, nothing is written and the
     /// version stays. When the save is refused because the lease lapsed or
@@ -1042,27 +1046,16 @@ impl<T: Data> DerefMut for Guard<T> {
 
 impl<T: Data> Drop for Guard<T> {
     fn drop(&mut self) {
-        let Some(keeper) = self.keeper.take() else {
-            return;
-        };
-        let backend = Arc::clone(&self.doc.client().backend);
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(async move {
-                    match keeper.stop().await {
-                        Ok(lease) => {
-                            if let Err(error) = backend.release(&lease).await {
-                                tracing::debug!(%error, "release of a dropped guard");
-                            }
-                        }
-                        Err(error) => tracing::debug!(%error, "a dropped guard's lease was lost"),
-                    }
-                });
-            }
-            Err(_) => tracing::debug!(
+        // Dropped without commit or release: the keeper, dropped with it,
+        // stops renewing and releases the lease in the background (outside
+        // a Tokio runtime the lease expires by its TTL).
+        if let Some(keeper) = self.keeper.take()
+            && tokio::runtime::Handle::try_current().is_err()
+        {
+            tracing::debug!(
                 lock = %keeper.lease().key(),
                 "guard dropped outside a Tokio runtime; the lease will expire by its TTL"
-            ),
+            );
         }
     }
 }

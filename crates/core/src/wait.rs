@@ -176,12 +176,14 @@ where
     }
 }
 
-/// The line of this process's waiters for `key` on the store at `lock`'s
-/// address (two stores may have locks of the same name).
+/// The line of this process's waiters for `key` on the store `lock` is.
+/// Stores are told apart by where their capabilities live: every handle
+/// on one store (an `Arc` clone, a `Client`'s copy, a layer forwarding to
+/// it) answers with the same reference, and two stores never do.
 fn local_line<L: Lock + ?Sized>(lock: &L, key: &LockKey) -> Arc<tokio::sync::Mutex<()>> {
     type Lines = HashMap<(usize, LockKey), Weak<tokio::sync::Mutex<()>>>;
     static LINES: OnceLock<std::sync::Mutex<Lines>> = OnceLock::new();
-    let store = std::ptr::from_ref(lock).cast::<()>() as usize;
+    let store = std::ptr::from_ref(lock.capabilities()).cast::<()>() as usize;
     let mut lines = LINES
         .get_or_init(Default::default)
         .lock()
@@ -294,6 +296,18 @@ mod tests {
             assert!(backoff.next_delay(Some(Duration::MAX)).is_some());
         }
         let _ = format!("{policy:?} {backoff:?}");
+    }
+
+    #[test]
+    fn every_handle_on_one_store_shares_its_line() {
+        let store: Arc<dyn Lock> = Arc::new(crate::memory::MemoryStore::new());
+        let (a, b) = (Arc::clone(&store), Arc::clone(&store));
+        let key = LockKey::Run(crate::RunId::new("r").unwrap());
+        let line = local_line(&a, &key);
+        assert!(Arc::ptr_eq(&line, &local_line(&b, &key)));
+        assert!(Arc::ptr_eq(&line, &local_line(&*store, &key)));
+        let other: Arc<dyn Lock> = Arc::new(crate::memory::MemoryStore::new());
+        assert!(!Arc::ptr_eq(&line, &local_line(&other, &key)));
     }
 
     #[test]

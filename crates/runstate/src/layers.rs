@@ -96,6 +96,30 @@ pub trait Observer: Send + Sync + fmt::Debug + 'static {
     fn end(&self, call: &Call<'_>, ended: &Ended<'_>, span: Option<&tracing::Span>);
 }
 
+/// Ends a call for its observer if it is dropped before it ended.
+struct Pending<'a, O: Observer> {
+    observer: &'a O,
+    call: &'a Call<'a>,
+    span: Option<&'a tracing::Span>,
+    started: Instant,
+    armed: bool,
+}
+
+impl<O: Observer> Drop for Pending<'_, O> {
+    fn drop(&mut self) {
+        if self.armed {
+            let cancelled =
+                Error::new(ErrorKind::Backend, "the call was cancelled before it ended");
+            let ended = Ended {
+                error: Some(&cancelled),
+                bytes: None,
+                elapsed: self.started.elapsed(),
+            };
+            self.observer.end(self.call, &ended, self.span);
+        }
+    }
+}
+
 /// Two observers at once (the first one's span is the call's).
 impl<A: Observer, B: Observer> Observer for (A, B) {
     fn begin(&self, call: &Call<'_>) -> Option<tracing::Span> {
@@ -205,10 +229,20 @@ impl<O: Observer> Observed<O> {
     ) -> Result<T> {
         let span = self.observer.begin(&call);
         let started = Instant::now();
+        // A call dropped before it ended (a timeout around it) still ends
+        // for the observer, as cancelled.
+        let mut pending = Pending {
+            observer: &self.observer,
+            call: &call,
+            span: span.as_ref(),
+            started,
+            armed: true,
+        };
         let outcome = match &span {
             Some(span) => future.instrument(span.clone()).await,
             None => future.await,
         };
+        pending.armed = false;
         let ended = Ended {
             error: outcome.as_ref().err(),
             bytes: outcome.as_ref().ok().and_then(Received::received),
@@ -539,6 +573,8 @@ impl Observer for Metrics {
 const SAMPLES: usize = 512;
 /// Recent calls looked at to judge health.
 const WINDOW: usize = 64;
+/// How long a failed lease renewal keeps the store "degraded".
+const RENEWAL_WINDOW: Duration = Duration::from_secs(300);
 
 /// What [`Health`] learns from the calls it sees (see
 /// [`HealthReport`]). Cheap to clone; clones share the figures.
@@ -557,6 +593,8 @@ struct HealthInner {
 
 #[derive(Debug, Default)]
 struct Figures {
+    /// When recent lease renewals failed (kept for [`RENEWAL_WINDOW`]).
+    renewal_failures: VecDeque<Instant>,
     latencies: HashMap<&'static str, VecDeque<Duration>>,
     /// Whether each of the most recent calls failed (true) or not.
     recent: VecDeque<bool>,
@@ -620,7 +658,8 @@ pub struct HealthReport {
     pub latency: Vec<OperationLatency>,
     /// Calls running now.
     pub in_flight: i64,
-    /// Lease renewals that failed (a holder at risk of losing its lock).
+    /// Lease renewals that failed, in all (a holder at risk of losing its
+    /// lock); those of the last five minutes make the status degraded.
     pub failed_renewals: u64,
     /// Calls seen in all.
     pub calls: u64,
@@ -676,9 +715,14 @@ impl Health {
         let failed = figures.recent.iter().filter(|f| **f).count();
         let seen = figures.recent.len();
         let renewals = self.inner.failed_renewals.load(Ordering::Relaxed);
+        let recent_renewals = figures
+            .renewal_failures
+            .iter()
+            .filter(|at| at.elapsed() <= RENEWAL_WINDOW)
+            .count();
         let status = if seen > 0 && failed * 2 > seen {
             HealthStatus::Failing
-        } else if failed > 0 || renewals > 0 {
+        } else if failed > 0 || recent_renewals > 0 {
             HealthStatus::Degraded
         } else {
             HealthStatus::Ok
@@ -720,10 +764,21 @@ impl Observer for Health {
         self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.inner.calls.fetch_add(1, Ordering::Relaxed);
         let failed = ended.error.is_some_and(is_failure);
-        if call.operation == Operation::Renew && ended.error.is_some() {
+        let renewal_failed = call.operation == Operation::Renew && ended.error.is_some();
+        if renewal_failed {
             self.inner.failed_renewals.fetch_add(1, Ordering::Relaxed);
         }
         let mut figures = self.figures();
+        if renewal_failed {
+            figures.renewal_failures.push_back(Instant::now());
+        }
+        while figures
+            .renewal_failures
+            .front()
+            .is_some_and(|at| at.elapsed() > RENEWAL_WINDOW)
+        {
+            figures.renewal_failures.pop_front();
+        }
         let samples = figures
             .latencies
             .entry(call.operation.as_str())

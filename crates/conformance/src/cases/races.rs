@@ -141,16 +141,30 @@ pub async fn race_locked_increments_exact(ctx: Ctx) {
 /// client's owner is shared, so each update must take the lock under an
 /// owner of its own, or two tasks would "hold" it at once.
 pub async fn race_one_client_shared_by_tasks(ctx: Ctx) {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     let run = ctx.client().run(ctx.run("r"));
     run.save(&Counter::default()).await.expect("save");
+    // With real exclusion no locked update is ever refused and redone, so
+    // the closure runs exactly once per increment, and never two at once.
+    let calls = Arc::new(AtomicU64::new(0));
+    let inside = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
     for _ in 0..8 {
         let run = run.clone();
+        let (calls, inside, most) = (Arc::clone(&calls), Arc::clone(&inside), Arc::clone(&most));
         tasks.spawn(async move {
             for _ in 0..25 {
-                run.update(|c: &mut Counter| c.n += 1)
-                    .await
-                    .expect("locked increment");
+                run.update(|c: &mut Counter| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    c.n += 1;
+                })
+                .await
+                .expect("locked increment");
             }
         });
     }
@@ -158,15 +172,75 @@ pub async fn race_one_client_shared_by_tasks(ctx: Ctx) {
         done.expect("joined");
     }
     assert_eq!(run.load::<Counter>().await.expect("load").n, 200);
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        1,
+        "two tasks held the lock at once"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        200,
+        "an update was refused and redone"
+    );
 }
 
-/// 8 tasks start their locked increments before the document exists
-/// (`update_or_default` and `lock_or_default` each create it when absent):
-/// exactly one creation wins, every other racer is granted the lock right
-/// after it and must load the new document, never see it absent (which
-/// would fail `update` with `NotFound` or a guard's commit with
-/// `AlreadyExists`).
+/// The creation window, staged: a holder locks a document that does not
+/// exist yet, four waiters start (`lock_or_default`) and line up,
+/// then the holder creates the document and releases. Every waiter is
+/// granted the lock right after a creation it did not see start, and must
+/// load the document (a guard on an absent one would commit `Create` and
+/// fail with `AlreadyExists`; an `update` would report `NotFound`). Then
+/// the same with free racers, `update_or_default` and guards mixed.
 pub async fn race_updates_before_the_document_exists(ctx: Ctx) {
+    use std::sync::atomic::Ordering;
+    let counting = Arc::new(crate::CountingLock::new(Arc::clone(&ctx.store)));
+    let counts = Arc::clone(&counting.counts);
+    let client = runstate_core::Client::new(counting).with_wait(
+        runstate_core::WaitPolicy::with_timeout(std::time::Duration::from_secs(120)),
+    );
+    let run_id = ctx.run("staged");
+    let holder = client
+        .run(run_id.clone())
+        .lock_or_default::<Counter>()
+        .await
+        .expect("the holder locks the absent document");
+    assert!(holder.version().is_none(), "absent");
+    let mut waiters = JoinSet::new();
+    for _ in 0..4 {
+        let run = client.run(run_id.clone());
+        waiters.spawn(async move {
+            let mut guard = run
+                .lock_or_default::<Counter>()
+                .await
+                .expect("a waiter locks");
+            let loaded = guard.version().is_some();
+            guard.n += 1;
+            guard.commit().await.expect("the waiter commits");
+            loaded
+        });
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while counts.waits.load(Ordering::SeqCst) < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiters never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let mut holder = holder;
+    holder.n = 100;
+    holder.commit().await.expect("the holder creates it");
+    while let Some(done) = waiters.join_next().await {
+        assert!(
+            done.expect("joined"),
+            "a waiter granted after the creation loaded nothing"
+        );
+    }
+    assert_eq!(
+        client.run(run_id).load::<Counter>().await.expect("load").n,
+        104
+    );
+
     let run_id = ctx.run("r");
     let start = Arc::new(tokio::sync::Barrier::new(8));
     let mut tasks = JoinSet::new();

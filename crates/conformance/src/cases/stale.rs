@@ -62,6 +62,22 @@ async fn stale_holder(ctx: &Ctx, key: LockKey) {
         ErrorKind::Fenced,
     );
     assert!(!error.is_retryable(), "Fenced is final");
+    // A paused right after checking its own deadline: its lease dated now,
+    // so only the store's fence check can refuse it.
+    let paused = lease_a.renewed(lease_a.ttl(), std::time::Instant::now());
+    for mode in [PutMode::Overwrite, PutMode::Update(v0.clone())] {
+        expect_kind(
+            ctx.store
+                .put(
+                    &run,
+                    &doc,
+                    Bytes::from_static(b"from paused A"),
+                    PutOptions::mode(mode).with_lease(&paused),
+                )
+                .await,
+            ErrorKind::Fenced,
+        );
+    }
     expect_kind(
         ctx.store
             .save_and_release(
