@@ -27,6 +27,9 @@ struct Backend {
     services: &'static [&'static Service],
     /// Whether its tests need the S3 server xtask runs itself (moto).
     moto: bool,
+    /// Whether its tests run Python workers speaking WEPPcloud's protocol
+    /// (the `redis` package in a virtual environment under target/).
+    weppcloud_python: bool,
 }
 
 /// Every backend that exists. Later backends add a line here.
@@ -37,6 +40,7 @@ const BACKENDS: &[Backend] = &[
         filter: None,
         services: &[],
         moto: false,
+        weppcloud_python: false,
     },
     Backend {
         name: "redis",
@@ -44,6 +48,7 @@ const BACKENDS: &[Backend] = &[
         filter: None,
         services: &[&services::REDIS],
         moto: false,
+        weppcloud_python: true,
     },
     Backend {
         name: "postgres",
@@ -51,6 +56,7 @@ const BACKENDS: &[Backend] = &[
         filter: Some("postgres"),
         services: &[&services::POSTGRES],
         moto: false,
+        weppcloud_python: false,
     },
     Backend {
         name: "mysql",
@@ -58,6 +64,7 @@ const BACKENDS: &[Backend] = &[
         filter: Some("mysql"),
         services: &[&services::MARIADB],
         moto: false,
+        weppcloud_python: false,
     },
     Backend {
         name: "sqlite",
@@ -65,6 +72,7 @@ const BACKENDS: &[Backend] = &[
         filter: Some("sqlite"),
         services: &[],
         moto: false,
+        weppcloud_python: false,
     },
     Backend {
         name: "s3",
@@ -72,6 +80,7 @@ const BACKENDS: &[Backend] = &[
         filter: None,
         services: &[],
         moto: true,
+        weppcloud_python: false,
     },
     // The in-memory store: no server, no files.
     Backend {
@@ -80,6 +89,7 @@ const BACKENDS: &[Backend] = &[
         filter: Some("memory"),
         services: &[],
         moto: false,
+        weppcloud_python: false,
     },
 ];
 
@@ -90,8 +100,10 @@ commands:
   test [--backend NAME]             run every test of every backend (or of one backend),
                                     starting the services they need; fails on any skip
   services up|down|status           start, stop or show the services the tests need
-  ci                                cargo fmt --check, clippy -D warnings, doc -D warnings,
-                                    then `cargo xtask test`
+  ci                                cargo fmt --check, clippy -D warnings (its incompatible_msrv
+                                    lint checks the declared rust-version), doc -D warnings,
+                                    cargo deny, a check with the declared MSRV, then
+                                    `cargo xtask test` and every example
   bench [--backend NAME] [--quick]  run workloads W1-W4 and the migrations between backends
                                     against raw baselines, listing 1,000 and 100,000 runs, cached
                                     loads and optimistic updates; prints tables and writes
@@ -194,6 +206,10 @@ fn all_services() -> Vec<&'static Service> {
 }
 
 /// The environment the tests need, and the S3 server started for this run.
+///
+/// (The WEPPcloud worker tests live in the `runstate` and `runstate-redis`
+/// packages and are required with the redis backend; their Python is
+/// prepared here too.)
 type Prepared = (Vec<(String, String)>, Option<services::Moto>);
 
 /// Starts (or finds) the services of the selected backends and returns the
@@ -204,6 +220,19 @@ fn prepare(selected: &[&Backend]) -> Result<Prepared, String> {
     for backend in selected {
         for service in backend.services {
             env.extend(service.ensure()?);
+        }
+    }
+    if selected.iter().any(|b| b.weppcloud_python)
+        && std::env::var_os(services::WEPPCLOUD_PYTHON_VAR).is_none()
+    {
+        // A failure is reported by the tests that need it (they fail when
+        // their backend is required), so every other test still runs.
+        match services::weppcloud_python() {
+            Ok(python) => env.push((
+                services::WEPPCLOUD_PYTHON_VAR.to_owned(),
+                python.display().to_string(),
+            )),
+            Err(message) => eprintln!("xtask: warning: {message}"),
         }
     }
     let moto = if selected.iter().any(|b| b.moto) && std::env::var_os("RUNSTATE_S3_URL").is_none() {
@@ -278,15 +307,150 @@ fn ci() -> Result<(), String> {
     doc.env("RUSTDOCFLAGS", "-D warnings");
     run(doc, "cargo doc -D warnings")?;
 
+    // Licenses, advisories, duplicate versions and sources (deny.toml),
+    // with cargo-deny installed under target/tools on first use.
+    // The advisory database is refreshed when the network allows; without
+    // it the check runs against the copy already on disk (and fails, loudly,
+    // when there is none).
+    let deny = cargo_deny()?;
+    let mut fetch = std::process::Command::new(&deny);
+    fetch.current_dir(root()).args(["fetch", "db"]);
+    let offline = match fetch.status() {
+        Ok(status) if status.success() => false,
+        _ => {
+            eprintln!(
+                "ci: could not refresh the RustSec advisory database; \
+                 checking against the copy on disk"
+            );
+            true
+        }
+    };
+    let mut check = std::process::Command::new(&deny);
+    check
+        .current_dir(root())
+        .args(["--all-features", "--config", "deny.toml"]);
+    if offline {
+        check.arg("--offline");
+    }
+    check.arg("check");
+    run(check, "cargo deny check")?;
+
+    // Everything builds with the oldest Rust the manifests declare.
+    msrv_check()?;
+
     // The README's test command, exactly as a newcomer types it.
     let mut test = cargo();
     test.args(["xtask", "test"]);
     run(test, "cargo xtask test")?;
+
+    // Every example builds and runs (they need no server).
+    for example in ["worker", "migrate", "split"] {
+        let mut run_example = cargo();
+        run_example.args([
+            "run",
+            "--quiet",
+            "--package",
+            "runstate",
+            "--example",
+            example,
+        ]);
+        run(run_example, &format!("example {example}"))?;
+    }
     eprintln!(
         "\nci: everything passed in {:.0} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `cargo check` of every crate, target and feature with the toolchain of
+/// the workspace's `rust-version` (installed by rustup, minimal profile,
+/// when missing), in its own target directory so the main build is kept.
+fn msrv_check() -> Result<(), String> {
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml"))
+        .map_err(|e| format!("could not read Cargo.toml: {e}"))?;
+    let version = manifest
+        .lines()
+        .find_map(|line| {
+            let value = line.trim().strip_prefix("rust-version")?.trim_start();
+            Some(value.strip_prefix('=')?.trim().trim_matches('"').to_owned())
+        })
+        .ok_or("Cargo.toml declares no rust-version")?;
+    // rustup names a release x.y.z; a declared x.y means x.y.0.
+    let toolchain = if version.matches('.').count() == 1 {
+        format!("{version}.0")
+    } else {
+        version.clone()
+    };
+    let installed = Command::new("rustup")
+        .args(["run", &toolchain, "rustc", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !installed {
+        let mut install = Command::new("rustup");
+        install.args(["toolchain", "install", &toolchain, "--profile", "minimal"]);
+        run(
+            install,
+            &format!("rustup toolchain install {toolchain} (the MSRV)"),
+        )?;
+    }
+    let mut check = Command::new("rustup");
+    check.current_dir(root()).args([
+        "run",
+        &toolchain,
+        "cargo",
+        "check",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--locked",
+        "--quiet",
+    ]);
+    check.arg("--target-dir").arg(target_dir().join("msrv"));
+    // The toolchain's own cargo and rustc, not the ones this xtask runs under.
+    check
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN");
+    run(
+        check,
+        &format!("cargo check with Rust {version} (the declared MSRV)"),
+    )
+}
+
+/// The cargo-deny binary: on the PATH, or installed (pinned, `--locked`)
+/// under target/tools on first use.
+fn cargo_deny() -> Result<PathBuf, String> {
+    const VERSION: &str = "0.20.2";
+    let tools = target_dir().join("tools");
+    let installed = tools.join("bin").join("cargo-deny");
+    if installed.exists() {
+        return Ok(installed);
+    }
+    let on_path = std::process::Command::new("cargo-deny")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(VERSION));
+    if on_path {
+        return Ok(PathBuf::from("cargo-deny"));
+    }
+    let mut install = cargo();
+    install
+        .args([
+            "install",
+            "--locked",
+            "--quiet",
+            "cargo-deny",
+            "--version",
+            VERSION,
+            "--root",
+        ])
+        .arg(&tools);
+    run(
+        install,
+        &format!("cargo install cargo-deny {VERSION} (once, into target/tools)"),
+    )?;
+    Ok(installed)
 }
 
 fn bench(args: &[String]) -> Result<(), String> {

@@ -64,6 +64,7 @@ mod keeper;
 mod lease;
 mod lock;
 pub mod memory;
+pub mod options;
 pub mod process;
 pub mod secrets;
 mod signals;
