@@ -330,3 +330,53 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// The variable naming the Python the WEPPcloud worker tests run.
+pub(crate) const WEPPCLOUD_PYTHON_VAR: &str = "RUNSTATE_WEPPCLOUD_PYTHON";
+
+const WEPPCLOUD_PYTHON_HINT: &str = "the WEPPcloud worker tests run Python workers with the `redis` \
+                                     package (PyPI `redis`) from a virtual environment under \
+                                     target/services/weppcloud-python: they need python3 with the \
+                                     venv module and access to PyPI, or set \
+                                     RUNSTATE_WEPPCLOUD_PYTHON to a Python that can `import redis`";
+
+/// The Python of a virtual environment under
+/// `target/services/weppcloud-python` with PyPI's `redis` package
+/// installed (as for moto), made when missing: the WEPPcloud worker tests
+/// run it beside runstate's workers.
+pub(crate) fn weppcloud_python() -> Result<std::path::PathBuf, String> {
+    let dir = crate::root().join("target/services/weppcloud-python");
+    let venv = dir.join("venv");
+    let python = venv.join("bin/python");
+    let imports = |python: &std::path::Path| {
+        std::process::Command::new(python)
+            .args(["-c", "import redis"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if imports(&python) {
+        return Ok(python);
+    }
+    eprintln!("weppcloud-python: installing redis into {}", venv.display());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("weppcloud-python: {e}"))?;
+    let created = std::process::Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .map_err(|e| {
+            format!("weppcloud-python: could not run python3: {e}\n{WEPPCLOUD_PYTHON_HINT}")
+        })?;
+    let installed = created.success()
+        && std::process::Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "redis>=4,<7"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !installed || !imports(&python) {
+        return Err(format!(
+            "weppcloud-python: installation failed.\n{WEPPCLOUD_PYTHON_HINT}"
+        ));
+    }
+    Ok(python)
+}

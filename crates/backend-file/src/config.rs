@@ -17,6 +17,8 @@
 //! | `poll_ms` | `250` | the interval of `watch=poll`; how often a watch or a status subscription looks for a run folder (or its bookkeeping) that does not exist yet; how often a status subscription re-reads its log besides inotify |
 //! | `status_messages` | `1000` | status messages in the current log before it is rotated: the history keeps the last 1000 to 2000 messages |
 //! | `status_bytes` | `1048576` (1 MiB) | bytes in the current status log before it is rotated (whichever limit comes first): the history holds at most about twice this |
+//! | `weppcloud` | `auto` | behave as a neighbour of a running WEPPcloud in its run folders: honour its legacy `<name>.<ext>.lock` files and `READONLY` marker, make every rewrite change the file's (mtime, size) signature, mark new runs with `nodb.version` (see [the crate documentation](crate#beside-a-running-weppcloud)); `auto` is on exactly when `ext=nodb`, `true` or `false` force it |
+//! | `state_dir` | none | keep all bookkeeping (lease records, the version index, status logs, milestones) under `<state_dir>/<run>/` instead of `<run>/.runstate/`, so run folders hold nothing but the documents (created when first needed) |
 //!
 //! The path is percent-decoded (`%20` for a space).
 
@@ -102,6 +104,23 @@ pub enum CaseSensitivity {
     Sensitive,
 }
 
+/// Whether a store behaves as a neighbour of a running WEPPcloud in its
+/// run folders (see the crate documentation, *Beside a running
+/// WEPPcloud*): legacy `<name>.<ext>.lock` files are locks held by
+/// WEPPcloud, a `READONLY` marker refuses writes, every rewrite changes
+/// the file's (mtime, size) signature, and a new run is marked with
+/// `nodb.version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeppcloudFiles {
+    /// On exactly when the document extension is `nodb` (the default).
+    #[default]
+    Auto,
+    /// Always on, whatever the extension.
+    On,
+    /// Never: lock files and markers are ordinary files.
+    Off,
+}
+
 /// Called before each step of a save; an `Err` makes that step fail as if
 /// the filesystem had returned it.
 #[cfg(feature = "fault-injection")]
@@ -130,6 +149,8 @@ pub struct FileConfig {
     pub(crate) poll: Duration,
     pub(crate) status_messages: u64,
     pub(crate) status_bytes: u64,
+    pub(crate) weppcloud: WeppcloudFiles,
+    pub(crate) state_dir: Option<PathBuf>,
     #[cfg(feature = "fault-injection")]
     pub(crate) fault_hook: Option<FaultHook>,
 }
@@ -154,6 +175,8 @@ impl FileConfig {
             poll: DEFAULT_POLL_INTERVAL,
             status_messages: DEFAULT_STATUS_MESSAGES,
             status_bytes: DEFAULT_STATUS_BYTES,
+            weppcloud: WeppcloudFiles::Auto,
+            state_dir: None,
             #[cfg(feature = "fault-injection")]
             fault_hook: None,
         }
@@ -250,11 +273,27 @@ impl FileConfig {
                 "status_bytes" => {
                     config.status_bytes = parse_positive(&name, &value)?;
                 }
+                "weppcloud" => {
+                    config.weppcloud = match &*value {
+                        "auto" => WeppcloudFiles::Auto,
+                        _ => match parse_bool(&name, &value) {
+                            Ok(true) => WeppcloudFiles::On,
+                            Ok(false) => WeppcloudFiles::Off,
+                            Err(_) => {
+                                return Err(config_error(format!(
+                                    "file URL option weppcloud={value:?} must be auto, true or \
+                                     false"
+                                )));
+                            }
+                        },
+                    };
+                }
+                "state_dir" => config = config.with_state_dir(value.as_ref())?,
                 other => {
                     return Err(config_error(format!(
                         "unknown file URL option {other:?} (known: ext, create, sweep, \
                          max_document_bytes, lock_timeout_ms, case_insensitive, watch, poll_ms, \
-                         status_messages, status_bytes)"
+                         status_messages, status_bytes, weppcloud, state_dir)"
                     )));
                 }
             }
@@ -358,6 +397,56 @@ impl FileConfig {
         self
     }
 
+    /// Sets whether the store behaves as a neighbour of a running
+    /// WEPPcloud (default [`WeppcloudFiles::Auto`]: when the extension is
+    /// `nodb`).
+    pub fn with_weppcloud(mut self, weppcloud: WeppcloudFiles) -> Self {
+        self.weppcloud = weppcloud;
+        self
+    }
+
+    /// The WEPPcloud setting, as configured.
+    pub fn weppcloud(&self) -> WeppcloudFiles {
+        self.weppcloud
+    }
+
+    /// Whether the store behaves as a neighbour of a running WEPPcloud:
+    /// [`WeppcloudFiles::On`], or `Auto` with the extension `nodb`.
+    pub fn weppcloud_neighbour(&self) -> bool {
+        match self.weppcloud {
+            WeppcloudFiles::On => true,
+            WeppcloudFiles::Off => false,
+            WeppcloudFiles::Auto => self.ext == "nodb",
+        }
+    }
+
+    /// Keeps all bookkeeping (lease records, the version index, status
+    /// logs, milestones) under `<dir>/<run>/` instead of
+    /// `<root>/<run>/.runstate/`, so that run folders hold nothing but the
+    /// documents. The folder is created when first needed. Use one state
+    /// folder per store root: two roots sharing one would share the
+    /// bookkeeping of their runs of the same name.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for a relative or empty path.
+    pub fn with_state_dir(mut self, dir: impl AsRef<Path>) -> Result<Self, Error> {
+        let dir = dir.as_ref();
+        if !dir.is_absolute() {
+            return Err(config_error(format!(
+                "state_dir {} must be an absolute path",
+                dir.display()
+            )));
+        }
+        self.state_dir = Some(dir.to_owned());
+        Ok(self)
+    }
+
+    /// The folder holding the bookkeeping, when it is not inside the run
+    /// folders.
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.state_dir.as_deref()
+    }
+
     /// How `watch` learns of changes.
     pub fn watch(&self) -> WatchBy {
         self.watch
@@ -443,7 +532,9 @@ impl fmt::Debug for FileConfig {
             .field("watch", &self.watch)
             .field("poll", &self.poll)
             .field("status_messages", &self.status_messages)
-            .field("status_bytes", &self.status_bytes);
+            .field("status_bytes", &self.status_bytes)
+            .field("weppcloud", &self.weppcloud)
+            .field("state_dir", &self.state_dir);
         #[cfg(feature = "fault-injection")]
         d.field("fault_hook", &self.fault_hook.as_ref().map(|_| "installed"));
         d.finish()
@@ -495,9 +586,18 @@ mod tests {
             abs.status_history(),
             (DEFAULT_STATUS_MESSAGES, DEFAULT_STATUS_BYTES)
         );
+        assert!(abs.weppcloud_neighbour(), "auto with ext=nodb");
+        assert_eq!(abs.state_dir(), None);
+        let wepp = FileConfig::from_url("file:///srv?weppcloud=true&state_dir=/var/lib/rs%20state")
+            .expect("valid");
+        assert!(wepp.weppcloud_neighbour(), "forced on with ext=json");
+        assert_eq!(wepp.state_dir(), Some(Path::new("/var/lib/rs state")));
+        let off = FileConfig::from_url("file:///srv?ext=nodb&weppcloud=false").expect("valid");
+        assert!(!off.weppcloud_neighbour(), "forced off with ext=nodb");
         let relative = FileConfig::from_url("file:./data").expect("valid");
         assert_eq!(relative.root(), Path::new("./data"));
         assert_eq!(relative.ext(), "json");
+        assert!(!relative.weppcloud_neighbour(), "auto with ext=json");
     }
 
     #[test]
@@ -517,6 +617,9 @@ mod tests {
             "file:///srv?poll_ms=0",
             "file:///srv?status_messages=0",
             "file:///srv?status_bytes=1MiB",
+            "file:///srv?weppcloud=maybe",
+            "file:///srv?state_dir=relative/dir",
+            "file:///srv?state_dir=",
             "redis://x",
         ] {
             let error = FileConfig::from_url(url).expect_err(url);

@@ -108,6 +108,16 @@ impl<'a> Staged<'a> {
         Ok(staged)
     }
 
+    /// The temporary file, open for writing.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Its path, for messages.
+    pub(crate) fn path(&self) -> std::path::PathBuf {
+        self.dir.child(&self.name)
+    }
+
     fn set_mode(&mut self, mode: u32) -> Result<(), Error> {
         self.file
             .set_permissions(std::fs::Permissions::from_mode(mode))

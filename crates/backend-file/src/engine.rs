@@ -24,10 +24,10 @@ use crate::folder::{
 use crate::hub::{Hub, Pause};
 use crate::index::{Indexes, RunIndex};
 use crate::layout::{
-    BOOK_DIR, Layout, host_tag, io_error, lease_file_name, lock_key_of_file, parse_temp_name,
-    version_of,
+    Layout, host_tag, io_error, lease_file_name, lock_key_of_file, parse_temp_name, version_of,
 };
 use crate::leases::{self, LeaseFile, Now};
+use crate::weppcloud;
 
 /// Temporary files from another boot or pid namespace are removed once this
 /// old, since their writer cannot be checked from here.
@@ -42,6 +42,10 @@ pub(crate) struct Engine {
     lock_timeout: Duration,
     /// Whether names that differ only by case are refused.
     case: CaseRule,
+    /// Whether the store is a neighbour of a running WEPPcloud (lock
+    /// files, `READONLY`, signatures, `nodb.version`: see
+    /// [`crate::weppcloud`]).
+    weppcloud: bool,
     /// Run folders whose entry in the root this store has made durable.
     synced: Mutex<HashSet<FolderId>>,
     /// Remembered document versions, per run folder.
@@ -151,6 +155,7 @@ impl Engine {
         max_document_size: u64,
         lock_timeout: Duration,
         case: CaseRule,
+        weppcloud: bool,
     ) -> Engine {
         Engine {
             layout,
@@ -158,6 +163,7 @@ impl Engine {
             max_document_size,
             lock_timeout,
             case,
+            weppcloud,
             synced: Mutex::new(HashSet::new()),
             indexes: Indexes::default(),
             root_listing: Mutex::new(None),
@@ -199,16 +205,77 @@ impl Engine {
         self.run_dir(&root, run)
     }
 
-    /// The run folder, created when missing and made durable (as by a
-    /// save), and its bookkeeping folder, created when missing: where
-    /// status messages and milestones are written.
-    pub(crate) fn writable_book(&self, run: &RunId) -> Result<(Folder, Folder), Error> {
+    /// The bookkeeping folder of `run`, created when missing: where status
+    /// messages and milestones are written. Inside the run folder, which
+    /// is then created when missing and made durable (as by a save); in
+    /// the state folder, when there is one, without touching the run
+    /// folder.
+    pub(crate) fn writable_book(&self, run: &RunId) -> Result<Folder, Error> {
         let root = self.layout.open_root()?;
+        if self.layout.has_state_dir() {
+            self.check_run_case(&root, run)?;
+            return self.layout.ensure_book(None, run);
+        }
         let dir = self.ensure_run_dir(&root, run)?;
         self.make_durable(&root, &dir)
             .map_err(|e| e.with_run(run))?;
-        let book = dir.ensure_dir(BOOK_DIR)?;
+        self.layout.ensure_book(Some(&dir), run)
+    }
+
+    /// The bookkeeping folder of `run` when it exists (never created).
+    pub(crate) fn existing_book(&self, run: &RunId) -> Result<Option<Folder>, Error> {
+        let root = self.layout.open_root()?;
+        let dir = self.run_dir(&root, run)?;
+        self.layout.book(dir.as_ref(), run)
+    }
+
+    /// Where a lease of `key` is recorded, created when missing, and the
+    /// run folder when it exists. Inside the run folder, which is then
+    /// created (as acquiring always did); in the state folder without
+    /// creating the run folder. On a store that ignores case, the document
+    /// of `key` is checked against the run folder's files and the records.
+    fn lease_book(&self, root: &Folder, key: &LockKey) -> Result<(Option<Folder>, Folder), Error> {
+        let dir = if self.layout.has_state_dir() {
+            self.run_dir(root, key.run())?
+        } else {
+            Some(self.ensure_run_dir(root, key.run())?)
+        };
+        if let (LockKey::Doc(run, doc), Some(dir)) = (key, &dir) {
+            self.check_doc_case(dir, run, doc)?;
+        }
+        let book = self.layout.ensure_book(dir.as_ref(), key.run())?;
         Ok((dir, book))
+    }
+
+    /// Refuses `key` while a WEPPcloud lock file holds it (for a store
+    /// that is a WEPPcloud neighbour).
+    fn check_lock_files(&self, dir: Option<&Folder>, key: &LockKey) -> Result<(), Error> {
+        match dir {
+            Some(dir) if self.weppcloud => weppcloud::check_unlocked(dir, &self.layout, key),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses writes in a run folder holding WEPPcloud's `READONLY`
+    /// marker (for a store that is a WEPPcloud neighbour).
+    fn check_writable(&self, dir: &Folder, run: &RunId) -> Result<(), Error> {
+        if self.weppcloud {
+            weppcloud::check_writable(dir, run)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The WEPPcloud lock file holding `key`, if any (for a store that is
+    /// a WEPPcloud neighbour).
+    pub(crate) fn lock_file_holder(&self, key: &LockKey) -> Result<Option<LockInfo>, Error> {
+        if !self.weppcloud {
+            return Ok(None);
+        }
+        match self.existing_run_dir(key.run())? {
+            Some(dir) => weppcloud::key_holder(&dir, &self.layout, key),
+            None => Ok(None),
+        }
     }
 
     /// How many times the root folder was read to list runs.
@@ -315,7 +382,7 @@ impl Engine {
         }
         // A missing or unusable bookkeeping folder holds no record to clash
         // with; the operation that needs it reports it.
-        let Ok(Some(book)) = dir.open_dir(BOOK_DIR) else {
+        let Ok(Some(book)) = self.layout.book(Some(dir), run) else {
             return Ok(());
         };
         let records = book
@@ -467,17 +534,16 @@ impl Engine {
             key.check_covers(key.run(), doc)?;
         }
         let root = self.layout.open_root()?;
-        let dir = self.ensure_run_dir(&root, key.run())?;
-        if let LockKey::Doc(run, name) = key {
-            self.check_doc_case(&dir, run, name)?;
-        }
-        let book = dir.ensure_dir(BOOK_DIR)?;
+        let (dir, book) = self.lease_book(&root, key)?;
         let mut record = self.record_created(&book, key)?;
-        if let LockKey::Doc(run, name) = key {
+        if let (LockKey::Doc(run, name), Some(dir)) = (key, &dir) {
             // Under the record lock, shared by every spelling where case
             // is ignored.
-            self.check_doc_case(&dir, run, name)?;
+            self.check_doc_case(dir, run, name)?;
         }
+        // A grant of the other lock service is no good while WEPPcloud
+        // holds the lock by a lock file: refused before the watermark moves.
+        self.check_lock_files(dir.as_ref(), key)?;
         leases::raise_watermark(&mut record, key, fence, Operation::Claim)?;
         let loaded = match doc {
             Some(doc) => self.get(key.run(), doc, limit),
@@ -528,7 +594,7 @@ impl Engine {
                 bytes: Bytes::from(bytes),
             }))
         };
-        let remembered = self.run_index(&dir)?;
+        let remembered = self.run_index(&dir, run)?;
         if let Some(version) = remembered.index.version(&name, &stamp) {
             if version == known.as_str() {
                 return Ok(Fetched::Unchanged);
@@ -566,11 +632,11 @@ impl Engine {
     /// The version index of a run folder (from memory, else from its
     /// bookkeeping folder, never created), with what is needed to update
     /// it.
-    fn run_index(&self, dir: &Folder) -> Result<Remembered, Error> {
+    fn run_index(&self, dir: &Folder, run: &RunId) -> Result<Remembered, Error> {
         let id = dir
             .id()
             .map_err(|e| io_error("stat of the run folder", dir.path(), e))?;
-        let book = dir.open_dir(BOOK_DIR).unwrap_or_else(|error| {
+        let book = self.layout.book(Some(dir), run).unwrap_or_else(|error| {
             tracing::warn!(%error, "reading without the document version index");
             None
         });
@@ -618,6 +684,7 @@ impl Engine {
     pub(crate) fn file_version(
         &self,
         dir: &Folder,
+        run: &RunId,
         file_name: &str,
         file: &File,
     ) -> Result<Version, Error> {
@@ -629,7 +696,7 @@ impl Engine {
         if meta.len() > self.max_document_size {
             return Ok(over_limit_version(&stamp));
         }
-        let remembered = self.run_index(dir)?;
+        let remembered = self.run_index(dir, run)?;
         if let Some(version) = remembered.index.version(file_name, &stamp) {
             return Ok(Version::new(version));
         }
@@ -657,9 +724,10 @@ impl Engine {
         let mut found = Vec::with_capacity(docs.len());
         for doc in docs {
             let name = self.layout.file_name(doc);
-            let version = dir
-                .open_file(&name, Access::Read)
-                .and_then(|file| file.map(|f| self.file_version(&dir, &name, &f)).transpose());
+            let version = dir.open_file(&name, Access::Read).and_then(|file| {
+                file.map(|f| self.file_version(&dir, run, &name, &f))
+                    .transpose()
+            });
             match version {
                 Ok(version) => found.push((doc.clone(), version)),
                 Err(error) => {
@@ -717,6 +785,9 @@ impl Engine {
         let dir = self.ensure_run_dir(&root, run)?;
         // Before anything is written; checked again under the record lock.
         self.check_doc_case(&dir, run, doc)?;
+        let doc_key = LockKey::Doc(run.clone(), doc.clone());
+        self.check_writable(&dir, run)?;
+        self.check_lock_files(Some(&dir), &doc_key)?;
         self.make_durable(&root, &dir)
             .map_err(|e| e.with_run(run))?;
         let file_name = self.layout.file_name(doc);
@@ -729,7 +800,7 @@ impl Engine {
         // Written and synced before taking any lock, so the lock is held
         // only for the check, the rename and the folder sync.
         let staged = Staged::write(&dir, &file_name, bytes, keep_mode, &self.faults)?;
-        let book = dir.ensure_dir(BOOK_DIR)?;
+        let book = self.layout.ensure_book(Some(&dir), run)?;
 
         // Lock order: the run's record before any document's record.
         let run_key = LockKey::Run(run.clone());
@@ -739,7 +810,7 @@ impl Engine {
         } else {
             None
         };
-        let mut doc_record = self.record_created(&book, &LockKey::Doc(run.clone(), doc.clone()))?;
+        let mut doc_record = self.record_created(&book, &doc_key)?;
 
         // The fences first, before the mode: a stale holder learns that it
         // is stale, not that the document changed.
@@ -759,6 +830,9 @@ impl Engine {
             // case is the lock of every spelling of the document: a save
             // of another spelling cannot slip in between.
             self.check_doc_case(&dir, run, doc)?;
+            // WEPPcloud's markers, again right before the rename.
+            self.check_writable(&dir, run)?;
+            self.check_lock_files(Some(&dir), &doc_key)?;
             let previous = dir.open_file(&file_name, Access::Read)?;
             match (mode, &previous) {
                 (PutMode::Overwrite, _) => {}
@@ -789,6 +863,24 @@ impl Engine {
                 let record = pick(&mut run_record, &mut doc_record, foreign);
                 leases::raise_watermark(record, foreign.key(), foreign.fence(), Operation::Put)?;
             }
+            if self.weppcloud {
+                // The new bytes never show under the old (mtime, size)
+                // signature, and a new run is never taken for a legacy one.
+                match &previous {
+                    Some(file) => {
+                        let meta = file.metadata().map_err(|e| {
+                            io_error("stat of the document", &dir.child(&file_name), e)
+                        })?;
+                        weppcloud::advance_signature(
+                            staged.file(),
+                            &staged.path(),
+                            &meta,
+                            bytes.len() as u64,
+                        )?;
+                    }
+                    None => weppcloud::mark_new_run(&dir, &self.layout)?,
+                }
+            }
             staged.place(&file_name, previous.as_ref(), &self.faults)?;
             Ok(version_of(bytes))
         })();
@@ -818,9 +910,12 @@ impl Engine {
         if !found {
             return Ok(false);
         }
-        let book = dir.ensure_dir(BOOK_DIR)?;
-        let _record = self.record_created(&book, &LockKey::Doc(run.clone(), doc.clone()))?;
+        let doc_key = LockKey::Doc(run.clone(), doc.clone());
+        let book = self.layout.ensure_book(Some(&dir), run)?;
+        let _record = self.record_created(&book, &doc_key)?;
         self.check_doc_case(&dir, run, doc)?;
+        self.check_writable(&dir, run)?;
+        self.check_lock_files(Some(&dir), &doc_key)?;
         let Some(file) = dir.open_file(&name, Access::Read)? else {
             return Ok(false);
         };
@@ -900,7 +995,7 @@ impl Engine {
         // Never created by a read: without it, versions stay in memory. A
         // listing does not need it otherwise, so one that cannot be opened
         // (a planted link, say) only costs the remembered versions.
-        let book = dir.open_dir(BOOK_DIR).unwrap_or_else(|error| {
+        let book = self.layout.book(Some(&dir), run).unwrap_or_else(|error| {
             tracing::warn!(%error, "listing without the document version index");
             None
         });
@@ -1059,9 +1154,15 @@ impl Engine {
         let docs = self.doc_names(&dir)?;
         let mut deleted = 0;
         if !docs.is_empty() {
-            let book = dir.ensure_dir(BOOK_DIR)?;
+            // Nothing is deleted from a read-only run or while WEPPcloud
+            // holds any document of it by a lock file.
+            self.check_writable(&dir, run)?;
+            self.check_lock_files(Some(&dir), &LockKey::Run(run.clone()))?;
+            let book = self.layout.ensure_book(Some(&dir), run)?;
             for (doc, file_name) in docs {
-                let _record = self.record_created(&book, &LockKey::Doc(run.clone(), doc))?;
+                let key = LockKey::Doc(run.clone(), doc);
+                let _record = self.record_created(&book, &key)?;
+                self.check_lock_files(Some(&dir), &key)?;
                 match dir.unlink(&file_name) {
                     Ok(()) => deleted += 1,
                     Err(e) if is_not_found(&e) => {}
@@ -1074,10 +1175,10 @@ impl Engine {
         // Milestones are the run's metadata: they go with its documents.
         // Status history and lock bookkeeping stay (ids and fences keep
         // increasing).
-        if let Some(book) = dir.open_dir(BOOK_DIR)? {
+        if let Some(book) = self.layout.book(Some(&dir), run)? {
             crate::milestones::remove(&book, self.lock_timeout)?;
         }
-        self.sweep_dir(&dir)?;
+        self.sweep_dir(&dir, run)?;
         dir.sync()
             .map_err(|e| io_error("fsync of the run folder", dir.path(), e))?;
         Ok(deleted)
@@ -1092,46 +1193,40 @@ impl Engine {
     ) -> Result<Lease, Error> {
         leases::check_ttl(ttl, key, Operation::Acquire)?;
         let root = self.layout.open_root()?;
-        let dir = self.ensure_run_dir(&root, key.run())?;
-        let doc = match key {
-            LockKey::Doc(run, doc) => Some((run, doc)),
-            LockKey::Run(_) => None,
-        };
-        if let Some((run, doc)) = doc {
-            self.check_doc_case(&dir, run, doc)?;
-        }
-        let book = dir.ensure_dir(BOOK_DIR)?;
+        let (dir, book) = self.lease_book(&root, key)?;
         let mut record = self.record_created(&book, key)?;
-        if let Some((run, doc)) = doc {
+        if let (LockKey::Doc(run, doc), Some(dir)) = (key, &dir) {
             // Under the record lock (shared by every spelling where case
             // is ignored), before anything is granted.
-            self.check_doc_case(&dir, run, doc)?;
+            self.check_doc_case(dir, run, doc)?;
         }
+        // WEPPcloud's lock file, under the record lock too: nothing is
+        // granted while it is there.
+        self.check_lock_files(dir.as_ref(), key)?;
         leases::try_acquire(&mut record, key, owner, ttl, issued)
     }
 
-    /// The bookkeeping folder of `key`'s run, if the run folder and it
-    /// exist; on a store that ignores case, refused when the run or the
+    /// The run folder of `key`'s run and its bookkeeping folder, each if it
+    /// exists; on a store that ignores case, refused when the run or the
     /// document of `key` exists only under another spelling. With `held`
     /// (the renewal or release of a grant, whose record exists under its
     /// own spelling), a document file spelled otherwise does not matter: a
     /// lease is always let go.
-    fn book(&self, key: &LockKey, held: bool) -> Result<Option<Folder>, Error> {
+    fn book(&self, key: &LockKey, held: bool) -> Result<(Option<Folder>, Option<Folder>), Error> {
         let root = self.layout.open_root()?;
-        let Some(dir) = self.run_dir(&root, key.run())? else {
-            return Ok(None);
-        };
-        if let LockKey::Doc(run, doc) = key {
-            self.check_doc_spelling(&dir, run, doc, !held)?;
+        let dir = self.run_dir(&root, key.run())?;
+        if let (LockKey::Doc(run, doc), Some(dir)) = (key, &dir) {
+            self.check_doc_spelling(dir, run, doc, !held)?;
         }
-        dir.open_dir(BOOK_DIR)
+        let book = self.layout.book(dir.as_ref(), key.run())?;
+        Ok((dir, book))
     }
 
     /// Opens the record of a lease that should exist; a missing run folder
     /// or record means the lease is lost.
     fn held_record(&self, lease: &Lease, op: Operation) -> Result<LeaseFile, Error> {
         let key = lease.key();
-        let record = match self.book(key, true)? {
+        let record = match self.book(key, true)?.1 {
             Some(book) => self.record(&book, key, true, false)?,
             None => None,
         };
@@ -1159,54 +1254,80 @@ impl Engine {
         leases::release(&mut record, lease)
     }
 
+    /// The live holder of `key`: its lease, else (on a WEPPcloud
+    /// neighbour) the lock file that would refuse an acquire.
     pub(crate) fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, Error> {
-        let Some(book) = self.book(key, false)? else {
-            return Ok(None);
+        let (dir, book) = self.book(key, false)?;
+        let leased = match &book {
+            Some(book) => self
+                .record(book, key, false, false)?
+                .and_then(|record| leases::inspect(&record, key)),
+            None => None,
         };
-        Ok(self
-            .record(&book, key, false, false)?
-            .and_then(|record| leases::inspect(&record, key)))
+        match (leased, &dir) {
+            (Some(info), _) => Ok(Some(info)),
+            (None, Some(dir)) if self.weppcloud => weppcloud::key_holder(dir, &self.layout, key),
+            (None, _) => Ok(None),
+        }
     }
 
+    /// Breaks the lease of `key` and, on a WEPPcloud neighbour, removes the
+    /// document's lock file (unless `only_fence` names a grant of runstate's:
+    /// a lock file's fence is 0). Returns what was broken: the lease if
+    /// there was one, else the lock file.
     pub(crate) fn break_lock(
         &self,
         key: &LockKey,
         only_fence: Option<Fence>,
     ) -> Result<Option<LockInfo>, Error> {
-        let Some(book) = self.book(key, false)? else {
-            return Ok(None);
+        let (dir, book) = self.book(key, false)?;
+        let leased = match &book {
+            Some(book) => match self.record(book, key, true, false)? {
+                Some(mut record) => leases::break_lock(&mut record, key, only_fence)?,
+                None => None,
+            },
+            None => None,
         };
-        match self.record(&book, key, true, false)? {
-            Some(mut record) => leases::break_lock(&mut record, key, only_fence),
-            None => Ok(None),
-        }
+        let lock_file = match (key, &dir) {
+            (LockKey::Doc(run, doc), Some(dir))
+                if self.weppcloud && only_fence.is_none_or(|f| f.get() == 0) =>
+            {
+                weppcloud::break_lock_file(dir, &self.layout, run, doc)?
+            }
+            _ => None,
+        };
+        Ok(leased.or(lock_file))
     }
 
-    /// The held locks of one run.
+    /// The held locks of one run: its leases and (on a WEPPcloud
+    /// neighbour) its lock files, sorted by lock.
     fn locks_of(&self, root: &Folder, run: &RunId) -> Result<Vec<LockInfo>, Error> {
-        let Some(dir) = self.layout.run_dir(root, run)? else {
-            return Ok(Vec::new());
-        };
-        let Some(book) = dir.open_dir(BOOK_DIR)? else {
-            return Ok(Vec::new());
-        };
-        let entries = book
-            .entries()
-            .map_err(|e| io_error("listing the bookkeeping folder", book.path(), e))?;
-        let mut keys: Vec<LockKey> = entries
-            .iter()
-            .filter(|e| e.kind == Kind::File)
-            .filter_map(|e| lock_key_of_file(run, &e.name))
-            .collect();
-        keys.sort_unstable();
+        let dir = self.layout.run_dir(root, run)?;
         let mut locks = Vec::new();
-        for key in keys {
-            if let Some(info) = self
-                .record(&book, &key, false, false)?
-                .and_then(|r| leases::inspect(&r, &key))
-            {
-                locks.push(info);
+        if let Some(book) = self.layout.book(dir.as_ref(), run)? {
+            let entries = book
+                .entries()
+                .map_err(|e| io_error("listing the bookkeeping folder", book.path(), e))?;
+            let mut keys: Vec<LockKey> = entries
+                .iter()
+                .filter(|e| e.kind == Kind::File)
+                .filter_map(|e| lock_key_of_file(run, &e.name))
+                .collect();
+            keys.sort_unstable();
+            for key in keys {
+                if let Some(info) = self
+                    .record(&book, &key, false, false)?
+                    .and_then(|r| leases::inspect(&r, &key))
+                {
+                    locks.push(info);
+                }
             }
+        }
+        if let Some(dir) = &dir
+            && self.weppcloud
+        {
+            locks.extend(weppcloud::run_holders(dir, &self.layout, run)?);
+            locks.sort_by(|a, b| a.key.cmp(&b.key));
         }
         Ok(locks)
     }
@@ -1217,8 +1338,15 @@ impl Engine {
             self.check_run_case(&root, run)?;
             return self.locks_of(&root, run);
         }
+        // With a state folder, a run may have leases and no folder yet.
+        let mut runs = self.run_ids(&root)?.runs.clone();
+        if self.layout.has_state_dir() {
+            runs.extend(self.layout.state_runs()?);
+            runs.sort_unstable();
+            runs.dedup();
+        }
         let mut locks = Vec::new();
-        for run in &self.run_ids(&root)?.runs {
+        for run in &runs {
             // One run folder that cannot be read must not hide the others.
             match self.locks_of(&root, run) {
                 Ok(mut found) => locks.append(&mut found),
@@ -1264,11 +1392,24 @@ impl Engine {
             let swept = self
                 .layout
                 .run_dir(&root, run)
-                .and_then(|dir| dir.map_or(Ok(0), |dir| self.sweep_dir(&dir)));
+                .and_then(|dir| dir.map_or(Ok(0), |dir| self.sweep_dir(&dir, run)));
             match swept {
                 Ok(n) => removed += n,
                 Err(error) => {
                     tracing::warn!(%run, %error, "skipping a run folder while sweeping");
+                }
+            }
+        }
+        // Bookkeeping of runs that have none of their own folder yet.
+        for run in self.layout.state_runs()? {
+            match self
+                .layout
+                .book(None, &run)
+                .and_then(|book| book.map_or(Ok(0), |book| sweep_temps(&book)))
+            {
+                Ok(n) => removed += n,
+                Err(error) => {
+                    tracing::warn!(%run, %error, "skipping a state folder while sweeping");
                 }
             }
         }
@@ -1277,9 +1418,9 @@ impl Engine {
 
     /// Removes the temporary files of dead writers in a run folder and its
     /// bookkeeping folder.
-    fn sweep_dir(&self, dir: &Folder) -> Result<usize, Error> {
+    fn sweep_dir(&self, dir: &Folder, run: &RunId) -> Result<usize, Error> {
         let mut removed = sweep_temps(dir)?;
-        if let Some(book) = dir.open_dir(BOOK_DIR)? {
+        if let Some(book) = self.layout.book(Some(dir), run)? {
             removed += sweep_temps(&book)?;
         }
         Ok(removed)

@@ -38,7 +38,7 @@ use crate::BACKEND;
 use crate::engine::Engine;
 use crate::folder::{Access, Folder};
 use crate::hub::{Pending, RouteGuard, Want};
-use crate::layout::{BOOK_DIR, io_error, lease_file_name};
+use crate::layout::{io_error, lease_file_name};
 use crate::status::{Follower, Item, existing_book, is_status_file};
 
 /// A registered route and its batch.
@@ -375,12 +375,14 @@ pub(crate) fn is_held(book: &Folder, key: &LockKey) -> bool {
 /// Watches the record of `key` for writes, then checks whether the lock
 /// is still held (a release made before the watch is seen here). `None`
 /// when there is nothing to watch (no run folder or bookkeeping folder:
-/// nothing is created for a waiter) or inotify is unavailable.
+/// nothing is created for a waiter), inotify is unavailable, or a
+/// WEPPcloud lock file holds the lock (it announces nothing: the waiter
+/// sleeps its whole bound, or until this store breaks the lock).
 pub(crate) fn arm_release(engine: &Engine, key: &LockKey) -> Result<Option<Armed>, Error> {
-    let Some(dir) = engine.existing_run_dir(key.run())? else {
+    if engine.lock_file_holder(key)?.is_some() {
         return Ok(None);
-    };
-    let Some(book) = dir.open_dir(BOOK_DIR)? else {
+    }
+    let Some(book) = engine.existing_book(key.run())? else {
         return Ok(None);
     };
     let name = lease_file_name(key);

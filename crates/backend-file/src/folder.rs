@@ -371,6 +371,38 @@ impl Folder {
         rustix::fs::renameat(&self.file, from, &self.file, to).map_err(Into::into)
     }
 
+    /// Renames `from` to `to`, both in this folder, unless `to` exists:
+    /// `false` (and nothing renamed) then.
+    pub(crate) fn rename_noreplace(&self, from: &str, to: &str) -> io::Result<bool> {
+        match rustix::fs::renameat_with(
+            &self.file,
+            from,
+            &self.file,
+            to,
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => Ok(true),
+            Err(Errno::EXIST) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The modification time of `name`, without following a link; `None`
+    /// when absent.
+    pub(crate) fn modified_nofollow(&self, name: &str) -> io::Result<Option<SystemTime>> {
+        match rustix::fs::statat(&self.file, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => {
+                let secs = u64::try_from(stat.st_mtime).unwrap_or(0);
+                let nanos = u32::try_from(stat.st_mtime_nsec).unwrap_or(0);
+                Ok(Some(
+                    SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos.min(999_999_999)),
+                ))
+            }
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Removes the file (or link) `name`: never what a link points to.
     pub(crate) fn unlink(&self, name: &str) -> io::Result<()> {
         rustix::fs::unlinkat(&self.file, name, AtFlags::empty()).map_err(Into::into)

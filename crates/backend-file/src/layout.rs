@@ -12,7 +12,12 @@
 //! <root>/<run>/.runstate/status.seq      the status message id counter
 //! <root>/<run>/.runstate/milestones.json milestones and attributes (see `crate::milestones`)
 //! <root>/<run>/.runstate/milestones.lock the lock serializing milestone changes
+//! <root>/<run>/<name>.<ext>.lock         a WEPPcloud legacy lock file (read, never written; see `crate::weppcloud`)
 //! ```
+//!
+//! With a state folder (`state_dir`), the bookkeeping folder of a run is
+//! `<state_dir>/<run>/` instead of `<root>/<run>/.runstate/`, with the
+//! same files in it: the run folder then holds only the documents.
 //!
 //! The lease files double as the `flock` targets that make check-and-write
 //! atomic across processes: a document's writes hold its `doc.<name>.lease`
@@ -129,14 +134,97 @@ pub(crate) struct Layout {
     pub(crate) root: PathBuf,
     /// `.<ext>`
     suffix: String,
+    /// Where the bookkeeping folders are, when not inside the run folders.
+    state: Option<PathBuf>,
 }
 
 impl Layout {
-    pub(crate) fn new(root: PathBuf, ext: &str) -> Self {
+    pub(crate) fn new(root: PathBuf, ext: &str, state: Option<PathBuf>) -> Self {
         Layout {
             root,
             suffix: format!(".{ext}"),
+            state,
         }
+    }
+
+    /// Whether the bookkeeping lives in a state folder of its own, outside
+    /// the run folders.
+    pub(crate) fn has_state_dir(&self) -> bool {
+        self.state.is_some()
+    }
+
+    /// Opens the state folder, when there is one and it exists (never
+    /// created).
+    fn open_state(&self) -> Result<Option<Folder>, Error> {
+        let Some(state) = &self.state else {
+            return Ok(None);
+        };
+        match Folder::open_path(state) {
+            Ok(folder) => Ok(Some(folder)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(io_error("opening the state folder", state, e)),
+        }
+    }
+
+    /// The bookkeeping folder of `run` when it exists (never created):
+    /// `<state_dir>/<run>/`, or `.runstate` in the run folder `dir` (none
+    /// without a run folder).
+    pub(crate) fn book(&self, dir: Option<&Folder>, run: &RunId) -> Result<Option<Folder>, Error> {
+        if self.state.is_some() {
+            return match self.open_state()? {
+                Some(state) => state.open_dir(run.as_str()),
+                None => Ok(None),
+            };
+        }
+        match dir {
+            Some(dir) => dir.open_dir(BOOK_DIR),
+            None => Ok(None),
+        }
+    }
+
+    /// The bookkeeping folder of `run`, created when missing (with the
+    /// state folder itself): `<state_dir>/<run>/`, or `.runstate` in the
+    /// run folder `dir`, which must then be given.
+    pub(crate) fn ensure_book(&self, dir: Option<&Folder>, run: &RunId) -> Result<Folder, Error> {
+        if let Some(state) = &self.state {
+            let folder = match self.open_state()? {
+                Some(folder) => folder,
+                None => {
+                    fs::create_dir_all(state)
+                        .map_err(|e| io_error("creating the state folder", state, e))?;
+                    Folder::open_path(state)
+                        .map_err(|e| io_error("opening the state folder", state, e))?
+                }
+            };
+            return folder.ensure_dir(run.as_str()).map_err(|e| e.with_run(run));
+        }
+        match dir {
+            Some(dir) => dir.ensure_dir(BOOK_DIR),
+            None => Err(Error::new(
+                ErrorKind::Backend,
+                "no run folder to keep the bookkeeping in",
+            )
+            .with_backend(BACKEND)
+            .with_run(run)),
+        }
+    }
+
+    /// The runs that have a bookkeeping folder in the state folder (none
+    /// without one), sorted; names that are not run ids are skipped.
+    pub(crate) fn state_runs(&self) -> Result<Vec<RunId>, Error> {
+        let Some(state) = self.open_state()? else {
+            return Ok(Vec::new());
+        };
+        let entries = state
+            .entries()
+            .map_err(|e| io_error("listing the state folder", state.path(), e))?;
+        let mut runs: Vec<RunId> = entries
+            .into_iter()
+            .filter(|e| e.kind == Kind::Folder)
+            .filter_map(|e| RunId::new(e.name).ok())
+            .collect();
+        runs.sort_unstable();
+        Ok(runs)
     }
 
     /// Opens the store root (following a link: its path is the user's
@@ -144,6 +232,11 @@ impl Layout {
     /// while the store is open is the new one.
     pub(crate) fn open_root(&self) -> Result<Folder, Error> {
         Folder::open_path(&self.root).map_err(|e| io_error("opening the store root", &self.root, e))
+    }
+
+    /// The document extension, without its dot.
+    pub(crate) fn ext(&self) -> &str {
+        self.suffix.strip_prefix('.').unwrap_or(&self.suffix)
     }
 
     /// `<name>.<ext>`

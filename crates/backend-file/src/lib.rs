@@ -16,6 +16,12 @@
 //! <root>/<run>/.runstate/milestones.lock     the lock serializing milestone changes
 //! ```
 //!
+//! With `state_dir=/path` ([`FileConfig::with_state_dir`]) the
+//! bookkeeping folder of a run is `/path/<run>/` (the same files) instead
+//! of `<root>/<run>/.runstate/`: run folders then hold nothing but the
+//! documents, and saves leave nothing behind but the document (their
+//! temporary files live beside it for the atomic rename, and are removed).
+//!
 //! The layout is meant for people: a run folder can be read, copied and
 //! zipped with ordinary tools, and with `ext = "nodb"` an existing WEPPcloud
 //! run folder opens in place. A document dropped in by another program is
@@ -187,6 +193,34 @@
 //!   run folder opened read-only stays untouched; `publish`, `mark`,
 //!   `set_attr`, `claim` and saves create them.
 //!
+//! ## Beside a running WEPPcloud
+//!
+//! A store whose documents are WEPPcloud controllers (`ext=nodb`, or
+//! `weppcloud=true`; see [`WeppcloudFiles`]) behaves as a safe neighbour of
+//! the WEPPcloud workers that share its run folders:
+//!
+//! - a legacy lock file `<name>.nodb.lock` makes that document locked by
+//!   the holder [`LOCK_FILE_HOLDER`] (fence 0, `since` the time in the
+//!   file, `expires_in` [`runstate_core::MAX_TTL`], since it never
+//!   expires): acquires, claims, saves and deletes of it (and acquires,
+//!   claims and `delete_run` of the run lock) are refused with `Locked`,
+//!   nothing written; `list_locks` lists it (so `runstate locks` shows it
+//!   with its age); `break_lock` (an operator's `runstate unlock --force`)
+//!   removes it, with a warning in the log. runstate never creates one and
+//!   never removes one otherwise;
+//! - a `READONLY` marker in a run folder refuses every write to the run
+//!   with `Denied` (reads and leases still work);
+//! - every save that keeps a document's size moves its modification time
+//!   forward (before the rename), so WEPPcloud's `(mtime, size)` checks of
+//!   its cached copies always see the change;
+//! - the first `.nodb` document saved into a folder without a
+//!   `nodb.version` marker writes the marker first (`1000\n`), so
+//!   WEPPcloud never takes a new run for a legacy one; an existing marker
+//!   is never changed.
+//!
+//! WEPPcloud's Redis locks and its Redis cache are the lock service's
+//! part: see the `runstate` crate (split stores in WEPPcloud mode).
+//!
 //! ## Shared file systems
 //!
 //! On its own, the store is meant for the processes of one host: its
@@ -284,6 +318,7 @@ mod layout;
 mod leases;
 mod milestones;
 mod status;
+mod weppcloud;
 
 use std::fmt;
 use std::io;
@@ -302,9 +337,11 @@ use runstate_core::{
 pub use config::{
     CaseSensitivity, DEFAULT_LOCK_TIMEOUT, DEFAULT_MAX_DOCUMENT_SIZE, DEFAULT_POLL_INTERVAL,
     DEFAULT_STATUS_BYTES, DEFAULT_STATUS_MESSAGES, FileConfig, MAX_EXT_LEN, WatchBy,
+    WeppcloudFiles,
 };
 #[cfg(feature = "fault-injection")]
 pub use config::{FaultHook, SaveStep};
+pub use weppcloud::LOCK_FILE_HOLDER;
 
 use crate::case::CaseRule;
 use crate::durable::Faults;
@@ -471,7 +508,7 @@ fn open_engine(config: &FileConfig) -> Result<Engine> {
         &Folder::open_path(&root).map_err(|e| io_error("opening the store root", &root, e))?,
     );
     let engine = Engine::new(
-        Layout::new(root, &config.ext),
+        Layout::new(root, &config.ext, config.state_dir.clone()),
         Faults {
             #[cfg(feature = "fault-injection")]
             hook: config.fault_hook.clone(),
@@ -479,6 +516,7 @@ fn open_engine(config: &FileConfig) -> Result<Engine> {
         config.max_document_size,
         config.lock_timeout,
         case,
+        config.weppcloud_neighbour(),
     );
     if config.sweep_on_open {
         let removed = engine.sweep()?;
@@ -711,7 +749,7 @@ impl Store for FileStore {
         };
         let now = SystemTime::now();
         self.blocking(Operation::Publish, move |e| {
-            let (_dir, book) = e.writable_book(&r)?;
+            let book = e.writable_book(&r)?;
             status::publish(&book, &topic, &text, now, history, e.lock_timeout())
         })
         .await

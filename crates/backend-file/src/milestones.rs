@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::BACKEND;
 use crate::engine::Engine;
 use crate::folder::{Access, Folder, is_not_found, read_bounded};
-use crate::layout::{BOOK_DIR, io_error, temp_name};
+use crate::layout::{io_error, temp_name};
 use crate::leases::lock_bounded;
 
 /// The milestones file, in the bookkeeping folder.
@@ -156,7 +156,7 @@ fn lock(book: &Folder, wait: Duration) -> Result<std::fs::File, Error> {
 /// Applies one change, creating the run folder and its bookkeeping folder
 /// as a save would.
 pub(crate) fn change(engine: &Engine, run: &RunId, change: &Change<'_>) -> Result<(), Error> {
-    let (_dir, book) = engine.writable_book(run)?;
+    let book = engine.writable_book(run)?;
     let _lock = lock(&book, engine.lock_timeout())?;
     let mut stored = read(&book)?.unwrap_or_default();
     stored.v = 1;
@@ -177,10 +177,7 @@ pub(crate) fn change(engine: &Engine, run: &RunId, change: &Change<'_>) -> Resul
 /// nothing and takes no lock.
 pub(crate) fn read_all(engine: &Engine, run: &RunId) -> Result<Milestones, Error> {
     let mut milestones = Milestones::default();
-    let Some(dir) = engine.existing_run_dir(run)? else {
-        return Ok(milestones);
-    };
-    let Some(book) = dir.open_dir(BOOK_DIR)? else {
+    let Some(book) = engine.existing_book(run)? else {
         return Ok(milestones);
     };
     let Some(stored) = read(&book)? else {

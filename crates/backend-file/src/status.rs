@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::BACKEND;
 use crate::folder::{Access, Folder};
-use crate::layout::{BOOK_DIR, io_error};
+use crate::layout::io_error;
 use crate::leases::lock_bounded;
 
 /// The current log.
@@ -554,8 +554,5 @@ pub(crate) fn existing_book(
     engine: &crate::engine::Engine,
     run: &RunId,
 ) -> Result<Option<Folder>, Error> {
-    match engine.existing_run_dir(run)? {
-        Some(dir) => dir.open_dir(BOOK_DIR),
-        None => Ok(None),
-    }
+    engine.existing_book(run)
 }

@@ -272,6 +272,14 @@ impl RedisConfig {
                 "status_minutes" => {
                     config.status_max_age = Some(parse_minutes(&value)?);
                 }
+                "weppcloud" => {
+                    return Err(config_error(
+                        "weppcloud=true makes a WEPPcloud lock service, not a document store: \
+                         give it as the lock service of a file store of WEPPcloud run folders \
+                         (file:///runs?ext=nodb&locks=redis://…/0?weppcloud=true); for a Redis \
+                         document store that honours WEPPcloud's locks, see weppcloud_locks",
+                    ));
+                }
                 other => {
                     return Err(config_error(format!(
                         "unknown redis URL option {other:?} (known: prefix, timeout_ms, \

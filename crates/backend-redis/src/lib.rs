@@ -171,6 +171,13 @@
 //! fence 0, and `expires_in` the key's remaining TTL. A run lock checks
 //! every document of the run. runstate never takes or removes WEPPcloud's
 //! keys.
+//!
+//! That is this store honouring WEPPcloud's locks on documents *it*
+//! holds. To work in WEPPcloud's own run folders beside its workers, use
+//! the other mode: [`WeppcloudService`] (a Redis URL with `weppcloud=true`
+//! as the lock service of a file store), whose leases on controllers *are*
+//! WEPPcloud's NoDb locks, taken and released as WEPPcloud does, and which
+//! keeps WEPPcloud's cache coherent (see the [`weppcloud`] module).
 
 #![forbid(unsafe_code)]
 
@@ -182,6 +189,7 @@ mod listener;
 mod reply;
 mod scripts;
 mod status;
+pub mod weppcloud;
 
 use std::fmt;
 use std::future::Future;
@@ -204,6 +212,7 @@ pub use config::{
     Address, DEFAULT_PREFIX, DEFAULT_STATUS_HISTORY, DEFAULT_TIMEOUT, MAX_STATUS_HISTORY,
     RedisConfig, Secret, WeppcloudLocks,
 };
+pub use weppcloud::{WeppcloudConfig, WeppcloudService};
 
 use crate::errors::{map_redis_error, timed_out, unexpected};
 use crate::keys::Keys;

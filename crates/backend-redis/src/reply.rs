@@ -105,7 +105,7 @@ impl Reply {
 
 /// What a WEPPcloud NoDb lock payload says: `{"token", "owner": "host:pid",
 /// "acquired_at", "expires_at", "ttl"}` (older payloads are a bare token).
-fn weppcloud_info(key: &LockKey, payload: &str, pttl: i64) -> LockInfo {
+pub(crate) fn weppcloud_info(key: &LockKey, payload: &str, pttl: i64) -> LockInfo {
     let parsed: serde_json::Value =
         serde_json::from_str(payload).unwrap_or(serde_json::Value::Null);
     let owner_text = parsed
@@ -130,11 +130,14 @@ fn weppcloud_info(key: &LockKey, payload: &str, pttl: i64) -> LockInfo {
     let owner = Owner::new(if host.is_empty() { "weppcloud" } else { host }, pid, id)
         .or_else(|_| Owner::new("weppcloud", pid, "weppcloud-lock"))
         .unwrap_or_else(|_| Owner::for_this_process());
+    // Whole seconds in WEPPcloud's code; a float is read too.
     let since = parsed
         .get("acquired_at")
-        .and_then(serde_json::Value::as_u64)
-        .map_or(SystemTime::UNIX_EPOCH, |secs| {
-            from_unix_millis(secs.saturating_mul(1000))
+        .and_then(serde_json::Value::as_f64)
+        .filter(|secs| secs.is_finite() && *secs >= 0.0)
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .map_or(SystemTime::UNIX_EPOCH, |since| {
+            SystemTime::UNIX_EPOCH + since
         });
     LockInfo {
         key: key.clone(),

@@ -39,6 +39,10 @@
 //! | `ext` | file, s3 | `json` | document extension (`<run>/<name>.<ext>`); `nodb` opens WEPPcloud run folders in place |
 //! | `create` | file | `true` | create the root folder when missing |
 //! | `sweep` | file | `true` | remove temporary files of killed writers on open |
+//! | `weppcloud` | file | `auto` (on with `ext=nodb`) | a neighbour of a running WEPPcloud: its `<name>.nodb.lock` files are held locks, `READONLY` refuses writes, rewrites change the file's (mtime, size), new runs get `nodb.version` |
+//! | `state_dir` | file | none | bookkeeping (leases, version index, status, milestones) under `<state_dir>/<run>/`, not in the run folders |
+//! | `locks` | all | none | a split store: documents here, leases from the store this (percent-encoded) URL names; see [`split`] |
+//! | `weppcloud=true` | redis, as `locks` of a file store | | WEPPcloud mode: leases are WEPPcloud's NoDb locks, its cache is kept coherent (options `weppcloud_root`, `weppcloud_cache_db`); see [`weppcloud`](crate#beside-a-running-weppcloud) |
 //! | `prefix` | redis, sql | `runstate` / `runstate_` | namespace: key prefix (Redis), table prefix (SQL); on S3 the URL path is the prefix |
 //! | `timeout_ms` | redis, sql, s3 | 5000 / 5000 / 10000 | bound on every call (on SQL also the server's statement timeout) |
 //! | `connect_timeout_ms` | redis | 5000 | bound on connecting and reconnecting |
@@ -53,6 +57,15 @@
 //! | `retries` | s3 | 3 | retries of a transient failure |
 //! | `probe` | s3 | `true` | check on open that the server honours conditional writes |
 //! | `skew_pct` | s3 | 10 | clock-skew margin of lease expiry, in percent of the TTL |
+//!
+//! ## Beside a running WEPPcloud
+//!
+//! `file:///wc1/runs/ab?ext=nodb&state_dir=/var/lib/runstate/ab&locks=redis%3A%2F%2Fwepp-redis%3A6379%2F0%3Fweppcloud%3Dtrue`
+//! opens WEPPcloud's run folders in place with WEPPcloud's own Redis as the
+//! lock service: runstate's locks on controllers are WEPPcloud's NoDb
+//! locks, its writes keep WEPPcloud's cache coherent, and run folders hold
+//! only the controllers. See the `weppcloud` module (features `file` and
+//! `redis`) and the README.
 //!
 //! [`open_with`]`(url, `[`OpenMode::Existing`]`)` opens only a store that
 //! exists: a missing root folder or SQLite file is an error and nothing is
@@ -136,6 +149,8 @@
 //! ```
 
 #![forbid(unsafe_code)]
+// docs.rs builds with every feature and marks what each item needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod cache;
 pub mod doctor;
@@ -143,6 +158,8 @@ pub mod layers;
 pub mod migrate;
 mod open;
 pub mod split;
+#[cfg(all(feature = "file", feature = "redis"))]
+pub mod weppcloud;
 
 pub use open::{
     AnyStore, OpenMode, Scheme, URL_VAR, is_missing_store, open, open_env, open_with, redact_url,
@@ -151,24 +168,31 @@ pub use runstate_core::*;
 
 /// The file backend ([`runstate_file`]).
 #[cfg(feature = "file")]
+#[cfg_attr(docsrs, doc(cfg(feature = "file")))]
 pub mod file {
     pub use runstate_file::*;
 }
 
 /// The SQL backend (`runstate-sql`): PostgreSQL, SQLite, MySQL/MariaDB.
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite")))
+)]
 pub mod sql {
     pub use runstate_sql::*;
 }
 
 /// The S3 backend (`runstate-s3`).
 #[cfg(feature = "s3")]
+#[cfg_attr(docsrs, doc(cfg(feature = "s3")))]
 pub mod s3 {
     pub use runstate_s3::*;
 }
 
 /// The Redis backend (`runstate-redis`).
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis {
     pub use runstate_redis::*;
 }

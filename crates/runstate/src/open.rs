@@ -299,9 +299,14 @@ impl AnyStore {
     /// Wraps a store opened by hand (for example with settings a URL cannot
     /// express), so it can be used wherever an `AnyStore` is expected.
     pub fn from_lock(lock: Arc<dyn Lock>, scheme: Scheme, shown_url: impl Into<String>) -> Self {
+        let health = crate::layers::Health::new();
         AnyStore {
-            lock,
-            health: crate::layers::Health::new(),
+            // Observed like every opened store, so `health()` sees its calls.
+            lock: Arc::new(crate::layers::Observed::new(
+                lock,
+                (crate::layers::Tracing, health.clone()),
+            )),
+            health,
             scheme,
             shown_url: redact_url(&shown_url.into()),
             client: ClientConfig::default(),
@@ -472,14 +477,24 @@ pub async fn open_with(url: &str, mode: OpenMode) -> Result<AnyStore> {
     let mut store = open_backend(scheme, &backend_url)
         .await
         .map_err(|e| e.with_operation(Operation::Open))?;
-    if let Some(locks_url) = locks_url {
+    let weppcloud = locks_url.as_deref().is_some_and(is_weppcloud_url);
+    if let (true, Some(locks_url)) = (weppcloud, &locks_url) {
+        // WEPPcloud's own Redis as the lock service of its run folders.
+        store.lock = open_weppcloud(scheme, &backend_url, Arc::clone(&store.lock), locks_url)
+            .await
+            .map_err(|e| e.with_operation(Operation::Open))?;
+    } else if let Some(locks_url) = locks_url {
         // The lock service may be any backend; it is created if missing
         // (its state is leases only).
         let locks = Box::pin(open_with(&locks_url, OpenMode::Create))
             .await
             .map_err(|e| e.with_operation(Operation::Open))?;
         let docs: Arc<dyn runstate_core::Store> = Arc::clone(&store.lock) as _;
-        let split = crate::split::SplitStore::new(docs, locks.into_lock())?;
+        let mut split = crate::split::SplitStore::new(docs, locks.into_lock())?;
+        if scheme == Scheme::File {
+            // WEPPcloud's lock files, held in the run folders.
+            split = split.with_document_locks(Arc::clone(&store.lock));
+        }
         store.lock = Arc::new(split);
     }
     if let Some(cache) = open_cache(cache_url, cache_bytes).await? {
@@ -497,6 +512,39 @@ pub async fn open_with(url: &str, mode: OpenMode) -> Result<AnyStore> {
     store.shown_url = shown_url;
     store.client = client;
     Ok(store)
+}
+
+/// Whether a lock service URL asks for WEPPcloud's locks
+/// (`redis://…?weppcloud=true`).
+fn is_weppcloud_url(url: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, query)| {
+        url::form_urlencoded::parse(query.as_bytes()).any(|(name, _)| name == "weppcloud")
+    })
+}
+
+/// A split store of WEPPcloud run folders (a file store) and WEPPcloud's
+/// NoDb locks (see [`crate::weppcloud`]).
+#[allow(unused_variables)] // without the file and redis features
+async fn open_weppcloud(
+    scheme: Scheme,
+    file_url: &str,
+    docs: Arc<dyn Lock>,
+    locks_url: &str,
+) -> Result<Arc<dyn Lock>> {
+    if scheme != Scheme::File {
+        return Err(config_error(format!(
+            "a WEPPcloud lock service (weppcloud=true) serves WEPPcloud's run folders: its \
+             document store must be a file: URL, not {scheme}:"
+        )));
+    }
+    #[cfg(all(feature = "file", feature = "redis"))]
+    {
+        crate::weppcloud::compose(file_url, docs, locks_url).await
+    }
+    #[cfg(not(all(feature = "file", feature = "redis")))]
+    {
+        Err(feature_off(Scheme::Redis, "redis"))
+    }
 }
 
 /// The cache a URL's `cache` option asks for: `memory` (with

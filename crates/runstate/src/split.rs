@@ -36,6 +36,15 @@
 //! between that check and its write still writes if nobody changed the
 //! document meanwhile.
 //!
+//! **Locks the document store holds itself.** A document store may know of
+//! locks taken outside runstate: a file store beside a running WEPPcloud
+//! treats WEPPcloud's legacy `<name>.nodb.lock` files as held locks. Its
+//! claims refuse such a lock (`Locked`, with the holder), so an acquire
+//! through the split store gives its fresh grant back and reports them;
+//! with [`SplitStore::with_document_locks`] the split store also lists
+//! them (`list_locks`), shows them (`inspect`), breaks them (`break_lock`,
+//! an operator's forced unlock) and waits for them without polling.
+//!
 //! Open one by URL with the `locks` option (`file:///runs?ext=nodb&locks=redis%3A%2F%2Fcache%3A6379%2F0`)
 //! or build it with [`SplitStore::new`].
 
@@ -56,6 +65,8 @@ use runstate_core::{
 pub struct SplitStore {
     docs: Arc<dyn Store>,
     locks: Arc<dyn Lock>,
+    /// The document store as a lock, for the locks it holds itself.
+    doc_locks: Option<Arc<dyn Lock>>,
     capabilities: Capabilities,
 }
 
@@ -105,8 +116,23 @@ impl SplitStore {
         Ok(SplitStore {
             docs,
             locks,
+            doc_locks: None,
             capabilities,
         })
+    }
+
+    /// Also reports the locks the document store holds itself (`docs`
+    /// must be the document store, as a [`Lock`]): `list_locks` lists
+    /// them after the lock service's, `inspect` shows one when the lock
+    /// service has no holder, `break_lock` breaks it too, and
+    /// `wait_for_release` waits on the document store while it holds the
+    /// lock (a lock service's waiter would wake at once, since its own
+    /// grant was given back). For a file store beside a running WEPPcloud,
+    /// these are WEPPcloud's legacy lock files. The document store's own
+    /// leases, which a split store never takes, would show too.
+    pub fn with_document_locks(mut self, docs: Arc<dyn Lock>) -> SplitStore {
+        self.doc_locks = Some(docs);
+        self
     }
 
     /// The document store.
@@ -275,6 +301,7 @@ impl fmt::Debug for SplitStore {
         f.debug_struct("SplitStore")
             .field("docs", &self.docs)
             .field("locks", &self.locks)
+            .field("document_locks", &self.doc_locks.is_some())
             .finish()
     }
 }
@@ -432,9 +459,17 @@ impl Lock for SplitStore {
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
-        self.locks.inspect(key).await
+        match (self.locks.inspect(key).await?, &self.doc_locks) {
+            (Some(holder), _) => Ok(Some(holder)),
+            (None, Some(docs)) => docs.inspect(key).await,
+            (None, None) => Ok(None),
+        }
     }
 
+    /// Breaks the lock service's grant (closing it in the document store)
+    /// and, with [`with_document_locks`](SplitStore::with_document_locks),
+    /// the document store's own lock of `key` as well; returns the grant
+    /// broken, else the document store's.
     async fn break_lock(
         &self,
         key: &LockKey,
@@ -444,14 +479,31 @@ impl Lock for SplitStore {
         if let Some(broken) = &broken {
             self.close(key, broken.fence).await;
         }
-        Ok(broken)
+        let held_there = match &self.doc_locks {
+            Some(docs) => docs.break_lock(key, only_fence).await?,
+            None => None,
+        };
+        Ok(broken.or(held_there))
     }
 
     async fn list_locks(&self, run: Option<&RunId>) -> Result<Vec<LockInfo>> {
-        self.locks.list_locks(run).await
+        let mut locks = self.locks.list_locks(run).await?;
+        if let Some(docs) = &self.doc_locks {
+            locks.extend(docs.list_locks(run).await?);
+            locks.sort_by(|a, b| a.key.cmp(&b.key));
+        }
+        Ok(locks)
     }
 
     async fn wait_for_release(&self, key: &LockKey, max: Duration) {
+        if let Some(docs) = &self.doc_locks
+            && matches!(docs.inspect(key).await, Ok(Some(_)))
+        {
+            // Held in the document store: the lock service's grant was
+            // given back, so its waiter would return at once.
+            docs.wait_for_release(key, max).await;
+            return;
+        }
         self.locks.wait_for_release(key, max).await;
     }
 

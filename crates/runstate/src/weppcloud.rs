@@ -1,0 +1,531 @@
+//! Beside a running WEPPcloud: [`WeppcloudStore`], a split store whose
+//! documents are WEPPcloud's run folders (the file backend) and whose
+//! leases are WEPPcloud's own NoDb locks in its Redis
+//! ([`WeppcloudService`]).
+//!
+//! ```text
+//! file:///wc1/runs/ab?ext=nodb&state_dir=/var/lib/runstate/ab&locks=redis%3A%2F%2Fwepp-redis%3A6379%2F0%3Fweppcloud%3Dtrue
+//! ```
+//!
+//! What it adds to the generic [`SplitStore`] (see also the WEPPcloud
+//! sections of the file and Redis backends):
+//!
+//! - **Every write keeps WEPPcloud's cache coherent.** A save or delete of
+//!   a controller deletes WEPPcloud's cached copy (Redis database 13, key
+//!   `<weppcloud_root>/<run>/<name>.nodb`) right after the file changed,
+//!   while the writer still holds the lock; a locked update's release
+//!   deletes it again, in the same script that gives the lock back, so the
+//!   next worker to take the lock reads the file. If the deletion fails
+//!   after the file was written, the write still succeeded: the error is
+//!   logged (WEPPcloud ignores a cached copy whose `(mtime, size)` differs
+//!   from the file's, and the file store makes every rewrite change it).
+//! - **Saves under a controller's lease check it first**, as WEPPcloud
+//!   checks its own before every dump: the lock key must still hold the
+//!   lease's token, or the save fails with `LeaseLost`, nothing written
+//!   (an operator's `clear_locks`, or the key's expiry, may end a lease
+//!   before its holder's local deadline, and a worker may hold the lock
+//!   since). The file store's fences cannot see WEPPcloud's grants, so
+//!   this check is what keeps a runstate holder that lost its lock to a
+//!   worker from writing; between it and the rename a holder can only be
+//!   stopped, not preempted, and a worker that took the lock meanwhile has
+//!   its own save refused by its stale-write guard. A locked update costs
+//!   one Redis round trip more for it (three, with the acquire and the
+//!   release).
+//! - **Writes without the controller's lease check WEPPcloud first.** A
+//!   save or delete made without a lease on that document (an unlocked
+//!   put, a save under the run lease, `delete_run`) is refused with
+//!   `Locked`, WEPPcloud's worker as the holder, while a WEPPcloud worker
+//!   holds the controller's NoDb lock or WEPPcloud is replacing the run.
+//!   (A runstate holder's lease does not count: its saves are fenced and
+//!   version-checked.) The check is made just before the write; a worker
+//!   that takes the lock in between reads the file after the write, or its
+//!   own save is refused by its stale-write guard (the signature changed).
+//!   Locked updates have no such window: their lease is WEPPcloud's lock.
+//! - **Runs WEPPcloud names otherwise are refused.** WEPPcloud locks a
+//!   batch run under `batch;;<batch>;;<run>` and a child run
+//!   (`<parent>/_pups/…`) under its parent's id with a `_pups/…` path, so
+//!   runstate's keys for them would not be WEPPcloud's: a store whose root
+//!   lies inside a `_pups` folder or is a batch's or culvert set's `runs`
+//!   folder cannot be opened in this mode, and a controller that says it
+//!   belongs to a run group (`_run_group`) or to a parent run
+//!   (`_parent_wd`) is neither loaded under a lease nor written
+//!   (`Unsupported`).
+//!
+//! Everything else is the split store's: fences are checked against the
+//! file store's watermarks, WEPPcloud's legacy lock files are held locks
+//! (the file store reports them; the split store lists and breaks them),
+//! status messages and milestones go to WEPPcloud's channels and run hash
+//! through the lock service.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use runstate_core::{
+    Bytes, Capabilities, DocMeta, DocName, DocStat, Error, ErrorKind, Fence, Fetched, GetOptions,
+    Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
+    PutRequest, Replay, Result, RunId, Store, StoreExt, StoredDoc, Subscription, Version, Watcher,
+    async_trait,
+};
+use runstate_redis::WeppcloudService;
+
+use crate::split::SplitStore;
+
+/// A split store of WEPPcloud run folders and WEPPcloud's NoDb locks (see
+/// the [module documentation](self)).
+#[derive(Clone)]
+pub struct WeppcloudStore {
+    split: SplitStore,
+    service: WeppcloudService,
+}
+
+impl WeppcloudStore {
+    /// Wraps `split`, whose lock service is `service`.
+    pub fn new(split: SplitStore, service: WeppcloudService) -> WeppcloudStore {
+        WeppcloudStore { split, service }
+    }
+
+    /// The split store underneath.
+    pub fn split(&self) -> &SplitStore {
+        &self.split
+    }
+
+    /// The WEPPcloud lock service.
+    pub fn service(&self) -> &WeppcloudService {
+        &self.service
+    }
+
+    /// Deletes WEPPcloud's cached copies of `docs` after they changed; a
+    /// failure is logged, not returned (the write it follows succeeded).
+    async fn invalidate(&self, run: &RunId, docs: &[DocName]) {
+        if let Err(error) = self.service.invalidate(run, docs).await {
+            tracing::error!(
+                %error,
+                %run,
+                docs = ?docs,
+                "WEPPcloud's cached copies could not be deleted after a write; workers with \
+                 (mtime, size) checks still ignore them"
+            );
+        }
+    }
+
+    /// Refuses a write of `doc` not covered by a lease on that document
+    /// while WEPPcloud holds it.
+    async fn check_foreign(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        lease: Option<&Lease>,
+        op: Operation,
+    ) -> Result<()> {
+        if lease.is_some_and(|l| matches!(l.key(), LockKey::Doc(..))) {
+            // The lease is WEPPcloud's lock of this controller.
+            return Ok(());
+        }
+        self.service
+            .check_not_held_by_weppcloud(run, doc, op)
+            .await
+            .map_err(|e| e.at_doc(op, run, doc))
+    }
+}
+
+/// Refuses a root WEPPcloud would name its runs under other ids: a folder
+/// inside `_pups` (child runs), or the `runs` folder of a batch or culvert
+/// set (`…/batch/<name>/runs`, `…/culverts/<name>/runs`).
+///
+/// # Errors
+/// [`ErrorKind::Config`], naming the folder.
+pub fn check_root(root: &Path) -> Result<()> {
+    let parts: Vec<&str> = root
+        .components()
+        .filter_map(|c| c.as_os_str().to_str())
+        .collect();
+    let refuse = |why: &str| {
+        Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "{} holds {why}, which WEPPcloud locks under ids runstate cannot express \
+                 (`batch;;<batch>;;<run>`, or the parent's id with a `_pups/…` path): open the \
+                 parent run's root instead, or leave these runs to WEPPcloud",
+                root.display()
+            ),
+        )
+        .with_operation(Operation::Open))
+    };
+    if parts.contains(&"_pups") {
+        return refuse("child runs (a `_pups` folder)");
+    }
+    if let [.., set, _, "runs"] = parts.as_slice()
+        && matches!(*set, "batch" | "culverts")
+    {
+        return refuse("the runs of a batch or culvert set");
+    }
+    Ok(())
+}
+
+/// Refuses a controller that belongs to a run group or a parent run (its
+/// lock key would not be `nodb-lock:<run>:<name>.nodb`).
+fn check_controller(run: &RunId, doc: &DocName, bytes: &[u8], op: Operation) -> Result<()> {
+    // Cheap first: only a controller naming one of the fields is parsed.
+    let names = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    if !names(b"\"_run_group\"") && !names(b"\"_parent_wd\"") {
+        return Ok(());
+    }
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(bytes) else {
+        return Ok(());
+    };
+    let set = |name: &str| fields.get(name).is_some_and(|v| !v.is_null());
+    let why = if set("_run_group") {
+        "belongs to a run group (WEPPcloud locks it as `<group>;;<name>;;<run>`)"
+    } else if set("_parent_wd") {
+        "is a child run's (WEPPcloud locks it under its parent's id, with a `_pups/…` path)"
+    } else {
+        return Ok(());
+    };
+    Err(Error::new(
+        ErrorKind::Unsupported,
+        format!(
+            "controller {run}/{doc} {why}: runstate cannot take WEPPcloud's lock of it, so it is \
+             left to WEPPcloud"
+        ),
+    )
+    .at_doc(op, run, doc))
+}
+
+impl fmt::Debug for WeppcloudStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeppcloudStore")
+            .field("split", &self.split)
+            .finish()
+    }
+}
+
+#[async_trait]
+#[deny(clippy::missing_trait_methods)]
+impl Store for WeppcloudStore {
+    fn capabilities(&self) -> &Capabilities {
+        self.split.capabilities()
+    }
+
+    async fn get(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        self.split.get(run, doc, options).await
+    }
+
+    async fn put(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        bytes: Bytes,
+        options: PutOptions<'_>,
+    ) -> Result<Version> {
+        let op = Operation::Put;
+        check_controller(run, doc, &bytes, op)?;
+        let lease = options.lease.or(options.foreign_lease);
+        self.check_foreign(run, doc, lease, op).await?;
+        if let Some(lease) = lease {
+            self.service
+                .check_held(lease, op)
+                .await
+                .map_err(|e| e.at_doc(op, run, doc))?;
+        }
+        let saved = self.split.put(run, doc, bytes, options).await?;
+        self.invalidate(run, std::slice::from_ref(doc)).await;
+        Ok(saved)
+    }
+
+    async fn delete(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        if_version: Option<&Version>,
+    ) -> Result<bool> {
+        self.check_foreign(run, doc, None, Operation::Delete)
+            .await?;
+        let deleted = self.split.delete(run, doc, if_version).await?;
+        self.invalidate(run, std::slice::from_ref(doc)).await;
+        Ok(deleted)
+    }
+
+    async fn list_docs(
+        &self,
+        run: &RunId,
+        after: Option<&DocName>,
+        limit: usize,
+    ) -> Result<ListPage<DocMeta>> {
+        self.split.list_docs(run, after, limit).await
+    }
+
+    async fn list_runs(&self, after: Option<&RunId>, limit: usize) -> Result<ListPage<RunId>> {
+        self.split.list_runs(after, limit).await
+    }
+
+    /// Refused with `Locked` while WEPPcloud holds any controller of the
+    /// run (nothing is deleted); every cached copy is deleted after.
+    async fn delete_run(&self, run: &RunId) -> Result<u64> {
+        let docs: Vec<DocName> = self
+            .split
+            .list_all_docs(run)
+            .await?
+            .into_iter()
+            .map(|meta| meta.name)
+            .collect();
+        for doc in &docs {
+            self.check_foreign(run, doc, None, Operation::DeleteRun)
+                .await?;
+        }
+        let deleted = self.split.delete_run(run).await?;
+        self.invalidate(run, &docs).await;
+        Ok(deleted)
+    }
+
+    async fn get_if_changed(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        known: &Version,
+        options: GetOptions,
+    ) -> Result<Fetched> {
+        self.split.get_if_changed(run, doc, known, options).await
+    }
+
+    async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+        self.split.head(run, doc).await
+    }
+
+    async fn get_many(
+        &self,
+        run: &RunId,
+        docs: &[DocName],
+        options: GetOptions,
+    ) -> Result<Vec<Result<Option<StoredDoc>>>> {
+        self.split.get_many(run, docs, options).await
+    }
+
+    /// One write after the other, each checked and followed by its cache
+    /// deletion as [`put`](Store::put).
+    async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
+        let mut out = Vec::with_capacity(puts.len());
+        for put in puts {
+            out.push(
+                self.put(run, &put.doc, put.bytes, PutOptions::mode(put.mode))
+                    .await,
+            );
+        }
+        Ok(out)
+    }
+
+    async fn claim(
+        &self,
+        key: &LockKey,
+        fence: Fence,
+        doc: Option<&DocName>,
+        options: GetOptions,
+    ) -> Result<Option<StoredDoc>> {
+        self.split.claim(key, fence, doc, options).await
+    }
+
+    async fn watch(&self, run: &RunId) -> Result<Watcher> {
+        self.split.watch(run).await
+    }
+
+    async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
+        self.split.publish(run, topic, text).await
+    }
+
+    async fn subscribe(&self, run: &RunId, replay: Replay) -> Result<Subscription> {
+        self.split.subscribe(run, replay).await
+    }
+
+    async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
+        self.split.mark(run, task, at).await
+    }
+
+    async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
+        self.split.set_attr(run, name, value).await
+    }
+
+    async fn milestones(&self, run: &RunId) -> Result<Milestones> {
+        self.split.milestones(run).await
+    }
+}
+
+#[async_trait]
+#[deny(clippy::missing_trait_methods)]
+impl Lock for WeppcloudStore {
+    async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease> {
+        self.split.try_acquire(key, owner, ttl).await
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        self.split.renew(lease, ttl).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        self.split.release(lease).await
+    }
+
+    async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+        self.split.inspect(key).await
+    }
+
+    async fn break_lock(
+        &self,
+        key: &LockKey,
+        only_fence: Option<Fence>,
+    ) -> Result<Option<LockInfo>> {
+        self.split.break_lock(key, only_fence).await
+    }
+
+    async fn list_locks(&self, run: Option<&RunId>) -> Result<Vec<LockInfo>> {
+        self.split.list_locks(run).await
+    }
+
+    async fn wait_for_release(&self, key: &LockKey, max: Duration) {
+        self.split.wait_for_release(key, max).await;
+    }
+
+    /// As the split store's, refusing (and giving back the grant for) a
+    /// controller of a run group or a child run.
+    async fn acquire_and_load(
+        &self,
+        key: &LockKey,
+        doc: &DocName,
+        owner: &Owner,
+        ttl: Duration,
+        options: GetOptions,
+    ) -> Result<(Lease, Option<StoredDoc>)> {
+        let (lease, stored) = self
+            .split
+            .acquire_and_load(key, doc, owner, ttl, options)
+            .await?;
+        if let Some(stored) = &stored
+            && let Err(error) =
+                check_controller(key.run(), doc, &stored.bytes, Operation::AcquireAndLoad)
+        {
+            if let Err(release) = self.split.release(&lease).await {
+                tracing::debug!(%release, "release after refusing a controller");
+            }
+            return Err(error.with_lock(key));
+        }
+        Ok((lease, stored))
+    }
+
+    /// The split store's save-and-release: the fenced save, then the
+    /// release, whose script deletes WEPPcloud's cached copy before the
+    /// lock key. A save under a run lease is checked against WEPPcloud's
+    /// lock of the controller first, and its cached copy deleted after.
+    async fn save_and_release(
+        &self,
+        lease: &Lease,
+        doc: &DocName,
+        bytes: Bytes,
+        mode: PutMode,
+    ) -> Result<Version> {
+        let op = Operation::SaveAndRelease;
+        let run = lease.key().run();
+        let checked = match check_controller(run, doc, &bytes, op) {
+            Ok(()) => self.check_foreign(run, doc, Some(lease), op).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = checked {
+            if let Err(release) = self.split.release(lease).await {
+                tracing::debug!(%release, "release after a refused save");
+            }
+            return Err(error.with_lock(lease.key()));
+        }
+        // WEPPcloud's own check before a dump: the key still holds this
+        // lease's token (an operator's clear_locks may have ended it). A
+        // lost lease is not released: it is not ours any more.
+        self.service
+            .check_held(lease, op)
+            .await
+            .map_err(|e| e.at_doc(op, run, doc))?;
+        let saved = self.split.save_and_release(lease, doc, bytes, mode).await?;
+        if matches!(lease.key(), LockKey::Run(_)) {
+            self.invalidate(run, std::slice::from_ref(doc)).await;
+        }
+        Ok(saved)
+    }
+}
+
+/// Opens the WEPPcloud composition for [`crate::open`]: the file store
+/// (already opened from `file_url`) and the lock service `locks_url`.
+pub(crate) async fn compose(
+    file_url: &str,
+    file_store: Arc<dyn Lock>,
+    locks_url: &str,
+) -> Result<Arc<dyn Lock>> {
+    let file = runstate_file::FileConfig::from_url(file_url)?;
+    let absolute = std::path::absolute(file.root()).map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "the store root {} has no absolute path",
+                file.root().display()
+            ),
+        )
+        .with_source(e)
+        .with_operation(Operation::Open)
+    })?;
+    check_root(&absolute)?;
+    let mut config = runstate_redis::WeppcloudConfig::from_url(locks_url)?;
+    if config.root().is_none() {
+        config = config.with_root(&absolute)?;
+    }
+    let explicit_ext = locks_url.split_once('?').is_some_and(|(_, query)| {
+        url::form_urlencoded::parse(query.as_bytes()).any(|(name, _)| name == "weppcloud_ext")
+    });
+    if !explicit_ext {
+        config = config.with_ext(file.ext())?;
+    }
+    let service = WeppcloudService::open(config).await?;
+    let docs: Arc<dyn Store> = Arc::clone(&file_store) as _;
+    let split = SplitStore::new(docs, Arc::new(service.clone()))?.with_document_locks(file_store);
+    Ok(Arc::new(WeppcloudStore::new(split, service)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roots_of_runs_weppcloud_names_otherwise_are_refused() {
+        for ok in ["/wc1/runs/ab", "/geodata/weppcloud_runs", "/tmp/x/runs"] {
+            assert!(check_root(Path::new(ok)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/wc1/runs/ab/ab-run/_pups/omni/scenarios",
+            "/wc1/batch/spring/runs",
+            "/wc1/culverts/set1/runs",
+        ] {
+            let error = check_root(Path::new(bad)).expect_err(bad);
+            assert_eq!(error.kind(), ErrorKind::Config, "{bad}");
+        }
+    }
+
+    #[test]
+    fn controllers_of_groups_and_children_are_refused() {
+        let run = RunId::new("r").expect("valid");
+        let doc = DocName::new("ron").expect("valid");
+        for ok in [
+            &br#"{"py/object": "wepppy.nodb.ron.Ron", "_run_group": null}"#[..],
+            br#"{"_parent_wd": null, "wd": "r"}"#,
+            br#"not json at all "_run_group""#,
+        ] {
+            assert!(check_controller(&run, &doc, ok, Operation::Put).is_ok());
+        }
+        for bad in [
+            &br#"{"_run_group": "batch", "_group_name": "spring"}"#[..],
+            br#"{"_parent_wd": "/wc1/runs/ab/ab-run"}"#,
+        ] {
+            let error = check_controller(&run, &doc, bad, Operation::Put).expect_err("refused");
+            assert_eq!(error.kind(), ErrorKind::Unsupported);
+        }
+    }
+}
