@@ -95,6 +95,32 @@
 //!   nobody changed the document meanwhile. A fenced `Update` or `Create`
 //!   costs two requests (the lease `HEAD` and the PUT), an `Overwrite`
 //!   three; `save_and_release` adds the release's PUT.
+//! - **A locked update is four round trips**: `acquire_and_load` sends
+//!   the document `GET` together with the lease `PUT` that grants the
+//!   lock (one round trip; a lock seen for the first time reads its lease
+//!   object first), and `save_and_release` is the lease `HEAD`, the
+//!   document `PUT` and the release `PUT`, which must follow one another:
+//!   five requests in four round trips (a server that serves requests one
+//!   at a time, such as moto, takes as long for five requests however
+//!   they are sent). The read sent with the grant is kept only when that
+//!   grant succeeds,
+//!   and it sees what a read after the grant would: the grant is
+//!   conditional on the lease object being the version seen before the
+//!   read was sent (free, lapsed, this owner's, or this store's own
+//!   release), so no grant, hence no locked save, came in between.
+//! - **Batches are concurrent requests**: [`Store::get_many`] and
+//!   [`Store::put_many`] send up to [`BATCH_REQUESTS`] requests at once
+//!   (across every batch of the store),
+//!   each exactly the single `get` or `put` (a `put` with its own
+//!   condition and nonce); writes of one document in a batch keep their
+//!   order.
+//! - **A version proves its bytes when it is their MD5**: a document's
+//!   version is the ETag the server returned, which for a single-part
+//!   `PUT` without SSE-KMS or SSE-C is the MD5 of the bytes it stored.
+//!   [`version_is_md5_of`] tells whether a version is the MD5 of given
+//!   bytes, so a copy (a migration) can be verified without reading it
+//!   back; a version that is not says nothing, and the copy must be read
+//!   back.
 //! - `save_and_release` releases the lease whatever the save's outcome,
 //!   except when the save found the lease already lost (`Fenced`,
 //!   `LeaseLost`).
@@ -188,6 +214,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{
@@ -199,9 +226,10 @@ use runstate_core::time::from_unix_millis;
 use runstate_core::{
     Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fencing, Fetched, GetOptions,
     Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
-    ReleaseSignals, Result, RunId, Store, StoredDoc, Version, WatchMode, Watcher, async_trait,
-    check_ttl,
+    PutRequest, ReleaseSignals, Result, RunId, Store, StoredDoc, Version, WatchMode, Watcher,
+    async_trait, check_ttl,
 };
+use tokio::sync::Semaphore;
 
 pub use config::S3Config;
 /// The object_store crate this backend is built on, so a caller wrapping
@@ -224,6 +252,11 @@ const MAX_OBJECT: u64 = 5 * 1024 * 1024 * 1024;
 /// nonce every document write carries, so a write reported as failed can be
 /// recognised as applied (see [`Inner::write_doc`]).
 const NONCE_KEY: &str = "runstate-nonce";
+
+/// Requests of [`Store::get_many`] and [`Store::put_many`] in flight at
+/// once, across every batch of one store: S3 gains little from more, and a
+/// server that does all its work in one process (moto) loses.
+pub const BATCH_REQUESTS: usize = 32;
 
 /// How long a listing of the runs serves later pages of a paging pass.
 const LISTING_FRESH: Duration = Duration::from_secs(30);
@@ -254,6 +287,8 @@ struct Inner {
     runs: Mutex<Option<RunListing>>,
     signals: ReleaseSignals,
     bound: Duration,
+    /// [`BATCH_REQUESTS`] permits, one per request of a batch in flight.
+    batch_requests: Semaphore,
 }
 
 /// Every run, sorted, as listed at `taken`.
@@ -268,6 +303,10 @@ struct DocHead {
     version: Version,
     nonce: Option<String>,
 }
+
+/// A document read with a grant: `None` when it was not (the caller reads
+/// after the grant), else what [`Inner::get_doc`] said.
+type Loaded = Option<Result<Option<StoredDoc>>>;
 
 /// How a document write failed.
 enum WriteError {
@@ -391,6 +430,7 @@ impl S3Store {
                 runs: Mutex::new(None),
                 signals: ReleaseSignals::new(),
                 bound,
+                batch_requests: Semaphore::new(BATCH_REQUESTS),
             }),
         })
     }
@@ -536,6 +576,39 @@ impl Inner {
             )
             .await?;
         Ok(result.e_tag)
+    }
+
+    /// Reads the document at `path`: its bytes and ETag, `None` when
+    /// absent, `TooLarge` (before the body is read) over `options.limit`.
+    async fn get_doc(&self, path: &Path, options: GetOptions) -> Result<Option<StoredDoc>> {
+        let Some(got) = self.found(self.store.get(path)).await? else {
+            return Ok(None);
+        };
+        // The size is known from the headers, before the body is read.
+        if let Some(limit) = options.limit
+            && got.meta.size > limit
+        {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "document is {} bytes, over the limit of {limit}",
+                    got.meta.size
+                ),
+            )
+            .with_backend(BACKEND));
+        }
+        let version = version_of(got.meta.e_tag.clone())?;
+        let bytes = self.bounded(got.bytes()).await?;
+        Ok(Some(StoredDoc { bytes, version }))
+    }
+
+    /// A permit for one request of a batch (see [`BATCH_REQUESTS`]).
+    async fn batch_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        self.batch_requests.acquire().await.map_err(|e| {
+            Error::new(ErrorKind::Backend, "the store's batch permits are closed")
+                .with_backend(BACKEND)
+                .with_source(e)
+        })
     }
 
     /// The version and write nonce of a document, without its bytes.
@@ -854,6 +927,37 @@ impl Inner {
     }
 
     async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease> {
+        self.try_acquire_loading(key, owner, ttl, None)
+            .await
+            .map(|(lease, _)| lease)
+    }
+
+    /// Takes the lock (see [`Lock::try_acquire`]) and, with `load`, reads
+    /// that document in the same round trip as the grant's write: the
+    /// document `GET` is sent together with the lease `PUT`, and its
+    /// result is kept only when that `PUT` granted the lock (`Some`);
+    /// otherwise, or when the grant came another way (a lost reply
+    /// recognised), it is `None` and the caller reads after the grant.
+    ///
+    /// A read sent with the grant sees what a read after it would, for the
+    /// writers the lock keeps out: the grant is a write conditional on the
+    /// lease object being the version read before (a free or lapsed
+    /// lease, or this owner's), or the release this store wrote. The
+    /// `GET` is sent after that version was seen, so every save made under
+    /// an earlier grant, which comes before that grant's release, is
+    /// visible to it; and a grant that succeeds proves that nobody was
+    /// granted the lock between that version and this grant, so nobody
+    /// could save under it meanwhile. (A holder whose lease lapsed while
+    /// its write was in flight can land it afterwards, with or without
+    /// the overlap: the save of this grant, conditional on the version
+    /// read, is then refused rather than losing that write.)
+    async fn try_acquire_loading(
+        &self,
+        key: &LockKey,
+        owner: &Owner,
+        ttl: Duration,
+        load: Option<(&Path, GetOptions)>,
+    ) -> Result<(Lease, Loaded)> {
         check_ttl(ttl).map_err(|e| e.with_backend(BACKEND))?;
         self.require_conditional()?;
         let path = self.lease_path(key);
@@ -874,11 +978,11 @@ impl Inner {
             && !body.held
         {
             let new = LeaseBody::held(owner, body.fence + 1, ttl, now);
-            if let Some(etag) = self
-                .write_lease(&path, &new, Self::if_match(&etag), issued)
+            if let (Some(etag), loaded) = self
+                .write_grant(&path, &new, Self::if_match(&etag), issued, load)
                 .await?
             {
-                return Ok(grant(new.fence, now, etag));
+                return Ok((grant(new.fence, now, etag), loaded));
             }
         }
         let mut attempted: Option<LeaseBody> = None;
@@ -891,7 +995,7 @@ impl Inner {
                     if attempted.as_ref() == Some(&body) {
                         let since = from_unix_millis(body.since_ms);
                         self.remember(&path, &etag, &body, issued);
-                        return Ok(grant(body.fence, since, etag));
+                        return Ok((grant(body.fence, since, etag), None));
                     }
                     let left = self.sightings.remaining(body.ttl(), first);
                     let live = body.held && !left.is_zero();
@@ -917,12 +1021,35 @@ impl Inner {
                     }
                 }
             };
-            if let Some(etag) = self.write_lease(&path, &new, mode, issued).await? {
-                return Ok(grant(new.fence, since, etag));
+            if let (Some(etag), loaded) = self.write_grant(&path, &new, mode, issued, load).await? {
+                return Ok((grant(new.fence, since, etag), loaded));
             }
             attempted = Some(new);
         }
         Err(self.locked(key, self.live_holder(key).await?))
+    }
+
+    /// Writes a grant ([`write_lease`](Self::write_lease)) and, with
+    /// `load`, reads that document at the same time; the read is returned
+    /// only when the write granted the lock.
+    async fn write_grant(
+        &self,
+        path: &Path,
+        body: &LeaseBody,
+        mode: OsPutMode,
+        at: Instant,
+        load: Option<(&Path, GetOptions)>,
+    ) -> Result<(Option<String>, Loaded)> {
+        let Some((doc, options)) = load else {
+            return Ok((self.write_lease(path, body, mode, at).await?, None));
+        };
+        let (written, loaded) = tokio::join!(
+            self.write_lease(path, body, mode, at),
+            self.get_doc(doc, options)
+        );
+        let written = written?;
+        let loaded = written.is_some().then_some(loaded);
+        Ok((written, loaded))
     }
 
     fn lease_lost(
@@ -1169,31 +1296,86 @@ impl Store for S3Store {
         options: GetOptions,
     ) -> Result<Option<StoredDoc>> {
         let inner = &self.inner;
-        let path = inner.doc_path(run, doc);
-        let outcome = async {
-            let Some(got) = inner.found(inner.store.get(&path)).await? else {
-                return Ok(None);
-            };
-            // The size is known from the headers, before the body is read.
-            if let Some(limit) = options.limit
-                && got.meta.size > limit
-            {
-                return Err(Error::new(
-                    ErrorKind::TooLarge,
-                    format!(
-                        "document is {} bytes, over the limit of {limit}",
-                        got.meta.size
-                    ),
-                )
-                .with_backend(BACKEND));
-            }
-            let version = version_of(got.meta.e_tag.clone())?;
-            let bytes = inner.bounded(got.bytes()).await?;
-            Ok(Some(StoredDoc { bytes, version }))
-        };
-        outcome
+        inner
+            .get_doc(&inner.doc_path(run, doc), options)
             .await
             .map_err(|e| e.at_doc(Operation::Get, run, doc))
+    }
+
+    /// Concurrent `GET`s, at most [`BATCH_REQUESTS`] in flight (across
+    /// every batch of this store), each
+    /// exactly [`get`](Store::get); the results come back in the order of
+    /// `docs`. Nothing fails the whole batch: each document has its own
+    /// result.
+    async fn get_many(
+        &self,
+        run: &RunId,
+        docs: &[DocName],
+        options: GetOptions,
+    ) -> Result<Vec<Result<Option<StoredDoc>>>> {
+        // A loop rather than stream combinators with closures, which would
+        // make the future lose `Send` (async_trait needs it).
+        let mut out = Vec::with_capacity(docs.len());
+        let mut docs = docs.iter();
+        let mut running = FuturesOrdered::new();
+        loop {
+            while running.len() < BATCH_REQUESTS {
+                let Some(doc) = docs.next() else { break };
+                running.push_back(async move {
+                    let _permit = self.inner.batch_permit().await?;
+                    self.get(run, doc, options).await
+                });
+            }
+            match running.next().await {
+                Some(outcome) => out.push(outcome),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Concurrent `PUT`s, at most [`BATCH_REQUESTS`] in flight (across
+    /// every batch of this store), each
+    /// exactly [`put`](Store::put) (its own condition, its own nonce, its
+    /// own recognition of an applied write answered as failed); the
+    /// results come back in the order of `puts`. Writes of one document
+    /// keep their order: the batch goes in waves, the `n`-th write of
+    /// each document in wave `n`, each wave after the previous one
+    /// finished, so a later write of a document sees the earlier one's
+    /// outcome exactly as one-at-a-time writes would. Nothing fails the
+    /// whole batch: each write has its own result.
+    async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
+        let mut done: Vec<(usize, Result<Version>)> = Vec::with_capacity(puts.len());
+        for wave in waves(&puts) {
+            let mut wave = wave.into_iter();
+            let mut running = FuturesUnordered::new();
+            loop {
+                while running.len() < BATCH_REQUESTS {
+                    let Some(i) = wave.next() else { break };
+                    let put = &puts[i];
+                    running.push(async move {
+                        let _permit = match self.inner.batch_permit().await {
+                            Ok(permit) => permit,
+                            Err(error) => return (i, Err(error)),
+                        };
+                        let outcome = self
+                            .put(
+                                run,
+                                &put.doc,
+                                put.bytes.clone(),
+                                PutOptions::mode(put.mode.clone()),
+                            )
+                            .await;
+                        (i, outcome)
+                    });
+                }
+                match running.next().await {
+                    Some(outcome) => done.push(outcome),
+                    None => break,
+                }
+            }
+        }
+        done.sort_unstable_by_key(|(i, _)| *i);
+        Ok(done.into_iter().map(|(_, outcome)| outcome).collect())
     }
 
     async fn put(
@@ -1517,6 +1699,58 @@ impl Store for S3Store {
     }
 }
 
+/// The writes of a batch in waves: the `n`-th write of each document in
+/// wave `n` (indices into `puts`, in order). Writes of different documents
+/// do not depend on each other; those of one document must run in order.
+fn waves(puts: &[PutRequest]) -> Vec<Vec<usize>> {
+    let mut seen: HashMap<&DocName, usize> = HashMap::new();
+    let mut waves: Vec<Vec<usize>> = Vec::new();
+    for (i, put) in puts.iter().enumerate() {
+        let n = seen.entry(&put.doc).or_insert(0);
+        if waves.len() <= *n {
+            waves.push(Vec::new());
+        }
+        waves[*n].push(i);
+        *n += 1;
+    }
+    waves
+}
+
+/// Whether `version`, as this backend returned it for a write of `bytes`
+/// (from [`Store::put`] or [`Store::put_many`] of an [`S3Store`]), proves
+/// that the server received exactly `bytes`: it is an ETag that is the
+/// MD5 of `bytes`.
+///
+/// A version of this backend is the ETag the server computed and returned
+/// for the object it stored. For a single-part `PUT` without SSE-KMS or
+/// SSE-C encryption, S3 (and the servers that follow it: MinIO, Ceph,
+/// moto) make the ETag the MD5 of the object's bytes; with those
+/// encryptions it is not (and a multipart upload's ETag carries a `-n`
+/// suffix), and other stores behind [`S3Store::from_object_store`] make
+/// their own (object_store's `InMemory` counts). An ETag equal to the MD5
+/// of `bytes` can therefore only come from a server that hashed these very
+/// bytes (short of an MD5 collision, which accidental corruption does not
+/// produce): a copy whose version passes this check needs no read-back to
+/// be verified. Anything else (`false`) says nothing either way: read the
+/// object back to verify it. Versions of other backends must not be given
+/// to it; a caller tells them apart by [`Capabilities::backend`]
+/// ([`BACKEND`]).
+pub fn version_is_md5_of(version: &Version, bytes: &[u8]) -> bool {
+    use md5::{Digest, Md5};
+    let Some(hex) = version
+        .as_str()
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+    else {
+        return false;
+    };
+    let expected: String = Md5::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    hex.eq_ignore_ascii_case(&expected)
+}
+
 /// Whether `version` is a plain strong ETag (`"…"` of visible ASCII, no
 /// quote or comma inside): what an `If-None-Match` header may carry as one
 /// tag. Anything else could be read by the server as a list of tags or a
@@ -1661,11 +1895,20 @@ impl Lock for S3Store {
         check_ttl(ttl).map_err(|e| e.with_backend(BACKEND).with_operation(op).with_lock(key))?;
         key.check_covers(key.run(), doc)
             .map_err(|e| e.with_backend(BACKEND).with_operation(op))?;
-        let lease = self
-            .try_acquire(key, owner, ttl)
+        let run = key.run();
+        let path = self.inner.doc_path(run, doc);
+        // The document is read with the grant's write, not after it (see
+        // `try_acquire_loading`): one round trip less.
+        let (lease, loaded) = self
+            .inner
+            .try_acquire_loading(key, owner, ttl, Some((&path, options)))
             .await
-            .map_err(|e| e.with_operation(op))?;
-        match self.get(key.run(), doc, options).await {
+            .map_err(|e| e.with_operation(op).with_lock(key))?;
+        let loaded = match loaded {
+            Some(loaded) => loaded.map_err(|e| e.at_doc(Operation::Get, run, doc)),
+            None => self.get(run, doc, options).await,
+        };
+        match loaded {
             Ok(stored) => Ok((lease, stored)),
             Err(error) => {
                 if let Err(release) = self.release(&lease).await {

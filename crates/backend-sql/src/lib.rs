@@ -132,6 +132,27 @@
 //!   raise's commit; SQLite: an upsert, then a read).
 //! - A conditional read ([`Store::get_if_changed`]) compares the version
 //!   in the database, which sends the bytes only when it differs.
+//! - Batches are native. [`Store::get_many`] is one statement per 256
+//!   distinct names (`name IN (…)`), the size limit applied per row in
+//!   the database as a single read applies it. [`Store::put_many`] gives
+//!   each write exactly the outcome a single `put` would (its size
+//!   checked first, then its own mode's condition, atomically with its
+//!   write; a fresh random version each), in few round trips: in
+//!   PostgreSQL one statement per group of up to 64 writes of distinct
+//!   documents (creates, overwrites and updates each on their own
+//!   condition, every write announced by `NOTIFY` from the statement); in
+//!   MySQL one READ COMMITTED transaction per group (an insert of the
+//!   creates that leaves existing rows alone, an upsert of the
+//!   overwrites, one conditional update of the updates, then the versions
+//!   of the rows it holds locked read back: a row holding its write's
+//!   fresh version is one this transaction wrote; a group that meets a
+//!   deadlock is rolled back whole and sent again); in SQLite every write
+//!   in order in one transaction (one commit, one `fsync`, for the whole
+//!   batch). A document written twice in a batch is written in order, its
+//!   second write in a later group. A group the database refuses (a
+//!   constraint or trigger, a full disk: nothing of it committed) is
+//!   written again one write at a time, so each write gets its own
+//!   outcome; a batch is not atomic as a whole.
 //! - Milestones and attributes are rows upserted one field at a time: no
 //!   lock, and marks of different fields never interfere.
 //! - URL options the backend does not know are refused, not handed to
@@ -149,6 +170,7 @@ mod pool;
 mod schema;
 mod statements;
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -159,8 +181,8 @@ use runstate_core::time::from_unix_millis;
 use runstate_core::{
     Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fetched, GetOptions, Lease,
     ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
-    ReleaseSignals, Replay, Result, RunId, StatusMessage, Store, StoredDoc, Subscription, Version,
-    WatchMode, Watcher, async_trait,
+    PutRequest, ReleaseSignals, Replay, Result, RunId, StatusMessage, Store, StoredDoc,
+    Subscription, Version, WatchMode, Watcher, async_trait,
 };
 use sqlx::any::{AnyConnectOptions, AnyQueryResult, AnyRow};
 use sqlx::{Any, Row};
@@ -223,6 +245,17 @@ fn query<'q>(
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
+
+/// At most this many writes go in one statement (or, in MySQL, one
+/// transaction) of a batch.
+const BATCH_ROWS: usize = 64;
+
+/// About this many bytes of documents go in one statement of a batch (a
+/// larger document goes alone).
+const BATCH_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Tries of one group of a batch that met transaction conflicts.
+const GROUP_TRIES: u64 = 4;
 
 fn new_version() -> i64 {
     fastrand::i64(1..i64::MAX)
@@ -588,12 +621,17 @@ impl Inner {
     /// Begins a transaction on a connection of `pool` (SQLite: taking the
     /// write lock at once, under the busy timeout).
     async fn begin<'p>(&'p self, pool: &'p Pool) -> Result<Tx<'p>> {
-        let mut conn = self.bounded(pool.get()).await?;
         let begin = match self.dialect {
             Dialect::Sqlite => "BEGIN IMMEDIATE",
             Dialect::MySql => "START TRANSACTION",
             Dialect::Postgres => "BEGIN",
         };
+        self.begin_with(pool, begin).await
+    }
+
+    /// Begins a transaction on a connection of `pool` with `begin`.
+    async fn begin_with<'p>(&'p self, pool: &'p Pool, begin: &'static str) -> Result<Tx<'p>> {
+        let mut conn = self.bounded(pool.get()).await?;
         self.bounded(conn.begin(begin)).await?;
         Ok(Tx { inner: self, conn })
     }
@@ -1494,6 +1532,403 @@ impl Inner {
         }
     }
 
+    /// Reads several documents of `run` (see [`Store::get_many`]): one
+    /// statement per `2^GET_MANY_LOG2` distinct names, the size limit
+    /// applied per row as [`Inner::get`] applies it.
+    async fn get_many(
+        &self,
+        run: &RunId,
+        docs: &[DocName],
+        options: GetOptions,
+    ) -> Result<Vec<Result<Option<StoredDoc>>>> {
+        let limit = Self::limit(options);
+        let mut seen = HashSet::new();
+        let distinct: Vec<&DocName> = docs.iter().filter(|d| seen.insert(*d)).collect();
+        // A document over the limit is kept as its size, so each request
+        // for it gets its own error.
+        let mut found: HashMap<String, std::result::Result<StoredDoc, i64>> = HashMap::new();
+        for chunk in distinct.chunks(1 << statements::GET_MANY_LOG2) {
+            let (stmt, slots) = self.sql.get_many(chunk.len());
+            let mut params = Vec::with_capacity(slots + 2);
+            params.push(P::T(run.as_str()));
+            params.push(P::I(limit));
+            // The list is padded by repeating the last name.
+            params.extend((0..slots).map(|i| P::T(chunk[i.min(chunk.len() - 1)].as_str())));
+            for row in self.fetch_all(stmt, &params).await? {
+                let name = self.get_text(&row, 0)?;
+                let entry = match self.stored_at(&row, 1, options.limit) {
+                    Ok(Some(stored)) => Ok(stored),
+                    Ok(None) => continue,
+                    Err(error) if error.kind() == ErrorKind::TooLarge => {
+                        Err(self.get_i64(&row, 2)?)
+                    }
+                    Err(error) => return Err(error),
+                };
+                found.insert(name, entry);
+            }
+        }
+        Ok(docs
+            .iter()
+            .map(|doc| match found.get(doc.as_str()) {
+                None => Ok(None),
+                Some(Ok(stored)) => Ok(Some(stored.clone())),
+                Some(Err(size)) => {
+                    Err(self
+                        .too_large(*size, options.limit)
+                        .at_doc(Operation::Get, run, doc))
+                }
+            })
+            .collect())
+    }
+
+    /// Writes several documents of `run` (see [`Store::put_many`]), each
+    /// exactly as [`Inner::put`] would: its size checked first, then its
+    /// mode's condition, atomically with its write.
+    ///
+    /// - PostgreSQL: writes of distinct documents go together in one
+    ///   statement of up to [`BATCH_ROWS`] rows (and about
+    ///   [`BATCH_BYTES`]), which creates, overwrites and updates each row
+    ///   on its own condition and announces each write; a batch that
+    ///   writes a document twice sends its second write in a later
+    ///   statement, after the first (waves).
+    /// - MySQL: as PostgreSQL, each group one transaction (READ
+    ///   COMMITTED, so that concurrent groups take no gap locks and do not
+    ///   deadlock each other): an insert of the creates (leaving existing
+    ///   rows as they are), one of the overwrites, one update of the
+    ///   updates, then the versions of the created and updated rows read
+    ///   back in the transaction, which holds those rows locked (each
+    ///   write has a fresh random version, so a row holding it is one this
+    ///   transaction wrote), and the commit.
+    /// - SQLite: every write in order in one transaction: one commit, one
+    ///   `fsync`, for the whole batch.
+    ///
+    /// A group that meets a transaction conflict (a deadlock, a
+    /// serialization failure: rolled back whole) is sent again, up to
+    /// [`GROUP_TRIES`] times. When the database refuses a group (a
+    /// constraint or trigger refusing a row, a full disk: nothing of the
+    /// group was committed), its writes are made again one at a time, so
+    /// that each gets its own outcome. Failures that leave the outcome
+    /// unknown (a lost connection, a timeout) or that concern the database
+    /// rather than a row (busy, conflicts that persist) fail the whole
+    /// batch.
+    async fn put_many(&self, run: &RunId, puts: &[PutRequest]) -> Result<Vec<Result<Version>>> {
+        let mut results: Vec<Option<Result<Version>>> = puts.iter().map(|_| None).collect();
+        let mut pending = Vec::with_capacity(puts.len());
+        for (i, put) in puts.iter().enumerate() {
+            match self.check_size(&put.bytes) {
+                Ok(()) => pending.push(i),
+                Err(error) => results[i] = Some(Err(error)),
+            }
+        }
+        match self.dialect {
+            Dialect::Sqlite => self.put_group(run, puts, &pending, &mut results).await?,
+            Dialect::Postgres | Dialect::MySql => {
+                for wave in waves(puts, &pending) {
+                    for group in self.groups(puts, &wave) {
+                        self.put_group(run, puts, group, &mut results).await?;
+                    }
+                }
+            }
+        }
+        // Every write is either refused by its size or in a group, which
+        // sets its outcome.
+        Ok(results
+            .into_iter()
+            .zip(puts)
+            .map(|(outcome, put)| {
+                outcome
+                    .unwrap_or_else(|| {
+                        Err(unexpected(self.dialect, "a batched write was not made"))
+                    })
+                    .map_err(|e| e.at_doc(Operation::Put, run, &put.doc))
+            })
+            .collect())
+    }
+
+    /// Splits a wave into groups of at most [`BATCH_ROWS`] writes and
+    /// about [`BATCH_BYTES`] (a larger document goes alone; MySQL's
+    /// packet limit caps it too).
+    fn groups<'w>(&self, puts: &[PutRequest], wave: &'w [usize]) -> Vec<&'w [usize]> {
+        let cap = self
+            .capabilities
+            .max_document_size
+            .map_or(BATCH_BYTES, |max| BATCH_BYTES.min(max));
+        let mut groups = Vec::new();
+        let (mut start, mut bytes) = (0, 0u64);
+        for (k, &i) in wave.iter().enumerate() {
+            let size = puts[i].bytes.len() as u64;
+            if k > start && (k - start >= BATCH_ROWS || bytes + size > cap) {
+                groups.push(&wave[start..k]);
+                (start, bytes) = (k, 0);
+            }
+            bytes += size;
+        }
+        if start < wave.len() {
+            groups.push(&wave[start..]);
+        }
+        groups
+    }
+
+    /// Writes one group of a batch (see [`Inner::put_many`]); a group the
+    /// database refused is written again one at a time.
+    async fn put_group(
+        &self,
+        run: &RunId,
+        puts: &[PutRequest],
+        group: &[usize],
+        results: &mut [Option<Result<Version>>],
+    ) -> Result<()> {
+        if group.is_empty() {
+            return Ok(());
+        }
+        let mut tries = 0;
+        let outcome = loop {
+            tries += 1;
+            let outcome = match self.dialect {
+                Dialect::Postgres => self.put_group_postgres(run, puts, group).await,
+                Dialect::MySql => self.put_group_mysql(run, puts, group).await,
+                Dialect::Sqlite => self.put_group_sqlite(run, puts, group).await,
+            };
+            match outcome {
+                // A deadlock or serialization failure rolled the group
+                // back: nothing of it was written, so it is sent again.
+                Err(error) if tries < GROUP_TRIES && conflict_in_the_database(&error) => {
+                    tracing::debug!(%error, "a batched write met a transaction conflict; again");
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=20 * tries))).await;
+                }
+                outcome => break outcome,
+            }
+        };
+        match outcome {
+            Ok(written) => {
+                for (i, outcome) in group.iter().zip(written) {
+                    results[*i] = Some(outcome);
+                }
+                Ok(())
+            }
+            Err(error) if refused_by_the_database(&error) => {
+                tracing::debug!(%error, "a batched write was refused; writing one at a time");
+                for &i in group {
+                    let put = &puts[i];
+                    results[i] = Some(self.put(run, &put.doc, &put.bytes, &put.mode).await);
+                }
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The binds of a group of writes, with their new versions.
+    fn batch_params<'a>(
+        run: &'a RunId,
+        puts: &'a [PutRequest],
+        group: &[usize],
+        versions: &[i64],
+    ) -> Vec<P<'a>> {
+        let mut params = Vec::with_capacity(1 + group.len() * statements::BATCH_ROW_BINDS);
+        params.push(P::T(run.as_str()));
+        for (&i, &version) in group.iter().zip(versions) {
+            let put = &puts[i];
+            params.extend([
+                P::T(put.doc.as_str()),
+                P::I(version),
+                P::B(&put.bytes),
+                P::I(put.bytes.len() as i64),
+                P::I(FencedKind::of(&put.mode) as i64),
+                P::I(Self::expected(&put.mode).unwrap_or(0)),
+            ]);
+        }
+        params
+    }
+
+    /// The outcome of each write of a group, from the versions the rows
+    /// hold now: a row holding its write's (fresh, random) version was
+    /// written; any other was refused by its condition.
+    fn batch_outcomes(
+        &self,
+        puts: &[PutRequest],
+        group: &[usize],
+        versions: &[i64],
+        now: &HashMap<String, i64>,
+    ) -> Vec<Result<Version>> {
+        group
+            .iter()
+            .zip(versions)
+            .map(|(&i, &version)| {
+                let put = &puts[i];
+                if now.get(put.doc.as_str()) == Some(&version) {
+                    Ok(Version::new(version.to_string()))
+                } else {
+                    Err(self.refused(&put.mode))
+                }
+            })
+            .collect()
+    }
+
+    /// The name and version columns of rows.
+    fn versions_of(&self, rows: &[AnyRow]) -> Result<HashMap<String, i64>> {
+        rows.iter()
+            .map(|row| Ok((self.get_text(row, 0)?, self.get_i64(row, 1)?)))
+            .collect()
+    }
+
+    async fn put_group_postgres(
+        &self,
+        run: &RunId,
+        puts: &[PutRequest],
+        group: &[usize],
+    ) -> Result<Vec<Result<Version>>> {
+        let versions: Vec<i64> = group.iter().map(|_| new_version()).collect();
+        let stmt = self.sql.put_many_postgres(group.len());
+        let params = Self::batch_params(run, puts, group, &versions);
+        let rows = self.fetch_all(&stmt, &params).await?;
+        let written = self.versions_of(&rows)?;
+        Ok(self.batch_outcomes(puts, group, &versions, &written))
+    }
+
+    async fn put_group_mysql(
+        &self,
+        run: &RunId,
+        puts: &[PutRequest],
+        group: &[usize],
+    ) -> Result<Vec<Result<Version>>> {
+        let versions: Vec<i64> = group.iter().map(|_| new_version()).collect();
+        let of_kind = |kind: FencedKind| -> (Vec<usize>, Vec<i64>) {
+            group
+                .iter()
+                .zip(&versions)
+                .filter(|(i, _)| FencedKind::of(&puts[**i].mode) == kind)
+                .map(|(i, v)| (*i, *v))
+                .unzip()
+        };
+        let (creates, create_versions) = of_kind(FencedKind::Create);
+        let (overwrites, overwrite_versions) = of_kind(FencedKind::Overwrite);
+        let (updates, update_versions) = of_kind(FencedKind::Update);
+        // READ COMMITTED: InnoDB then takes no gap locks for these
+        // inserts and updates, which under REPEATABLE READ make concurrent
+        // batches of one run deadlock. Nothing here needs a snapshot: the
+        // read-back concerns rows this transaction holds locked.
+        let mut tx = self
+            .begin_with(
+                &self.pool,
+                "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION",
+            )
+            .await?;
+        let outcome = async {
+            if !overwrites.is_empty() {
+                let stmt = self.sql.put_many_mysql_insert(overwrites.len(), true);
+                tx.execute(
+                    &stmt,
+                    &Self::batch_params(run, puts, &overwrites, &overwrite_versions),
+                )
+                .await?;
+            }
+            if !creates.is_empty() {
+                let stmt = self.sql.put_many_mysql_insert(creates.len(), false);
+                tx.execute(
+                    &stmt,
+                    &Self::batch_params(run, puts, &creates, &create_versions),
+                )
+                .await?;
+            }
+            // Which updates were made: all or none is told by the count
+            // (each matched row gets a new version, so matched = changed);
+            // anything between, like the creates, by reading back.
+            let mut all_updated = None;
+            if !updates.is_empty() {
+                let stmt = self.sql.put_many_mysql_update(updates.len());
+                let done = tx
+                    .execute(
+                        &stmt,
+                        &Self::batch_params(run, puts, &updates, &update_versions),
+                    )
+                    .await?
+                    .rows_affected();
+                if done == 0 {
+                    all_updated = Some(false);
+                } else if done == updates.len() as u64 {
+                    all_updated = Some(true);
+                }
+            }
+            let mut check: Vec<usize> = creates.clone();
+            let mut check_versions = create_versions.clone();
+            if all_updated.is_none() {
+                check.extend(&updates);
+                check_versions.extend(&update_versions);
+            }
+            let mut now = HashMap::new();
+            if !check.is_empty() {
+                let stmt = self.sql.put_many_mysql_versions(check.len());
+                let rows = tx
+                    .fetch_all(
+                        &stmt,
+                        &Self::batch_params(run, puts, &check, &check_versions),
+                    )
+                    .await?;
+                now = self.versions_of(&rows)?;
+            }
+            for (i, version) in overwrites.iter().zip(&overwrite_versions) {
+                now.insert(puts[*i].doc.as_str().to_owned(), *version);
+            }
+            if all_updated == Some(true) {
+                for (i, version) in updates.iter().zip(&update_versions) {
+                    now.insert(puts[*i].doc.as_str().to_owned(), *version);
+                }
+            }
+            Ok(now)
+        }
+        .await;
+        let now = tx.finish(outcome).await?;
+        Ok(self.batch_outcomes(puts, group, &versions, &now))
+    }
+
+    /// SQLite: every write of the group in order, each its single
+    /// statement, in one transaction (one commit). A statement refused by
+    /// its condition (a create of an existing document) is rolled back
+    /// alone, as SQLite does, and is that write's outcome; any other
+    /// error rolls the whole transaction back.
+    async fn put_group_sqlite(
+        &self,
+        run: &RunId,
+        puts: &[PutRequest],
+        group: &[usize],
+    ) -> Result<Vec<Result<Version>>> {
+        let mut tx = self.begin(&self.pool).await?;
+        let outcome = async {
+            let mut outcomes = Vec::with_capacity(group.len());
+            for &i in group {
+                let put = &puts[i];
+                let version = new_version();
+                let params = [
+                    P::T(run.as_str()),
+                    P::T(put.doc.as_str()),
+                    P::I(version),
+                    P::B(&put.bytes),
+                    P::I(put.bytes.len() as i64),
+                    P::I(Self::expected(&put.mode).unwrap_or(0)),
+                ];
+                let stmt = match put.mode {
+                    PutMode::Overwrite => &self.sql.put_overwrite,
+                    PutMode::Create => &self.sql.put_create,
+                    PutMode::Update(_) => &self.sql.put_update,
+                };
+                outcomes.push(match tx.execute(stmt, &params).await {
+                    Ok(done)
+                        if matches!(put.mode, PutMode::Update(_)) && done.rows_affected() == 0 =>
+                    {
+                        Err(self.refused(&put.mode))
+                    }
+                    Ok(_) => Ok(Version::new(version.to_string())),
+                    Err(error) if error.kind() == ErrorKind::AlreadyExists => Err(error),
+                    Err(error) => return Err(error),
+                });
+            }
+            Ok(outcomes)
+        }
+        .await;
+        tx.finish(outcome).await
+    }
+
     async fn release(&self, lease: &Lease) -> Result<()> {
         let key = lease.key();
         let fence = i64::try_from(lease.fence().get()).unwrap_or(i64::MAX);
@@ -1534,6 +1969,12 @@ impl Tx<'_> {
             .await
     }
 
+    async fn fetch_all(&mut self, stmt: &Stmt, params: &[P<'_>]) -> Result<Vec<AnyRow>> {
+        self.inner
+            .bounded(self.conn.fetch_all(query(stmt, params)))
+            .await
+    }
+
     async fn commit(mut self) -> Result<()> {
         self.inner.bounded(self.conn.end("COMMIT")).await
     }
@@ -1555,6 +1996,48 @@ impl Tx<'_> {
             }
         }
     }
+}
+
+/// Writes of one document in a batch go at most one per statement (a
+/// statement cannot write a row twice, and each write must see the
+/// earlier one's outcome): the `n`-th write of each document is in wave
+/// `n`, the waves in order. `pending` are indices into `puts`, in order.
+fn waves(puts: &[PutRequest], pending: &[usize]) -> Vec<Vec<usize>> {
+    let mut seen: HashMap<&DocName, usize> = HashMap::new();
+    let mut waves: Vec<Vec<usize>> = Vec::new();
+    for &i in pending {
+        let n = seen.entry(&puts[i].doc).or_insert(0);
+        if waves.len() <= *n {
+            waves.push(Vec::new());
+        }
+        waves[*n].push(i);
+        *n += 1;
+    }
+    waves
+}
+
+/// Whether `error` is the database's refusal of a statement or
+/// transaction, which then committed nothing, for a reason that concerns
+/// its rows (a constraint, a trigger, a full disk), not the database
+/// itself (busy, a deadlock, a timeout: retryable) or the connection (the
+/// outcome is unknown then).
+fn refused_by_the_database(error: &Error) -> bool {
+    !error.is_retryable()
+        && std::error::Error::source(error)
+            .and_then(|source| source.downcast_ref::<sqlx::Error>())
+            .is_some_and(|source| matches!(source, sqlx::Error::Database(_)))
+}
+
+/// Whether `error` is a transaction conflict the database answered (a
+/// deadlock, a serialization failure, a lock wait that timed out): the
+/// statement or transaction was rolled back, and trying it again may
+/// succeed.
+fn conflict_in_the_database(error: &Error) -> bool {
+    error.is_retryable()
+        && error.kind() == ErrorKind::Backend
+        && std::error::Error::source(error)
+            .and_then(|source| source.downcast_ref::<sqlx::Error>())
+            .is_some_and(|source| matches!(source, sqlx::Error::Database(_)))
 }
 
 /// A fence as the database's BIGINT.
@@ -1666,6 +2149,36 @@ impl Store for SqlStore {
             .with_backend(self.inner.backend())),
         };
         outcome.map_err(|e| e.at_doc(Operation::Put, run, doc))
+    }
+
+    /// One statement per 256 distinct names (see the crate
+    /// documentation); each document's result is what
+    /// [`get`](Store::get) would give.
+    async fn get_many(
+        &self,
+        run: &RunId,
+        docs: &[DocName],
+        options: GetOptions,
+    ) -> Result<Vec<Result<Option<StoredDoc>>>> {
+        if docs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.inner
+            .get_many(run, docs, options)
+            .await
+            .map_err(|e| e.with_operation(Operation::GetMany).with_run(run))
+    }
+
+    /// Few statements for many writes (see the crate documentation); each
+    /// write's result is what [`put`](Store::put) would give.
+    async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
+        if puts.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.inner
+            .put_many(run, &puts)
+            .await
+            .map_err(|e| e.with_operation(Operation::PutMany).with_run(run))
     }
 
     async fn delete(

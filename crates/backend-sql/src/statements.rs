@@ -32,7 +32,7 @@ use crate::config::Dialect;
 pub(crate) struct Stmt {
     /// Shared, so handing it to sqlx on every call copies nothing.
     pub(crate) sql: Arc<str>,
-    pub(crate) order: Vec<u8>,
+    pub(crate) order: Vec<u16>,
     /// The statement reports the rows it changed as its first column (a
     /// PostgreSQL CTE that also notifies), not in its command tag.
     pub(crate) counted: bool,
@@ -54,6 +54,11 @@ pub(crate) fn channel(prefix: &str) -> String {
 /// The statements of one store.
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
+    dialect: Dialect,
+    prefix: String,
+    /// Reads of `2^i` documents of a run in one statement, `i` in
+    /// `0..=GET_MANY_LOG2` (see [`Statements::get_many`]).
+    get_many: Vec<Stmt>,
     pub(crate) get: Stmt,
     /// A read without a size limit: fewer columns, nothing to compare.
     pub(crate) get_unlimited: Stmt,
@@ -135,9 +140,9 @@ fn placeholders(dialect: Dialect, sql: &str) -> Stmt {
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
         if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
-            let mut number = 0u8;
+            let mut number = 0u16;
             while let Some(digit) = chars.peek().and_then(|d| d.to_digit(10)) {
-                number = number * 10 + digit as u8;
+                number = number * 10 + digit as u16;
                 chars.next();
             }
             order.push(number);
@@ -207,46 +212,48 @@ fn updated_at(dialect: Dialect) -> &'static str {
     }
 }
 
+/// The tail of an insert that overwrites an existing document.
+fn upsert_tail(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::MySql => {
+            "ON DUPLICATE KEY UPDATE version = VALUES(version), bytes = VALUES(bytes), \
+             size = VALUES(size), updated_at = VALUES(updated_at)"
+        }
+        _ => {
+            "ON CONFLICT (run, name) DO UPDATE SET version = excluded.version, bytes = excluded.bytes, \
+             size = excluded.size, updated_at = excluded.updated_at"
+        }
+    }
+}
+
+/// A statement of the store with `prefix`: tables, channel, clock and
+/// procedure prefix filled in, placeholders numbered for `dialect` (see
+/// [`placeholders`]).
+fn fill(dialect: Dialect, prefix: &str, sql: &str) -> Stmt {
+    placeholders(
+        dialect,
+        &sql.replace("{D}", &format!("{prefix}documents"))
+            .replace("{L}", &format!("{prefix}leases"))
+            .replace("{W}", &format!("{prefix}watermarks"))
+            .replace("{S}", &format!("{prefix}status"))
+            .replace("{Q}", &format!("{prefix}status_seq"))
+            .replace("{M}", &format!("{prefix}milestones"))
+            .replace("{CH}", &format!("'{}'", channel(prefix)))
+            .replace("{NOW}", now_ms(dialect))
+            .replace("{UPD}", updated_at(dialect))
+            .replace("{P}", prefix),
+    )
+}
+
 impl Statements {
     pub(crate) fn new(dialect: Dialect, prefix: &str) -> Self {
-        let d = format!("{prefix}documents");
-        let l = format!("{prefix}leases");
-        let w = format!("{prefix}watermarks");
-        let st = format!("{prefix}status");
-        let q = format!("{prefix}status_seq");
-        let m = format!("{prefix}milestones");
-        let ch = format!("'{}'", channel(prefix));
         let pg = dialect == Dialect::Postgres;
         let now = now_ms(dialect);
-        let upd = updated_at(dialect);
         // Fill in tables and clock; numbered placeholders become `?` outside
         // PostgreSQL, so MySQL and SQLite statements list their binds in
         // order of appearance.
-        let t = |sql: &str| {
-            placeholders(
-                dialect,
-                &sql.replace("{D}", &d)
-                    .replace("{L}", &l)
-                    .replace("{W}", &w)
-                    .replace("{S}", &st)
-                    .replace("{Q}", &q)
-                    .replace("{M}", &m)
-                    .replace("{CH}", &ch)
-                    .replace("{NOW}", now)
-                    .replace("{UPD}", upd)
-                    .replace("{P}", prefix),
-            )
-        };
-        let upsert_tail = match dialect {
-            Dialect::MySql => {
-                "ON DUPLICATE KEY UPDATE version = VALUES(version), bytes = VALUES(bytes), \
-                               size = VALUES(size), updated_at = VALUES(updated_at)"
-            }
-            _ => {
-                "ON CONFLICT (run, name) DO UPDATE SET version = excluded.version, bytes = excluded.bytes, \
-                  size = excluded.size, updated_at = excluded.updated_at"
-            }
-        };
+        let t = |sql: &str| fill(dialect, prefix, sql);
+        let upsert_tail = upsert_tail(dialect);
         let insert = "INSERT INTO {D} (run, name, version, bytes, size, updated_at) VALUES ($1, $2, $3, $4, $5, {UPD})";
         // A write that notifies in PostgreSQL; as it is elsewhere.
         let announced = |sql: &str, returning: &str, notify: &str| {
@@ -269,6 +276,11 @@ impl Statements {
                      ON CONFLICT (run, doc) DO UPDATE SET fence = excluded.fence \
                      WHERE w.fence <= excluded.fence";
         Statements {
+            dialect,
+            prefix: prefix.to_owned(),
+            get_many: (0..=GET_MANY_LOG2)
+                .map(|log2| t(&get_many_sql(1 << log2)))
+                .collect(),
             get: t(
                 "SELECT version, size, CASE WHEN size <= $3 THEN bytes END FROM {D} WHERE run = $1 AND name = $2",
             ),
@@ -434,6 +446,170 @@ impl Statements {
             milestones: t("SELECT kind, name, value FROM {M} WHERE run = $1"),
             delete_milestones: t("DELETE FROM {M} WHERE run = $1"),
         }
+    }
+}
+
+/// The largest read of [`Statements::get_many`] is `2^GET_MANY_LOG2`
+/// documents; more go in several statements.
+pub(crate) const GET_MANY_LOG2: u32 = 8;
+
+/// Reads `n` documents of a run: $1 run, $2 size limit, $3.. the names.
+/// Columns: name, version, size, bytes (NULL over the limit).
+fn get_many_sql(n: usize) -> String {
+    let names: Vec<String> = (0..n).map(|i| format!("${}", i + 3)).collect();
+    format!(
+        "SELECT name, version, size, CASE WHEN size <= $2 THEN bytes END FROM {{D}} \
+         WHERE run = $1 AND name IN ({})",
+        names.join(", ")
+    )
+}
+
+/// The binds of one row of a batched write, in this order after $1 (the
+/// run): name, version, bytes, size, mode (0 overwrite, 1 create, 2
+/// update), expected version (update).
+pub(crate) const BATCH_ROW_BINDS: usize = 6;
+
+/// The placeholder of bind `column` (0-based, see [`BATCH_ROW_BINDS`]) of
+/// row `row` of a batched write.
+fn bind(row: usize, column: usize) -> String {
+    format!("${}", 2 + row * BATCH_ROW_BINDS + column)
+}
+
+impl Statements {
+    /// A read of `n` documents (at most `2^GET_MANY_LOG2`) in one
+    /// statement, and how many names it binds: `n` rounded up to a power
+    /// of two (the caller repeats a name to fill the list), so that a
+    /// connection prepares few distinct statements. Binds: $1 run, $2 size
+    /// limit, then the names.
+    pub(crate) fn get_many(&self, n: usize) -> (&Stmt, usize) {
+        let slots = n.max(1).next_power_of_two();
+        let log2 = slots.trailing_zeros() as usize;
+        (&self.get_many[log2.min(self.get_many.len() - 1)], slots)
+    }
+
+    /// PostgreSQL: `n` writes of distinct documents of one run in one
+    /// statement, each with its own mode (binds: $1 run, then
+    /// [`BATCH_ROW_BINDS`] per row). Creates insert unless the document
+    /// exists, overwrites upsert, updates change the row only at the
+    /// expected version; every written row is announced (`NOTIFY`) as a
+    /// single write is. Columns: the name and new version of each row
+    /// written, and the notification count. A row the statement did not
+    /// return was refused by its condition. The statement is atomic: on
+    /// an error nothing of it was written.
+    pub(crate) fn put_many_postgres(&self, n: usize) -> Stmt {
+        let rows: Vec<String> = (0..n)
+            .map(|r| {
+                let b = |c| bind(r, c);
+                format!(
+                    "({}::text, {}::bigint, {}::bytea, {}::bigint, {}::bigint, {}::bigint)",
+                    b(0),
+                    b(1),
+                    b(2),
+                    b(3),
+                    b(4),
+                    b(5)
+                )
+            })
+            .collect();
+        let insert = "INSERT INTO {D} (run, name, version, bytes, size, updated_at) \
+                      SELECT $1, name, version, bytes, size, {UPD} FROM input";
+        fill(
+            self.dialect,
+            &self.prefix,
+            &format!(
+                "WITH input (name, version, bytes, size, mode, expected) AS (VALUES {rows}), \
+                 created AS ({insert} WHERE mode = 1 ON CONFLICT (run, name) DO NOTHING \
+                   RETURNING run, name, version), \
+                 overwritten AS ({insert} WHERE mode = 0 {tail} RETURNING run, name, version), \
+                 updated AS (UPDATE {{D}} d SET version = i.version, bytes = i.bytes, \
+                   size = i.size, updated_at = {{UPD}} FROM input i \
+                   WHERE i.mode = 2 AND d.run = $1 AND d.name = i.name AND d.version = i.expected \
+                   RETURNING d.run, d.name, d.version), \
+                 written AS (SELECT run, name, version FROM created \
+                   UNION ALL SELECT run, name, version FROM overwritten \
+                   UNION ALL SELECT run, name, version FROM updated), \
+                 n AS (SELECT pg_notify({{CH}}, {CHANGED}) FROM written) \
+                 SELECT name, version, (SELECT count(*) FROM n) FROM written",
+                rows = rows.join(", "),
+                tail = upsert_tail(self.dialect),
+            ),
+        )
+    }
+
+    /// MySQL: an insert of `n` rows of one run (binds as
+    /// [`put_many_postgres`](Self::put_many_postgres), only name, version,
+    /// bytes and size of each row used). `overwrite`: an existing document
+    /// is replaced; otherwise it is left exactly as it is (a create: the
+    /// version read back in the same transaction tells which rows this
+    /// statement inserted).
+    pub(crate) fn put_many_mysql_insert(&self, n: usize, overwrite: bool) -> Stmt {
+        let rows: Vec<String> = (0..n)
+            .map(|r| {
+                let b = |c| bind(r, c);
+                format!("($1, {}, {}, {}, {}, {{UPD}})", b(0), b(1), b(2), b(3))
+            })
+            .collect();
+        let tail = if overwrite {
+            upsert_tail(self.dialect)
+        } else {
+            // Leaves the row as it is; the row is still locked until the
+            // commit, so the read-back sees what this statement left.
+            "ON DUPLICATE KEY UPDATE version = version"
+        };
+        fill(
+            self.dialect,
+            &self.prefix,
+            &format!(
+                "INSERT INTO {{D}} (run, name, version, bytes, size, updated_at) VALUES {} {tail}",
+                rows.join(", ")
+            ),
+        )
+    }
+
+    /// MySQL: `n` updates of distinct documents of one run, each only at
+    /// its expected version, in one statement (binds as
+    /// [`put_many_postgres`](Self::put_many_postgres)). The rows it
+    /// changed are told by their count, or by their versions read back.
+    pub(crate) fn put_many_mysql_update(&self, n: usize) -> Stmt {
+        let case = |column: usize| {
+            let arms: Vec<String> = (0..n)
+                .map(|r| format!("WHEN {} THEN {}", bind(r, 0), bind(r, column)))
+                .collect();
+            format!("CASE name {} END", arms.join(" "))
+        };
+        let matches: Vec<String> = (0..n)
+            .map(|r| format!("(name = {} AND version = {})", bind(r, 0), bind(r, 5)))
+            .collect();
+        fill(
+            self.dialect,
+            &self.prefix,
+            &format!(
+                "UPDATE {{D}} SET bytes = {}, size = {}, version = {}, updated_at = {{UPD}} \
+                 WHERE run = $1 AND ({})",
+                case(2),
+                case(3),
+                case(1),
+                matches.join(" OR ")
+            ),
+        )
+    }
+
+    /// MySQL: the versions of `n` documents of one run, read in the
+    /// writing transaction (binds as
+    /// [`put_many_postgres`](Self::put_many_postgres), names only). A
+    /// plain read: the rows this transaction wrote or found (an insert's
+    /// duplicate, a matched update) are locked by it, so it reads them as
+    /// they are; any other row it did not write, whatever it reads there.
+    pub(crate) fn put_many_mysql_versions(&self, n: usize) -> Stmt {
+        let names: Vec<String> = (0..n).map(|r| bind(r, 0)).collect();
+        fill(
+            self.dialect,
+            &self.prefix,
+            &format!(
+                "SELECT name, version FROM {{D}} WHERE run = $1 AND name IN ({})",
+                names.join(", ")
+            ),
+        )
     }
 }
 

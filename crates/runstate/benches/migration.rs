@@ -9,7 +9,11 @@
 //!   and SHA-256 verification of every document, without process start-up);
 //! - the raw write rate of 16 KiB values on each side (one writer, the raw
 //!   client of `support::raw`), and the ratio to the slower one (target
-//!   ≥ 0.8), plus, for information, the ratio to 8 concurrent raw writers;
+//!   ≥ 1.0, and ≥ 0.8 into S3, whose writes cannot be batched into fewer
+//!   requests), plus, for information, the ratio to 8 concurrent raw
+//!   writers;
+//! - how the copies were verified: read back, or by the target's MD5 (S3
+//!   ETags);
 //! - the peak resident memory of the migrating process (`VmHWM`).
 
 mod support;
@@ -24,7 +28,10 @@ use support::places::{ALL, Backend, Place, Places};
 use support::raw::Raw;
 
 const DOC_SIZE: usize = 16 * 1024;
-const TARGET: f64 = 0.8;
+/// The target ratio to the slower side's raw single-writer rate.
+const TARGET: f64 = 1.0;
+/// The target into S3: every document is a request of its own there.
+const TARGET_INTO_S3: f64 = 0.8;
 const RUN: &str = "migbench";
 
 #[derive(Debug, Serialize)]
@@ -40,7 +47,9 @@ struct Row {
     ratio: f64,
     raw8_slower_docs_per_sec: f64,
     ratio_vs_8_writers: f64,
+    verified_by_md5: u64,
     peak_rss_mib: f64,
+    target: f64,
     meets_target: bool,
 }
 
@@ -153,6 +162,11 @@ fn main() {
                     (to.name(), to_one, to_eight)
                 };
                 let ratio = docs_per_sec / slower;
+                let target_ratio = if to == Backend::S3 {
+                    TARGET_INTO_S3
+                } else {
+                    TARGET
+                };
                 let row = Row {
                     from: from.name(),
                     to: to.name(),
@@ -165,9 +179,11 @@ fn main() {
                     ratio,
                     raw8_slower_docs_per_sec: slower_eight,
                     ratio_vs_8_writers: docs_per_sec / slower_eight,
+                    verified_by_md5: report["verified_by_md5"].as_u64().unwrap_or(0),
                     peak_rss_mib: report["peak_rss_bytes"].as_f64().unwrap_or(0.0)
                         / (1024.0 * 1024.0),
-                    meets_target: ratio >= TARGET,
+                    target: target_ratio,
+                    meets_target: ratio >= target_ratio,
                 };
                 eprintln!(
                     "{} → {}: {:.0} documents/s, {:.2}× the slower side's raw writes",
@@ -184,6 +200,7 @@ fn main() {
         "doc_size": DOC_SIZE,
         "documents": documents,
         "target": TARGET,
+        "target_into_s3": TARGET_INTO_S3,
         "rows": rows,
     });
     args.write_report(&report);
@@ -192,12 +209,12 @@ fn main() {
 fn print_table(rows: &[Row]) {
     println!(
         "| from → to | docs | docs/s | MB/s | raw write docs/s (from / to) | ratio to slower | \
-         vs 8 raw writers | peak RSS MiB | |"
+         target | vs 8 raw writers | verified | peak RSS MiB | |"
     );
-    println!("|---|---:|---:|---:|---|---:|---:|---:|---|");
+    println!("|---|---:|---:|---:|---|---:|---:|---:|---|---:|---|");
     for r in rows {
         println!(
-            "| {} → {} | {} | {:.0} | {:.2} | {:.0} / {:.0} | {:.2}× | {:.2}× | {:.1} | {} |",
+            "| {} → {} | {} | {:.0} | {:.2} | {:.0} / {:.0} | {:.2}× | ≥ {:.1}× | {:.2}× | {} | {:.1} | {} |",
             r.from,
             r.to,
             r.documents,
@@ -206,7 +223,13 @@ fn print_table(rows: &[Row]) {
             r.raw_from_docs_per_sec,
             r.raw_to_docs_per_sec,
             r.ratio,
+            r.target,
             r.ratio_vs_8_writers,
+            if r.verified_by_md5 == r.documents {
+                "by MD5"
+            } else {
+                "read back"
+            },
             r.peak_rss_mib,
             if r.meets_target { "ok" } else { "MISSED" },
         );

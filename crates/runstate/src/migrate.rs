@@ -30,12 +30,33 @@
 //! never deleted from the target, even with `overwrite`, since they may be
 //! the only copies left.
 //!
-//! Runs are streamed document by document: at most
-//! [`concurrency`](MigrateOptions::concurrency) documents, of at most
-//! [`memory_budget`](MigrateOptions::memory_budget) bytes together (a
-//! larger document goes alone), are in memory at once. A failed copy stops
-//! the run after the copies in flight have finished, so no write lands
-//! after the migration has returned.
+//! Runs are streamed in batches: each batch of documents is read from the
+//! source with one [`Store::get_many`], written to the target with one
+//! [`Store::put_many`] (one statement, one transaction, one pipeline or
+//! concurrent requests, where the backend batches natively; each document
+//! still created or updated on its own condition) and, where it must be
+//! read back, read back with one `get_many`. At most
+//! [`concurrency`](MigrateOptions::concurrency) documents of a run are in
+//! flight, in up to eight batches at once, and at most
+//! [`memory_budget`](MigrateOptions::memory_budget) bytes of documents
+//! together across every run in flight (a larger document goes alone). A
+//! failed copy stops the run after the batches in flight have finished, so
+//! no write lands after the migration has returned.
+//!
+//! **Verification without reading back.** A copy into S3 whose new version
+//! is an ETag equal to the MD5 of the source bytes (a single-part `PUT`
+//! without SSE-KMS or SSE-C: the server hashed the bytes it stored) is
+//! verified by that comparison instead of being read back
+//! (`runstate_s3::version_is_md5_of`, counted in
+//! [`RunReport::verified_by_md5`]). Every other copy, into S3 or not, is
+//! read back and compared by SHA-256.
+//!
+//! **Several runs at once.** [`jobs`](MigrateOptions::jobs) runs are
+//! migrated at the same time, each with its own leases, sharing the memory
+//! budget. Without [`keep_going`](MigrateOptions::keep_going) the first
+//! failure stops the migration (the runs in flight finish first, none is
+//! started after it) and is returned; with it, every selected run is tried,
+//! and the failed ones are listed in [`MigrationReport::failed`], with why.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -45,7 +66,7 @@ use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use runstate_core::{
     DocMeta, DocName, Error, ErrorKind, GetOptions, Lease, Lock, LockExt, LockKey, Operation,
-    Owner, PutMode, PutOptions, Result, RunId, Store, StoreExt, Version, WaitPolicy,
+    Owner, PutMode, PutRequest, Result, RunId, Store, StoreExt, Version, WaitPolicy,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -80,17 +101,39 @@ pub struct MigrateOptions {
     pub ttl: Duration,
     /// How long to wait for a run whose lease someone else holds.
     pub wait: WaitPolicy,
-    /// Documents copied at the same time.
+    /// Documents of one run copied at the same time: read, written and
+    /// verified in up to eight batches at once, each of up to an eighth
+    /// of this many documents (fewer for small runs, so that their
+    /// documents still go in parallel). `1` copies one document at a time.
     pub concurrency: usize,
-    /// Bytes of documents in memory at the same time (each document counts
-    /// twice: its source bytes and the copy read back to verify it).
+    /// Bytes of documents in memory at the same time, across every run in
+    /// flight (each document counts twice: its source bytes and the copy
+    /// read back to verify it).
     pub memory_budget: u64,
+    /// Runs migrated at the same time (at least 1; default 1), each under
+    /// its own leases and with its own `concurrency`, all within the one
+    /// `memory_budget`. The report lists the runs in the order selected
+    /// whatever order they finish in.
+    pub jobs: usize,
+    /// When a run fails, go on with the others (default: stop). The failed
+    /// runs are then listed in [`MigrationReport::failed`], each with its
+    /// error, and [`migrate`] returns the report (`Ok`) once every
+    /// selected run was tried: check `failed` before trusting it. Without
+    /// it, the first failure stops the migration (runs in flight finish,
+    /// no other starts) and is returned as the error.
+    pub keep_going: bool,
 }
 
 /// Default of [`MigrateOptions::concurrency`].
-pub const DEFAULT_CONCURRENCY: usize = 8;
+pub const DEFAULT_CONCURRENCY: usize = 64;
 /// Default of [`MigrateOptions::memory_budget`]: 32 MiB.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 32 * 1024 * 1024;
+/// Default of [`MigrateOptions::jobs`].
+pub const DEFAULT_JOBS: usize = 1;
+
+/// Batches of one run in flight at most (see
+/// [`MigrateOptions::concurrency`]).
+const LANES: usize = 8;
 
 impl MigrateOptions {
     /// Copy `selection` with the defaults: no overwrite, keep the source,
@@ -106,6 +149,8 @@ impl MigrateOptions {
             wait: WaitPolicy::default(),
             concurrency: DEFAULT_CONCURRENCY,
             memory_budget: DEFAULT_MEMORY_BUDGET,
+            jobs: DEFAULT_JOBS,
+            keep_going: false,
         }
     }
 
@@ -156,6 +201,19 @@ impl MigrateOptions {
         self.owner = owner;
         self
     }
+
+    /// Sets how many runs are migrated at the same time (at least 1).
+    pub fn with_jobs(mut self, jobs: usize) -> Self {
+        self.jobs = jobs.max(1);
+        self
+    }
+
+    /// Sets whether a failed run lets the others continue (see
+    /// [`keep_going`](Self::keep_going)).
+    pub fn with_keep_going(mut self, keep_going: bool) -> Self {
+        self.keep_going = keep_going;
+        self
+    }
 }
 
 /// Told how a migration or verification advances; every method has an
@@ -176,6 +234,11 @@ pub trait Progress: Send + Sync {
     /// A run is done.
     fn run_finished(&self, run: &RunId) {
         let _ = run;
+    }
+    /// A run failed (and, with [`MigrateOptions::keep_going`], the others
+    /// go on).
+    fn run_failed(&self, run: &RunId, error: &Error) {
+        let _ = (run, error);
     }
 }
 
@@ -200,8 +263,14 @@ pub struct RunReport {
     pub replaced: u64,
     /// Target documents the source lacks that were deleted (`overwrite`).
     pub removed: u64,
-    /// Documents whose target bytes were read back and matched by SHA-256.
+    /// Documents verified: found identical, or copied and then read back
+    /// and matched by SHA-256 or proven by the target's MD5 (see
+    /// `verified_by_md5`).
     pub verified: u64,
+    /// Of the copies, those verified without reading them back: the target
+    /// (S3) returned as their version an ETag equal to the MD5 of the
+    /// source bytes, computed by the server on the bytes it stored.
+    pub verified_by_md5: u64,
     /// Whether the run was deleted from the source.
     pub source_deleted: bool,
     /// Milestones and attributes copied (set on the target because they
@@ -222,10 +291,50 @@ pub struct MigrationReport {
     pub bytes: u64,
     /// Documents verified by hash (copied ones and identical ones).
     pub verified: u64,
+    /// Of those, copies verified by the target's MD5 without reading them
+    /// back (see [`RunReport::verified_by_md5`]).
+    pub verified_by_md5: u64,
     /// Documents found already identical on the target.
     pub identical: u64,
+    /// The runs that failed, in the order selected (only with
+    /// [`MigrateOptions::keep_going`]; otherwise the first failure is the
+    /// error [`migrate`] returns). Their documents are not counted above:
+    /// some may have been copied (and verified) before the failure, and
+    /// running the migration again resumes them.
+    pub failed: Vec<RunFailure>,
     /// Wall time.
     pub elapsed_secs: f64,
+}
+
+/// A run that failed, with why (see [`MigrationReport::failed`]).
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct RunFailure {
+    /// The run.
+    pub run: RunId,
+    /// What kind of failure (serialized as [`ErrorKind::as_str`]).
+    #[serde(serialize_with = "kind_name")]
+    pub kind: ErrorKind,
+    /// The error and its causes on one line, naming the document when one
+    /// is concerned.
+    pub error: String,
+}
+
+impl RunFailure {
+    fn new(run: &RunId, error: &Error) -> Self {
+        RunFailure {
+            run: run.clone(),
+            kind: error.kind(),
+            error: runstate_core::display_chain(error),
+        }
+    }
+}
+
+fn kind_name<S: serde::Serializer>(
+    kind: &ErrorKind,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    serializer.serialize_str(kind.as_str())
 }
 
 impl MigrationReport {
@@ -330,9 +439,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Copies runs from `source` to `target` (see the [module
-/// documentation](self) for the guarantees). Runs are processed one after
-/// the other; the first run that fails stops the migration, and running it
-/// again resumes.
+/// documentation](self) for the guarantees). [`jobs`](MigrateOptions::jobs)
+/// runs are processed at a time, in the order selected; the first run that
+/// fails stops the migration (unless
+/// [`keep_going`](MigrateOptions::keep_going)), and running it again
+/// resumes.
 ///
 /// # Errors
 /// [`ErrorKind::AlreadyExists`] when a target run holds documents that
@@ -341,7 +452,9 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// have; [`ErrorKind::Locked`] when a run stays locked longer than the
 /// wait policy; [`ErrorKind::Precondition`] when the source changed during
 /// the copy; [`ErrorKind::Corrupt`] when a document reads back different;
-/// backend errors. Every error names the run (and the document).
+/// backend errors. Every error names the run (and the document). With
+/// `keep_going`, the failures of runs are in the report instead, and only
+/// a failure to list the source's runs is an error.
 pub async fn migrate(
     source: &dyn Lock,
     target: &dyn Lock,
@@ -354,27 +467,69 @@ pub async fn migrate(
         Selection::All => source.list_all_runs().await?,
     };
     progress.runs(runs.len());
+    let budget = Budget::new(options.memory_budget);
+    let jobs = options.jobs.max(1);
+    let mut outcomes: Vec<Option<Result<RunReport>>> = runs.iter().map(|_| None).collect();
+    let mut next = 0;
+    let mut stopped = false;
+    // A loop over `FuturesUnordered`, as for the batches of a run (see
+    // `Migration::locked`): runs in flight after a failure are awaited,
+    // not dropped.
+    let mut running = FuturesUnordered::new();
+    loop {
+        while !stopped && running.len() < jobs && next < runs.len() {
+            let (index, run) = (next, &runs[next]);
+            next += 1;
+            let budget = &budget;
+            running.push(async move {
+                let outcome = Migration {
+                    source,
+                    target,
+                    options,
+                    progress,
+                    run,
+                    budget,
+                }
+                .run()
+                .await
+                .map_err(|e| with_run_context(e, run, Operation::Migrate));
+                (index, outcome)
+            });
+        }
+        let Some((index, outcome)) = running.next().await else {
+            break;
+        };
+        match &outcome {
+            Ok(_) => progress.run_finished(&runs[index]),
+            Err(error) => {
+                progress.run_failed(&runs[index], error);
+                stopped |= !options.keep_going;
+            }
+        }
+        outcomes[index] = Some(outcome);
+    }
     let mut report = MigrationReport {
         dry_run: options.dry_run,
         ..MigrationReport::default()
     };
-    for run in &runs {
-        let outcome = Migration {
-            source,
-            target,
-            options,
-            progress,
-            run,
+    // Runs never started after a failure have no outcome.
+    for (run, outcome) in runs.iter().zip(outcomes) {
+        match outcome {
+            None => {}
+            Some(Ok(outcome)) => {
+                report.documents += outcome.copied + outcome.replaced;
+                report.bytes += outcome.copied_bytes;
+                report.verified += outcome.verified;
+                report.verified_by_md5 += outcome.verified_by_md5;
+                report.identical += outcome.identical;
+                report.runs.push(outcome);
+            }
+            Some(Err(error)) if options.keep_going => {
+                report.failed.push(RunFailure::new(run, &error));
+            }
+            // The first failure in the order selected.
+            Some(Err(error)) => return Err(error),
         }
-        .run()
-        .await
-        .map_err(|e| with_run_context(e, run, Operation::Migrate))?;
-        report.documents += outcome.copied + outcome.replaced;
-        report.bytes += outcome.copied_bytes;
-        report.verified += outcome.verified;
-        report.identical += outcome.identical;
-        report.runs.push(outcome);
-        progress.run_finished(run);
     }
     report.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
@@ -535,12 +690,82 @@ async fn keep_alive(leases: [&HeldLease<'_>; 2], ttl: Duration, done: &Notify) {
     }
 }
 
+/// The memory budget of a migration: permits of a KiB each, shared by
+/// every run in flight. A batch takes its documents' cost at once (each
+/// document counts twice: its bytes and their copy read back), at most
+/// the whole budget (a larger document goes alone), and gives it back
+/// when it is done.
+struct Budget {
+    permits: Semaphore,
+    units: u64,
+}
+
+impl Budget {
+    fn new(bytes: u64) -> Self {
+        let units = units(bytes).max(1);
+        Budget {
+            permits: Semaphore::new(usize::try_from(units).unwrap_or(usize::MAX >> 4)),
+            units,
+        }
+    }
+
+    /// What `docs` cost in budget units.
+    fn cost<'a>(docs: impl IntoIterator<Item = &'a DocMeta>) -> u64 {
+        docs.into_iter()
+            .map(|meta| units(meta.size.saturating_mul(2)).max(1))
+            .sum()
+    }
+
+    async fn take(&self, cost: u64, run: &RunId) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        let cost = cost.clamp(1, self.units);
+        self.permits
+            .acquire_many(u32::try_from(cost).unwrap_or(u32::MAX))
+            .await
+            .map_err(|e| {
+                migrate_error(ErrorKind::Backend, "memory budget closed".into(), run).with_source(e)
+            })
+    }
+}
+
+/// Adds the document to an error that does not name one.
+fn naming(error: Error, doc: &DocName) -> Error {
+    if error.doc().is_none() {
+        error.with_doc(doc)
+    } else {
+        error
+    }
+}
+
+/// Whether `target` proves, by the version it returned for a write of
+/// `bytes`, that it stored exactly those bytes, so that the copy needs no
+/// read-back: an S3 ETag that is the MD5 of the bytes (computed by the
+/// server on what it received; see `runstate_s3::version_is_md5_of`).
+/// Only the S3 backend is asked (by its name in the capabilities, which
+/// the layers and caches in front of it keep); every other store's
+/// versions prove nothing, and its copies are read back.
+fn proven_by_version(target: &dyn Lock, version: &Version, bytes: &[u8]) -> bool {
+    #[cfg(feature = "s3")]
+    if target.capabilities().backend == runstate_s3::BACKEND {
+        return runstate_s3::version_is_md5_of(version, bytes);
+    }
+    let _ = (target, version, bytes);
+    false
+}
+
+/// What one batch of copies did.
+#[derive(Default)]
+struct Copied {
+    bytes: u64,
+    by_md5: u64,
+}
+
 struct Migration<'a> {
     source: &'a dyn Lock,
     target: &'a dyn Lock,
     options: &'a MigrateOptions,
     progress: &'a dyn Progress,
     run: &'a RunId,
+    budget: &'a Budget,
 }
 
 impl Migration<'_> {
@@ -606,9 +831,7 @@ impl Migration<'_> {
             self.progress.document_done(self.run, &meta.name, meta.size);
         }
 
-        let budget_units = units(self.options.memory_budget);
-        let budget = Semaphore::new(usize::try_from(budget_units).unwrap_or(usize::MAX));
-        let jobs = plan
+        let jobs: Vec<(&DocMeta, PutMode)> = plan
             .create
             .iter()
             .map(|meta| (meta, PutMode::Create))
@@ -616,37 +839,31 @@ impl Migration<'_> {
                 plan.replace
                     .iter()
                     .map(|(meta, version)| (meta, PutMode::Update(version.clone()))),
-            );
+            )
+            .collect();
+        let lanes = self.options.concurrency.clamp(1, LANES);
+        let mut batches = self.batches(&jobs, lanes).into_iter();
         // A loop over `FuturesUnordered` rather than stream combinators with
         // closures: those make the future lose `Send` for borrowed inputs,
         // and a migration must be spawnable.
-        // After a failure the copies in flight are awaited, not dropped:
+        // After a failure the batches in flight are awaited, not dropped:
         // dropping a future does not stop a write the server (or a blocking
         // thread) already has, and none may land after the leases are gone.
-        let mut jobs = jobs;
         let mut running = FuturesUnordered::new();
-        let mut copied_bytes = 0u64;
+        let mut copied = Copied::default();
         let mut failure = None;
         loop {
-            while failure.is_none() && running.len() < self.options.concurrency.max(1) {
-                let Some((meta, mode)) = jobs.next() else {
+            while failure.is_none() && running.len() < lanes {
+                let Some(batch) = batches.next() else {
                     break;
                 };
-                let budget = &budget;
-                running.push(async move {
-                    self.copy_one(meta, mode, source, target, budget, budget_units)
-                        .await
-                        .map_err(|e| {
-                            if e.doc().is_none() {
-                                e.with_doc(&meta.name)
-                            } else {
-                                e
-                            }
-                        })
-                });
+                running.push(self.copy_batch(batch, source, target));
             }
             match running.next().await {
-                Some(Ok(copied)) => copied_bytes += copied,
+                Some(Ok(done)) => {
+                    copied.bytes += done.bytes;
+                    copied.by_md5 += done.by_md5;
+                }
                 Some(Err(error)) => {
                     failure.get_or_insert(error);
                 }
@@ -696,8 +913,9 @@ impl Migration<'_> {
             ));
         }
 
-        let mut report = self.report(&plan, copied_bytes);
+        let mut report = self.report(&plan, copied.bytes);
         report.milestones = milestones;
+        report.verified_by_md5 = copied.by_md5;
         if self.options.delete_source {
             for meta in &plan.source {
                 self.delete_source_doc(meta, source).await?;
@@ -791,70 +1009,132 @@ impl Migration<'_> {
         outcome.map(|_| ())
     }
 
-    /// Copies one document, reads it back and compares hashes; returns its
-    /// size.
-    async fn copy_one(
+    /// Splits the copies into batches: as many as `lanes` can run at once
+    /// with up to `concurrency` documents in flight (fewer per batch when
+    /// the run is small, so that its documents still go in parallel), and
+    /// each costing at most the budget's share of a lane (a larger
+    /// document goes alone).
+    fn batches<'j>(
         &self,
-        meta: &DocMeta,
-        mode: PutMode,
+        jobs: &'j [(&'j DocMeta, PutMode)],
+        lanes: usize,
+    ) -> Vec<&'j [(&'j DocMeta, PutMode)]> {
+        let per_batch = self
+            .options
+            .concurrency
+            .max(1)
+            .div_ceil(lanes)
+            .min(jobs.len().div_ceil(lanes))
+            .max(1);
+        let share = (self.budget.units / lanes as u64).max(1);
+        let mut batches = Vec::new();
+        let (mut start, mut cost) = (0, 0u64);
+        for (i, (meta, _)) in jobs.iter().enumerate() {
+            let doc_cost = Budget::cost([*meta]);
+            if i > start && (i - start >= per_batch || cost + doc_cost > share) {
+                batches.push(&jobs[start..i]);
+                (start, cost) = (i, 0);
+            }
+            cost += doc_cost;
+        }
+        if start < jobs.len() {
+            batches.push(&jobs[start..]);
+        }
+        batches
+    }
+
+    /// Copies one batch: reads it from the source (one `get_many`),
+    /// checks each document is still the version planned, writes it to
+    /// the target (one `put_many`, each document on its own condition),
+    /// and verifies each copy: by the version the target returned where
+    /// it proves the bytes (see [`proven_by_version`]), otherwise by
+    /// reading the copies back (one `get_many`) and comparing SHA-256.
+    async fn copy_batch(
+        &self,
+        batch: &[(&DocMeta, PutMode)],
         source: &HeldLease<'_>,
         target: &HeldLease<'_>,
-        budget: &Semaphore,
-        budget_units: u64,
-    ) -> Result<u64> {
-        let cost = units(meta.size.saturating_mul(2)).clamp(1, budget_units);
-        let _permit = budget
-            .acquire_many(u32::try_from(cost).unwrap_or(u32::MAX))
-            .await
-            .map_err(|e| {
-                migrate_error(ErrorKind::Backend, "memory budget closed".into(), self.run)
-                    .with_source(e)
-            })?;
+    ) -> Result<Copied> {
+        let _permit = self
+            .budget
+            .take(Budget::cost(batch.iter().map(|(meta, _)| *meta)), self.run)
+            .await?;
         source.current()?;
-        let doc = self
+        let names: Vec<DocName> = batch.iter().map(|(meta, _)| meta.name.clone()).collect();
+        let read = self
             .source
-            .get(self.run, &meta.name, GetOptions::new())
-            .await?
-            .filter(|d| d.version == meta.version)
-            .ok_or_else(|| {
-                migrate_error(
-                    ErrorKind::Precondition,
-                    "the source document changed or vanished during the migration (a writer \
-                     that does not take the run's lock?); run the migration again"
-                        .into(),
-                    self.run,
-                )
-                .with_doc(&meta.name)
-            })?;
-        let size = doc.bytes.len() as u64;
-        let expected = sha256_hex(&doc.bytes);
+            .get_many(self.run, &names, GetOptions::new())
+            .await?;
+        check_answers(read.len(), names.len(), self.run)?;
+        let mut puts = Vec::with_capacity(batch.len());
+        let mut expected = Vec::with_capacity(batch.len());
+        for ((meta, mode), read) in batch.iter().zip(read) {
+            let doc = read
+                .map_err(|e| naming(e, &meta.name))?
+                .filter(|d| d.version == meta.version)
+                .ok_or_else(|| {
+                    migrate_error(
+                        ErrorKind::Precondition,
+                        "the source document changed or vanished during the migration (a \
+                         writer that does not take the run's lock?); run the migration again"
+                            .into(),
+                        self.run,
+                    )
+                    .with_doc(&meta.name)
+                })?;
+            expected.push((sha256_hex(&doc.bytes), doc.bytes.clone()));
+            puts.push(PutRequest::new(meta.name.clone(), doc.bytes, mode.clone()));
+        }
         // Not fenced: `Create` (or `Update` of the version the plan saw) is
         // already conditional, so nothing saved meanwhile by anyone else can
         // be overwritten, and a fence check would cost a round trip per
         // document on some backends. The target lease still keeps writers
         // that lock out.
         target.current()?;
-        self.target
-            .put(self.run, &meta.name, doc.bytes, PutOptions::mode(mode))
-            .await?;
-        let back = self
-            .target
-            .get(self.run, &meta.name, GetOptions::new())
-            .await?;
-        let actual = back.as_ref().map(|d| sha256_hex(&d.bytes));
-        if actual.as_deref() != Some(expected.as_str()) {
-            return Err(migrate_error(
-                ErrorKind::Corrupt,
-                format!(
-                    "the copy reads back {} (source sha256 {expected})",
-                    actual.map_or_else(|| "absent".to_owned(), |a| format!("with sha256 {a}"))
-                ),
-                self.run,
-            )
-            .with_doc(&meta.name));
+        let written = self.target.put_many(self.run, puts).await?;
+        check_answers(written.len(), names.len(), self.run)?;
+        let mut copied = Copied::default();
+        let mut unproven = Vec::new();
+        for (((meta, _), written), (sha, bytes)) in batch.iter().zip(written).zip(&expected) {
+            let version = written.map_err(|e| naming(e, &meta.name))?;
+            copied.bytes += bytes.len() as u64;
+            if proven_by_version(self.target, &version, bytes) {
+                copied.by_md5 += 1;
+            } else {
+                unproven.push((meta.name.clone(), sha.as_str()));
+            }
         }
-        self.progress.document_done(self.run, &meta.name, size);
-        Ok(size)
+        if !unproven.is_empty() {
+            let names: Vec<DocName> = unproven.iter().map(|(name, _)| name.clone()).collect();
+            let back = self
+                .target
+                .get_many(self.run, &names, GetOptions::new())
+                .await?;
+            check_answers(back.len(), names.len(), self.run)?;
+            for ((name, sha), back) in unproven.iter().zip(back) {
+                let actual = back
+                    .map_err(|e| naming(e, name))?
+                    .map(|d| sha256_hex(&d.bytes));
+                if actual.as_deref() != Some(*sha) {
+                    return Err(migrate_error(
+                        ErrorKind::Corrupt,
+                        format!(
+                            "the copy reads back {} (source sha256 {sha})",
+                            actual.map_or_else(
+                                || "absent".to_owned(),
+                                |a| format!("with sha256 {a}")
+                            )
+                        ),
+                        self.run,
+                    )
+                    .with_doc(name));
+                }
+            }
+        }
+        for (meta, _) in batch {
+            self.progress.document_done(self.run, &meta.name, meta.size);
+        }
+        Ok(copied)
     }
 
     /// Lists both sides and compares the documents they share.
@@ -873,18 +1153,26 @@ impl Migration<'_> {
             .map(|meta| (meta.name.clone(), meta))
             .collect();
         let mut plan = Plan::default();
+        // Same size: compared by their bytes, in batches.
+        let mut candidates = Vec::new();
         for meta in &source_docs {
             match on_target.remove(&meta.name) {
                 None => plan.create.push(meta.clone()),
-                Some(there) => {
-                    if self.same_bytes(meta, &there).await? {
-                        plan.identical.push(meta.clone());
-                    } else {
-                        plan.replace.push((meta.clone(), there.version));
-                    }
+                Some(there) if there.size != meta.size => {
+                    plan.replace.push((meta.clone(), there.version));
                 }
+                Some(there) => candidates.push((meta.clone(), there.version)),
             }
         }
+        let same = self.same_bytes(&candidates).await?;
+        for ((meta, version), same) in candidates.into_iter().zip(same) {
+            if same {
+                plan.identical.push(meta);
+            } else {
+                plan.replace.push((meta, version));
+            }
+        }
+        plan.replace.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         plan.extra = on_target
             .into_values()
             .map(|meta| (meta.name, meta.version))
@@ -899,22 +1187,55 @@ impl Migration<'_> {
         self.options.delete_source && !target_docs.is_empty()
     }
 
-    async fn same_bytes(&self, source: &DocMeta, target: &DocMeta) -> Result<bool> {
-        if source.size != target.size {
-            return Ok(false);
+    /// Whether each source document has the same bytes on the target
+    /// (compared by SHA-256), read in batches on both sides within the
+    /// memory budget.
+    async fn same_bytes(&self, candidates: &[(DocMeta, Version)]) -> Result<Vec<bool>> {
+        let mut same = Vec::with_capacity(candidates.len());
+        let share = (self.budget.units / LANES as u64).max(1);
+        let mut rest = candidates;
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut cost = 0;
+            for (meta, _) in rest {
+                let doc_cost = Budget::cost([meta]);
+                if take > 0 && (take >= MAX_BATCH || cost + doc_cost > share) {
+                    break;
+                }
+                (take, cost) = (take + 1, cost + doc_cost);
+            }
+            let (chunk, after) = rest.split_at(take);
+            rest = after;
+            let _permit = self.budget.take(cost, self.run).await?;
+            let names: Vec<DocName> = chunk.iter().map(|(meta, _)| meta.name.clone()).collect();
+            let a = self
+                .source
+                .get_many(self.run, &names, GetOptions::new())
+                .await?;
+            check_answers(a.len(), names.len(), self.run)?;
+            // Each source document is reduced to its digest before the
+            // target's copies are read.
+            let a: Vec<Option<String>> = names
+                .iter()
+                .zip(a)
+                .map(|(name, a)| {
+                    a.map(|d| d.map(|d| sha256_hex(&d.bytes)))
+                        .map_err(|e| naming(e, name))
+                })
+                .collect::<Result<_>>()?;
+            let b = self
+                .target
+                .get_many(self.run, &names, GetOptions::new())
+                .await?;
+            check_answers(b.len(), names.len(), self.run)?;
+            for ((name, a), b) in names.iter().zip(a).zip(b) {
+                let b = b
+                    .map_err(|e| naming(e, name))?
+                    .map(|d| sha256_hex(&d.bytes));
+                same.push(a.is_some() && a == b);
+            }
         }
-        let a = self
-            .source
-            .get(self.run, &source.name, GetOptions::new())
-            .await?;
-        let b = self
-            .target
-            .get(self.run, &target.name, GetOptions::new())
-            .await?;
-        Ok(match (a, b) {
-            (Some(a), Some(b)) => sha256_hex(&a.bytes) == sha256_hex(&b.bytes),
-            _ => false,
-        })
+        Ok(same)
     }
 
     /// Refuses a target run the migration must not touch.
@@ -977,10 +1298,26 @@ impl Migration<'_> {
             } else {
                 (plan.identical.len() + plan.create.len() + plan.replace.len()) as u64
             },
+            verified_by_md5: 0,
             source_deleted: false,
             milestones: 0,
         }
     }
+}
+
+/// Documents compared in one batch of a plan at most.
+const MAX_BATCH: usize = 64;
+
+/// A batch must answer once per document; a store that does not is broken.
+fn check_answers(answers: usize, asked: usize, run: &RunId) -> Result<()> {
+    if answers == asked {
+        return Ok(());
+    }
+    Err(migrate_error(
+        ErrorKind::Backend,
+        format!("the store answered {answers} of {asked} documents of a batch"),
+        run,
+    ))
 }
 
 /// Budget units are KiB, so a `u32` of permits covers 4 TiB.
@@ -1063,33 +1400,37 @@ async fn verify_run(
             }),
         }
     }
-    // One document of each comparison is in memory at a time (the first
-    // is reduced to its digest before the second is read), and the
-    // comparisons in flight share the migration's memory budget.
-    let budget_units = units(DEFAULT_MEMORY_BUDGET);
-    let budget = Semaphore::new(usize::try_from(budget_units).unwrap_or(usize::MAX));
-    let mut shared = shared.into_iter();
+    // Compared in batches (one `get_many` on each side), up to eight at
+    // once, within the migration's default memory budget; in each batch
+    // the source documents are reduced to their digests before the
+    // target's are read.
+    let budget = Budget::new(DEFAULT_MEMORY_BUDGET);
+    let share = (budget.units / LANES as u64).max(1);
+    let mut batches = Vec::new();
+    let (mut start, mut cost) = (0, 0u64);
+    for (i, meta) in shared.iter().enumerate() {
+        let doc_cost = Budget::cost([meta]);
+        if i > start && (i - start >= MAX_BATCH || cost + doc_cost > share) {
+            batches.push(&shared[start..i]);
+            (start, cost) = (i, 0);
+        }
+        cost += doc_cost;
+    }
+    if start < shared.len() {
+        batches.push(&shared[start..]);
+    }
+    let mut batches = batches.into_iter();
     let mut running = FuturesOrdered::new();
     let mut compared = Vec::new();
     loop {
-        while running.len() < DEFAULT_CONCURRENCY {
-            let Some(meta) = shared.next() else {
+        while running.len() < LANES {
+            let Some(batch) = batches.next() else {
                 break;
             };
-            let budget = &budget;
-            running.push_back(async move {
-                let cost = units(meta.size).clamp(1, budget_units);
-                let _permit = budget
-                    .acquire_many(u32::try_from(cost).unwrap_or(u32::MAX))
-                    .await
-                    .map_err(|e| {
-                        Error::new(ErrorKind::Backend, "memory budget closed").with_source(e)
-                    })?;
-                compare_one(source, target, run, meta.name, progress).await
-            });
+            running.push_back(compare_batch(source, target, run, batch, &budget, progress));
         }
         match running.next().await {
-            Some(outcome) => compared.push(outcome?),
+            Some(outcome) => compared.extend(outcome?),
             None => break,
         }
     }
@@ -1114,26 +1455,38 @@ async fn verify_run(
     Ok(())
 }
 
-/// Reads one document on both sides: its name, its source size, and the
-/// two digests when they differ.
-async fn compare_one(
+/// Reads a batch of documents on both sides (one `get_many` each): for
+/// each, its name, its source size, and the two digests when they differ.
+async fn compare_batch(
     source: &dyn Store,
     target: &dyn Store,
     run: &RunId,
-    doc: DocName,
+    batch: &[DocMeta],
+    budget: &Budget,
     progress: &dyn Progress,
-) -> Result<(DocName, u64, Option<(String, String)>)> {
-    let a = source.get(run, &doc, GetOptions::new()).await?;
-    let size = a.as_ref().map_or(0, |d| d.bytes.len() as u64);
-    let a = digest_of(a.map(|d| d.bytes));
-    let b = digest_of(
-        target
-            .get(run, &doc, GetOptions::new())
-            .await?
-            .map(|d| d.bytes),
-    );
-    progress.document_done(run, &doc, size);
-    Ok((doc, size, (a != b).then_some((a, b))))
+) -> Result<Vec<(DocName, u64, Option<(String, String)>)>> {
+    let _permit = budget.take(Budget::cost(batch), run).await?;
+    let names: Vec<DocName> = batch.iter().map(|meta| meta.name.clone()).collect();
+    let a = source.get_many(run, &names, GetOptions::new()).await?;
+    check_answers(a.len(), names.len(), run)?;
+    let a: Vec<(u64, String)> = names
+        .iter()
+        .zip(a)
+        .map(|(name, a)| {
+            let a = a.map_err(|e| naming(e, name))?;
+            let size = a.as_ref().map_or(0, |d| d.bytes.len() as u64);
+            Ok((size, digest_of(a.map(|d| d.bytes))))
+        })
+        .collect::<Result<_>>()?;
+    let b = target.get_many(run, &names, GetOptions::new()).await?;
+    check_answers(b.len(), names.len(), run)?;
+    let mut compared = Vec::with_capacity(names.len());
+    for ((name, (size, a)), b) in names.into_iter().zip(a).zip(b) {
+        let b = digest_of(b.map_err(|e| naming(e, &name))?.map(|d| d.bytes));
+        progress.document_done(run, &name, size);
+        compared.push((name, size, (a != b).then_some((a, b))));
+    }
+    Ok(compared)
 }
 
 /// The digest of a document, or `absent` for one deleted since listing.
