@@ -3,17 +3,16 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runstate::file::{FileConfig, FileStore};
-use runstate::{Client, Document, Run, RunId, Store, WaitPolicy};
+use runstate::{Client, Doc, Run, RunId, Store, WaitPolicy};
 use serde::{Deserialize, Serialize};
 
-use crate::{CliError, default_data_dir};
+use crate::{CliError, Global, default_data_dir, output};
 
 /// The documents the workers update, named like WEPPcloud controllers.
 const DOCS: [&str; 3] = ["climate", "watershed", "wepp"];
@@ -51,7 +50,8 @@ pub(crate) struct WorkerArgs {
     seed: u64,
 }
 
-/// The state every demo document holds.
+/// The state every demo document holds: one type, stored under each of
+/// the three names.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Controller {
     updates: u64,
@@ -59,35 +59,6 @@ struct Controller {
     last_worker: String,
     last_fence: u64,
 }
-
-macro_rules! controller {
-    ($ty:ident, $name:literal) => {
-        #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-        #[serde(transparent)]
-        struct $ty(Controller);
-
-        impl Document for $ty {
-            const NAME: &'static str = $name;
-        }
-
-        impl Deref for $ty {
-            type Target = Controller;
-            fn deref(&self) -> &Controller {
-                &self.0
-            }
-        }
-
-        impl DerefMut for $ty {
-            fn deref_mut(&mut self) -> &mut Controller {
-                &mut self.0
-            }
-        }
-    };
-}
-
-controller!(Climate, "climate");
-controller!(Watershed, "watershed");
-controller!(Wepp, "wepp");
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Ack {
@@ -107,12 +78,14 @@ fn run_id(run: &str) -> Result<RunId, CliError> {
         .map_err(|e| CliError::from(e).with_hint("run ids are 1-128 bytes of A-Z a-z 0-9 . _ -"))
 }
 
-/// One locked update of document `T` by `worker`: lock, change, commit.
-async fn bump<T>(run: &Run, worker: &str) -> Result<u64, CliError>
-where
-    T: Document + DerefMut<Target = Controller>,
-{
-    let mut guard = run.lock::<T>().await?;
+/// The typed handle of one demo document.
+fn controller(run: &Run, name: &str) -> Result<Doc<Controller>, CliError> {
+    Ok(run.doc::<Controller>(name)?)
+}
+
+/// One locked update of `doc` by `worker`: lock, change, commit.
+async fn bump(doc: &Doc<Controller>, worker: &str) -> Result<u64, CliError> {
+    let mut guard = doc.lock().await?;
     let fence = guard.lease().fence().get();
     guard.updates += 1;
     *guard.by_worker.entry(worker.to_owned()).or_default() += 1;
@@ -128,18 +101,18 @@ pub(crate) async fn worker(args: WorkerArgs) -> Result<ExitCode, CliError> {
     let store = open(&args.root).await?;
     let client = Client::new(store).with_wait(WaitPolicy::with_timeout(Duration::from_secs(120)));
     let run = client.run(run_id(&args.run)?);
+    let docs = DOCS
+        .iter()
+        .map(|name| controller(&run, name))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut rng = fastrand::Rng::with_seed(args.seed);
     for _ in 0..args.updates {
-        let doc = DOCS[rng.usize(..DOCS.len())];
-        let fence = match doc {
-            "climate" => bump::<Climate>(&run, &args.name).await?,
-            "watershed" => bump::<Watershed>(&run, &args.name).await?,
-            _ => bump::<Wepp>(&run, &args.name).await?,
-        };
+        let doc = &docs[rng.usize(..docs.len())];
+        let fence = bump(doc, &args.name).await?;
         let ack = Ack {
             worker: args.name.clone(),
             pid: std::process::id(),
-            doc: doc.to_owned(),
+            doc: doc.name().to_string(),
             fence,
         };
         let line = serde_json::to_string(&ack)
@@ -215,30 +188,112 @@ fn fence_ranges(acks: &[Ack]) -> String {
 }
 
 async fn load_all(run: &Run) -> Result<Vec<(&'static str, Controller)>, CliError> {
-    Ok(vec![
-        ("climate", run.load::<Climate>().await?.0),
-        ("watershed", run.load::<Watershed>().await?.0),
-        ("wepp", run.load::<Wepp>().await?.0),
-    ])
+    let mut all = Vec::with_capacity(DOCS.len());
+    for name in DOCS {
+        all.push((name, controller(run, name)?.load().await?));
+    }
+    Ok(all)
 }
 
-pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
+/// One worker in the `--json` report.
+#[derive(Serialize)]
+struct WorkerRow {
+    name: String,
+    pid: u32,
+    /// Acknowledged updates per document.
+    updates: BTreeMap<String, u64>,
+    total: u64,
+    /// First and last fence held per document.
+    fences: BTreeMap<String, (u64, u64)>,
+}
+
+/// One document in the `--json` report.
+#[derive(Serialize)]
+struct DocumentRow<'a> {
+    name: &'a str,
+    #[serde(flatten)]
+    state: &'a Controller,
+}
+
+/// `demo --json`.
+#[derive(Serialize)]
+struct DemoOutput<'a> {
+    root: String,
+    run: &'a str,
+    workers: Vec<WorkerRow>,
+    documents: Vec<DocumentRow<'a>>,
+    acknowledged: u64,
+    final_count: u64,
+    elapsed_secs: f64,
+    updates_per_sec: f64,
+    consistent: bool,
+}
+
+fn fences_by_doc(acks: &[Ack]) -> BTreeMap<String, (u64, u64)> {
+    let mut by_doc: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for ack in acks {
+        let entry = by_doc
+            .entry(ack.doc.clone())
+            .or_insert((ack.fence, ack.fence));
+        entry.0 = entry.0.min(ack.fence);
+        entry.1 = entry.1.max(ack.fence);
+    }
+    by_doc
+}
+
+/// Whether the final state holds exactly the acknowledged updates, each
+/// under its own grant.
+fn check_consistent(reports: &[WorkerReport], finals: &[(&str, Controller)]) -> bool {
+    let mut consistent = true;
+    for (doc, state) in finals {
+        let mut fences: Vec<u64> = reports
+            .iter()
+            .flat_map(|r| r.acks.iter())
+            .filter(|a| a.doc == *doc)
+            .map(|a| a.fence)
+            .collect();
+        let acked = fences.len() as u64;
+        fences.sort_unstable();
+        fences.dedup();
+        consistent &= fences.len() as u64 == acked
+            && state.updates == acked
+            && fences.last().copied().unwrap_or(0) == state.last_fence
+            && state.by_worker.values().sum::<u64>() == state.updates;
+        for report in reports {
+            let by_this = report.acks.iter().filter(|a| a.doc == *doc).count() as u64;
+            consistent &= state.by_worker.get(&report.name).copied().unwrap_or(0) == by_this;
+        }
+    }
+    let acknowledged: usize = reports.iter().map(|r| r.acks.len()).sum();
+    let stored: u64 = finals.iter().map(|(_, s)| s.updates).sum();
+    consistent && stored == acknowledged as u64
+}
+
+pub(crate) async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> {
+    // The demo replaces its run: it never goes near the store of --url or
+    // RUNSTATE_URL, which may be a real one.
+    global.refuse_url(
+        "demo",
+        "the demo runs on a file store of its own: pass --root FOLDER (default ./runstate-data)",
+    )?;
     let id = run_id(&args.run)?;
     let store = open(&args.root).await?;
     store.delete_run(&id).await?;
     let client = Client::new(store.clone());
     let run = client.run(id.clone());
-    run.save(&Climate::default()).await?;
-    run.save(&Watershed::default()).await?;
-    run.save(&Wepp::default()).await?;
+    for name in DOCS {
+        controller(&run, name)?.save(&Controller::default()).await?;
+    }
 
-    out!(
-        "runstate demo: {} worker processes × {} locked updates of run `{}` in {}\n",
-        args.workers,
-        args.updates,
-        args.run,
-        args.root.display()
-    )?;
+    if !global.json {
+        out!(
+            "runstate demo: {} worker processes × {} locked updates of run `{}` in {}\n",
+            args.workers,
+            args.updates,
+            args.run,
+            args.root.display()
+        )?;
+    }
     let started = Instant::now();
     let mut children = Vec::new();
     for i in 0..args.workers {
@@ -259,6 +314,46 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let elapsed = started.elapsed();
 
     let finals = load_all(&run).await?;
+    let consistent = check_consistent(&reports, &finals);
+    let acknowledged: usize = reports.iter().map(|r| r.acks.len()).sum();
+    let stored_total: u64 = finals.iter().map(|(_, s)| s.updates).sum();
+    let rate = acknowledged as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
+    if global.json {
+        output::json(&DemoOutput {
+            root: args.root.display().to_string(),
+            run: &args.run,
+            workers: reports
+                .iter()
+                .map(|r| {
+                    let mut updates = BTreeMap::new();
+                    for ack in &r.acks {
+                        *updates.entry(ack.doc.clone()).or_insert(0) += 1;
+                    }
+                    WorkerRow {
+                        name: r.name.clone(),
+                        pid: r.pid,
+                        updates,
+                        total: r.acks.len() as u64,
+                        fences: fences_by_doc(&r.acks),
+                    }
+                })
+                .collect(),
+            documents: finals
+                .iter()
+                .map(|(name, state)| DocumentRow { name, state })
+                .collect(),
+            acknowledged: acknowledged as u64,
+            final_count: stored_total,
+            elapsed_secs: elapsed.as_secs_f64(),
+            updates_per_sec: rate,
+            consistent,
+        })?;
+        return Ok(if consistent {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(crate::EXIT_DIFFERENCES)
+        });
+    }
     let workers: Vec<&str> = reports.iter().map(|r| r.name.as_str()).collect();
 
     out!(
@@ -292,8 +387,6 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         "last update",
         "last fence"
     )?;
-    let mut consistent = true;
-    let mut stored_total = 0;
     for (doc, state) in &finals {
         let per_worker: Vec<String> = workers
             .iter()
@@ -307,45 +400,25 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             state.last_worker,
             state.last_fence
         )?;
-        stored_total += state.updates;
-        let mut fences: Vec<u64> = reports
-            .iter()
-            .flat_map(|r| r.acks.iter())
-            .filter(|a| a.doc == *doc)
-            .map(|a| a.fence)
-            .collect();
-        let acked = fences.len() as u64;
-        fences.sort_unstable();
-        fences.dedup();
-        consistent &= fences.len() as u64 == acked
-            && state.updates == acked
-            && fences.last().copied().unwrap_or(0) == state.last_fence
-            && state.by_worker.values().sum::<u64>() == state.updates;
-        for report in &reports {
-            let by_this = report.acks.iter().filter(|a| a.doc == *doc).count() as u64;
-            consistent &= state.by_worker.get(&report.name).copied().unwrap_or(0) == by_this;
-        }
     }
-    let acknowledged: usize = reports.iter().map(|r| r.acks.len()).sum();
     out!("\nacknowledged updates: {acknowledged}")?;
     out!("final count:          {stored_total} (sum of the documents' update counters)")?;
     out!(
-        "elapsed:              {:.2} s ({:.0} locked updates/s across {} processes)",
+        "elapsed:              {:.2} s ({rate:.0} locked updates/s across {} processes)",
         elapsed.as_secs_f64(),
-        acknowledged as f64 / elapsed.as_secs_f64(),
         args.workers
     )?;
     out!(
         "files:                {}",
         args.root.join(&args.run).display()
     )?;
-    if consistent && stored_total == acknowledged as u64 {
+    if consistent {
         out!(
             "\nconsistent: every acknowledged update is in the final state, each under its own lease grant (distinct fences), none lost"
         )?;
         Ok(ExitCode::SUCCESS)
     } else {
         out!("\nINCONSISTENT: the final state does not match the acknowledged updates")?;
-        Ok(ExitCode::from(2))
+        Ok(ExitCode::from(crate::EXIT_DIFFERENCES))
     }
 }

@@ -6,15 +6,19 @@ use runstate::OpenMode;
 use runstate::doctor::{DoctorReport, SCRATCH_RUN};
 use serde::Serialize;
 
-use crate::{CliError, EXIT_DIFFERENCES, Global, open_url, output};
+use crate::{CliError, EXIT_DIFFERENCES, Global, output};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
-The probe writes to the scratch run `runstate-doctor` and deletes it afterwards. It exits 5
-when a check fails: that backend must not be trusted with concurrent writers.")]
+The store comes from --url or RUNSTATE_URL, like every command's, and must exist: doctor
+never creates one (create a new store with `runstate init`). The probe writes only into the
+scratch run `runstate-doctor`, claimed with a create-only write (an existing run of that
+name is refused, never touched), and deletes its documents afterwards; the lease
+bookkeeping of that run (its fence counter) stays, so that fences never go back. It exits
+5 when a check fails: that backend must not be trusted with concurrent writers.")]
 pub(crate) struct DoctorArgs {
-    /// The store to probe (default: --url / RUNSTATE_URL).
-    #[arg(value_name = "URL")]
+    /// Not accepted: the store comes from --url (kept hidden to say so).
+    #[arg(value_name = "URL", hide = true)]
     target: Option<String>,
 }
 
@@ -27,15 +31,17 @@ struct DoctorOutput<'a> {
 }
 
 pub(crate) async fn doctor(global: &Global, args: DoctorArgs) -> Result<ExitCode, CliError> {
-    let url = args
-        .target
-        .as_deref()
-        .or(global.url.as_deref())
-        .ok_or_else(|| {
-            CliError::usage("no store given").with_hint("runstate doctor URL (or set RUNSTATE_URL)")
-        })?;
-    // The probe writes anyway; a new store is created for it.
-    let store = open_url(url, OpenMode::Create).await?;
+    if let Some(target) = args.target {
+        let shown = runstate::redact_url(&target);
+        return Err(
+            CliError::usage("doctor takes its store from --url, like every command").with_hint(
+                format!("runstate doctor --url '{shown}' (or set RUNSTATE_URL)"),
+            ),
+        );
+    }
+    // Only an existing store: a typo in a URL must not create one (and the
+    // probe must not write into it).
+    let store = global.open(OpenMode::Existing).await?;
     let report = store.doctor().await?;
     if global.json {
         output::json(&DoctorOutput {
@@ -58,7 +64,11 @@ pub(crate) async fn doctor(global: &Global, args: DoctorArgs) -> Result<ExitCode
             .iter()
             .map(|check| {
                 vec![
-                    if check.passed { "ok" } else { "FAILED" }.to_owned(),
+                    if check.passed {
+                        output::paint("ok", output::Paint::Green, global.color)
+                    } else {
+                        output::paint("FAILED", output::Paint::Red, global.color)
+                    },
                     check.name.clone(),
                     check.detail.clone(),
                 ]

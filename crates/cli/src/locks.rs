@@ -29,7 +29,7 @@ pub(crate) struct UnlockArgs {
 
 /// A lock as `--json` prints it.
 #[derive(Serialize)]
-struct LockRow<'a> {
+pub(crate) struct LockRow<'a> {
     lock: String,
     run: &'a str,
     doc: Option<&'a str>,
@@ -43,7 +43,7 @@ struct LockRow<'a> {
 }
 
 impl<'a> LockRow<'a> {
-    fn new(info: &'a LockInfo) -> Self {
+    pub(crate) fn new(info: &'a LockInfo) -> Self {
         LockRow {
             lock: info.key.to_string(),
             run: info.key.run().as_str(),

@@ -21,14 +21,14 @@ same command again after any interruption; it ends in the same state.
 Example:
   runstate migrate --from file:///srv/runs?ext=nodb --to postgres://lab-db/runs --all")]
 pub(crate) struct MigrateArgs {
-    /// The store to copy from (default: --url / RUNSTATE_URL).
+    /// The store to copy from (or RUNSTATE_FROM_URL).
     #[arg(
         long,
         value_name = "URL",
         env = "RUNSTATE_FROM_URL",
         hide_env_values = true
     )]
-    from: Option<String>,
+    from: String,
     /// The store to copy to (a URL with a password is better passed in
     /// RUNSTATE_TO_URL than on the command line, where `ps` shows it).
     #[arg(
@@ -58,22 +58,30 @@ pub(crate) struct MigrateArgs {
     /// Delete each run from the source once its copy verified.
     #[arg(long)]
     delete_source: bool,
-    /// Documents copied at the same time.
+    /// Runs copied at the same time, each under its own leases.
+    #[arg(long, value_name = "N", default_value_t = migrate::DEFAULT_JOBS as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    jobs: u16,
+    /// Go on with the other runs when one fails; report every failure and
+    /// exit 5 if any run failed (without it the first failure stops the
+    /// migration with its own exit code).
+    #[arg(long)]
+    keep_going: bool,
+    /// Documents copied at the same time within a run.
     #[arg(long, default_value_t = migrate::DEFAULT_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
     concurrency: u16,
 }
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct VerifyArgs {
-    /// One side (default: --url / RUNSTATE_URL).
+    /// One side (or RUNSTATE_FROM_URL).
     #[arg(
         long,
         value_name = "URL",
         env = "RUNSTATE_FROM_URL",
         hide_env_values = true
     )]
-    from: Option<String>,
-    /// The other side.
+    from: String,
+    /// The other side (or RUNSTATE_TO_URL).
     #[arg(
         long,
         value_name = "URL",
@@ -81,9 +89,17 @@ pub(crate) struct VerifyArgs {
         hide_env_values = true
     )]
     to: String,
-    /// A run to compare (repeat for several); without it, every run of either store.
-    #[arg(long = "run", value_name = "ID")]
+    /// A run to compare (repeat for several).
+    #[arg(
+        long = "run",
+        value_name = "ID",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
     runs: Vec<String>,
+    /// Compare every run of either store.
+    #[arg(long)]
+    all: bool,
 }
 
 /// The runs named with `--run`, or every run.
@@ -95,17 +111,18 @@ fn selection(runs: &[String], all: bool) -> Result<Selection, CliError> {
     Ok(Selection::Runs(runs))
 }
 
-/// The source URL: `--from`, else `--url` / `RUNSTATE_URL`; never the
-/// target's.
+/// The source URL, checked against the target's: they must differ.
+/// `--url` is refused: these commands name two stores, with --from and --to.
 fn source_url<'a>(
-    global: &'a Global,
-    from: Option<&'a str>,
+    global: &Global,
+    command: &str,
+    from: &'a str,
     to: &str,
 ) -> Result<&'a str, CliError> {
-    let from = from.or(global.url.as_deref()).ok_or_else(|| {
-        CliError::usage("no source store given")
-            .with_hint("pass --from URL (or --url URL, or set RUNSTATE_URL)")
-    })?;
+    global.refuse_url(
+        command,
+        format!("name both stores: runstate {command} --from URL --to URL (or RUNSTATE_FROM_URL and RUNSTATE_TO_URL)"),
+    )?;
     let same = |url: &str| url.trim().trim_end_matches('/').to_owned();
     if same(from) == same(to) {
         return Err(CliError::usage(
@@ -233,7 +250,7 @@ struct MigrateOutput<'a> {
 
 pub(crate) async fn migrate(global: &Global, args: MigrateArgs) -> Result<ExitCode, CliError> {
     let selection = selection(&args.runs, args.all)?;
-    let from = source_url(global, args.from.as_deref(), &args.to)?;
+    let from = source_url(global, "migrate", &args.from, &args.to)?;
     let source = open_url(from, OpenMode::Existing).await?;
     // A dry run writes nothing, not even a new target's folder or file.
     let target_mode = if args.dry_run {
@@ -258,7 +275,9 @@ pub(crate) async fn migrate(global: &Global, args: MigrateArgs) -> Result<ExitCo
         .with_ttl(config.ttl)
         .with_wait(config.wait.clone())
         .with_owner(config.owner.clone())
-        .with_concurrency(usize::from(args.concurrency));
+        .with_concurrency(usize::from(args.concurrency))
+        .with_jobs(usize::from(args.jobs))
+        .with_keep_going(args.keep_going);
     let bar = Bar::new(global.json);
     let outcome = migrate::migrate(&**source.lock(), &**target.lock(), &options, &bar).await;
     bar.finish();
@@ -283,7 +302,7 @@ fn print_migration(
             mb_per_sec: report.mb_per_sec(),
             peak_rss_bytes: peak,
         })?;
-        return Ok(ExitCode::SUCCESS);
+        return failures(report);
     }
     let rows: Vec<Vec<String>> = report
         .runs
@@ -316,6 +335,14 @@ fn print_migration(
         ],
         &rows,
     )?;
+    for failure in &report.failed {
+        out!(
+            "{}  {}: {}",
+            output::paint("FAILED", output::Paint::Red, global.color),
+            failure.run,
+            failure.error
+        )?;
+    }
     let verb = if report.dry_run {
         "would copy"
     } else {
@@ -334,12 +361,31 @@ fn print_migration(
             output::size(p)
         )),
     )?;
-    Ok(ExitCode::SUCCESS)
+    failures(report)
+}
+
+/// Exit 5, naming the runs, when some failed under `--keep-going`.
+fn failures(report: &MigrationReport) -> Result<ExitCode, CliError> {
+    if report.failed.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let names: Vec<String> = report
+        .failed
+        .iter()
+        .map(|f| format!("{} ({})", f.run, f.kind))
+        .collect();
+    Err(CliError::msg(format!(
+        "{} run(s) failed: {}",
+        report.failed.len(),
+        names.join(", ")
+    ))
+    .with_code(EXIT_DIFFERENCES)
+    .with_hint("the report says why; run the same command again after fixing them (copies resume)"))
 }
 
 pub(crate) async fn verify(global: &Global, args: VerifyArgs) -> Result<ExitCode, CliError> {
-    let selection = selection(&args.runs, args.runs.is_empty())?;
-    let from = source_url(global, args.from.as_deref(), &args.to)?;
+    let selection = selection(&args.runs, args.all)?;
+    let from = source_url(global, "verify", &args.from, &args.to)?;
     let source = open_url(from, OpenMode::Existing).await?;
     let target = open_url(&args.to, OpenMode::Existing).await?;
     let bar = Bar::new(global.json);

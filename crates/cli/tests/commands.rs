@@ -1,116 +1,49 @@
 //! The `runstate` commands, driven through the real binary: documents,
 //! locks, doctor on every backend, migrate and verify, errors and exit
-//! codes, and the memory bound of a migration.
+//! codes, one way to name stores and runs, JSON everywhere, completions
+//! and manual pages, colour, and the memory bound of a migration.
 
 #[path = "../../runstate/tests/support/mod.rs"]
 mod support;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+
 use std::time::Duration;
 
+use common::*;
 use runstate::{DocName, LockKey, Owner, RunId};
-use serde_json::Value;
 use support::{ALL, Places};
 
-const BIN: &str = env!("CARGO_BIN_EXE_runstate");
-
-/// Runs the binary with `args`, `RUNSTATE_URL` set to `url` (if any) and
-/// `stdin` on standard input.
-fn runstate(url: Option<&str>, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut command = Command::new(BIN);
-    command.args(args).env_remove("RUNSTATE_URL");
-    if let Some(url) = url {
-        command.env("RUNSTATE_URL", url);
-    }
-    command
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().expect("start the binary");
-    if let Some(bytes) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(bytes)
-            .expect("write stdin");
-    }
-    child.wait_with_output().expect("run the binary")
-}
-
-fn code(output: &Output) -> i32 {
-    output.status.code().expect("exited, not killed")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Asserts the exit code, and that a failure printed one error line, at
-/// most one hint line, and no panic or backtrace.
-fn expect(output: &Output, expected: i32) {
-    let err = stderr(output);
-    assert_eq!(
-        code(output),
-        expected,
-        "exit code\nstdout:\n{}\nstderr:\n{err}",
-        stdout(output)
-    );
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "{err}"
-    );
-    if expected != 0 {
-        let lines: Vec<&str> = err.lines().collect();
-        assert!(
-            lines
-                .first()
-                .is_some_and(|l| l.starts_with("runstate: error: ")),
-            "{err}"
-        );
-        assert!(lines.len() <= 2, "one error line and a hint: {err}");
-        if let Some(hint) = lines.get(1) {
-            assert!(hint.starts_with("hint: "), "{err}");
-        }
-    }
-}
-
-fn json(output: &Output) -> Value {
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!("stdout is not JSON ({e}):\n{}", stdout(output));
-    })
-}
-
-fn temp_root(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "runstate-cli-{name}-{}-{:x}",
-        std::process::id(),
-        fastrand::u64(..)
-    ))
-}
-
-fn file_url(root: &Path) -> String {
-    format!("file://{}", root.display())
-}
+/// Every command `runstate --help` lists.
+const COMMANDS: [&str; 20] = [
+    "ls",
+    "cat",
+    "stat",
+    "put",
+    "rm",
+    "locks",
+    "unlock",
+    "watch",
+    "status",
+    "publish",
+    "mark",
+    "attr",
+    "migrate",
+    "verify",
+    "doctor",
+    "health",
+    "init",
+    "demo",
+    "completions",
+    "man",
+];
 
 #[test]
 fn help_reads_well() {
     let output = runstate(None, &["--help"], None);
     expect(&output, 0);
     let help = stdout(&output);
-    for command in [
-        "ls", "cat", "put", "rm", "locks", "unlock", "migrate", "verify", "doctor", "demo",
-    ] {
+    for command in COMMANDS {
         assert!(
             help.contains(&format!("  {command} ")),
             "{command} in:\n{help}"
@@ -124,9 +57,7 @@ fn help_reads_well() {
         !help.contains("demo-worker"),
         "internal commands stay hidden"
     );
-    for command in [
-        "ls", "cat", "put", "rm", "locks", "unlock", "migrate", "verify", "doctor", "demo",
-    ] {
+    for command in COMMANDS {
         let output = runstate(None, &[command, "--help"], None);
         expect(&output, 0);
         assert!(stdout(&output).contains("Usage: runstate"), "{command}");
@@ -230,7 +161,7 @@ fn documents_round_trip() {
 
     expect(&runstate(url, &["rm", "Mica_flume1", "ron"], None), 0);
     expect(&runstate(url, &["rm", "Mica_flume1", "ron"], None), 3);
-    let rm = runstate(url, &["rm", "Mica_flume1"], None);
+    let rm = runstate(url, &["rm", "Mica_flume1", "--all"], None);
     expect(&rm, 0);
     assert!(stdout(&rm).contains("1 document"), "{}", stdout(&rm));
     assert_eq!(stdout(&runstate(url, &["ls"], None)), "");
@@ -411,8 +342,13 @@ fn bad_input_gets_one_line_and_an_exit_code() {
         stderr(&postgres)
     );
 
+    // clap's refusals read like every other error: one line and a hint.
     let usage = runstate(None, &["migrate", "--to", "file:///tmp/x"], None);
-    assert_eq!(code(&usage), 2, "clap usage errors exit 2");
+    expect(&usage, 2);
+    assert!(stderr(&usage).contains("--from"), "{}", stderr(&usage));
+    let typo = runstate(None, &["lss"], None);
+    expect(&typo, 2);
+    assert!(stderr(&typo).contains("hint: "), "{}", stderr(&typo));
 }
 
 #[test]
@@ -421,11 +357,15 @@ fn doctor_passes_on_every_backend() {
         let Some(place) = backend.place("doctor_passes_on_every_backend") else {
             continue;
         };
-        let report = runstate(None, &["doctor", &place.url, "--json"], None);
+        // Doctor probes existing stores only: `init` makes this one.
+        let init = runstate(None, &["init", "--url", &place.url, "--json"], None);
+        let report = runstate(None, &["doctor", "--url", &place.url, "--json"], None);
         let text = runstate(Some(&place.url), &["doctor"], None);
         tokio::runtime::Runtime::new()
             .expect("runtime")
             .block_on(place.cleanup());
+        expect(&init, 0);
+        assert_eq!(json(&init)["backend"], backend.name());
         expect(&report, 0);
         let report = json(&report);
         assert_eq!(report["healthy"], true, "{backend:?}: {report:#}");
@@ -471,8 +411,17 @@ fn migrate_and_verify_between_stores() {
     }
 
     let dry = runstate(
-        Some(&from),
-        &["migrate", "--to", &to, "--all", "--dry-run", "--json"],
+        None,
+        &[
+            "migrate",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--all",
+            "--dry-run",
+            "--json",
+        ],
         None,
     );
     expect(&dry, 0);
@@ -489,8 +438,16 @@ fn migrate_and_verify_between_stores() {
     for bad in ["ftp://example.invalid/x", "file:///tmp/x?no_such_option=1"] {
         expect(
             &runstate(
-                Some(&from),
-                &["migrate", "--to", bad, "--all", "--dry-run"],
+                None,
+                &[
+                    "migrate",
+                    "--from",
+                    &from,
+                    "--to",
+                    bad,
+                    "--all",
+                    "--dry-run",
+                ],
                 None,
             ),
             2,
@@ -533,7 +490,11 @@ fn migrate_and_verify_between_stores() {
         "{out}"
     );
 
-    let same = runstate(None, &["verify", "--from", &from, "--to", &to], None);
+    let same = runstate(
+        None,
+        &["verify", "--from", &from, "--to", &to, "--all"],
+        None,
+    );
     expect(&same, 0);
     assert!(
         stdout(&same).contains("compared 2 run(s), 5 document(s)"),
@@ -551,7 +512,7 @@ fn migrate_and_verify_between_stores() {
     );
     let differs = runstate(
         None,
-        &["verify", "--from", &from, "--to", &to, "--json"],
+        &["verify", "--from", &from, "--to", &to, "--all", "--json"],
         None,
     );
     assert_eq!(code(&differs), 5);
@@ -588,7 +549,11 @@ fn migrate_and_verify_between_stores() {
         0,
     );
     expect(
-        &runstate(None, &["verify", "--from", &from, "--to", &to], None),
+        &runstate(
+            None,
+            &["verify", "--from", &from, "--to", &to, "--all"],
+            None,
+        ),
         0,
     );
 
@@ -669,4 +634,557 @@ fn migration_memory_is_bounded_by_the_largest_document() {
         bound >> 20
     );
     assert!(peak <= bound, "peak {peak} > bound {bound}");
+}
+
+/// `rm RUN` used to delete the whole run with no confirmation: now it
+/// needs `--all` (or `--yes`), says how many documents would go, and
+/// deletes nothing without it.
+#[test]
+fn rm_of_a_whole_run_needs_all_and_says_how_many() {
+    let root = temp_root("rm-all");
+    let url = file_url(&root);
+    let url = Some(url.as_str());
+    for doc in ["ron", "climate", "wepp"] {
+        expect(&runstate(url, &["put", "Run_A", doc], Some(b"{}")), 0);
+    }
+    let refused = runstate(url, &["rm", "Run_A"], None);
+    expect(&refused, 2);
+    let err = stderr(&refused);
+    assert!(
+        err.contains("3 document(s)") && err.contains("--all"),
+        "{err}"
+    );
+    assert_eq!(
+        json(&runstate(url, &["ls", "Run_A", "--json"], None))
+            .as_array()
+            .map(Vec::len),
+        Some(3),
+        "nothing deleted"
+    );
+    // A run that does not exist is "not found", --all or not.
+    expect(&runstate(url, &["rm", "No_such_run"], None), 3);
+    expect(&runstate(url, &["rm", "No_such_run", "--all"], None), 3);
+    // --all with a document is a contradiction.
+    expect(&runstate(url, &["rm", "Run_A", "ron", "--all"], None), 2);
+
+    let one = runstate(url, &["rm", "Run_A", "wepp", "--json"], None);
+    expect(&one, 0);
+    assert_eq!(
+        json(&one),
+        serde_json::json!({"run": "Run_A", "doc": "wepp", "deleted": 1})
+    );
+    let all = runstate(url, &["rm", "Run_A", "--yes", "--json"], None);
+    expect(&all, 0);
+    assert_eq!(
+        json(&all),
+        serde_json::json!({"run": "Run_A", "deleted": 2})
+    );
+    assert_eq!(stdout(&runstate(url, &["ls"], None)), "");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `doctor` on a URL with a typo used to create the store and write into
+/// it. Now it opens existing stores only, says how to create one, and
+/// writes only into its scratch run, whose documents it removes.
+#[test]
+fn doctor_opens_existing_stores_only_and_writes_only_its_scratch_run() {
+    let typo = temp_root("doctor-typo");
+    for url in [file_url(&typo), format!("sqlite://{}.db", typo.display())] {
+        let refused = runstate(None, &["doctor", "--url", &url], None);
+        expect(&refused, 2);
+        assert!(
+            stderr(&refused).contains("runstate init --url"),
+            "{}",
+            stderr(&refused)
+        );
+        assert!(
+            !typo.exists() && !typo.with_extension("db").exists(),
+            "{url} created"
+        );
+    }
+    // The store is named like everywhere else; a positional URL says so.
+    let positional = runstate(None, &["doctor", &file_url(&typo)], None);
+    expect(&positional, 2);
+    assert!(
+        stderr(&positional).contains("doctor --url"),
+        "{}",
+        stderr(&positional)
+    );
+    assert!(!typo.exists());
+
+    let root = temp_root("doctor-existing");
+    let url = file_url(&root);
+    expect(
+        &runstate(Some(&url), &["put", "Real_run", "ron"], Some(b"{\"a\":1}")),
+        0,
+    );
+    let before = tree(&root);
+    let real_run = std::fs::read(root.join("Real_run").join("ron.json")).expect("read");
+    let doctor = runstate(Some(&url), &["doctor", "--json"], None);
+    expect(&doctor, 0);
+    assert_eq!(json(&doctor)["healthy"], true);
+    // Nothing outside the scratch run changed; the scratch run keeps only
+    // its lease bookkeeping, and no documents.
+    let after: Vec<String> = tree(&root)
+        .into_iter()
+        .filter(|p| !p.starts_with("runstate-doctor"))
+        .collect();
+    assert_eq!(after, before);
+    assert_eq!(
+        std::fs::read(root.join("Real_run").join("ron.json")).expect("read"),
+        real_run
+    );
+    assert_eq!(stdout(&runstate(Some(&url), &["ls"], None)), "Real_run\n");
+    expect(&runstate(Some(&url), &["ls", "runstate-doctor"], None), 3);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// One way to name stores and runs: `--url`/`RUNSTATE_URL` for one store,
+/// `--from`/`--to` for two (never `--url`), `--run ID…` or `--all` for
+/// `migrate` and `verify` (never an implicit all); the demo never touches
+/// the store of `--url`.
+#[test]
+fn stores_and_runs_are_named_one_way() {
+    let (a, b) = (temp_root("name-a"), temp_root("name-b"));
+    let (url_a, url_b) = (file_url(&a), file_url(&b));
+    expect(
+        &runstate(Some(&url_a), &["put", "Run_A", "ron"], Some(b"{}")),
+        0,
+    );
+    expect(
+        &runstate(Some(&url_b), &["put", "Run_A", "ron"], Some(b"{}")),
+        0,
+    );
+
+    // verify used to compare every run when none was named.
+    let implicit = runstate(None, &["verify", "--from", &url_a, "--to", &url_b], None);
+    expect(&implicit, 2);
+    assert!(stderr(&implicit).contains("--run"), "{}", stderr(&implicit));
+    let implicit = runstate(None, &["migrate", "--from", &url_a, "--to", &url_b], None);
+    assert_eq!(code(&implicit), 2, "{}", stderr(&implicit));
+    let both = runstate(
+        None,
+        &[
+            "verify", "--from", &url_a, "--to", &url_b, "--all", "--run", "Run_A",
+        ],
+        None,
+    );
+    assert_eq!(code(&both), 2);
+    expect(
+        &runstate(
+            None,
+            &["verify", "--from", &url_a, "--to", &url_b, "--run", "Run_A"],
+            None,
+        ),
+        0,
+    );
+    // Two stores are named with --from and --to: --url is refused, and
+    // RUNSTATE_URL is not taken for the source.
+    let typed = runstate(
+        None,
+        &["--url", &url_a, "verify", "--to", &url_b, "--all"],
+        None,
+    );
+    assert_eq!(code(&typed), 2, "{}", stderr(&typed));
+    let typed = runstate(
+        None,
+        &[
+            "--url", &url_a, "migrate", "--from", &url_a, "--to", &url_b, "--all",
+        ],
+        None,
+    );
+    expect(&typed, 2);
+    assert!(stderr(&typed).contains("--from"), "{}", stderr(&typed));
+    let from_env = runstate(Some(&url_a), &["migrate", "--to", &url_b, "--all"], None);
+    assert_eq!(code(&from_env), 2, "{}", stderr(&from_env));
+    let mut command = common::command(None, &["verify", "--all"]);
+    command
+        .env("RUNSTATE_FROM_URL", &url_a)
+        .env("RUNSTATE_TO_URL", &url_b);
+    expect(&common::run(command, None), 0);
+    // The demo runs on its own folder, never on --url's store.
+    let demo = runstate(None, &["--url", &url_a, "demo", "--workers", "1"], None);
+    expect(&demo, 2);
+    assert!(stderr(&demo).contains("--root"), "{}", stderr(&demo));
+    let _ = std::fs::remove_dir_all(&a);
+    let _ = std::fs::remove_dir_all(&b);
+}
+
+/// `--json` is honoured by `cat` (JSON, text or base64 content), `stat`,
+/// `rm`, `init`, `ls -l` and the status commands; `cat --pretty` indents
+/// JSON and refuses anything else.
+#[test]
+fn every_command_speaks_json_and_cat_pretty_prints() {
+    let root = temp_root("json");
+    let url = file_url(&root);
+    let url = Some(url.as_str());
+    let init = runstate(url, &["init", "--json"], None);
+    expect(&init, 0);
+    assert_eq!(json(&init)["created"], true);
+    assert_eq!(
+        json(&runstate(url, &["init", "--json"], None))["created"],
+        false
+    );
+    let put = runstate(
+        url,
+        &["put", "R", "ron", "--json"],
+        Some(b"{\"b\":[1,2],\"a\":\"x\"}"),
+    );
+    let version = json(&put)["version"].clone();
+    expect(
+        &runstate(url, &["put", "R", "notes"], Some(b"plain text")),
+        0,
+    );
+    expect(
+        &runstate(url, &["put", "R", "blob"], Some(b"\x00\x01binary\xff")),
+        0,
+    );
+
+    let cat = runstate(url, &["cat", "R", "ron", "--json"], None);
+    expect(&cat, 0);
+    let cat = json(&cat);
+    assert_eq!(cat["json"], serde_json::json!({"a": "x", "b": [1, 2]}));
+    assert_eq!(cat["version"], version);
+    assert_eq!(cat["size"], 19);
+    assert_eq!(
+        json(&runstate(url, &["cat", "R", "notes", "--json"], None))["text"],
+        "plain text"
+    );
+    assert_eq!(
+        json(&runstate(url, &["cat", "R", "blob", "--json"], None))["base64"],
+        "AAFiaW5hcnn/"
+    );
+
+    let pretty = runstate(url, &["cat", "R", "ron", "--pretty"], None);
+    expect(&pretty, 0);
+    assert_eq!(
+        stdout(&pretty),
+        "{\n  \"b\": [\n    1,\n    2\n  ],\n  \"a\": \"x\"\n}\n"
+    );
+    let not_json = runstate(url, &["cat", "R", "blob", "--pretty"], None);
+    expect(&not_json, 2);
+    assert!(
+        stderr(&not_json).contains("not JSON"),
+        "{}",
+        stderr(&not_json)
+    );
+    assert!(not_json.stdout.is_empty());
+
+    let stat = runstate(url, &["stat", "R", "ron", "--json"], None);
+    expect(&stat, 0);
+    let stat = json(&stat);
+    assert_eq!(stat["version"], version);
+    assert_eq!(stat["size"], 19);
+    assert_eq!(stat["lock"], serde_json::Value::Null);
+    expect(&runstate(url, &["stat", "R", "nothing"], None), 3);
+
+    for (args, key) in [
+        (
+            vec!["publish", "R", "climate", "50% done", "--json"],
+            "topic",
+        ),
+        (vec!["mark", "R", "build_climate", "--json"], "task"),
+        (vec!["attr", "R", "has_sbs", "false", "--json"], "name"),
+    ] {
+        let output = runstate(url, &args, None);
+        expect(&output, 0);
+        assert!(json(&output)[key].is_string(), "{}", stdout(&output));
+    }
+    let completions = runstate(url, &["completions", "bash", "--json"], None);
+    expect(&completions, 2);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `stat RUN DOC`: version, size, modification time (where the backend
+/// records it) and who holds the document's lock.
+#[test]
+fn stat_shows_the_lock_holder() {
+    let root = temp_root("stat");
+    let url = file_url(&root);
+    expect(
+        &runstate(Some(&url), &["put", "R", "climate"], Some(b"{}")),
+        0,
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let store = rt.block_on(runstate::open(&url)).expect("open");
+    let key = LockKey::Doc(
+        RunId::new("R").expect("id"),
+        DocName::new("climate").expect("name"),
+    );
+    let holder = Owner::new("worker-9.example", 4343, "stat-holder").expect("owner");
+    let lease = rt
+        .block_on(store.try_acquire(&key, &holder, Duration::from_secs(60)))
+        .expect("hold the lock");
+    let stat = runstate(Some(&url), &["stat", "R", "climate", "--json"], None);
+    expect(&stat, 0);
+    let stat = json(&stat);
+    assert_eq!(stat["lock"]["host"], "worker-9.example");
+    assert_eq!(stat["lock"]["pid"], 4343);
+    assert_eq!(stat["lock"]["fence"], lease.fence().get());
+    assert_eq!(stat["size"], 2);
+    if let Some(modified) = stat["modified_unix_ms"].as_u64() {
+        let now = runstate::time::unix_millis(std::time::SystemTime::now());
+        assert!(modified <= now && now - modified < 600_000, "{stat:#}");
+    }
+    let text = stdout(&runstate(Some(&url), &["stat", "R", "climate"], None));
+    assert!(
+        text.contains("version") && text.contains("held by worker-9.example:4343"),
+        "{text}"
+    );
+    rt.block_on(store.release(&lease)).expect("release");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `ls` lists runs by name, `-l` with their document counts and sizes, a
+/// glob selects runs or documents, `--limit` bounds the output.
+#[test]
+fn ls_counts_sizes_globs_and_limits() {
+    let root = temp_root("ls");
+    let url = file_url(&root);
+    let url = Some(url.as_str());
+    for (run, docs) in [("Mica_flume1", 3), ("Mica_flume2", 1), ("Other_run", 2)] {
+        for i in 0..docs {
+            expect(
+                &runstate(url, &["put", run, &format!("doc{i}")], Some(b"12345")),
+                0,
+            );
+        }
+    }
+    expect(
+        &runstate(url, &["put", "Other_run", "climate"], Some(b"1")),
+        0,
+    );
+    assert_eq!(
+        stdout(&runstate(url, &["ls"], None)),
+        "Mica_flume1\nMica_flume2\nOther_run\n"
+    );
+    assert_eq!(
+        stdout(&runstate(url, &["ls", "Mica*"], None)),
+        "Mica_flume1\nMica_flume2\n"
+    );
+    let limited = runstate(url, &["ls", "--limit", "2"], None);
+    expect(&limited, 0);
+    assert_eq!(stdout(&limited), "Mica_flume1\nMica_flume2\n");
+    assert!(stderr(&limited).contains("--limit"), "{}", stderr(&limited));
+
+    let long = runstate(url, &["ls", "-l", "--json"], None);
+    expect(&long, 0);
+    let long = json(&long);
+    assert_eq!(long[0]["run"], "Mica_flume1");
+    assert_eq!(long[0]["documents"], 3);
+    assert_eq!(long[0]["bytes"], 15);
+    assert_eq!(long[2]["documents"], 3);
+    assert!(long[2].get("modified").is_some());
+    let text = stdout(&runstate(url, &["ls", "-l", "Mica_flume?"], None));
+    assert!(
+        text.starts_with("RUN")
+            && text.contains("MODIFIED")
+            && text.contains("2 run(s), 4 document(s)"),
+        "{text}"
+    );
+
+    let docs = runstate(url, &["ls", "Other_run", "doc*", "--json"], None);
+    expect(&docs, 0);
+    let docs = json(&docs);
+    let names: Vec<&str> = docs
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|d| d["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["doc0", "doc1"]);
+    let docs = json(&runstate(
+        url,
+        &["ls", "Other_run", "--limit", "1", "--json"],
+        None,
+    ));
+    assert_eq!(docs.as_array().map(Vec::len), Some(1));
+    assert!(docs[0].get("modified").is_some());
+    expect(&runstate(url, &["ls", "Mica*", "doc*"], None), 2);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `completions SHELL` prints a completion script, `man [COMMAND]` a roff
+/// page.
+#[test]
+fn completions_and_manual_pages() {
+    let bash = runstate(None, &["completions", "bash"], None);
+    expect(&bash, 0);
+    assert!(
+        stdout(&bash).contains("_runstate()") && stdout(&bash).contains("watch"),
+        "bash"
+    );
+    let zsh = runstate(None, &["completions", "zsh"], None);
+    expect(&zsh, 0);
+    assert!(stdout(&zsh).starts_with("#compdef runstate"));
+    let fish = runstate(None, &["completions", "fish"], None);
+    expect(&fish, 0);
+    assert!(stdout(&fish).contains("complete -c runstate"));
+    let tcsh = runstate(None, &["completions", "tcsh"], None);
+    expect(&tcsh, 2);
+    assert!(stderr(&tcsh).contains("bash"), "{}", stderr(&tcsh));
+
+    let man = runstate(None, &["man"], None);
+    expect(&man, 0);
+    let page = stdout(&man);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH runstate"),
+        "{page}"
+    );
+    assert!(page.contains(".TH runstate 1"), "{page}");
+    for command in ["watch", "health", "migrate"] {
+        assert!(page.contains(command), "{command}");
+    }
+    let watch = runstate(None, &["man", "watch"], None);
+    expect(&watch, 0);
+    assert!(
+        stdout(&watch).contains(".TH runstate-watch 1"),
+        "{}",
+        stdout(&watch)
+    );
+    assert!(stdout(&watch).contains("\\-\\-count"), "{}", stdout(&watch));
+    expect(&runstate(None, &["man", "nope"], None), 2);
+}
+
+/// Runs `args` under a pseudo-terminal (util-linux `script`), so standard
+/// output and error are a terminal; returns what it printed.
+fn on_a_terminal(envs: &[(&str, &str)], args: &[&str]) -> String {
+    let line = std::iter::once(BIN)
+        .chain(args.iter().copied())
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut command = std::process::Command::new("script");
+    command
+        .args(["-qec", &line, "/dev/null"])
+        .env_remove("NO_COLOR")
+        .env("TERM", "xterm");
+    for (name, value) in envs {
+        command.env(name, value);
+    }
+    let output = common::run(command, None);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Colour on a terminal only: never in a pipe, never with NO_COLOR or
+/// `--color never`, always with `--color always`.
+#[test]
+fn colour_only_on_a_terminal() {
+    let bad = ["--url", "ftp://nowhere/x", "ls"];
+    let piped = runstate(None, &bad, None);
+    expect(&piped, 2);
+    assert!(!stderr(&piped).contains('\x1b'), "{:?}", stderr(&piped));
+    let help = runstate(None, &["--help"], None);
+    assert!(!stdout(&help).contains('\x1b'));
+    let forced = runstate(
+        None,
+        &["--color", "always", "--url", "ftp://nowhere/x", "ls"],
+        None,
+    );
+    assert_eq!(code(&forced), 2);
+    assert!(stderr(&forced).contains("\x1b["), "{:?}", stderr(&forced));
+
+    assert!(
+        std::process::Command::new("script")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "util-linux `script` is needed to run a command on a terminal"
+    );
+    let terminal = on_a_terminal(&[], &bad);
+    assert!(terminal.contains("\x1b["), "{terminal:?}");
+    assert!(terminal.contains("error:"), "{terminal:?}");
+    let no_color = on_a_terminal(&[("NO_COLOR", "1")], &bad);
+    assert!(
+        no_color.contains("error:") && !no_color.contains('\x1b'),
+        "{no_color:?}"
+    );
+    let never = on_a_terminal(&[], &["--color", "never", "--url", "ftp://nowhere/x", "ls"]);
+    assert!(
+        never.contains("error:") && !never.contains('\x1b'),
+        "{never:?}"
+    );
+    let help = on_a_terminal(&[("NO_COLOR", "1")], &["--help"]);
+    assert!(help.contains("Usage") && !help.contains('\x1b'), "{help:?}");
+}
+
+/// `migrate --jobs N` copies several runs at once; `--keep-going` goes on
+/// past a run that fails, reports it, and exits 5 (without it, the first
+/// failure stops the migration with its own exit code).
+#[test]
+fn migrate_keeps_going_past_a_failed_run() {
+    let (from_root, to_root) = (temp_root("keep-from"), temp_root("keep-to"));
+    let (from, to) = (file_url(&from_root), file_url(&to_root));
+    for run in ["A_run", "B_run", "C_run", "D_run"] {
+        for doc in ["ron", "climate"] {
+            expect(
+                &runstate(Some(&from), &["put", run, doc], Some(run.as_bytes())),
+                0,
+            );
+        }
+    }
+    // B_run on the target differs: a migration without --overwrite refuses it.
+    expect(
+        &runstate(Some(&to), &["put", "B_run", "ron"], Some(b"other")),
+        0,
+    );
+
+    let stops = runstate(
+        None,
+        &[
+            "migrate", "--from", &from, "--to", &to, "--all", "--jobs", "2",
+        ],
+        None,
+    );
+    expect(&stops, 4);
+
+    let going = runstate(
+        None,
+        &[
+            "migrate",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--all",
+            "--jobs",
+            "3",
+            "--keep-going",
+            "--json",
+        ],
+        None,
+    );
+    expect(&going, 5);
+    assert!(stderr(&going).contains("B_run"), "{}", stderr(&going));
+    let report = json(&going);
+    assert_eq!(report["failed"][0]["run"], "B_run", "{report:#}");
+    assert_eq!(report["failed"][0]["kind"], "already exists", "{report:#}");
+    assert_eq!(report["failed"].as_array().map(Vec::len), Some(1));
+    for run in ["A_run", "C_run", "D_run"] {
+        expect(
+            &runstate(
+                None,
+                &["verify", "--from", &from, "--to", &to, "--run", run],
+                None,
+            ),
+            0,
+        );
+    }
+    let text = runstate(
+        None,
+        &[
+            "migrate",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--all",
+            "--keep-going",
+        ],
+        None,
+    );
+    expect(&text, 5);
+    assert!(stdout(&text).contains("FAILED  B_run"), "{}", stdout(&text));
+    let _ = std::fs::remove_dir_all(&from_root);
+    let _ = std::fs::remove_dir_all(&to_root);
 }
