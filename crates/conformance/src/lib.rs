@@ -109,7 +109,7 @@ macro_rules! __case_list {
             // 3. delete and list
             delete_absent_is_ok, delete_removes_document, delete_if_version_stale_refused,
             delete_if_version_current, list_docs_1000, list_runs_1000, list_pages_resume_after,
-            list_docs_absent_run_empty, delete_run_removes_documents,
+            list_docs_absent_run_empty, delete_run_removes_documents, head_and_listing_agree,
             // 4. identifiers
             invalid_run_ids_rejected, invalid_doc_names_rejected,
             invalid_key_names_byte_and_position, real_ids_round_trip,

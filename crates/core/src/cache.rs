@@ -11,6 +11,7 @@ use crate::version::Version;
 
 /// A cached copy of a document.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Cached {
     /// The bytes and the version they are.
     pub doc: StoredDoc,
@@ -18,6 +19,13 @@ pub struct Cached {
     /// moment the read or write that produced it was sent: a lower bound,
     /// so a copy is never served as fresher than it is).
     pub known_at: SystemTime,
+}
+
+impl Cached {
+    /// A cached copy of `doc`, known current at `known_at`; for caches.
+    pub fn new(doc: StoredDoc, known_at: SystemTime) -> Self {
+        Cached { doc, known_at }
+    }
 }
 
 /// Where a caching store keeps its copies: one version per document of a

@@ -292,6 +292,7 @@ fn random_id() -> String {
 
 /// What anyone can see about a held lock.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LockInfo {
     /// The lock.
     pub key: LockKey,
@@ -303,6 +304,25 @@ pub struct LockInfo {
     pub since: SystemTime,
     /// How long until it expires unless renewed.
     pub expires_in: Duration,
+}
+
+impl LockInfo {
+    /// A held lock as seen by anyone; for backends and layers.
+    pub fn new(
+        key: LockKey,
+        owner: Owner,
+        fence: Fence,
+        since: SystemTime,
+        expires_in: Duration,
+    ) -> Self {
+        LockInfo {
+            key,
+            owner,
+            fence,
+            since,
+            expires_in,
+        }
+    }
 }
 
 impl fmt::Display for LockInfo {

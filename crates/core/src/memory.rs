@@ -64,9 +64,23 @@ struct Inner {
     history: usize,
 }
 
+/// A document as kept: its bytes and version, and when it was written.
+struct Kept {
+    doc: StoredDoc,
+    modified: SystemTime,
+}
+
+impl std::ops::Deref for Kept {
+    type Target = StoredDoc;
+
+    fn deref(&self) -> &StoredDoc {
+        &self.doc
+    }
+}
+
 #[derive(Default)]
 struct State {
-    runs: BTreeMap<RunId, BTreeMap<DocName, StoredDoc>>,
+    runs: BTreeMap<RunId, BTreeMap<DocName, Kept>>,
     locks: HashMap<LockKey, LockState>,
     watermarks: HashMap<LockKey, u64>,
     next_version: u64,
@@ -178,7 +192,8 @@ impl MemoryStore {
                     .with_native_conditional_get(true)
                     .with_watch(WatchMode::Native { every_write: true })
                     .with_status(true)
-                    .with_milestones(true),
+                    .with_milestones(true)
+                    .with_modified_times(true),
                 signals: ReleaseSignals::new(),
                 history: history.max(1),
             }),
@@ -255,7 +270,7 @@ impl MemoryStore {
     }
 
     fn check_mode(
-        docs: Option<&BTreeMap<DocName, StoredDoc>>,
+        docs: Option<&BTreeMap<DocName, Kept>>,
         doc: &DocName,
         mode: &PutMode,
     ) -> Result<()> {
@@ -302,7 +317,7 @@ impl MemoryStore {
                 {
                     return Err(Self::too_large(stored.bytes.len(), limit));
                 }
-                Ok(Some(stored.clone()))
+                Ok(Some(stored.doc.clone()))
             }
         }
     }
@@ -332,9 +347,9 @@ impl MemoryStore {
         let version = state.version();
         state.runs.entry(run.clone()).or_default().insert(
             doc.clone(),
-            StoredDoc {
-                bytes,
-                version: version.clone(),
+            Kept {
+                doc: StoredDoc::new(bytes, version.clone()),
+                modified: SystemTime::now(),
             },
         );
         state.notify(
@@ -521,10 +536,13 @@ impl Store for MemoryStore {
             None => docs.range::<DocName, _>(..),
         };
         Ok(page(
-            range.map(|(name, stored)| DocMeta {
-                name: name.clone(),
-                version: stored.version.clone(),
-                size: stored.bytes.len() as u64,
+            range.map(|(name, stored)| {
+                DocMeta::new(
+                    name.clone(),
+                    stored.version.clone(),
+                    stored.bytes.len() as u64,
+                    Some(stored.modified),
+                )
             }),
             limit,
         ))
@@ -556,11 +574,13 @@ impl Store for MemoryStore {
 
     async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
         let state = self.state();
-        Ok(state
-            .runs
-            .get(run)
-            .and_then(|d| d.get(doc))
-            .map(|stored| DocStat::new(stored.version.clone(), stored.bytes.len() as u64, None)))
+        Ok(state.runs.get(run).and_then(|d| d.get(doc)).map(|stored| {
+            DocStat::new(
+                stored.version.clone(),
+                stored.bytes.len() as u64,
+                Some(stored.modified),
+            )
+        }))
     }
 
     async fn get_many(

@@ -180,11 +180,22 @@ pub enum Fetched {
 
 /// A document as read: its exact bytes and its version.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StoredDoc {
     /// The bytes exactly as saved.
     pub bytes: Bytes,
     /// The version of these bytes.
     pub version: Version,
+}
+
+impl StoredDoc {
+    /// A document as read; for backends and layers.
+    pub fn new(bytes: impl Into<Bytes>, version: Version) -> Self {
+        StoredDoc {
+            bytes: bytes.into(),
+            version,
+        }
+    }
 }
 
 impl fmt::Debug for StoredDoc {
@@ -198,6 +209,7 @@ impl fmt::Debug for StoredDoc {
 
 /// A listed document.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DocMeta {
     /// Its name.
     pub name: DocName,
@@ -205,16 +217,39 @@ pub struct DocMeta {
     pub version: Version,
     /// Its size in bytes.
     pub size: u64,
+    /// When it was last written, where the backend records it
+    /// ([`Capabilities::modified_times`]); `None` where it does not.
+    pub modified: Option<SystemTime>,
+}
+
+impl DocMeta {
+    /// A listing entry; for backends and layers.
+    pub fn new(name: DocName, version: Version, size: u64, modified: Option<SystemTime>) -> Self {
+        DocMeta {
+            name,
+            version,
+            size,
+            modified,
+        }
+    }
 }
 
 /// One page of a listing, in ascending byte order of names.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ListPage<T> {
     /// The entries of this page.
     pub items: Vec<T>,
     /// Whether entries remain after the last one of this page. A page may
     /// be shorter than asked for and still have more after it.
     pub more: bool,
+}
+
+impl<T> ListPage<T> {
+    /// A page; for backends and layers.
+    pub fn new(items: Vec<T>, more: bool) -> Self {
+        ListPage { items, more }
+    }
 }
 
 /// How strongly a backend enforces fenced saves.
@@ -265,6 +300,9 @@ pub struct Capabilities {
     /// Whether milestones and attributes ([`Store::mark`],
     /// [`Store::set_attr`], [`Store::milestones`]) are supported.
     pub milestones: bool,
+    /// Whether listings ([`DocMeta::modified`]) and [`Store::head`]
+    /// ([`DocStat::modified`]) carry each document's modification time.
+    pub modified_times: bool,
 }
 
 /// How a store's [`watch`](Store::watch) learns of changes.
@@ -303,6 +341,7 @@ impl Capabilities {
             watch: WatchMode::None,
             status: false,
             milestones: false,
+            modified_times: false,
         }
     }
 
@@ -321,6 +360,12 @@ impl Capabilities {
     /// Sets whether milestones and attributes are supported.
     pub fn with_milestones(mut self, supported: bool) -> Self {
         self.milestones = supported;
+        self
+    }
+
+    /// Sets whether listings and [`Store::head`] carry modification times.
+    pub fn with_modified_times(mut self, supported: bool) -> Self {
+        self.modified_times = supported;
         self
     }
 

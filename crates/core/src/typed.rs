@@ -240,6 +240,81 @@ impl Run {
         Ok(self.doc_named(name))
     }
 
+    /// Watches this run's documents: see [`Store::watch`](crate::Store::watch)
+    /// for the protocol (subscribe, then list, then apply newer events;
+    /// re-list on [`Resync`](crate::WatchEvent::Resync)).
+    ///
+    /// # Errors
+    /// `Unsupported` on a store without watches; backend errors.
+    pub async fn watch(&self) -> Result<crate::events::Watcher> {
+        self.client.backend.watch(&self.id).await
+    }
+
+    /// Publishes a status message on `topic` (for example a controller's
+    /// name) of this run: see [`Store::publish`](crate::Store::publish).
+    ///
+    /// # Errors
+    /// `Unsupported` on a store without status messages; backend errors.
+    pub async fn publish(&self, topic: &str, message: &str) -> Result<()> {
+        self.client.backend.publish(&self.id, topic, message).await
+    }
+
+    /// Follows this run's status messages, replaying the kept history as
+    /// `replay` asks first: see [`Store::subscribe`](crate::Store::subscribe).
+    ///
+    /// # Errors
+    /// `Unsupported` on a store without status messages; backend errors.
+    pub async fn subscribe(
+        &self,
+        replay: crate::events::Replay,
+    ) -> Result<crate::events::Subscription> {
+        self.client.backend.subscribe(&self.id, replay).await
+    }
+
+    /// Records that `task` finished now (a milestone): field-level and
+    /// atomic per field, no lock needed, so many workers may mark
+    /// different milestones of one run at once.
+    ///
+    /// ```
+    /// # async fn demo(run: runstate_core::Run) -> runstate_core::Result<()> {
+    /// run.mark("build_climate").await?;
+    /// run.set_attr("has_sbs", "false").await?;
+    /// let milestones = run.milestones().await?;
+    /// # let _ = milestones; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// `InvalidKey` for an empty or oversize task name, `Unsupported` on a
+    /// store without milestones, backend errors.
+    pub async fn mark(&self, task: &str) -> Result<()> {
+        self.mark_at(task, std::time::SystemTime::now()).await
+    }
+
+    /// Records that `task` finished at `at`: see [`mark`](Run::mark).
+    ///
+    /// # Errors
+    /// As [`mark`](Run::mark).
+    pub async fn mark_at(&self, task: &str, at: std::time::SystemTime) -> Result<()> {
+        self.client.backend.mark(&self.id, task, at).await
+    }
+
+    /// Sets the attribute `name` of this run to `value` (field-level,
+    /// atomic per field, no lock needed).
+    ///
+    /// # Errors
+    /// As [`mark`](Run::mark).
+    pub async fn set_attr(&self, name: &str, value: &str) -> Result<()> {
+        self.client.backend.set_attr(&self.id, name, value).await
+    }
+
+    /// This run's milestones and attributes.
+    ///
+    /// # Errors
+    /// `Unsupported` on a store without milestones; backend errors.
+    pub async fn milestones(&self) -> Result<crate::events::Milestones> {
+        self.client.backend.milestones(&self.id).await
+    }
+
     /// [`doc`](Run::doc) with an already validated name.
     pub fn doc_named<T: Data>(&self, name: DocName) -> Doc<T> {
         Doc {

@@ -22,6 +22,7 @@ use crate::time::Short;
 /// waiters that collided once do not collide again, and never outlasts the
 /// holder's remaining lease by more than a millisecond.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct WaitPolicy {
     /// Give up after this long. Zero means a single attempt.
     pub timeout: Duration,
@@ -60,6 +61,16 @@ impl WaitPolicy {
             timeout,
             ..WaitPolicy::default()
         }
+    }
+
+    /// This policy with other sleeps: the first `initial`, growing by
+    /// `multiplier` (at least 1) up to `max`.
+    #[must_use]
+    pub fn with_backoff(mut self, initial: Duration, max: Duration, multiplier: f64) -> Self {
+        self.initial_backoff = initial;
+        self.max_backoff = max;
+        self.multiplier = multiplier;
+        self
     }
 }
 

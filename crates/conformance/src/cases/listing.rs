@@ -316,3 +316,54 @@ pub async fn delete_run_removes_documents(ctx: Ctx) {
         1
     );
 }
+
+/// `head` reports what a listing reports — version and size, without the
+/// bytes — and `None` for an absent document; where the backend declares
+/// [`modified_times`](runstate_core::Capabilities::modified_times), both
+/// carry the time of the last write (within a few seconds: servers may
+/// round it to whole seconds and keep their own clock).
+pub async fn head_and_listing_agree(ctx: Ctx) {
+    use std::time::{Duration, SystemTime};
+    let run = ctx.run("head");
+    let doc = ctx.doc("ron");
+    assert_eq!(ctx.store.head(&run, &doc).await.expect("head absent"), None);
+    let before = SystemTime::now();
+    ctx.store
+        .put_bytes(&run, &doc, Bytes::from_static(b"first"))
+        .await
+        .expect("put");
+    let version = ctx
+        .store
+        .put_bytes(&run, &doc, Bytes::from_static(b"second!"))
+        .await
+        .expect("put");
+    let after = SystemTime::now();
+    let stat = ctx
+        .store
+        .head(&run, &doc)
+        .await
+        .expect("head")
+        .expect("present");
+    assert_eq!(stat.version, version);
+    assert_eq!(stat.size, 7);
+    let listed = ctx.store.list_all_docs(&run).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!((&listed[0].version, listed[0].size), (&version, 7));
+    if ctx.store.capabilities().modified_times {
+        let slack = Duration::from_secs(3);
+        let lower = before.checked_sub(slack).expect("a time after the epoch");
+        let upper = after + slack;
+        for (what, modified) in [("head", stat.modified), ("listing", listed[0].modified)] {
+            let modified = modified.unwrap_or_else(|| panic!("{what} has no modification time"));
+            assert!(
+                (lower..=upper).contains(&modified),
+                "{what}: modified {modified:?} is not within the write's window {before:?}..{after:?}"
+            );
+        }
+    }
+    ctx.store.delete(&run, &doc, None).await.expect("delete");
+    assert_eq!(
+        ctx.store.head(&run, &doc).await.expect("head deleted"),
+        None
+    );
+}
