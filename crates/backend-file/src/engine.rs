@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use runstate_core::process::{Liveness, ProcessStamp, current_stamp, liveness};
 use runstate_core::{
-    Bytes, DocMeta, DocName, Error, ErrorKind, Fence, Fetched, Lease, ListPage, LockInfo, LockKey,
-    Operation, Owner, PutMode, RunId, StoredDoc, Version,
+    Bytes, DocMeta, DocName, DocStat, Error, ErrorKind, Fence, Fetched, Lease, ListPage, LockInfo,
+    LockKey, Operation, Owner, PutMode, RunId, StoredDoc, Version,
 };
 
 use crate::BACKEND;
@@ -123,6 +123,16 @@ pub(crate) struct Fences<'a> {
     /// A lease granted by another lock service: its fence must not be
     /// below the lock's watermark, which the save raises to it.
     pub(crate) foreign: Option<&'a Lease>,
+}
+
+/// What [`Engine::versions_now`] found.
+#[derive(Debug, Default)]
+pub(crate) struct VersionsNow {
+    /// The documents that could be read: their version, or `None` when
+    /// absent.
+    pub(crate) found: Vec<(DocName, Option<Version>)>,
+    /// Some document could not be read (left out of `found`).
+    pub(crate) unreadable: bool,
 }
 
 /// The record of `lease`'s lock among the two a save holds: the run's when
@@ -514,10 +524,36 @@ impl Engine {
         };
         let bytes = read_bounded(&file, &dir.child(&name), self.read_limit(limit))?;
         let version = version_of(&bytes);
-        Ok(Some(StoredDoc {
-            bytes: Bytes::from(bytes),
+        Ok(Some(StoredDoc::new(Bytes::from(bytes), version)))
+    }
+
+    /// A document's version, size and modification time, from its
+    /// metadata and the run's version index: its bytes are read (hashed in
+    /// chunks) only when the index does not remember the file's stamp, and
+    /// never for a document over the size limit, which gets the
+    /// `over-limit-…` version listings give it. `None` when absent.
+    pub(crate) fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>, Error> {
+        let root = self.layout.open_root()?;
+        let Some(dir) = self.run_dir(&root, run)? else {
+            return Ok(None);
+        };
+        let name = self.layout.file_name(doc);
+        let file = dir.open_file(&name, Access::Read)?;
+        // After the open, as in `get`.
+        self.check_doc_case(&dir, run, doc)?;
+        let Some(file) = file else {
+            return Ok(None);
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| io_error("stat of the document", &dir.child(&name), e))?;
+        // One stat for all three: the size and time describe the version.
+        let version = self.version_by_meta(&dir, run, &name, &file, &meta)?;
+        Ok(Some(DocStat::new(
             version,
-        }))
+            meta.len(),
+            meta.modified().ok(),
+        )))
     }
 
     /// Raises the watermark of `key` to `fence` (never lowering it) under
@@ -589,10 +625,11 @@ impl Engine {
         }
         let read = |file: &File| -> Result<Fetched, Error> {
             let bytes = read_bounded(file, &path, limit)?;
-            Ok(Fetched::Changed(StoredDoc {
-                version: version_of(&bytes),
-                bytes: Bytes::from(bytes),
-            }))
+            let version = version_of(&bytes);
+            Ok(Fetched::Changed(StoredDoc::new(
+                Bytes::from(bytes),
+                version,
+            )))
         };
         let remembered = self.run_index(&dir, run)?;
         if let Some(version) = remembered.index.version(&name, &stamp) {
@@ -611,10 +648,7 @@ impl Engine {
             return Ok(if version == *known {
                 Fetched::Unchanged
             } else {
-                Fetched::Changed(StoredDoc {
-                    bytes: Bytes::from(bytes),
-                    version,
-                })
+                Fetched::Changed(StoredDoc::new(Bytes::from(bytes), version))
             });
         }
         // Over the caller's limit: hashed in chunks, never held.
@@ -692,7 +726,21 @@ impl Engine {
         let meta = file
             .metadata()
             .map_err(|e| io_error("stat of the document", &path, e))?;
-        let stamp = Stamp::of(&meta);
+        self.version_by_meta(dir, run, file_name, file, &meta)
+    }
+
+    /// [`file_version`](Self::file_version) with the file's metadata
+    /// already taken.
+    fn version_by_meta(
+        &self,
+        dir: &Folder,
+        run: &RunId,
+        file_name: &str,
+        file: &File,
+        meta: &std::fs::Metadata,
+    ) -> Result<Version, Error> {
+        let path = dir.child(file_name);
+        let stamp = Stamp::of(meta);
         if meta.len() > self.max_document_size {
             return Ok(over_limit_version(&stamp));
         }
@@ -710,18 +758,21 @@ impl Engine {
 
     /// The versions of `docs` of `run` now (`None` for one that does not
     /// exist), read through the version index; a document that cannot be
-    /// read (a link or FIFO planted in its place) is left out. Creates
-    /// nothing.
-    pub(crate) fn versions_now(
-        &self,
-        run: &RunId,
-        docs: &[DocName],
-    ) -> Result<Vec<(DocName, Option<Version>)>, Error> {
+    /// read (its permissions, a link or FIFO planted in its place) is left
+    /// out of them and marks the answer [`VersionsNow::unreadable`].
+    /// Creates nothing.
+    pub(crate) fn versions_now(&self, run: &RunId, docs: &[DocName]) -> Result<VersionsNow, Error> {
         let root = self.layout.open_root()?;
         let Some(dir) = self.layout.run_dir(&root, run)? else {
-            return Ok(docs.iter().map(|d| (d.clone(), None)).collect());
+            return Ok(VersionsNow {
+                found: docs.iter().map(|d| (d.clone(), None)).collect(),
+                unreadable: false,
+            });
         };
-        let mut found = Vec::with_capacity(docs.len());
+        let mut now = VersionsNow {
+            found: Vec::with_capacity(docs.len()),
+            unreadable: false,
+        };
         for doc in docs {
             let name = self.layout.file_name(doc);
             let version = dir.open_file(&name, Access::Read).and_then(|file| {
@@ -729,13 +780,14 @@ impl Engine {
                     .transpose()
             });
             match version {
-                Ok(version) => found.push((doc.clone(), version)),
+                Ok(version) => now.found.push((doc.clone(), version)),
                 Err(error) => {
                     tracing::debug!(%error, %run, %doc, "a watched document cannot be read");
+                    now.unreadable = true;
                 }
             }
         }
-        Ok(found)
+        Ok(now)
     }
 
     /// Saves `bytes`; with `release_after`, also frees `lease` (the
@@ -974,10 +1026,7 @@ impl Engine {
     ) -> Result<ListPage<DocMeta>, Error> {
         let root = self.layout.open_root()?;
         let Some(dir) = self.run_dir(&root, run)? else {
-            return Ok(ListPage {
-                items: Vec::new(),
-                more: false,
-            });
+            return Ok(ListPage::new(Vec::new(), false));
         };
         let limit = limit.max(1);
         let names = self.doc_names(&dir)?;
@@ -1039,11 +1088,12 @@ impl Engine {
                     }
                 }
             };
-            items.push(DocMeta {
-                name: name.clone(),
+            items.push(DocMeta::new(
+                name.clone(),
                 version,
-                size: meta.len(),
-            });
+                meta.len(),
+                meta.modified().ok(),
+            ));
         }
         if index.has_others(|file| present.contains(file)) {
             changed |= Arc::make_mut(&mut index).retain(|file| present.contains(file));
@@ -1052,7 +1102,7 @@ impl Engine {
             index.save(book);
         }
         self.indexes.put(id, index);
-        Ok(ListPage { items, more })
+        Ok(ListPage::new(items, more))
     }
 
     /// Sorted ids of the folders and links under the root (run folders
@@ -1139,11 +1189,11 @@ impl Engine {
                 }
             }
             if items.len() == limit {
-                return Ok(ListPage { items, more: true });
+                return Ok(ListPage::new(items, true));
             }
             items.push(run.clone());
         }
-        Ok(ListPage { items, more: false })
+        Ok(ListPage::new(items, false))
     }
 
     pub(crate) fn delete_run(&self, run: &RunId) -> Result<u64, Error> {

@@ -97,7 +97,20 @@ pub(crate) async fn watch(
     Ok(feed.keep(Arc::new(AbortOnDrop(task.abort_handle()))))
 }
 
-/// What the watch listener last reported per document (`None`: deleted).
+/// What the watch listener last reported per document (`None`: deleted),
+/// since the last `Resync` the consumer will see.
+///
+/// A report equal to the last one is skipped, which is only right while
+/// the consumer's view of the document is that last report. After a
+/// `Resync` the consumer's view is its re-list, made at a moment the
+/// listener does not know, so what was reported before it proves nothing:
+/// the table is emptied whenever a `Resync` is sent, and whenever the feed
+/// dropped an event (the feed then delivers a `Resync` of its own). A drop
+/// is seen by the feed's gap flag right after each send; the consumer
+/// clears that flag only once it has drained the whole buffer, which it
+/// cannot do between a refused send and the check that follows it unless
+/// the listener is descheduled for that long (the feed's `send` does not
+/// say whether it dropped the event).
 #[derive(Default)]
 struct Reported(HashMap<DocName, Option<Version>>);
 
@@ -110,6 +123,11 @@ impl Reported {
         doc: DocName,
         version: Option<Version>,
     ) -> bool {
+        if sender.has_gap() {
+            // Events were dropped and the consumer will re-list: nothing
+            // reported so far is what it will know.
+            self.0.clear();
+        }
         if self.0.get(&doc) == Some(&version) {
             return true;
         }
@@ -120,8 +138,21 @@ impl Reported {
             },
             None => WatchEvent::Deleted { doc: doc.clone() },
         };
-        self.0.insert(doc, version);
-        sender.send(event)
+        let open = sender.send(event);
+        if sender.has_gap() {
+            // This event (at least) was dropped: not reported.
+            self.0.clear();
+        } else {
+            self.0.insert(doc, version);
+        }
+        open
+    }
+
+    /// Tells the consumer to re-list, forgetting what was reported;
+    /// `false` once the consumer is gone.
+    fn resync(&mut self, sender: &mut runstate_core::FeedSender<WatchEvent>) -> bool {
+        self.0.clear();
+        sender.resync()
     }
 }
 
@@ -172,8 +203,7 @@ async fn follow_run(
                 }
                 Err(error) => {
                     tracing::debug!(%error, %run, "listing a watched run failed");
-                    reported = Reported::default();
-                    if !sender.resync() {
+                    if !reported.resync(&mut sender) {
                         return;
                     }
                 }
@@ -189,17 +219,13 @@ async fn follow_run(
             // The run folder was removed or renamed: its watch went with
             // it. The consumer lists again; the folder is looked for anew.
             route = None;
-            reported = Reported::default();
-            if !sender.resync() {
+            if !reported.resync(&mut sender) {
                 return;
             }
             continue;
         }
-        if batch.rescan {
-            reported = Reported::default();
-            if !sender.resync() {
-                return;
-            }
+        if batch.rescan && !reported.resync(&mut sender) {
+            return;
         }
         let docs: Vec<DocName> = batch
             .names
@@ -211,8 +237,15 @@ async fn follow_run(
         }
         let r = run.clone();
         match blocking(&engine, move |e| e.versions_now(&r, &docs)).await {
-            Ok(found) => {
-                for (doc, version) in found {
+            Ok(now) => {
+                // A changed document that cannot be read (its permissions,
+                // a link or FIFO put in its place) cannot be reported with
+                // a version, and must not be skipped in silence: the
+                // consumer re-lists, and learns what is wrong from that.
+                if now.unreadable && !reported.resync(&mut sender) {
+                    return;
+                }
+                for (doc, version) in now.found {
                     if !reported.report(&mut sender, doc, version) {
                         return;
                     }
@@ -220,8 +253,7 @@ async fn follow_run(
             }
             Err(error) => {
                 tracing::debug!(%error, %run, "reading watched documents failed");
-                reported = Reported::default();
-                if !sender.resync() {
+                if !reported.resync(&mut sender) {
                     return;
                 }
             }
@@ -262,12 +294,16 @@ pub(crate) async fn subscribe(
         Ok((follower, history, route))
     })
     .await?;
-    let (mut sender, feed) = Subscription::channel(FEED_CAPACITY);
     let skip = match replay {
         Replay::None => history.len(),
         Replay::Last(n) => history.len().saturating_sub(n),
         _ => 0,
     };
+    // Room for the whole replay (bounded by the configured history) and
+    // for live messages after it: a replay longer than the feed's usual
+    // buffer is delivered whole, not cut off at the buffer.
+    let replayed = history.len() - skip;
+    let (mut sender, feed) = Subscription::channel(FEED_CAPACITY.saturating_add(replayed));
     for message in history.into_iter().skip(skip) {
         sender.send(StatusEvent::Message(message));
     }

@@ -29,7 +29,10 @@
 //! **Waiting.** The `flock` on a record is taken without blocking and
 //! retried with short sleeps up to the store's lock timeout; a holder that
 //! keeps it longer (a stopped or hung process) makes the call fail with a
-//! retryable `Timeout` instead of blocking a thread forever.
+//! retryable `Timeout` instead of blocking a thread forever. Threads of one
+//! process queue for a record at its in-process gate first
+//! ([`crate::gate`]), with the same bound, and are woken as soon as it is
+//! let go: they never sleep past each other's release.
 //!
 //! **Hostile records.** Records and the bookkeeping folder are opened
 //! without following links and must be a regular file and a folder; a
@@ -45,7 +48,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -58,6 +61,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::BACKEND;
 use crate::folder::{Access, Folder};
+use crate::gate::{self, Passage};
 use crate::layout::io_error;
 
 /// Largest record that is still written with a single atomic `pwrite`.
@@ -155,13 +159,13 @@ impl Held {
     }
 
     fn info(&self, key: &LockKey, fence: u64, now: &Now) -> LockInfo {
-        LockInfo {
-            key: key.clone(),
-            owner: self.owner.clone(),
-            fence: Fence(fence),
-            since: from_unix_millis(self.since_ms),
-            expires_in: self.remaining(now),
-        }
+        LockInfo::new(
+            key.clone(),
+            self.owner.clone(),
+            Fence(fence),
+            from_unix_millis(self.since_ms),
+            self.remaining(now),
+        )
     }
 }
 
@@ -215,6 +219,10 @@ pub(crate) struct LeaseFile {
     /// truncates it.
     oversized: bool,
     pub(crate) record: Record,
+    /// The record's gate in this process. Declared after `file`, so it is
+    /// let go after the file is closed (and its `flock` with it): the next
+    /// thread through finds the `flock` free.
+    _passage: Passage,
 }
 
 /// Largest record file read: any runstate wrote is at most [`MAX_RECORD`].
@@ -246,7 +254,22 @@ impl LeaseFile {
         let Some(file) = book.open_file(name, access)? else {
             return Ok(None);
         };
-        lock_bounded(&file, exclusive, wait, &path)?;
+        let meta = file
+            .metadata()
+            .map_err(|e| io_error("stat of the lease record", &path, e))?;
+        // Threads of this process queue at the record's gate (woken as soon
+        // as it is let go), then take the `flock` against other processes;
+        // the bound covers both.
+        let start = Instant::now();
+        let passage = gate::pass(meta.dev(), meta.ino(), wait).ok_or_else(|| {
+            lock_timeout(start.elapsed(), &path, "another thread of this process")
+        })?;
+        lock_bounded(
+            &file,
+            exclusive,
+            wait.saturating_sub(start.elapsed()),
+            &path,
+        )?;
         let size = file
             .metadata()
             .map_err(|e| io_error("stat of the lease record", &path, e))?
@@ -268,6 +291,7 @@ impl LeaseFile {
             oversized,
             path,
             record,
+            _passage: passage,
         }))
     }
 
@@ -307,6 +331,19 @@ impl LeaseFile {
     }
 }
 
+/// The retryable `Timeout` of a lock wait that ran out: `who` holds it.
+fn lock_timeout(waited: Duration, path: &Path, who: &str) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!(
+            "waited {} ms for the lock on {}: {who} holds it (stopped or hung?)",
+            waited.as_millis(),
+            path.display()
+        ),
+    )
+    .with_backend(BACKEND)
+}
+
 /// Takes the `flock` on a record (or any bookkeeping file) without
 /// blocking, retrying with short sleeps for at most `wait`.
 pub(crate) fn lock_bounded(
@@ -331,15 +368,7 @@ pub(crate) fn lock_bounded(
         }
         let waited = start.elapsed();
         if waited >= wait {
-            return Err(Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "waited {} ms for the lock on {}: another process holds it (stopped or hung?)",
-                    waited.as_millis(),
-                    path.display()
-                ),
-            )
-            .with_backend(BACKEND));
+            return Err(lock_timeout(waited, path, "another process"));
         }
         std::thread::sleep(pause.min(wait - waited));
         pause = (pause * 2).min(Duration::from_millis(20));

@@ -153,14 +153,24 @@
 //!   anything (written in the last two seconds or so) or not remembered
 //!   yet is read once to decide (hashed in chunks when it is over the
 //!   caller's limit), and remembered once settled.
+//! - **Stat without reading** ([`Store::head`]) and listings give each
+//!   document's size and modification time (the file's mtime;
+//!   [`Capabilities::modified_times`]) and its version through the same
+//!   index: `head` reads the bytes only when the index does not remember
+//!   the file, and never for a document over the size limit.
 //! - **Watching a run** ([`Store::watch`]) uses inotify on the run folder
 //!   ([`WatchMode::Native`] without `every_write`): for each changed
 //!   document it reports the version the file has when it is read (through
 //!   the version index), or `Deleted`; temporary files and the bookkeeping
 //!   folder are ignored. The kernel queue's overflow (the `notify` crate's
-//!   rescan flag), an inotify error, and the removal of the run folder give
-//!   `Resync`. A run folder that does not exist yet is not created to be
-//!   watched: it is looked for every poll interval (`poll_ms`, 250 ms), and
+//!   rescan flag), an inotify error, the removal of the run folder, and a
+//!   changed document that cannot be read (its permissions, a link or FIFO
+//!   put in its place) give `Resync`. A report equal to the previous one
+//!   for that document is skipped, but never across a `Resync` (the
+//!   consumer's re-list is what it knows then): after one, and after the
+//!   feed dropped events, every document is reported afresh. A run folder
+//!   that does not exist yet is not created to be watched: it is looked
+//!   for every poll interval (`poll_ms`, 250 ms), and
 //!   once it appears every document in it is reported. inotify sees the
 //!   writes of this host only; `watch=poll` lists the run every `poll_ms`
 //!   instead (see [`WatchBy`]), as does a watch made when inotify cannot
@@ -172,7 +182,12 @@
 //!   process of this host retries as soon as the lock is released; the
 //!   record is watched first and the lock checked after, so a release made
 //!   meanwhile is not missed. Releases through the same store instance
-//!   also wake one local waiter directly ([`ReleaseSignals`]).
+//!   also wake one local waiter directly ([`ReleaseSignals`]); either
+//!   wake-up ends the wait only if the record then shows the lock free, so
+//!   a wake-up left by an earlier release nobody waited for does not send
+//!   a waiter to probe a lock that is held again. Threads of one process
+//!   queue for a lease record's `flock` at an in-process gate that wakes
+//!   the next at once, instead of polling it with sleeps.
 //! - **Status messages** ([`Store::publish`], [`Store::subscribe`]): an
 //!   append-only JSON-lines log per run (`id`, `topic`, `text`, `at`), one
 //!   `write` with `O_APPEND` per message under the `flock` of the id
@@ -180,7 +195,9 @@
 //!   `status_bytes`, 1 MiB) with the previous log kept for replay, ids
 //!   increasing per run. Subscribers follow with inotify and every poll
 //!   interval, and get `Resync` when they missed messages (they fell more
-//!   than a whole log behind, or their feed overflowed). Status history is
+//!   than a whole log behind, or their feed overflowed). A late subscriber
+//!   replays the whole history it asked for, however long (the history is
+//!   bounded by those settings), then follows. Status history is
 //!   kept by `delete_run`, and its ids keep increasing.
 //! - **Milestones and attributes** ([`Store::mark`], [`Store::set_attr`],
 //!   [`Store::milestones`]): one small JSON file per run, changed field by
@@ -312,6 +329,7 @@ mod durable;
 mod engine;
 mod feeds;
 mod folder;
+mod gate;
 mod hub;
 mod index;
 mod layout;
@@ -328,8 +346,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use runstate_core::events::{check_label, check_text, poll_watch};
 use runstate_core::{
-    Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fetched, GetOptions, Lease,
-    ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
+    Bytes, Capabilities, DocMeta, DocName, DocStat, Error, ErrorKind, Fence, Fetched, GetOptions,
+    Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
     ReleaseSignals, Replay, Result, RunId, Store, StoredDoc, Subscription, Version, WatchMode,
     Watcher, async_trait,
 };
@@ -390,7 +408,8 @@ impl FileStore {
             .with_native_conditional_get(true)
             .with_watch(watch)
             .with_status(true)
-            .with_milestones(true);
+            .with_milestones(true)
+            .with_modified_times(true);
         Ok(FileStore {
             engine: Arc::new(engine),
             config,
@@ -687,6 +706,18 @@ impl Store for FileStore {
         .map_err(|e| e.at_doc(Operation::GetIfChanged, run, doc))
     }
 
+    /// From the file's metadata and the run's version index: the bytes
+    /// are read only when the index does not remember the file (new,
+    /// changed, or written in the last two seconds or so), and never for a
+    /// document over the size limit (its `over-limit-…` version, as
+    /// listed). `modified` is the file's modification time.
+    async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+        let (r, d) = (run.clone(), doc.clone());
+        self.blocking(Operation::Head, move |e| e.head(&r, &d))
+            .await
+            .map_err(|e| e.at_doc(Operation::Head, run, doc))
+    }
+
     async fn claim(
         &self,
         key: &LockKey,
@@ -874,32 +905,49 @@ impl Lock for FileStore {
     /// leaves it free ends the wait; one that leaves it held, an acquire or
     /// a renewal, does not), when this store releases it, or after `max`.
     /// The record is watched first and looked at after, so a release made
-    /// in between is not missed. The record is read without its `flock`, so
-    /// waiters never hold up the holder; a record caught mid-write counts as
-    /// free (an early return, which is allowed). Without a record, a
-    /// bookkeeping folder or inotify, only releases through this store and
-    /// `max` end the wait.
+    /// in between is not missed. A release signalled through this store is
+    /// checked against the record the same way (a signal may be left over
+    /// from a release nobody was waiting for). The record is read without
+    /// its `flock`, so waiters never hold up the holder; a record caught
+    /// mid-write counts as free (an early return, which is allowed).
+    /// Without a record, a bookkeeping folder or inotify, only releases
+    /// through this store and `max` end the wait. A `max` too long to be a point in time
+    /// (`Duration::MAX`) means no deadline.
     async fn wait_for_release(&self, key: &LockKey, max: Duration) {
-        let deadline = tokio::time::Instant::now() + max;
+        // A `max` too long to be a point in time (`Duration::MAX`, say) is
+        // no deadline at all.
+        let deadline = tokio::time::Instant::now().checked_add(max);
+        let left = move || {
+            deadline.map_or(Duration::MAX, |deadline| {
+                deadline.saturating_duration_since(tokio::time::Instant::now())
+            })
+        };
         let (engine, k) = (Arc::clone(&self.engine), key.clone());
         let armed = tokio::time::timeout(
             max,
             tokio::task::spawn_blocking(move || feeds::arm_release(&engine, &k)),
         )
         .await;
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match armed {
             Ok(Ok(Ok(Some(feeds::Armed::Free)))) => {}
             Ok(Ok(Ok(Some(feeds::Armed::Held((route, pending), book))))) => {
                 loop {
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let left = left();
+                    if left.is_zero() {
+                        break;
+                    }
+                    // Woken by a write of the record (a release, or an
+                    // acquire, renewal or claim by someone else), or by a
+                    // release through this store, which may also be one
+                    // that nobody was waiting for when it was made (its
+                    // wake-up is kept for the next waiter): either way, only
+                    // a record that shows the lock free ends the wait, so a
+                    // waiter never gets up to find it still held, and
+                    // probe the record while its holder saves.
                     tokio::select! {
-                        () = self.signals.wait(key, left) => break,
+                        () = self.signals.wait(key, left) => {}
                         () = pending.changed() => {}
                     }
-                    // Written: released, or taken, renewed or claimed by
-                    // someone else? Only a release ends the wait, so the
-                    // waiters do not all rush the record at every write.
                     let (book, k) = (Arc::clone(&book), key.clone());
                     match tokio::task::spawn_blocking(move || feeds::is_held(&book, &k)).await {
                         Ok(true) => {}
@@ -910,9 +958,9 @@ impl Lock for FileStore {
             }
             Ok(Ok(Err(error))) => {
                 tracing::debug!(%error, lock = %key, "waiting without watching the lease record");
-                self.signals.wait(key, left).await;
+                self.signals.wait(key, left()).await;
             }
-            _ => self.signals.wait(key, left).await,
+            _ => self.signals.wait(key, left()).await,
         }
     }
 

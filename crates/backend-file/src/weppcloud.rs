@@ -72,13 +72,7 @@ pub(crate) fn lock_file_name(doc_file: &str) -> String {
 
 /// What a lock file's holder looks like.
 fn holder(key: LockKey, since: SystemTime) -> LockInfo {
-    LockInfo {
-        key,
-        owner: lock_file_owner(),
-        fence: Fence(0),
-        since,
-        expires_in: MAX_TTL,
-    }
+    LockInfo::new(key, lock_file_owner(), Fence(0), since, MAX_TTL)
 }
 
 /// The owner shown for every lock file.

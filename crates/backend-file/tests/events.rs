@@ -452,12 +452,11 @@ async fn a_waiter_wakes_when_another_process_releases() {
     }
     let store = open(&root).await;
     let key = LockKey::Run(run("r"));
-    let slow = WaitPolicy {
-        timeout: Duration::from_secs(600),
-        initial_backoff: Duration::from_secs(120),
-        max_backoff: Duration::from_secs(120),
-        multiplier: 1.0,
-    };
+    let slow = WaitPolicy::with_timeout(Duration::from_secs(600)).with_backoff(
+        Duration::from_secs(120),
+        Duration::from_secs(120),
+        1.0,
+    );
     let waiter = {
         let (store, key) = (store.clone(), key.clone());
         tokio::spawn(async move {
@@ -593,5 +592,182 @@ async fn watch_by_polling_is_a_setting() {
         }
     })
     .await;
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// Review finding: after the feed overflowed (the consumer fell more than
+/// its buffer behind), the listener must not skip a report as "the same as
+/// the last one": the consumer's view is now its re-list. Here the
+/// consumer's re-list shows `a` at `y`; `a` then goes back to `x`, the
+/// version last reported before the overflow, and the consumer must hear
+/// of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_feed_overflow_a_change_back_to_an_earlier_version_is_reported() {
+    let root = temp_root("feedgap");
+    let store = open(&root).await;
+    let r = run("r");
+    let a = doc("a");
+    store
+        .put_bytes(&r, &a, Bytes::from_static(b"w"))
+        .await
+        .expect("seed");
+    let mut watch = store.watch(&r).await.expect("watch");
+    let x = store
+        .put_bytes(&r, &a, Bytes::from_static(b"x"))
+        .await
+        .expect("put x");
+    until(&mut watch, |e| {
+        *e == WatchEvent::Changed {
+            doc: a.clone(),
+            version: x.clone(),
+        }
+    })
+    .await;
+    // More changes than the feed buffers, unread.
+    let dir = root.join("r");
+    let more = runstate_core::events::FEED_CAPACITY + 300;
+    tokio::task::spawn_blocking(move || {
+        for i in 0..more {
+            fs::write(dir.join(format!("b{i:05}.json")), format!("{i}")).expect("write");
+        }
+    })
+    .await
+    .expect("join");
+    // Time for the listener to read them all (it must overflow the feed;
+    // the Resync below proves it did).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    until(&mut watch, |e| *e == WatchEvent::Resync).await;
+    {
+        // The consumer re-lists while `a` is at `y`; `a` is back at `x`
+        // before the listener hears of either write.
+        let _paused = store.pause_watch_events();
+        let y = store
+            .put_bytes(&r, &a, Bytes::from_static(b"y"))
+            .await
+            .expect("put y");
+        let listed = store.list_all_docs(&r).await.expect("re-list");
+        assert_eq!(
+            listed.iter().find(|m| m.name == a).map(|m| &m.version),
+            Some(&y)
+        );
+        store
+            .put_bytes(&r, &a, Bytes::from_static(b"x"))
+            .await
+            .expect("put x again");
+    }
+    let z = store
+        .put_bytes(&r, &doc("zz"), Bytes::from_static(b"z"))
+        .await
+        .expect("put zz");
+    let seen = until(&mut watch, |e| {
+        *e == WatchEvent::Changed {
+            doc: doc("zz"),
+            version: z.clone(),
+        }
+    })
+    .await;
+    assert!(
+        seen.contains(&WatchEvent::Changed {
+            doc: a.clone(),
+            version: x.clone(),
+        }),
+        "the change of `a` back to x after the re-list was reported"
+    );
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// Review finding: a changed document that cannot be read (here a link
+/// put in its place, which the store refuses to follow) gives `Resync`,
+/// never silence; the watch goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_document_that_cannot_be_read_gives_resync() {
+    let root = temp_root("unreadable");
+    let store = open(&root).await;
+    let r = run("r");
+    store
+        .put_bytes(&r, &doc("ron"), Bytes::from_static(b"{}"))
+        .await
+        .expect("seed");
+    fs::write(root.join("elsewhere.json"), b"{}").expect("target");
+    let mut watch = store.watch(&r).await.expect("watch");
+    // Put in place by one rename, so only `ron.json` is seen to change
+    // (names starting with a dot are not documents).
+    std::os::unix::fs::symlink(root.join("elsewhere.json"), root.join("r/.link")).expect("symlink");
+    fs::rename(root.join("r/.link"), root.join("r/ron.json")).expect("rename");
+    until(&mut watch, |e| *e == WatchEvent::Resync).await;
+    let v = store
+        .put_bytes(&r, &doc("wepp"), Bytes::from_static(b"after"))
+        .await
+        .expect("put");
+    until(&mut watch, |e| {
+        *e == WatchEvent::Changed {
+            doc: doc("wepp"),
+            version: v.clone(),
+        }
+    })
+    .await;
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// Review finding: a wait without a deadline (`Duration::MAX`) waits for
+/// the release instead of panicking on `now + max`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_without_a_deadline_waits_for_the_release() {
+    let root = temp_root("forever");
+    let store = open(&root).await;
+    let key = LockKey::Doc(run("r"), doc("ron"));
+    let lease = store
+        .try_acquire(&key, &Owner::for_this_process(), Duration::from_secs(60))
+        .await
+        .expect("acquire");
+    let waiter = {
+        let (store, key) = (store.clone(), key.clone());
+        tokio::spawn(async move { store.wait_for_release(&key, Duration::MAX).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "held: still waiting");
+    store.release(&lease).await.expect("release");
+    tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("woken by the release")
+        .expect("the wait did not panic");
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// A release made while nobody waited leaves a wake-up behind in the
+/// store's release signals; a later wait on the lock, held again by then,
+/// must not take that wake-up for a release and end at once (its caller
+/// would retry, find the lock held, and probe the record while the holder
+/// saves): only a record that shows the lock free, or `max`, ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_left_by_an_earlier_release_does_not_end_a_wait() {
+    let root = temp_root("stale");
+    let store = open(&root).await;
+    let key = LockKey::Doc(run("r"), doc("ron"));
+    let owner = Owner::for_this_process();
+    let first = store
+        .try_acquire(&key, &owner, Duration::from_secs(60))
+        .await
+        .expect("acquire");
+    // A wait that ends by its bound makes the store keep the lock's signal.
+    store
+        .wait_for_release(&key, Duration::from_millis(50))
+        .await;
+    // Released with nobody waiting, then taken again.
+    store.release(&first).await.expect("release");
+    let second = store
+        .try_acquire(&key, &owner, Duration::from_secs(60))
+        .await
+        .expect("acquire again");
+    let start = Instant::now();
+    store
+        .wait_for_release(&key, Duration::from_millis(800))
+        .await;
+    assert!(
+        start.elapsed() >= Duration::from_millis(700),
+        "held all along: the wait ran to its bound, not {:?}",
+        start.elapsed()
+    );
+    store.release(&second).await.expect("release");
     fs::remove_dir_all(&root).expect("cleanup");
 }

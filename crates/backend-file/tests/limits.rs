@@ -63,6 +63,15 @@ async fn a_sparse_terabyte_document_is_listed_and_refused_never_read() {
         listed[0].version
     );
     assert_eq!(listed[1].version, small);
+    // `head` knows it as the listing does, without reading it.
+    let stat = store
+        .head(&run(), &huge)
+        .await
+        .expect("head of a document over the limit")
+        .expect("present");
+    assert_eq!((stat.version, stat.size), (listed[0].version.clone(), TIB));
+    assert_eq!(stat.modified, listed[0].modified);
+    assert!(stat.modified.is_some());
     assert_eq!(
         store.list_all_runs().await.expect("runs"),
         vec![run()],

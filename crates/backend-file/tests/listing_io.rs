@@ -1,14 +1,15 @@
 //! A warm listing reads metadata, not contents: listing a run of big
 //! documents whose versions are remembered reads far fewer bytes than the
-//! documents hold. Measured with this process's `rchar` (bytes read by
-//! system calls, `/proc/self/io`), so it has a test binary of its own.
+//! documents hold; so does `head`. Measured with this process's `rchar`
+//! (bytes read by system calls, `/proc/self/io`), so it has a test binary
+//! of its own.
 
 #![cfg(target_os = "linux")]
 
 use std::fs;
 use std::time::Duration;
 
-use runstate_core::{Bytes, DocName, RunId, StoreExt};
+use runstate_core::{Bytes, DocName, RunId, Store, StoreExt};
 use runstate_file::{FileConfig, FileStore};
 
 fn bytes_read() -> u64 {
@@ -64,10 +65,39 @@ async fn a_warm_listing_reads_metadata_not_contents() {
     let other_store = bytes_read() - before;
     assert_eq!(listed, cold);
 
+    // `head` answers from the same metadata and index: no content read,
+    // and the listing's version, size and modification time (the file's).
+    let before = bytes_read();
+    for meta in &cold {
+        let stat = store
+            .head(&run, &meta.name)
+            .await
+            .expect("head")
+            .expect("present");
+        assert_eq!(stat.version, meta.version);
+        assert_eq!(stat.size, SIZE as u64);
+        let mtime = fs::metadata(root.join(run.as_str()).join(format!("{}.json", meta.name)))
+            .expect("stat")
+            .modified()
+            .expect("mtime");
+        assert_eq!(stat.modified, Some(mtime));
+        assert_eq!(meta.modified, Some(mtime), "listings carry it too");
+    }
+    let heads = bytes_read() - before;
+    assert!(store.capabilities().modified_times);
+    assert!(
+        store
+            .head(&run, &DocName::new("absent").expect("valid"))
+            .await
+            .expect("head")
+            .is_none()
+    );
+
     eprintln!(
         "listing {DOCS} documents of {total} bytes read {same_process} bytes warm, \
-         {other_store} bytes from a new store"
+         {other_store} bytes from a new store; head of each read {heads} bytes"
     );
+    assert!(heads < total / 100, "head read {heads} of {total} bytes");
     assert!(
         same_process < total / 100,
         "a warm listing read {same_process} of {total} bytes"

@@ -478,3 +478,40 @@ fn changes_wait_boundedly_for_a_stuck_lock() {
     runtime.shutdown_background();
     fs::remove_dir_all(&root).expect("cleanup");
 }
+
+/// Review finding: a late subscriber asking for the whole history gets all
+/// of it, in order, even when it holds more messages than a feed buffers
+/// (`FEED_CAPACITY`), with no `Resync` and nothing cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_subscriber_replays_a_history_longer_than_the_feed_buffer() {
+    let root = temp_root("longreplay");
+    let messages = runstate_core::events::FEED_CAPACITY + 476;
+    // One log holds them all (no rotation), so the history is all of them.
+    let store = FileStore::open(FileConfig::new(&root).with_status_history(10_000, 16 << 20))
+        .await
+        .expect("open");
+    for i in 1..=messages {
+        store
+            .publish(&run(), "wepp", &format!("m{i}"))
+            .await
+            .expect("publish");
+    }
+    let mut sub = store
+        .subscribe(&run(), Replay::All)
+        .await
+        .expect("subscribe");
+    let got = drain(&mut sub, Duration::from_secs(2)).await;
+    assert_eq!(got, texts(1..=messages), "the whole history, nothing else");
+    // And it follows on.
+    store
+        .publish(&run(), "wepp", "after")
+        .await
+        .expect("publish");
+    assert_eq!(take_one(&mut sub).await, "after");
+    let last = store
+        .subscribe(&run(), Replay::Last(messages))
+        .await
+        .expect("subscribe");
+    assert_eq!(take(last, messages).await[messages - 1], "after");
+    fs::remove_dir_all(&root).expect("cleanup");
+}
