@@ -14,11 +14,16 @@ mod postgres {
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const CRASH_SHUTDOWN: &str = "57P02";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    /// `idle_session_timeout` ended the session (PostgreSQL 14+).
+    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+    /// `idle_in_transaction_session_timeout` ended the session.
+    pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: &str = "25P03";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const UNDEFINED_TABLE: &str = "42P01";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     pub const INVALID_PASSWORD: &str = "28P01";
     pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     /// Class 08: connection exceptions.
     pub const CONNECTION_EXCEPTION_CLASS: &str = "08";
@@ -42,6 +47,18 @@ mod mysql {
     pub const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
     pub const ER_CON_COUNT_ERROR: u16 = 1040;
     pub const ER_SERVER_SHUTDOWN: u16 = 1053;
+    /// The server aborted the connection (a network error, a dying thread).
+    pub const ER_ABORTING_CONNECTION: u16 = 1152;
+    pub const ER_NEW_ABORTING_CONNECTION: u16 = 1184;
+    /// MariaDB: the session was killed (`KILL CONNECTION`).
+    pub const ER_CONNECTION_KILLED: u16 = 1927;
+    /// MySQL 8.0.24+: the session outlived `wait_timeout` and was closed.
+    pub const ER_CLIENT_INTERACTION_TIMEOUT: u16 = 4031;
+    /// "MySQL server has gone away" and "Lost connection to MySQL server
+    /// during query": client library codes, which proxies (ProxySQL,
+    /// MaxScale) relay as server errors.
+    pub const CR_SERVER_GONE_ERROR: u16 = 2006;
+    pub const CR_SERVER_LOST: u16 = 2013;
 }
 
 /// SQLite result codes (primary and extended).
@@ -61,6 +78,8 @@ mod sqlite {
 struct Meaning {
     kind: ErrorKind,
     retryable: bool,
+    /// Whether the server ended the session with it (PostgreSQL's FATAL).
+    ends_session: bool,
     what: &'static str,
 }
 
@@ -68,6 +87,7 @@ const fn meaning(kind: ErrorKind, retryable: bool, what: &'static str) -> Meanin
     Meaning {
         kind,
         retryable,
+        ends_session: false,
         what,
     }
 }
@@ -80,7 +100,12 @@ fn postgres_meaning(code: &str) -> Meaning {
             meaning(ErrorKind::Backend, true, "transaction conflict")
         }
         QUERY_CANCELED => meaning(ErrorKind::Timeout, true, "statement timed out"),
-        ADMIN_SHUTDOWN | CRASH_SHUTDOWN | CANNOT_CONNECT_NOW | TOO_MANY_CONNECTIONS => meaning(
+        ADMIN_SHUTDOWN
+        | CRASH_SHUTDOWN
+        | CANNOT_CONNECT_NOW
+        | TOO_MANY_CONNECTIONS
+        | IDLE_SESSION_TIMEOUT
+        | IDLE_IN_TRANSACTION_SESSION_TIMEOUT => meaning(
             ErrorKind::Backend,
             true,
             "the server ended or refused the connection",
@@ -96,6 +121,7 @@ fn postgres_meaning(code: &str) -> Meaning {
             false,
             "the server refused the credentials",
         ),
+        INVALID_CATALOG_NAME => meaning(ErrorKind::Config, false, "no such database"),
         PROGRAM_LIMIT_EXCEEDED => {
             meaning(ErrorKind::TooLarge, false, "a server limit was exceeded")
         }
@@ -134,10 +160,17 @@ fn mysql_meaning(number: u16) -> Meaning {
             false,
             "over the server's max_allowed_packet",
         ),
-        ER_CON_COUNT_ERROR | ER_SERVER_SHUTDOWN => meaning(
+        ER_CON_COUNT_ERROR
+        | ER_SERVER_SHUTDOWN
+        | ER_ABORTING_CONNECTION
+        | ER_NEW_ABORTING_CONNECTION
+        | ER_CONNECTION_KILLED
+        | ER_CLIENT_INTERACTION_TIMEOUT
+        | CR_SERVER_GONE_ERROR
+        | CR_SERVER_LOST => meaning(
             ErrorKind::Backend,
             true,
-            "the server refused the connection",
+            "the server ended or refused the connection",
         ),
         _ => meaning(ErrorKind::Backend, false, "the database returned an error"),
     }
@@ -172,7 +205,27 @@ fn database_meaning(
     error: &(dyn sqlx::error::DatabaseError + 'static),
 ) -> Meaning {
     match dialect {
-        Dialect::Postgres => postgres_meaning(error.code().as_deref().unwrap_or("")),
+        Dialect::Postgres => {
+            #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+            let mut m = postgres_meaning(error.code().as_deref().unwrap_or(""));
+            #[cfg(feature = "postgres")]
+            if let Some(pg) = error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                && matches!(
+                    pg.severity(),
+                    sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                )
+            {
+                // FATAL ends the session whatever its code: the connection
+                // is gone, and unless the server refused who we are (bad
+                // credentials, no such database), another try on a new
+                // connection may succeed.
+                m.ends_session = true;
+                if m.kind == ErrorKind::Backend {
+                    m.retryable = true;
+                }
+            }
+            m
+        }
         Dialect::MySql => {
             #[cfg(feature = "mysql")]
             if let Some(my) = error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
@@ -225,7 +278,10 @@ pub(crate) fn map_error(dialect: Dialect, error: sqlx::Error) -> Error {
 /// session down) leaves it in an unknown state, so it is dropped.
 pub(crate) fn leaves_connection_usable(dialect: Dialect, error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Database(db) => !database_meaning(dialect, db.as_ref()).retryable,
+        sqlx::Error::Database(db) => {
+            let m = database_meaning(dialect, db.as_ref());
+            !m.retryable && !m.ends_session
+        }
         sqlx::Error::RowNotFound => true,
         _ => false,
     }
@@ -260,5 +316,27 @@ mod tests {
             sqlite_meaning(1, "no such table: x").kind,
             ErrorKind::Config
         );
+    }
+
+    /// Review finding: errors by which the server ends the session are
+    /// retryable (a new connection may succeed), on every server.
+    #[test]
+    fn session_ending_errors_are_retryable() {
+        for code in [
+            "57P01", "57P02", "57P03", "57P05", "25P03", "08006", "08003",
+        ] {
+            let m = postgres_meaning(code);
+            assert!(m.retryable, "{code}");
+            assert_eq!(m.kind, ErrorKind::Backend, "{code}");
+        }
+        for number in [1053, 1152, 1184, 1927, 4031, 2006, 2013] {
+            let m = mysql_meaning(number);
+            assert!(m.retryable, "{number}");
+            assert_eq!(m.kind, ErrorKind::Backend, "{number}");
+        }
+        // Refusals of who we are stay permanent.
+        assert!(!postgres_meaning("28P01").retryable);
+        assert_eq!(postgres_meaning("3D000").kind, ErrorKind::Config);
+        assert!(!mysql_meaning(1045).retryable);
     }
 }

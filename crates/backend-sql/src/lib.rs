@@ -89,14 +89,17 @@
 //!   writes (PostgreSQL: a CTE that locks the lease row; MySQL: a
 //!   multi-table `UPDATE`; SQLite: writers are serialized). A locked update
 //!   of an existing document is two round trips: acquire-and-load
-//!   (PostgreSQL: one statement; MySQL: a stored procedure, which sends the
-//!   document back only when the lock was granted) and save-and-release.
+//!   (PostgreSQL: one statement; MariaDB 10.5+, found at open: one
+//!   `INSERT … ON DUPLICATE KEY UPDATE … RETURNING`; MySQL: a stored
+//!   procedure; both MySQL-protocol paths send the document back only
+//!   when the lock was granted) and save-and-release.
 //! - A waiter granted the lock right after the previous holder *created*
 //!   the document loads it: in PostgreSQL the acquire-and-load statement
 //!   reads with the snapshot it took before waiting for that holder, in
 //!   which an inserted row does not exist, so an absent document is read
 //!   again by a new statement (a third round trip only for absent
-//!   documents). MySQL's procedure and SQLite read after granting.
+//!   documents). MySQL's procedure, MariaDB's `RETURNING` and SQLite
+//!   read after granting.
 //! - `save_and_release` releases the lease whenever the save fails for a
 //!   reason other than a lost lease (`Fenced`, `LeaseLost`): a lease that
 //!   does not cover the document, a size over the limit, a refused
@@ -155,6 +158,12 @@
 //!   outcome; a batch is not atomic as a whole.
 //! - Milestones and attributes are rows upserted one field at a time: no
 //!   lock, and marks of different fields never interfere.
+//! - [`Store::head`] is one `SELECT` without the bytes; it and listings
+//!   carry each document's modified time (`updated_at`, set by every
+//!   write in the writing statement, by the database's clock).
+//! - A store can run over the application's own sqlx pool
+//!   ([`SqlStore::from_pool`]): same schema check and migrations, its
+//!   connections given back only when clean.
 //! - URL options the backend does not know are refused, not handed to
 //!   sqlx (which would log them with their values); see [`SqlConfig`].
 //!   Nothing here logs a URL, a password or an option value.
@@ -179,8 +188,8 @@ use std::time::{Duration, Instant, SystemTime};
 use runstate_core::events::{check_label, check_text};
 use runstate_core::time::from_unix_millis;
 use runstate_core::{
-    Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fetched, GetOptions, Lease,
-    ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
+    Bytes, Capabilities, DocMeta, DocName, DocStat, Error, ErrorKind, Fence, Fetched, GetOptions,
+    Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
     PutRequest, ReleaseSignals, Replay, Result, RunId, StatusMessage, Store, StoredDoc,
     Subscription, Version, WatchMode, Watcher, async_trait,
 };
@@ -211,6 +220,9 @@ struct Inner {
     /// waiting for the disk (see `session_setup`); elsewhere `pool` itself.
     lease_pool: Arc<Pool>,
     sql: Statements,
+    /// MariaDB 10.5+ (found at open): acquire-and-load is one
+    /// `INSERT … RETURNING` instead of a procedure call.
+    acquire_returning: bool,
     capabilities: Capabilities,
     /// Local releases, and in PostgreSQL those announced by the listener.
     signals: Arc<ReleaseSignals>,
@@ -282,6 +294,12 @@ impl SqlStore {
             e.with_operation(Operation::Open)
                 .with_backend(dialect.name())
         };
+        if config.driver_url.is_empty() {
+            return Err(context(Error::new(
+                ErrorKind::Config,
+                "these settings have no URL (SqlConfig::new): open a store over the application's pool with SqlStore::from_pool",
+            )));
+        }
         let options: AnyConnectOptions = config
             .driver_url
             .parse()
@@ -300,6 +318,85 @@ impl SqlStore {
             new_pool(true, 2)
         } else {
             Arc::clone(&pool)
+        };
+        Self::assemble(config, pool, lease_pool).await
+    }
+
+    /// A store over a pool the application already has, as tower-sessions'
+    /// stores take theirs: its statements run on the pool's connections,
+    /// as many at once as the pool holds. Like [`open`](Self::open), it
+    /// checks a connection now, applies the migrations unless
+    /// `options` disable them, and checks the schema is there.
+    ///
+    /// The pool is an [`sqlx::AnyPool`] (connected to PostgreSQL, MySQL /
+    /// MariaDB or SQLite, with the matching cargo feature on and
+    /// [`sqlx::any::install_default_drivers`] called): runstate's
+    /// statements run through sqlx's `Any` driver, and sqlx has no way to
+    /// lend a `PgPool`'s connections as `Any` ones. `options` is
+    /// [`SqlConfig::new`] (or a parsed URL's settings) for the pool's
+    /// database; its pool size is ignored.
+    ///
+    /// The pool's own session settings are in force: runstate bounds every
+    /// call by `options`' timeout on the client (a call cut short closes
+    /// its connection instead of giving it back) but sets no server-side
+    /// statement timeout. A connection that may hold an open transaction or
+    /// whose statement did not finish cleanly is closed, not given back.
+    /// [`close`](Self::close) leaves the pool open. PostgreSQL's watches
+    /// listen on a connection of their own, opened with the pool's
+    /// connect options.
+    ///
+    /// # Errors
+    /// `Config` when the pool's database is not `options`' dialect, when a
+    /// MySQL session's time zone observes daylight saving time (lease
+    /// expiries are read from the session clock: set `time_zone =
+    /// '+00:00'` in the pool's `after_connect`), for refused credentials,
+    /// or a missing schema with migrations disabled; `Timeout` or retryable
+    /// `Backend` errors when the server cannot be reached.
+    pub async fn from_pool(pool: sqlx::AnyPool, options: SqlConfig) -> Result<SqlStore> {
+        let dialect = options.dialect;
+        let context = |e: Error| {
+            e.with_operation(Operation::Open)
+                .with_backend(dialect.name())
+        };
+        let url = pool.connect_options().database_url.clone();
+        let pool_dialect = match url.scheme() {
+            "postgres" | "postgresql" => Some(Dialect::Postgres),
+            "mysql" | "mariadb" => Some(Dialect::MySql),
+            "sqlite" => Some(Dialect::Sqlite),
+            _ => None,
+        };
+        if pool_dialect != Some(dialect) {
+            return Err(context(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the pool connects to {}, the options are for {dialect}",
+                    pool_dialect.map_or("another database", Dialect::name)
+                ),
+            )));
+        }
+        let mut config = options;
+        // PostgreSQL's listener connects on its own, as the pool does.
+        config.driver_url = url.to_string();
+        let pool = Arc::new(Pool::shared(dialect, pool, config.acquire_timeout));
+        if dialect == Dialect::MySql {
+            check_session_time_zone(&pool, config.acquire_timeout + config.timeout)
+                .await
+                .map_err(context)?;
+        }
+        Self::assemble(config, Arc::clone(&pool), pool).await
+    }
+
+    /// The store over `pool` and `lease_pool`: connects once, applies the
+    /// migrations unless disabled, checks the schema and learns limits.
+    async fn assemble(
+        config: SqlConfig,
+        pool: Arc<Pool>,
+        lease_pool: Arc<Pool>,
+    ) -> Result<SqlStore> {
+        let dialect = config.dialect;
+        let context = |e: Error| {
+            e.with_operation(Operation::Open)
+                .with_backend(dialect.name())
         };
         // Connect once now, so that bad settings, refused credentials and
         // an unreachable server fail the open; the connection stays idle.
@@ -328,6 +425,7 @@ impl SqlStore {
         let store = SqlStore {
             inner: Arc::new(Inner {
                 sql: Statements::new(dialect, &config.prefix),
+                acquire_returning: false,
                 capabilities: Capabilities::full(dialect.name())
                     .with_multi_host(dialect != Dialect::Sqlite)
                     .with_max_document_size(Some(match dialect {
@@ -336,6 +434,7 @@ impl SqlStore {
                     }))
                     .with_foreign_fencing(true)
                     .with_native_conditional_get(true)
+                    .with_modified_times(true)
                     .with_status(true)
                     .with_milestones(true)
                     .with_watch(match dialect {
@@ -395,18 +494,27 @@ impl SqlStore {
         let row = inner
             .bounded(async {
                 let mut conn = inner.pool.get().await?;
-                conn.fetch_optional(sqlx::raw_sql("SELECT CAST(@@max_allowed_packet AS SIGNED)"))
-                    .await
+                conn.fetch_optional(sqlx::raw_sql(
+                    "SELECT CAST(@@max_allowed_packet AS SIGNED), CAST(VERSION() AS CHAR)",
+                ))
+                .await
             })
             .await
             .map_err(|e| e.with_operation(Operation::Open))?
             .ok_or_else(|| unexpected(inner.dialect, "no max_allowed_packet"))?;
         let packet: i64 = row.try_get(0).map_err(|e| map_error(inner.dialect, e))?;
+        let version: String = row.try_get(1).map_err(|e| map_error(inner.dialect, e))?;
         // Room for the statement and the other columns around the bytes.
         let max = u64::try_from(packet).unwrap_or(0).saturating_sub(64 * 1024);
         let mut inner = Arc::try_unwrap(self.inner)
             .map_err(|_| Error::new(ErrorKind::Backend, "store shared during open"))?;
         inner.capabilities = inner.capabilities.clone().with_max_document_size(Some(max));
+        inner.acquire_returning =
+            inner.config.mariadb_returning && mariadb_with_returning(&version);
+        tracing::debug!(
+            returning = inner.acquire_returning,
+            "mysql server flavour probed"
+        );
         Ok(SqlStore {
             inner: Arc::new(inner),
         })
@@ -506,6 +614,91 @@ fn session_setup(dialect: Dialect, timeout: Duration, leases_only: bool) -> Vec<
             )),
         ],
     }
+}
+
+/// Whether a MySQL-protocol server whose `VERSION()` is `version` is
+/// MariaDB 10.5 or later, which has `INSERT … RETURNING`
+/// (`10.11.6-MariaDB-0+deb12u1`; MySQL's, `8.0.36`, names no flavour).
+fn mariadb_with_returning(version: &str) -> bool {
+    if !version.to_ascii_lowercase().contains("mariadb") {
+        return false;
+    }
+    // Old MariaDB announced itself as `5.5.5-10.x` to MySQL clients.
+    let version = version.strip_prefix("5.5.5-").unwrap_or(version);
+    let mut numbers = version
+        .split(['-', '+'])
+        .next()
+        .unwrap_or("")
+        .split('.')
+        .map(|n| n.parse::<u32>().ok());
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (10, 5),
+        _ => false,
+    }
+}
+
+/// Refuses a MySQL session whose time zone observes daylight saving time:
+/// lease clocks are read as `UNIX_TIMESTAMP(NOW(6))`, which is ambiguous
+/// for an hour a year in such a zone. A fixed offset (`+00:00`, runstate's
+/// own sessions), UTC, or `SYSTEM` on a server running in UTC passes.
+async fn check_session_time_zone(pool: &Pool, bound: Duration) -> Result<()> {
+    let dialect = Dialect::MySql;
+    let row = match tokio::time::timeout(bound, async {
+        let mut conn = pool.get().await?;
+        conn.fetch_optional(sqlx::raw_sql(
+            "SELECT CAST(@@session.time_zone AS CHAR), CAST(@@system_time_zone AS CHAR)",
+        ))
+        .await
+    })
+    .await
+    {
+        Ok(outcome) => outcome.map_err(|e| map_error_during(dialect, e, "connecting"))?,
+        Err(_) => return Err(timed_out(dialect, bound)),
+    };
+    let row = row.ok_or_else(|| unexpected(dialect, "no time zone"))?;
+    let zone: String = row.try_get(0).map_err(|e| map_error(dialect, e))?;
+    let system: String = row.try_get(1).map_err(|e| map_error(dialect, e))?;
+    if time_zone_without_daylight_saving(&zone, &system) {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Config,
+        format!(
+            "the pool's sessions run in time zone {zone:?}, which may observe daylight saving \
+             time; set time_zone = '+00:00' in the pool's after_connect"
+        ),
+    )
+    .with_backend(dialect.name()))
+}
+
+/// Whether a MySQL session in time zone `zone` (`@@session.time_zone`),
+/// on a server in `system` (`@@system_time_zone`), keeps a clock without
+/// daylight saving time: a fixed offset, UTC, or `SYSTEM` in UTC.
+fn time_zone_without_daylight_saving(zone: &str, system: &str) -> bool {
+    let utc = |name: &str| {
+        [
+            "UTC",
+            "GMT",
+            "Etc/UTC",
+            "Etc/GMT",
+            "Universal",
+            "Zulu",
+            "Coordinated Universal Time",
+        ]
+        .iter()
+        .any(|u| name.eq_ignore_ascii_case(u))
+    };
+    let fixed = |name: &str| {
+        let b = name.as_bytes();
+        matches!(b.first(), Some(b'+' | b'-'))
+            && name[1..].split_once(':').is_some_and(|(h, m)| {
+                !h.is_empty()
+                    && !m.is_empty()
+                    && h.bytes().all(|c| c.is_ascii_digit())
+                    && m.bytes().all(|c| c.is_ascii_digit())
+            })
+    };
+    fixed(zone) || utc(zone) || (zone.eq_ignore_ascii_case("SYSTEM") && utc(system))
 }
 
 fn timed_out(dialect: Dialect, bound: Duration) -> Error {
@@ -636,6 +829,14 @@ impl Inner {
         Ok(Tx { inner: self, conn })
     }
 
+    /// The modified time in column `index` (ms since the epoch, see
+    /// `statements::modified_ms`); a time before the epoch reads as it.
+    fn modified_at(&self, row: &AnyRow, index: usize) -> Result<SystemTime> {
+        Ok(from_unix_millis(
+            u64::try_from(self.get_i64(row, index)?).unwrap_or(0),
+        ))
+    }
+
     fn get_i64(&self, row: &AnyRow, index: usize) -> Result<i64> {
         row.try_get::<i64, _>(index)
             .map_err(|e| map_error(self.dialect, e))
@@ -655,15 +856,13 @@ impl Inner {
     fn holder_at(&self, key: &LockKey, row: &AnyRow, at: usize) -> Result<LockInfo> {
         let owner: Owner = serde_json::from_str(&self.get_text(row, at)?)
             .map_err(|_| unexpected(self.dialect, "lease owner"))?;
-        Ok(LockInfo {
-            key: key.clone(),
+        Ok(LockInfo::new(
+            key.clone(),
             owner,
-            fence: Fence(u64::try_from(self.get_i64(row, at + 1)?).unwrap_or(0)),
-            since: from_unix_millis(u64::try_from(self.get_i64(row, at + 2)?).unwrap_or(0)),
-            expires_in: Duration::from_millis(
-                u64::try_from(self.get_i64(row, at + 3)?).unwrap_or(0),
-            ),
-        })
+            Fence(u64::try_from(self.get_i64(row, at + 1)?).unwrap_or(0)),
+            from_unix_millis(u64::try_from(self.get_i64(row, at + 2)?).unwrap_or(0)),
+            Duration::from_millis(u64::try_from(self.get_i64(row, at + 3)?).unwrap_or(0)),
+        ))
     }
 
     async fn holder(&self, key: &LockKey) -> Result<Option<LockInfo>> {
@@ -708,10 +907,10 @@ impl Inner {
             .try_get(at + 2)
             .map_err(|e| map_error(self.dialect, e))?;
         match bytes {
-            Some(bytes) => Ok(Some(StoredDoc {
-                bytes: Bytes::from(bytes),
-                version: Version::new(version.to_string()),
-            })),
+            Some(bytes) => Ok(Some(StoredDoc::new(
+                Bytes::from(bytes),
+                Version::new(version.to_string()),
+            ))),
             None => Err(self.too_large(size, limit)),
         }
     }
@@ -1440,8 +1639,13 @@ impl Inner {
             P::T(doc.as_str()),
             P::I(Self::limit(options)),
         ];
+        let stmt = if self.acquire_returning {
+            &self.sql.acquire_and_load_returning
+        } else {
+            &self.sql.acquire_and_load
+        };
         let row = self
-            .fetch_optional(&self.sql.acquire_and_load, &params)
+            .fetch_optional(stmt, &params)
             .await?
             .ok_or_else(|| unexpected(self.dialect, "no reply to acquire"))?;
         // Columns: granted fence (or NULL/0), its since, then the holder
@@ -1474,7 +1678,9 @@ impl Inner {
             // this one waited for". A new statement's snapshot sees every
             // commit that preceded the grant, so read again. (MySQL's
             // procedure reads the document in a statement of its own, after
-            // the grant, so it never misses it; SQLite reads after
+            // the grant, so it never misses it; MariaDB's RETURNING reads it
+            // after the upsert got the lease row, which InnoDB's read view,
+            // taken at that first read, follows; SQLite reads after
             // granting.) Absent documents pay a third round trip, existing
             // ones none.
             Ok(None) if self.dialect == Dialect::Postgres => {
@@ -1506,13 +1712,13 @@ impl Inner {
                 .await?;
             return row
                 .map(|row| {
-                    Ok(StoredDoc {
-                        version: Version::new(self.get_i64(&row, 0)?.to_string()),
-                        bytes: Bytes::from(
+                    Ok(StoredDoc::new(
+                        Bytes::from(
                             row.try_get::<Vec<u8>, _>(1)
                                 .map_err(|e| map_error(self.dialect, e))?,
                         ),
-                    })
+                        Version::new(self.get_i64(&row, 0)?.to_string()),
+                    ))
                 })
                 .transpose();
         }
@@ -2251,13 +2457,32 @@ impl Store for SqlStore {
         for row in rows.iter().take(limit) {
             let name = DocName::new(inner.get_text(row, 0)?)
                 .map_err(|_| unexpected(inner.dialect, "document name"))?;
-            items.push(DocMeta {
+            items.push(DocMeta::new(
                 name,
-                version: Version::new(inner.get_i64(row, 1)?.to_string()),
-                size: u64::try_from(inner.get_i64(row, 2)?).unwrap_or(0),
-            });
+                Version::new(inner.get_i64(row, 1)?.to_string()),
+                u64::try_from(inner.get_i64(row, 2)?).unwrap_or(0),
+                Some(inner.modified_at(row, 3)?),
+            ));
         }
-        Ok(ListPage { items, more })
+        Ok(ListPage::new(items, more))
+    }
+
+    /// One `SELECT` of the document's row without its bytes.
+    async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+        let inner = &self.inner;
+        let row = inner
+            .fetch_optional(&inner.sql.head, &[P::T(run.as_str()), P::T(doc.as_str())])
+            .await
+            .map_err(|e| e.at_doc(Operation::Get, run, doc))?;
+        row.map(|row| {
+            Ok(DocStat::new(
+                Version::new(inner.get_i64(&row, 0)?.to_string()),
+                u64::try_from(inner.get_i64(&row, 1)?).unwrap_or(0),
+                Some(inner.modified_at(&row, 2)?),
+            ))
+        })
+        .transpose()
+        .map_err(|e: Error| e.at_doc(Operation::Get, run, doc))
     }
 
     async fn list_runs(&self, after: Option<&RunId>, limit: usize) -> Result<ListPage<RunId>> {
@@ -2281,7 +2506,7 @@ impl Store for SqlStore {
                 RunId::new(inner.get_text(row, 0)?).map_err(|_| unexpected(inner.dialect, "run id"))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(ListPage { items, more })
+        Ok(ListPage::new(items, more))
     }
 
     /// Deletes the run's documents and, with them, its milestones and
@@ -2643,5 +2868,51 @@ mod tests {
                 .kind(),
             ErrorKind::InvalidArgument
         );
+    }
+
+    /// A lent MySQL pool's sessions must keep a clock without daylight
+    /// saving time (see `SqlStore::from_pool`).
+    #[test]
+    fn only_time_zones_without_daylight_saving_pass() {
+        for (zone, system) in [
+            ("+00:00", "CET"),
+            ("-05:30", "CET"),
+            ("UTC", "CET"),
+            ("SYSTEM", "UTC"),
+            ("SYSTEM", "Etc/UTC"),
+        ] {
+            assert!(
+                time_zone_without_daylight_saving(zone, system),
+                "{zone} {system}"
+            );
+        }
+        for (zone, system) in [
+            ("Europe/Paris", "UTC"),
+            ("SYSTEM", "CET"),
+            ("SYSTEM", "EST"),
+            ("+", "UTC"),
+            ("+1:", "UTC"),
+        ] {
+            assert!(
+                !time_zone_without_daylight_saving(zone, system),
+                "{zone} {system}"
+            );
+        }
+    }
+
+    #[test]
+    fn mariadb_flavour_and_version_are_told() {
+        for (version, returning) in [
+            ("10.11.19-MariaDB-0+deb12u1", true),
+            ("10.5.0-MariaDB", true),
+            ("11.4.2-MariaDB-ubu2404", true),
+            ("10.4.32-MariaDB", false),
+            ("5.5.5-10.11.6-MariaDB", true),
+            ("8.0.36", false),
+            ("8.4.0-commercial", false),
+            ("", false),
+        ] {
+            assert_eq!(mariadb_with_returning(version), returning, "{version}");
+        }
     }
 }

@@ -13,12 +13,19 @@
 //! which fails with a retryable error and drops it: callers retry retryable
 //! errors anyway. Idle connections are closed after [`IDLE_TIMEOUT`], every
 //! connection after [`MAX_LIFETIME`], as sqlx's pool does by default.
+//!
+//! A store made by `SqlStore::from_pool` lends the connections of the
+//! application's sqlx pool instead ([`Pool::shared`]): one whose last
+//! statement did not finish cleanly, or that may hold an open transaction,
+//! is closed rather than given back (sqlx's own ping on release would not
+//! notice an open transaction).
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use sqlx::any::{AnyConnectOptions, AnyQueryResult, AnyRow};
-use sqlx::{Any, AnyConnection, ConnectOptions, Connection, Execute, Executor};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Connection, Execute, Executor};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::Dialect;
@@ -50,6 +57,14 @@ pub(crate) struct Pool {
     /// Most recently used last: lent first, so the others age out.
     idle: Mutex<Vec<Idle>>,
     acquire_timeout: Duration,
+    /// The application's pool, whose connections are lent instead.
+    shared: Option<AnyPool>,
+}
+
+/// A lent connection: one of ours, or one of the application's pool.
+enum Conn {
+    Own(AnyConnection),
+    Shared(PoolConnection<Any>),
 }
 
 impl Pool {
@@ -67,6 +82,23 @@ impl Pool {
             permits: Semaphore::new(usize::try_from(max.max(1)).unwrap_or(1)),
             idle: Mutex::new(Vec::new()),
             acquire_timeout,
+            shared: None,
+        }
+    }
+
+    /// Lends the connections of the application's `pool`: as many at once
+    /// as it holds, its own settings (size, lifetimes, session setup) in
+    /// force. Closing this pool leaves `pool` open.
+    pub(crate) fn shared(dialect: Dialect, pool: AnyPool, acquire_timeout: Duration) -> Pool {
+        let max = pool.options().get_max_connections();
+        Pool {
+            dialect,
+            options: (*pool.connect_options()).clone(),
+            setup: Vec::new(),
+            permits: Semaphore::new(usize::try_from(max.max(1)).unwrap_or(1)),
+            idle: Mutex::new(Vec::new()),
+            acquire_timeout,
+            shared: Some(pool),
         }
     }
 
@@ -94,13 +126,17 @@ impl Pool {
             .acquire()
             .await
             .map_err(|_| sqlx::Error::PoolClosed)?;
+        if let Some(shared) = &self.shared {
+            let conn = shared.acquire().await?;
+            return Ok(Lent::new(self, Conn::Shared(conn), Instant::now(), permit));
+        }
         loop {
             let Some(idle) = self.idle().pop() else { break };
             let now = Instant::now();
             if now.duration_since(idle.used) < IDLE_TIMEOUT
                 && now.duration_since(idle.opened) < MAX_LIFETIME
             {
-                return Ok(Lent::new(self, idle.conn, idle.opened, permit));
+                return Ok(Lent::new(self, Conn::Own(idle.conn), idle.opened, permit));
             }
             let _ = tokio::time::timeout(CLOSE_BOUND, idle.conn.close()).await;
         }
@@ -115,11 +151,13 @@ impl Pool {
                 return Err(e);
             }
         }
-        Ok(Lent::new(self, conn, Instant::now(), permit))
+        Ok(Lent::new(self, Conn::Own(conn), Instant::now(), permit))
     }
 
     /// Refuses further loans and closes the idle connections; connections
-    /// lent now are closed when they come back.
+    /// lent now are closed when they come back. The application's pool
+    /// ([`Pool::shared`]) stays open: its connections lent now go back to
+    /// it as usual.
     pub(crate) async fn close(&self) {
         self.permits.close();
         let idle = std::mem::take(&mut *self.idle());
@@ -134,7 +172,7 @@ impl Pool {
 /// it is closed.
 pub(crate) struct Lent<'a> {
     pool: &'a Pool,
-    conn: Option<AnyConnection>,
+    conn: Option<Conn>,
     opened: Instant,
     /// Whether the last statement finished with a reply.
     reusable: bool,
@@ -146,12 +184,7 @@ pub(crate) struct Lent<'a> {
 }
 
 impl<'a> Lent<'a> {
-    fn new(
-        pool: &'a Pool,
-        conn: AnyConnection,
-        opened: Instant,
-        permit: SemaphorePermit<'a>,
-    ) -> Lent<'a> {
+    fn new(pool: &'a Pool, conn: Conn, opened: Instant, permit: SemaphorePermit<'a>) -> Lent<'a> {
         Lent {
             pool,
             conn: Some(conn),
@@ -163,7 +196,11 @@ impl<'a> Lent<'a> {
     }
 
     fn conn(&mut self) -> Result<&mut AnyConnection, sqlx::Error> {
-        self.conn.as_mut().ok_or(sqlx::Error::PoolClosed)
+        match self.conn.as_mut() {
+            Some(Conn::Own(conn)) => Ok(conn),
+            Some(Conn::Shared(conn)) => Ok(&mut **conn),
+            None => Err(sqlx::Error::PoolClosed),
+        }
     }
 
     /// Runs one statement that returns no rows (or whose rows are not
@@ -253,10 +290,23 @@ impl<'a> Lent<'a> {
 
 impl Drop for Lent<'_> {
     fn drop(&mut self) {
-        let Some(conn) = self.conn.take() else { return };
+        let clean = self.reusable && !self.in_transaction;
+        let conn = match self.conn.take() {
+            None => return,
+            Some(Conn::Shared(mut conn)) => {
+                // Given back to the application's pool only when clean;
+                // otherwise closed (sqlx's ping on release would take a
+                // connection with an open transaction back).
+                if !clean {
+                    conn.close_on_drop();
+                }
+                return;
+            }
+            Some(Conn::Own(conn)) => conn,
+        };
         // One past its lifetime goes back too: the next loan closes it
         // politely.
-        if self.reusable && !self.in_transaction && !self.pool.permits.is_closed() {
+        if clean && !self.pool.permits.is_closed() {
             self.pool.idle().push(Idle {
                 conn,
                 opened: self.opened,

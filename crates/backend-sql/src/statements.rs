@@ -69,6 +69,9 @@ pub(crate) struct Statements {
     pub(crate) delete_if: Stmt,
     pub(crate) exists: Stmt,
     pub(crate) list_docs: Stmt,
+    /// A document's version, size and modified time (ms since the epoch),
+    /// without its bytes.
+    pub(crate) head: Stmt,
     pub(crate) list_runs: Stmt,
     pub(crate) delete_run: Stmt,
     /// Takes a free or expired lock: PostgreSQL and SQLite return the grant
@@ -77,6 +80,9 @@ pub(crate) struct Statements {
     /// PostgreSQL: acquire and load in one statement; MySQL: the stored
     /// procedure doing the same; SQLite: unused.
     pub(crate) acquire_and_load: Stmt,
+    /// MariaDB 10.5+: acquire and load in one `INSERT … RETURNING` (see
+    /// [`mariadb_acquire_and_load`]); elsewhere unused.
+    pub(crate) acquire_and_load_returning: Stmt,
     pub(crate) holder: Stmt,
     pub(crate) renew: Stmt,
     pub(crate) release: Stmt,
@@ -212,6 +218,21 @@ fn updated_at(dialect: Dialect) -> &'static str {
     }
 }
 
+/// `updated_at` as milliseconds since the Unix epoch. MySQL's is computed
+/// without the session's time zone (a pool the application lends may not
+/// run in UTC); SQLite's text is rounded to the millisecond it holds.
+fn modified_ms(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Postgres => "(extract(epoch from updated_at) * 1000)::bigint",
+        Dialect::MySql => {
+            "CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', updated_at) DIV 1000 AS SIGNED)"
+        }
+        Dialect::Sqlite => {
+            "CAST(round((julianday(updated_at) - 2440587.5) * 86400000.0) AS INTEGER)"
+        }
+    }
+}
+
 /// The tail of an insert that overwrites an existing document.
 fn upsert_tail(dialect: Dialect) -> &'static str {
     match dialect {
@@ -241,6 +262,7 @@ fn fill(dialect: Dialect, prefix: &str, sql: &str) -> Stmt {
             .replace("{CH}", &format!("'{}'", channel(prefix)))
             .replace("{NOW}", now_ms(dialect))
             .replace("{UPD}", updated_at(dialect))
+            .replace("{MOD}", modified_ms(dialect))
             .replace("{P}", prefix),
     )
 }
@@ -304,8 +326,9 @@ impl Statements {
             ),
             exists: t("SELECT version FROM {D} WHERE run = $1 AND name = $2"),
             list_docs: t(
-                "SELECT name, version, size FROM {D} WHERE run = $1 AND name > $2 ORDER BY name LIMIT $3",
+                "SELECT name, version, size, {MOD} FROM {D} WHERE run = $1 AND name > $2 ORDER BY name LIMIT $3",
             ),
+            head: t("SELECT version, size, {MOD} FROM {D} WHERE run = $1 AND name = $2"),
             list_runs: t("SELECT DISTINCT run FROM {D} WHERE run > $1 ORDER BY run LIMIT $2"),
             // PostgreSQL deletes the run's milestones in the same
             // statement; elsewhere a transaction runs `delete_milestones`
@@ -360,6 +383,10 @@ impl Statements {
                 )),
                 Dialect::MySql => t("CALL {P}acquire_and_load($1, $2, $3, $4, $5, $6, $7)"),
                 Dialect::Sqlite => Stmt::default(),
+            },
+            acquire_and_load_returning: match dialect {
+                Dialect::MySql => t(&mariadb_acquire_and_load(now)),
+                _ => Stmt::default(),
             },
             holder: t(
                 "SELECT owner, fence, since_ms, expires_at_ms - {NOW} FROM {L} \
@@ -641,6 +668,36 @@ fn mysql_acquire(
          owner = IF({free}, VALUES(owner), owner), \
          owner_id = IF({free}, VALUES(owner_id), owner_id), \
          expires_at_ms = IF({free} OR {mine}, VALUES(expires_at_ms), expires_at_ms)"
+    )
+}
+
+/// MariaDB (10.5+): acquire and load in one statement, the acquire of
+/// [`mysql_acquire`] with `RETURNING` (MySQL has no `RETURNING`, so it
+/// calls the `acquire_and_load` procedure instead). Binds as the
+/// procedure's: $1 run, $2 lock doc, $3 owner, $4 owner id, $5 ttl, $6
+/// document to load, $7 size limit. Columns as the procedure's: the granted
+/// fence (0: not granted) and its since, the row's holder (owner, fence,
+/// since, expires in), then the document, read only when granted.
+///
+/// After the upsert the row's `owner_id` is the caller's exactly when the
+/// lock was granted: a free lock was taken, or the caller's live grant was
+/// returned again; a lock held by another owner is left as it was. The
+/// document is read by the `RETURNING` clause, after the row is granted (a
+/// statement that waited on the previous holder's lease row reads the
+/// document that holder committed).
+fn mariadb_acquire_and_load(now: &str) -> String {
+    let acquire = mysql_acquire("$1", "$2", "$3", "$4", "$5", now);
+    let doc = |column: &str| {
+        format!(
+            "IF(owner_id = $4, (SELECT {column} FROM {{D}} WHERE run = $1 AND name = $6), NULL)"
+        )
+    };
+    format!(
+        "{acquire} RETURNING IF(owner_id = $4, fence, 0), since_ms, owner, fence, since_ms, \
+         expires_at_ms - {now}, {}, {}, {}",
+        doc("version"),
+        doc("size"),
+        doc("CASE WHEN size <= $7 THEN bytes END"),
     )
 }
 

@@ -35,16 +35,25 @@ fn is_row(run: &RunId, doc: &DocName, row: &str) -> String {
     )
 }
 
-async fn open_server(var: &str, namespace: &str) -> Result<Option<SqlStore>, Error> {
+/// `returning`: MariaDB's acquire-and-load as one `INSERT … RETURNING`
+/// (its default), or as MySQL's procedure, so that both paths are tested
+/// on a MariaDB server.
+async fn open_server(
+    var: &str,
+    namespace: &str,
+    returning: bool,
+) -> Result<Option<SqlStore>, Error> {
     let Ok(url) = std::env::var(var) else {
         return Ok(None);
     };
-    let config = SqlConfig::from_url(&url)?.with_prefix(format!("{namespace}_"))?;
+    let config = SqlConfig::from_url(&url)?
+        .with_prefix(format!("{namespace}_"))?
+        .with_mariadb_returning(returning);
     SqlStore::open(config).await.map(Some)
 }
 
 macro_rules! server_harness {
-    ($module:ident, $name:ident, $backend:literal, $var:literal) => {
+    ($module:ident, $name:ident, $backend:literal, $var:literal, $returning:literal) => {
         mod $module {
             use super::*;
 
@@ -56,13 +65,13 @@ macro_rules! server_harness {
                 const URL_VAR: Option<&'static str> = Some($var);
 
                 async fn open(namespace: &str) -> Result<Option<Arc<dyn Lock>>, Error> {
-                    Ok(open_server($var, namespace)
+                    Ok(open_server($var, namespace, $returning)
                         .await?
                         .map(|s| Arc::new(s) as Arc<dyn Lock>))
                 }
 
                 async fn cleanup(namespace: &str) -> Result<(), Error> {
-                    if let Some(store) = open_server($var, namespace).await? {
+                    if let Some(store) = open_server($var, namespace, $returning).await? {
                         store.uninstall().await?;
                         store.close().await;
                     }
@@ -97,8 +106,23 @@ macro_rules! server_harness {
     };
 }
 
-server_harness!(postgres, Postgres, "postgres", "RUNSTATE_POSTGRES_URL");
-server_harness!(mysql, MySql, "mysql", "RUNSTATE_MYSQL_URL");
+server_harness!(
+    postgres,
+    Postgres,
+    "postgres",
+    "RUNSTATE_POSTGRES_URL",
+    true
+);
+server_harness!(mysql, MySql, "mysql", "RUNSTATE_MYSQL_URL", true);
+// MySQL's path (the acquire_and_load procedure), on whatever server
+// RUNSTATE_MYSQL_URL names: on MariaDB, the path MySQL servers take.
+server_harness!(
+    mysql_procedure,
+    MySqlProcedure,
+    "mysql",
+    "RUNSTATE_MYSQL_URL",
+    false
+);
 
 mod sqlite {
     use super::*;

@@ -247,3 +247,47 @@ async fn postgres_password_never_shows() {
         assert!(!shown.contains(SENTINEL), "{shown}");
     }
 }
+
+/// SQLite's `head` and listings carry the modified time `updated_at`
+/// holds (text, to the millisecond), read back as the time it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_head_and_list_carry_modified_times() {
+    let (url, path) = sqlite_url("modified");
+    let store = SqlStore::connect(&url).await.expect("open");
+    assert!(store.capabilities().modified_times);
+    let (run, doc) = (
+        RunId::new("r").expect("valid"),
+        DocName::new("d").expect("valid"),
+    );
+    let before = std::time::SystemTime::now() - Duration::from_secs(2);
+    store
+        .put_bytes(&run, &doc, Bytes::from_static(b"hello"))
+        .await
+        .expect("put");
+    let after = std::time::SystemTime::now() + Duration::from_secs(2);
+    let stat = store
+        .head(&run, &doc)
+        .await
+        .expect("head")
+        .expect("present");
+    assert_eq!(stat.size, 5);
+    let modified = stat.modified.expect("a modified time");
+    assert!(before <= modified && modified <= after, "{modified:?}");
+    let page = store.list_docs(&run, None, 10).await.expect("list");
+    assert_eq!(page.items[0].modified, Some(modified));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store
+        .put_bytes(&run, &doc, Bytes::from_static(b"y"))
+        .await
+        .expect("put again");
+    let again = store
+        .head(&run, &doc)
+        .await
+        .expect("head")
+        .expect("present");
+    assert!(again.modified.expect("a time") > modified);
+    let absent = DocName::new("absent").expect("valid");
+    assert!(store.head(&run, &absent).await.expect("head").is_none());
+    store.close().await;
+    let _ = std::fs::remove_file(&path);
+}

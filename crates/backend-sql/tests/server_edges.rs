@@ -487,3 +487,179 @@ async fn postgres_broken_idle_connection_is_one_retryable_error() {
     let _ = admin.close().await;
     store.uninstall().await.expect("drop");
 }
+
+/// Review finding: a session the server ends with an error of its own
+/// (PostgreSQL's FATAL `57P05`, idle_session_timeout) is one retryable
+/// error, and its connection is not lent again: the next call succeeds on
+/// a new one. Before the fix the error was permanent and the dead
+/// connection went back to the pool, failing the next call too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_session_ended_by_the_server_is_one_retryable_error() {
+    let Some(url) = url(Dialect::Postgres) else {
+        return;
+    };
+    let prefix = prefix();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let short = format!("{url}{sep}options[idle_session_timeout]=300ms");
+    let store = SqlStore::open(
+        SqlConfig::from_url(&short)
+            .expect("url")
+            .with_prefix(&prefix)
+            .expect("prefix")
+            .with_max_connections(1),
+    )
+    .await
+    .expect("open");
+    let (run, doc, _key) = ids();
+    store
+        .put_bytes(&run, &doc, Bytes::from_static(b"x"))
+        .await
+        .expect("put");
+    // The one pooled connection idles past the timeout: the server sends
+    // FATAL 57P05 and closes it.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let error = store
+        .get_bytes(&run, &doc)
+        .await
+        .expect_err("the session was ended");
+    assert!(error.is_retryable(), "{}", display_chain(&error));
+    let stored = store
+        .get_bytes(&run, &doc)
+        .await
+        .unwrap_or_else(|e| panic!("a new connection: {}", display_chain(&e)));
+    assert_eq!(&stored.expect("present").bytes[..], b"x");
+    store.uninstall().await.expect("drop");
+}
+
+/// Review finding, MariaDB: a session killed by `KILL CONNECTION` while
+/// idle in the pool costs one retryable error, and its connection is not
+/// lent again. The store connects as a user of its own, so the test kills
+/// only its sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_killed_session_is_one_retryable_error() {
+    let Some(url) = url(Dialect::MySql) else {
+        return;
+    };
+    let prefix = prefix();
+    let user = format!("{prefix}u");
+    let mut admin = raw(&url).await;
+    raw_run(
+        &mut admin,
+        format!("CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'"),
+    )
+    .await;
+    let mut parsed = url::Url::parse(&url).expect("url");
+    let db = parsed.path().trim_start_matches('/').to_owned();
+    raw_run(&mut admin, format!("GRANT ALL ON `{db}`.* TO '{user}'@'%'")).await;
+    parsed.set_username(&user).expect("user");
+    parsed.set_password(Some("pw")).expect("password");
+    let store = SqlStore::open(
+        SqlConfig::from_url(parsed.as_str())
+            .expect("url")
+            .with_prefix(&prefix)
+            .expect("prefix")
+            .with_max_connections(1),
+    )
+    .await
+    .expect("open");
+    let (run, doc, _key) = ids();
+    store
+        .put_bytes(&run, &doc, Bytes::from_static(b"x"))
+        .await
+        .expect("put");
+    let ids: Vec<i64> = admin
+        .fetch_all(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SELECT CAST(id AS SIGNED) FROM information_schema.processlist WHERE user = '{user}'"
+        ))))
+        .await
+        .expect("processlist")
+        .iter()
+        .map(|row| row.try_get::<i64, _>(0).expect("an id"))
+        .collect();
+    assert!(!ids.is_empty(), "the store's session is listed");
+    for id in ids {
+        raw_run(&mut admin, format!("KILL CONNECTION {id}")).await;
+    }
+    let mut errors = 0;
+    loop {
+        match store.get_bytes(&run, &doc).await {
+            Ok(stored) => {
+                assert_eq!(&stored.expect("present").bytes[..], b"x");
+                break;
+            }
+            Err(error) => {
+                assert!(error.is_retryable(), "{}", display_chain(&error));
+                errors += 1;
+                assert!(errors <= 1, "one error per killed session");
+            }
+        }
+    }
+    store.uninstall().await.expect("drop");
+    store.close().await;
+    raw_run(&mut admin, format!("DROP USER '{user}'@'%'")).await;
+    let _ = admin.close().await;
+}
+
+/// `head` is one `SELECT` that leaves the bytes on the server (one round
+/// trip, far fewer bytes than the document), and it and listings carry
+/// the document's modified time, which a later write moves forward.
+async fn head_is_one_statement_without_the_body(dialect: Dialect) {
+    let Some(url) = url(dialect) else { return };
+    let prefix = prefix();
+    let (proxy, store) = through_proxy(&url, &prefix).await;
+    assert!(store.capabilities().modified_times);
+    let (run, doc, _key) = ids();
+    let body = Bytes::from(vec![b'x'; 256 * 1024]);
+    let before = std::time::SystemTime::now() - Duration::from_secs(2);
+    store
+        .put_bytes(&run, &doc, body.clone())
+        .await
+        .expect("put");
+    let after = std::time::SystemTime::now() + Duration::from_secs(2);
+    store.head(&run, &doc).await.expect("warm");
+    let (turns, bytes) = (proxy.turns(), proxy.bytes_to_client());
+    let stat = store
+        .head(&run, &doc)
+        .await
+        .expect("head")
+        .expect("present");
+    assert_eq!(proxy.turns() - turns, 1, "one round trip on {dialect}");
+    assert!(
+        proxy.bytes_to_client() - bytes < 4096,
+        "no body on {dialect}: {} bytes",
+        proxy.bytes_to_client() - bytes
+    );
+    assert_eq!(stat.size, body.len() as u64);
+    let modified = stat.modified.expect("a modified time");
+    assert!(before <= modified && modified <= after, "{modified:?}");
+    let page = store.list_docs(&run, None, 10).await.expect("list");
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(page.items[0].modified, Some(modified));
+    assert_eq!(page.items[0].version, stat.version);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store
+        .put_bytes(&run, &doc, Bytes::from_static(b"y"))
+        .await
+        .expect("put again");
+    let again = store
+        .head(&run, &doc)
+        .await
+        .expect("head")
+        .expect("present");
+    assert!(again.modified.expect("a time") > modified, "moved forward");
+    assert_ne!(again.version, stat.version);
+    assert_eq!(again.size, 1);
+    let absent = DocName::new("absent").expect("valid");
+    assert!(store.head(&run, &absent).await.expect("head").is_none());
+    store.uninstall().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_head_is_one_statement_without_the_body() {
+    head_is_one_statement_without_the_body(Dialect::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_head_is_one_statement_without_the_body() {
+    head_is_one_statement_without_the_body(Dialect::MySql).await;
+}
