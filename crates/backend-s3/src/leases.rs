@@ -145,11 +145,11 @@ impl Sightings {
 /// What others see of a held lease. `expires_in` is this store's
 /// estimate, reported as at most the TTL even while the skew margin runs.
 pub(crate) fn info(key: &LockKey, body: &LeaseBody, expires_in: Duration) -> Option<LockInfo> {
-    Some(LockInfo {
-        key: key.clone(),
-        owner: body.owner.clone()?,
-        fence: Fence(body.fence),
-        since: from_unix_millis(body.since_ms),
-        expires_in: expires_in.min(body.ttl()),
-    })
+    Some(LockInfo::new(
+        key.clone(),
+        body.owner.clone()?,
+        Fence(body.fence),
+        from_unix_millis(body.since_ms),
+        expires_in.min(body.ttl()),
+    ))
 }

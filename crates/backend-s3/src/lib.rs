@@ -44,13 +44,41 @@
 //! the multi-process cases (it lives in one process). The probe runs the same
 //! way on either.
 //!
+//! ## Google Cloud Storage and Azure Blob Storage
+//!
+//! With the features `gcs` and `azure` (object_store's `gcp` and `azure`
+//! clients, nothing else), `gs://bucket/prefix?…` and
+//! `az://container/prefix?account=…` open the same store on those clouds
+//! (options and credentials: [`S3Config`]'s module documentation). The
+//! layout, the leases, the nonces, the probe and every guarantee below are
+//! the same; what differs:
+//!
+//! - **GCS** makes writes conditional on an object's *generation*, not its
+//!   ETag, and its listings carry no generation. Versions stay ETags, and
+//!   an `Update(version)` (and every lease compare-and-swap) is a `HEAD`
+//!   reading the object's ETag and generation, refused when the ETag is
+//!   not the version, then a `PUT` conditional on that generation: an
+//!   `If-Match` by ETag, one request dearer. A client built by the caller
+//!   gets the same treatment when the configuration says
+//!   [`Provider::Gcs`] ([`S3Config::with_provider`]). Tested against a
+//!   stand-in enforcing GCS's rules on `InMemory` (the conformance suite,
+//!   `tests/conformance_gcs.rs`); no GCS server or emulator was reachable.
+//! - **Azure** honours `If-Match` / `If-None-Match: *` as S3 does; its
+//!   metadata names allow no `-`, so the nonce is `x-ms-meta-runstatenonce`;
+//!   its listings give ETags unquoted, which this store quotes, so a
+//!   version reads the same everywhere; deleting an absent blob is `404`
+//!   there, which deletes treat as done. The conformance suite runs on
+//!   Azurite (`tests/conformance_azure.rs`).
+//!
 //! ## What is guaranteed, exactly
 //!
 //! - `Create` is `If-None-Match: *`, `Update(version)` is `If-Match`
 //!   with the version's ETag: both atomic on the server.
 //! - **A write reported as failed is recognised when it happened.** Every
 //!   document write carries a random nonce in the object's user metadata
-//!   (`x-amz-meta-runstate-nonce`). When a conditional write is refused
+//!   (`x-amz-meta-runstate-nonce` on S3, `x-goog-meta-runstate-nonce` on
+//!   GCS, `x-ms-meta-runstatenonce` on Azure, whose metadata names allow no
+//!   `-`). When a conditional write is refused
 //!   (`412`), or its outcome is unknown (a transport error, a timeout), the
 //!   store reads the document's metadata back (one `HEAD`): if it carries
 //!   this write's nonce, the write was applied (S3 answered 5xx to a PUT it
@@ -60,10 +88,21 @@
 //!   carry another nonce and are not taken for this write. When the
 //!   metadata cannot be read back after a refusal, the error is a
 //!   retryable `Backend` error (outcome unknown), never `Precondition`.
-//!   The one case it cannot recognise: a writer that does not take the
-//!   lock overwrites the applied try before the read back (then the write
-//!   is reported refused although it happened once); fenced writers of
-//!   the same lock cannot, as the lease is still held.
+//!   What it cannot recognise is an applied try overwritten by another
+//!   writer before the read back. A writer that does not take the lock can
+//!   do that at any time (then the write is reported refused although it
+//!   happened once). A fenced writer of the same lock can only once this
+//!   lease has lapsed, and a fenced `Update` or `Create` refused after
+//!   its lease lapsed is therefore reported as a `Backend` error saying the
+//!   outcome is unknown (not retryable), never `Precondition`: a typed
+//!   update would otherwise run its closure again on data that may hold
+//!   its first run. (A fenced `Overwrite` is then `Fenced`: the successor's
+//!   write came after any try of it, so the store is as if it was never
+//!   written.)
+//! - **An `Update(version)` whose version is no ETag** of this store
+//!   (empty, blank, `*`, weak, a list, anything but a quoted tag) is
+//!   refused with `Precondition` before anything is sent: servers ignore
+//!   or widen such `If-Match` headers, which would make it unconditional.
 //! - Conditional deletes are not offered ([`Capabilities::conditional_delete`]
 //!   is `false`; they fail with `Unsupported`).
 //! - Leases are compare-and-swap writes of lease objects; expiry follows the
@@ -76,7 +115,12 @@
 //!   the lease object. A retry after a lost grant reply thus gets its grant
 //!   instead of waiting a TTL behind itself. A renewal or release whose
 //!   reply was lost is recognised the same way (the lease object holds
-//!   exactly the body it wrote).
+//!   exactly the body it wrote). A renewal the server applied whose reply
+//!   was lost altogether leaves the caller with the token it replaced: a
+//!   later renewal, release or fenced save with that token finds the lease
+//!   object still holding this grant (held, same owner id, fence and
+//!   `since`; a successor's grant has a higher fence) and goes on from the
+//!   version there, instead of reporting the lease lost.
 //! - **Fencing is [`Fencing::VersionOnly`]**: S3 cannot make a write
 //!   conditional on another object. A save under a lease is made in this
 //!   order: (1) the version the write will be conditional on is fixed: the
@@ -141,6 +185,7 @@
 //! |---|---|
 //! | `foreign_fencing` | `false` |
 //! | `native_conditional_get` | `true` |
+//! | `modified_times` | `true`: listings and [`Store::head`] carry each object's `Last-Modified` |
 //! | `watch` | `Polling(watch_ms)`, 1 s by default |
 //! | `status` | `false` |
 //! | `milestones` | `true` (when the probe found conditional writes honoured) |
@@ -203,6 +248,7 @@
 
 mod config;
 mod errors;
+mod generation;
 mod leases;
 mod milestones;
 mod probe;
@@ -224,14 +270,14 @@ use object_store::{
 use runstate_core::events::{check_label, check_text, poll_watch};
 use runstate_core::time::from_unix_millis;
 use runstate_core::{
-    Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, Fencing, Fetched, GetOptions,
-    Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
-    PutRequest, ReleaseSignals, Result, RunId, Store, StoredDoc, Version, WatchMode, Watcher,
-    async_trait, check_ttl,
+    Bytes, Capabilities, DocMeta, DocName, DocStat, Error, ErrorKind, Fence, Fencing, Fetched,
+    GetOptions, Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode,
+    PutOptions, PutRequest, ReleaseSignals, Result, RunId, Store, StoredDoc, Version, WatchMode,
+    Watcher, async_trait, check_ttl,
 };
 use tokio::sync::Semaphore;
 
-pub use config::S3Config;
+pub use config::{Provider, S3Config};
 /// The object_store crate this backend is built on, so a caller wrapping
 /// or building an [`ObjectStore`] for [`S3Store::from_object_store`] uses
 /// the same version.
@@ -252,6 +298,10 @@ const MAX_OBJECT: u64 = 5 * 1024 * 1024 * 1024;
 /// nonce every document write carries, so a write reported as failed can be
 /// recognised as applied (see [`Inner::write_doc`]).
 const NONCE_KEY: &str = "runstate-nonce";
+
+/// [`NONCE_KEY`] on Azure, whose metadata names must be C# identifiers
+/// (no `-`): `x-ms-meta-runstatenonce`.
+const AZURE_NONCE_KEY: &str = "runstatenonce";
 
 /// Requests of [`Store::get_many`] and [`Store::put_many`] in flight at
 /// once, across every batch of one store: S3 gains little from more, and a
@@ -287,6 +337,8 @@ struct Inner {
     runs: Mutex<Option<RunListing>>,
     signals: ReleaseSignals,
     bound: Duration,
+    /// The user-metadata name of a document write's nonce.
+    nonce_key: &'static str,
     /// [`BATCH_REQUESTS`] permits, one per request of a batch in flight.
     batch_requests: Semaphore,
 }
@@ -325,10 +377,18 @@ impl WriteError {
     }
 }
 
+/// A document's version: its ETag, always quoted. Azure quotes ETags in
+/// the headers of reads and writes but not in listings; the version of one
+/// object must read the same wherever it was seen.
 fn version_of(e_tag: Option<String>) -> Result<Version> {
-    e_tag.map(Version::new).ok_or_else(|| {
+    let e_tag = e_tag.ok_or_else(|| {
         Error::new(ErrorKind::Backend, "the server returned no ETag").with_backend(BACKEND)
-    })
+    })?;
+    if e_tag.starts_with('"') || e_tag.starts_with("W/") {
+        Ok(Version::new(e_tag))
+    } else {
+        Ok(Version::new(format!("\"{e_tag}\"")))
+    }
 }
 
 impl S3Store {
@@ -380,6 +440,12 @@ impl S3Store {
         config: S3Config,
     ) -> Result<S3Store> {
         let context = |e: Error| e.with_operation(Operation::Open);
+        let provider = config.provider;
+        // GCS makes updates conditional on generations, not ETags.
+        let store = match provider {
+            Provider::Gcs => generation::GenerationMatch::wrap(store),
+            _ => store,
+        };
         let root = if config.prefix.is_empty() {
             String::new()
         } else {
@@ -410,6 +476,8 @@ impl S3Store {
             // VersionOnly (see the crate documentation).
             .with_foreign_fencing(false)
             .with_native_conditional_get(true)
+            // Listings and `head` carry each object's `Last-Modified`.
+            .with_modified_times(true)
             .with_watch(WatchMode::Polling(config.watch_interval))
             // No append: see the crate documentation.
             .with_status(false)
@@ -430,6 +498,10 @@ impl S3Store {
                 runs: Mutex::new(None),
                 signals: ReleaseSignals::new(),
                 bound,
+                nonce_key: match provider {
+                    Provider::Azure => AZURE_NONCE_KEY,
+                    _ => NONCE_KEY,
+                },
                 batch_requests: Semaphore::new(BATCH_REQUESTS),
             }),
         })
@@ -599,7 +671,7 @@ impl Inner {
         }
         let version = version_of(got.meta.e_tag.clone())?;
         let bytes = self.bounded(got.bytes()).await?;
-        Ok(Some(StoredDoc { bytes, version }))
+        Ok(Some(StoredDoc::new(bytes, version)))
     }
 
     /// A permit for one request of a batch (see [`BATCH_REQUESTS`]).
@@ -619,7 +691,7 @@ impl Inner {
         };
         let nonce = got
             .attributes
-            .get(&Attribute::Metadata(Cow::Borrowed(NONCE_KEY)))
+            .get(&Attribute::Metadata(Cow::Borrowed(self.nonce_key)))
             .map(|value| value.as_ref().to_owned());
         Ok(Some(DocHead {
             version: version_of(got.meta.e_tag)?,
@@ -647,7 +719,7 @@ impl Inner {
         let nonce = leases::write_nonce();
         let mut attributes = Attributes::new();
         attributes.insert(
-            Attribute::Metadata(Cow::Borrowed(NONCE_KEY)),
+            Attribute::Metadata(Cow::Borrowed(self.nonce_key)),
             AttributeValue::from(nonce.clone()),
         );
         let mut options = OsPutOptions::from(mode);
@@ -711,9 +783,18 @@ impl Inner {
             return Ok(0);
         }
         let stream = futures_util::stream::iter(paths.into_iter().map(Ok)).boxed();
-        let _: Vec<Path> = self
-            .bounded(self.store.delete_stream(stream).try_collect())
-            .await?;
+        // Deleting an absent object succeeds on S3 but is `404` on Azure:
+        // gone either way.
+        let deleting = async {
+            Ok::<_, object_store::Error>(self.store.delete_stream(stream).collect::<Vec<_>>().await)
+        };
+        let outcomes = self.bounded(deleting).await?;
+        for outcome in outcomes {
+            match outcome {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(map_error(e)),
+            }
+        }
         Ok(count)
     }
 
@@ -884,11 +965,58 @@ impl Inner {
         }
     }
 
+    /// [`swap_lease`](Self::swap_lease) of `lease`'s lease object from
+    /// `token`, recognising the grant as still this one when the object
+    /// changed but holds this grant (see [`is_grant_of`]): a renewal whose
+    /// reply was lost (a timeout, a 5xx after retries) rewrote it, and the
+    /// caller still has the token that renewal replaced. The swap is then
+    /// made from what is there, as a compare-and-swap again: a takeover
+    /// racing it wins or loses cleanly.
+    async fn swap_own(
+        &self,
+        path: &Path,
+        body: &LeaseBody,
+        lease: &Lease,
+        token: &str,
+        at: Instant,
+    ) -> Result<std::result::Result<String, Option<(String, LeaseBody, Instant)>>> {
+        let mut from = token.to_owned();
+        let mut last = None;
+        for _ in 0..3 {
+            match self.swap_lease(path, body, &from, at).await? {
+                Ok(etag) => return Ok(Ok(etag)),
+                Err(Some((etag, found, first))) if is_grant_of(&found, lease) => {
+                    tracing::debug!(%path, "a lease write whose reply was lost was applied");
+                    from.clone_from(&etag);
+                    last = Some((etag, found, first));
+                }
+                Err(other) => return Ok(Err(other)),
+            }
+        }
+        Ok(Err(last))
+    }
+
     fn if_match(etag: &str) -> OsPutMode {
         OsPutMode::Update(UpdateVersion {
             e_tag: Some(etag.to_owned()),
             version: None,
         })
+    }
+
+    /// The condition of an `Update(version)` of a document: `If-Match`
+    /// with the version, which must be one this store can have returned
+    /// (a plain ETag). Anything else (empty, blank, `*`, a weak tag, a
+    /// list, a header injection) is refused with `Precondition` before
+    /// anything is sent: no document of this store is at that version, and
+    /// servers ignore or widen such headers (moto ignores an empty
+    /// `If-Match`, `*` matches any version), which would turn the update
+    /// into an unconditional write.
+    fn if_version(version: &Version) -> Result<OsPutMode> {
+        if is_plain_etag(version.as_str()) {
+            Ok(Self::if_match(version.as_str()))
+        } else {
+            Err(not_a_version())
+        }
     }
 
     fn locked(&self, key: &LockKey, holder: Option<LockInfo>) -> Error {
@@ -1093,7 +1221,7 @@ impl Inner {
         let token = self.token(lease, Operation::Renew)?;
         let body = LeaseBody::held(lease.owner(), lease.fence().get(), ttl, lease.since());
         let path = self.lease_path(lease.key());
-        match self.swap_lease(&path, &body, token, issued).await? {
+        match self.swap_own(&path, &body, lease, token, issued).await? {
             Ok(etag) => Ok(lease.renewed(ttl, issued).with_token(etag)),
             Err(now) => Err(self.lease_lost(
                 lease,
@@ -1111,7 +1239,8 @@ impl Inner {
         let lapsed = lease.is_expired();
         let free = LeaseBody::free(lease.fence().get());
         match (
-            self.swap_lease(&path, &free, token, Instant::now()).await?,
+            self.swap_own(&path, &free, lease, token, Instant::now())
+                .await?,
             lapsed,
         ) {
             (Ok(_), false) => Ok(()),
@@ -1153,16 +1282,27 @@ impl Inner {
         if lease.is_expired() {
             return Err(self.fenced(lease, None, "its deadline has passed"));
         }
+        let path = self.lease_path(lease.key());
         let current = self
-            .found(self.store.head(&self.lease_path(lease.key())))
+            .found(self.store.head(&path))
             .await?
             .and_then(|meta| meta.e_tag);
         if current.is_none() || current.as_deref() != lease.token() {
-            return Err(self.fenced(
-                lease,
-                self.live_holder(lease.key()).await?,
-                "the lease object changed",
-            ));
+            // Another version may still be this grant: a renewal whose
+            // reply was lost rewrote it (the caller has the token it
+            // replaced). A successor's grant has a higher fence, a release
+            // or a break is not held: both are refused.
+            let read = self.read_lease(&path).await?;
+            if !read
+                .as_ref()
+                .is_some_and(|(_, body, _)| is_grant_of(body, lease))
+            {
+                return Err(self.fenced(
+                    lease,
+                    self.holder_of(lease.key(), read.as_ref()),
+                    "the lease object changed",
+                ));
+            }
         }
         // The HEAD may have taken a while.
         if lease.is_expired() {
@@ -1200,7 +1340,15 @@ impl Inner {
         for _ in 0..3 {
             let os_mode = match mode {
                 PutMode::Create => OsPutMode::Create,
-                PutMode::Update(v) => Self::if_match(v.as_str()),
+                // A version that is no ETag of this store is refused after
+                // the lease check: a stale holder hears `Fenced` first.
+                PutMode::Update(v) => match Self::if_version(v) {
+                    Ok(os_mode) => os_mode,
+                    Err(error) => {
+                        self.check_lease(lease).await?;
+                        return Err(error);
+                    }
+                },
                 PutMode::Overwrite => {
                     if lease.is_expired() {
                         return Err(self.fenced(lease, None, "its deadline has passed"));
@@ -1218,6 +1366,38 @@ impl Inner {
             self.check_lease(lease).await?;
             match self.write_doc(&path, bytes.clone(), os_mode).await {
                 Ok(version) => return Ok(version),
+                // Refused, and the document holds another write's nonce:
+                // while the lease is live that other write came after a
+                // refusal of every try of ours (no fenced writer can have
+                // replaced an applied try of ours). Once it has lapsed, a
+                // successor may have taken the lock over and written over
+                // a try of ours that object_store retried into this 412:
+                // whether this save was applied cannot be told, and
+                // `Precondition` (or `Fenced`, for a retry) would make a
+                // typed update run its closure again on data that may hold
+                // its first run. The outcome is reported unknown instead.
+                // An overwrite keeps its answer (the lease is checked again
+                // below: `Fenced`): its bytes do not depend on what it
+                // replaced, and a try of it that landed was replaced by the
+                // successor's later write, so the store is as if it had
+                // never been written, and redoing it writes the same bytes.
+                Err(WriteError::Refused { error, .. })
+                    if lease.is_expired() && *mode != PutMode::Overwrite =>
+                {
+                    return Err(Error::new(
+                        ErrorKind::Backend,
+                        format!(
+                            "the save under the lease with fence {} was refused after the lease \
+                             lapsed, and the document was written by someone else since: \
+                             whether an earlier try of this save was applied cannot be told \
+                             (do not redo it blindly)",
+                            lease.fence()
+                        ),
+                    )
+                    .with_backend(BACKEND)
+                    .with_lock(lease.key())
+                    .with_source(error));
+                }
                 Err(WriteError::Refused { now, .. }) if *mode == PutMode::Overwrite => {
                     reread = Some(now);
                 }
@@ -1300,6 +1480,29 @@ impl Store for S3Store {
             .get_doc(&inner.doc_path(run, doc), options)
             .await
             .map_err(|e| e.at_doc(Operation::Get, run, doc))
+    }
+
+    /// One `HEAD` request: the document's version, size and modification
+    /// time (the object's `Last-Modified`, as the server dates it), without
+    /// its body; `None` when absent.
+    async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+        let inner = &self.inner;
+        let outcome = async {
+            let Some(meta) = inner
+                .found(inner.store.head(&inner.doc_path(run, doc)))
+                .await?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(DocStat::new(
+                version_of(meta.e_tag)?,
+                meta.size,
+                Some(meta.last_modified.into()),
+            )))
+        };
+        outcome
+            .await
+            .map_err(|e: Error| e.at_doc(Operation::Head, run, doc))
     }
 
     /// Concurrent `GET`s, at most [`BATCH_REQUESTS`] in flight (across
@@ -1410,7 +1613,7 @@ impl Store for S3Store {
                 }
                 PutMode::Update(v) => {
                     inner.require_conditional()?;
-                    Inner::if_match(v.as_str())
+                    Inner::if_version(v)?
                 }
             };
             match inner
@@ -1481,11 +1684,12 @@ impl Store for S3Store {
         let mut all: Vec<DocMeta> = Vec::with_capacity(listing.objects.len());
         for meta in listing.objects {
             if let Some(name) = inner.doc_of(&meta.location) {
-                all.push(DocMeta {
+                all.push(DocMeta::new(
                     name,
-                    version: version_of(meta.e_tag)?,
-                    size: meta.size,
-                });
+                    version_of(meta.e_tag)?,
+                    meta.size,
+                    Some(meta.last_modified.into()),
+                ));
             }
         }
         // Object keys sort with their extension; documents sort by name.
@@ -1493,10 +1697,10 @@ impl Store for S3Store {
         let start = after.map_or(0, |a| all.partition_point(|m| m.name <= *a));
         let limit = limit.max(1);
         let more = all.len() > start + limit;
-        Ok(ListPage {
-            items: all.into_iter().skip(start).take(limit).collect(),
+        Ok(ListPage::new(
+            all.into_iter().skip(start).take(limit).collect(),
             more,
-        })
+        ))
     }
 
     /// Lists the runs: the folders under the store's prefix whose names
@@ -1525,10 +1729,7 @@ impl Store for S3Store {
             .map_err(|e| e.with_operation(Operation::ListRuns))?;
         let start = after.map_or(0, |a| runs.partition_point(|x| x <= a));
         let end = start.saturating_add(limit.max(1)).min(runs.len());
-        Ok(ListPage {
-            items: runs[start..end].to_vec(),
-            more: end < runs.len(),
-        })
+        Ok(ListPage::new(runs[start..end].to_vec(), end < runs.len()))
     }
 
     /// Deletes the run's documents: the objects directly in its folder
@@ -1611,7 +1812,7 @@ impl Store for S3Store {
                 .with_backend(BACKEND));
             }
             let bytes = inner.bounded(got.bytes()).await?;
-            Ok(Fetched::Changed(StoredDoc { bytes, version }))
+            Ok(Fetched::Changed(StoredDoc::new(bytes, version)))
         };
         outcome
             .await
@@ -1749,6 +1950,31 @@ pub fn version_is_md5_of(version: &Version, bytes: &[u8]) -> bool {
         .map(|byte| format!("{byte:02x}"))
         .collect();
     hex.eq_ignore_ascii_case(&expected)
+}
+
+/// Whether a lease object as read is still `lease`'s grant: held, by its
+/// owner id, with its fence and its `since`. Every grant raises the fence
+/// or (re-granted to the same owner id while live, see
+/// [`Inner::try_acquire_loading`]) keeps both; releases and breaks are not
+/// held. So such an object was written by a renewal of this very grant.
+fn is_grant_of(body: &LeaseBody, lease: &Lease) -> bool {
+    body.held
+        && body.fence == lease.fence().get()
+        && body.since_ms == runstate_core::time::unix_millis(lease.since())
+        && body
+            .owner
+            .as_ref()
+            .is_some_and(|owner| owner.id() == lease.owner().id())
+}
+
+/// The refusal of an `Update` with a version that is no ETag of this store.
+fn not_a_version() -> Error {
+    Error::new(
+        ErrorKind::Precondition,
+        "the document is not at that version: it is no version of this store (a quoted ETag); \
+         nothing was sent",
+    )
+    .with_backend(BACKEND)
 }
 
 /// Whether `version` is a plain strong ETag (`"…"` of visible ASCII, no

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod gcs;
+
 use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,6 +71,20 @@ impl Gate {
 
 type Fails = Box<dyn Fn(Op, &Path) -> bool + Send + Sync>;
 
+/// A lost reply armed: the call, its path, its gate and what it answers.
+type LostReply = (Op, String, Arc<Gate>, Answer);
+
+/// What a call whose reply is lost answers instead (see
+/// [`Faulty::lose_reply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A transport failure or a 5xx that outlived the retries: the outcome
+    /// is unknown to the caller.
+    Failed,
+    /// `412`: what object_store's retry of an applied conditional PUT gets.
+    Precondition,
+}
+
 /// The wrapping store.
 pub struct Faulty {
     inner: Arc<dyn ObjectStore>,
@@ -76,6 +92,9 @@ pub struct Faulty {
     /// the gate.
     holds: Mutex<Vec<(Op, String, Arc<Gate>)>>,
     fails: Fails,
+    /// One-shot lost replies: the first call of this kind on this path is
+    /// applied, then waits at the gate, then answers as told.
+    lost: Mutex<Vec<LostReply>>,
     /// Delimited listings, by prefix.
     listings: Mutex<Vec<String>>,
     calls: AtomicU64,
@@ -95,6 +114,7 @@ impl Faulty {
             inner,
             holds: Mutex::new(Vec::new()),
             fails: Box::new(fails),
+            lost: Mutex::new(Vec::new()),
             listings: Mutex::new(Vec::new()),
             calls: AtomicU64::new(0),
         })
@@ -108,6 +128,30 @@ impl Faulty {
             .unwrap_or_else(PoisonError::into_inner)
             .push((op, path.to_owned(), Arc::clone(&gate)));
         gate
+    }
+
+    /// Applies the next `op` on `path`, then holds its reply at a new gate
+    /// and, once the gate is opened, answers `answer` instead of the reply:
+    /// a call the server applied whose reply was lost (and, with
+    /// [`Answer::Precondition`], retried into a refusal).
+    pub fn lose_reply(&self, op: Op, path: &str, answer: Answer) -> Arc<Gate> {
+        let gate = Gate::new();
+        self.lost
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((op, path.to_owned(), Arc::clone(&gate), answer));
+        gate
+    }
+
+    /// The lost reply armed for this call, taken (one-shot).
+    fn take_lost(&self, op: Op, path: &Path) -> Option<(Arc<Gate>, Answer)> {
+        let mut lost = self.lost.lock().unwrap_or_else(PoisonError::into_inner);
+        lost.iter()
+            .position(|(o, p, _, _)| *o == op && p == path.as_ref())
+            .map(|i| {
+                let (_, _, gate, answer) = lost.remove(i);
+                (gate, answer)
+            })
     }
 
     /// The prefixes of the delimited listings so far.
@@ -167,7 +211,22 @@ impl ObjectStore for Faulty {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         self.enter(Op::Put, location).await?;
-        self.inner.put_opts(location, payload, opts).await
+        let lost = self.take_lost(Op::Put, location);
+        let reply = self.inner.put_opts(location, payload, opts).await;
+        let Some((gate, answer)) = lost else {
+            return reply;
+        };
+        gate.pass().await;
+        Err(match answer {
+            Answer::Failed => object_store::Error::Generic {
+                store: "faulty",
+                source: format!("injected: the reply to PUT {location} was lost").into(),
+            },
+            Answer::Precondition => object_store::Error::Precondition {
+                path: location.to_string(),
+                source: "injected: a retry of an applied PUT was refused".into(),
+            },
+        })
     }
 
     async fn put_multipart_opts(
