@@ -82,6 +82,17 @@ const BACKENDS: &[Backend] = &[
         moto: true,
         weppcloud_python: false,
     },
+    // The Redis backend on a Redis Cluster (3 primaries, 3 replicas started
+    // by xtask, see services::RedisCluster): the tests of
+    // crates/backend-redis/tests/cluster.rs, all named `cluster::…`.
+    Backend {
+        name: "redis-cluster",
+        package: "runstate-redis",
+        filter: Some("cluster::"),
+        services: &[],
+        moto: false,
+        weppcloud_python: false,
+    },
     // The in-memory store: no server, no files.
     Backend {
         name: "memory",
@@ -114,7 +125,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let outcome = match args.first().map(String::as_str) {
         Some("test") => backend_option(&args[1..]).and_then(|backend| test(backend.as_deref())),
-        Some("services") => services::command(args.get(1).map(String::as_str), &all_services()),
+        Some("services") => services::command(args.get(1).map(String::as_str), &all_services())
+            .and_then(|()| cluster_services(args.get(1).map(String::as_str))),
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
         Some("-h" | "--help" | "help") => {
@@ -210,7 +222,46 @@ fn all_services() -> Vec<&'static Service> {
 /// (The WEPPcloud worker tests live in the `runstate` and `runstate-redis`
 /// packages and are required with the redis backend; their Python is
 /// prepared here too.)
-type Prepared = (Vec<(String, String)>, Option<services::Moto>);
+type Prepared = (
+    Vec<(String, String)>,
+    Option<services::Moto>,
+    Option<services::RedisCluster>,
+);
+
+/// `services up|down|status` for the Redis Cluster, which (unlike the shared
+/// servers) xtask starts itself: `up` leaves it running, `down` stops it by
+/// its PIDs.
+fn cluster_services(action: Option<&str>) -> Result<(), String> {
+    match action {
+        Some("status") | None => {
+            let state = services::RedisCluster::running()
+                .map_or_else(|| "down".to_owned(), |c| format!("up {}", c.url()));
+            println!("{:<10} {state}", "redis-cluster");
+        }
+        Some("up") => {
+            let cluster = match services::RedisCluster::running() {
+                Some(cluster) => cluster,
+                None => services::RedisCluster::start(false)?,
+            };
+            println!(
+                "{:<10} up: export {}={}",
+                "redis-cluster",
+                services::REDIS_CLUSTER_VAR,
+                cluster.url()
+            );
+        }
+        Some("down") => {
+            let stopped = services::RedisCluster::stop_recorded();
+            println!(
+                "{:<10} {}",
+                "redis-cluster",
+                if stopped { "stopped" } else { "not running" }
+            );
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}
 
 /// Starts (or finds) the services of the selected backends and returns the
 /// environment the tests need to reach them, and the servers xtask started
@@ -235,6 +286,13 @@ fn prepare(selected: &[&Backend]) -> Result<Prepared, String> {
             Err(message) => eprintln!("xtask: warning: {message}"),
         }
     }
+    if selected.iter().any(|b| b.moto) {
+        // As for the Python workers: the test that needs Azurite reports a
+        // failed installation (it fails when its backend is required).
+        if let Err(message) = services::azurite() {
+            eprintln!("xtask: warning: {message}");
+        }
+    }
     let moto = if selected.iter().any(|b| b.moto) && std::env::var_os("RUNSTATE_S3_URL").is_none() {
         let moto = services::Moto::start()?;
         env.extend(moto.env());
@@ -242,7 +300,21 @@ fn prepare(selected: &[&Backend]) -> Result<Prepared, String> {
     } else {
         None
     };
-    Ok((env, moto))
+    // The cluster: the caller's, the one `services up` left running, or one
+    // started for this run and stopped by PID when it ends.
+    let cluster = if selected.iter().any(|b| b.name == "redis-cluster")
+        && std::env::var_os(services::REDIS_CLUSTER_VAR).is_none()
+    {
+        let cluster = match services::RedisCluster::running() {
+            Some(cluster) => cluster,
+            None => services::RedisCluster::start(true)?,
+        };
+        env.extend(cluster.env());
+        Some(cluster)
+    } else {
+        None
+    };
+    Ok((env, moto, cluster))
 }
 
 fn test(backend: Option<&str>) -> Result<(), String> {
@@ -250,7 +322,7 @@ fn test(backend: Option<&str>) -> Result<(), String> {
         .iter()
         .filter(|b| backend.is_none_or(|name| b.name == name))
         .collect();
-    let (env, _moto) = prepare(&selected)?;
+    let (env, _moto, _cluster) = prepare(&selected)?;
     let mut command = cargo();
     command.arg("test");
     match backend {
@@ -471,7 +543,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         .iter()
         .filter(|b| backend.as_deref().is_none_or(|name| b.name == name))
         .collect();
-    let (env, _moto) = prepare(&selected)?;
+    let (env, _moto, _cluster) = prepare(&selected)?;
     // The migration benchmark drives the real command line, as users run it.
     let mut build = cargo();
     build.args([

@@ -380,3 +380,250 @@ pub(crate) fn weppcloud_python() -> Result<std::path::PathBuf, String> {
     }
     Ok(python)
 }
+
+const AZURITE_HINT: &str = "the S3 backend's Azure conformance test runs Azurite (npm package                             `azurite` 3.x) from target/services/azurite: it needs Node.js with npm                             and access to the npm registry";
+
+/// Azurite (Azure Blob Storage's emulator) under `target/services/azurite`,
+/// installed with npm when missing: the S3 backend's `az://` conformance
+/// test starts it itself on a free port and stops it by PID.
+pub(crate) fn azurite() -> Result<(), String> {
+    let dir = crate::root().join("target/services/azurite");
+    if dir.join("node_modules/.bin/azurite-blob").exists() {
+        return Ok(());
+    }
+    eprintln!("azurite: installing azurite into {}", dir.display());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("azurite: {e}"))?;
+    let installed = std::process::Command::new("npm")
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+            "--prefix",
+        ])
+        .arg(&dir)
+        .arg("azurite@3")
+        .status()
+        .map_err(|e| format!("azurite: could not run npm: {e}\n{AZURITE_HINT}"))?;
+    if !installed.success() || !dir.join("node_modules/.bin/azurite-blob").exists() {
+        return Err(format!("azurite: installation failed.\n{AZURITE_HINT}"));
+    }
+    Ok(())
+}
+
+/// The variable the Redis Cluster tests read.
+pub(crate) const REDIS_CLUSTER_VAR: &str = "RUNSTATE_REDIS_CLUSTER_URL";
+
+const REDIS_CLUSTER_HINT: &str = "the Redis Cluster tests start redis-server (with --cluster-enabled) \
+                                  and redis-cli --cluster create: install Redis ≥ 5 (Debian/Ubuntu: \
+                                  apt-get install redis-server redis-tools), or point \
+                                  RUNSTATE_REDIS_CLUSTER_URL at a cluster \
+                                  (redis+cluster://host:port,host:port/)";
+
+/// A 3-primary, 3-replica Redis Cluster on free loopback ports, its files
+/// under `target/services/redis-cluster/<port>/` (nothing kept on disk but
+/// each node's cluster config). Started daemonized with a pidfile per node;
+/// stopped by those PIDs ([`RedisCluster::stop`], or on drop when started
+/// for one test run). `services up` leaves it running and records its URL in
+/// `target/services/redis-cluster/url`, where `test` finds it again.
+pub(crate) struct RedisCluster {
+    ports: Vec<u16>,
+    /// Whether dropping it stops it (started for this run only).
+    owned: bool,
+}
+
+fn cluster_dir() -> std::path::PathBuf {
+    crate::root().join("target/services/redis-cluster")
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("redis-cluster: no free port: {e}"))
+}
+
+/// `redis-cli -p PORT ARGS…`, its output.
+fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
+    std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+impl RedisCluster {
+    /// The cluster `services up` left running, if every node still answers
+    /// and the cluster is healthy.
+    pub(crate) fn running() -> Option<RedisCluster> {
+        let text = std::fs::read_to_string(cluster_dir().join("ports")).ok()?;
+        let ports: Vec<u16> = text
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        let cluster = RedisCluster {
+            ports,
+            owned: false,
+        };
+        (cluster.ports.len() == 6 && cluster.healthy()).then_some(cluster)
+    }
+
+    fn healthy(&self) -> bool {
+        self.ports.iter().all(|port| {
+            redis_cli(*port, &["CLUSTER", "INFO"])
+                .is_some_and(|info| info.contains("cluster_state:ok"))
+        })
+    }
+
+    /// Starts six nodes and joins them into a cluster (three primaries,
+    /// each with one replica), waiting until every node reports
+    /// `cluster_state:ok`. `owned`: stop it when dropped.
+    pub(crate) fn start(owned: bool) -> Result<RedisCluster, String> {
+        for program in ["redis-server", "redis-cli"] {
+            if !installed(program) {
+                return Err(format!(
+                    "redis-cluster: `{program}` is not installed: {REDIS_CLUSTER_HINT}"
+                ));
+            }
+        }
+        let mut cluster = RedisCluster {
+            ports: Vec::new(),
+            owned: true,
+        };
+        for _ in 0..6 {
+            let port = free_port()?;
+            let dir = cluster_dir().join(port.to_string());
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).map_err(|e| format!("redis-cluster: {e}"))?;
+            let status = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "yes"])
+                .arg("--dir")
+                .arg(&dir)
+                .args(["--logfile", "redis.log"])
+                .arg("--pidfile")
+                .arg(dir.join("redis.pid"))
+                .status()
+                .map_err(|e| format!("redis-cluster: could not run redis-server: {e}"))?;
+            if !status.success() {
+                return Err(format!("redis-cluster: redis-server exited with {status}"));
+            }
+            cluster.ports.push(port);
+        }
+        for port in &cluster.ports {
+            let mut waited = 0;
+            while redis_cli(*port, &["PING"]).is_none_or(|r| !r.contains("PONG")) {
+                std::thread::sleep(Duration::from_millis(50));
+                waited += 1;
+                if waited > 200 {
+                    return Err(format!("redis-cluster: node {port} does not answer"));
+                }
+            }
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|e| format!("redis-cluster: could not run redis-cli: {e}"))?;
+        if !created.success() {
+            return Err(format!(
+                "redis-cluster: `redis-cli --cluster create` failed ({created})"
+            ));
+        }
+        let mut waited = 0;
+        while !cluster.healthy() {
+            std::thread::sleep(Duration::from_millis(100));
+            waited += 1;
+            if waited > 300 {
+                return Err("redis-cluster: cluster_state did not become ok within 30 s".to_owned());
+            }
+        }
+        let ports: Vec<String> = cluster.ports.iter().map(u16::to_string).collect();
+        std::fs::write(cluster_dir().join("ports"), ports.join(" "))
+            .map_err(|e| format!("redis-cluster: {e}"))?;
+        eprintln!(
+            "redis-cluster: 3 primaries, 3 replicas on {}",
+            nodes.join(",")
+        );
+        cluster.owned = owned;
+        Ok(cluster)
+    }
+
+    /// The URL the tests get.
+    pub(crate) fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}/", nodes.join(","))
+    }
+
+    pub(crate) fn env(&self) -> Vec<(String, String)> {
+        vec![(REDIS_CLUSTER_VAR.to_owned(), self.url())]
+    }
+
+    /// Stops every node by the PID in its pidfile.
+    pub(crate) fn stop(&mut self) {
+        for port in self.ports.drain(..) {
+            let pidfile = cluster_dir().join(port.to_string()).join("redis.pid");
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+            {
+                let _ = std::process::Command::new("kill")
+                    .arg(pid.to_string())
+                    .status();
+                // Gone (or 5 s passed) before its folder is removed.
+                for _ in 0..100 {
+                    let alive = std::process::Command::new("kill")
+                        .args(["-0", &pid.to_string()])
+                        .stderr(std::process::Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    if !alive {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            let _ = std::fs::remove_dir_all(cluster_dir().join(port.to_string()));
+        }
+        let _ = std::fs::remove_file(cluster_dir().join("ports"));
+    }
+
+    /// For `services down`: stops the cluster `services up` left running.
+    pub(crate) fn stop_recorded() -> bool {
+        let Ok(text) = std::fs::read_to_string(cluster_dir().join("ports")) else {
+            return false;
+        };
+        let mut cluster = RedisCluster {
+            ports: text
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect(),
+            owned: false,
+        };
+        cluster.stop();
+        true
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        if self.owned {
+            eprintln!("redis-cluster: stopping {} nodes by PID", self.ports.len());
+            self.stop();
+        }
+    }
+}

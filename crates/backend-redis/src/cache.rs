@@ -10,12 +10,12 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use runstate_core::time::{from_unix_millis, unix_millis};
 use runstate_core::{
     Bytes, Cache, Cached, DocName, Result, RunId, StoredDoc, Version, async_trait,
 };
 
+use crate::conn::Conn;
 use crate::errors::{map_redis_error, timed_out};
 use crate::{RedisConfig, RedisStore};
 
@@ -27,7 +27,7 @@ pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(72 * 3600);
 /// version of each with its bytes. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisCache {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     ttl: Duration,
     timeout: Duration,
@@ -104,13 +104,10 @@ impl Cache for RedisCache {
             )
             .await;
         match fetched {
-            Ok((Some(version), Some(bytes), Some(known))) => Some(Cached {
-                doc: StoredDoc {
-                    bytes: Bytes::from(bytes),
-                    version: Version::new(version),
-                },
-                known_at: from_unix_millis(known),
-            }),
+            Ok((Some(version), Some(bytes), Some(known))) => Some(Cached::new(
+                StoredDoc::new(Bytes::from(bytes), Version::new(version)),
+                from_unix_millis(known),
+            )),
             Ok(_) => None,
             Err(error) => {
                 self.log("a read", &error);

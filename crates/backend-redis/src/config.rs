@@ -5,6 +5,7 @@
 //! | `redis://[user[:password]@]host[:port][/db]` | TCP (port 6379, db 0 by default) |
 //! | `rediss://…` | TLS (cargo feature `tls`) |
 //! | `unix:///path/to/redis.sock` | Unix socket (`?db=N` selects the database) |
+//! | `redis+cluster://[user[:password]@]host:port,host:port[/]` | a Redis Cluster, through any of the nodes listed (seeds; the others are discovered); database 0 only |
 //!
 //! | query option | default | meaning |
 //! |---|---|---|
@@ -16,15 +17,25 @@
 //! | `status_history` | 1000 | status messages kept per run (about: `XADD … MAXLEN ~`, so a few more may stay) |
 //! | `status_minutes` | off | also drop status messages older than this many minutes (`XTRIM … MINID`, exact, by the server's clock, at each publish) |
 //! | `db` | 0 | database, for `unix://` URLs |
+//! | `wait_replicas` | 0 (off) | after every save and every grant, `WAIT` for this many replicas to acknowledge it (same connection, right after the script); fewer within `wait_timeout_ms` fails the call with a retryable `Backend` error (the write was made on the primary but may be lost by a failover) |
+//! | `wait_timeout_ms` | 1000 | how long that `WAIT` may take |
+//! | `tls_ca` | off | `rediss://` only: path of a PEM file of the certificate authorities to trust instead of the built-in web roots (a private CA) |
 //!
 //! Passwords never appear in `Debug`, `Display` or errors: they are shown
 //! as `***`.
+//!
+//! TLS uses rustls. The first `rediss://` store makes *ring* rustls's
+//! process-wide crypto provider when the program has installed none: with
+//! a second provider compiled in (aws-lc-rs, which the S3 backend brings)
+//! rustls would not choose one by itself. A program that wants another
+//! provider installs it before opening the store.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
+use runstate_core::options::UrlOptions;
 use runstate_core::{Error, ErrorKind};
 
 use crate::BACKEND;
@@ -124,7 +135,18 @@ pub struct RedisConfig {
     pub(crate) weppcloud: Option<WeppcloudLocks>,
     pub(crate) status_history: u64,
     pub(crate) status_max_age: Option<Duration>,
+    /// Seed nodes of a Redis Cluster; empty for one server (`address`).
+    pub(crate) cluster: Vec<(String, u16)>,
+    /// Replicas that must acknowledge each save and grant (0: none).
+    pub(crate) wait_replicas: u64,
+    pub(crate) wait_timeout: Duration,
+    /// PEM file of the CAs a `rediss://` server's certificate must chain
+    /// to, instead of the built-in web roots.
+    pub(crate) tls_ca: Option<PathBuf>,
 }
+
+/// How long a `WAIT` for replicas may take by default.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Status messages kept per run by default.
 pub const DEFAULT_STATUS_HISTORY: u64 = 1000;
@@ -188,7 +210,23 @@ impl RedisConfig {
             weppcloud: None,
             status_history: DEFAULT_STATUS_HISTORY,
             status_max_age: None,
+            cluster: Vec::new(),
+            wait_replicas: 0,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+            tls_ca: None,
         }
+    }
+
+    /// A configuration for a Redis Cluster reached through `seeds` (any
+    /// nodes of it; the others are discovered), with every default.
+    pub fn cluster(seeds: impl IntoIterator<Item = (String, u16)>) -> Self {
+        let cluster: Vec<(String, u16)> = seeds.into_iter().collect();
+        let mut config = match cluster.first() {
+            Some((host, port)) => RedisConfig::tcp(host.clone(), *port),
+            None => RedisConfig::tcp("127.0.0.1", 6379),
+        };
+        config.cluster = cluster;
+        config
     }
 
     /// Parses a `redis://`, `rediss://` or `unix://` URL (see the module
@@ -199,6 +237,9 @@ impl RedisConfig {
     /// or `rediss://` without the `tls` feature. The URL itself is never
     /// repeated in the error, since it may hold a password.
     pub fn from_url(url: &str) -> Result<Self, Error> {
+        if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            return Self::from_cluster_url(rest);
+        }
         let parsed = url::Url::parse(url).map_err(|e| {
             config_error("invalid redis URL (not shown: it may hold a password)").with_source(e)
         })?;
@@ -245,13 +286,34 @@ impl RedisConfig {
             }
             other => {
                 return Err(config_error(format!(
-                    "unknown URL scheme {other:?} for redis (known: redis, rediss, unix)"
+                    "unknown URL scheme {other:?} for redis (known: redis, rediss, unix, redis+cluster)"
                 )));
             }
+        }
+        // The options added since UrlOptions exists are parsed by it; the
+        // loop below skips them.
+        let mut options = UrlOptions::parse(BACKEND, parsed.query())?;
+        if let Some(n) = options.take_u64("wait_replicas", 0..=64)? {
+            config.wait_replicas = n;
+        }
+        if let Some(ms) = options.take_ms(
+            "wait_timeout_ms",
+            Duration::from_millis(1)..=Duration::from_secs(60),
+        )? {
+            config.wait_timeout = ms;
+        }
+        if let Some(path) = options.take("tls_ca") {
+            if !matches!(config.address, Address::Tls { .. }) || path.is_empty() {
+                return Err(config_error(
+                    "tls_ca (a PEM file of CA certificates) needs a rediss:// URL and a path",
+                ));
+            }
+            config.tls_ca = Some(PathBuf::from(path));
         }
         let mut weppcloud_ext = None;
         for (name, value) in parsed.query_pairs() {
             match &*name {
+                "wait_replicas" | "wait_timeout_ms" | "tls_ca" => {}
                 "prefix" => {
                     check_prefix(&value)?;
                     config.prefix = value.into_owned();
@@ -284,7 +346,7 @@ impl RedisConfig {
                     return Err(config_error(format!(
                         "unknown redis URL option {other:?} (known: prefix, timeout_ms, \
                          connect_timeout_ms, db, weppcloud_locks, weppcloud_ext, \
-                         status_history, status_minutes)"
+                         status_history, status_minutes, wait_replicas, wait_timeout_ms, tls_ca)"
                     )));
                 }
             }
@@ -302,6 +364,49 @@ impl RedisConfig {
         Ok(config)
     }
 
+    /// Parses what follows `redis+cluster://`: `[user[:password]@]host:port,
+    /// host:port[/[0]][?options]`, by reading the first node as a
+    /// `redis://` URL (so credentials and options mean the same) and
+    /// taking the others as further seeds.
+    fn from_cluster_url(rest: &str) -> Result<Self, Error> {
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let (auth, hosts) = match authority.rfind('@') {
+            Some(at) => (&authority[..=at], &authority[at + 1..]),
+            None => ("", authority),
+        };
+        let mut seeds = Vec::new();
+        for host in hosts.split(',') {
+            let url = url::Url::parse(&format!("redis://{host}")).map_err(|e| {
+                config_error("invalid node in a redis+cluster URL (not shown)").with_source(e)
+            })?;
+            let name = url
+                .host_str()
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| config_error("a node of a redis+cluster URL has no host"))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            seeds.push((name, url.port().unwrap_or(6379)));
+        }
+        let mut config = Self::from_url(&format!(
+            "redis://{auth}{}{tail}",
+            hosts.split(',').next().unwrap_or_default()
+        ))?;
+        if config.db != 0 {
+            return Err(config_error(
+                "a Redis Cluster has only database 0: leave the path of a redis+cluster URL empty",
+            ));
+        }
+        if config.weppcloud.is_some() {
+            return Err(config_error(
+                "weppcloud_locks needs a standalone Redis (it reads another database), not a cluster",
+            ));
+        }
+        config.cluster = seeds;
+        Ok(config)
+    }
+
     /// Sets the key prefix.
     ///
     /// # Errors
@@ -311,6 +416,15 @@ impl RedisConfig {
         check_prefix(&prefix)?;
         self.prefix = prefix;
         Ok(self)
+    }
+
+    /// Trusts the certificate authorities in the PEM file at `path`, instead
+    /// of the built-in web roots, for a `rediss://` server (a private CA).
+    /// The file is read when the store opens (a missing or unreadable file
+    /// is a `Config` error then); it has no effect without TLS.
+    pub fn with_tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca = Some(path.into());
+        self
     }
 
     /// Sets the database.
@@ -371,7 +485,26 @@ impl RedisConfig {
         self
     }
 
-    /// The server's address.
+    /// Waits for `replicas` replicas to acknowledge every save and grant
+    /// (Redis `WAIT`, at most `timeout`); fewer fails the call with a
+    /// retryable `Backend` error. 0 turns it off.
+    pub fn with_wait_replicas(mut self, replicas: u64, timeout: Duration) -> Self {
+        self.wait_replicas = replicas;
+        self.wait_timeout = timeout;
+        self
+    }
+
+    /// The replicas each save and grant waits for, and how long.
+    pub fn wait_replicas(&self) -> (u64, Duration) {
+        (self.wait_replicas, self.wait_timeout)
+    }
+
+    /// The seed nodes of a Redis Cluster (empty for one server).
+    pub fn cluster_nodes(&self) -> &[(String, u16)] {
+        &self.cluster
+    }
+
+    /// The server's address (for a cluster, its first seed).
     pub fn address(&self) -> &Address {
         &self.address
     }
@@ -478,7 +611,30 @@ impl fmt::Display for RedisConfig {
                 age.as_secs().div_ceil(60).max(1)
             ));
         }
+        if self.wait_replicas != 0 {
+            options.push(format!("wait_replicas={}", self.wait_replicas));
+            if self.wait_timeout != DEFAULT_WAIT_TIMEOUT {
+                options.push(format!("wait_timeout_ms={}", self.wait_timeout.as_millis()));
+            }
+        }
+        if let Some(ca) = &self.tls_ca {
+            options.push(format!("tls_ca={}", ca.display()));
+        }
         match &self.address {
+            _ if !self.cluster.is_empty() => {
+                let nodes: Vec<String> = self
+                    .cluster
+                    .iter()
+                    .map(|(host, port)| {
+                        if host.contains(':') {
+                            format!("[{host}]:{port}")
+                        } else {
+                            format!("{host}:{port}")
+                        }
+                    })
+                    .collect();
+                write!(f, "redis+cluster://{auth}{}/", nodes.join(","))?;
+            }
             Address::Tcp { host, port } => write!(f, "redis://{auth}{host}:{port}/{}", self.db)?,
             Address::Tls { host, port } => write!(f, "rediss://{auth}{host}:{port}/{}", self.db)?,
             Address::Unix(path) => {
@@ -506,8 +662,52 @@ impl fmt::Debug for RedisConfig {
             .field("weppcloud", &self.weppcloud)
             .field("status_history", &self.status_history)
             .field("status_max_age", &self.status_max_age)
+            .field("cluster", &self.cluster)
+            .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout", &self.wait_timeout)
             .finish()
     }
+}
+
+/// Makes *ring* (the provider this crate enables) rustls's process-wide
+/// crypto provider unless one is installed already: once, before the
+/// first TLS connection. With another provider compiled into the same
+/// program (aws-lc-rs, which the S3 backend's HTTP client brings) rustls
+/// cannot pick one by itself, and every TLS connection would fail with
+/// "no process-level CryptoProvider available".
+#[cfg(feature = "tls")]
+pub(crate) fn ensure_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            // Losing a race to another installer is fine: one is in place.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+    });
+}
+
+/// `info` trusting the CAs of [`RedisConfig::with_tls_ca`] (and no
+/// others), when set.
+///
+/// # Errors
+/// `Config` when the file cannot be read or holds no usable certificate.
+#[cfg(feature = "tls")]
+pub(crate) fn with_tls_ca(
+    info: redis::ConnectionInfo,
+    config: &RedisConfig,
+) -> Result<redis::ConnectionInfo, Error> {
+    let Some(path) = &config.tls_ca else {
+        return Ok(info);
+    };
+    let unusable = || format!("cannot use the CA file tls_ca={}", path.display());
+    let pem = std::fs::read(path).map_err(|e| config_error(unusable()).with_source(e))?;
+    let certificates = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    };
+    let client = redis::Client::build_with_tls(info, certificates)
+        .map_err(|e| config_error(unusable()).with_source(e))?;
+    Ok(client.get_connection_info().clone())
 }
 
 #[cfg(test)]
@@ -573,6 +773,44 @@ mod tests {
             ("redis://x?status_history=0", "status_history"),
             ("redis://x?status_history=many", "status_history"),
             ("redis://x?status_minutes=0", "status_minutes"),
+        ] {
+            let err = RedisConfig::from_url(url).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config, "{url}");
+            assert!(err.to_string().contains(needle), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn cluster_urls() {
+        let url = format!(
+            "redis+cluster://u:{SENTINEL}@127.0.0.1:7000,127.0.0.1:7001/?prefix=p&wait_replicas=1&wait_timeout_ms=250"
+        );
+        let c = RedisConfig::from_url(&url).unwrap();
+        assert_eq!(
+            c.cluster_nodes(),
+            &[
+                ("127.0.0.1".to_owned(), 7000),
+                ("127.0.0.1".to_owned(), 7001)
+            ]
+        );
+        assert_eq!(c.prefix(), "p");
+        assert_eq!(c.wait_replicas(), (1, Duration::from_millis(250)));
+        assert_eq!(c.password.as_ref().unwrap().expose(), SENTINEL);
+        let shown = c.to_string();
+        assert_eq!(
+            shown,
+            "redis+cluster://u:***@127.0.0.1:7000,127.0.0.1:7001/?prefix=p&wait_replicas=1&wait_timeout_ms=250"
+        );
+        assert!(!format!("{c:?}").contains(SENTINEL));
+        let plain = RedisConfig::from_url("redis+cluster://h1:7000,[::1]:7001").unwrap();
+        assert_eq!(plain.cluster_nodes()[1], ("::1".to_owned(), 7001));
+        assert_eq!(RedisConfig::from_url(&plain.to_string()).unwrap(), plain);
+        for (url, needle) in [
+            ("redis+cluster://h:1/2", "database 0"),
+            ("redis+cluster://h:1?weppcloud_locks=0", "standalone"),
+            ("redis+cluster://h:1,:2", "node"),
+            ("redis+cluster://h:1?wait_replicas=x", "wait_replicas"),
+            ("redis://h:1?wait_timeout_ms=0", "wait_timeout_ms"),
         ] {
             let err = RedisConfig::from_url(url).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Config, "{url}");

@@ -12,11 +12,12 @@
 //! <p>:{<run>}:watermark[:<name>]  string  highest fence of that lock granted by ANOTHER lock service and seen here (no TTL)
 //! <p>:{<run>}:milestones     hash  timestamps:<task> (epoch seconds), attrs:<name> (text)
 //! <p>:{<run>}:status         stream  status messages: fields topic, text, at (publisher's clock, ms); capped
-//! <p>:runs                   zset  runs with at least one document
+//! <p>:runs                   zset  runs with at least one document (one server only: a cluster keeps no store-wide key)
 //! ```
 //!
-//! And two pub/sub channels per run (channels are not keys: they are
-//! shared by every database of the server, which the prefix accounts for):
+//! And two pub/sub channels per run (channels are not keys: every database
+//! of a server shares them, so a store on database `N` other than 0 appends
+//! `:db<N>` to both names, see `listener::StoreKeys`):
 //!
 //! ```text
 //! <p>:{<run>}:events         what the write scripts announce: `c <version> <doc>` (written),
@@ -126,6 +127,19 @@ impl Keys {
         format!("{}:{{*}}:lock*", self.prefix)
     }
 
+    /// Every run's document index, as a `SCAN MATCH` pattern (how a
+    /// cluster, which keeps no store-wide run index, lists runs).
+    pub(crate) fn docs_pattern(&self) -> String {
+        format!("{}:{{*}}:docs", self.prefix)
+    }
+
+    /// The run whose document index `key` is, if it is one.
+    pub(crate) fn parse_docs(&self, key: &str) -> Option<String> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
+        let (run, tail) = rest.split_once('}')?;
+        (tail == ":docs" && RunId::new(run).is_ok()).then(|| run.to_owned())
+    }
+
     /// Every key under the prefix, as a `SCAN MATCH` pattern (glob
     /// characters cannot occur in a validated prefix).
     pub(crate) fn pattern(&self) -> String {
@@ -201,6 +215,19 @@ mod tests {
             assert_eq!(keys.parse_any_lock(&key), None, "{key}");
         }
         assert_eq!(keys.lock_pattern(), "rs:{*}:lock*");
+        assert_eq!(keys.docs_pattern(), "rs:{*}:docs");
+        assert_eq!(
+            keys.parse_docs("rs:{Mica_flume1}:docs").as_deref(),
+            Some("Mica_flume1")
+        );
+        for other in [
+            "rs:{Mica_flume1}:docs:x",
+            "rs:{Mica_flume1}:doc:docs",
+            "rsx:{Mica_flume1}:docs",
+            "rs:{bad/run}:docs",
+        ] {
+            assert_eq!(keys.parse_docs(other), None, "{other}");
+        }
         assert_eq!(
             keys.parse_any_lock("rs:{Mica_flume1}:lock:climate"),
             Some(doc_lock)

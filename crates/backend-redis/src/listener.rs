@@ -29,6 +29,54 @@ use runstate_core::{DocName, Error, Fence, LockKey, RunId, StatusMessage, Versio
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::errors::{map_redis_error, timed_out};
+use crate::keys::Keys;
+
+/// The key layout of one store ([`Keys`], which it dereferences to), with
+/// its pub/sub channels named for its database. Channels are shared by
+/// every database of a server while keys are not, so two stores with one
+/// prefix on databases 0 and 1 would otherwise hear each other's writes,
+/// releases and status messages. Database 0 keeps the names channels have
+/// always had (`<p>:{<run>}:events`, `<p>:{<run>}:status:live`), so
+/// processes of earlier versions on it still hear and wake each other;
+/// database `N` appends `:db<N>`. No name of one form is a name of the
+/// other: the first ends in `:events` or `:live`, the second in a number.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreKeys {
+    keys: Keys,
+    db: i64,
+}
+
+impl StoreKeys {
+    pub(crate) fn new(keys: Keys, db: i64) -> Self {
+        StoreKeys { keys, db }
+    }
+
+    fn for_db(&self, channel: String) -> String {
+        match self.db {
+            0 => channel,
+            db => format!("{channel}:db{db}"),
+        }
+    }
+
+    /// The channel the write scripts announce a run's changes on.
+    pub(crate) fn events(&self, run: &RunId) -> String {
+        self.for_db(self.keys.events(run))
+    }
+
+    /// The channel a run's status messages are announced on.
+    pub(crate) fn status_channel(&self, run: &RunId) -> String {
+        self.for_db(self.keys.status_channel(run))
+    }
+}
+
+impl std::ops::Deref for StoreKeys {
+    type Target = Keys;
+
+    /// Every key name is the layout's own; only the channels above differ.
+    fn deref(&self) -> &Keys {
+        &self.keys
+    }
+}
 
 /// How long a channel nobody follows any more stays subscribed.
 pub(crate) const LINGER: Duration = Duration::from_secs(10);
@@ -51,9 +99,9 @@ pub(crate) enum Note {
 /// Which of a run's channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
-    /// `<prefix>:{run}:events`.
+    /// `<prefix>:{run}:events` (see [`StoreKeys`]).
     Events,
-    /// `<prefix>:{run}:status:live`.
+    /// `<prefix>:{run}:status:live` (see [`StoreKeys`]).
     Status,
 }
 
@@ -66,7 +114,10 @@ pub(crate) struct Listener {
 }
 
 struct Shared {
-    client: redis::Client,
+    /// Where to connect: one server, or the seed nodes of a cluster, tried
+    /// in turn after each failure (any node of a cluster hears every
+    /// `PUBLISH`, so one that went down is replaced by the next).
+    clients: Vec<redis::Client>,
     connect_timeout: Duration,
     timeout: Duration,
     state: Mutex<State>,
@@ -120,13 +171,13 @@ impl Listener {
     /// Starts the listener's task (it connects at once, in the
     /// background). Must be called inside a tokio runtime.
     pub(crate) fn start(
-        client: redis::Client,
+        clients: Vec<redis::Client>,
         connect_timeout: Duration,
         timeout: Duration,
         waits: Arc<Waits>,
     ) -> Listener {
         let shared = Arc::new(Shared {
-            client,
+            clients,
             connect_timeout,
             timeout,
             state: Mutex::new(State::default()),
@@ -244,9 +295,15 @@ impl Drop for Membership {
 /// failure.
 async fn run(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
+    let mut next = 0usize;
     loop {
+        let Some(client) = shared.clients.get(next % shared.clients.len().max(1)) else {
+            return;
+        };
+        // The next node after any failure (the same one for one server).
+        next = next.wrapping_add(1);
         let connected =
-            tokio::time::timeout(shared.connect_timeout, shared.client.get_async_pubsub()).await;
+            tokio::time::timeout(shared.connect_timeout, client.get_async_pubsub()).await;
         match connected {
             Ok(Ok(pubsub)) => {
                 backoff = Duration::from_millis(50);
@@ -576,6 +633,28 @@ impl Waits {
         }
     }
 
+    /// This process's release of the grant of `key` with `fence` (a
+    /// release or a save-and-release, which said [`releasing`](Self::releasing)
+    /// first) ended with `outcome`. Taken for [`released`](Self::released)
+    /// when the server answered (the grant is gone, or was never current);
+    /// after a timeout or a lost connection the grant may still be held,
+    /// and taking it for released would send this process's waiters back to
+    /// the server after every refusal without a pause, until it expires.
+    /// Then the release's own announcement, if it ran after all, is what
+    /// wakes them (or their backoff).
+    pub(crate) fn settled<T>(&self, key: &LockKey, fence: Fence, outcome: &Result<T, Error>) {
+        if outcome
+            .as_ref()
+            .map_or_else(|e| !e.is_retryable(), |_| true)
+        {
+            self.released(key, fence);
+        } else {
+            let slot = self.slot(key);
+            let mut marks = slot.marks();
+            marks.local = marks.local.min(fence.get().saturating_sub(1));
+        }
+    }
+
     /// Wakes every waiter (announcements may have been lost).
     pub(crate) fn wake_all(&self) {
         for slot in self.table().values() {
@@ -590,6 +669,21 @@ mod tests {
 
     fn run() -> RunId {
         RunId::new("Mica_flume1").unwrap()
+    }
+
+    #[test]
+    fn channels_are_named_for_their_database() {
+        let zero = StoreKeys::new(Keys::new("rs"), 0);
+        let one = StoreKeys::new(Keys::new("rs"), 1);
+        assert_eq!(zero.events(&run()), "rs:{Mica_flume1}:events");
+        assert_eq!(zero.status_channel(&run()), "rs:{Mica_flume1}:status:live");
+        assert_eq!(one.events(&run()), "rs:{Mica_flume1}:events:db1");
+        assert_eq!(
+            one.status_channel(&run()),
+            "rs:{Mica_flume1}:status:live:db1"
+        );
+        // Keys are the layout's own, whatever the database.
+        assert_eq!(one.status(&run()), zero.status(&run()));
     }
 
     #[test]
@@ -676,6 +770,18 @@ mod tests {
         waits.blocked(&key, Fence(31));
         waits.announced(&key, Fence(31));
         assert!(waits.slot(&key).free(), "another process's release");
+        // A release of this process that timed out proves nothing; its
+        // announcement, should it have run after all, does.
+        waits.blocked(&key, Fence(40));
+        waits.releasing(&key, Fence(40));
+        waits.settled::<()>(
+            &key,
+            Fence(40),
+            &Err(crate::errors::timed_out(Duration::from_secs(1))),
+        );
+        assert!(!waits.slot(&key).free());
+        waits.announced(&key, Fence(40));
+        assert!(waits.slot(&key).free());
     }
 
     #[tokio::test]

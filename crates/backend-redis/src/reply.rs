@@ -76,13 +76,13 @@ impl Reply {
         let fence = self.text()?.parse().map_err(|_| unexpected("fence"))?;
         let since = self.text()?.parse().map_err(|_| unexpected("since"))?;
         let pttl = self.int()?;
-        Ok(LockInfo {
-            key: key.clone(),
+        Ok(LockInfo::new(
+            key.clone(),
             owner,
-            fence: Fence(fence),
-            since: from_unix_millis(since),
-            expires_in: Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
-        })
+            Fence(fence),
+            from_unix_millis(since),
+            expires_in(pttl),
+        ))
     }
 
     /// The holder if the reply carries one.
@@ -139,12 +139,20 @@ pub(crate) fn weppcloud_info(key: &LockKey, payload: &str, pttl: i64) -> LockInf
         .map_or(SystemTime::UNIX_EPOCH, |since| {
             SystemTime::UNIX_EPOCH + since
         });
-    LockInfo {
-        key: key.clone(),
-        owner,
-        fence: Fence(0),
-        since,
-        expires_in: Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
+    LockInfo::new(key.clone(), owner, Fence(0), since, expires_in(pttl))
+}
+
+/// A holder's `expires_in` from its key's `PTTL`: the milliseconds left;
+/// [`MAX_TTL`](runstate_core::MAX_TTL) for a key without expiry (`-1`: a
+/// WEPPcloud lock set without `EX`, say), which ends only when released;
+/// zero for a key already gone (`-2`). Zero for a lock that never expires
+/// would read as "expiring now", and waiters, which never sleep past a
+/// holder's expiry, would retry every millisecond.
+pub(crate) fn expires_in(pttl: i64) -> Duration {
+    match u64::try_from(pttl) {
+        Ok(ms) => Duration::from_millis(ms),
+        Err(_) if pttl == -1 => runstate_core::MAX_TTL,
+        Err(_) => Duration::ZERO,
     }
 }
 
@@ -152,6 +160,13 @@ pub(crate) fn weppcloud_info(key: &LockKey, payload: &str, pttl: i64) -> LockInf
 mod tests {
     use super::*;
     use runstate_core::RunId;
+
+    #[test]
+    fn a_key_without_expiry_is_not_expiring_now() {
+        assert_eq!(expires_in(1500), Duration::from_millis(1500));
+        assert_eq!(expires_in(-1), runstate_core::MAX_TTL);
+        assert_eq!(expires_in(-2), Duration::ZERO);
+    }
 
     #[test]
     fn reads_weppcloud_payloads() {
@@ -167,6 +182,7 @@ mod tests {
         assert_eq!(info.expires_in, Duration::from_secs(5));
         let legacy = weppcloud_info(&key, "abcdef0123", -1);
         assert_eq!(legacy.owner.id(), "weppcloud-abcdef0123");
-        assert_eq!(legacy.expires_in, Duration::ZERO);
+        // A legacy lock without expiry ends only when released.
+        assert_eq!(legacy.expires_in, runstate_core::MAX_TTL);
     }
 }

@@ -27,9 +27,10 @@
 //!   so the order is what keeps a half-done grant from living forever.
 //! - **Scripts touch only their run's `{run}` slot** (plus
 //!   WEPPcloud's keys when enabled): no store-wide index of locks is kept,
-//!   and `list_locks(None)` finds lock keys with `SCAN` instead. (Document
-//!   writes still maintain the store-wide `runs` index; nothing else
-//!   store-wide is written.)
+//!   and `list_locks(None)` finds lock keys with `SCAN` instead. (On one
+//!   server, document writes still maintain the store-wide `runs` index;
+//!   on a cluster the client passes the run's own docs index in its place
+//!   and the scripts skip it, so nothing store-wide is written.)
 //!
 //! And one for change events: **every write announces itself, from the
 //! script (or transaction) that makes it**, on the run's channel
@@ -124,8 +125,9 @@ local function place(staging, doc, docs, runs, name, run, mode)
   -- Index first: if indexing fails nothing is placed; a name indexed
   -- without its document is skipped by listings.
   -- A run is in the runs index exactly while its index is not empty; an
-  -- update found the document, so it is indexed already.
-  if mode ~= 'u' and redis.call('ZADD', docs, 0, name) == 1 then redis.call('ZADD', runs, 0, run) end
+  -- update found the document, so it is indexed already. On a cluster the
+  -- client passes the docs index as `runs` (no store-wide key there).
+  if mode ~= 'u' and redis.call('ZADD', docs, 0, name) == 1 and runs ~= docs then redis.call('ZADD', runs, 0, run) end
   redis.call('RENAME', staging, doc)
   return {'ok'}
 end
@@ -378,7 +380,7 @@ if f then return f end
 if ARGV[3] ~= '' and cur ~= ARGV[3] then return {'precondition'} end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[2]) end
+if KEYS[3] ~= KEYS[2] and redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[2]) end
 emit(ARGV[4], 'd ' .. ARGV[1])
 return {'ok'}
 "#;
@@ -418,7 +420,7 @@ for _, n in ipairs(names) do redis.call('DEL', ARGV[2] .. n) end
 if #names > 0 then redis.call('ZREM', KEYS[1], unpack(names)) end
 local left = redis.call('ZCARD', KEYS[1])
 if left == 0 then
-  redis.call('ZREM', KEYS[2], ARGV[1])
+  if KEYS[2] ~= KEYS[1] then redis.call('ZREM', KEYS[2], ARGV[1]) end
   redis.call('DEL', KEYS[3], KEYS[4])
 end
 for _, n in ipairs(names) do emit(ARGV[4], 'd ' .. n) end

@@ -11,8 +11,10 @@
 //! first, then reads, then delivers what it heard that is newer than what
 //! it read, so nothing falls between the two. After the listener
 //! reconnected it reads the stream from its last message on, so nothing
-//! is lost either; it says `Resync` only when the messages it missed were
-//! trimmed away meanwhile (or the stream could not be read). A subscriber
+//! is lost either; it says `Resync` when messages it missed may have been
+//! trimmed away meanwhile (its last message is gone and newer ones are
+//! there; or, when the stream was empty at the start, the stream lost an
+//! entry since), or the stream could not be read. A subscriber
 //! whose feed overflows gets `Resync` from the feed itself, then the
 //! newest messages.
 //!
@@ -189,22 +191,91 @@ impl Inner {
     }
 
     /// What was published after `last` while the listener was away, and
-    /// whether that is all of it (`false` when some was trimmed first).
+    /// whether that is all of it (`false` when some may have been trimmed
+    /// first).
+    ///
+    /// The stream is read first and judged after, so nothing trimmed
+    /// between the two can pass unnoticed: a stream is trimmed from its
+    /// oldest end only, so `last` still being there after the read means
+    /// nothing after it was trimmed before the read (and what comes after
+    /// the read is heard live). `last` gone while newer entries are there
+    /// means the entries right after it may have gone too: that is reported
+    /// as incomplete, even when the first one left happens to be its
+    /// successor, since ids alone cannot tell. `last` gone with nothing
+    /// newer (a quiet run whose last message aged out) misses nothing.
     async fn status_gap(&self, run: &RunId, last: StreamId) -> Result<(Vec<StatusMessage>, bool)> {
+        let missed = self.status_after(run, last).await?;
         if last == StreamId::ZERO {
-            // Nothing was in the stream when the subscription started: all
-            // there is now is new, and complete unless the cap was reached.
-            let all = self.status_after(run, StreamId::ZERO).await?;
-            let complete = (all.len() as u64) < self.config.status_history;
-            return Ok((all, complete));
+            // The stream was empty when the subscription started: complete
+            // unless the stream ever lost an entry.
+            let complete = missed.is_empty() || self.status_untrimmed(run).await?;
+            return Ok((missed, complete));
         }
-        // The last message seen still there means nothing after it was
-        // trimmed (a stream is trimmed from its oldest end).
-        let still_there = !self
-            .status_page(run, &last.to_string(), 1)
-            .await?
-            .is_empty();
-        Ok((self.status_after(run, last).await?, still_there))
+        if missed.is_empty() {
+            return Ok((missed, true));
+        }
+        // `XRANGE last last`: that very entry (an inclusive start alone
+        // would also return any entry after it).
+        let at = last.to_string();
+        let mut con = self.conn.clone();
+        let value: Value = self
+            .bounded(
+                redis::cmd("XRANGE")
+                    .arg(self.keys.status(run))
+                    .arg(&at)
+                    .arg(&at)
+                    .query_async(&mut con),
+            )
+            .await?;
+        let still_there = entries(value)?
+            .first()
+            .and_then(id_of)
+            .is_some_and(|id| id == last);
+        Ok((missed, still_there))
+    }
+
+    /// Whether the run's stream never lost an entry: `XINFO STREAM`'s
+    /// `entries-added` (every entry ever appended, Redis 7.0 and later)
+    /// equals its `length`. `false` when the server does not say (older
+    /// servers) or the stream is gone. A stream that was already trimmed
+    /// before the subscription started also answers `false`: that errs on
+    /// the side of a `Resync`.
+    async fn status_untrimmed(&self, run: &RunId) -> Result<bool> {
+        let mut con = self.conn.clone();
+        let value: Value = self
+            .bounded(
+                redis::cmd("XINFO")
+                    .arg("STREAM")
+                    .arg(self.keys.status(run))
+                    .query_async(&mut con),
+            )
+            .await?;
+        let (added, length) = (
+            stream_info(&value, "entries-added"),
+            stream_info(&value, "length"),
+        );
+        Ok(matches!((added, length), (Some(a), Some(l)) if a == l))
+    }
+}
+
+/// One integer field of an `XINFO STREAM` reply (a flat array of names
+/// and values in RESP2, a map in RESP3).
+fn stream_info(value: &Value, field: &str) -> Option<i64> {
+    let named = |name: &Value| {
+        matches!(name, Value::BulkString(b) if b == field.as_bytes())
+            || matches!(name, Value::SimpleString(s) if s == field)
+    };
+    let found = match value {
+        Value::Array(items) => items
+            .chunks(2)
+            .find(|pair| pair.first().is_some_and(named))
+            .and_then(|pair| pair.get(1)),
+        Value::Map(pairs) => pairs.iter().find(|(k, _)| named(k)).map(|(_, v)| v),
+        _ => None,
+    };
+    match found? {
+        Value::Int(n) => Some(*n),
+        _ => None,
     }
 }
 

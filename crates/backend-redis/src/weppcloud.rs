@@ -598,13 +598,13 @@ fn holder_of(key: &LockKey, payload: &str, pttl: i64) -> LockInfo {
         runstate: Ours,
     }
     match serde_json::from_str::<Payload>(payload) {
-        Ok(Payload { runstate }) => LockInfo {
-            key: key.clone(),
-            owner: runstate.owner,
-            fence: Fence(runstate.fence.parse().unwrap_or(0)),
-            since: from_unix_millis(runstate.since_ms),
-            expires_in: Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
-        },
+        Ok(Payload { runstate }) => LockInfo::new(
+            key.clone(),
+            runstate.owner,
+            Fence(runstate.fence.parse().unwrap_or(0)),
+            from_unix_millis(runstate.since_ms),
+            crate::reply::expires_in(pttl),
+        ),
         Err(_) => crate::reply::weppcloud_info(key, payload, pttl),
     }
 }
@@ -624,13 +624,13 @@ fn replacing(key: &LockKey, pttl: i64, op: Operation) -> Error {
     .with_backend(BACKEND)
     .with_operation(op)
     .with_lock(key)
-    .with_holder(LockInfo {
-        key: key.clone(),
+    .with_holder(LockInfo::new(
+        key.clone(),
         owner,
-        fence: Fence(0),
-        since: SystemTime::now(),
-        expires_in: Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
-    })
+        Fence(0),
+        SystemTime::now(),
+        crate::reply::expires_in(pttl),
+    ))
 }
 
 fn locked(key: &LockKey, holder: LockInfo, op: Operation) -> Error {

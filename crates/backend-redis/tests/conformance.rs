@@ -73,3 +73,55 @@ impl Harness for Redis {
 }
 
 runstate_conformance::suite!(Redis);
+
+/// Issue 15: a store on a `ConnectionManager` the caller already has (bring
+/// your own client). Every command goes through it (the store's writes
+/// raise its server-side `CLIENT ID`'s command count, so the id the store
+/// reports is the caller's connection), and watching still works through the
+/// address of the configuration.
+#[tokio::test]
+async fn a_store_runs_on_the_callers_connection_manager() {
+    use runstate_core::{Bytes, PutOptions, Store, WatchEvent};
+    let Some(url) =
+        runstate_conformance::server_url("redis", URL_VAR, "the bring-your-own-client test")
+    else {
+        return;
+    };
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut manager = client
+        .get_connection_manager()
+        .await
+        .expect("connection manager");
+    let callers_id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut manager)
+        .await
+        .expect("client id");
+    let namespace = format!("byo{:x}", fastrand::u64(..));
+    let config = RedisConfig::from_url(&url)
+        .expect("config")
+        .with_prefix(prefix(&namespace))
+        .expect("prefix");
+    let store = RedisStore::from_connection_manager(manager, config)
+        .await
+        .expect("store");
+    assert_eq!(store.connection_id().await.expect("id"), callers_id);
+    let run = RunId::new("byo").expect("run");
+    let doc = DocName::new("d").expect("doc");
+    let mut watcher = store.watch(&run).await.expect("watch");
+    let version = store
+        .put(&run, &doc, Bytes::from_static(b"x"), PutOptions::default())
+        .await
+        .expect("put");
+    let got = store
+        .get(&run, &doc, runstate_core::GetOptions::default())
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(got.version, version);
+    match tokio::time::timeout(std::time::Duration::from_secs(5), watcher.next()).await {
+        Ok(Some(Ok(WatchEvent::Changed { .. }))) => {}
+        other => panic!("expected the write to be reported, got {other:?}"),
+    }
+    store.purge_prefix().await.expect("purge");
+}

@@ -190,12 +190,11 @@ async fn a_release_by_another_process_wakes_a_waiter() {
         .await
         .expect("seed");
     // Sleeps of 10 to 20 s between attempts, unless woken.
-    let patient = WaitPolicy {
-        timeout: Duration::from_secs(60),
-        initial_backoff: Duration::from_secs(20),
-        max_backoff: Duration::from_secs(20),
-        multiplier: 1.0,
-    };
+    let patient = WaitPolicy::with_timeout(Duration::from_secs(60)).with_backoff(
+        Duration::from_secs(20),
+        Duration::from_secs(20),
+        1.0,
+    );
     for ending in ["release", "save_and_release", "break_lock"] {
         let lease = holder
             .try_acquire(&key, &Owner::for_this_process(), Duration::from_secs(60))

@@ -1,0 +1,385 @@
+//! The Redis backend on a Redis Cluster: the whole conformance suite on the
+//! cluster named by `RUNSTATE_REDIS_CLUSTER_URL` (three primaries, three
+//! replicas, started by `cargo xtask test`), each case under its own random
+//! key prefix; and a failover test on a private cluster of its own. Every
+//! test is named `cluster::…` (`cargo xtask test --backend redis-cluster`
+//! selects them by that).
+
+mod support;
+
+mod cluster {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use runstate_conformance::Harness;
+    use runstate_core::{
+        Bytes, DocName, Error, ErrorKind, GetOptions, Lock, LockKey, Owner, PutMode, RunId,
+        WatchEvent, async_trait,
+    };
+    use runstate_redis::{RedisConfig, RedisStore};
+
+    use crate::support::cluster::OwnCluster;
+
+    /// The variable holding the cluster's URL.
+    const URL_VAR: &str = "RUNSTATE_REDIS_CLUSTER_URL";
+    /// The backend's name in `RUNSTATE_REQUIRE_BACKENDS`.
+    const BACKEND: &str = "redis-cluster";
+
+    struct RedisCluster;
+
+    fn prefix(namespace: &str) -> String {
+        format!("rstest:{namespace}")
+    }
+
+    async fn open(namespace: &str) -> Result<Option<RedisStore>, Error> {
+        let Ok(url) = std::env::var(URL_VAR) else {
+            return Ok(None);
+        };
+        let config = RedisConfig::from_url(&url)?.with_prefix(prefix(namespace))?;
+        RedisStore::open(config).await.map(Some)
+    }
+
+    fn raw_error(e: redis::RedisError) -> Error {
+        Error::new(ErrorKind::Backend, "raw redis cluster connection failed").with_source(e)
+    }
+
+    /// The `redis://host:port` of each node of a `redis+cluster://` URL.
+    fn nodes_of(url: &str) -> Vec<String> {
+        let rest = url.strip_prefix("redis+cluster://").unwrap_or(url);
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        authority
+            .split(',')
+            .map(|node| format!("redis://{node}"))
+            .collect()
+    }
+
+    #[async_trait]
+    impl Harness for RedisCluster {
+        const BACKEND: &'static str = BACKEND;
+        const URL_VAR: Option<&'static str> = Some(URL_VAR);
+
+        async fn open(namespace: &str) -> Result<Option<Arc<dyn Lock>>, Error> {
+            Ok(open(namespace).await?.map(|s| Arc::new(s) as Arc<dyn Lock>))
+        }
+
+        async fn cleanup(namespace: &str) -> Result<(), Error> {
+            if let Some(store) = open(namespace).await? {
+                store.purge_prefix().await?;
+            }
+            Ok(())
+        }
+
+        /// As in tests/conformance.rs: the document's key becomes a plain
+        /// string (through a raw cluster connection), so every save of it
+        /// fails with the server's `WRONGTYPE`.
+        async fn make_unwritable(
+            namespace: &str,
+            run: &RunId,
+            doc: &DocName,
+        ) -> Result<bool, Error> {
+            let Ok(url) = std::env::var(URL_VAR) else {
+                return Ok(false);
+            };
+            let mut raw = redis::cluster::ClusterClient::new(nodes_of(&url))
+                .map_err(raw_error)?
+                .get_async_connection()
+                .await
+                .map_err(raw_error)?;
+            let key = format!("{}:{{{run}}}:doc:{doc}", prefix(namespace));
+            let () = redis::cmd("SET")
+                .arg(&key)
+                .arg("x")
+                .query_async(&mut raw)
+                .await
+                .map_err(raw_error)?;
+            Ok(true)
+        }
+    }
+
+    runstate_conformance::suite!(RedisCluster);
+
+    /// Runs on the cluster spread over every primary: 60 runs with one
+    /// document each are all listed, in order, page by page.
+    #[tokio::test]
+    async fn runs_on_every_primary_are_listed() {
+        if runstate_conformance::server_url(BACKEND, URL_VAR, "the listing test").is_none() {
+            return;
+        }
+        let namespace = format!("list{:x}", fastrand::u64(..));
+        let store = open(&namespace).await.expect("open").expect("configured");
+        let doc = DocName::new("d").expect("name");
+        let mut ids: Vec<String> = (0..60).map(|i| format!("run{i:03}")).collect();
+        for id in &ids {
+            let run = RunId::new(id.as_str()).expect("run");
+            runstate_core::Store::put(
+                &store,
+                &run,
+                &doc,
+                Bytes::from_static(b"x"),
+                runstate_core::PutOptions::default(),
+            )
+            .await
+            .expect("put");
+        }
+        let mut listed = Vec::new();
+        let mut after: Option<RunId> = None;
+        loop {
+            let page = runstate_core::Store::list_runs(&store, after.as_ref(), 7)
+                .await
+                .expect("list");
+            listed.extend(page.items.iter().map(|r| r.as_str().to_owned()));
+            if !page.more {
+                break;
+            }
+            after = page.items.last().cloned();
+        }
+        ids.sort();
+        assert_eq!(listed, ids);
+        // A run whose last document goes is no longer listed.
+        let gone = RunId::new("run000").expect("run");
+        runstate_core::Store::delete(&store, &gone, &doc, None)
+            .await
+            .expect("delete");
+        let page = runstate_core::Store::list_runs(&store, None, 1)
+            .await
+            .expect("list");
+        assert_eq!(page.items[0].as_str(), "run001");
+        store.purge_prefix().await.expect("purge");
+    }
+
+    /// The counter document's key in the failover test's cluster.
+    const COUNTER_KEY: &str = "failover:{counter}:doc:count";
+
+    /// What one failover round measured.
+    #[derive(Debug)]
+    struct Round {
+        acknowledged: usize,
+        lost: usize,
+        fences_increasing: bool,
+        failed_calls: usize,
+        /// `Resync`s the watcher subscribed through the killed node got.
+        resyncs: usize,
+        /// Writes it reported after its last `Resync`.
+        seen_after: usize,
+    }
+
+    /// One entry of the counter document: which task, its sequence number,
+    /// the fence of the lease it was written under.
+    type Entry = (u32, u64, u64);
+
+    /// Locked increments from several tasks on a private cluster; the
+    /// primary holding the counter's slot is killed (SIGKILL by PID) half
+    /// way and its replica takes over. Each increment appends (task, seq,
+    /// fence) to the document, so a lost acknowledged update shows as a
+    /// missing entry, and the fences must grow along the list.
+    async fn failover_round(wait_replicas: u64) -> Round {
+        let cluster = OwnCluster::start(1000);
+        let url = format!(
+            "{}?prefix=failover&timeout_ms=3000&wait_replicas={wait_replicas}&wait_timeout_ms=1000",
+            cluster.url()
+        );
+        let store = Arc::new(RedisStore::connect(&url).await.expect("open the cluster"));
+        let run = RunId::new("counter").expect("run");
+        let doc = DocName::new("count").expect("doc");
+        let key = LockKey::Doc(run.clone(), doc.clone());
+        let victim = cluster
+            .primary_of(COUNTER_KEY)
+            .expect("a primary serves the counter");
+        // A watcher whose listener subscribes through the node about to be
+        // killed: it must report `Resync` and then carry on.
+        let watch_store = RedisStore::connect(&format!(
+            "{}?prefix=failover&timeout_ms=3000",
+            cluster.url_first(victim)
+        ))
+        .await
+        .expect("open the watching store");
+        let mut watcher = runstate_core::Store::watch(&watch_store, &run)
+            .await
+            .expect("watch");
+        let stop = Arc::new(AtomicBool::new(false));
+        let watching = {
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                // (resyncs, changes after the last resync)
+                let (mut resyncs, mut after) = (0usize, 0usize);
+                while !stop.load(Ordering::Relaxed) {
+                    match tokio::time::timeout(Duration::from_millis(100), watcher.next()).await {
+                        Ok(Some(Ok(WatchEvent::Resync))) => {
+                            resyncs += 1;
+                            after = 0;
+                        }
+                        Ok(Some(Ok(_))) => after += 1,
+                        Ok(Some(Err(e))) => panic!("the watcher failed: {e}"),
+                        Ok(None) => panic!("the watcher ended"),
+                        Err(_) => {}
+                    }
+                }
+                (resyncs, after)
+            })
+        };
+        let mut tasks = Vec::new();
+        for task in 0..4u32 {
+            let (store, doc, key, stop) = (
+                Arc::clone(&store),
+                doc.clone(),
+                key.clone(),
+                Arc::clone(&stop),
+            );
+            tasks.push(tokio::spawn(async move {
+                let owner = Owner::new("failover-test", std::process::id(), format!("task{task}"))
+                    .expect("owner");
+                let mut acked: Vec<(u32, u64)> = Vec::new();
+                let mut failed = 0usize;
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let step = async {
+                        let (lease, loaded) = store
+                            .acquire_and_load(
+                                &key,
+                                &doc,
+                                &owner,
+                                Duration::from_secs(3),
+                                GetOptions::default(),
+                            )
+                            .await?;
+                        let mut entries: Vec<Entry> = match &loaded {
+                            Some(stored) => serde_json::from_slice(&stored.bytes)
+                                .expect("the counter document is JSON"),
+                            None => Vec::new(),
+                        };
+                        entries.push((task, seq, lease.fence().0));
+                        let bytes = Bytes::from(serde_json::to_vec(&entries).expect("json"));
+                        let mode = match &loaded {
+                            Some(stored) => PutMode::Update(stored.version.clone()),
+                            None => PutMode::Create,
+                        };
+                        store.save_and_release(&lease, &doc, bytes, mode).await
+                    };
+                    match step.await {
+                        Ok(_) => {
+                            acked.push((task, seq));
+                            seq += 1;
+                        }
+                        Err(e) if e.kind() == ErrorKind::Locked => {
+                            let wait = e
+                                .expires_in()
+                                .unwrap_or_default()
+                                .min(Duration::from_millis(20));
+                            store.wait_for_release(&key, wait).await;
+                        }
+                        // The same entry again: written or not, it counts once.
+                        Err(_) => {
+                            failed += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                (acked, failed)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // The replica falls behind: stopped (SIGSTOP by its PID, for less
+        // than the node timeout, so nobody marks it failed) and its link
+        // cut by the primary (`CLIENT KILL TYPE replica`: what was already
+        // sent is in the stopped replica's socket, nothing more will be).
+        // The primary acknowledges writes it alone has, then dies
+        // (SIGKILL), and the replica, resumed, takes over: what the primary
+        // acknowledged meanwhile is what async replication loses, and what
+        // WAIT must not acknowledge.
+        let mut cluster = cluster;
+        let replica = cluster.replica_of(victim);
+        cluster.nodes[replica].signal("STOP");
+        let cut = cluster.nodes[victim].command(&["CLIENT", "KILL", "TYPE", "replica"]);
+        assert!(cut.starts_with(":1"), "the replica's link was cut: {cut:?}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        cluster.nodes[victim].kill();
+        cluster.nodes[replica].signal("CONT");
+        let killed_at = Instant::now();
+        let cluster = tokio::task::spawn_blocking(move || {
+            cluster.wait_failover(COUNTER_KEY, Duration::from_secs(30));
+            let took_over = killed_at.elapsed();
+            // The old primary comes back as the new primary's replica, so
+            // WAIT can be satisfied again.
+            cluster.restart_as_replica(victim, Duration::from_secs(30));
+            eprintln!(
+                "failover: replica took over {took_over:?} after the kill, old primary back as replica {:?} after it",
+                killed_at.elapsed()
+            );
+            cluster
+        })
+        .await
+        .expect("the cluster recovers");
+        // Increments go on after the failover for a while.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stop.store(true, Ordering::Relaxed);
+        let (resyncs, seen_after) = watching.await.expect("watcher task");
+        let mut acked = Vec::new();
+        let mut failed_calls = 0;
+        for task in tasks {
+            let (mine, failed) = task.await.expect("task");
+            acked.extend(mine);
+            failed_calls += failed;
+        }
+        let stored = loop {
+            match runstate_core::Store::get(&*store, &run, &doc, GetOptions::default()).await {
+                Ok(stored) => break stored.expect("the counter exists"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let entries: Vec<Entry> = serde_json::from_slice(&stored.bytes).expect("json");
+        let present: HashSet<(u32, u64)> = entries.iter().map(|(t, s, _)| (*t, *s)).collect();
+        let lost = acked.iter().filter(|a| !present.contains(a)).count();
+        let fences_increasing = entries.windows(2).all(|w| w[0].2 < w[1].2);
+        drop(cluster);
+        Round {
+            acknowledged: acked.len(),
+            lost,
+            fences_increasing,
+            failed_calls,
+            resyncs,
+            seen_after,
+        }
+    }
+
+    /// Issue 16: a primary killed during locked increments, its replica
+    /// promoted. Reports how many acknowledged updates were lost without
+    /// and with `wait_replicas=1` (with it: none may be), and checks the
+    /// fences kept increasing in both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn failover_with_wait_replicas_loses_no_acknowledged_update() {
+        if runstate_conformance::server_url(BACKEND, URL_VAR, "the failover test").is_none() {
+            return;
+        }
+        let without = failover_round(0).await;
+        eprintln!("failover without wait_replicas: {without:?}");
+        let with = failover_round(1).await;
+        eprintln!("failover with wait_replicas=1: {with:?}");
+        println!(
+            "FAILOVER REPORT: without WAIT {} of {} acknowledged updates lost, fences increasing: {}, \
+             {} failed calls retried; with wait_replicas=1 {} of {} lost, fences increasing: {}, \
+             {} failed calls retried",
+            without.lost,
+            without.acknowledged,
+            without.fences_increasing,
+            without.failed_calls,
+            with.lost,
+            with.acknowledged,
+            with.fences_increasing,
+            with.failed_calls
+        );
+        assert!(with.acknowledged > 0 && without.acknowledged > 0);
+        assert_eq!(
+            with.lost, 0,
+            "with wait_replicas=1 no acknowledged update may be lost"
+        );
+        assert!(without.fences_increasing && with.fences_increasing);
+        for round in [&without, &with] {
+            assert!(
+                round.resyncs > 0 && round.seen_after > 0,
+                "the listener's node died: Resync, then the writes after it ({round:?})"
+            );
+        }
+    }
+}
