@@ -105,36 +105,41 @@ pub(crate) fn doc_name(doc: &str) -> Result<DocName, CliError> {
     Ok(DocName::new(doc)?)
 }
 
-/// When a listed document was last written, if the listing says (it will
-/// once `DocMeta` carries the modification time every backend has; until
-/// then `ls RUN` asks `head` per document).
+/// When a listed document was last written, where the backend records it
+/// ([`runstate::Capabilities::modified_times`]).
 fn listed_modified(meta: &DocMeta) -> Option<SystemTime> {
-    let _ = meta;
-    None
+    meta.modified
 }
 
 /// Documents whose `head` is asked at the same time.
 const HEADS_IN_FLIGHT: usize = 8;
 
-/// The modification time of each listed document: from the listing when it
-/// has them, else from one `head` per document (a metadata call on the
-/// backends that record it), asked a few at a time.
+/// The modification time of each listed document: from the listing, where
+/// the backend records them; a document the listing left without one is
+/// asked for with `head` (a metadata call), a few at a time. A backend that
+/// records none is not asked at all (its `head` would read each document
+/// and still not know).
 async fn modified_times(
     store: &AnyStore,
     run: &RunId,
     docs: &[DocMeta],
 ) -> Result<Vec<Option<SystemTime>>, CliError> {
-    if docs.iter().any(|m| listed_modified(m).is_some()) {
-        return Ok(docs.iter().map(listed_modified).collect());
+    if !store.capabilities().modified_times {
+        return Ok(vec![None; docs.len()]);
     }
-    let heads = futures_util::stream::iter(docs.iter().map(|m| store.head(run, &m.name)))
-        .buffered(HEADS_IN_FLIGHT)
-        .collect::<Vec<_>>()
-        .await;
-    heads
-        .into_iter()
-        .map(|h| Ok(h?.and_then(|stat| stat.modified)))
-        .collect()
+    let heads = futures_util::stream::iter(docs.iter().map(|m| async move {
+        match listed_modified(m) {
+            Some(at) => Ok(Some(at)),
+            None => Ok(store
+                .head(run, &m.name)
+                .await?
+                .and_then(|stat| stat.modified)),
+        }
+    }))
+    .buffered(HEADS_IN_FLIGHT)
+    .collect::<Vec<Result<Option<SystemTime>, Error>>>()
+    .await;
+    heads.into_iter().map(|h| Ok(h?)).collect()
 }
 
 #[derive(Serialize)]

@@ -103,34 +103,14 @@ pub(crate) struct AttrArgs {
 /// The run the probing reads touch (nothing is written to it).
 const HEALTH_RUN: &str = "runstate-health";
 
-#[derive(Serialize)]
-struct LatencyRow {
-    operation: &'static str,
-    samples: usize,
-    p50_us: u64,
-    p99_us: u64,
-}
-
-#[derive(Serialize)]
-struct LastError {
-    at: String,
-    message: String,
-}
-
+/// `health` as printed: the store, then the facade's [`HealthReport`]
+/// (whose serialized form is the `--json` output's other fields).
 #[derive(Serialize)]
 struct HealthOutput<'a> {
     url: &'a str,
     backend: &'a str,
-    status: &'static str,
-    last_error: Option<LastError>,
-    calls: u64,
-    in_flight: i64,
-    failed_renewals: u64,
-    latency: Vec<LatencyRow>,
-}
-
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+    #[serde(flatten)]
+    report: &'a HealthReport,
 }
 
 /// A latency for people: `850µs`, `12ms`, `1.2s`.
@@ -142,42 +122,56 @@ fn latency(d: Duration) -> String {
     }
 }
 
-fn status_colour(status: &str) -> Paint {
+fn status_colour(status: HealthStatus) -> Paint {
     match status {
-        "ok" => Paint::Green,
-        "degraded" => Paint::Yellow,
+        HealthStatus::Ok => Paint::Green,
+        HealthStatus::Degraded => Paint::Yellow,
         _ => Paint::Red,
     }
+}
+
+/// The last error's message on one line.
+fn one_line(message: &str) -> String {
+    message.replace(['\n', '\r'], " ")
 }
 
 fn print_health(global: &Global, out: &HealthOutput<'_>) -> Result<(), CliError> {
     if global.json {
         return output::json(out);
     }
-    let status = output::paint(out.status, status_colour(out.status), global.color);
+    let report = out.report;
+    let status = output::paint(
+        report.status.as_str(),
+        status_colour(report.status),
+        global.color,
+    );
     out!("store       {} ({})", out.url, out.backend)?;
     out!("status      {status}")?;
     out!(
         "calls       {} (in flight {}, failed lease renewals {})",
-        out.calls,
-        out.in_flight,
-        out.failed_renewals
+        report.calls,
+        report.in_flight,
+        report.failed_renewals
     )?;
-    match &out.last_error {
-        Some(e) => out!("last error  {} at {}", e.message, e.at)?,
+    match &report.last_error {
+        Some((at, message)) => out!(
+            "last error  {} at {}",
+            one_line(message),
+            runstate::time::Utc(*at)
+        )?,
         None => out!("last error  none")?,
     }
-    if !out.latency.is_empty() {
+    if !report.latency.is_empty() {
         out!()?;
-        let rows: Vec<Vec<String>> = out
+        let rows: Vec<Vec<String>> = report
             .latency
             .iter()
             .map(|l| {
                 vec![
                     l.operation.to_owned(),
                     l.samples.to_string(),
-                    latency(Duration::from_micros(l.p50_us)),
-                    latency(Duration::from_micros(l.p99_us)),
+                    latency(l.p50),
+                    latency(l.p99),
                 ]
             })
             .collect();
@@ -200,15 +194,7 @@ pub(crate) async fn health(global: &Global, args: HealthArgs) -> Result<ExitCode
                 &HealthOutput {
                     url: &shown,
                     backend,
-                    status: HealthStatus::Failing.as_str(),
-                    last_error: Some(LastError {
-                        at: runstate::time::Utc(SystemTime::now()).to_string(),
-                        message: error.message(),
-                    }),
-                    calls: 0,
-                    in_flight: 0,
-                    failed_renewals: 0,
-                    latency: Vec::new(),
+                    report: &HealthReport::unreachable(error.message()),
                 },
             )?;
             return Err(error);
@@ -228,33 +214,20 @@ pub(crate) async fn health(global: &Global, args: HealthArgs) -> Result<ExitCode
         }
     }
     let report: HealthReport = store.health();
-    let output = HealthOutput {
-        url: store.url(),
-        backend: store.scheme().name(),
-        status: report.status.as_str(),
-        last_error: report.last_error.as_ref().map(|(at, message)| LastError {
-            at: runstate::time::Utc(*at).to_string(),
-            message: message.replace(['\n', '\r'], " "),
-        }),
-        calls: report.calls,
-        in_flight: report.in_flight,
-        failed_renewals: report.failed_renewals,
-        latency: report
-            .latency
-            .iter()
-            .map(|l| LatencyRow {
-                operation: l.operation,
-                samples: l.samples,
-                p50_us: micros(l.p50),
-                p99_us: micros(l.p99),
-            })
-            .collect(),
-    };
-    print_health(global, &output)?;
-    let last = output
+    print_health(
+        global,
+        &HealthOutput {
+            url: store.url(),
+            backend: store.scheme().name(),
+            report: &report,
+        },
+    )?;
+    let last = report
         .last_error
         .as_ref()
-        .map_or_else(String::new, |e| format!(": last error {}", e.message));
+        .map_or_else(String::new, |(_, message)| {
+            format!(": last error {}", one_line(message))
+        });
     match report.status {
         HealthStatus::Ok => Ok(ExitCode::SUCCESS),
         HealthStatus::Degraded => Err(CliError::msg(format!("the store is degraded{last}"))

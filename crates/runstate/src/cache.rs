@@ -94,14 +94,7 @@ impl CachedStore {
 
     async fn remember(&self, run: &RunId, doc: &DocName, stored: &StoredDoc, known_at: SystemTime) {
         self.cache
-            .put(
-                run,
-                doc,
-                Cached {
-                    doc: stored.clone(),
-                    known_at,
-                },
-            )
+            .put(run, doc, Cached::new(stored.clone(), known_at))
             .await;
     }
 }
@@ -130,9 +123,15 @@ impl Store for CachedStore {
     ) -> Result<Option<StoredDoc>> {
         let asked = SystemTime::now();
         if let Some((version, known_at)) = self.cache.version(run, doc).await {
-            let age = asked.duration_since(known_at).unwrap_or(Duration::ZERO);
-            if options.max_staleness.is_some_and(|max| age <= max)
+            let age =
+                |known_at: SystemTime| asked.duration_since(known_at).unwrap_or(Duration::ZERO);
+            if let Some(max) = options.max_staleness
+                && age(known_at) <= max
                 && let Some(hit) = self.cache.get(run, doc).await
+                // The copy may have been replaced since its version was
+                // read (by an older read remembered late): the bound is
+                // judged on the copy served.
+                && age(hit.known_at) <= max
             {
                 return Self::serve(hit.doc, options, run, doc).map(Some);
             }
@@ -186,10 +185,7 @@ impl Store for CachedStore {
         let sent = SystemTime::now();
         match self.store.put(run, doc, bytes.clone(), options).await {
             Ok(version) => {
-                let stored = StoredDoc {
-                    bytes,
-                    version: version.clone(),
-                };
+                let stored = StoredDoc::new(bytes, version.clone());
                 self.remember(run, doc, &stored, sent).await;
                 Ok(version)
             }
@@ -268,10 +264,7 @@ impl Store for CachedStore {
                 for ((doc, bytes), result) in written.into_iter().zip(results) {
                     match result {
                         Ok(version) => {
-                            let stored = StoredDoc {
-                                bytes,
-                                version: version.clone(),
-                            };
+                            let stored = StoredDoc::new(bytes, version.clone());
                             self.remember(run, &doc, &stored, sent).await;
                         }
                         Err(_) => self.cache.remove(run, &doc).await,
@@ -411,10 +404,7 @@ impl Lock for CachedStore {
             .await
         {
             Ok(version) => {
-                let stored = StoredDoc {
-                    bytes,
-                    version: version.clone(),
-                };
+                let stored = StoredDoc::new(bytes, version.clone());
                 self.remember(run, doc, &stored, sent).await;
                 Ok(version)
             }
@@ -568,13 +558,65 @@ mod tests {
     use super::*;
 
     fn copy(bytes: &'static [u8], version: &str) -> Cached {
-        Cached {
-            doc: StoredDoc {
-                bytes: Bytes::from_static(bytes),
-                version: Version::new(version),
-            },
-            known_at: SystemTime::now(),
+        Cached::new(
+            StoredDoc::new(Bytes::from_static(bytes), Version::new(version)),
+            SystemTime::now(),
+        )
+    }
+
+    /// A cache whose copy was replaced between the version asked for and
+    /// the bytes read: `version` says fresh, `get` hands out an old copy
+    /// known current an hour ago.
+    #[derive(Debug)]
+    struct Replaced {
+        fresh: Version,
+    }
+
+    #[async_trait]
+    impl Cache for Replaced {
+        async fn get(&self, _run: &RunId, _doc: &DocName) -> Option<Cached> {
+            Some(Cached::new(
+                StoredDoc::new(Bytes::from_static(b"old"), Version::new("old-version")),
+                SystemTime::now() - Duration::from_secs(3600),
+            ))
         }
+
+        async fn version(&self, _run: &RunId, _doc: &DocName) -> Option<(Version, SystemTime)> {
+            Some((self.fresh.clone(), SystemTime::now()))
+        }
+
+        async fn put(&self, _run: &RunId, _doc: &DocName, _copy: Cached) {}
+
+        async fn remove(&self, _run: &RunId, _doc: &DocName) {}
+
+        async fn remove_run(&self, _run: &RunId) {}
+    }
+
+    #[tokio::test]
+    async fn a_stale_tolerant_read_never_serves_a_copy_older_than_allowed() {
+        use runstate_core::StoreExt;
+        let store = Arc::new(runstate_core::memory::MemoryStore::new());
+        let run = RunId::new("r").unwrap();
+        let doc = DocName::new("d").unwrap();
+        let fresh = store
+            .put_bytes(&run, &doc, Bytes::from_static(b"new"))
+            .await
+            .unwrap();
+        let cached = CachedStore::new(store, Arc::new(Replaced { fresh }));
+        let got = cached
+            .get(
+                &run,
+                &doc,
+                GetOptions::new().with_max_staleness(Duration::from_secs(60)),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            &got.bytes[..],
+            b"new",
+            "an hour-old copy was served as fresh"
+        );
     }
 
     #[tokio::test]

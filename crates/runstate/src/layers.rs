@@ -395,7 +395,7 @@ impl<O: Observer> Store for Observed<O> {
     }
 
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
-        let call = self.call(Operation::Mark, Some(run), None);
+        let call = self.call(Operation::SetAttr, Some(run), None);
         self.observe(call, self.store.set_attr(run, name, value))
             .await
     }
@@ -665,6 +665,83 @@ pub struct HealthReport {
     pub calls: u64,
 }
 
+impl HealthReport {
+    /// The report of a store that could not be reached at all (opening it
+    /// failed): failing, with `message` as the last error, now, and no
+    /// calls. For monitors that read one form whatever happened.
+    pub fn unreachable(message: impl Into<String>) -> HealthReport {
+        HealthReport {
+            status: HealthStatus::Failing,
+            last_error: Some((SystemTime::now(), message.into())),
+            latency: Vec::new(),
+            in_flight: 0,
+            failed_renewals: 0,
+            calls: 0,
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn unix_millis(at: SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Serialized as an object for machines (what `runstate health --json`
+/// prints): `status` (`"ok"`, `"degraded"`, `"failing"`), `last_error`
+/// (`null` or `{"at": RFC 3339 UTC, "at_unix_ms", "message"}`), `calls`,
+/// `in_flight`, `failed_renewals`, and `latency`, a list of
+/// `{"operation", "samples", "p50_us", "p99_us"}` sorted by operation.
+impl serde::Serialize for HealthReport {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+
+        #[derive(serde::Serialize)]
+        struct LastError<'a> {
+            at: String,
+            at_unix_ms: u64,
+            message: &'a str,
+        }
+        #[derive(serde::Serialize)]
+        struct Latency {
+            operation: &'static str,
+            samples: usize,
+            p50_us: u64,
+            p99_us: u64,
+        }
+
+        let last_error = self.last_error.as_ref().map(|(at, message)| LastError {
+            at: runstate_core::time::Utc(*at).to_string(),
+            at_unix_ms: unix_millis(*at),
+            message,
+        });
+        let latency: Vec<Latency> = self
+            .latency
+            .iter()
+            .map(|l| Latency {
+                operation: l.operation,
+                samples: l.samples,
+                p50_us: micros(l.p50),
+                p99_us: micros(l.p99),
+            })
+            .collect();
+        let mut out = serializer.serialize_struct("HealthReport", 6)?;
+        out.serialize_field("status", self.status.as_str())?;
+        out.serialize_field("last_error", &last_error)?;
+        out.serialize_field("calls", &self.calls)?;
+        out.serialize_field("in_flight", &self.in_flight)?;
+        out.serialize_field("failed_renewals", &self.failed_renewals)?;
+        out.serialize_field("latency", &latency)?;
+        out.end()
+    }
+}
+
 impl fmt::Display for HealthReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "status: {}", self.status)?;
@@ -831,5 +908,56 @@ mod tests {
         assert_eq!(report.failed_renewals, 1);
         assert_eq!(report.status, HealthStatus::Degraded);
         let _ = WaitPolicy::no_wait();
+    }
+
+    /// Spans, metrics and health name each call by its own operation.
+    #[tokio::test]
+    async fn every_call_is_named_by_its_operation() {
+        let health = Health::new();
+        let store = Observed::new(Arc::new(MemoryStore::new()), health.clone());
+        let run = RunId::new("r").unwrap();
+        store.set_attr(&run, "has_sbs", "false").await.unwrap();
+        store
+            .mark(&run, "build_climate", SystemTime::now())
+            .await
+            .unwrap();
+        let operations: Vec<&str> = health
+            .report()
+            .latency
+            .iter()
+            .map(|l| l.operation)
+            .collect();
+        assert_eq!(operations, ["mark", "set_attr"]);
+    }
+
+    #[tokio::test]
+    async fn a_health_report_serializes_for_machines() {
+        let health = Health::new();
+        let store = Observed::new(Arc::new(MemoryStore::new()), health.clone());
+        let run = RunId::new("r").unwrap();
+        let doc = DocName::new("d").unwrap();
+        store.get_bytes(&run, &doc).await.unwrap();
+        let json = serde_json::to_value(health.report()).unwrap();
+        assert_eq!(json["status"], "ok");
+        assert_eq!(json["calls"], 1);
+        assert_eq!(json["in_flight"], 0);
+        assert_eq!(json["failed_renewals"], 0);
+        assert_eq!(json["last_error"], serde_json::Value::Null);
+        assert_eq!(json["latency"][0]["operation"], "get");
+        assert_eq!(json["latency"][0]["samples"], 1);
+        assert!(json["latency"][0]["p99_us"].as_u64().is_some(), "{json}");
+
+        let json = serde_json::to_value(HealthReport::unreachable("connection refused")).unwrap();
+        assert_eq!(json["status"], "failing");
+        assert_eq!(json["last_error"]["message"], "connection refused");
+        assert!(
+            json["last_error"]["at"].as_str().unwrap().ends_with('Z'),
+            "{json}"
+        );
+        assert!(
+            json["last_error"]["at_unix_ms"].as_u64().unwrap() > 0,
+            "{json}"
+        );
+        assert_eq!(json["latency"], serde_json::json!([]));
     }
 }

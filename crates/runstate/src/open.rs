@@ -5,6 +5,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
+use runstate_core::options::UrlOptions;
 use runstate_core::{
     Capabilities, Client, ClientConfig, Error, ErrorKind, Lock, Operation, Result, WaitPolicy,
 };
@@ -26,6 +27,17 @@ const LOCKS_OPTION: &str = "locks";
 const CACHE_OPTION: &str = "cache";
 /// The budget of a `cache=memory`, in bytes.
 const CACHE_BYTES_OPTION: &str = "cache_bytes";
+/// Every option the facade takes out of a URL.
+const FACADE_OPTIONS: [&str; 6] = [
+    TTL_OPTION,
+    WAIT_OPTION,
+    LIMIT_OPTION,
+    LOCKS_OPTION,
+    CACHE_OPTION,
+    CACHE_BYTES_OPTION,
+];
+/// On a lock service's URL: its leases are WEPPcloud's NoDb locks.
+const WEPPCLOUD_OPTION: &str = "weppcloud";
 
 /// The backends `open` knows, whether or not their cargo feature is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,7 +53,9 @@ pub enum Scheme {
     Mysql,
     /// `redis:`, `rediss:`, `unix:` — the Redis backend.
     Redis,
-    /// `s3:` — the S3 backend.
+    /// `s3:` — the S3 backend; also `gs:` (Google Cloud Storage, feature
+    /// `gcs`) and `az:` (Azure Blob Storage, feature `azure`), which it
+    /// serves through object_store's clients for them.
     S3,
     /// `memory:` — in this process's memory, no server and no files
     /// (`memory://name` shares one store per name within the process).
@@ -81,8 +95,8 @@ impl Scheme {
             Scheme::Sqlite => &["sqlite"],
             Scheme::Postgres => &["postgres", "postgresql"],
             Scheme::Mysql => &["mysql", "mariadb"],
-            Scheme::Redis => &["redis", "rediss", "unix", "redis+unix"],
-            Scheme::S3 => &["s3"],
+            Scheme::Redis => &["redis", "rediss", "unix", "redis+unix", "redis+cluster"],
+            Scheme::S3 => &["s3", "gs", "az"],
             Scheme::Memory => &["memory"],
         }
     }
@@ -168,62 +182,202 @@ pub fn redact_url(url: &str) -> String {
     runstate_core::secrets::redact_url(url)
 }
 
-/// The facade's own URL options, and the URL without them.
-struct Split {
+/// The largest `ttl_ms` and `wait_ms`: a day.
+const MAX_MS: Duration = Duration::from_secs(24 * 3600);
+
+/// The facade's own URL options (taken out before the backend parses the
+/// rest), and the URL without them.
+struct FacadeOptions {
+    /// The URL the backend opens: the one given when none of the facade's
+    /// options was in it (so the backend sees exactly what the user wrote),
+    /// else rebuilt from the options left.
     backend_url: String,
-    client: ClientConfig,
+    ttl: Option<Duration>,
+    wait: Option<Duration>,
+    limit: Option<u64>,
+    locks: Option<String>,
+    cache: Option<String>,
+    cache_bytes: Option<u64>,
 }
 
-fn split_options(url: &str) -> Result<Split> {
-    let mut client = ClientConfig::default();
-    let Some((base, query)) = url.split_once('?') else {
-        return Ok(Split {
-            backend_url: url.to_owned(),
-            client,
-        });
-    };
-    let mut kept = url::form_urlencoded::Serializer::new(String::new());
-    let mut any_kept = false;
-    let mut any_ours = false;
-    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
-        match &*name {
-            TTL_OPTION => {
-                client.ttl = parse_ms(&name, &value, Duration::from_millis(1))?;
-                any_ours = true;
-            }
-            WAIT_OPTION => {
-                client.wait = WaitPolicy::with_timeout(parse_ms(&name, &value, Duration::ZERO)?);
-                any_ours = true;
-            }
-            LIMIT_OPTION => {
-                client.limit = value
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|l| *l > 0)
-                    .ok_or_else(|| {
-                        config_error(format!(
-                            "URL option {LIMIT_OPTION}={value:?} must be a positive number of bytes"
-                        ))
-                    })?;
-                any_ours = true;
-            }
-            _ => {
-                kept.append_pair(&name, &value);
-                any_kept = true;
+impl fmt::Debug for FacadeOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URLs may hold passwords: shown redacted.
+        let shown = |url: &Option<String>| url.as_deref().map(redact_url);
+        f.debug_struct("FacadeOptions")
+            .field("backend_url", &redact_url(&self.backend_url))
+            .field("ttl", &self.ttl)
+            .field("wait", &self.wait)
+            .field("limit", &self.limit)
+            .field("locks", &shown(&self.locks))
+            .field("cache", &shown(&self.cache))
+            .field("cache_bytes", &self.cache_bytes)
+            .finish()
+    }
+}
+
+impl FacadeOptions {
+    /// Takes the facade's options out of `url` (a URL of `scheme`).
+    ///
+    /// # Errors
+    /// `Config` for a bad value, a name given twice, or an option that does
+    /// not decode; on a `memory:` URL, for any option not the facade's
+    /// (the memory store has none of its own). Values of options whose
+    /// names say they hold secrets are never shown.
+    fn parse(scheme: Scheme, url: &str) -> Result<FacadeOptions> {
+        let (base, query) = match url.split_once('?') {
+            Some((base, query)) => (base, Some(query)),
+            None => (url, None),
+        };
+        let open = |e: Error| e.with_operation(Operation::Open);
+        let mut options = UrlOptions::parse(scheme.name(), query).map_err(open)?;
+        let ours = FACADE_OPTIONS.iter().any(|name| options.contains(name));
+        let ttl = options
+            .take_ms(TTL_OPTION, Duration::from_millis(1)..=MAX_MS)
+            .map_err(open)?;
+        let wait = options
+            .take_ms(WAIT_OPTION, Duration::ZERO..=MAX_MS)
+            .map_err(open)?;
+        let limit = options.take_u64(LIMIT_OPTION, 1..=u64::MAX).map_err(open)?;
+        let locks = options.take(LOCKS_OPTION);
+        let cache = options.take(CACHE_OPTION);
+        let cache_bytes = options
+            .take_u64(CACHE_BYTES_OPTION, 1..=u64::MAX)
+            .map_err(open)?;
+        if scheme == Scheme::Memory {
+            // Every option the memory store has is the facade's: anything
+            // left is refused by name, the known ones listed.
+            options.finish().map_err(open)?;
+            return Ok(FacadeOptions {
+                backend_url: base.to_owned(),
+                ttl,
+                wait,
+                limit,
+                locks,
+                cache,
+                cache_bytes,
+            });
+        }
+        let backend_url = if ours {
+            with_query(base, &options.into_rest())
+        } else {
+            url.to_owned()
+        };
+        Ok(FacadeOptions {
+            backend_url,
+            ttl,
+            wait,
+            limit,
+            locks,
+            cache,
+            cache_bytes,
+        })
+    }
+
+    /// The client settings these options choose.
+    fn client(&self) -> ClientConfig {
+        let mut client = ClientConfig::default();
+        if let Some(ttl) = self.ttl {
+            client.ttl = ttl;
+        }
+        if let Some(wait) = self.wait {
+            client.wait = WaitPolicy::with_timeout(wait);
+        }
+        if let Some(limit) = self.limit {
+            client.limit = limit;
+        }
+        client
+    }
+
+    /// Checks the options of a lock service's URL (the value of `locks`)
+    /// and moves its lease settings (`ttl_ms`, `wait_ms`, which belong to
+    /// the leases) to `outer`, the document store's options.
+    ///
+    /// # Errors
+    /// `Config` for an option that has no meaning on a lock service
+    /// (`locks`, `cache`, `cache_bytes`, `max_doc_bytes`: they go on the
+    /// document store's URL) and for a lease setting given on both URLs.
+    fn lend_to(&self, outer: &mut FacadeOptions) -> Result<()> {
+        for (name, given) in [
+            (LOCKS_OPTION, self.locks.is_some()),
+            (CACHE_OPTION, self.cache.is_some()),
+            (CACHE_BYTES_OPTION, self.cache_bytes.is_some()),
+            (LIMIT_OPTION, self.limit.is_some()),
+        ] {
+            if given {
+                return Err(config_error(format!(
+                    "URL option {name} is for the document store's URL, not inside {LOCKS_OPTION}="
+                )));
             }
         }
+        for (name, inner, outer) in [
+            (TTL_OPTION, self.ttl, &mut outer.ttl),
+            (WAIT_OPTION, self.wait, &mut outer.wait),
+        ] {
+            match (inner, &outer) {
+                (Some(_), Some(_)) => {
+                    return Err(config_error(format!(
+                        "URL option {name} is given both on the document store's URL and inside \
+                         {LOCKS_OPTION}=: give it once"
+                    )));
+                }
+                (Some(inner), None) => *outer = Some(inner),
+                (None, _) => {}
+            }
+        }
+        Ok(())
     }
-    // Leave the URL untouched unless an option had to come out, so the
-    // backend sees exactly what the user wrote.
-    let backend_url = match (any_ours, any_kept) {
-        (false, _) => url.to_owned(),
-        (true, false) => base.to_owned(),
-        (true, true) => format!("{base}?{}", kept.finish()),
+}
+
+/// `base` with `options` as its query (form-encoded).
+fn with_query(base: &str, options: &[(String, String)]) -> String {
+    if options.is_empty() {
+        return base.to_owned();
+    }
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in options {
+        query.append_pair(name, value);
+    }
+    format!("{base}?{}", query.finish())
+}
+
+/// `url` with `name=value` added, unless the URL sets that option itself.
+///
+/// # Errors
+/// `Config` when the URL's options do not parse (see [`UrlOptions::parse`]).
+fn with_default_option(scheme: Scheme, url: &str, name: &str, value: &str) -> Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
     };
-    Ok(Split {
-        backend_url,
-        client,
+    let options =
+        UrlOptions::parse(scheme.name(), query).map_err(|e| e.with_operation(Operation::Open))?;
+    if options.contains(name) {
+        return Ok(url.to_owned());
+    }
+    Ok(match query.filter(|q| !q.is_empty()) {
+        Some(query) => format!("{base}?{query}&{name}={value}"),
+        None => format!("{base}?{name}={value}"),
     })
+}
+
+/// What the `weppcloud` option of a lock service's URL asks for.
+///
+/// # Errors
+/// `Config` for a value that is not true or false.
+fn weppcloud_mode(scheme: Scheme, lock_url: &str) -> Result<(bool, String)> {
+    let (base, query) = match lock_url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (lock_url, None),
+    };
+    let open = |e: Error| e.with_operation(Operation::Open);
+    let mut options = UrlOptions::parse(scheme.name(), query).map_err(open)?;
+    match options.take_bool(WEPPCLOUD_OPTION).map_err(open)? {
+        Some(true) => Ok((true, lock_url.to_owned())),
+        // `weppcloud=false` is a plain lock service: the option goes.
+        Some(false) => Ok((false, with_query(base, &options.into_rest()))),
+        None => Ok((false, lock_url.to_owned())),
+    }
 }
 
 /// Fails, naming the path, when a `sqlite:` URL names a database file that
@@ -248,34 +402,6 @@ pub fn is_missing_store(error: &Error) -> bool {
         && std::error::Error::source(error)
             .and_then(|source| source.downcast_ref::<std::io::Error>())
             .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
-}
-
-/// `url` with `name=value` added, unless the URL sets that option itself.
-fn with_default_option(url: &str, name: &str, value: &str) -> String {
-    match url.split_once('?') {
-        Some((_, query)) => {
-            if url::form_urlencoded::parse(query.as_bytes()).any(|(n, _)| n == name) {
-                url.to_owned()
-            } else {
-                format!("{url}&{name}={value}")
-            }
-        }
-        None => format!("{url}?{name}={value}"),
-    }
-}
-
-fn parse_ms(name: &str, value: &str, min: Duration) -> Result<Duration> {
-    value
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_millis)
-        .filter(|d| *d >= min && *d <= Duration::from_secs(24 * 3600))
-        .ok_or_else(|| {
-            config_error(format!(
-                "URL option {name}={value:?} must be a number of milliseconds from {} to 86400000",
-                min.as_millis()
-            ))
-        })
 }
 
 /// An opened store of any backend: the [`Lock`] (and so [`Store`](runstate_core::Store)) it
@@ -450,54 +576,58 @@ pub enum OpenMode {
 /// As [`open`]; with [`OpenMode::Existing`], a missing root folder or
 /// SQLite database file is a [`Config`](ErrorKind::Config) error.
 pub async fn open_with(url: &str, mode: OpenMode) -> Result<AnyStore> {
-    let scheme = Scheme::of_url(url)?;
-    if !scheme.enabled() {
-        return Err(feature_off(scheme, scheme.feature()));
-    }
-    if url.to_ascii_lowercase().starts_with("rediss:") && !cfg!(feature = "redis-tls") {
-        return Err(feature_off(scheme, "redis-tls"));
-    }
-    runstate_core::secrets::check_userinfo(url).map_err(|e| e.with_operation(Operation::Open))?;
-    let Split {
-        backend_url,
-        client,
-    } = split_options(url)?;
-    let backend_url = match (mode, scheme) {
-        (OpenMode::Existing, Scheme::File) => with_default_option(&backend_url, "create", "false"),
-        (OpenMode::Existing, Scheme::Sqlite) => {
-            sqlite_file_exists(&backend_url)?;
-            with_default_option(&backend_url, "mode", "rw")
+    let scheme = usable_scheme(url)?;
+    let mut options = FacadeOptions::parse(scheme, url)?;
+    // The lock service's URL is checked before anything is opened, and
+    // its lease settings become the client's.
+    let lock_service = match options.locks.take() {
+        Some(lock_url) => {
+            let lock_scheme = usable_scheme(&lock_url)?;
+            let (weppcloud, lock_url) = weppcloud_mode(lock_scheme, &lock_url)?;
+            let lock_options = FacadeOptions::parse(lock_scheme, &lock_url)?;
+            lock_options.lend_to(&mut options)?;
+            Some((weppcloud, lock_options.backend_url))
         }
-        _ => backend_url,
+        None => None,
     };
-    let shown_url = redact_url(url);
-    let (backend_url, locks_url) = take_option(&backend_url, LOCKS_OPTION);
-    let (backend_url, cache_url) = take_option(&backend_url, CACHE_OPTION);
-    let (backend_url, cache_bytes) = take_option(&backend_url, CACHE_BYTES_OPTION);
+    let budget = cache_budget(options.cache.as_deref(), options.cache_bytes)?;
+    let backend_url = match (mode, scheme) {
+        (OpenMode::Existing, Scheme::File) => {
+            with_default_option(scheme, &options.backend_url, "create", "false")?
+        }
+        (OpenMode::Existing, Scheme::Sqlite) => {
+            sqlite_file_exists(&options.backend_url)?;
+            with_default_option(scheme, &options.backend_url, "mode", "rw")?
+        }
+        _ => options.backend_url.clone(),
+    };
     let mut store = open_backend(scheme, &backend_url)
         .await
         .map_err(|e| e.with_operation(Operation::Open))?;
-    let weppcloud = locks_url.as_deref().is_some_and(is_weppcloud_url);
-    if let (true, Some(locks_url)) = (weppcloud, &locks_url) {
-        // WEPPcloud's own Redis as the lock service of its run folders.
-        store.lock = open_weppcloud(scheme, &backend_url, Arc::clone(&store.lock), locks_url)
-            .await
-            .map_err(|e| e.with_operation(Operation::Open))?;
-    } else if let Some(locks_url) = locks_url {
-        // The lock service may be any backend; it is created if missing
-        // (its state is leases only).
-        let locks = Box::pin(open_with(&locks_url, OpenMode::Create))
-            .await
-            .map_err(|e| e.with_operation(Operation::Open))?;
-        let docs: Arc<dyn runstate_core::Store> = Arc::clone(&store.lock) as _;
-        let mut split = crate::split::SplitStore::new(docs, locks.into_lock())?;
-        if scheme == Scheme::File {
-            // WEPPcloud's lock files, held in the run folders.
-            split = split.with_document_locks(Arc::clone(&store.lock));
+    match lock_service {
+        Some((true, lock_url)) => {
+            // WEPPcloud's own Redis as the lock service of its run folders.
+            store.lock = open_weppcloud(scheme, &backend_url, Arc::clone(&store.lock), &lock_url)
+                .await
+                .map_err(|e| e.with_operation(Operation::Open))?;
         }
-        store.lock = Arc::new(split);
+        Some((false, lock_url)) => {
+            // The lock service may be any backend; it is created if
+            // missing (its state is leases only).
+            let locks = Box::pin(open_with(&lock_url, OpenMode::Create))
+                .await
+                .map_err(|e| e.with_operation(Operation::Open))?;
+            let docs: Arc<dyn runstate_core::Store> = Arc::clone(&store.lock) as _;
+            let mut split = crate::split::SplitStore::new(docs, locks.into_lock())?;
+            if scheme == Scheme::File {
+                // WEPPcloud's lock files, held in the run folders.
+                split = split.with_document_locks(Arc::clone(&store.lock));
+            }
+            store.lock = Arc::new(split);
+        }
+        None => {}
     }
-    if let Some(cache) = open_cache(cache_url, cache_bytes).await? {
+    if let Some(cache) = open_cache(options.cache.as_deref(), budget).await? {
         store.lock = Arc::new(crate::cache::CachedStore::new(
             Arc::clone(&store.lock),
             cache,
@@ -509,17 +639,27 @@ pub async fn open_with(url: &str, mode: OpenMode) -> Result<AnyStore> {
         Arc::clone(&store.lock),
         (crate::layers::Tracing, store.health.clone()),
     ));
-    store.shown_url = shown_url;
-    store.client = client;
+    store.shown_url = redact_url(url);
+    store.client = options.client();
     Ok(store)
 }
 
-/// Whether a lock service URL asks for WEPPcloud's locks
-/// (`redis://…?weppcloud=true`).
-fn is_weppcloud_url(url: &str) -> bool {
-    url.split_once('?').is_some_and(|(_, query)| {
-        url::form_urlencoded::parse(query.as_bytes()).any(|(name, _)| name == "weppcloud")
-    })
+/// The backend `url` names, checked to be compiled in, and its user info
+/// checked to parse.
+///
+/// # Errors
+/// `Config` for an unknown scheme, a backend (or Redis TLS) whose cargo
+/// feature is off, or user info that does not parse.
+fn usable_scheme(url: &str) -> Result<Scheme> {
+    let scheme = Scheme::of_url(url)?;
+    if !scheme.enabled() {
+        return Err(feature_off(scheme, scheme.feature()));
+    }
+    if url.to_ascii_lowercase().starts_with("rediss:") && !cfg!(feature = "redis-tls") {
+        return Err(feature_off(scheme, "redis-tls"));
+    }
+    runstate_core::secrets::check_userinfo(url).map_err(|e| e.with_operation(Operation::Open))?;
+    Ok(scheme)
 }
 
 /// A split store of WEPPcloud run folders (a file store) and WEPPcloud's
@@ -547,68 +687,54 @@ async fn open_weppcloud(
     }
 }
 
-/// The cache a URL's `cache` option asks for: `memory` (with
-/// `cache_bytes`, 64 MiB by default) or a `redis://` URL (the `redis`
-/// feature).
+/// The default budget of `cache=memory`: 64 MiB.
+const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The byte budget of the in-process cache `cache` asks for, if it asks
+/// for one.
+///
+/// # Errors
+/// `Config` for `cache_bytes` without `cache=memory` (a Redis cache has
+/// no budget of runstate's: its server's `maxmemory` is).
+fn cache_budget(cache: Option<&str>, bytes: Option<u64>) -> Result<Option<u64>> {
+    match (cache, bytes) {
+        (Some("memory"), bytes) => Ok(Some(bytes.unwrap_or(DEFAULT_CACHE_BYTES))),
+        (_, None) => Ok(None),
+        (_, Some(_)) => Err(config_error(format!(
+            "URL option {CACHE_BYTES_OPTION} is the budget of {CACHE_OPTION}=memory; it needs \
+             that option (a Redis cache's budget is its server's maxmemory)"
+        ))),
+    }
+}
+
+/// The cache a URL's `cache` option asks for: `memory` (with the budget
+/// [`cache_budget`] found) or a `redis://` URL (the `redis` feature).
 async fn open_cache(
-    cache: Option<String>,
-    bytes: Option<String>,
+    cache: Option<&str>,
+    budget: Option<u64>,
 ) -> Result<Option<Arc<dyn runstate_core::Cache>>> {
-    let budget = match bytes {
-        Some(bytes) => Some(bytes.parse::<u64>().ok().filter(|b| *b > 0).ok_or_else(|| {
-            config_error(format!(
-                "URL option {CACHE_BYTES_OPTION}={bytes:?} must be a positive number of bytes"
-            ))
-        })?),
-        None => None,
-    };
     let Some(cache) = cache else {
-        if budget.is_some() {
-            return Err(config_error(format!(
-                "URL option {CACHE_BYTES_OPTION} needs {CACHE_OPTION}=memory"
-            )));
-        }
         return Ok(None);
     };
     if cache == "memory" {
-        let budget = budget.unwrap_or(64 * 1024 * 1024);
+        let budget = budget.unwrap_or(DEFAULT_CACHE_BYTES);
         return Ok(Some(Arc::new(crate::cache::MemoryCache::new(budget))));
     }
-    match Scheme::of_url(&cache) {
+    match Scheme::of_url(cache) {
         #[cfg(feature = "redis")]
         Ok(Scheme::Redis) => {
-            let cache = runstate_redis::RedisCache::connect(&cache).await?;
+            usable_scheme(cache)?;
+            let cache = runstate_redis::RedisCache::connect(cache)
+                .await
+                .map_err(|e| e.with_operation(Operation::Open))?;
             Ok(Some(Arc::new(cache)))
         }
         #[cfg(not(feature = "redis"))]
         Ok(Scheme::Redis) => Err(feature_off(Scheme::Redis, "redis")),
         _ => Err(config_error(format!(
             "URL option {CACHE_OPTION} must be `memory` or a redis:// URL, not {}",
-            describe(&cache)
+            describe(cache)
         ))),
-    }
-}
-
-/// `url` without the option `name`, and that option's (decoded) value.
-fn take_option(url: &str, name: &str) -> (String, Option<String>) {
-    let Some((base, query)) = url.split_once('?') else {
-        return (url.to_owned(), None);
-    };
-    let mut value = None;
-    let mut kept = url::form_urlencoded::Serializer::new(String::new());
-    let mut any_kept = false;
-    for (n, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        if n == name {
-            value = Some(v.into_owned());
-        } else {
-            kept.append_pair(&n, &v);
-            any_kept = true;
-        }
-    }
-    match (value, any_kept) {
-        (None, _) => (url.to_owned(), None),
-        (Some(v), false) => (base.to_owned(), Some(v)),
-        (Some(v), true) => (format!("{base}?{}", kept.finish()), Some(v)),
     }
 }
 
@@ -687,17 +813,13 @@ async fn open_backend(scheme: Scheme, url: &str) -> Result<AnyStore> {
     }
 }
 
-/// The store name of a `memory:` URL: `memory://name` (or `memory:name`);
-/// `None` for `memory://` (a store of its own).
+/// The store name of a `memory:` URL (its options already taken by
+/// [`FacadeOptions::parse`]): `memory://name` (or `memory:name`); `None`
+/// for `memory://` (a store of its own).
 fn memory_name(url: &str) -> Result<Option<String>> {
     let rest = url.split_once(':').map_or("", |(_, rest)| rest);
     let rest = rest.strip_prefix("//").unwrap_or(rest);
-    let (name, query) = rest.split_once('?').unwrap_or((rest, ""));
-    if let Some((option, _)) = url::form_urlencoded::parse(query.as_bytes()).next() {
-        return Err(config_error(format!(
-            "unknown memory URL option {option:?} (it has none besides ttl_ms, wait_ms and max_doc_bytes)"
-        )));
-    }
+    let name = rest.split_once('?').map_or(rest, |(name, _)| name);
     let name = name.trim_end_matches('/');
     if name.is_empty() {
         return Ok(None);
@@ -753,6 +875,8 @@ mod tests {
             Some(Scheme::Redis)
         );
         assert_eq!(Scheme::of_url("s3://bucket/p").ok(), Some(Scheme::S3));
+        assert_eq!(Scheme::of_url("gs://bucket/p").ok(), Some(Scheme::S3));
+        assert_eq!(Scheme::of_url("az://container/p").ok(), Some(Scheme::S3));
     }
 
     #[test]
@@ -779,28 +903,172 @@ mod tests {
         }
     }
 
+    fn facade(url: &str) -> Result<FacadeOptions> {
+        FacadeOptions::parse(Scheme::of_url(url)?, url)
+    }
+
     #[test]
     fn facade_options_are_taken_out() {
-        let split = split_options("redis://h/0?prefix=a&ttl_ms=1500&wait_ms=0&max_doc_bytes=99")
-            .expect("valid");
+        let split =
+            facade("redis://h/0?prefix=a&ttl_ms=1500&wait_ms=0&max_doc_bytes=99").expect("valid");
         assert_eq!(split.backend_url, "redis://h/0?prefix=a");
-        assert_eq!(split.client.ttl, Duration::from_millis(1500));
-        assert_eq!(split.client.wait.timeout, Duration::ZERO);
-        assert_eq!(split.client.limit, 99);
-        let untouched = split_options("postgres://u:p%40ss@h/db?sslmode=disable").expect("valid");
+        let client = split.client();
+        assert_eq!(client.ttl, Duration::from_millis(1500));
+        assert_eq!(client.wait.timeout, Duration::ZERO);
+        assert_eq!(client.limit, 99);
+        let untouched = facade("postgres://u:p%40ss@h/db?sslmode=disable").expect("valid");
         assert_eq!(
             untouched.backend_url,
             "postgres://u:p%40ss@h/db?sslmode=disable"
         );
-        let only = split_options("file:///x?ttl_ms=10").expect("valid");
+        let only = facade("file:///x?ttl_ms=10").expect("valid");
         assert_eq!(only.backend_url, "file:///x");
+        let composed =
+            facade("file:///x?ext=nodb&locks=redis://c:6379/0&cache=memory&cache_bytes=4096")
+                .expect("valid");
+        assert_eq!(composed.backend_url, "file:///x?ext=nodb");
+        assert_eq!(composed.locks.as_deref(), Some("redis://c:6379/0"));
+        assert_eq!(composed.cache.as_deref(), Some("memory"));
+        assert_eq!(composed.cache_bytes, Some(4096));
+        let encoded =
+            facade("file:///x?locks=redis%3A%2F%2Fc%3A6379%2F0%3Fprefix%3Dwepp").expect("valid");
+        assert_eq!(
+            encoded.locks.as_deref(),
+            Some("redis://c:6379/0?prefix=wepp")
+        );
         for bad in [
             "file:///x?ttl_ms=0",
             "file:///x?wait_ms=-1",
             "file:///x?max_doc_bytes=0",
+            "file:///x?cache_bytes=0",
+            "file:///x?ttl_ms=1&ttl_ms=2",
+            "file:///x?ttl_ms=%zz",
         ] {
-            let error = split_options(bad).err().expect(bad);
+            let error = facade(bad).expect_err(bad);
             assert_eq!(error.kind(), ErrorKind::Config, "{bad}");
+            assert_eq!(error.operation(), Some(Operation::Open), "{bad}");
+        }
+    }
+
+    #[test]
+    fn memory_urls_refuse_unknown_options_by_name() {
+        let error = facade("memory://m?ttl_ms=5&colour=blue").expect_err("unknown option");
+        assert_eq!(error.kind(), ErrorKind::Config);
+        let message = error.to_string();
+        assert!(message.contains("\"colour\""), "{message}");
+        assert!(!message.contains("blue"), "{message}");
+        assert!(message.contains("ttl_ms"), "{message}");
+        let ok = facade("memory://m?ttl_ms=5&cache=memory").expect("valid");
+        assert_eq!(ok.backend_url, "memory://m");
+        assert_eq!(
+            memory_name(&ok.backend_url).expect("name").as_deref(),
+            Some("m")
+        );
+    }
+
+    #[test]
+    fn parsed_options_never_show_a_password() {
+        let parsed = facade(
+            "postgres://app:hunter2@db/runs?ttl_ms=5&locks=redis%3A%2F%2F%3Asecret9%40c%2F0&cache=redis%3A%2F%2F%3Asecret8%40c%2F0",
+        )
+        .expect("valid");
+        let shown = format!("{parsed:?}");
+        for secret in ["hunter2", "secret9", "secret8"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    }
+
+    #[test]
+    fn lock_service_urls_lend_their_lease_settings() {
+        let mut outer = facade("file:///x?wait_ms=5&locks=redis://c/0?ttl_ms=900").expect("valid");
+        let lock_url = outer.locks.take().expect("locks");
+        let inner = facade(&lock_url).expect("valid");
+        inner.lend_to(&mut outer).expect("lent");
+        assert_eq!(inner.backend_url, "redis://c/0");
+        assert_eq!(outer.client().ttl, Duration::from_millis(900));
+        assert_eq!(outer.client().wait.timeout, Duration::from_millis(5));
+        for (outer, inner) in [
+            ("file:///x?ttl_ms=5", "redis://c/0?ttl_ms=900"),
+            ("file:///x", "redis://c/0?cache=memory"),
+            ("file:///x", "redis://c/0?max_doc_bytes=10"),
+            ("file:///x", "redis://c/0?locks=redis://d/0"),
+        ] {
+            let mut outer = facade(outer).expect("valid");
+            let error = facade(inner)
+                .expect("valid")
+                .lend_to(&mut outer)
+                .expect_err(inner);
+            assert_eq!(error.kind(), ErrorKind::Config, "{inner}");
+        }
+    }
+
+    #[test]
+    fn weppcloud_is_a_boolean_option_of_the_lock_service() {
+        let (on, url) = weppcloud_mode(Scheme::Redis, "redis://c/0?weppcloud=true").expect("ok");
+        assert!(on);
+        assert_eq!(url, "redis://c/0?weppcloud=true");
+        let (on, url) =
+            weppcloud_mode(Scheme::Redis, "redis://c/0?prefix=p&weppcloud=false").expect("ok");
+        assert!(!on, "weppcloud=false is a plain lock service");
+        assert_eq!(url, "redis://c/0?prefix=p");
+        let (on, _) = weppcloud_mode(Scheme::Redis, "redis://c/0?prefix=p").expect("ok");
+        assert!(!on);
+        let error = weppcloud_mode(Scheme::Redis, "redis://:pw@c/0?weppcloud=maybe")
+            .expect_err("not a boolean");
+        assert_eq!(error.kind(), ErrorKind::Config);
+    }
+
+    #[tokio::test]
+    async fn composed_urls_honour_every_option_or_refuse_it() {
+        // The lock service's lease TTL is the client's (it used to be
+        // dropped with the lock service's own client settings).
+        let store = open("memory://o1?wait_ms=7&locks=memory://o1-locks?ttl_ms=900")
+            .await
+            .expect("opens");
+        assert_eq!(store.capabilities().backend, "memory+memory");
+        assert_eq!(store.client_config().ttl, Duration::from_millis(900));
+        assert_eq!(store.client_config().wait.timeout, Duration::from_millis(7));
+        // weppcloud=false is a plain lock service, not WEPPcloud mode.
+        let store = open("memory://o2?locks=memory://o2-locks?weppcloud=false")
+            .await
+            .expect("opens");
+        assert_eq!(store.capabilities().backend, "memory+memory");
+        // A budget for a cache that has none is refused, not ignored.
+        let error = open("memory://o3?cache=redis://127.0.0.1:1/0&cache_bytes=5")
+            .await
+            .expect_err("no budget to set");
+        assert_eq!(error.kind(), ErrorKind::Config, "{error}");
+    }
+
+    /// Every refusal of a composed URL names the option, never a password
+    /// of the URLs inside it.
+    #[tokio::test]
+    async fn refusals_of_composed_urls_show_no_secret() {
+        for url in [
+            "memory://s1?locks=redis%3A%2F%2F%3Ahunter2%40127.0.0.1%3A1%2F0%3Fttl_ms%3Dsoon",
+            "memory://s2?locks=redis%3A%2F%2F%3Ahunter2%40127.0.0.1%3A1%2F0%3Fcache%3Dmemory",
+            "memory://s3?cache=redis%3A%2F%2F%3Ahunter2%40127.0.0.1%3A1%2F0&cache_bytes=5",
+            "memory://s4?cache=ftp%3A%2F%2Fu%3Ahunter2%40h%2Fx",
+            "memory://s5?password=hunter2",
+        ] {
+            let error = open(url).await.expect_err(url);
+            assert_eq!(error.kind(), ErrorKind::Config, "{url}: {error}");
+            let shown = format!("{error} {error:?}");
+            assert!(!shown.contains("hunter2"), "{url}: {shown}");
+        }
+    }
+
+    #[test]
+    fn cache_bytes_needs_an_in_process_cache() {
+        assert_eq!(cache_budget(None, None).expect("ok"), None);
+        assert_eq!(
+            cache_budget(Some("memory"), None).expect("ok"),
+            Some(DEFAULT_CACHE_BYTES)
+        );
+        assert_eq!(cache_budget(Some("memory"), Some(7)).expect("ok"), Some(7));
+        for cache in [None, Some("redis://c/0")] {
+            let error = cache_budget(cache, Some(7)).expect_err("no budget to set");
+            assert_eq!(error.kind(), ErrorKind::Config);
         }
     }
 

@@ -112,7 +112,9 @@ impl SplitStore {
             .with_native_conditional_get(d.native_conditional_get)
             .with_watch(d.watch)
             .with_status(l.status || d.status)
-            .with_milestones(l.milestones || d.milestones);
+            .with_milestones(l.milestones || d.milestones)
+            // Listings and heads are the document store's.
+            .with_modified_times(d.modified_times);
         Ok(SplitStore {
             docs,
             locks,
@@ -235,8 +237,10 @@ impl SplitStore {
         let overwrite = mode == PutMode::Overwrite;
         for _ in 0..3 {
             let mode = match &mode {
-                PutMode::Overwrite => match self.docs.get(run, doc, GetOptions::new()).await? {
-                    Some(stored) => PutMode::Update(stored.version),
+                // Metadata only: the bytes are not needed, and on S3
+                // (the store without watermarks) a head sends none.
+                PutMode::Overwrite => match self.docs.head(run, doc).await? {
+                    Some(stat) => PutMode::Update(stat.version),
                     None => PutMode::Create,
                 },
                 other => other.clone(),
@@ -529,21 +533,166 @@ impl Lock for SplitStore {
         bytes: Bytes,
         mode: PutMode,
     ) -> Result<Version> {
+        let (saved, released) = self.save_then_release(lease, doc, bytes, mode).await;
+        if let Some(Err(release)) = released {
+            tracing::debug!(%release, "release after a split save");
+        }
+        saved
+    }
+}
+
+impl SplitStore {
+    /// [`Lock::save_and_release`], also telling how the release went
+    /// (`None`: the save found the lease lost, so nothing was released),
+    /// for a caller that must act when the lock service did not take the
+    /// lock back (the WEPPcloud store, whose release also deletes
+    /// WEPPcloud's cached copy).
+    pub(crate) async fn save_then_release(
+        &self,
+        lease: &Lease,
+        doc: &DocName,
+        bytes: Bytes,
+        mode: PutMode,
+    ) -> (Result<Version>, Option<Result<()>>) {
         let saved = self
             .fenced_put(lease, doc, bytes, mode, Operation::SaveAndRelease)
             .await;
         let lost = matches!(&saved, Err(e) if matches!(e.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost));
-        if !lost {
-            // Both at once: the release in the lock service, the closing
-            // of the grant in the document store.
-            let (released, ()) = tokio::join!(
-                self.locks.release(lease),
-                self.close(lease.key(), lease.fence())
-            );
-            if let Err(release) = released {
-                tracing::debug!(%release, "release after a split save");
-            }
+        if lost {
+            return (saved, None);
         }
-        saved
+        // Both at once: the release in the lock service, the closing of
+        // the grant in the document store.
+        let (released, ()) = tokio::join!(
+            self.locks.release(lease),
+            self.close(lease.key(), lease.fence())
+        );
+        (saved, Some(released))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runstate_core::memory::MemoryStore;
+
+    /// A document store without fence watermarks (as S3 is), counting the
+    /// reads that carry bytes.
+    #[derive(Debug)]
+    struct NoWatermarks {
+        inner: MemoryStore,
+        capabilities: Capabilities,
+        gets: std::sync::atomic::AtomicU64,
+    }
+
+    #[async_trait]
+    impl Store for NoWatermarks {
+        fn capabilities(&self) -> &Capabilities {
+            &self.capabilities
+        }
+        async fn get(
+            &self,
+            run: &RunId,
+            doc: &DocName,
+            options: GetOptions,
+        ) -> Result<Option<StoredDoc>> {
+            self.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.get(run, doc, options).await
+        }
+        async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+            self.inner.head(run, doc).await
+        }
+        async fn put(
+            &self,
+            run: &RunId,
+            doc: &DocName,
+            bytes: Bytes,
+            options: PutOptions<'_>,
+        ) -> Result<Version> {
+            self.inner.put(run, doc, bytes, options).await
+        }
+        async fn delete(
+            &self,
+            run: &RunId,
+            doc: &DocName,
+            if_version: Option<&Version>,
+        ) -> Result<bool> {
+            self.inner.delete(run, doc, if_version).await
+        }
+        async fn list_docs(
+            &self,
+            run: &RunId,
+            after: Option<&DocName>,
+            limit: usize,
+        ) -> Result<ListPage<DocMeta>> {
+            self.inner.list_docs(run, after, limit).await
+        }
+        async fn list_runs(&self, after: Option<&RunId>, limit: usize) -> Result<ListPage<RunId>> {
+            self.inner.list_runs(after, limit).await
+        }
+        async fn delete_run(&self, run: &RunId) -> Result<u64> {
+            self.inner.delete_run(run).await
+        }
+    }
+
+    /// A fenced overwrite on a store without watermarks reads the version
+    /// it is made conditional on from metadata, not by downloading the
+    /// document (a whole object's bytes on S3).
+    #[tokio::test]
+    async fn a_version_only_overwrite_reads_no_bytes() {
+        use runstate_core::StoreExt;
+        let inner = MemoryStore::new();
+        let capabilities = inner.capabilities().clone().with_foreign_fencing(false);
+        let docs = Arc::new(NoWatermarks {
+            inner,
+            capabilities,
+            gets: Default::default(),
+        });
+        let split = SplitStore::new(Arc::clone(&docs) as _, Arc::new(MemoryStore::new())).unwrap();
+        assert_eq!(split.capabilities().fencing, Fencing::VersionOnly);
+        let run = RunId::new("r").unwrap();
+        let doc = DocName::new("d").unwrap();
+        split
+            .put_bytes(&run, &doc, Bytes::from(vec![7u8; 4096]))
+            .await
+            .unwrap();
+        let key = LockKey::Doc(run.clone(), doc.clone());
+        let lease = split
+            .try_acquire(&key, &Owner::for_this_process(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let before = docs.gets.load(std::sync::atomic::Ordering::Relaxed);
+        split
+            .put(
+                &run,
+                &doc,
+                Bytes::from_static(b"new"),
+                PutOptions::overwrite().with_lease(&lease),
+            )
+            .await
+            .unwrap();
+        let gets = docs.gets.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert_eq!(
+            gets, 0,
+            "the overwrite downloaded the document {gets} time(s)"
+        );
+        assert_eq!(
+            &split.get_bytes(&run, &doc).await.unwrap().unwrap().bytes[..],
+            b"new"
+        );
+    }
+
+    #[test]
+    fn capabilities_carry_the_document_stores_modified_times() {
+        let docs: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        assert!(
+            docs.capabilities().modified_times,
+            "the memory store records them"
+        );
+        let split = SplitStore::new(Arc::clone(&docs), Arc::new(MemoryStore::new())).unwrap();
+        assert!(
+            split.capabilities().modified_times,
+            "listings and heads come from the document store, so do their times"
+        );
     }
 }

@@ -21,7 +21,7 @@
 //!   from the file's, and the file store makes every rewrite change it).
 //! - **Saves under a controller's lease check it first**, as WEPPcloud
 //!   checks its own before every dump: the lock key must still hold the
-//!   lease's token, or the save fails with `LeaseLost`, nothing written
+//!   lease's token, or the save fails with `Fenced`, nothing written
 //!   (an operator's `clear_locks`, or the key's expiry, may end a lease
 //!   before its holder's local deadline, and a worker may hold the lock
 //!   since). The file store's fences cannot see WEPPcloud's grants, so
@@ -193,6 +193,30 @@ fn check_controller(run: &RunId, doc: &DocName, bytes: &[u8], op: Operation) -> 
     .at_doc(op, run, doc))
 }
 
+/// A save's lease found no longer WEPPcloud's grant of the lock: to the
+/// saver that is `Fenced` (the contract's word for a save under a lease
+/// that is not the lock's current grant, nothing written), whatever the
+/// lock service calls it; the holder and the service's message are kept.
+fn fenced_if_lost(error: Error, op: Operation, run: &RunId, doc: &DocName) -> Error {
+    if error.kind() != ErrorKind::LeaseLost {
+        return error.at_doc(op, run, doc);
+    }
+    let mut fenced = Error::new(
+        ErrorKind::Fenced,
+        format!("{}; nothing was written", error.message()),
+    );
+    if let Some(backend) = error.backend() {
+        fenced = fenced.with_backend(backend);
+    }
+    if let Some(lock) = error.lock() {
+        fenced = fenced.with_lock(lock);
+    }
+    if let Some(holder) = error.holder() {
+        fenced = fenced.with_holder(holder.clone());
+    }
+    fenced.with_source(error).at_doc(op, run, doc)
+}
+
 impl fmt::Debug for WeppcloudStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WeppcloudStore")
@@ -232,7 +256,7 @@ impl Store for WeppcloudStore {
             self.service
                 .check_held(lease, op)
                 .await
-                .map_err(|e| e.at_doc(op, run, doc))?;
+                .map_err(|e| fenced_if_lost(e, op, run, doc))?;
         }
         let saved = self.split.put(run, doc, bytes, options).await?;
         self.invalidate(run, std::slice::from_ref(doc)).await;
@@ -418,8 +442,10 @@ impl Lock for WeppcloudStore {
 
     /// The split store's save-and-release: the fenced save, then the
     /// release, whose script deletes WEPPcloud's cached copy before the
-    /// lock key. A save under a run lease is checked against WEPPcloud's
-    /// lock of the controller first, and its cached copy deleted after.
+    /// lock key (when the release fails, the copy is deleted on its own
+    /// after the save). A save under a run lease is checked against
+    /// WEPPcloud's lock of the controller first, and its cached copy
+    /// deleted after.
     async fn save_and_release(
         &self,
         lease: &Lease,
@@ -445,9 +471,18 @@ impl Lock for WeppcloudStore {
         self.service
             .check_held(lease, op)
             .await
-            .map_err(|e| e.at_doc(op, run, doc))?;
-        let saved = self.split.save_and_release(lease, doc, bytes, mode).await?;
-        if matches!(lease.key(), LockKey::Run(_)) {
+            .map_err(|e| fenced_if_lost(e, op, run, doc))?;
+        let (saved, released) = self.split.save_then_release(lease, doc, bytes, mode).await;
+        let saved = saved?;
+        // A document lease's release deletes the cached copy in its own
+        // script; a run lease's does not, and a release that failed (the
+        // lock comes back to WEPPcloud only when it expires) did not: the
+        // file changed, so the copy goes now.
+        let release_failed = matches!(released, Some(Err(_)));
+        if let Some(Err(release)) = &released {
+            tracing::debug!(%release, "release after a WEPPcloud save");
+        }
+        if release_failed || matches!(lease.key(), LockKey::Run(_)) {
             self.invalidate(run, std::slice::from_ref(doc)).await;
         }
         Ok(saved)
@@ -478,9 +513,12 @@ pub(crate) async fn compose(
     if config.root().is_none() {
         config = config.with_root(&absolute)?;
     }
-    let explicit_ext = locks_url.split_once('?').is_some_and(|(_, query)| {
-        url::form_urlencoded::parse(query.as_bytes()).any(|(name, _)| name == "weppcloud_ext")
-    });
+    // The controllers' extension is the file store's unless the lock
+    // service's URL says otherwise.
+    let query = locks_url.split_once('?').map(|(_, query)| query);
+    let explicit_ext = runstate_core::options::UrlOptions::parse("redis", query)
+        .map_err(|e| e.with_operation(Operation::Open))?
+        .contains("weppcloud_ext");
     if !explicit_ext {
         config = config.with_ext(file.ext())?;
     }

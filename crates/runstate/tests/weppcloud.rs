@@ -683,7 +683,8 @@ async fn writes_delete_the_cache_and_respect_weppclouds_locks() {
 /// A lease WEPPcloud's operator cleared (`clear_locks` deletes every
 /// `nodb-lock:<run>:*` key) while its holder still thinks it holds it,
 /// and that a worker took since: the holder's saves are refused with
-/// `LeaseLost`, nothing written, as WEPPcloud refuses its own dumps after
+/// `Fenced` (as every store refuses a stale holder), nothing written, as
+/// WEPPcloud refuses its own dumps after
 /// losing a lock. Without the check the file store's fences (which never
 /// see WEPPcloud's grants) let the save land while the worker holds the
 /// controller.
@@ -744,7 +745,7 @@ async fn a_lease_cleared_by_weppcloud_never_writes() {
             }
         };
         let error = outcome.expect_err("the lease is gone");
-        assert_eq!(error.kind(), ErrorKind::LeaseLost, "{how}: {error}");
+        assert_eq!(error.kind(), ErrorKind::Fenced, "{how}: {error}");
         assert_eq!(
             error.holder().map(|h| h.owner.host().to_owned()),
             Some("wepp-worker-2".to_owned()),
@@ -975,6 +976,174 @@ async fn a_run_migrated_in_place_holds_only_its_controllers() {
     assert!(
         base.join("state/Mica_flume1").is_dir(),
         "the bookkeeping is in the state folder"
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// A lock service whose releases fail without reaching the server (a
+/// connection lost at that moment): everything else is the real one's.
+#[derive(Debug)]
+struct ReleaseFails(Arc<dyn runstate::Lock>);
+
+#[runstate::async_trait]
+impl runstate::Store for ReleaseFails {
+    fn capabilities(&self) -> &runstate::Capabilities {
+        self.0.capabilities()
+    }
+    async fn get(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        options: GetOptions,
+    ) -> runstate::Result<Option<runstate::StoredDoc>> {
+        self.0.get(run, doc, options).await
+    }
+    async fn put(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        bytes: Bytes,
+        options: PutOptions<'_>,
+    ) -> runstate::Result<runstate::Version> {
+        self.0.put(run, doc, bytes, options).await
+    }
+    async fn delete(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        if_version: Option<&runstate::Version>,
+    ) -> runstate::Result<bool> {
+        self.0.delete(run, doc, if_version).await
+    }
+    async fn list_docs(
+        &self,
+        run: &RunId,
+        after: Option<&DocName>,
+        limit: usize,
+    ) -> runstate::Result<runstate::ListPage<runstate::DocMeta>> {
+        self.0.list_docs(run, after, limit).await
+    }
+    async fn list_runs(
+        &self,
+        after: Option<&RunId>,
+        limit: usize,
+    ) -> runstate::Result<runstate::ListPage<RunId>> {
+        self.0.list_runs(after, limit).await
+    }
+    async fn delete_run(&self, run: &RunId) -> runstate::Result<u64> {
+        self.0.delete_run(run).await
+    }
+}
+
+#[runstate::async_trait]
+impl runstate::Lock for ReleaseFails {
+    async fn try_acquire(
+        &self,
+        key: &LockKey,
+        owner: &Owner,
+        ttl: Duration,
+    ) -> runstate::Result<runstate::Lease> {
+        self.0.try_acquire(key, owner, ttl).await
+    }
+    async fn renew(
+        &self,
+        lease: &runstate::Lease,
+        ttl: Duration,
+    ) -> runstate::Result<runstate::Lease> {
+        self.0.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &runstate::Lease) -> runstate::Result<()> {
+        let _ = lease;
+        Err(runstate::Error::new(
+            ErrorKind::Backend,
+            "connection lost before the release was sent",
+        ))
+    }
+    async fn inspect(&self, key: &LockKey) -> runstate::Result<Option<runstate::LockInfo>> {
+        self.0.inspect(key).await
+    }
+    async fn break_lock(
+        &self,
+        key: &LockKey,
+        only_fence: Option<runstate::Fence>,
+    ) -> runstate::Result<Option<runstate::LockInfo>> {
+        self.0.break_lock(key, only_fence).await
+    }
+    async fn list_locks(&self, run: Option<&RunId>) -> runstate::Result<Vec<runstate::LockInfo>> {
+        self.0.list_locks(run).await
+    }
+}
+
+/// A locked save whose release fails still leaves no stale cached copy:
+/// the controller's lock stays in WEPPcloud's Redis until it expires, and
+/// the worker that takes it then must read the file, not the copy cached
+/// before the save. Without the fix the copy stays (the release script
+/// that deletes it never ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_release_after_a_save_still_deletes_the_cached_copy() {
+    use runstate::file::{FileConfig, FileStore};
+    use runstate::redis::{WeppcloudConfig, WeppcloudService};
+    use runstate::split::SplitStore;
+    use runstate::weppcloud::WeppcloudStore;
+
+    let Some(server) = OwnRedis::start() else {
+        return;
+    };
+    let base = workspace("release-fails");
+    let root = base.join("runs");
+    let files = FileConfig::from_url(&format!(
+        "file://{}?ext=nodb&state_dir={}",
+        root.display(),
+        base.join("state").display()
+    ))
+    .expect("file config");
+    let files: Arc<dyn runstate::Lock> = Arc::new(FileStore::open(files).await.expect("files"));
+    let config =
+        WeppcloudConfig::from_url(&format!("{}?weppcloud=true&prefix=rstest", server.url(0)))
+            .expect("weppcloud config")
+            .with_root(&root)
+            .expect("root");
+    let service = WeppcloudService::open(config).await.expect("service");
+    let locks: Arc<dyn runstate::Lock> = Arc::new(ReleaseFails(Arc::new(service.clone())));
+    let docs: Arc<dyn runstate::Store> = Arc::clone(&files) as _;
+    let split = SplitStore::new(docs, locks)
+        .expect("split")
+        .with_document_locks(files);
+    let store = WeppcloudStore::new(split, service);
+
+    let climate = doc("climate");
+    let cache_key = base
+        .join("runs/Mica_flume1/climate.nodb")
+        .display()
+        .to_string();
+    let mut db13 = server.connection(13).await;
+    let _: () = db13
+        .set_ex(&cache_key, "{\"py/object\": \"stale\"}", 259_200)
+        .await
+        .expect("SET");
+    let key = LockKey::Doc(mica(), climate.clone());
+    let (lease, _) = runstate::Lock::acquire_and_load(
+        &store,
+        &key,
+        &climate,
+        &Owner::for_this_process(),
+        Duration::from_secs(30),
+        GetOptions::new(),
+    )
+    .await
+    .expect("acquire and load");
+    runstate::Lock::save_and_release(
+        &store,
+        &lease,
+        &climate,
+        Bytes::from_static(b"{\"a\": 1}"),
+        PutMode::Overwrite,
+    )
+    .await
+    .expect("the save succeeds; only the release failed");
+    assert!(
+        !db13.exists::<_, bool>(&cache_key).await.expect("EXISTS"),
+        "WEPPcloud's cached copy outlived a save whose release failed"
     );
     let _ = std::fs::remove_dir_all(&base);
 }

@@ -5,6 +5,8 @@
 //! - file: `std::fs::read`; write + fsync + rename + folder fsync, on the
 //!   blocking pool (as any async caller's file I/O must run).
 //! - redis: redis-rs `GET`/`SET` through a `ConnectionManager`.
+//! - redis-cluster: redis-rs `GET`/`SET` through its cluster client
+//!   (`RUNSTATE_REDIS_CLUSTER_URL`).
 //! - postgres, mysql, sqlite: a bare sqlx `SELECT` by primary key and a
 //!   bare upsert, on the database's native driver, in a table of its own.
 //! - s3: object_store `get`/`put` through the same kind of client.
@@ -21,6 +23,7 @@ use runstate::Bytes;
 pub enum Raw {
     File(PathBuf),
     Redis(redis::aio::ConnectionManager, String),
+    RedisCluster(redis::cluster_async::ClusterConnection, String),
     Postgres(sqlx::PgPool, String),
     Mysql(sqlx::MySqlPool, String),
     Sqlite(sqlx::SqlitePool, String, PathBuf),
@@ -110,6 +113,24 @@ impl Raw {
                     .expect("raw connection");
                 Raw::Redis(con, format!("rsraw:{tag}"))
             }
+            "redis-cluster" => {
+                let url = std::env::var("RUNSTATE_REDIS_CLUSTER_URL")
+                    .expect("RUNSTATE_REDIS_CLUSTER_URL");
+                let nodes: Vec<String> = url
+                    .trim_start_matches("redis+cluster://")
+                    .split(['/', '?'])
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|node| format!("redis://{node}"))
+                    .collect();
+                let con = redis::cluster::ClusterClient::new(nodes)
+                    .expect("cluster client")
+                    .get_async_connection()
+                    .await
+                    .expect("raw cluster connection");
+                Raw::RedisCluster(con, format!("rsraw:{tag}"))
+            }
             "postgres" | "mysql" | "sqlite" => {
                 use sqlx::{AssertSqlSafe, Executor};
                 let table = format!("rsraw_{tag}");
@@ -193,6 +214,7 @@ impl Raw {
                 "write+fsync+rename+dir fsync, blocking pool",
             ),
             Raw::Redis(..) => ("redis-rs GET", "redis-rs SET"),
+            Raw::RedisCluster(..) => ("redis-rs cluster GET", "redis-rs cluster SET"),
             Raw::S3(..) => ("object_store get", "object_store put"),
             _ => ("bare sqlx SELECT by key", "bare sqlx upsert"),
         }
@@ -210,6 +232,12 @@ impl Raw {
                 )
             }
             Raw::Redis(con, prefix) => {
+                use redis::AsyncCommands;
+                let mut con = con.clone();
+                let bytes: Vec<u8> = con.get(format!("{prefix}:{key}")).await.expect("GET");
+                Bytes::from(bytes)
+            }
+            Raw::RedisCluster(con, prefix) => {
                 use redis::AsyncCommands;
                 let mut con = con.clone();
                 let bytes: Vec<u8> = con.get(format!("{prefix}:{key}")).await.expect("GET");
@@ -257,6 +285,14 @@ impl Raw {
                     .await
                     .expect("SET");
             }
+            Raw::RedisCluster(con, prefix) => {
+                use redis::AsyncCommands;
+                let mut con = con.clone();
+                let _: () = con
+                    .set(format!("{prefix}:{key}"), bytes.as_ref())
+                    .await
+                    .expect("SET");
+            }
             Raw::S3(store, prefix) => {
                 use object_store::ObjectStoreExt;
                 let path = object_store::path::Path::from(format!("{prefix}/{key}"));
@@ -280,6 +316,16 @@ impl Raw {
         match self {
             Raw::File(dir) => {
                 let _ = fs::remove_dir_all(dir);
+            }
+            Raw::RedisCluster(mut con, prefix) => {
+                // The only keys the benchmark writes.
+                for key in ["read", "write"] {
+                    let _: () = redis::cmd("DEL")
+                        .arg(format!("{prefix}:{key}"))
+                        .query_async(&mut con)
+                        .await
+                        .expect("DEL");
+                }
             }
             Raw::Redis(mut con, prefix) => {
                 let keys: Vec<String> = redis::cmd("KEYS")
