@@ -1254,9 +1254,17 @@ fn weppcloud_lock_files_are_held_locks_on_the_command_line() {
     let url = format!("{}?ext=nodb&wait_ms=0", file_url(&root));
     let url = Some(url.as_str());
 
-    let refused = runstate(url, &["put", "Mica_flume1", "climate"], Some(br#"{"years": 2}"#));
+    let refused = runstate(
+        url,
+        &["put", "Mica_flume1", "climate"],
+        Some(br#"{"years": 2}"#),
+    );
     expect(&refused, 4);
-    assert!(stderr(&refused).contains("weppcloud"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("weppcloud"),
+        "{}",
+        stderr(&refused)
+    );
     let removal = runstate(url, &["rm", "Mica_flume1", "climate"], None);
     expect(&removal, 4);
     assert_eq!(
@@ -1278,7 +1286,10 @@ fn weppcloud_lock_files_are_held_locks_on_the_command_line() {
         "a lock file's age is shown: {listed:#}"
     );
 
-    expect(&runstate(url, &["unlock", "Mica_flume1", "climate"], None), 2);
+    expect(
+        &runstate(url, &["unlock", "Mica_flume1", "climate"], None),
+        2,
+    );
     assert!(run.join("climate.nodb.lock").exists());
     expect(
         &runstate(url, &["unlock", "Mica_flume1", "climate", "--force"], None),
@@ -1286,7 +1297,11 @@ fn weppcloud_lock_files_are_held_locks_on_the_command_line() {
     );
     assert!(!run.join("climate.nodb.lock").exists());
     expect(
-        &runstate(url, &["put", "Mica_flume1", "climate"], Some(br#"{"years": 2}"#)),
+        &runstate(
+            url,
+            &["put", "Mica_flume1", "climate"],
+            Some(br#"{"years": 2}"#),
+        ),
         0,
     );
     assert_eq!(
