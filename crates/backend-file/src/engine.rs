@@ -504,22 +504,32 @@ impl Engine {
         Ok(())
     }
 
-    pub(crate) fn get(
+    /// Opens `doc` of `run` for reading: its run folder, its file name
+    /// and the open file, or `None` when either is absent. The spelling is
+    /// checked after the open: a document made under another spelling just
+    /// before would be what was opened.
+    fn open_doc(
         &self,
         run: &RunId,
         doc: &DocName,
-        limit: Option<u64>,
-    ) -> Result<Option<StoredDoc>, Error> {
+    ) -> Result<Option<(Folder, String, File)>, Error> {
         let root = self.layout.open_root()?;
         let Some(dir) = self.run_dir(&root, run)? else {
             return Ok(None);
         };
         let name = self.layout.file_name(doc);
         let file = dir.open_file(&name, Access::Read)?;
-        // After the open: a document made under another spelling just
-        // before would be what was opened.
         self.check_doc_case(&dir, run, doc)?;
-        let Some(file) = file else {
+        Ok(file.map(|file| (dir, name, file)))
+    }
+
+    pub(crate) fn get(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        limit: Option<u64>,
+    ) -> Result<Option<StoredDoc>, Error> {
+        let Some((dir, name, file)) = self.open_doc(run, doc)? else {
             return Ok(None);
         };
         let bytes = read_bounded(&file, &dir.child(&name), self.read_limit(limit))?;
@@ -533,15 +543,7 @@ impl Engine {
     /// never for a document over the size limit, which gets the
     /// `over-limit-…` version listings give it. `None` when absent.
     pub(crate) fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>, Error> {
-        let root = self.layout.open_root()?;
-        let Some(dir) = self.run_dir(&root, run)? else {
-            return Ok(None);
-        };
-        let name = self.layout.file_name(doc);
-        let file = dir.open_file(&name, Access::Read)?;
-        // After the open, as in `get`.
-        self.check_doc_case(&dir, run, doc)?;
-        let Some(file) = file else {
+        let Some((dir, name, file)) = self.open_doc(run, doc)? else {
             return Ok(None);
         };
         let meta = file
@@ -600,14 +602,7 @@ impl Engine {
         known: &Version,
         limit: Option<u64>,
     ) -> Result<Fetched, Error> {
-        let root = self.layout.open_root()?;
-        let Some(dir) = self.run_dir(&root, run)? else {
-            return Ok(Fetched::Absent);
-        };
-        let name = self.layout.file_name(doc);
-        let file = dir.open_file(&name, Access::Read)?;
-        self.check_doc_case(&dir, run, doc)?;
-        let Some(file) = file else {
+        let Some((dir, name, file)) = self.open_doc(run, doc)? else {
             return Ok(Fetched::Absent);
         };
         let path = dir.child(&name);
