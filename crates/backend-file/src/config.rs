@@ -497,7 +497,7 @@ impl FileConfig {
 }
 
 fn config_error(message: String) -> Error {
-    Error::new(ErrorKind::Config, message).with_backend(crate::BACKEND)
+    runstate_core::options::config_error(crate::BACKEND, message)
 }
 
 fn parse_positive(name: &str, value: &str) -> Result<u64, Error> {

@@ -35,8 +35,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
-use runstate_core::options::UrlOptions;
-use runstate_core::{Error, ErrorKind};
+use runstate_core::Error;
+use runstate_core::options::{self, UrlOptions};
 
 use crate::BACKEND;
 
@@ -158,8 +158,9 @@ pub const DEFAULT_PREFIX: &str = "runstate";
 /// The default bound on every call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn config_error(message: impl Into<String>) -> Error {
-    Error::new(ErrorKind::Config, message.into()).with_backend(BACKEND)
+/// A `Config` error of the Redis backend.
+pub(crate) fn config_error(message: impl Into<String>) -> Error {
+    options::config_error(BACKEND, message)
 }
 
 fn check_prefix(prefix: &str) -> Result<(), Error> {
@@ -177,12 +178,7 @@ fn check_prefix(prefix: &str) -> Result<(), Error> {
 }
 
 fn parse_ms(name: &str, value: &str) -> Result<Duration, Error> {
-    match value.parse::<u64>() {
-        Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
-        _ => Err(config_error(format!(
-            "option {name} must be a positive number of milliseconds, got {value:?}"
-        ))),
-    }
+    options::positive_ms(BACKEND, name, value)
 }
 
 fn parse_db(value: &str) -> Result<i64, Error> {
@@ -233,7 +229,7 @@ impl RedisConfig {
     /// documentation for the options).
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] for an unknown scheme or option, a bad value,
+    /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) for an unknown scheme or option, a bad value,
     /// or `rediss://` without the `tls` feature. The URL itself is never
     /// repeated in the error, since it may hold a password.
     pub fn from_url(url: &str) -> Result<Self, Error> {
@@ -410,7 +406,7 @@ impl RedisConfig {
     /// Sets the key prefix.
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] unless it is 1 to 64 bytes of `[A-Za-z0-9._:-]`.
+    /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) unless it is 1 to 64 bytes of `[A-Za-z0-9._:-]`.
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Result<Self, Error> {
         let prefix = prefix.into();
         check_prefix(&prefix)?;
@@ -456,7 +452,7 @@ impl RedisConfig {
     /// [`MAX_STATUS_HISTORY`]) and, with `max_age`, none older than that.
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] for `keep` out of range or a zero `max_age`.
+    /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) for `keep` out of range or a zero `max_age`.
     pub fn with_status_history(
         mut self,
         keep: u64,
@@ -713,6 +709,7 @@ pub(crate) fn with_tls_ca(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runstate_core::ErrorKind;
 
     const SENTINEL: &str = "s3ntinel-PASSWORD-9f8e";
 

@@ -112,6 +112,7 @@ use runstate_core::{
 };
 use sha2::Digest;
 
+use crate::config::config_error;
 use crate::errors::unexpected;
 use crate::reply::Reply;
 use crate::scripts::MAX_TTL_MS;
@@ -153,10 +154,6 @@ pub struct WeppcloudConfig {
     root: Option<String>,
     cache_db: i64,
     ext: String,
-}
-
-fn config_error(message: impl Into<String>) -> Error {
-    Error::new(ErrorKind::Config, message.into()).with_backend(BACKEND)
 }
 
 impl WeppcloudConfig {

@@ -46,9 +46,9 @@ use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+use runstate_core::Error;
 use runstate_core::options::UrlOptions;
 use runstate_core::secrets::redact_url;
-use runstate_core::{Error, ErrorKind};
 
 use crate::BACKEND;
 use crate::errors::map_error;
@@ -123,7 +123,7 @@ pub struct S3Config {
 }
 
 fn config_error(message: impl Into<String>) -> Error {
-    Error::new(ErrorKind::Config, message.into()).with_backend(BACKEND)
+    runstate_core::options::config_error(BACKEND, message)
 }
 
 /// A prefix is one or more `/`-separated segments of
@@ -181,7 +181,7 @@ impl S3Config {
     /// ```
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] for another scheme, a missing bucket, a bad
+    /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) for another scheme, a missing bucket, a bad
     /// prefix or option, an option the scheme does not know, or
     /// credentials in the URL. (Whether the scheme's feature is compiled
     /// in is checked when the client is built, by
@@ -281,7 +281,7 @@ impl S3Config {
     /// Sets the key prefix (`/`-separated).
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] for a malformed prefix.
+    /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) for a malformed prefix.
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Result<Self, Error> {
         let prefix = prefix.into();
         let prefix = prefix.trim_matches('/').to_owned();
@@ -293,7 +293,7 @@ impl S3Config {
     /// Sets the document extension.
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] unless it is 1 to 16 ASCII letters or digits.
+    /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) unless it is 1 to 16 ASCII letters or digits.
     pub fn with_ext(mut self, ext: impl Into<String>) -> Result<Self, Error> {
         let ext = ext.into();
         if ext.is_empty() || ext.len() > 16 || !ext.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -353,7 +353,7 @@ impl S3Config {
     /// [`S3Store::from_object_store`](crate::S3Store::from_object_store).
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] when object_store refuses the settings.
+    /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) when object_store refuses the settings.
     pub fn object_store(&self) -> Result<Arc<dyn ObjectStore>, Error> {
         let client = ClientOptions::new()
             .with_timeout(self.timeout)
@@ -549,6 +549,7 @@ impl fmt::Debug for S3Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runstate_core::ErrorKind;
 
     #[test]
     fn parses_the_documented_form() {

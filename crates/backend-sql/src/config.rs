@@ -17,7 +17,7 @@
 //! | `status_history` | 1000 | status messages kept per run: each publish deletes the run's messages older than the newest this many |
 //!
 //! Besides these, only the driver options below are accepted, and passed
-//! on to sqlx; any other option is refused with [`ErrorKind::Config`]
+//! on to sqlx; any other option is refused with [`ErrorKind::Config`](runstate_core::ErrorKind::Config)
 //! naming it (never its value). sqlx would log an option it does not know
 //! at `WARN` with its value, which may be a secret, and ignore it.
 //!
@@ -39,8 +39,9 @@
 use std::fmt;
 use std::time::Duration;
 
+use runstate_core::Error;
+use runstate_core::options;
 use runstate_core::secrets::{check_userinfo, redact_url};
-use runstate_core::{Error, ErrorKind};
 
 /// Which database a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -120,7 +121,7 @@ pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_millis(250);
 pub const DEFAULT_STATUS_HISTORY: u64 = 1000;
 
 fn config_error(message: impl Into<String>) -> Error {
-    Error::new(ErrorKind::Config, message.into()).with_backend("sql")
+    options::config_error("sql", message)
 }
 
 /// Checks a table prefix against the allowlist `[a-z][a-z0-9_]{0,31}`: it
@@ -211,12 +212,7 @@ fn shown_name(name: &str) -> String {
 }
 
 fn parse_ms(name: &str, value: &str) -> Result<Duration, Error> {
-    match value.parse::<u64>() {
-        Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
-        _ => Err(config_error(format!(
-            "option {name} must be a positive number of milliseconds, got {value:?}"
-        ))),
-    }
+    options::positive_ms("sql", name, value)
 }
 
 impl SqlConfig {
@@ -244,7 +240,7 @@ impl SqlConfig {
     /// Parses a database URL (see the module documentation).
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] for an unknown scheme, a scheme whose cargo
+    /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) for an unknown scheme, a scheme whose cargo
     /// feature is off (the error names the feature), a bad value of one of
     /// runstate's options, or an option that is neither runstate's nor a
     /// driver option passed on (the error names it, never its value). The
@@ -376,7 +372,7 @@ impl SqlConfig {
     /// Sets the table prefix.
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] unless it matches `[a-z][a-z0-9_]*` (≤ 32 bytes).
+    /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) unless it matches `[a-z][a-z0-9_]*` (≤ 32 bytes).
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Result<Self, Error> {
         let prefix = prefix.into();
         check_prefix(&prefix)?;
@@ -472,6 +468,7 @@ impl fmt::Debug for SqlConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runstate_core::ErrorKind;
 
     const SENTINEL: &str = "S3ntinel-sql-PW-77a1";
 

@@ -32,6 +32,21 @@ pub fn config_error(backend: &'static str, message: impl Into<String>) -> Error 
     Error::new(ErrorKind::Config, message.into()).with_backend(backend)
 }
 
+/// The value `value` of option `name` as a positive whole number of
+/// milliseconds; for backends that parse their own options.
+///
+/// # Errors
+/// A [`config_error`] of `backend` naming the option and the value.
+pub fn positive_ms(backend: &'static str, name: &str, value: &str) -> Result<Duration, Error> {
+    match value.parse::<u64>() {
+        Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+        _ => Err(config_error(
+            backend,
+            format!("option {name} must be a positive number of milliseconds, got {value:?}"),
+        )),
+    }
+}
+
 /// The query options of one URL, decoded (`%XX` and `+`, as
 /// `application/x-www-form-urlencoded`), in the order given.
 ///
