@@ -26,7 +26,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use runstate_core::{Error, ErrorKind};
+use runstate_core::Error;
+use runstate_core::options::{POSITIVE_MS, UrlOptions, parse_bool};
+use runstate_core::secrets::redact_url;
 
 /// Longest accepted document extension.
 pub const MAX_EXT_LEN: usize = 16;
@@ -194,13 +196,16 @@ impl FileConfig {
     /// ```
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] for another scheme, a remote host, an empty
+    /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) for another scheme, a remote host, an empty
     /// path, an unknown option or a bad value.
     pub fn from_url(url: &str) -> Result<Self, Error> {
         let rest = url
             .strip_prefix("file:")
-            .ok_or_else(|| config_error(format!("{url:?} is not a file: URL")))?;
-        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+            .ok_or_else(|| config_error(format!("{} is not a file: URL", redact_url(url))))?;
+        let (path, query) = match rest.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (rest, None),
+        };
         let path = match path.strip_prefix("//") {
             // `file:///abs` and `file://localhost/abs`; any other authority
             // names another machine, which a local folder cannot reach.
@@ -208,9 +213,13 @@ impl FileConfig {
             Some(after) => match after.strip_prefix("localhost") {
                 Some(abs) if abs.starts_with('/') => abs,
                 _ => {
-                    return Err(config_error(format!(
-                        "file URL {url:?} names a host; use file:///absolute/path or file:relative/path"
-                    )));
+                    // Not shown: what precedes the host may be a password
+                    // (`file://user:secret@host/`), and the message needs
+                    // no part of the URL.
+                    return Err(config_error(
+                        "a file URL cannot name a host (another machine); use \
+                         file:///absolute/path or file:relative/path",
+                    ));
                 }
             },
             None => path,
@@ -222,82 +231,64 @@ impl FileConfig {
                     .with_source(e)
             })?;
         if path.is_empty() {
-            return Err(config_error(format!("file URL {url:?} has no path")));
+            return Err(config_error(format!(
+                "file URL {} has no path",
+                redact_url(url)
+            )));
         }
         let mut config = FileConfig::new(path.as_ref());
-        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            match &*name {
-                "ext" => config = config.with_ext(value.into_owned())?,
-                "create" => config.create_root = parse_bool(&name, &value)?,
-                "sweep" => config.sweep_on_open = parse_bool(&name, &value)?,
-                "max_document_bytes" => {
-                    config = config.with_max_document_size(parse_positive(&name, &value)?);
-                }
-                "lock_timeout_ms" => {
-                    config = config
-                        .with_lock_timeout(Duration::from_millis(parse_positive(&name, &value)?));
-                }
-                "case_insensitive" => {
-                    config.case = match &*value {
-                        "auto" => CaseSensitivity::Detect,
-                        _ => match parse_bool(&name, &value) {
-                            Ok(true) => CaseSensitivity::Insensitive,
-                            Ok(false) => CaseSensitivity::Sensitive,
-                            Err(_) => {
-                                return Err(config_error(format!(
-                                    "file URL option case_insensitive={value:?} must be auto, \
-                                     true or false"
-                                )));
-                            }
-                        },
-                    };
-                }
-                "watch" => {
-                    config.watch = match &*value {
-                        "inotify" => WatchBy::Inotify,
-                        "poll" => WatchBy::Polling,
-                        _ => {
-                            return Err(config_error(format!(
-                                "file URL option watch={value:?} must be inotify or poll"
-                            )));
-                        }
-                    };
-                }
-                "poll_ms" => {
-                    config = config
-                        .with_poll_interval(Duration::from_millis(parse_positive(&name, &value)?));
-                }
-                "status_messages" => {
-                    config.status_messages = parse_positive(&name, &value)?;
-                }
-                "status_bytes" => {
-                    config.status_bytes = parse_positive(&name, &value)?;
-                }
-                "weppcloud" => {
-                    config.weppcloud = match &*value {
-                        "auto" => WeppcloudFiles::Auto,
-                        _ => match parse_bool(&name, &value) {
-                            Ok(true) => WeppcloudFiles::On,
-                            Ok(false) => WeppcloudFiles::Off,
-                            Err(_) => {
-                                return Err(config_error(format!(
-                                    "file URL option weppcloud={value:?} must be auto, true or \
-                                     false"
-                                )));
-                            }
-                        },
-                    };
-                }
-                "state_dir" => config = config.with_state_dir(value.as_ref())?,
-                other => {
-                    return Err(config_error(format!(
-                        "unknown file URL option {other:?} (known: ext, create, sweep, \
-                         max_document_bytes, lock_timeout_ms, case_insensitive, watch, poll_ms, \
-                         status_messages, status_bytes, weppcloud, state_dir)"
-                    )));
-                }
-            }
+        let mut options = UrlOptions::parse(crate::BACKEND, query)?;
+        if let Some(ext) = options.take("ext") {
+            config = config.with_ext(ext)?;
         }
+        if let Some(create) = options.take_bool("create")? {
+            config.create_root = create;
+        }
+        if let Some(sweep) = options.take_bool("sweep")? {
+            config.sweep_on_open = sweep;
+        }
+        if let Some(max) = options.take_u64("max_document_bytes", 1..=u64::MAX)? {
+            config = config.with_max_document_size(max);
+        }
+        if let Some(timeout) = options.take_ms("lock_timeout_ms", POSITIVE_MS)? {
+            config = config.with_lock_timeout(timeout);
+        }
+        let case = [
+            CaseSensitivity::Detect,
+            CaseSensitivity::Insensitive,
+            CaseSensitivity::Sensitive,
+        ];
+        if let Some(case) = take_auto(&mut options, "case_insensitive", case)? {
+            config.case = case;
+        }
+        if let Some(watch) = options.take_with("watch", "inotify or poll", |v| match v {
+            "inotify" => Some(WatchBy::Inotify),
+            "poll" => Some(WatchBy::Polling),
+            _ => None,
+        })? {
+            config.watch = watch;
+        }
+        if let Some(every) = options.take_ms("poll_ms", POSITIVE_MS)? {
+            config = config.with_poll_interval(every);
+        }
+        if let Some(messages) = options.take_u64("status_messages", 1..=u64::MAX)? {
+            config.status_messages = messages;
+        }
+        if let Some(bytes) = options.take_u64("status_bytes", 1..=u64::MAX)? {
+            config.status_bytes = bytes;
+        }
+        let weppcloud = [
+            WeppcloudFiles::Auto,
+            WeppcloudFiles::On,
+            WeppcloudFiles::Off,
+        ];
+        if let Some(weppcloud) = take_auto(&mut options, "weppcloud", weppcloud)? {
+            config.weppcloud = weppcloud;
+        }
+        if let Some(dir) = options.take("state_dir") {
+            config = config.with_state_dir(dir)?;
+        }
+        options.finish()?;
         Ok(config)
     }
 
@@ -305,20 +296,16 @@ impl FileConfig {
     /// `nodb` to open WEPPcloud run folders in place.
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] unless it is 1 to 16 ASCII letters and digits.
+    /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) unless it is 1 to 16 ASCII letters and digits.
     pub fn with_ext(mut self, ext: impl Into<String>) -> Result<Self, Error> {
         let ext = ext.into();
         if ext.is_empty()
             || ext.len() > MAX_EXT_LEN
             || !ext.bytes().all(|b| b.is_ascii_alphanumeric())
         {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "file extension {ext:?} must be 1 to {MAX_EXT_LEN} ASCII letters or digits"
-                ),
-            )
-            .with_backend(crate::BACKEND));
+            return Err(config_error(format!(
+                "file extension {ext:?} must be 1 to {MAX_EXT_LEN} ASCII letters or digits"
+            )));
         }
         self.ext = ext;
         Ok(self)
@@ -428,7 +415,7 @@ impl FileConfig {
     /// bookkeeping of their runs of the same name.
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] for a relative or empty path.
+    /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) for a relative or empty path.
     pub fn with_state_dir(mut self, dir: impl AsRef<Path>) -> Result<Self, Error> {
         let dir = dir.as_ref();
         if !dir.is_absolute() {
@@ -496,27 +483,25 @@ impl FileConfig {
     }
 }
 
-fn config_error(message: String) -> Error {
+fn config_error(message: impl Into<String>) -> Error {
     runstate_core::options::config_error(crate::BACKEND, message)
 }
 
-fn parse_positive(name: &str, value: &str) -> Result<u64, Error> {
-    match value.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(config_error(format!(
-            "file URL option {name}={value:?} must be a positive whole number"
-        ))),
-    }
-}
-
-fn parse_bool(name: &str, value: &str) -> Result<bool, Error> {
-    match value {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        _ => Err(config_error(format!(
-            "file URL option {name}={value:?} must be true or false"
-        ))),
-    }
+/// Takes option `name`, one of `auto` or a boolean (as [`parse_bool`]
+/// reads it), as the first, second (true) or third (false) of `values`:
+/// for options whose default is decided when the store opens.
+///
+/// # Errors
+/// `Config` for any other value.
+fn take_auto<T: Copy>(
+    options: &mut UrlOptions,
+    name: &'static str,
+    [auto, on, off]: [T; 3],
+) -> Result<Option<T>, Error> {
+    options.take_with(name, "auto, true or false", |value| match value {
+        "auto" => Some(auto),
+        _ => parse_bool(value).map(|yes| if yes { on } else { off }),
+    })
 }
 
 impl fmt::Debug for FileConfig {
@@ -544,6 +529,7 @@ impl fmt::Debug for FileConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runstate_core::ErrorKind;
 
     #[test]
     fn url_forms() {
@@ -602,28 +588,95 @@ mod tests {
 
     #[test]
     fn bad_urls_are_config_errors() {
-        for url in [
-            "file://otherhost/srv",
-            "file:",
-            "file:///srv?ext=no.dots",
-            "file:///srv?colour=red",
-            "file:///srv?create=maybe",
-            "file:///srv?max_document_bytes=0",
-            "file:///srv?max_document_bytes=1GiB",
-            "file:///srv?lock_timeout_ms=-1",
-            "file:///srv?case_insensitive=maybe",
-            "file:///srv?case_insensitive=",
-            "file:///srv?watch=fanotify",
-            "file:///srv?poll_ms=0",
-            "file:///srv?status_messages=0",
-            "file:///srv?status_bytes=1MiB",
-            "file:///srv?weppcloud=maybe",
-            "file:///srv?state_dir=relative/dir",
-            "file:///srv?state_dir=",
-            "redis://x",
+        let positive_ms = "must be a positive number of milliseconds";
+        let positive = "must be a positive whole number";
+        let auto = "must be auto, true or false";
+        for (url, needle) in [
+            ("file://otherhost/srv", "cannot name a host"),
+            ("file:", "has no path"),
+            ("file:///srv?ext=no.dots", "file extension \"no.dots\""),
+            (
+                "file:///srv?colour=red",
+                "unknown file URL option \"colour\"",
+            ),
+            (
+                "file:///srv?create=maybe",
+                "create must be true or false, got \"maybe\"",
+            ),
+            ("file:///srv?max_document_bytes=0", positive),
+            ("file:///srv?max_document_bytes=1GiB", positive),
+            ("file:///srv?lock_timeout_ms=-1", positive_ms),
+            ("file:///srv?case_insensitive=maybe", auto),
+            ("file:///srv?case_insensitive=", auto),
+            (
+                "file:///srv?watch=fanotify",
+                "watch must be inotify or poll",
+            ),
+            ("file:///srv?poll_ms=0", positive_ms),
+            ("file:///srv?status_messages=0", positive),
+            ("file:///srv?status_bytes=1MiB", positive),
+            ("file:///srv?weppcloud=maybe", auto),
+            (
+                "file:///srv?state_dir=relative/dir",
+                "must be an absolute path",
+            ),
+            ("file:///srv?state_dir=", "must be an absolute path"),
+            ("redis://x", "is not a file: URL"),
         ] {
             let error = FileConfig::from_url(url).expect_err(url);
             assert_eq!(error.kind(), ErrorKind::Config, "{url}: {error}");
+            let option = url.split_once('?').map_or("", |(_, q)| q);
+            let option = option.split_once('=').map_or("", |(name, _)| name);
+            assert!(
+                error.to_string().contains(option),
+                "names {option}: {error}"
+            );
+            assert!(error.to_string().contains(needle), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn unknown_and_repeated_options_are_refused_by_name() {
+        let error = FileConfig::from_url("file:///srv?ext=nodb&colour=red").expect_err("unknown");
+        assert_eq!(error.kind(), ErrorKind::Config);
+        let message = error.to_string();
+        assert!(message.contains("\"colour\""), "{message}");
+        assert!(
+            !message.contains("red"),
+            "the value is not repeated: {message}"
+        );
+        assert!(
+            message.contains(
+                "known: ext, create, sweep, max_document_bytes, lock_timeout_ms, \
+                 case_insensitive, watch, poll_ms, status_messages, status_bytes, weppcloud, \
+                 state_dir"
+            ),
+            "{message}"
+        );
+        let error =
+            FileConfig::from_url("file:///srv?create=true&create=false").expect_err("twice");
+        assert_eq!(error.kind(), ErrorKind::Config);
+        assert!(
+            error.to_string().contains("\"create\" is given twice"),
+            "{error}"
+        );
+    }
+
+    /// A URL given by mistake (another backend's, or one naming a host)
+    /// may carry a password: errors never repeat it.
+    #[test]
+    fn passwords_in_refused_urls_never_show() {
+        const SENTINEL: &str = "s3ntinel-file-PW-41c7";
+        for url in [
+            format!("redis://:{SENTINEL}@127.0.0.1:6379/0"),
+            format!("file://admin:{SENTINEL}@otherhost/srv"),
+            format!("file://admin:pa/{SENTINEL}@otherhost/srv"),
+            format!("file:?password={SENTINEL}"),
+        ] {
+            let error = FileConfig::from_url(&url).expect_err(&url);
+            assert_eq!(error.kind(), ErrorKind::Config, "{url}");
+            let shown = format!("{} {error:?}", runstate_core::display_chain(&error));
+            assert!(!shown.contains(SENTINEL), "{shown}");
         }
     }
 }

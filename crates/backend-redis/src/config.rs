@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
 use runstate_core::Error;
-use runstate_core::options::{self, UrlOptions};
+use runstate_core::options::{self, POSITIVE_MS, UrlOptions};
 
 use crate::BACKEND;
 
@@ -177,16 +177,13 @@ fn check_prefix(prefix: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn parse_ms(name: &str, value: &str) -> Result<Duration, Error> {
-    options::positive_ms(BACKEND, name, value)
-}
+/// What [`database`] reads, for errors.
+pub(crate) const DATABASE: &str = "a database number ≥ 0";
 
-fn parse_db(value: &str) -> Result<i64, Error> {
-    value
-        .parse::<i64>()
-        .ok()
-        .filter(|db| *db >= 0)
-        .ok_or_else(|| config_error(format!("database must be a number ≥ 0, got {value:?}")))
+/// A database number (the URL's path, `db`, `weppcloud_locks`,
+/// `weppcloud_cache_db`).
+pub(crate) fn database(value: &str) -> Option<i64> {
+    value.parse::<i64>().ok().filter(|db| *db >= 0)
 }
 
 impl RedisConfig {
@@ -233,8 +230,23 @@ impl RedisConfig {
     /// or `rediss://` without the `tls` feature. The URL itself is never
     /// repeated in the error, since it may hold a password.
     pub fn from_url(url: &str) -> Result<Self, Error> {
+        Self::from_url_with(url, |_| Ok(()))
+    }
+
+    /// Parses `url` as [`from_url`](Self::from_url) does, letting `first`
+    /// take the options of what is built on this store (a WEPPcloud lock
+    /// service's) before this store takes its own: an option neither takes
+    /// is refused, the names both know listed, so the options of one URL
+    /// are checked once, in one place.
+    ///
+    /// # Errors
+    /// As [`from_url`](Self::from_url), and whatever `first` returns.
+    pub(crate) fn from_url_with(
+        url: &str,
+        first: impl FnOnce(&mut UrlOptions) -> Result<(), Error>,
+    ) -> Result<Self, Error> {
         if let Some(rest) = url.strip_prefix("redis+cluster://") {
-            return Self::from_cluster_url(rest);
+            return Self::from_cluster_url(rest, first);
         }
         let parsed = url::Url::parse(url).map_err(|e| {
             config_error("invalid redis URL (not shown: it may hold a password)").with_source(e)
@@ -262,7 +274,9 @@ impl RedisConfig {
                 };
                 let path = parsed.path().trim_start_matches('/');
                 if !path.is_empty() {
-                    config.db = parse_db(path)?;
+                    config.db = database(path).ok_or_else(|| {
+                        config_error(format!("the URL's path must be {DATABASE}, got {path:?}"))
+                    })?;
                 }
                 if !parsed.username().is_empty() {
                     config.username = Some(decode(parsed.username())?);
@@ -286,9 +300,48 @@ impl RedisConfig {
                 )));
             }
         }
-        // The options added since UrlOptions exists are parsed by it; the
-        // loop below skips them.
         let mut options = UrlOptions::parse(BACKEND, parsed.query())?;
+        first(&mut options)?;
+        if options.contains("weppcloud") {
+            // Not taken: it is no option of this store, so it stays out of
+            // the list of known ones.
+            return Err(config_error(
+                "weppcloud=true makes a WEPPcloud lock service, not a document store: \
+                 give it as the lock service of a file store of WEPPcloud run folders \
+                 (file:///runs?ext=nodb&locks=redis://…/0?weppcloud=true); for a Redis \
+                 document store that honours WEPPcloud's locks, see weppcloud_locks",
+            ));
+        }
+        if let Some(prefix) = options.take("prefix") {
+            check_prefix(&prefix)?;
+            config.prefix = prefix;
+        }
+        if let Some(timeout) = options.take_ms("timeout_ms", POSITIVE_MS)? {
+            config.timeout = timeout;
+        }
+        if let Some(timeout) = options.take_ms("connect_timeout_ms", POSITIVE_MS)? {
+            config.connect_timeout = timeout;
+        }
+        if let Some(db) = options.take_with("db", DATABASE, database)? {
+            config.db = db;
+        }
+        if let Some(db) = options.take_with("weppcloud_locks", DATABASE, database)? {
+            config.weppcloud = Some(WeppcloudLocks {
+                db,
+                ext: "nodb".to_owned(),
+            });
+        }
+        let weppcloud_ext = options.take("weppcloud_ext");
+        if let Some(keep) = options.take_u64("status_history", 1..=MAX_STATUS_HISTORY)? {
+            config.status_history = keep;
+        }
+        // Up to a year: any more is no limit at all.
+        let a_year = "a number of minutes from 1 to 525600 (a year)";
+        if let Some(minutes) = options.take_with("status_minutes", a_year, |v| {
+            v.parse::<u64>().ok().filter(|m| (1..=525_600).contains(m))
+        })? {
+            config.status_max_age = Some(Duration::from_secs(minutes * 60));
+        }
         if let Some(n) = options.take_u64("wait_replicas", 0..=64)? {
             config.wait_replicas = n;
         }
@@ -306,47 +359,7 @@ impl RedisConfig {
             }
             config.tls_ca = Some(PathBuf::from(path));
         }
-        let mut weppcloud_ext = None;
-        for (name, value) in parsed.query_pairs() {
-            match &*name {
-                "wait_replicas" | "wait_timeout_ms" | "tls_ca" => {}
-                "prefix" => {
-                    check_prefix(&value)?;
-                    config.prefix = value.into_owned();
-                }
-                "timeout_ms" => config.timeout = parse_ms("timeout_ms", &value)?,
-                "connect_timeout_ms" => {
-                    config.connect_timeout = parse_ms("connect_timeout_ms", &value)?;
-                }
-                "db" => config.db = parse_db(&value)?,
-                "weppcloud_locks" => {
-                    config.weppcloud = Some(WeppcloudLocks {
-                        db: parse_db(&value)?,
-                        ext: "nodb".to_owned(),
-                    });
-                }
-                "weppcloud_ext" => weppcloud_ext = Some(value.into_owned()),
-                "status_history" => config.status_history = parse_history(&value)?,
-                "status_minutes" => {
-                    config.status_max_age = Some(parse_minutes(&value)?);
-                }
-                "weppcloud" => {
-                    return Err(config_error(
-                        "weppcloud=true makes a WEPPcloud lock service, not a document store: \
-                         give it as the lock service of a file store of WEPPcloud run folders \
-                         (file:///runs?ext=nodb&locks=redis://…/0?weppcloud=true); for a Redis \
-                         document store that honours WEPPcloud's locks, see weppcloud_locks",
-                    ));
-                }
-                other => {
-                    return Err(config_error(format!(
-                        "unknown redis URL option {other:?} (known: prefix, timeout_ms, \
-                         connect_timeout_ms, db, weppcloud_locks, weppcloud_ext, \
-                         status_history, status_minutes, wait_replicas, wait_timeout_ms, tls_ca)"
-                    )));
-                }
-            }
-        }
+        options.finish()?;
         if let Some(ext) = weppcloud_ext {
             match &mut config.weppcloud {
                 Some(locks) => locks.ext = check_ext(ext)?,
@@ -364,7 +377,10 @@ impl RedisConfig {
     /// host:port[/[0]][?options]`, by reading the first node as a
     /// `redis://` URL (so credentials and options mean the same) and
     /// taking the others as further seeds.
-    fn from_cluster_url(rest: &str) -> Result<Self, Error> {
+    fn from_cluster_url(
+        rest: &str,
+        first: impl FnOnce(&mut UrlOptions) -> Result<(), Error>,
+    ) -> Result<Self, Error> {
         let end = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, tail) = rest.split_at(end);
         let (auth, hosts) = match authority.rfind('@') {
@@ -385,10 +401,13 @@ impl RedisConfig {
                 .to_owned();
             seeds.push((name, url.port().unwrap_or(6379)));
         }
-        let mut config = Self::from_url(&format!(
-            "redis://{auth}{}{tail}",
-            hosts.split(',').next().unwrap_or_default()
-        ))?;
+        let mut config = Self::from_url_with(
+            &format!(
+                "redis://{auth}{}{tail}",
+                hosts.split(',').next().unwrap_or_default()
+            ),
+            first,
+        )?;
         if config.db != 0 {
             return Err(config_error(
                 "a Redis Cluster has only database 0: leave the path of a redis+cluster URL empty",
@@ -458,7 +477,12 @@ impl RedisConfig {
         keep: u64,
         max_age: Option<Duration>,
     ) -> Result<Self, Error> {
-        self.status_history = parse_history(&keep.to_string())?;
+        if !(1..=MAX_STATUS_HISTORY).contains(&keep) {
+            return Err(config_error(format!(
+                "the status history must keep from 1 to {MAX_STATUS_HISTORY} messages, got {keep}"
+            )));
+        }
+        self.status_history = keep;
         if max_age.is_some_and(|age| age.as_millis() == 0) {
             return Err(config_error(
                 "the status history's maximum age must be at least 1 ms",
@@ -524,32 +548,6 @@ impl RedisConfig {
     pub fn weppcloud_locks(&self) -> Option<&WeppcloudLocks> {
         self.weppcloud.as_ref()
     }
-}
-
-fn parse_history(value: &str) -> Result<u64, Error> {
-    value
-        .parse::<u64>()
-        .ok()
-        .filter(|n| (1..=MAX_STATUS_HISTORY).contains(n))
-        .ok_or_else(|| {
-            config_error(format!(
-                "status_history must be a number of messages from 1 to {MAX_STATUS_HISTORY}, got {value:?}"
-            ))
-        })
-}
-
-fn parse_minutes(value: &str) -> Result<Duration, Error> {
-    value
-        .parse::<u64>()
-        .ok()
-        // Up to a year: any more is no limit at all.
-        .filter(|m| (1..=525_600).contains(m))
-        .map(|m| Duration::from_secs(m * 60))
-        .ok_or_else(|| {
-            config_error(format!(
-                "status_minutes must be a number of minutes from 1 to 525600, got {value:?}"
-            ))
-        })
 }
 
 fn check_ext(ext: String) -> Result<String, Error> {
@@ -770,11 +768,41 @@ mod tests {
             ("redis://x?status_history=0", "status_history"),
             ("redis://x?status_history=many", "status_history"),
             ("redis://x?status_minutes=0", "status_minutes"),
+            (
+                "redis://x?timeout_ms=soon",
+                "option timeout_ms must be a positive number of milliseconds, got \"soon\"",
+            ),
+            (
+                "redis://x?connect_timeout_ms=0",
+                "option connect_timeout_ms must be a positive number",
+            ),
+            ("redis://x?db=-1", "option db must be a database number ≥ 0"),
+            (
+                "redis://x?weppcloud_locks=x",
+                "option weppcloud_locks must be a database number ≥ 0",
+            ),
+            (
+                "redis://x?status_history=1000001",
+                "option status_history must be a whole number from 1 to 1000000",
+            ),
+            (
+                "redis://x?status_minutes=525601",
+                "option status_minutes must be a number of minutes from 1 to 525600",
+            ),
         ] {
             let err = RedisConfig::from_url(url).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Config, "{url}");
             assert!(err.to_string().contains(needle), "{url}: {err}");
+            // The same refusal with a password in the URL never shows it.
+            let url = url.replacen("://", &format!("://admin:{SENTINEL}@"), 1);
+            let err = RedisConfig::from_url(&url).unwrap_err();
+            let shown = format!("{} {err:?}", runstate_core::display_chain(&err));
+            assert!(!shown.contains(SENTINEL), "{shown}");
         }
+        let err = RedisConfig::tcp("h", 1)
+            .with_status_history(0, None)
+            .unwrap_err();
+        assert!(err.to_string().contains("from 1 to 1000000"), "{err}");
     }
 
     #[test]
@@ -841,6 +869,32 @@ mod tests {
         let err = RedisConfig::from_url(&bad).unwrap_err();
         assert!(!runstate_core::display_chain(&err).contains(SENTINEL));
         assert!(!format!("{err:?}").contains(SENTINEL));
+    }
+
+    #[test]
+    fn unknown_and_repeated_options_are_refused_by_name() {
+        let url = format!("redis://:{SENTINEL}@h/0?prefix=p&colour={SENTINEL}");
+        let err = RedisConfig::from_url(&url).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        let shown = format!("{} {err:?}", runstate_core::display_chain(&err));
+        assert!(!shown.contains(SENTINEL), "{shown}");
+        assert!(
+            shown.contains(
+                "unknown redis URL option \"colour\" (known: prefix, timeout_ms, \
+                 connect_timeout_ms, db, weppcloud_locks, weppcloud_ext, status_history, \
+                 status_minutes, wait_replicas, wait_timeout_ms, tls_ca)"
+            ),
+            "{shown}"
+        );
+        for url in [
+            "redis://h?prefix=a&prefix=b",
+            "redis://h?timeout_ms=5&timeout_ms=5",
+            "unix:///run/redis.sock?db=1&db=2",
+        ] {
+            let err = RedisConfig::from_url(url).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config, "{url}");
+            assert!(err.to_string().contains("given twice"), "{url}: {err}");
+        }
     }
 
     #[test]

@@ -104,6 +104,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use redis::Script;
 use runstate_core::events::{check_label, check_text};
+use runstate_core::options::UrlOptions;
 use runstate_core::time::{from_unix_millis, unix_millis};
 use runstate_core::{
     Bytes, Capabilities, DocMeta, DocName, Error, ErrorKind, Fence, GetOptions, Lease, ListPage,
@@ -112,7 +113,7 @@ use runstate_core::{
 };
 use sha2::Digest;
 
-use crate::config::config_error;
+use crate::config::{DATABASE, config_error, database};
 use crate::errors::unexpected;
 use crate::reply::Reply;
 use crate::scripts::MAX_TTL_MS;
@@ -140,7 +141,7 @@ const SCAN_COUNT: usize = 1000;
 ///
 /// | URL option | default | meaning |
 /// |---|---|---|
-/// | `weppcloud` | | `true`: this URL is a WEPPcloud lock service (required) |
+/// | `weppcloud` | | `true` (or `1`, `yes`, `on`): this URL is a WEPPcloud lock service (required) |
 /// | `weppcloud_root` | the file store's root | the folder of the run folders *as WEPPcloud's workers see it* (`/wc1/runs/ab`, `/geodata/weppcloud_runs`): cache keys are `<root>/<run>/<name>.<ext>` |
 /// | `weppcloud_cache_db` | 13 | WEPPcloud's NoDb cache database |
 /// | `weppcloud_ext` | `nodb` | the controllers' file extension |
@@ -169,65 +170,53 @@ impl WeppcloudConfig {
         }
     }
 
-    /// Whether `url` asks for a WEPPcloud lock service (`weppcloud=true`).
+    /// Whether `url` asks for a WEPPcloud lock service (`weppcloud=true`,
+    /// or `1`, `yes`, `on`, as every true-or-false option reads). A URL
+    /// whose options do not parse asks for nothing: opening it reports
+    /// why.
     pub fn is_weppcloud_url(url: &str) -> bool {
-        url.split_once('?').is_some_and(|(_, query)| {
-            url::form_urlencoded::parse(query.as_bytes())
-                .any(|(name, value)| name == WEPPCLOUD_OPTION && value == "true")
-        })
+        let query = url.split_once('?').map(|(_, query)| query);
+        UrlOptions::parse(BACKEND, query)
+            .and_then(|mut options| options.take_bool(WEPPCLOUD_OPTION))
+            .is_ok_and(|on| on == Some(true))
     }
 
     /// Parses a `redis://…?weppcloud=true` URL (see the type's
     /// documentation for the options).
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] without `weppcloud=true`, for a bad value, or
-    /// for anything [`RedisConfig::from_url`] refuses.
+    /// [`ErrorKind::Config`] without `weppcloud=true`, for a bad value (the
+    /// option named, a password never shown), an option given twice or
+    /// neither WEPPcloud's nor [`RedisConfig`]'s (the known ones listed),
+    /// a `redis+cluster://` URL (WEPPcloud's locks and cache are in two
+    /// databases, and a cluster has one), or anything
+    /// [`RedisConfig::from_url`] refuses.
     pub fn from_url(url: &str) -> Result<Self> {
-        let mut parsed = url::Url::parse(url).map_err(|e| {
-            config_error("invalid redis URL (not shown: it may hold a password)").with_source(e)
+        let (mut on, mut root, mut cache_db, mut ext) = (None, None, None, None);
+        // WEPPcloud's options are taken first; the Redis store's parser
+        // takes its own and refuses what is left, naming both sets.
+        let redis = RedisConfig::from_url_with(url, |options| {
+            on = options.take_bool(WEPPCLOUD_OPTION)?;
+            root = options.take("weppcloud_root");
+            cache_db = options.take_with("weppcloud_cache_db", DATABASE, database)?;
+            ext = options.take("weppcloud_ext");
+            Ok(())
         })?;
-        let mut kept: Vec<(String, String)> = Vec::new();
-        let (mut on, mut root, mut cache_db, mut ext) = (false, None, DEFAULT_CACHE_DB, None);
-        for (name, value) in parsed.query_pairs() {
-            match &*name {
-                WEPPCLOUD_OPTION => {
-                    on = match &*value {
-                        "true" => true,
-                        "false" => false,
-                        _ => {
-                            return Err(config_error(format!(
-                                "weppcloud={value:?} must be true or false"
-                            )));
-                        }
-                    };
-                }
-                "weppcloud_root" => root = Some(value.into_owned()),
-                "weppcloud_cache_db" => {
-                    cache_db = value.parse::<i64>().ok().filter(|db| *db >= 0).ok_or_else(
-                        || {
-                            config_error(format!(
-                                "weppcloud_cache_db must be a database number ≥ 0, got {value:?}"
-                            ))
-                        },
-                    )?;
-                }
-                "weppcloud_ext" => ext = Some(value.into_owned()),
-                _ => kept.push((name.into_owned(), value.into_owned())),
-            }
-        }
-        if !on {
+        if on != Some(true) {
             return Err(config_error(
                 "a WEPPcloud lock service needs weppcloud=true in its URL",
             ));
         }
-        if kept.is_empty() {
-            parsed.set_query(None);
-        } else {
-            parsed.query_pairs_mut().clear().extend_pairs(kept);
+        if !redis.cluster_nodes().is_empty() {
+            return Err(config_error(
+                "a WEPPcloud lock service needs a standalone Redis (its locks and its cache \
+                 are in two databases), not a redis+cluster:// URL",
+            ));
         }
-        let mut config = WeppcloudConfig::new(RedisConfig::from_url(parsed.as_str())?);
-        config.cache_db = cache_db;
+        let mut config = WeppcloudConfig::new(redis);
+        if let Some(db) = cache_db {
+            config = config.with_cache_db(db);
+        }
         if let Some(root) = root {
             config = config.with_root(root)?;
         }
@@ -1430,6 +1419,94 @@ mod tests {
         ] {
             let error = WeppcloudConfig::from_url(bad).expect_err(bad);
             assert_eq!(error.kind(), ErrorKind::Config, "{bad}");
+        }
+    }
+
+    #[test]
+    fn options_are_checked_by_name_and_never_show_a_password() {
+        const SENTINEL: &str = "s3ntinel-PASSWORD-9f8e";
+        let url = format!("redis://:{SENTINEL}@h/0?weppcloud=true&colour={SENTINEL}");
+        let error = WeppcloudConfig::from_url(&url).expect_err("unknown option");
+        assert_eq!(error.kind(), ErrorKind::Config);
+        let shown = format!("{} {error:?}", runstate_core::display_chain(&error));
+        assert!(!shown.contains(SENTINEL), "{shown}");
+        assert!(
+            shown.contains(
+                "unknown redis URL option \"colour\" (known: weppcloud, weppcloud_root, \
+                 weppcloud_cache_db, weppcloud_ext, prefix, timeout_ms,"
+            ),
+            "{shown}"
+        );
+        for (query, needle) in [
+            (
+                "weppcloud=true&weppcloud=true",
+                "\"weppcloud\" is given twice",
+            ),
+            (
+                "weppcloud=true&weppcloud_root=/a&weppcloud_root=/b",
+                "\"weppcloud_root\" is given twice",
+            ),
+            (
+                "weppcloud=true&weppcloud_cache_db=x",
+                "option weppcloud_cache_db must be a database number ≥ 0, got \"x\"",
+            ),
+            (
+                "weppcloud=maybe",
+                "option weppcloud must be true or false, got \"maybe\"",
+            ),
+            ("weppcloud=false", "needs weppcloud=true"),
+            ("prefix=a", "needs weppcloud=true"),
+            (
+                "weppcloud=true&timeout_ms=0",
+                "option timeout_ms must be a positive",
+            ),
+        ] {
+            let url = format!("redis://admin:{SENTINEL}@h/0?{query}");
+            let error = WeppcloudConfig::from_url(&url).expect_err(query);
+            assert_eq!(error.kind(), ErrorKind::Config, "{query}");
+            let shown = format!("{} {error:?}", runstate_core::display_chain(&error));
+            assert!(shown.contains(needle), "{query}: {shown}");
+            assert!(!shown.contains(SENTINEL), "{query}: {shown}");
+        }
+        // Read as every true-or-false option is, and as the runstate
+        // facade reads it when it picks the WEPPcloud composition.
+        for on in ["true", "1", "yes", "ON"] {
+            let url = format!("redis://h/0?weppcloud={on}");
+            assert!(WeppcloudConfig::is_weppcloud_url(&url), "{url}");
+            assert!(WeppcloudConfig::from_url(&url).is_ok(), "{url}");
+        }
+        for off in [
+            "redis://h/0?weppcloud=false",
+            "redis://h/0?weppcloud=maybe",
+            "redis://h/0?weppcloud=true&weppcloud=true",
+            "redis://h/0?weppcloud_root=/r",
+        ] {
+            assert!(!WeppcloudConfig::is_weppcloud_url(off), "{off}");
+        }
+        // Defaults, and %-encoded values decoded.
+        let config =
+            WeppcloudConfig::from_url("redis://h/3?weppcloud=true&weppcloud_root=%2Fwc1%2Fr%20s")
+                .expect("valid");
+        assert_eq!(
+            (
+                config.root(),
+                config.cache_db(),
+                config.ext(),
+                config.redis().db()
+            ),
+            (Some("/wc1/r s"), DEFAULT_CACHE_DB, "nodb", 3)
+        );
+    }
+
+    #[test]
+    fn a_cluster_is_refused() {
+        for url in [
+            "redis+cluster://h1:7000,h2:7001/?weppcloud=true",
+            "redis+cluster://:pw@h1:7000?weppcloud=true",
+        ] {
+            let error = WeppcloudConfig::from_url(url).expect_err(url);
+            assert_eq!(error.kind(), ErrorKind::Config, "{url}");
+            assert!(error.to_string().contains("standalone Redis"), "{error}");
         }
     }
 

@@ -40,7 +40,7 @@ use std::fmt;
 use std::time::Duration;
 
 use runstate_core::Error;
-use runstate_core::options;
+use runstate_core::options::{self, POSITIVE_MS, UrlOptions};
 use runstate_core::secrets::{check_userinfo, redact_url};
 
 /// Which database a URL names.
@@ -184,35 +184,24 @@ const MYSQL_OPTIONS: &[&str] = &[
 /// The driver options of SQLite URLs that sqlx 0.9 parses.
 const SQLITE_OPTIONS: &[&str] = &["mode", "cache", "immutable", "vfs"];
 
+/// The driver options of `dialect` that are passed on (for PostgreSQL
+/// also `options[NAME]`, see [`driver_option_known`]).
+fn driver_options(dialect: Dialect) -> &'static [&'static str] {
+    match dialect {
+        Dialect::Postgres => POSTGRES_OPTIONS,
+        Dialect::MySql => MYSQL_OPTIONS,
+        Dialect::Sqlite => SQLITE_OPTIONS,
+    }
+}
+
 /// Whether `name` is a driver option of `dialect` that is passed on.
 fn driver_option_known(dialect: Dialect, name: &str) -> bool {
-    match dialect {
-        Dialect::Postgres => {
-            POSTGRES_OPTIONS.contains(&name)
-                || name
-                    .strip_prefix("options[")
-                    .and_then(|rest| rest.strip_suffix(']'))
-                    .is_some_and(|key| !key.is_empty())
-        }
-        Dialect::MySql => MYSQL_OPTIONS.contains(&name),
-        Dialect::Sqlite => SQLITE_OPTIONS.contains(&name),
-    }
-}
-
-/// An option name fit for an error message: escaped, and cut short (it was
-/// typed where a value might have been meant).
-fn shown_name(name: &str) -> String {
-    let short: String = name.chars().take(40).collect();
-    let shown = format!("{short:?}");
-    if short.len() < name.len() {
-        format!("{shown}…")
-    } else {
-        shown
-    }
-}
-
-fn parse_ms(name: &str, value: &str) -> Result<Duration, Error> {
-    options::positive_ms("sql", name, value)
+    driver_options(dialect).contains(&name)
+        || (dialect == Dialect::Postgres
+            && name
+                .strip_prefix("options[")
+                .and_then(|rest| rest.strip_suffix(']'))
+                .is_some_and(|key| !key.is_empty()))
 }
 
 impl SqlConfig {
@@ -269,103 +258,75 @@ impl SqlConfig {
         // by the driver's parser (and shown in pieces): refused, redacted.
         check_userinfo(url).map_err(|e| e.with_backend("sql"))?;
         let (base, query) = match rest.split_once('?') {
-            Some((base, query)) => (base, query),
-            None => (rest, ""),
+            Some((base, query)) => (base, Some(query)),
+            None => (rest, None),
         };
         let mut config = SqlConfig::new(dialect);
-        let mut passed: Vec<(String, String)> = Vec::new();
-        let mut ours: Vec<(String, String)> = Vec::new();
-        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            let (name, value) = (name.into_owned(), value.into_owned());
-            match name.as_str() {
-                "prefix" => {
-                    check_prefix(&value)?;
-                    config.prefix.clone_from(&value);
-                }
-                "timeout_ms" => config.timeout = parse_ms(&name, &value)?,
-                "acquire_timeout_ms" => config.acquire_timeout = parse_ms(&name, &value)?,
-                "max_connections" => {
-                    config.max_connections =
-                        value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                            config_error(format!(
-                                "max_connections must be a positive number, got {value:?}"
-                            ))
-                        })?;
-                }
-                "watch_ms" => config.watch_interval = parse_ms(&name, &value)?,
-                "status_history" => {
-                    config.status_history =
-                        value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                            config_error(format!(
-                                "status_history must be a positive number of messages, got {value:?}"
-                            ))
-                        })?;
-                }
-                "migrate" => {
-                    config.migrate = match value.as_str() {
-                        "true" | "1" | "yes" => true,
-                        "false" | "0" | "no" => false,
-                        _ => {
-                            return Err(config_error(format!(
-                                "migrate must be true or false, got {value:?}"
-                            )));
-                        }
-                    };
-                }
-                _ if driver_option_known(dialect, &name) => {
-                    if dialect == Dialect::Sqlite && name == "mode" && value == "memory" {
-                        return Err(config_error(
-                            "sqlite option mode=memory is not supported: each pooled \
-                             connection would open a database of its own",
-                        ));
-                    }
-                    passed.push((name, value));
-                    continue;
-                }
-                _ => {
-                    // Named, never valued: the value may be a secret.
-                    return Err(config_error(format!(
-                        "unknown option {} in a {dialect} URL (runstate's: prefix, timeout_ms, \
-                         acquire_timeout_ms, max_connections, migrate, watch_ms, status_history; the driver options \
-                         passed on are listed in the runstate-sql documentation)",
-                        shown_name(&name)
-                    )));
-                }
-            }
-            ours.push((name, value));
+        let mut options = UrlOptions::parse("sql", query)?;
+        if let Some(prefix) = options.take("prefix") {
+            config = config.with_prefix(prefix)?;
         }
-        if dialect == Dialect::Sqlite && !passed.iter().any(|(n, _)| n == "mode") {
-            // `sqlite://path` creates the database.
-            passed.push(("mode".to_owned(), "rwc".to_owned()));
+        if let Some(timeout) = options.take_ms("timeout_ms", POSITIVE_MS)? {
+            config.timeout = timeout;
+        }
+        if let Some(timeout) = options.take_ms("acquire_timeout_ms", POSITIVE_MS)? {
+            config.acquire_timeout = timeout;
+        }
+        if let Some(max) = options.take_with("max_connections", "a positive whole number", |v| {
+            v.parse::<u32>().ok().filter(|n| *n > 0)
+        })? {
+            config.max_connections = max;
+        }
+        if let Some(migrate) = options.take_bool("migrate")? {
+            config.migrate = migrate;
+        }
+        if let Some(every) = options.take_ms("watch_ms", POSITIVE_MS)? {
+            config.watch_interval = every;
+        }
+        if let Some(keep) = options.take_u64("status_history", 1..=u64::MAX)? {
+            config.status_history = keep;
+        }
+        let pattern = if dialect == Dialect::Postgres {
+            ", options[NAME]"
+        } else {
+            ""
+        };
+        let driver_options = format!(
+            "the {dialect} driver's, passed on: {}{pattern}",
+            driver_options(dialect).join(", ")
+        );
+        let mut passed =
+            options.finish_passing(|name| driver_option_known(dialect, name), &driver_options)?;
+        if dialect == Dialect::Sqlite {
+            match passed.iter().find(|(name, _)| name == "mode") {
+                Some((_, mode)) if mode == "memory" => {
+                    return Err(config_error(
+                        "sqlite option mode=memory is not supported: each pooled \
+                         connection would open a database of its own",
+                    ));
+                }
+                Some(_) => {}
+                // `sqlite://path` creates the database.
+                None => passed.push(("mode".to_owned(), "rwc".to_owned())),
+            }
         }
         let driver_scheme = match dialect {
             Dialect::MySql => "mysql",
             Dialect::Postgres => "postgres",
             Dialect::Sqlite => "sqlite",
         };
-        let encode = |pairs: &[(String, String)]| {
-            url::form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(pairs)
-                .finish()
-        };
         config.driver_url = if passed.is_empty() {
             format!("{driver_scheme}:{base}")
         } else {
-            format!("{driver_scheme}:{base}?{}", encode(&passed))
+            let query = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&passed)
+                .finish();
+            format!("{driver_scheme}:{base}?{query}")
         };
-        let mut shown_pairs = ours;
-        shown_pairs.extend(
-            passed
-                .into_iter()
-                .filter(|(n, _)| n != "mode" || dialect != Dialect::Sqlite),
-        );
-        // Redacted by core's one redaction (the password, and options
-        // whose names say they hold a secret: `password`, `sslkey`, …).
-        config.shown = if shown_pairs.is_empty() {
-            redact_url(&format!("{scheme}:{base}"))
-        } else {
-            redact_url(&format!("{scheme}:{base}?{}", encode(&shown_pairs)))
-        };
+        // The URL as given, through core's one redaction (the password, and
+        // options whose names say they hold a secret: `password`, `sslkey`,
+        // …).
+        config.shown = redact_url(url);
         Ok(config)
     }
 
@@ -507,10 +468,39 @@ mod tests {
             ("sqlite://x.db?status_history=none", "status_history"),
             ("mysql://h/db?status_history=0", "status_history"),
             ("nourl", "no scheme"),
+            (
+                "postgres://h/db?timeout_ms=soon",
+                "option timeout_ms must be a positive number of milliseconds, got \"soon\"",
+            ),
+            (
+                "postgres://h/db?acquire_timeout_ms=0",
+                "option acquire_timeout_ms must be a positive number",
+            ),
+            (
+                "postgres://h/db?max_connections=0",
+                "option max_connections must be a positive whole number",
+            ),
+            (
+                "mysql://h/db?max_connections=4294967296",
+                "option max_connections must be",
+            ),
+            (
+                "postgres://h/db?migrate=2",
+                "option migrate must be true or false, got \"2\"",
+            ),
+            (
+                "mysql://h/db?status_history=-5",
+                "option status_history must be a positive whole number",
+            ),
         ] {
             let err = SqlConfig::from_url(url).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Config, "{url}");
             assert!(err.to_string().contains(needle), "{url}: {err}");
+            // The same refusal with a password in the URL never shows it.
+            let url = url.replacen("://", &format!("://admin:{SENTINEL}@"), 1);
+            let err = SqlConfig::from_url(&url).unwrap_err();
+            let shown = format!("{} {err:?}", runstate_core::display_chain(&err));
+            assert!(!shown.contains(SENTINEL), "{shown}");
         }
     }
 
@@ -582,7 +572,7 @@ mod tests {
             assert_eq!(error.kind(), ErrorKind::Config, "{url}");
             let shown = format!("{} {error:?}", runstate_core::display_chain(&error));
             assert!(!shown.contains(SENTINEL), "{shown}");
-            assert!(shown.contains("unknown option"), "{shown}");
+            assert!(shown.contains("unknown sql URL option"), "{shown}");
             let name = url
                 .rsplit(['?', '&'])
                 .next()
@@ -595,7 +585,40 @@ mod tests {
         }
         let long = format!("postgres://app@db/runs?{}=1", "x".repeat(500));
         let error = SqlConfig::from_url(&long).expect_err("unknown");
-        assert!(error.to_string().len() < 400, "the name is cut short");
+        let shown = error.to_string();
+        assert!(
+            !shown.contains(&"x".repeat(41)),
+            "the name is cut short: {shown}"
+        );
+    }
+
+    #[test]
+    fn unknown_options_list_the_known_ones() {
+        let error = SqlConfig::from_url("mysql://root@db/runs?colour=red").expect_err("unknown");
+        let shown = error.to_string();
+        assert!(
+            shown.contains(
+                "(known: prefix, timeout_ms, acquire_timeout_ms, max_connections, migrate, \
+                 watch_ms, status_history; the mysql driver's, passed on: sslmode, ssl-mode, "
+            ),
+            "{shown}"
+        );
+        assert!(shown.contains("socket)"), "{shown}");
+        let error = SqlConfig::from_url("postgres://app@db/runs?x=1").expect_err("unknown");
+        assert!(error.to_string().contains("options[NAME])"), "{error}");
+    }
+
+    #[test]
+    fn repeated_options_are_refused() {
+        for url in [
+            "postgres://app@db/runs?prefix=a_&prefix=b_",
+            "postgres://app@db/runs?sslmode=disable&sslmode=require",
+            "sqlite://x.db?mode=ro&mode=rwc",
+        ] {
+            let error = SqlConfig::from_url(url).expect_err(url);
+            assert_eq!(error.kind(), ErrorKind::Config, "{url}");
+            assert!(error.to_string().contains("given twice"), "{url}: {error}");
+        }
     }
 
     #[test]

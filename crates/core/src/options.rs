@@ -32,20 +32,11 @@ pub fn config_error(backend: &'static str, message: impl Into<String>) -> Error 
     Error::new(ErrorKind::Config, message.into()).with_backend(backend)
 }
 
-/// The value `value` of option `name` as a positive whole number of
-/// milliseconds; for backends that parse their own options.
-///
-/// # Errors
-/// A [`config_error`] of `backend` naming the option and the value.
-pub fn positive_ms(backend: &'static str, name: &str, value: &str) -> Result<Duration, Error> {
-    match value.parse::<u64>() {
-        Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
-        _ => Err(config_error(
-            backend,
-            format!("option {name} must be a positive number of milliseconds, got {value:?}"),
-        )),
-    }
-}
+/// The range of [`UrlOptions::take_ms`] for any positive number of
+/// milliseconds (a bound on a wait, an interval): at least 1, at most what
+/// a `u64` holds.
+pub const POSITIVE_MS: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_millis(u64::MAX);
 
 /// The query options of one URL, decoded (`%XX` and `+`, as
 /// `application/x-www-form-urlencoded`), in the order given.
@@ -77,6 +68,29 @@ fn shown(name: &str, value: &str) -> String {
         REDACTED.to_owned()
     } else {
         format!("{value:?}")
+    }
+}
+
+/// A name typed in a URL, fit for an error message: quoted (escaped) and
+/// cut short, since a value may have been typed where the name should be.
+fn shown_name(name: &str) -> String {
+    let short: String = name.chars().take(40).collect();
+    if short.len() < name.len() {
+        format!("{short:?}…")
+    } else {
+        format!("{short:?}")
+    }
+}
+
+/// What a value from `start` to `end` is, in words, for an error: "a
+/// {noun} from 1 to 60", or, when `end` is the largest `u64` or more (no
+/// upper bound to speak of), "a positive {noun}" or "a {noun} of at least 5".
+fn expected(noun: &str, start: u128, end: u128) -> String {
+    match start {
+        _ if end < u128::from(u64::MAX) => format!("a {noun} from {start} to {end}"),
+        0 => format!("a {noun}"),
+        1 => format!("a positive {noun}"),
+        _ => format!("a {noun} of at least {start}"),
     }
 }
 
@@ -123,13 +137,16 @@ impl UrlOptions {
             let value = decode(raw_value).ok_or_else(|| {
                 config_error(
                     backend,
-                    format!("URL option {name} does not decode to UTF-8 (a bad %-escape?)"),
+                    format!(
+                        "URL option {} does not decode to UTF-8 (a bad %-escape?)",
+                        shown_name(&name)
+                    ),
                 )
             })?;
             if pairs.iter().any(|(seen, _)| *seen == name) {
                 return Err(config_error(
                     backend,
-                    format!("URL option {name} is given twice"),
+                    format!("URL option {} is given twice", shown_name(&name)),
                 ));
             }
             pairs.push((name, value));
@@ -182,7 +199,8 @@ impl UrlOptions {
         }
     }
 
-    /// Takes a whole number of milliseconds within `range`.
+    /// Takes a whole number of milliseconds within `range` ([`POSITIVE_MS`]
+    /// for any positive one).
     ///
     /// # Errors
     /// [`ErrorKind::Config`] when it is not a number or out of range.
@@ -191,10 +209,10 @@ impl UrlOptions {
         name: &'static str,
         range: RangeInclusive<Duration>,
     ) -> Result<Option<Duration>, Error> {
-        let what = format!(
-            "a number of milliseconds from {} to {}",
+        let what = expected(
+            "number of milliseconds",
             range.start().as_millis(),
-            range.end().as_millis()
+            range.end().as_millis(),
         );
         self.take_with(name, &what, |v| {
             v.parse::<u64>()
@@ -213,7 +231,11 @@ impl UrlOptions {
         name: &'static str,
         range: RangeInclusive<u64>,
     ) -> Result<Option<u64>, Error> {
-        let what = format!("a whole number from {} to {}", range.start(), range.end());
+        let what = expected(
+            "whole number",
+            u128::from(*range.start()),
+            u128::from(*range.end()),
+        );
         self.take_with(name, &what, |v| {
             v.parse::<u64>().ok().filter(|n| range.contains(n))
         })
@@ -245,22 +267,47 @@ impl UrlOptions {
     /// [`ErrorKind::Config`] naming the first unknown option (by name only:
     /// its value may be a secret) and listing the known ones.
     pub fn finish(self) -> Result<(), Error> {
-        match self.pairs.first() {
-            None => Ok(()),
-            Some((name, _)) => Err(config_error(
-                self.backend,
-                format!(
-                    "unknown {} URL option {name:?} (known: {})",
-                    self.backend,
-                    self.known.join(", ")
-                ),
-            )),
-        }
+        self.finish_passing(|_| false, "").map(drop)
     }
 
-    /// Ends parsing, returning the options not taken, in the order given
-    /// (for a backend that passes them on, as the SQL backend does to its
-    /// driver).
+    /// Ends parsing like [`finish`](Self::finish), except that the options
+    /// not taken that `pass_on` accepts are returned, in the order given,
+    /// instead of refused: for a backend that hands some options to its
+    /// driver, as the SQL backend does to sqlx. `pass_on_names` says which
+    /// those are (`"the postgres driver's: sslmode, …"`), after the known
+    /// ones in the error.
+    ///
+    /// # Errors
+    /// As [`finish`](Self::finish), for the first option neither taken nor
+    /// accepted by `pass_on`.
+    pub fn finish_passing(
+        self,
+        pass_on: impl Fn(&str) -> bool,
+        pass_on_names: &str,
+    ) -> Result<Vec<(String, String)>, Error> {
+        let Some((name, _)) = self.pairs.iter().find(|(name, _)| !pass_on(name)) else {
+            return Ok(self.pairs);
+        };
+        let mut known = self.known.join(", ");
+        if !pass_on_names.is_empty() {
+            known.push_str("; ");
+            known.push_str(pass_on_names);
+        }
+        Err(config_error(
+            self.backend,
+            format!(
+                "unknown {} URL option {} (known: {known})",
+                self.backend,
+                shown_name(name)
+            ),
+        ))
+    }
+
+    /// Ends parsing, returning the options not taken, in the order given,
+    /// unchecked: for a layer that passes them all on to a backend which
+    /// checks them (as the facade does). A backend passing some on to a
+    /// driver uses [`finish_passing`](Self::finish_passing), which still
+    /// refuses the others.
     pub fn into_rest(self) -> Vec<(String, String)> {
         self.pairs
     }
@@ -330,5 +377,74 @@ mod tests {
         let e = o.take_bool("bad").unwrap_err();
         assert!(e.message().contains("\"maybe\""), "{e}");
         assert!(o.finish().is_ok());
+    }
+
+    #[test]
+    fn open_ended_ranges_read_as_words() {
+        let mut o = UrlOptions::parse("t", Some("a=0&b=0&c=2&d=0&e=x")).unwrap();
+        let e = o.take_ms("a", POSITIVE_MS).unwrap_err();
+        assert!(
+            e.message()
+                .contains("a must be a positive number of milliseconds, got \"0\""),
+            "{e}"
+        );
+        let e = o.take_u64("b", 1..=u64::MAX).unwrap_err();
+        assert!(
+            e.message().contains("b must be a positive whole number"),
+            "{e}"
+        );
+        let e = o.take_u64("c", 5..=u64::MAX).unwrap_err();
+        assert!(e.message().contains("a whole number of at least 5"), "{e}");
+        let e = o.take_u64("d", 1..=7).unwrap_err();
+        assert!(e.message().contains("a whole number from 1 to 7"), "{e}");
+        let e = o.take_u64("e", 0..=u64::MAX).unwrap_err();
+        assert!(e.message().contains("e must be a whole number, got"), "{e}");
+        let mut o = UrlOptions::parse("t", Some("a=18446744073709551615")).unwrap();
+        assert_eq!(
+            o.take_ms("a", POSITIVE_MS).unwrap(),
+            Some(Duration::from_millis(u64::MAX))
+        );
+    }
+
+    #[test]
+    fn finish_passing_returns_what_passes_and_refuses_the_rest() {
+        let driver = |name: &str| name.starts_with("ssl");
+        let mut o = UrlOptions::parse("t", Some("sslmode=x&ours=1&sslkey=k")).unwrap();
+        assert_eq!(o.take("ours").as_deref(), Some("1"));
+        assert_eq!(
+            o.finish_passing(driver, "the driver's: ssl*").unwrap(),
+            [
+                ("sslmode".to_owned(), "x".to_owned()),
+                ("sslkey".to_owned(), "k".to_owned())
+            ]
+        );
+        let mut o = UrlOptions::parse("t", Some("sslmode=x&passwd=hunter2")).unwrap();
+        let _ = o.take("ours");
+        let e = o.finish_passing(driver, "the driver's: ssl*").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(
+            e.message()
+                .contains("unknown t URL option \"passwd\" (known: ours; the driver's: ssl*)"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let none = UrlOptions::parse("t", None).unwrap();
+        assert!(none.finish_passing(driver, "").unwrap().is_empty());
+    }
+
+    #[test]
+    fn long_names_are_cut_short_in_errors() {
+        let long = "x".repeat(500);
+        let e = UrlOptions::parse("t", Some(&format!("{long}=1")))
+            .unwrap()
+            .finish()
+            .unwrap_err();
+        assert!(
+            e.message().contains(&format!("\"{}\"…", "x".repeat(40))),
+            "{e}"
+        );
+        assert!(!e.message().contains(&"x".repeat(41)), "{e}");
+        let e = UrlOptions::parse("t", Some(&format!("{long}=1&{long}=2"))).unwrap_err();
+        assert!(!e.message().contains(&"x".repeat(41)), "{e}");
     }
 }

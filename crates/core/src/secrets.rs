@@ -26,18 +26,23 @@ pub fn is_secret_option(name: &str) -> bool {
     SECRET_WORDS.iter().any(|word| lower.contains(word))
 }
 
-/// `url` with every secret replaced by `***`: the password of the
-/// authority (`scheme://user:password@host`) and the values of options
-/// whose names say they hold one ([`is_secret_option`]).
+/// `url` with every secret replaced by `***`: the password of its
+/// userinfo (`scheme://user:password@host`) and the values of options
+/// whose names say they hold one ([`is_secret_option`]), whatever the
+/// scheme: one runstate does not know, one whose URLs are paths (`file:`)
+/// and one without `//` (`redis:/u:pw@h`, or `user:pw@host/db`, which
+/// reads as scheme `user`) alike. A URL inside an option (a split store's
+/// `locks=redis://…`) is redacted in turn.
 ///
 /// Written for URLs as people type them, not only valid ones: a password
 /// may contain an unencoded `/`, `?`, `#`, `@` or `:`, so the userinfo
 /// ends at the last `@` that is followed by something shaped like a host
 /// (`host`, `host:port`, `[::1]:port`, or a comma-separated list of them,
 /// up to the first `/`, `?`, `#` or the end). Over-redacting is preferred
-/// to leaking: when in doubt, more is replaced. `file:` URLs hold paths,
-/// not secrets, and are returned unchanged; text without a URL scheme is
-/// shown as `…`.
+/// to leaking: when in doubt, more is replaced. Without `//`, whether such
+/// an `@` ends a userinfo cannot be told, so all before it is replaced but
+/// a `user:` (`file:backup@2024/runs` shows as `file:***@2024/runs`). Text
+/// without a URL scheme is shown as `…`.
 ///
 /// ```
 /// use runstate_core::secrets::redact_url;
@@ -46,81 +51,85 @@ pub fn is_secret_option(name: &str) -> bool {
 ///     "postgres://app:***@db:5432/runs?sslmode=require&password=***"
 /// );
 /// assert_eq!(redact_url("redis://:hunter2@127.0.0.1/0"), "redis://:***@127.0.0.1/0");
+/// assert_eq!(redact_url("file://user:hunter2@nas/runs"), "file://user:***@nas/runs");
+/// assert_eq!(redact_url("user:hunter2@db/runs"), "user:***@db/runs");
 /// ```
 pub fn redact_url(url: &str) -> String {
-    if url
-        .get(..5)
-        .is_some_and(|s| s.eq_ignore_ascii_case("file:"))
-    {
-        // A path holds no secret; options may (a nested `locks` URL).
-        return redact_rest(url);
-    }
-    // Not even a scheme: where a secret might sit cannot be told.
-    let scheme_ok = url.split_once(':').is_some_and(|(scheme, _)| {
+    let scheme = url.split_once(':').filter(|(scheme, _)| {
         scheme.starts_with(|c: char| c.is_ascii_alphabetic())
             && scheme
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
     });
-    if !scheme_ok {
-        return "…".to_owned();
+    match scheme {
+        // Not even a scheme: where a secret might sit cannot be told.
+        None => "…".to_owned(),
+        Some((scheme, rest)) => match rest.strip_prefix("//") {
+            Some(rest) => format!("{scheme}://{}", redact_hier(rest, true)),
+            None => format!("{scheme}:{}", redact_hier(rest, false)),
+        },
     }
-    let Some((scheme, rest)) = url.split_once("://") else {
-        // No authority (`sqlite:path`, `unix:/run/redis.sock?…`): only
-        // options can hold secrets.
-        return match url.split_once('?') {
-            Some((base, query)) => format!("{base}?{}", redact_query(query)),
-            None => url.to_owned(),
-        };
-    };
+}
+
+/// What follows `scheme://` (`authority`) or, without `//`, `scheme:`,
+/// with its secrets replaced.
+fn redact_hier(rest: &str, authority: bool) -> String {
     // The userinfo ends at the last `@` followed by a host-shaped
     // authority; failing that (a host with odd characters: `${DB_HOST}`,
-    // a space, a non-ASCII name), at the last `@` before any fragment, so
-    // that a password is never shown merely because its host looks odd.
-    let at = userinfo_end(rest).or_else(|| {
-        let end = rest.find('#').unwrap_or(rest.len());
-        rest[..end].rfind('@')
-    });
-    let (userinfo, after) = match at {
-        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
-        None => (None, rest),
+    // a space, a non-ASCII name), at the last `@`, so that a password is
+    // never shown merely because its host looks odd (nor because it holds
+    // a `#`: an `@` in a fragment is taken for a userinfo's, more hidden).
+    let at = userinfo_end(rest).or_else(|| rest.rfind('@'));
+    let Some(at) = at else {
+        return redact_no_userinfo(rest, authority);
     };
-    // No userinfo, but an authority shaped `user:secret` (a port that is
-    // not a number): a mistyped URL whose password must not show either.
-    let after = match (userinfo, after.find(['/', '?', '#'])) {
-        (None, end) => {
-            let authority = &after[..end.unwrap_or(after.len())];
-            match authority.rsplit_once(':') {
-                Some((host, port))
-                    if !port.is_empty()
-                        && !port.bytes().all(|b| b.is_ascii_digit())
-                        && !authority.ends_with(']')
-                        && !authority.contains(',') =>
-                {
-                    return format!(
-                        "{scheme}://{host}:{REDACTED}{}",
-                        redact_rest(&after[authority.len()..])
-                    );
-                }
-                _ => after,
-            }
-        }
-        _ => after,
-    };
-    let mut out = format!("{scheme}://");
-    if let Some(userinfo) = userinfo {
-        match userinfo.split_once(':') {
-            Some((user, _password)) => {
-                out.push_str(user);
-                out.push(':');
-                out.push_str(REDACTED);
-            }
-            None => out.push_str(userinfo),
-        }
-        out.push('@');
+    let before = &rest[..at];
+    // The `@` of a URL inside an option (`?locks=redis://u:pw@h`): what
+    // comes before the options is redacted on its own (it may hold a
+    // userinfo too), and the options as a query, that URL with them. The
+    // options start at the last `?` before that URL's `://`: a password,
+    // this URL's or that one's, may hold a `?` too.
+    let options = before.find("://").and_then(|n| before[..n].rfind('?'));
+    if let Some(q) = options {
+        return format!(
+            "{}?{}",
+            redact_hier(&rest[..q], authority),
+            redact_query(&rest[q + 1..])
+        );
     }
-    out.push_str(&redact_rest(after));
-    out
+    let after = redact_rest(&rest[at + 1..]);
+    match before.split_once(':') {
+        // A "user" holding a `?` is a query typed in front of the `@`
+        // (`h/db?password=a:b@c`): its options are redacted as well.
+        Some((user, _password)) => format!("{}:{REDACTED}@{after}", redact_rest(user)),
+        // With `//` and no `:`, there is no password, and the `@` may be a
+        // path's or an option's (`file:///backup@2024`, `?note=a@b`).
+        None if authority => redact_no_userinfo(rest, authority),
+        // Without `//` it cannot be told: `u:pw@h` reads as scheme `u`
+        // and a path `pw`. Hidden either way.
+        None => {
+            let lead = &before[..before.len() - before.trim_start_matches('/').len()];
+            format!("{lead}{REDACTED}@{after}")
+        }
+    }
+}
+
+/// What follows `scheme://` or `scheme:` when it holds no userinfo.
+fn redact_no_userinfo(rest: &str, authority: bool) -> String {
+    if authority {
+        // An authority shaped `user:secret` (a port that is not a number):
+        // a mistyped URL whose password must not show either.
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        if let Some((host, port)) = authority.rsplit_once(':')
+            && !port.is_empty()
+            && !port.bytes().all(|b| b.is_ascii_digit())
+            && !authority.ends_with(']')
+            && !authority.contains(',')
+        {
+            return format!("{host}:{REDACTED}{}", redact_rest(&rest[authority.len()..]));
+        }
+    }
+    redact_rest(rest)
 }
 
 /// The part of a URL after its authority, with secret options redacted.
@@ -201,9 +210,10 @@ fn redact_query(query: &str) -> String {
             Some((name, _)) if is_secret_option(&decode(name)) => {
                 out.push(format!("{name}={REDACTED}"));
             }
-            // A URL inside an option (a split store's `locks=redis://…`)
-            // is redacted in turn, and shown decoded.
-            Some((name, value)) if decode(value).contains("://") => {
+            // A URL inside an option (a split store's `locks=redis://…`,
+            // or anything holding `user:password@`) is redacted in turn,
+            // and shown decoded.
+            Some((name, value)) if looks_like_url(&decode(value)) => {
                 out.push(format!("{name}={}", redact_url(&decode(value))));
             }
             _ => out.push(pair.to_owned()),
@@ -215,6 +225,11 @@ fn redact_query(query: &str) -> String {
         joined.push_str(fragment);
     }
     joined
+}
+
+/// Whether an option's value may be a URL with secrets of its own.
+fn looks_like_url(value: &str) -> bool {
+    value.contains("://") || (value.contains(':') && value.contains('@'))
 }
 
 /// Percent-decodes an option name for matching (invalid escapes are kept).
@@ -346,6 +361,112 @@ mod tests {
             let shown = redact_url(url);
             assert!(!shown.contains("s3cr3t"), "{url} -> {shown}");
         }
+    }
+
+    #[test]
+    fn passwords_are_redacted_whatever_the_scheme() {
+        for (url, shown) in [
+            ("file://user:pw@h/x", "file://user:***@h/x"),
+            (
+                "FILE://user:pw@h/x?ext=nodb",
+                "FILE://user:***@h/x?ext=nodb",
+            ),
+            ("ftp://user:pw@h/x", "ftp://user:***@h/x"),
+            (
+                "x-custom+v2://u:pw@h:1/x?token=t",
+                "x-custom+v2://u:***@h:1/x?token=***",
+            ),
+            (
+                "file:///srv/runs?secret=s&ext=nodb",
+                "file:///srv/runs?secret=***&ext=nodb",
+            ),
+            // Not URLs a parser reads, but credentials all the same.
+            ("user:pw@host:5432/db", "user:***@host:5432/db"),
+            ("redis:/u:pw@h/0", "redis:/u:***@h/0"),
+            ("redis:u:pw@h/0", "redis:u:***@h/0"),
+            (
+                "postgres:u:pw@db/x?password=y",
+                "postgres:u:***@db/x?password=***",
+            ),
+            // An `@` that is not a userinfo's leaves the rest alone.
+            (
+                "file:///mnt/backup@2024/runs",
+                "file:///mnt/backup@2024/runs",
+            ),
+            ("postgres://user@h/db?a=b@c", "postgres://user@h/db?a=b@c"),
+            (
+                "postgres://u:pw@h/db?locks=redis://:pw2@c/0?prefix=p&x=1",
+                "postgres://u:***@h/db?locks=redis://:***@c/0?prefix=p&x=1",
+            ),
+            (
+                "file:///r?locks=redis://:p?w@c/0&cache=redis://u:p?w@d/1",
+                "file:///r?locks=redis://:***@c/0&cache=redis://u:***@d/1",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn no_secret_survives_whatever_the_scheme() {
+        for url in [
+            "file://user:s3cr3t@h/x",
+            "file://:s3cr3t@h/x",
+            "File://u:s3cr3t/x@h/x",
+            "gopher://u:s3cr3t@h",
+            "s3cr3t-scheme-less user:s3cr3t@h",
+            "u:s3cr3t@h/x",
+            "s3:/u:s3cr3t@bucket/x",
+            "redis:/u:s3cr3t/x@h/0",
+            "postgres://h/db?password=s3cr3t@x",
+            "postgres://h/db?password=a:s3cr3t@x",
+            "file:///r?locks=redis:/u:s3cr3t@h/0",
+            "file:///r?locks=u%3As3cr3t%40h",
+            "unix:///run/redis.sock?auth=s3cr3t",
+            "postgres://u:p?s3cr3t@h/db?locks=redis://:x@c/0",
+            "file:///r?locks=redis://:p?s3cr3t@c/0&cache=redis://:s3cr3t@d",
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains("s3cr3t"), "{url} -> {shown}");
+        }
+    }
+
+    #[test]
+    fn no_password_survives_any_shape_of_url() {
+        // Every scheme, with or without `//`, hosts plain and odd, paths
+        // and options with `@`s of their own, passwords holding the
+        // delimiters people type unencoded.
+        let mut tried = 0;
+        for scheme in ["file", "FILE", "redis", "postgres", "x-y"] {
+            for sep in ["://", ":/", ":"] {
+                for user in ["", "u"] {
+                    for host in ["h", "h:1", "[::1]:2", "my host", "${H}"] {
+                        for path in ["", "/db", "/a@b"] {
+                            for query in ["", "?a=b", "?locks=redis://:q@c/0", "?note=x@y"] {
+                                for password in [
+                                    "s3cr3t",
+                                    "a?s3cr3t",
+                                    "s3cr3t/x",
+                                    "p#s3cr3t",
+                                    "x@s3cr3t",
+                                    "a:s3cr3t",
+                                    "?x=s3cr3t",
+                                    "s3cr3t?y=1",
+                                ] {
+                                    let url = format!(
+                                        "{scheme}{sep}{user}:{password}@{host}{path}{query}"
+                                    );
+                                    let shown = redact_url(&url);
+                                    assert!(!shown.contains("s3cr3t"), "{url} -> {shown}");
+                                    tried += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(tried, 14_400);
     }
 
     #[test]
