@@ -18,7 +18,7 @@ use crate::BACKEND;
 use crate::case::{self, CaseRule};
 use crate::durable::{Faults, SaveStep, Staged, permission_bits};
 use crate::folder::{
-    Access, Folder, FolderId, Kind, Stamp, hash_bounded, is_not_found, now_ns, read_bounded,
+    Access, Folder, FolderId, Kind, Stamp, hash_bounded, is_not_found, now_ns, read_bounded_sized,
     too_large,
 };
 use crate::hub::{Hub, Pause};
@@ -512,15 +512,28 @@ impl Engine {
         &self,
         run: &RunId,
         doc: &DocName,
-    ) -> Result<Option<(Folder, String, File)>, Error> {
-        let root = self.layout.open_root()?;
-        let Some(dir) = self.run_dir(&root, run)? else {
-            return Ok(None);
+    ) -> Result<Option<(Folder, String, File, std::fs::Metadata)>, Error> {
+        // On a store that keeps case, a run folder that is a real folder is
+        // opened by its path, which spares every read the open and close of
+        // the root; anything else (absent, a link, not a folder, a store that
+        // ignores case) goes through the root and gets its own answer there.
+        let direct = (!self.case.insensitive)
+            .then(|| self.layout.open_run_dir_direct(run))
+            .flatten();
+        let dir = match direct {
+            Some(dir) => dir,
+            None => {
+                let root = self.layout.open_root()?;
+                let Some(dir) = self.run_dir(&root, run)? else {
+                    return Ok(None);
+                };
+                dir
+            }
         };
         let name = self.layout.file_name(doc);
-        let file = dir.open_file(&name, Access::Read)?;
+        let file = dir.open_file_meta(&name, Access::Read)?;
         self.check_doc_case(&dir, run, doc)?;
-        Ok(file.map(|file| (dir, name, file)))
+        Ok(file.map(|(file, meta)| (dir, name, file, meta)))
     }
 
     pub(crate) fn get(
@@ -529,10 +542,11 @@ impl Engine {
         doc: &DocName,
         limit: Option<u64>,
     ) -> Result<Option<StoredDoc>, Error> {
-        let Some((dir, name, file)) = self.open_doc(run, doc)? else {
+        let Some((dir, name, file, meta)) = self.open_doc(run, doc)? else {
             return Ok(None);
         };
-        let bytes = read_bounded(&file, &dir.child(&name), self.read_limit(limit))?;
+        let bytes =
+            read_bounded_sized(&file, &dir.child(&name), self.read_limit(limit), meta.len())?;
         let version = version_of(&bytes);
         Ok(Some(StoredDoc::new(Bytes::from(bytes), version)))
     }
@@ -543,12 +557,9 @@ impl Engine {
     /// never for a document over the size limit, which gets the
     /// `over-limit-…` version listings give it. `None` when absent.
     pub(crate) fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>, Error> {
-        let Some((dir, name, file)) = self.open_doc(run, doc)? else {
+        let Some((dir, name, file, meta)) = self.open_doc(run, doc)? else {
             return Ok(None);
         };
-        let meta = file
-            .metadata()
-            .map_err(|e| io_error("stat of the document", &dir.child(&name), e))?;
         // One stat for all three: the size and time describe the version.
         let version = self.version_by_meta(&dir, run, &name, &file, &meta)?;
         Ok(Some(DocStat::new(
@@ -602,13 +613,10 @@ impl Engine {
         known: &Version,
         limit: Option<u64>,
     ) -> Result<Fetched, Error> {
-        let Some((dir, name, file)) = self.open_doc(run, doc)? else {
+        let Some((dir, name, file, meta)) = self.open_doc(run, doc)? else {
             return Ok(Fetched::Absent);
         };
         let path = dir.child(&name);
-        let meta = file
-            .metadata()
-            .map_err(|e| io_error("stat of the document", &path, e))?;
         let stamp = Stamp::of(&meta);
         let limit = self.read_limit(limit);
         if meta.len() > self.max_document_size {
@@ -619,7 +627,7 @@ impl Engine {
             return Err(too_large(meta.len(), limit));
         }
         let read = |file: &File| -> Result<Fetched, Error> {
-            let bytes = read_bounded(file, &path, limit)?;
+            let bytes = read_bounded_sized(file, &path, limit, meta.len())?;
             let version = version_of(&bytes);
             Ok(Fetched::Changed(StoredDoc::new(
                 Bytes::from(bytes),
@@ -637,7 +645,7 @@ impl Engine {
         // anything): the content decides, read once.
         let before = now_ns();
         if meta.len() <= limit {
-            let bytes = read_bounded(&file, &path, limit)?;
+            let bytes = read_bounded_sized(&file, &path, limit, meta.len())?;
             let version = version_of(&bytes);
             self.remember(remembered, &name, &file, stamp, before, &version);
             return Ok(if version == *known {

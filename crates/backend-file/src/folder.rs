@@ -133,6 +133,20 @@ impl Folder {
         })
     }
 
+    /// Opens the folder at `path` without following a link in its last
+    /// component (earlier components are followed, as for the root).
+    pub(crate) fn open_path_nofollow(path: &Path) -> io::Result<Folder> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Folder {
+            file: File::from(fd),
+            path: path.to_owned(),
+        })
+    }
+
     /// The path it was opened at.
     pub(crate) fn path(&self) -> &Path {
         &self.path
@@ -276,6 +290,16 @@ impl Folder {
     /// [`ErrorKind::Denied`] when `name` is a link, a folder, a FIFO, a
     /// device or a socket; I/O errors otherwise.
     pub(crate) fn open_file(&self, name: &str, access: Access) -> Result<Option<File>, Error> {
+        Ok(self.open_file_meta(name, access)?.map(|(file, _)| file))
+    }
+
+    /// [`open_file`](Self::open_file), with the metadata its check read,
+    /// so a caller needing the size or times does not `fstat` again.
+    pub(crate) fn open_file_meta(
+        &self,
+        name: &str,
+        access: Access,
+    ) -> Result<Option<(File, std::fs::Metadata)>, Error> {
         let base = OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
         let flags = match access {
             Access::Read => OFlags::RDONLY,
@@ -305,7 +329,7 @@ impl Folder {
             };
             return Err(refused(&self.child(name), what, "regular file"));
         }
-        Ok(Some(file))
+        Ok(Some((file, meta)))
     }
 
     /// Opens the regular file `name` for appending (`O_APPEND`: every
@@ -482,6 +506,16 @@ pub(crate) fn read_bounded(file: &File, path: &Path, limit: u64) -> Result<Vec<u
         .metadata()
         .map_err(|e| io_error("stat of", path, e))?
         .len();
+    read_bounded_sized(file, path, limit, size)
+}
+
+/// [`read_bounded`] of a file whose size `fstat` has just given.
+pub(crate) fn read_bounded_sized(
+    file: &File,
+    path: &Path,
+    limit: u64,
+    size: u64,
+) -> Result<Vec<u8>, Error> {
     if size > limit {
         return Err(too_large(size, limit));
     }

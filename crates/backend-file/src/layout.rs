@@ -307,6 +307,17 @@ impl Layout {
         Ok(Some(dir))
     }
 
+    /// The run folder opened by its path in one `open` (no handle on the
+    /// root first), for the hot read path: `Some` only when `run` names a
+    /// real folder (`O_NOFOLLOW`, `O_DIRECTORY`). Everything else — absent,
+    /// a link, not a folder, any error — is `None`, and the caller takes
+    /// [`run_dir`](Self::run_dir) through the opened root, which gives each
+    /// of those cases its own answer. The root's path is resolved afresh, as
+    /// [`open_root`](Self::open_root) does.
+    pub(crate) fn open_run_dir_direct(&self, run: &RunId) -> Option<Folder> {
+        Folder::open_path_nofollow(&self.root.join(run.as_str())).ok()
+    }
+
     /// The run folder, created when missing, and whether this call created
     /// it (with exactly the name `run`). Its entry in the root is made
     /// durable by the first save into it (see `Engine::make_durable`), so
