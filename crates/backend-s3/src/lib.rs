@@ -174,6 +174,9 @@
 //!   name is a valid run id, including one left with no document; its
 //!   later pages come from the listing made for the first page (see
 //!   [`S3Store`]'s `list_runs`), so listing every run costs one listing.
+//!   Likewise the later pages of a run's documents (`list_docs`), so
+//!   listing every document of a run larger than a page costs one
+//!   listing of the run, not one per page.
 //! - A conditional-write probe runs on open (and on demand with
 //!   [`S3Store::doctor`]); on a server that ignores the conditional headers
 //!   the store refuses `Create`, `Update`, every lease operation and
@@ -335,6 +338,10 @@ struct Inner {
     /// The last full listing of the runs, which serves the later pages of
     /// a paging pass (see [`Store::list_runs`] on [`S3Store`]).
     runs: Mutex<Option<RunListing>>,
+    /// The last full listing of one run's documents that did not fit in
+    /// the page asked for, which serves the later pages of that paging
+    /// pass (see [`Store::list_docs`] on [`S3Store`]).
+    docs: Mutex<Option<DocListing>>,
     signals: ReleaseSignals,
     bound: Duration,
     /// The user-metadata name of a document write's nonce.
@@ -346,6 +353,13 @@ struct Inner {
 /// Every run, sorted, as listed at `taken`.
 struct RunListing {
     runs: Arc<[RunId]>,
+    taken: Instant,
+}
+
+/// Every document of one run, sorted by name, as listed at `taken`.
+struct DocListing {
+    run: RunId,
+    docs: Arc<[DocMeta]>,
     taken: Instant,
 }
 
@@ -496,6 +510,7 @@ impl S3Store {
                 probe,
                 written: Mutex::new(HashMap::new()),
                 runs: Mutex::new(None),
+                docs: Mutex::new(None),
                 signals: ReleaseSignals::new(),
                 bound,
                 nonce_key: match provider {
@@ -547,6 +562,7 @@ impl S3Store {
         let prefix =
             (!self.inner.root.is_empty()).then(|| Path::from(self.inner.config.prefix.as_str()));
         *self.inner.runs.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.inner.docs.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.inner.delete_under(prefix.as_ref()).await
     }
 }
@@ -1452,6 +1468,55 @@ impl Inner {
         });
         Ok(runs)
     }
+
+    /// Every document of `run`, sorted by name: the kept listing of that
+    /// run while it is fresh and `reuse` is set, else a new one (kept when
+    /// it holds more than `page` documents, so that the later pages of
+    /// the pass need no listing of their own; a run that fits in one page
+    /// has no later page, and nothing is kept for it).
+    async fn doc_listing(&self, run: &RunId, reuse: bool, page: usize) -> Result<Arc<[DocMeta]>> {
+        if reuse
+            && let Some(listing) = self
+                .docs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .filter(|l| l.run == *run && l.taken.elapsed() < LISTING_FRESH)
+        {
+            return Ok(Arc::clone(&listing.docs));
+        }
+        let taken = Instant::now();
+        let listing = self
+            .bounded(self.store.list_with_delimiter(Some(&self.run_path(run))))
+            .await?;
+        let mut all: Vec<DocMeta> = Vec::with_capacity(listing.objects.len());
+        for meta in listing.objects {
+            if let Some(name) = self.doc_of(&meta.location) {
+                all.push(DocMeta::new(
+                    name,
+                    version_of(meta.e_tag)?,
+                    meta.size,
+                    Some(meta.last_modified.into()),
+                ));
+            }
+        }
+        // Object keys sort with their extension; documents sort by name.
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        let all: Arc<[DocMeta]> = all.into();
+        let mut kept = self.docs.lock().unwrap_or_else(|p| p.into_inner());
+        if all.len() > page {
+            *kept = Some(DocListing {
+                run: run.clone(),
+                docs: Arc::clone(&all),
+                taken,
+            });
+        } else if kept.as_ref().is_some_and(|l| l.run == *run) {
+            // A pass of this run that fits in a page: an older, larger
+            // listing of it must not serve a later page.
+            *kept = None;
+        }
+        Ok(all)
+    }
 }
 
 impl fmt::Debug for S3Store {
@@ -1670,37 +1735,45 @@ impl Store for S3Store {
             .map_err(|e| e.at_doc(Operation::Delete, run, doc))
     }
 
+    /// Lists the documents of a run: one delimited listing of its folder
+    /// (paged by the server, 1,000 objects a request on S3), sorted by
+    /// name, since object keys sort with their extension.
+    ///
+    /// As for [`list_runs`](Store::list_runs), a first page (`after` =
+    /// `None`) lists the run anew, and when the run holds more documents
+    /// than that page, the sorted listing is kept: later pages (`after` =
+    /// `Some`) of the same run are served from it while it is under 30 s
+    /// old, so listing every document of a run costs one listing of it,
+    /// not one per page (before, each page listed the whole run again). A
+    /// paging pass therefore sees the run as it was at its first page (or
+    /// at a later first page of the same run through this store): a
+    /// document written after it may be missing from the later pages, or
+    /// listed with its earlier version, until the next first page. This
+    /// store's own [`delete_run`](Store::delete_run) drops the kept
+    /// listing, and so does the page that ends it.
     async fn list_docs(
         &self,
         run: &RunId,
         after: Option<&DocName>,
         limit: usize,
     ) -> Result<ListPage<DocMeta>> {
-        let inner = &self.inner;
-        let listing = inner
-            .bounded(inner.store.list_with_delimiter(Some(&inner.run_path(run))))
+        let limit = limit.max(1);
+        let all = self
+            .inner
+            .doc_listing(run, after.is_some(), limit)
             .await
             .map_err(|e| e.with_operation(Operation::ListDocs).with_run(run))?;
-        let mut all: Vec<DocMeta> = Vec::with_capacity(listing.objects.len());
-        for meta in listing.objects {
-            if let Some(name) = inner.doc_of(&meta.location) {
-                all.push(DocMeta::new(
-                    name,
-                    version_of(meta.e_tag)?,
-                    meta.size,
-                    Some(meta.last_modified.into()),
-                ));
+        let start = after.map_or(0, |a| all.partition_point(|m| m.name <= *a));
+        let end = start.saturating_add(limit).min(all.len());
+        if end == all.len() {
+            // The pass is over: the listing is not held any longer (a
+            // newer one, kept by another pass meanwhile, stays).
+            let mut kept = self.inner.docs.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.as_ref().is_some_and(|l| Arc::ptr_eq(&l.docs, &all)) {
+                *kept = None;
             }
         }
-        // Object keys sort with their extension; documents sort by name.
-        all.sort_by(|a, b| a.name.cmp(&b.name));
-        let start = after.map_or(0, |a| all.partition_point(|m| m.name <= *a));
-        let limit = limit.max(1);
-        let more = all.len() > start + limit;
-        Ok(ListPage::new(
-            all.into_iter().skip(start).take(limit).collect(),
-            more,
-        ))
+        Ok(ListPage::new(all[start..end].to_vec(), end < all.len()))
     }
 
     /// Lists the runs: the folders under the store's prefix whose names
@@ -1755,6 +1828,10 @@ impl Store for S3Store {
             paths.push(inner.milestones_path(run));
             let deleted = inner.delete_paths(paths).await.map(|_| docs);
             *inner.runs.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            let mut kept = inner.docs.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.as_ref().is_some_and(|l| l.run == *run) {
+                *kept = None;
+            }
             deleted
         };
         outcome

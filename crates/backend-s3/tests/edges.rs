@@ -342,6 +342,120 @@ async fn listing_every_run_lists_the_root_once() {
     assert_eq!(store.list_all_runs().await.expect("all").len(), 3001);
 }
 
+/// Issue 16: listing every document of a run larger than a page makes one
+/// listing of the run, not one per page (2,500 documents: `list_all_docs`
+/// asks for three pages of 1,000, and each used to list the whole run
+/// again, three full listings of which S3 pages each in three requests),
+/// in the same order. The listing is kept only for the pass: the page
+/// that ends it lets it go, a new first page lists anew (and sees a new
+/// document), this store's `delete_run` drops it, and so does a first
+/// page that holds the whole run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_every_document_lists_the_run_once() {
+    let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let counting = Faulty::new(Arc::clone(&memory));
+    let store = store_on(counting.clone()).await;
+    let put = |name: String| {
+        let memory = Arc::clone(&memory);
+        async move {
+            memory
+                .put(
+                    &Path::from(format!("t/r/{name}.json")),
+                    PutPayload::from_static(b"{}"),
+                )
+                .await
+                .expect("put");
+        }
+    };
+    let mut expected = Vec::new();
+    for i in 0..2500 {
+        put(format!("d{i:05}")).await;
+        expected.push(DocName::new(format!("d{i:05}")).expect("valid"));
+    }
+    let listings = || counting.listings().iter().filter(|p| *p == "t/r").count();
+    let names = |docs: Vec<runstate_core::DocMeta>| -> Vec<DocName> {
+        docs.into_iter().map(|m| m.name).collect()
+    };
+    let name = |name: &str| DocName::new(name).expect("valid");
+
+    let all = store.list_all_docs(&run()).await.expect("all");
+    assert_eq!(names(all), expected);
+    assert_eq!(listings(), 1, "one listing for three pages");
+
+    let page = store
+        .list_docs(&run(), Some(&name("d00999")), 100)
+        .await
+        .expect("page");
+    assert_eq!(page.items[0].name, name("d01000"));
+    assert_eq!(listings(), 2, "the page that ended the pass let it go");
+
+    let mut paged: Vec<DocName> = Vec::new();
+    loop {
+        let page = store
+            .list_docs(&run(), paged.last(), 100)
+            .await
+            .expect("page");
+        assert!(page.items.len() <= 100);
+        paged.extend(names(page.items));
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(paged, expected);
+    assert_eq!(listings(), 3, "a first page lists anew, 24 pages follow");
+
+    put("e".to_owned()).await;
+    let all = store.list_all_docs(&run()).await.expect("a new pass");
+    assert_eq!(all.len(), 2501);
+    assert_eq!(all.last().map(|m| m.name.clone()), Some(name("e")));
+    assert_eq!(listings(), 4);
+
+    // Mid-pass, this store's delete_run drops the kept listing: the next
+    // page sees the run as it is now.
+    assert!(
+        store
+            .list_docs(&run(), None, 100)
+            .await
+            .expect("first")
+            .more
+    );
+    assert_eq!(store.delete_run(&run()).await.expect("delete"), 2501);
+    let later = store
+        .list_docs(&run(), Some(&name("d00099")), 100)
+        .await
+        .expect("later");
+    assert!(later.items.is_empty() && !later.more);
+
+    // Mid-pass, a new first page that holds the whole run (deleted behind
+    // this store's back, but for one document) drops the larger listing:
+    // a later page does not come from it.
+    for i in 0..150 {
+        put(format!("d{i:05}")).await;
+    }
+    assert!(
+        store
+            .list_docs(&run(), None, 100)
+            .await
+            .expect("first")
+            .more
+    );
+    for i in 0..150 {
+        memory
+            .delete(&Path::from(format!("t/r/d{i:05}.json")))
+            .await
+            .expect("delete");
+    }
+    put("a".to_owned()).await;
+    let first = store.list_docs(&run(), None, 100).await.expect("first");
+    assert_eq!(names(first.items), vec![name("a")]);
+    assert!(!first.more);
+    let later = store
+        .list_docs(&run(), Some(&name("a")), 100)
+        .await
+        .expect("later");
+    assert!(later.items.is_empty() && !later.more, "{:?}", later.items);
+}
+
 /// A write refused because someone else wrote the very same bytes is not
 /// taken for this write: the nonce tells them apart. (Two increments both
 /// writing "6" must not both succeed.)

@@ -15,6 +15,18 @@
 //! - how the copies were verified: read back, or by the target's MD5 (S3
 //!   ETags);
 //! - the peak resident memory of the migrating process (`VmHWM`).
+//!
+//! A migration reads every document of the source once and, on S3, lists
+//! the run twice (the plan, and the final check that nothing changed
+//! meanwhile). A second table, one row per pair out of S3, shows that
+//! floor: one raw client doing only the requests a verified copy out of
+//! S3 needs (a listing of the values, one `GET` each, a listing again),
+//! beside the raw single-writer and single-reader rates, all measured on
+//! the same values just before the migration. The floor's ratio to the
+//! slower side's raw write rate is what a migration out of S3 reaches one
+//! request at a time; its concurrent `GET`s can win back only the round
+//! trips a single client waits through, which on a server that does its
+//! work on one core (moto) is little.
 
 mod support;
 
@@ -43,6 +55,12 @@ struct Row {
     mb_per_sec: f64,
     raw_from_docs_per_sec: f64,
     raw_to_docs_per_sec: f64,
+    /// One raw reader on the source side, reading what its raw writer wrote.
+    raw_from_read_docs_per_sec: f64,
+    /// Out of S3: the read floor (see the module documentation).
+    floor_docs_per_sec: Option<f64>,
+    /// The floor's ratio to the slower side's raw single-writer rate.
+    floor_ratio: Option<f64>,
     slower_side: &'static str,
     ratio: f64,
     raw8_slower_docs_per_sec: f64,
@@ -59,15 +77,47 @@ fn document(i: u64) -> Bytes {
     Bytes::from((0..DOC_SIZE).map(|_| rng.u8(..)).collect::<Vec<u8>>())
 }
 
-/// Raw writes of 16 KiB per second: one writer, then eight.
-async fn raw_rates(backend: &str, writes: u64, tag: &str) -> (f64, f64) {
+/// The raw rates of one side, in documents of 16 KiB per second.
+struct RawRates {
+    /// One writer.
+    write_one: f64,
+    /// Eight concurrent writers.
+    write_eight: f64,
+    /// One reader, reading back what the single writer wrote.
+    read_one: f64,
+    /// S3 only: a listing, one read of each value, a listing again (the
+    /// least a verified migration out of S3 sends), by one client.
+    floor: Option<f64>,
+}
+
+/// Raw writes of 16 KiB per second (one writer, then eight), reads by one
+/// reader and, on S3, the read floor.
+async fn raw_rates(backend: &str, writes: u64, tag: &str) -> RawRates {
     let raw = Raw::open(backend, tag).await;
     let values: Vec<Bytes> = (0..writes).map(document).collect();
     let started = Instant::now();
     for (i, value) in values.iter().enumerate() {
         raw.write(&format!("k{i}"), value.clone()).await;
     }
-    let one = writes as f64 / started.elapsed().as_secs_f64();
+    let write_one = writes as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for i in 0..writes {
+        assert_eq!(raw.read(&format!("k{i}")).await.len(), DOC_SIZE);
+    }
+    let read_one = writes as f64 / started.elapsed().as_secs_f64();
+    // Measured before the eight writers add their values to the prefix.
+    let started = Instant::now();
+    let floor = match raw.list().await {
+        Some(listed) => {
+            assert_eq!(listed as u64, writes, "the listing holds every value");
+            for i in 0..writes {
+                assert_eq!(raw.read(&format!("k{i}")).await.len(), DOC_SIZE);
+            }
+            raw.list().await;
+            Some(writes as f64 / started.elapsed().as_secs_f64())
+        }
+        None => None,
+    };
     let started = Instant::now();
     let raw_ref = &raw;
     let values_ref = &values;
@@ -79,9 +129,14 @@ async fn raw_rates(backend: &str, writes: u64, tag: &str) -> (f64, f64) {
         }
     });
     futures_util::future::join_all(writers).await;
-    let eight = writes as f64 / started.elapsed().as_secs_f64();
+    let write_eight = writes as f64 / started.elapsed().as_secs_f64();
     raw.cleanup().await;
-    (one, eight)
+    RawRates {
+        write_one,
+        write_eight,
+        read_one,
+        floor,
+    }
 }
 
 async fn seed(place: &Place, documents: u64) {
@@ -149,8 +204,10 @@ fn main() {
                 };
                 pair_index += 1;
                 let tag = format!("m{}x{pair_index}", std::process::id());
-                let (from_one, from_eight) = raw_rates(from.name(), raw_writes, &tag).await;
-                let (to_one, to_eight) = raw_rates(to.name(), raw_writes, &tag).await;
+                let from_raw = raw_rates(from.name(), raw_writes, &tag).await;
+                let to_raw = raw_rates(to.name(), raw_writes, &tag).await;
+                let (from_one, from_eight) = (from_raw.write_one, from_raw.write_eight);
+                let (to_one, to_eight) = (to_raw.write_one, to_raw.write_eight);
                 let report = migrate(&bin, &source, &target);
                 target.cleanup().await;
                 let copied = report["documents"].as_u64().unwrap_or(0);
@@ -175,6 +232,9 @@ fn main() {
                     mb_per_sec: report["mb_per_sec"].as_f64().unwrap_or(0.0),
                     raw_from_docs_per_sec: from_one,
                     raw_to_docs_per_sec: to_one,
+                    raw_from_read_docs_per_sec: from_raw.read_one,
+                    floor_docs_per_sec: from_raw.floor,
+                    floor_ratio: from_raw.floor.map(|floor| floor / slower),
                     slower_side,
                     ratio,
                     raw8_slower_docs_per_sec: slower_eight,
@@ -232,6 +292,36 @@ fn print_table(rows: &[Row]) {
             },
             r.peak_rss_mib,
             if r.meets_target { "ok" } else { "MISSED" },
+        );
+    }
+    let floors: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.floor_docs_per_sec.is_some())
+        .collect();
+    if floors.is_empty() {
+        return;
+    }
+    println!(
+        "\nRead floor out of S3 (one raw client: list, one GET per value, list again; \
+         the same values as its raw writer and reader, just before the migration)\n"
+    );
+    println!(
+        "| from → to | raw write docs/s | raw read docs/s | floor docs/s | floor ratio to slower | \
+         migration ratio to slower | migration / floor |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in floors {
+        let floor = r.floor_docs_per_sec.unwrap_or(0.0);
+        println!(
+            "| {} → {} | {:.0} | {:.0} | {:.0} | {:.2}× | {:.2}× | {:.2}× |",
+            r.from,
+            r.to,
+            r.raw_from_docs_per_sec,
+            r.raw_from_read_docs_per_sec,
+            floor,
+            r.floor_ratio.unwrap_or(0.0),
+            r.ratio,
+            r.docs_per_sec / floor,
         );
     }
 }

@@ -971,7 +971,8 @@ impl Migration<'_> {
     /// Deletes one verified source document under its own lock as well as
     /// the run's (writers that lock only the document are kept out too),
     /// and only if it is still the version that was copied: conditionally
-    /// where the backend can, else checked just before under that lock.
+    /// where the backend can, else checked just before under that lock by
+    /// its version alone ([`Store::head`]: the bytes are not read again).
     async fn delete_source_doc(&self, meta: &DocMeta, source: &HeldLease<'_>) -> Result<()> {
         source.current()?;
         let options = self.options;
@@ -987,10 +988,10 @@ impl Migration<'_> {
                     .delete(self.run, &meta.name, Some(&meta.version))
                     .await;
             }
-            let now = self
-                .source
-                .get(self.run, &meta.name, GetOptions::new())
-                .await?;
+            // The version is all the check needs: a `head` (metadata only,
+            // where the backend has it natively) rather than reading the
+            // document's bytes a second time.
+            let now = self.source.head(self.run, &meta.name).await?;
             if now.is_some_and(|d| d.version != meta.version) {
                 return Err(migrate_error(
                     ErrorKind::Precondition,

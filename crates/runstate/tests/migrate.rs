@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use runstate::migrate::{MigrateOptions, Progress, Selection, migrate, sha256_hex, verify};
 use runstate::{
-    AnyStore, Bytes, Capabilities, DocMeta, DocName, ErrorKind, Fence, GetOptions, Lease, ListPage,
-    Lock, LockExt, LockInfo, LockKey, Milestones, Owner, PutOptions, PutRequest, Result, RunId,
-    Store, StoreExt, StoredDoc, Version, WaitPolicy, async_trait,
+    AnyStore, Bytes, Capabilities, DocMeta, DocName, DocStat, ErrorKind, Fence, GetOptions, Lease,
+    ListPage, Lock, LockExt, LockInfo, LockKey, Milestones, Owner, PutOptions, PutRequest, Result,
+    RunId, Store, StoreExt, StoredDoc, Version, WaitPolicy, async_trait,
 };
 use support::{Backend, Places};
 
@@ -948,6 +948,9 @@ fn verifying_a_run_neither_store_has_is_not_found() {
 struct Counting {
     inner: Arc<dyn Lock>,
     gets: AtomicU64,
+    heads: AtomicU64,
+    /// Documents read, one at a time or in batches.
+    docs_read: AtomicU64,
     puts: AtomicU64,
     get_manys: AtomicU64,
     put_manys: AtomicU64,
@@ -961,6 +964,8 @@ impl Counting {
         Counting {
             inner,
             gets: AtomicU64::new(0),
+            heads: AtomicU64::new(0),
+            docs_read: AtomicU64::new(0),
             puts: AtomicU64::new(0),
             get_manys: AtomicU64::new(0),
             put_manys: AtomicU64::new(0),
@@ -995,7 +1000,12 @@ impl Store for Counting {
         options: GetOptions,
     ) -> Result<Option<StoredDoc>> {
         self.gets.fetch_add(1, Ordering::SeqCst);
+        self.docs_read.fetch_add(1, Ordering::SeqCst);
         self.inner.get(run, doc, options).await
+    }
+    async fn head(&self, run: &RunId, doc: &DocName) -> Result<Option<DocStat>> {
+        self.heads.fetch_add(1, Ordering::SeqCst);
+        self.inner.head(run, doc).await
     }
     async fn put(
         &self,
@@ -1014,6 +1024,8 @@ impl Store for Counting {
         options: GetOptions,
     ) -> Result<Vec<Result<Option<StoredDoc>>>> {
         self.get_manys.fetch_add(1, Ordering::SeqCst);
+        self.docs_read
+            .fetch_add(docs.len() as u64, Ordering::SeqCst);
         self.inner.get_many(run, docs, options).await
     }
     async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
@@ -1240,6 +1252,47 @@ fn a_copy_whose_version_proves_nothing_is_read_back() {
                 .expect("read back and found identical");
             assert_eq!(report.verified_by_md5, 0);
             assert_same(&*s3, &id, &docs).await;
+        },
+    );
+}
+
+/// A move out of S3 (no conditional deletes) reads each source document
+/// once: the copy's `GET`. Before deleting a document, the check that it is
+/// still the version copied asks for its version only (one `HEAD`), never
+/// its bytes again. (Before, each document was read twice: 2N `GET`s for N
+/// documents.)
+#[test]
+fn a_move_out_of_s3_reads_each_document_once() {
+    with_places(
+        "move_reads_once",
+        Backend::File,
+        Backend::Sqlite,
+        |_source, target| async move {
+            use runstate::s3::object_store::memory::InMemory;
+            use runstate::s3::{S3Config, S3Store};
+            let s3: Arc<dyn Lock> = Arc::new(
+                S3Store::from_object_store(Arc::new(InMemory::new()), S3Config::new("memory"))
+                    .await
+                    .expect("an S3 store in memory"),
+            );
+            assert!(!s3.capabilities().conditional_delete);
+            let id = run("Move_reads_once");
+            let docs = many(40, 1024);
+            seed(&*s3, &id, &docs).await;
+            let from = Counting::new(Arc::clone(&s3));
+            let options =
+                MigrateOptions::new(Selection::Runs(vec![id.clone()])).with_delete_source(true);
+            let report = migrate(&from, &*target, &options, &()).await.expect("move");
+            assert!(report.runs[0].source_deleted);
+            assert_eq!(
+                Counting::count(&from.docs_read),
+                docs.len() as u64,
+                "one read per document"
+            );
+            assert_eq!(Counting::count(&from.gets), 0, "no single reads");
+            assert_eq!(Counting::count(&from.heads), docs.len() as u64);
+            assert!(s3.list_all_docs(&id).await.expect("list").is_empty());
+            assert_same(&*target, &id, &docs).await;
         },
     );
 }

@@ -311,6 +311,25 @@ impl Raw {
         }
     }
 
+    /// Lists every value written so far with one listing of the client's
+    /// prefix, and returns how many it holds; `None` for backends whose
+    /// migrations do not list the source through a request (only S3's
+    /// listing is a request of its own whose cost grows with the run).
+    pub async fn list(&self) -> Option<usize> {
+        match self {
+            Raw::S3(store, prefix) => {
+                use object_store::ObjectStore;
+                let prefix = object_store::path::Path::from(prefix.as_str());
+                let listed = store
+                    .list_with_delimiter(Some(&prefix))
+                    .await
+                    .expect("raw list");
+                Some(listed.objects.len())
+            }
+            _ => None,
+        }
+    }
+
     /// Removes the folder, keys, table or objects.
     pub async fn cleanup(self) {
         match self {
