@@ -185,7 +185,12 @@
 //!   also wake one local waiter directly ([`ReleaseSignals`]); either
 //!   wake-up ends the wait only if the record then shows the lock free, so
 //!   a wake-up left by an earlier release nobody waited for does not send
-//!   a waiter to probe a lock that is held again. Threads of one process
+//!   a waiter to probe a lock that is held again. While a grant made
+//!   through the same store holds the lock, a waiter of
+//!   [`LockExt::acquire`](runstate_core::LockExt::acquire) waits for its
+//!   release, reading the record only once per
+//!   [`WaitPolicy::max_backoff`](runstate_core::WaitPolicy::max_backoff)
+//!   meanwhile ([`Lock::wait_for_local_release`]). Threads of one process
 //!   queue for a lease record's `flock` at an in-process gate that wakes
 //!   the next at once, instead of polling it with sleeps.
 //! - **Status messages** ([`Store::publish`], [`Store::subscribe`]): an
@@ -846,21 +851,27 @@ impl Lock for FileStore {
     async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease> {
         let issued = Instant::now();
         let (k, o) = (key.clone(), owner.clone());
-        self.blocking(Operation::Acquire, move |e| {
-            e.try_acquire(&k, &o, ttl, issued)
-                .map(|lease| Granted::new(e, lease))
-        })
-        .await
-        .map(Granted::claim)
-        .map_err(|e| e.with_lock(key))
+        let lease = self
+            .blocking(Operation::Acquire, move |e| {
+                e.try_acquire(&k, &o, ttl, issued)
+                    .map(|lease| Granted::new(e, lease))
+            })
+            .await
+            .map(Granted::claim)
+            .map_err(|e| e.with_lock(key))?;
+        self.signals.granted(&lease);
+        Ok(lease)
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
         let issued = Instant::now();
         let l = lease.clone();
-        self.blocking(Operation::Renew, move |e| e.renew(&l, ttl, issued))
+        let renewed = self
+            .blocking(Operation::Renew, move |e| e.renew(&l, ttl, issued))
             .await
-            .map_err(|e| e.with_lock(lease.key()))
+            .map_err(|e| e.with_lock(lease.key()))?;
+        self.signals.granted(&renewed);
+        Ok(renewed)
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
@@ -869,7 +880,7 @@ impl Lock for FileStore {
             .blocking(Operation::Release, move |e| e.release(&l))
             .await
             .map_err(|e| e.with_lock(lease.key()));
-        self.signals.released(lease.key());
+        self.signals.released(lease.key(), lease.fence());
         released
     }
 
@@ -890,7 +901,9 @@ impl Lock for FileStore {
             .blocking(Operation::BreakLock, move |e| e.break_lock(&k, only_fence))
             .await
             .map_err(|e| e.with_lock(key));
-        self.signals.released(key);
+        if let Ok(Some(broken)) = &broken {
+            self.signals.released(key, broken.fence);
+        }
         broken
     }
 
@@ -964,6 +977,13 @@ impl Lock for FileStore {
         }
     }
 
+    /// Waits while a grant made through this store holds `key` (see
+    /// [`ReleaseSignals::wait_while_held`]): its release through this store
+    /// wakes the waiter, without the record being looked at.
+    async fn wait_for_local_release(&self, key: &LockKey, owner: &Owner, max: Duration) -> bool {
+        self.signals.wait_while_held(key, owner, max).await
+    }
+
     async fn acquire_and_load(
         &self,
         key: &LockKey,
@@ -974,13 +994,16 @@ impl Lock for FileStore {
     ) -> Result<(Lease, Option<StoredDoc>)> {
         let issued = Instant::now();
         let (k, d, o) = (key.clone(), doc.clone(), owner.clone());
-        self.blocking(Operation::AcquireAndLoad, move |e| {
-            e.acquire_and_load(&k, &d, &o, ttl, options.limit, issued)
-                .map(|(lease, stored)| (Granted::new(e, lease), stored))
-        })
-        .await
-        .map(|(granted, stored)| (granted.claim(), stored))
-        .map_err(|e| e.with_lock(key).with_doc(doc))
+        let (lease, stored) = self
+            .blocking(Operation::AcquireAndLoad, move |e| {
+                e.acquire_and_load(&k, &d, &o, ttl, options.limit, issued)
+                    .map(|(lease, stored)| (Granted::new(e, lease), stored))
+            })
+            .await
+            .map(|(granted, stored)| (granted.claim(), stored))
+            .map_err(|e| e.with_lock(key).with_doc(doc))?;
+        self.signals.granted(&lease);
+        Ok((lease, stored))
     }
 
     async fn save_and_release(
@@ -1001,7 +1024,7 @@ impl Lock for FileStore {
             })
             .await
             .map_err(|e| e.with_lock(lease.key()).with_doc(doc));
-        self.signals.released(lease.key());
+        self.signals.released(lease.key(), lease.fence());
         saved
     }
 }

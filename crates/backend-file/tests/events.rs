@@ -1,5 +1,6 @@
 //! Watching runs with inotify, and lock waiters woken by releases made in
-//! other processes: what the file backend adds to the conformance cases.
+//! other processes (and, without asking, by those of the same store): what
+//! the file backend adds to the conformance cases.
 //! Reads, watches and subscriptions create nothing in the store.
 
 use std::collections::BTreeMap;
@@ -8,6 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runstate_core::{
@@ -481,6 +483,24 @@ async fn a_waiter_wakes_when_another_process_releases() {
         .expect("acquired");
     store.release(&lease).await.expect("release");
     drop(holder);
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// Issue 13 (waiters wake on release): a waiter whose lock is held
+/// through the same store waits for that holder's release without asking
+/// (no record read, no `flock` beside the holder's save): one acquire for
+/// the holder, one for the waiter, however long the holder works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_behind_a_holder_of_this_store_asks_once() {
+    let root = temp_root("local");
+    let (d, key) = (doc("ron"), LockKey::Doc(run("r"), doc("ron")));
+    runstate_conformance::check_a_local_waiter_asks_once(
+        Arc::new(open(&root).await),
+        &key,
+        &d,
+        Duration::from_secs(600),
+    )
+    .await;
     fs::remove_dir_all(&root).expect("cleanup");
 }
 

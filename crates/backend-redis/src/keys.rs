@@ -41,83 +41,97 @@ use runstate_core::{DocName, LockKey, RunId};
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
     prefix: String,
+    /// `<prefix>:runs`, made once: every write on one server names it.
+    runs: String,
 }
 
 impl Keys {
     pub(crate) fn new(prefix: &str) -> Self {
         Keys {
             prefix: prefix.to_owned(),
+            runs: format!("{prefix}:runs"),
         }
     }
 
+    /// `<prefix>:{<run>}<tail>[:<name>]`, built in one allocation: every
+    /// call builds several keys, and `format!` of a `format!` cost more
+    /// than the rest of the request's preparation.
+    fn run_key(&self, run: &RunId, tail: &str, name: Option<&str>) -> String {
+        let run = run.as_str();
+        let name_len = name.map_or(0, |n| n.len() + 1);
+        let mut key =
+            String::with_capacity(self.prefix.len() + run.len() + tail.len() + name_len + 3);
+        key.push_str(&self.prefix);
+        key.push_str(":{");
+        key.push_str(run);
+        key.push('}');
+        key.push_str(tail);
+        if let Some(name) = name {
+            key.push(':');
+            key.push_str(name);
+        }
+        key
+    }
+
     fn run_base(&self, run: &RunId) -> String {
-        format!("{}:{{{run}}}", self.prefix)
+        self.run_key(run, "", None)
     }
 
     pub(crate) fn doc(&self, run: &RunId, doc: &DocName) -> String {
-        format!("{}:doc:{doc}", self.run_base(run))
+        self.run_key(run, ":doc", Some(doc.as_str()))
     }
 
     pub(crate) fn doc_prefix(&self, run: &RunId) -> String {
-        format!("{}:doc:", self.run_base(run))
+        self.run_key(run, ":doc:", None)
     }
 
     pub(crate) fn docs(&self, run: &RunId) -> String {
-        format!("{}:docs", self.run_base(run))
+        self.run_key(run, ":docs", None)
     }
 
     /// Where a write stages its bytes inside its MULTI/EXEC.
     pub(crate) fn staging(&self, run: &RunId) -> String {
-        format!("{}:staging", self.run_base(run))
+        self.run_key(run, ":staging", None)
     }
 
     pub(crate) fn lock(&self, key: &LockKey) -> String {
-        match key {
-            LockKey::Run(run) => format!("{}:lock", self.run_base(run)),
-            LockKey::Doc(run, doc) => format!("{}:lock:{doc}", self.run_base(run)),
-        }
+        self.run_key(key.run(), ":lock", key.doc().map(DocName::as_str))
     }
 
     pub(crate) fn fence(&self, key: &LockKey) -> String {
-        match key {
-            LockKey::Run(run) => format!("{}:fence", self.run_base(run)),
-            LockKey::Doc(run, doc) => format!("{}:fence:{doc}", self.run_base(run)),
-        }
+        self.run_key(key.run(), ":fence", key.doc().map(DocName::as_str))
     }
 
     /// The fence watermark of a lock (for leases granted elsewhere).
     pub(crate) fn watermark(&self, key: &LockKey) -> String {
-        match key {
-            LockKey::Run(run) => format!("{}:watermark", self.run_base(run)),
-            LockKey::Doc(run, doc) => format!("{}:watermark:{doc}", self.run_base(run)),
-        }
+        self.run_key(key.run(), ":watermark", key.doc().map(DocName::as_str))
     }
 
     pub(crate) fn milestones(&self, run: &RunId) -> String {
-        format!("{}:milestones", self.run_base(run))
+        self.run_key(run, ":milestones", None)
     }
 
     /// The stream of a run's status messages.
     pub(crate) fn status(&self, run: &RunId) -> String {
-        format!("{}:status", self.run_base(run))
+        self.run_key(run, ":status", None)
     }
 
     /// The channel the write scripts announce a run's changes on.
     pub(crate) fn events(&self, run: &RunId) -> String {
-        format!("{}:events", self.run_base(run))
+        self.run_key(run, ":events", None)
     }
 
     /// The channel a run's status messages are announced on.
     pub(crate) fn status_channel(&self, run: &RunId) -> String {
-        format!("{}:status:live", self.run_base(run))
+        self.run_key(run, ":status:live", None)
     }
 
     pub(crate) fn locks(&self, run: &RunId) -> String {
-        format!("{}:locks", self.run_base(run))
+        self.run_key(run, ":locks", None)
     }
 
-    pub(crate) fn runs(&self) -> String {
-        format!("{}:runs", self.prefix)
+    pub(crate) fn runs(&self) -> &str {
+        &self.runs
     }
 
     /// Every lock key under the prefix, as a `SCAN MATCH` pattern. It also
@@ -202,6 +216,16 @@ mod tests {
             keys.watermark(&LockKey::Run(run.clone())),
             "rs:{Mica_flume1}:watermark"
         );
+        assert_eq!(keys.doc_prefix(&run), "rs:{Mica_flume1}:doc:");
+        assert_eq!(keys.docs(&run), "rs:{Mica_flume1}:docs");
+        assert_eq!(keys.staging(&run), "rs:{Mica_flume1}:staging");
+        assert_eq!(keys.fence(&doc_lock), "rs:{Mica_flume1}:fence:climate");
+        assert_eq!(
+            keys.fence(&LockKey::Run(run.clone())),
+            "rs:{Mica_flume1}:fence"
+        );
+        assert_eq!(keys.locks(&run), "rs:{Mica_flume1}:locks");
+        assert_eq!(keys.runs(), "rs:runs");
         assert_eq!(keys.milestones(&run), "rs:{Mica_flume1}:milestones");
         assert_eq!(keys.status(&run), "rs:{Mica_flume1}:status");
         assert_eq!(keys.events(&run), "rs:{Mica_flume1}:events");

@@ -155,6 +155,20 @@
 //!   write stages its bytes in the same transaction and a script checks
 //!   and renames them into place, so no write copies the document through
 //!   Lua.
+//! - Batches are native, one round trip per pipeline of up to 256
+//!   documents: [`Store::get_many`] pipelines the reads `get` sends;
+//!   [`Store::put_many`] pipelines the writes `put` sends, each in its own
+//!   `MULTI/EXEC` (all or nothing and conditional on its own mode,
+//!   announced by its own script or transaction, a refused one stopping
+//!   none of the others; the batch as a whole is not one transaction).
+//!   After `NOSCRIPT` only the documents the server refused for it are
+//!   sent again, and a batch writing a document more than once sends its
+//!   `n`-th writes in an `n`-th pipeline, so writes of a document keep
+//!   their order. With `wait_replicas` the `WAIT` rides in the pipeline.
+//!   A run's keys share one slot, so on a cluster a batch of reads is one
+//!   pipeline to one primary; a batch of writes goes one write at a time
+//!   there, since the cluster client sends a whole pipeline again after a
+//!   redirect, and writes of it that had committed would run twice.
 //! - Every script touches only its run's keys (one slot). On one server,
 //!   document writes also maintain the store-wide `runs` index; on a
 //!   cluster they do not (see [below](crate#redis-cluster)). The
@@ -218,6 +232,7 @@
 
 #![forbid(unsafe_code)]
 
+mod batch;
 mod cache;
 mod config;
 mod conn;
@@ -234,7 +249,7 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, ScriptInvocation, Value};
 use runstate_core::events::{AbortOnDrop, FEED_CAPACITY, check_label, check_text};
@@ -242,7 +257,7 @@ use runstate_core::time::{from_unix_millis, unix_millis};
 use runstate_core::{
     Bytes, Capabilities, DocMeta, DocName, DocStat, Error, ErrorKind, Fence, Fetched, GetOptions,
     Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
-    Replay, Result, RunId, Store, StoredDoc, Subscription, Version, WatchMode, Watcher,
+    PutRequest, Replay, Result, RunId, Store, StoredDoc, Subscription, Version, WatchMode, Watcher,
     async_trait, check_ttl,
 };
 
@@ -584,7 +599,7 @@ impl Inner {
         if self.conn.is_cluster() {
             self.keys.docs(run)
         } else {
-            self.keys.runs()
+            self.keys.runs().to_owned()
         }
     }
 
@@ -665,18 +680,25 @@ impl Inner {
             Err(_) => return Err(timed_out(bound)),
         };
         if acked < want {
-            return Err(Error::new(
-                ErrorKind::Backend,
-                format!(
-                    "only {acked} of {want} replicas acknowledged the write within {} ms; \
-                     it was made on the primary but a failover may lose it",
-                    timeout.as_millis()
-                ),
-            )
-            .with_backend(BACKEND)
-            .set_retryable(true));
+            return Err(self.unreplicated(acked));
         }
         Ok(())
+    }
+
+    /// The error of a write that fewer than `wait_replicas` replicas
+    /// acknowledged (`acked` did) in time.
+    fn unreplicated(&self, acked: u64) -> Error {
+        Error::new(
+            ErrorKind::Backend,
+            format!(
+                "only {acked} of {} replicas acknowledged the write within {} ms; \
+                 it was made on the primary but a failover may lose it",
+                self.config.wait_replicas,
+                self.config.wait_timeout.as_millis()
+            ),
+        )
+        .with_backend(BACKEND)
+        .set_retryable(true)
     }
 
     /// Checks a TTL ([`check_ttl`], before anything is sent) and gives it
@@ -999,19 +1021,18 @@ impl Inner {
         foreign: Option<&Lease>,
         release: bool,
     ) -> Result<Version> {
+        let write = Write {
+            run,
+            doc,
+            bytes,
+            mode,
+            lease,
+            foreign,
+            release,
+            version: new_version(),
+        };
         let mut answered = false;
-        let outcome = self
-            .put_once(
-                run,
-                doc,
-                bytes,
-                mode,
-                lease,
-                foreign,
-                release,
-                &mut answered,
-            )
-            .await;
+        let outcome = self.put_once(&write, &mut answered).await;
         if let (Err(error), Some(lease), true, false) = (&outcome, lease, release, answered)
             && !matches!(error.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost)
         {
@@ -1022,27 +1043,59 @@ impl Inner {
 
     /// One write; sets `answered` once the script's reply arrived (every
     /// reply of the save script means it handled the lease itself).
-    #[allow(clippy::too_many_arguments)]
-    async fn put_once(
-        &self,
-        run: &RunId,
-        doc: &DocName,
-        bytes: &Bytes,
-        mode: &PutMode,
-        lease: Option<&Lease>,
-        foreign: Option<&Lease>,
-        release: bool,
-        answered: &mut bool,
-    ) -> Result<Version> {
-        for lease in lease.iter().chain(foreign.iter()) {
-            lease.key().check_covers(run, doc)?;
+    async fn put_once(&self, write: &Write<'_>, answered: &mut bool) -> Result<Version> {
+        for lease in write.lease.iter().chain(write.foreign.iter()) {
+            lease.key().check_covers(write.run, write.doc)?;
         }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match self.write_commands(&mut pipe, write) {
+            None => {
+                let mut con = self.conn.clone();
+                self.bounded(pipe.query_async::<()>(&mut con)).await?;
+            }
+            Some(script) => {
+                let replies = self.transact(&pipe, script).await?;
+                let reply = replies
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| unexpected("no reply"))?;
+                *answered = true;
+                self.write_outcome(write, reply)?;
+            }
+        }
+        if self.config.wait_replicas > 0 {
+            self.wait_replicated(&self.keys.doc(write.run, write.doc))
+                .await?;
+        }
+        Ok(write.version.clone())
+    }
+
+    /// Appends the commands of one write to `pipe`, which the caller runs
+    /// as one MULTI/EXEC, and returns the script among them (`None`: a
+    /// plain overwrite, no script). Only the script's reply is not
+    /// ignored. [`Inner::put_once`] and the batches both build their
+    /// writes here, so a write in a batch is exactly the write `put` makes.
+    fn write_commands<'s>(
+        &'s self,
+        pipe: &mut redis::Pipeline,
+        write: &Write<'_>,
+    ) -> Option<&'s redis::Script> {
+        let Write {
+            run,
+            doc,
+            bytes,
+            mode,
+            lease,
+            foreign,
+            release,
+            ref version,
+        } = *write;
         let (mode_arg, expected) = match mode {
             PutMode::Overwrite => ("o", ""),
             PutMode::Create => ("c", ""),
             PutMode::Update(version) => ("u", version.as_str()),
         };
-        let version = new_version();
         let doc_key = self.keys.doc(run, doc);
         let events = self.keys.events(run);
         if lease.is_none()
@@ -1052,9 +1105,7 @@ impl Inner {
         {
             // Nothing to check: plain commands, no script, the change
             // announced in the same transaction.
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .cmd("HSET")
+            pipe.cmd("HSET")
                 .arg(&doc_key)
                 .arg("version")
                 .arg(version.as_str())
@@ -1078,29 +1129,49 @@ impl Inner {
                 .arg(&events)
                 .arg(format!("c {version} {doc}"))
                 .ignore();
-            let mut con = self.conn.clone();
-            self.bounded(pipe.query_async::<()>(&mut con)).await?;
-            self.wait_replicated(&doc_key).await?;
-            return Ok(version);
+            return None;
         }
         let script = match lease {
             None => &self.scripts.put,
             Some(_) => &self.scripts.save,
         };
         let staging = self.keys.staging(run);
-        let watermark = match foreign {
-            Some(foreign) => self.keys.watermark(foreign.key()),
+        let docs = self.keys.docs(run);
+        // The document is staged by a plain HSET in the same transaction;
+        // the script renames it into place only if every check passes.
+        pipe.cmd("HSET")
+            .arg(&staging)
+            .arg("version")
+            .arg(version.as_str())
+            .arg("data")
+            .arg(bytes.as_ref())
+            .ignore();
+        // The EVALSHA is written straight into the pipeline (a
+        // `ScriptInvocation` would collect every key and argument once more
+        // and copy them again); a NOSCRIPT reply is handled by the caller
+        // (`transact`, or the batch), which loads `script` and sends again.
+        let evalsha = pipe
+            .cmd("EVALSHA")
+            .arg(script.get_hash())
+            .arg(if lease.is_some() { 6 } else { 5 })
+            .arg(&doc_key)
+            .arg(&docs);
+        if self.conn.is_cluster() {
+            // A cluster keeps no store-wide run index (see `runs_key`).
+            evalsha.arg(&docs);
+        } else {
+            evalsha.arg(self.keys.runs());
+        }
+        evalsha.arg(&staging);
+        match foreign {
+            Some(foreign) => evalsha.arg(self.keys.watermark(foreign.key())),
             // Not read without a foreign fence; any key of the run's slot.
-            None => self.keys.watermark(&LockKey::Doc(run.clone(), doc.clone())),
+            None => evalsha.arg(&docs),
         };
-        let mut invocation = script.prepare_invoke();
-        invocation
-            .key(&doc_key)
-            .key(self.keys.docs(run))
-            .key(self.runs_key(run))
-            .key(&staging)
-            .key(watermark);
-        invocation
+        if let Some(lease) = lease {
+            evalsha.arg(self.keys.lock(lease.key()));
+        }
+        evalsha
             .arg(doc.as_str())
             .arg(run.as_str())
             .arg(mode_arg)
@@ -1109,38 +1180,30 @@ impl Inner {
             .arg(&events)
             .arg(foreign.map_or_else(String::new, |f| f.fence().to_string()));
         if let Some(lease) = lease {
-            invocation.key(self.keys.lock(lease.key()));
-            invocation
+            evalsha
                 .arg(lease.owner().id())
                 .arg(lease.fence().to_string())
                 .arg(if release { "1" } else { "0" })
                 .arg(lease.key().doc().map_or("", DocName::as_str));
         }
-        // The document is staged by a plain HSET in the same transaction;
-        // the script renames it into place only if every check passes.
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HSET")
-            .arg(&staging)
-            .arg("version")
-            .arg(version.as_str())
-            .arg("data")
-            .arg(bytes.as_ref())
-            .ignore()
-            .invoke_script(&invocation);
-        let replies = self.transact(&pipe, script).await?;
-        let mut reply = Reply::parse(
-            replies
-                .into_iter()
-                .next()
-                .ok_or_else(|| unexpected("no reply"))?,
-        )?;
-        *answered = true;
+        Some(script)
+    }
+
+    /// What the reply of a write's script means: written (`Ok`), or the
+    /// error of a refused or failed write.
+    fn write_outcome(&self, write: &Write<'_>, reply: Value) -> Result<()> {
+        let Write {
+            run,
+            doc,
+            mode,
+            lease,
+            foreign,
+            release,
+            ..
+        } = *write;
+        let mut reply = Reply::parse(reply)?;
         match reply.status.as_str() {
-            "ok" => {
-                self.wait_replicated(&doc_key).await?;
-                Ok(version)
-            }
+            "ok" => Ok(()),
             "exists" => Err(
                 Error::new(ErrorKind::AlreadyExists, "the document already exists")
                     .with_backend(BACKEND),
@@ -1264,14 +1327,37 @@ impl Inner {
     }
 }
 
+/// One write, as [`Inner::write_commands`] sends it and
+/// [`Inner::write_outcome`] reads its reply: a `put`, a save (with
+/// `lease`), a save-and-release (`release`) or one write of a batch.
+struct Write<'a> {
+    run: &'a RunId,
+    doc: &'a DocName,
+    bytes: &'a Bytes,
+    mode: &'a PutMode,
+    /// A lease of this store the write is fenced by.
+    lease: Option<&'a Lease>,
+    /// A lease granted by another lock service (checked against its
+    /// lock's watermark).
+    foreign: Option<&'a Lease>,
+    /// Release `lease` with the write (save-and-release).
+    release: bool,
+    /// The version the write gives the document.
+    version: Version,
+}
+
 /// A new version token: 128 random bits in hex. Versions are compared only
 /// for equality, so they need to be unique, not ordered.
 fn new_version() -> Version {
-    Version::new(format!(
-        "{:016x}{:016x}",
-        fastrand::u64(..),
-        fastrand::u64(..)
-    ))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = fastrand::u128(..);
+    // Digit by digit rather than through `format!`, which costs several
+    // times more on every write.
+    let text: String = (0..32)
+        .rev()
+        .map(|digit| char::from(HEX[((bits >> (digit * 4)) & 0xf) as usize]))
+        .collect();
+    Version::new(text)
 }
 
 /// A document read by `HMGET <doc> version data`: both present, or none.
@@ -1300,6 +1386,32 @@ fn stored_of(pair: Value) -> Result<Option<StoredDoc>> {
         )),
         _ => None,
     })
+}
+
+/// A document as `get` reads it without a size limit: the reply of
+/// `HMGET <doc> version data` (both present, or none), or the error in it.
+fn read_hmget(reply: Value) -> Result<Option<StoredDoc>> {
+    let reply = reply.extract_error().map_err(map_redis_error)?;
+    let (version, data): (Option<String>, Option<Vec<u8>>) =
+        redis::from_redis_value(reply).map_err(|e| map_redis_error(e.into()))?;
+    Ok(version
+        .zip(data)
+        .map(|(version, data)| StoredDoc::new(Bytes::from(data), Version::new(version))))
+}
+
+/// A document as `get` reads it with a size limit: the limited-read
+/// script's reply.
+fn read_limited(mut reply: Reply, limit: u64) -> Result<Option<StoredDoc>> {
+    match reply.status.as_str() {
+        "ok" => {
+            let version = reply.text()?;
+            let bytes = reply.bytes()?.unwrap_or_default();
+            Ok(Some(StoredDoc::new(bytes, Version::new(version))))
+        }
+        "absent" => Ok(None),
+        "toolarge" => Err(too_large(reply.int()?, Some(limit))),
+        other => Err(unexpected(other)),
+    }
 }
 
 fn too_large(size: i64, limit: Option<u64>) -> Error {
@@ -1374,39 +1486,47 @@ impl Store for RedisStore {
             match options.limit {
                 None => {
                     let mut con = inner.conn.clone();
-                    let (version, data): (Option<String>, Option<Vec<u8>>) = inner
-                        .bounded(
-                            redis::cmd("HMGET")
-                                .arg(&key)
-                                .arg("version")
-                                .arg("data")
-                                .query_async(&mut con),
-                        )
+                    let reply: Value = inner
+                        .bounded(con.req_packed_command(
+                            redis::cmd("HMGET").arg(&key).arg("version").arg("data"),
+                        ))
                         .await?;
-                    Ok(version.zip(data).map(|(version, data)| {
-                        StoredDoc::new(Bytes::from(data), Version::new(version))
-                    }))
+                    read_hmget(reply)
                 }
                 Some(limit) => {
                     let mut invocation = inner.scripts.get_limited.prepare_invoke();
                     invocation.key(&key).arg(limit);
-                    let mut reply = inner.invoke(&invocation).await?;
-                    match reply.status.as_str() {
-                        "ok" => {
-                            let version = reply.text()?;
-                            let bytes = reply.bytes()?.unwrap_or_default();
-                            Ok(Some(StoredDoc::new(bytes, Version::new(version))))
-                        }
-                        "absent" => Ok(None),
-                        "toolarge" => Err(too_large(reply.int()?, Some(limit))),
-                        other => Err(unexpected(other)),
-                    }
+                    read_limited(inner.invoke(&invocation).await?, limit)
                 }
             }
         };
         outcome
             .await
             .map_err(|e| e.at_doc(Operation::Get, run, doc))
+    }
+
+    /// One pipeline per 256 documents (see the crate documentation); each
+    /// document's result is what [`get`](Store::get) would give.
+    async fn get_many(
+        &self,
+        run: &RunId,
+        docs: &[DocName],
+        options: GetOptions,
+    ) -> Result<Vec<Result<Option<StoredDoc>>>> {
+        self.inner
+            .get_many(run, docs, options)
+            .await
+            .map_err(|e| e.with_operation(Operation::GetMany).with_run(run))
+    }
+
+    /// One pipeline per 256 writes, each write its own `MULTI`/`EXEC` (on a
+    /// cluster, one write at a time; see the crate documentation); each
+    /// write's result is what [`put`](Store::put) would give.
+    async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
+        self.inner
+            .put_many(run, &puts)
+            .await
+            .map_err(|e| e.with_operation(Operation::PutMany).with_run(run))
     }
 
     async fn put(

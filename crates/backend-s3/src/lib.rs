@@ -270,6 +270,7 @@ use object_store::{
     Attribute, AttributeValue, Attributes, GetOptions as OsGetOptions, ObjectStore, ObjectStoreExt,
     PutMode as OsPutMode, PutOptions as OsPutOptions, PutPayload, UpdateVersion,
 };
+use runstate_core::batch::waves;
 use runstate_core::events::{check_label, check_text, poll_watch};
 use runstate_core::time::from_unix_millis;
 use runstate_core::{
@@ -1613,7 +1614,7 @@ impl Store for S3Store {
     /// whole batch: each write has its own result.
     async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
         let mut done: Vec<(usize, Result<Version>)> = Vec::with_capacity(puts.len());
-        for wave in waves(&puts) {
+        for wave in waves(&puts, 0..puts.len()) {
             let mut wave = wave.into_iter();
             let mut running = FuturesUnordered::new();
             loop {
@@ -1977,23 +1978,6 @@ impl Store for S3Store {
     }
 }
 
-/// The writes of a batch in waves: the `n`-th write of each document in
-/// wave `n` (indices into `puts`, in order). Writes of different documents
-/// do not depend on each other; those of one document must run in order.
-fn waves(puts: &[PutRequest]) -> Vec<Vec<usize>> {
-    let mut seen: HashMap<&DocName, usize> = HashMap::new();
-    let mut waves: Vec<Vec<usize>> = Vec::new();
-    for (i, put) in puts.iter().enumerate() {
-        let n = seen.entry(&put.doc).or_insert(0);
-        if waves.len() <= *n {
-            waves.push(Vec::new());
-        }
-        waves[*n].push(i);
-        *n += 1;
-    }
-    waves
-}
-
 /// Whether `version`, as this backend returned it for a write of `bytes`
 /// (from [`Store::put`] or [`Store::put_many`] of an [`S3Store`]), proves
 /// that the server received exactly `bytes`: it is an ETag that is the
@@ -2089,7 +2073,7 @@ impl Lock for S3Store {
             .release(lease)
             .await
             .map_err(|e| e.with_operation(Operation::Release).with_lock(lease.key()));
-        self.inner.signals.released(lease.key());
+        self.inner.signals.released(lease.key(), lease.fence());
         outcome
     }
 
@@ -2143,7 +2127,9 @@ impl Lock for S3Store {
         let outcome = outcome
             .await
             .map_err(|e: Error| e.with_operation(Operation::BreakLock).with_lock(key));
-        inner.signals.released(key);
+        if let Ok(Some(broken)) = &outcome {
+            inner.signals.released(key, broken.fence);
+        }
         outcome
     }
 
@@ -2242,7 +2228,7 @@ impl Lock for S3Store {
         if !lost && let Err(error) = self.inner.release(lease).await {
             tracing::debug!(%error, "release after a save");
         }
-        self.inner.signals.released(lease.key());
+        self.inner.signals.released(lease.key(), lease.fence());
         saved
     }
 }

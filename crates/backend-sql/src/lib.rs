@@ -49,6 +49,15 @@
 //! | [`Store::watch`] | `NOTIFY`: every write announced by its own statement, reported one by one ([`WatchMode::Native`] with `every_write`) | listing the run every `watch_ms` ([`WatchMode::Polling`]) |
 //! | status followers | woken by `NOTIFY`, then read the new rows | read the new rows every `watch_ms` |
 //! | [`Lock::wait_for_release`] | woken by a release in any process (`NOTIFY` on release, save-and-release, break) or through this store | woken by releases through this store; otherwise its backoff |
+//! | [`Lock::wait_for_local_release`] | while a grant made through this store holds the lock: woken by its release through this store | the same |
+//!
+//! A waiting acquire ([`LockExt::acquire`](runstate_core::LockExt::acquire))
+//! whose lock is held by a grant of this same store does not ask the
+//! database until that grant is released (or expires, or the policy's
+//! `max_backoff` passes): an attempt while the holder works would be
+//! refused, and would contend with the holder's save (for SQLite, whose
+//! writers exclude each other, a refused attempt during a save sleeps in
+//! SQLite's busy handler).
 //!
 //! In PostgreSQL, writes and releases call `pg_notify` on the channel
 //! `<prefix>events` inside the writing statement (a CTE of its own: no
@@ -185,6 +194,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use runstate_core::batch::{groups, waves};
 use runstate_core::events::{check_label, check_text};
 use runstate_core::time::from_unix_millis;
 use runstate_core::{
@@ -1829,7 +1839,10 @@ impl Inner {
         match self.dialect {
             Dialect::Sqlite => self.put_group(run, puts, &pending, &mut results).await?,
             Dialect::Postgres | Dialect::MySql => {
-                for wave in waves(puts, &pending) {
+                // Writes of one document go at most one per statement (a
+                // statement cannot write a row twice, and each write must see
+                // the earlier one's outcome).
+                for wave in waves(puts, pending.iter().copied()) {
                     for group in self.groups(puts, &wave) {
                         self.put_group(run, puts, group, &mut results).await?;
                     }
@@ -1859,20 +1872,7 @@ impl Inner {
             .capabilities
             .max_document_size
             .map_or(BATCH_BYTES, |max| BATCH_BYTES.min(max));
-        let mut groups = Vec::new();
-        let (mut start, mut bytes) = (0, 0u64);
-        for (k, &i) in wave.iter().enumerate() {
-            let size = puts[i].bytes.len() as u64;
-            if k > start && (k - start >= BATCH_ROWS || bytes + size > cap) {
-                groups.push(&wave[start..k]);
-                (start, bytes) = (k, 0);
-            }
-            bytes += size;
-        }
-        if start < wave.len() {
-            groups.push(&wave[start..]);
-        }
-        groups
+        groups(puts, wave, BATCH_ROWS, cap)
     }
 
     /// Writes one group of a batch (see [`Inner::put_many`]); a group the
@@ -2202,24 +2202,6 @@ impl Tx<'_> {
             }
         }
     }
-}
-
-/// Writes of one document in a batch go at most one per statement (a
-/// statement cannot write a row twice, and each write must see the
-/// earlier one's outcome): the `n`-th write of each document is in wave
-/// `n`, the waves in order. `pending` are indices into `puts`, in order.
-fn waves(puts: &[PutRequest], pending: &[usize]) -> Vec<Vec<usize>> {
-    let mut seen: HashMap<&DocName, usize> = HashMap::new();
-    let mut waves: Vec<Vec<usize>> = Vec::new();
-    for &i in pending {
-        let n = seen.entry(&puts[i].doc).or_insert(0);
-        if waves.len() <= *n {
-            waves.push(Vec::new());
-        }
-        waves[*n].push(i);
-        *n += 1;
-    }
-    waves
 }
 
 /// Whether `error` is the database's refusal of a statement or
@@ -2670,10 +2652,13 @@ impl Store for SqlStore {
 impl Lock for SqlStore {
     async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease> {
         let issued = Instant::now();
-        self.inner
+        let lease = self
+            .inner
             .try_acquire(key, owner, ttl, issued)
             .await
-            .map_err(|e| e.with_operation(Operation::Acquire).with_lock(key))
+            .map_err(|e| e.with_operation(Operation::Acquire).with_lock(key))?;
+        self.inner.signals.granted(&lease);
+        Ok(lease)
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
@@ -2699,7 +2684,9 @@ impl Lock for SqlStore {
         if done.rows_affected() == 0 {
             return Err(inner.lease_lost(lease, inner.holder(key).await?, Operation::Renew));
         }
-        Ok(lease.renewed(ttl, issued))
+        let renewed = lease.renewed(ttl, issued);
+        inner.signals.granted(&renewed);
+        Ok(renewed)
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
@@ -2708,7 +2695,7 @@ impl Lock for SqlStore {
             .release(lease)
             .await
             .map_err(|e| e.with_operation(Operation::Release).with_lock(lease.key()));
-        self.inner.signals.released(lease.key());
+        self.inner.signals.released(lease.key(), lease.fence());
         outcome
     }
 
@@ -2754,7 +2741,9 @@ impl Lock for SqlStore {
         let outcome = outcome
             .await
             .map_err(|e: Error| e.with_operation(Operation::BreakLock).with_lock(key));
-        inner.signals.released(key);
+        if let Ok(Some(broken)) = &outcome {
+            inner.signals.released(key, broken.fence);
+        }
         outcome
     }
 
@@ -2797,6 +2786,14 @@ impl Lock for SqlStore {
         self.inner.signals.wait(key, max).await;
     }
 
+    /// Waits while a grant made through this store holds `key` (see
+    /// [`ReleaseSignals::wait_while_held`]). A release announced by the
+    /// listener does not end this wait (it may be the echo of an earlier
+    /// release); the release through this store does.
+    async fn wait_for_local_release(&self, key: &LockKey, owner: &Owner, max: Duration) -> bool {
+        self.inner.signals.wait_while_held(key, owner, max).await
+    }
+
     async fn acquire_and_load(
         &self,
         key: &LockKey,
@@ -2806,14 +2803,17 @@ impl Lock for SqlStore {
         options: GetOptions,
     ) -> Result<(Lease, Option<StoredDoc>)> {
         let issued = Instant::now();
-        self.inner
+        let (lease, stored) = self
+            .inner
             .acquire_and_load(key, doc, owner, ttl, options, issued)
             .await
             .map_err(|e| {
                 e.with_operation(Operation::AcquireAndLoad)
                     .with_lock(key)
                     .with_doc(doc)
-            })
+            })?;
+        self.inner.signals.granted(&lease);
+        Ok((lease, stored))
     }
 
     async fn save_and_release(
@@ -2829,7 +2829,7 @@ impl Lock for SqlStore {
             .fenced_put(lease, doc, &bytes, &mode, true)
             .await
             .map_err(|e| e.at_doc(Operation::SaveAndRelease, run, doc));
-        self.inner.signals.released(lease.key());
+        self.inner.signals.released(lease.key(), lease.fence());
         outcome
     }
 }

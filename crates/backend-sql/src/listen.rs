@@ -418,7 +418,7 @@ impl Hub {
                         Err(_) => return,
                     },
                 };
-                self.signals.released(&key);
+                self.signals.announced(&key);
                 return;
             }
             ("s", _) => {

@@ -8,13 +8,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use runstate_conformance::proxy::Proxy;
 use runstate_core::{
-    Bytes, DocName, ErrorKind, Fence, Fetched, GetOptions, Lease, Lock, LockKey, Owner, PutMode,
-    PutOptions, Replay, RunId, StatusEvent, Store, StoreExt, Version, WatchEvent, WatchMode,
-    display_chain,
+    Bytes, DocName, ErrorKind, Fence, Fetched, GetOptions, Lease, Lock, LockExt, LockKey, Owner,
+    PutMode, PutOptions, Replay, RunId, StatusEvent, Store, StoreExt, Version, WaitPolicy,
+    WatchEvent, WatchMode, display_chain,
 };
 use runstate_sql::{Dialect, SqlConfig, SqlStore};
 use sqlx::{AnyConnection, Connection, Executor, Row};
@@ -530,6 +531,91 @@ async fn postgres_waiter_is_woken_by_another_stores_release() {
     }
     holder.close().await;
     cleanup(&waiter, &url).await;
+}
+
+/// Issue 13 (waiters wake on release): a waiter whose lock is held
+/// through the same store waits for that holder's release without asking
+/// the database: one acquire for the holder, one for the waiter, however
+/// long the holder works. Before, it asked at every backoff step (and in
+/// SQLite each refused ask during the holder's save slept in SQLite's busy
+/// handler).
+async fn a_waiter_behind_a_holder_of_this_store_asks_once(dialect: Dialect) {
+    let Some(url) = url(dialect) else {
+        return;
+    };
+    let store = open(&url, &prefix()).await;
+    let (_run, doc, key) = ids();
+    runstate_conformance::check_a_local_waiter_asks_once(Arc::new(store.clone()), &key, &doc, TTL)
+        .await;
+    cleanup(&store, &url).await;
+}
+
+each_dialect!(a_waiter_behind_a_holder_of_this_store_asks_once:
+    postgres_a_waiter_behind_a_holder_of_this_store_asks_once => Dialect::Postgres,
+    mysql_a_waiter_behind_a_holder_of_this_store_asks_once => Dialect::MySql,
+    sqlite_a_waiter_behind_a_holder_of_this_store_asks_once => Dialect::Sqlite,
+);
+
+/// Issue 13: a release announced on the channel (`NOTIFY`) does not end
+/// the wait of a waiter whose lock is held through the same store: it may
+/// be the late echo of the release that handed the lock to that holder,
+/// and a holder of this store is released through it. (Taken for a
+/// release, it sent the waiter asking, refused, while the holder worked.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_announced_release_does_not_end_a_local_wait() {
+    let Some(url) = url(Dialect::Postgres) else {
+        return;
+    };
+    let prefix = prefix();
+    let store = open(&url, &prefix).await;
+    let counting = Arc::new(runstate_conformance::CountingLock::new(Arc::new(
+        store.clone(),
+    )));
+    let (run, doc, key) = ids();
+    // The store listens while this watch lives.
+    let _watch = store.watch(&run).await.expect("watch");
+    let lease = counting
+        .try_acquire(&key, &Owner::for_this_process(), TTL)
+        .await
+        .expect("holder");
+    let waiting = {
+        let (counting, key) = (Arc::clone(&counting), key.clone());
+        tokio::spawn(async move {
+            counting
+                .acquire(
+                    &key,
+                    &Owner::for_this_process(),
+                    TTL,
+                    &WaitPolicy::with_timeout(Duration::from_secs(600)).with_backoff(
+                        Duration::from_millis(1),
+                        Duration::from_secs(600),
+                        2.0,
+                    ),
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // What the previous holder's release announced, arriving late.
+    let mut conn = raw(&url).await;
+    raw_run(
+        &mut conn,
+        format!("SELECT pg_notify('{prefix}events', 'r {run} {doc}')"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        counting.counts.acquires.load(Ordering::SeqCst),
+        1,
+        "the waiter asked while the holder of this store worked"
+    );
+    counting.release(&lease).await.expect("release");
+    let next = waiting.await.expect("joined").expect("the waiter's turn");
+    assert!(next.fence() > lease.fence());
+    assert_eq!(counting.counts.acquires.load(Ordering::SeqCst), 2);
+    counting.release(&next).await.expect("release");
+    drop(conn);
+    cleanup(&store, &url).await;
 }
 
 /// Issue 13: a dropped watch or subscription stops its share of the

@@ -1,4 +1,5 @@
-//! A decorator that counts writes, to prove that something did not write.
+//! A decorator that counts writes (to prove that something did not write)
+//! and acquisitions (to prove that a waiter did not ask).
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,8 +21,12 @@ pub struct Counts {
     pub saves_and_releases: AtomicU64,
     /// Calls of `delete` and `delete_run`.
     pub deletes: AtomicU64,
-    /// Calls of `wait_for_release` that have begun (a waiter is waiting).
+    /// Calls of `wait_for_release` and `wait_for_local_release` that have
+    /// begun (a waiter is waiting).
     pub waits: AtomicU64,
+    /// Calls of `try_acquire` and `acquire_and_load`: what a waiter asked
+    /// the backend.
+    pub acquires: AtomicU64,
 }
 
 impl Counts {
@@ -48,6 +53,79 @@ impl CountingLock {
             inner,
             counts: Arc::new(Counts::default()),
         }
+    }
+}
+
+/// Checks that a waiter whose lock is held through the same store waits
+/// for that holder's release without asking the backend: one acquire for
+/// the holder and one for the waiter, however long the holder works, after
+/// a `release` and after a `save_and_release` of `doc`. For backends that
+/// implement [`Lock::wait_for_local_release`] (their own tests call it;
+/// the suite does not, since others rightly keep polling).
+///
+/// # Panics
+/// When the waiter asks while the holder works, asks more than once after
+/// the release, or any call fails.
+pub async fn check_a_local_waiter_asks_once(
+    store: Arc<dyn Lock>,
+    key: &LockKey,
+    doc: &DocName,
+    ttl: Duration,
+) {
+    use runstate_core::{LockExt, WaitPolicy};
+    let counting = Arc::new(CountingLock::new(store));
+    // Backoff alone would ask many times while the holder works; only the
+    // holder's release may end this wait.
+    let policy = WaitPolicy::with_timeout(ttl).with_backoff(Duration::from_millis(1), ttl, 2.0);
+    for how in ["release", "save_and_release"] {
+        let asked = counting.counts.acquires.load(Ordering::SeqCst);
+        let lease = counting
+            .try_acquire(key, &Owner::for_this_process(), ttl)
+            .await
+            .expect("holder");
+        let waiting = {
+            let (counting, key, doc, policy) = (
+                Arc::clone(&counting),
+                key.clone(),
+                doc.clone(),
+                policy.clone(),
+            );
+            tokio::spawn(async move {
+                counting
+                    .acquire_and_load_waiting(
+                        &key,
+                        &doc,
+                        &Owner::for_this_process(),
+                        ttl,
+                        GetOptions::new(),
+                        &policy,
+                    )
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            counting.counts.acquires.load(Ordering::SeqCst) - asked,
+            1,
+            "the waiter asked while the holder of this store worked"
+        );
+        match how {
+            "release" => counting.release(&lease).await.expect("release"),
+            _ => drop(
+                counting
+                    .save_and_release(&lease, doc, Bytes::from_static(b"x"), PutMode::Overwrite)
+                    .await
+                    .expect("save"),
+            ),
+        }
+        let (next, _) = waiting.await.expect("joined").expect("the waiter's turn");
+        assert!(next.fence() > lease.fence());
+        assert_eq!(
+            counting.counts.acquires.load(Ordering::SeqCst) - asked,
+            2,
+            "one ask after the {how}"
+        );
+        counting.release(&next).await.expect("release");
     }
 }
 
@@ -167,6 +245,7 @@ impl Store for CountingLock {
 #[deny(clippy::missing_trait_methods)]
 impl Lock for CountingLock {
     async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease> {
+        self.counts.acquires.fetch_add(1, Ordering::SeqCst);
         self.inner.try_acquire(key, owner, ttl).await
     }
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
@@ -192,6 +271,10 @@ impl Lock for CountingLock {
         self.counts.waits.fetch_add(1, Ordering::SeqCst);
         self.inner.wait_for_release(key, max).await
     }
+    async fn wait_for_local_release(&self, key: &LockKey, owner: &Owner, max: Duration) -> bool {
+        self.counts.waits.fetch_add(1, Ordering::SeqCst);
+        self.inner.wait_for_local_release(key, owner, max).await
+    }
     async fn acquire_and_load(
         &self,
         key: &LockKey,
@@ -200,6 +283,7 @@ impl Lock for CountingLock {
         ttl: Duration,
         options: GetOptions,
     ) -> Result<(Lease, Option<StoredDoc>)> {
+        self.counts.acquires.fetch_add(1, Ordering::SeqCst);
         self.inner
             .acquire_and_load(key, doc, owner, ttl, options)
             .await

@@ -44,7 +44,7 @@ mod harness;
 pub mod proxy;
 
 pub use child::{CHILD_VAR, child_main};
-pub use counting::{CountingLock, Counts};
+pub use counting::{CountingLock, Counts, check_a_local_waiter_asks_once};
 pub use harness::{Ctx, Harness, REQUIRE_VAR, is_required, run_case, server_url};
 
 #[doc(hidden)]
@@ -128,6 +128,7 @@ macro_rules! __case_list {
             lease_break_frees_and_fences_out, lease_run_and_doc_locks_are_distinct,
             lease_fenced_put_after_release_is_fenced, lease_list_locks_shows_held,
             lease_dead_holder_is_broken, acquire_times_out_while_held, acquire_waits_for_release,
+            acquire_sees_a_break_made_elsewhere,
             // 8. stale holder
             stale_holder_is_fenced, stale_run_lock_holder_is_fenced,
             fenced_save_is_conditional_on_the_loaded_version,

@@ -55,6 +55,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod cache;
 mod codec;
 mod error;

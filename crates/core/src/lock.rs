@@ -91,6 +91,28 @@ pub trait Lock: Store {
         tokio::time::sleep(max).await;
     }
 
+    /// While `key` is held by a live grant that this handle made (or
+    /// renewed) for another owner than `owner`, and that it has not seen
+    /// given back, waits until that grant is given back through this
+    /// handle, reaches its local deadline ([`Lease::expires_at`]), or `max`
+    /// has passed, and returns `true`; returns `false` at once when this
+    /// handle knows of no such grant.
+    ///
+    /// The wait loop of [`LockExt::acquire`](crate::LockExt::acquire) calls
+    /// it before it asks the backend, so that a waiter whose holder is in
+    /// this process (the common case of tasks taking turns) waits for that
+    /// holder's release instead of asking while the holder is still at
+    /// work: such an attempt can only be refused, and it contends with the
+    /// holder's own save. It is a hint, never a verdict: the caller asks
+    /// the backend afterwards in any case (the grant may have been broken
+    /// or taken over meanwhile, which this handle does not see). Backends
+    /// implement it with [`ReleaseSignals`](crate::ReleaseSignals); the
+    /// default knows of no grants and returns `false` at once.
+    async fn wait_for_local_release(&self, key: &LockKey, owner: &Owner, max: Duration) -> bool {
+        let _ = (key, owner, max);
+        false
+    }
+
     /// Takes the lock and reads `doc` (which the lock must cover) in one
     /// call. The default makes two calls; backends that can do both in one
     /// round trip override it.
@@ -194,6 +216,14 @@ macro_rules! forward_lock {
             }
             async fn wait_for_release(&self, key: &LockKey, max: Duration) {
                 (**self).wait_for_release(key, max).await
+            }
+            async fn wait_for_local_release(
+                &self,
+                key: &LockKey,
+                owner: &Owner,
+                max: Duration,
+            ) -> bool {
+                (**self).wait_for_local_release(key, owner, max).await
             }
             async fn acquire_and_load(
                 &self,

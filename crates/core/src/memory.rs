@@ -759,8 +759,10 @@ impl Store for MemoryStore {
 impl Lock for MemoryStore {
     async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease> {
         let issued = Instant::now();
-        Self::grant(&mut self.state(), key, owner, ttl, issued)
-            .map_err(|e| e.with_operation(Operation::Acquire))
+        let lease = Self::grant(&mut self.state(), key, owner, ttl, issued)
+            .map_err(|e| e.with_operation(Operation::Acquire))?;
+        self.inner.signals.granted(&lease);
+        Ok(lease)
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
@@ -785,12 +787,15 @@ impl Lock for MemoryStore {
         {
             held.expires = crate::time::saturating_add(issued, ttl);
         }
-        Ok(lease.renewed(ttl, issued))
+        drop(state);
+        let renewed = lease.renewed(ttl, issued);
+        self.inner.signals.granted(&renewed);
+        Ok(renewed)
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
         let outcome = Self::release_in(&mut self.state(), lease);
-        self.inner.signals.released(lease.key());
+        self.inner.signals.released(lease.key(), lease.fence());
         outcome
     }
 
@@ -822,7 +827,7 @@ impl Lock for MemoryStore {
             held.info(key, lock.fence)
         };
         tracing::warn!(lock = %key, holder = %broken.owner, fence = %broken.fence, "lease broken");
-        self.inner.signals.released(key);
+        self.inner.signals.released(key, broken.fence);
         Ok(Some(broken))
     }
 
@@ -840,6 +845,10 @@ impl Lock for MemoryStore {
 
     async fn wait_for_release(&self, key: &LockKey, max: Duration) {
         self.inner.signals.wait(key, max).await;
+    }
+
+    async fn wait_for_local_release(&self, key: &LockKey, owner: &Owner, max: Duration) -> bool {
+        self.inner.signals.wait_while_held(key, owner, max).await
     }
 
     async fn acquire_and_load(
@@ -860,6 +869,8 @@ impl Lock for MemoryStore {
             .map_err(|e| e.at_doc(op, key.run(), doc))?;
         let lease =
             Self::grant(&mut state, key, owner, ttl, issued).map_err(|e| e.with_operation(op))?;
+        drop(state);
+        self.inner.signals.granted(&lease);
         Ok((lease, stored))
     }
 
@@ -883,7 +894,7 @@ impl Lock for MemoryStore {
             }
             saved
         };
-        self.inner.signals.released(lease.key());
+        self.inner.signals.released(lease.key(), lease.fence());
         saved
     }
 }

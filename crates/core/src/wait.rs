@@ -20,7 +20,9 @@ use crate::time::Short;
 /// Sleeps grow from `initial_backoff` by `multiplier` up to `max_backoff`;
 /// each sleep is jittered between half and all of its nominal length so
 /// waiters that collided once do not collide again, and never outlasts the
-/// holder's remaining lease by more than a millisecond.
+/// holder's remaining lease by more than a millisecond. A holder in this
+/// process is waited for until its release instead, for at most
+/// `max_backoff` at a time (see [`LockExt::acquire`]).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct WaitPolicy {
@@ -28,7 +30,8 @@ pub struct WaitPolicy {
     pub timeout: Duration,
     /// The first sleep.
     pub initial_backoff: Duration,
-    /// The longest sleep.
+    /// The longest sleep, and the longest wait for a holder in this
+    /// process before the backend is asked again.
     pub max_backoff: Duration,
     /// Growth factor between sleeps (at least 1).
     pub multiplier: f64,
@@ -128,6 +131,10 @@ impl Backoff {
 /// [`Lock::break_lock`] pinned to that grant's fence, so only that dead grant
 /// is broken, and the attempt is retried without sleeping.
 ///
+/// The attempt's owner is not known here, so a holder in this process is
+/// polled for like any other; [`LockExt`]'s acquisitions wait for its
+/// release instead (see [`LockExt::acquire`]).
+///
 /// # Errors
 /// The attempt's first permanent error; or, when the policy's timeout runs
 /// out, a `Locked` error naming the holder whose source is the last
@@ -135,6 +142,26 @@ impl Backoff {
 pub async fn retry_while_locked<L, T, F, Fut>(
     lock: &L,
     key: &LockKey,
+    policy: &WaitPolicy,
+    attempt: F,
+) -> Result<T>
+where
+    L: Lock + ?Sized,
+    F: FnMut() -> Fut + Send,
+    Fut: Future<Output = Result<T>> + Send,
+    T: Send,
+{
+    wait_in_line(lock, key, None, policy, attempt).await
+}
+
+/// [`retry_while_locked`], for attempts by `owner` when it is known: while
+/// a grant the store made in this process to another owner holds the
+/// lock, its release is waited for ([`Lock::wait_for_local_release`]), for
+/// at most `max_backoff` at a time, instead of asking the store.
+async fn wait_in_line<L, T, F, Fut>(
+    lock: &L,
+    key: &LockKey,
+    owner: Option<&Owner>,
     policy: &WaitPolicy,
     mut attempt: F,
 ) -> Result<T>
@@ -152,6 +179,12 @@ where
     // When our turn does not come in time, one last try reports the
     // current holder.
     let _turn = tokio::time::timeout(policy.timeout, line.lock()).await.ok();
+    // The head of the line most often finds the waiter that was ahead of
+    // it still at work: asking now would only be refused, and would slow
+    // that holder's save down. Its release wakes us instead.
+    if let Some(owner) = owner {
+        wait_for_local_holder(lock, key, owner, policy, &backoff).await;
+    }
     let mut broken: Option<Fence> = None;
     loop {
         let error = match attempt().await {
@@ -180,11 +213,42 @@ where
             _ => return Err(error),
         };
         match backoff.next_delay(hint) {
-            Some(delay) => lock.wait_for_release(key, delay).await,
+            Some(delay) => {
+                // A holder in this process (the lock changed hands between
+                // the wait above and the attempt, say) is waited for as
+                // above; any other is polled for with backoff.
+                let waited = match owner {
+                    Some(owner) => wait_for_local_holder(lock, key, owner, policy, &backoff).await,
+                    None => false,
+                };
+                if !waited {
+                    lock.wait_for_release(key, delay).await;
+                }
+            }
             None if policy.timeout.is_zero() => return Err(error),
             None => return Err(gave_up(key, policy, error)),
         }
     }
+}
+
+/// Waits for the release of a grant that the store made in this process
+/// to another owner than `owner` ([`Lock::wait_for_local_release`]): at most
+/// the policy's `max_backoff`, so that a grant broken or taken over behind
+/// this process's back is noticed as soon as backoff would notice it, and
+/// not past the policy's deadline. Whether there was such a grant.
+async fn wait_for_local_holder<L: Lock + ?Sized>(
+    lock: &L,
+    key: &LockKey,
+    owner: &Owner,
+    policy: &WaitPolicy,
+    backoff: &Backoff,
+) -> bool {
+    let left = backoff.deadline().saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return false;
+    }
+    lock.wait_for_local_release(key, owner, policy.max_backoff.min(left))
+        .await
 }
 
 /// The line of this process's waiters for `key` on the store `lock` is.
@@ -235,6 +299,15 @@ fn gave_up(key: &LockKey, policy: &WaitPolicy, last: Error) -> Error {
 pub trait LockExt: Lock {
     /// Takes the lock, waiting per `policy` while it is busy.
     ///
+    /// Waiters of this process queue for the lock first come, first
+    /// served, and only the first asks the backend. While the lock is held
+    /// by a grant this store made in this process (to another owner),
+    /// that waiter does not ask: it waits for the grant's release through
+    /// this store ([`Lock::wait_for_local_release`]), its expiry, or the
+    /// policy's `max_backoff`, whichever comes first, then asks. Any other
+    /// holder is polled for with backoff, woken early by releases the
+    /// backend hears of ([`Lock::wait_for_release`]).
+    ///
     /// # Errors
     /// See [`retry_while_locked`].
     async fn acquire(
@@ -244,11 +317,14 @@ pub trait LockExt: Lock {
         ttl: Duration,
         policy: &WaitPolicy,
     ) -> Result<Lease> {
-        retry_while_locked(self, key, policy, || self.try_acquire(key, owner, ttl)).await
+        wait_in_line(self, key, Some(owner), policy, || {
+            self.try_acquire(key, owner, ttl)
+        })
+        .await
     }
 
     /// [`Lock::acquire_and_load`], waiting per `policy` while the lock is
-    /// busy.
+    /// busy, as [`acquire`](LockExt::acquire) does.
     ///
     /// # Errors
     /// See [`retry_while_locked`].
@@ -261,7 +337,7 @@ pub trait LockExt: Lock {
         options: GetOptions,
         policy: &WaitPolicy,
     ) -> Result<(Lease, Option<StoredDoc>)> {
-        retry_while_locked(self, key, policy, || {
+        wait_in_line(self, key, Some(owner), policy, || {
             self.acquire_and_load(key, doc, owner, ttl, options)
         })
         .await
@@ -272,6 +348,8 @@ impl<T: Lock + ?Sized> LockExt for T {}
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     use super::*;
 
     #[test]
@@ -319,6 +397,109 @@ mod tests {
         assert!(Arc::ptr_eq(&line, &local_line(&*store, &key)));
         let other: Arc<dyn Lock> = Arc::new(crate::memory::MemoryStore::new());
         assert!(!Arc::ptr_eq(&line, &local_line(&other, &key)));
+    }
+
+    /// Attempts of a waiter, counted, each a `try_acquire` on `store`.
+    async fn counted_wait(
+        store: crate::memory::MemoryStore,
+        key: LockKey,
+        owner: Owner,
+        policy: WaitPolicy,
+        attempts: Arc<AtomicU32>,
+    ) -> Result<Lease> {
+        wait_in_line(&store, &key, Some(&owner), &policy, || {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            store.try_acquire(&key, &owner, Duration::from_secs(600))
+        })
+        .await
+    }
+
+    /// A policy whose backoff alone would ask the store many times a
+    /// second, and whose waits for a holder of this process end only with
+    /// its release (or expiry).
+    fn eager_policy() -> WaitPolicy {
+        WaitPolicy::with_timeout(Duration::from_secs(600)).with_backoff(
+            Duration::from_millis(1),
+            Duration::from_secs(600),
+            2.0,
+        )
+    }
+
+    #[tokio::test]
+    async fn the_head_of_the_line_waits_for_a_local_holder_without_asking() {
+        let store = crate::memory::MemoryStore::new();
+        let key = LockKey::Run(crate::RunId::new("r").unwrap());
+        let holder = store
+            .try_acquire(&key, &Owner::for_this_process(), Duration::from_secs(600))
+            .await
+            .unwrap();
+        let attempts = Arc::new(AtomicU32::new(0));
+        let waiter = tokio::spawn(counted_wait(
+            store.clone(),
+            key.clone(),
+            Owner::for_this_process(),
+            eager_policy(),
+            Arc::clone(&attempts),
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            0,
+            "asked the store while the holder of this process was at work"
+        );
+        store.release(&holder).await.unwrap();
+        let lease = waiter.await.unwrap().unwrap();
+        assert!(lease.fence() > holder.fence());
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            1,
+            "one ask, after the release"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiter_is_not_held_back_by_its_own_owners_grant() {
+        let store = crate::memory::MemoryStore::new();
+        let key = LockKey::Run(crate::RunId::new("r").unwrap());
+        let owner = Owner::for_this_process();
+        let held = store
+            .try_acquire(&key, &owner, Duration::from_secs(600))
+            .await
+            .unwrap();
+        let attempts = Arc::new(AtomicU32::new(0));
+        let again = tokio::time::timeout(
+            Duration::from_secs(60),
+            counted_wait(store, key, owner, eager_policy(), Arc::clone(&attempts)),
+        )
+        .await
+        .expect("the owner's own grant is not waited for")
+        .unwrap();
+        assert_eq!(again.fence(), held.fence(), "its grant, again");
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_local_holder_that_never_releases_is_waited_for_until_it_expires() {
+        let store = crate::memory::MemoryStore::new();
+        let key = LockKey::Run(crate::RunId::new("r").unwrap());
+        let holder = store
+            .try_acquire(&key, &Owner::for_this_process(), Duration::from_millis(200))
+            .await
+            .unwrap();
+        let lease = tokio::time::timeout(
+            Duration::from_secs(60),
+            counted_wait(
+                store,
+                key,
+                Owner::for_this_process(),
+                eager_policy(),
+                Arc::new(AtomicU32::new(0)),
+            ),
+        )
+        .await
+        .expect("taken over once the holder's lease expired")
+        .unwrap();
+        assert!(lease.fence() > holder.fence());
     }
 
     #[test]

@@ -367,6 +367,10 @@ impl Lock for CachedStore {
         self.store.wait_for_release(key, max).await;
     }
 
+    async fn wait_for_local_release(&self, key: &LockKey, owner: &Owner, max: Duration) -> bool {
+        self.store.wait_for_local_release(key, owner, max).await
+    }
+
     /// Always from the store, under the lease: a locked update never
     /// starts from a cached copy.
     async fn acquire_and_load(

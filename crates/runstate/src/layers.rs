@@ -457,6 +457,11 @@ impl<O: Observer> Lock for Observed<O> {
         self.store.wait_for_release(key, max).await;
     }
 
+    async fn wait_for_local_release(&self, key: &LockKey, owner: &Owner, max: Duration) -> bool {
+        // Nor is this one.
+        self.store.wait_for_local_release(key, owner, max).await
+    }
+
     async fn acquire_and_load(
         &self,
         key: &LockKey,

@@ -511,6 +511,13 @@ impl Lock for SplitStore {
         self.locks.wait_for_release(key, max).await;
     }
 
+    /// The lock service's grants are this store's: a grant made through
+    /// it (and given back through it) is waited for there. A holder in the
+    /// document store is not one of them, so it is polled for.
+    async fn wait_for_local_release(&self, key: &LockKey, owner: &Owner, max: Duration) -> bool {
+        self.locks.wait_for_local_release(key, owner, max).await
+    }
+
     async fn acquire_and_load(
         &self,
         key: &LockKey,

@@ -414,6 +414,10 @@ impl Lock for WeppcloudStore {
         self.split.wait_for_release(key, max).await;
     }
 
+    async fn wait_for_local_release(&self, key: &LockKey, owner: &Owner, max: Duration) -> bool {
+        self.split.wait_for_local_release(key, owner, max).await
+    }
+
     /// As the split store's, refusing (and giving back the grant for) a
     /// controller of a run group or a child run.
     async fn acquire_and_load(

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use runstate_core::process::current_stamp;
 use runstate_core::{
-    Bytes, ErrorKind, Lease, LockExt, LockKey, Owner, PutOptions, StoreExt, WaitPolicy,
+    Bytes, ErrorKind, Lease, LockExt, LockKey, Owner, PutOptions, Result, StoreExt, WaitPolicy,
 };
 
 use super::expect_kind;
@@ -745,9 +745,13 @@ pub async fn acquire_times_out_while_held(ctx: Ctx) {
     assert_eq!(error.holder().expect("holder").owner, a);
 }
 
-/// A blocking acquire gets the lock soon after the holder releases it.
-pub async fn acquire_waits_for_release(ctx: Ctx) {
-    let key = doc_key(&ctx);
+/// A document lock held by A (for `LONG`), and B waiting for it per
+/// `policy` in a task of its own, checked to be still waiting 300 ms on.
+async fn held_and_awaited(
+    ctx: &Ctx,
+    policy: WaitPolicy,
+) -> (LockKey, Lease, tokio::task::JoinHandle<Result<Lease>>) {
+    let key = doc_key(ctx);
     let lease_a = ctx
         .store
         .try_acquire(&key, &ctx.owner(), LONG)
@@ -755,26 +759,46 @@ pub async fn acquire_waits_for_release(ctx: Ctx) {
         .expect("A");
     let store = Arc::clone(&ctx.store);
     let (waiting_key, b) = (key.clone(), ctx.owner());
-    let waiter = tokio::spawn(async move {
-        store
-            .acquire(
-                &waiting_key,
-                &b,
-                LONG,
-                &WaitPolicy::with_timeout(Duration::from_secs(20)),
-            )
-            .await
-    });
+    let waiter = tokio::spawn(async move { store.acquire(&waiting_key, &b, LONG, &policy).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !waiter.is_finished(),
         "still waiting while A holds the lock"
     );
+    (key, lease_a, waiter)
+}
+
+/// A blocking acquire gets the lock soon after the holder releases it.
+pub async fn acquire_waits_for_release(ctx: Ctx) {
+    let (_key, lease_a, waiter) =
+        held_and_awaited(&ctx, WaitPolicy::with_timeout(Duration::from_secs(20))).await;
     ctx.store.release(&lease_a).await.expect("A releases");
     let lease_b = tokio::time::timeout(Duration::from_secs(10), waiter)
         .await
         .expect("B gets the lock soon after")
         .expect("joined")
         .expect("B acquires");
+    assert!(lease_b.fence() > lease_a.fence());
+}
+
+/// A blocking acquire whose holder is in this process (granted through the
+/// same store, where waiters wait for its release rather than ask) still
+/// gets the lock when that grant is broken through another handle, as an
+/// operator in another process would, long before the grant would expire.
+pub async fn acquire_sees_a_break_made_elsewhere(ctx: Ctx) {
+    // B gives up well before A's grant would expire.
+    let (key, lease_a, waiter) = held_and_awaited(&ctx, WaitPolicy::with_timeout(LONG / 2)).await;
+    let broken = ctx
+        .reopen()
+        .await
+        .break_lock(&key, None)
+        .await
+        .expect("break elsewhere")
+        .expect("A's grant was held");
+    assert_eq!(broken.fence, lease_a.fence());
+    let lease_b = waiter
+        .await
+        .expect("joined")
+        .expect("B gets the lock after the break, before A's grant expires");
     assert!(lease_b.fence() > lease_a.fence());
 }
