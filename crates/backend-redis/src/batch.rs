@@ -38,7 +38,7 @@ use runstate_core::{
     DocName, GetOptions, Operation, PutRequest, Result, RunId, StoredDoc, Version,
 };
 
-use crate::errors::{map_redis_error, timed_out, unexpected};
+use crate::errors::{map_redis_error, unexpected, until};
 use crate::reply::Reply;
 use crate::{Inner, Write, new_version, read_hmget, read_limited};
 
@@ -206,14 +206,13 @@ impl Inner {
         let mut reloaded = false;
         while !pending.is_empty() {
             let mut pipe = redis::pipe();
-            // Per write: where its EXEC's reply is, and whether it runs a
-            // script (a plain overwrite's reply says nothing more).
+            // Per write: where its EXEC's reply is.
             let mut execs = Vec::with_capacity(pending.len());
             for &k in &pending {
                 pipe.cmd("MULTI");
-                let scripted = self.write_commands(&mut pipe, &writes[k]).is_some();
+                self.write_commands(&mut pipe, &writes[k]);
                 pipe.cmd("EXEC");
-                execs.push((pipe.len() - 1, scripted));
+                execs.push(pipe.len() - 1);
             }
             if wait > 0 {
                 pipe.cmd("WAIT")
@@ -223,16 +222,15 @@ impl Inner {
             let mut replies = self.send_raw(&pipe, deadline, bound).await?;
             let acked = if wait > 0 { replies.pop() } else { None };
             let mut again = Vec::new();
-            for (&k, &(at, scripted)) in pending.iter().zip(&execs) {
+            for (&k, &at) in pending.iter().zip(&execs) {
                 let exec = std::mem::replace(&mut replies[at], Value::Nil);
                 let write = &writes[k];
-                let outcome = match exec_outcome(exec, scripted, reloaded) {
+                let outcome = match exec_outcome(exec, reloaded) {
                     None => {
                         again.push(k);
                         continue;
                     }
-                    Some(Ok(Some(reply))) => self.write_outcome(write, reply),
-                    Some(Ok(None)) => Ok(()),
+                    Some(Ok(reply)) => self.write_outcome(write, reply),
                     Some(Err(error)) => Err(error),
                 };
                 results[group[k]] = Some(outcome.and_then(|()| {
@@ -275,13 +273,16 @@ impl Inner {
         bound: Duration,
     ) -> Result<Vec<Value>> {
         let mut con = self.conn.clone();
-        match tokio::time::timeout_at(deadline, con.req_packed_commands(pipe, 0, pipe.len())).await
-        {
-            Ok(Ok(replies)) if replies.len() == pipe.len() => Ok(replies),
-            Ok(Ok(_)) => Err(unexpected("pipelined replies")),
-            Ok(Err(error)) => Err(map_redis_error(error)),
-            Err(_) => Err(timed_out(bound)),
+        let replies = until(
+            deadline,
+            bound,
+            con.req_packed_commands(pipe, 0, pipe.len()),
+        )
+        .await?;
+        if replies.len() != pipe.len() {
+            return Err(unexpected("pipelined replies"));
         }
+        Ok(replies)
     }
 
     /// Loads `script` again after the server answered `NOSCRIPT`.
@@ -292,11 +293,8 @@ impl Inner {
         bound: Duration,
     ) -> Result<()> {
         let mut con = self.conn.clone();
-        match tokio::time::timeout_at(deadline, script.load_async(&mut con)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) => Err(map_redis_error(error)),
-            Err(_) => Err(timed_out(bound)),
-        }
+        until(deadline, bound, script.load_async(&mut con)).await?;
+        Ok(())
     }
 }
 
@@ -311,12 +309,12 @@ fn noscript(error: &ServerError) -> bool {
 
 /// What one write's `EXEC` answered: `None` when its script was unknown
 /// to the server (`NOSCRIPT`, and not yet reloaded: nothing was written,
-/// send it again); otherwise the script's reply (`Some(reply)`, for
-/// [`Inner::write_outcome`]), a plain overwrite made (`None`), or the
+/// send it again); otherwise the script's reply (for
+/// [`Inner::write_outcome`]), or the
 /// error the single write's transaction would fail with (the first
 /// command error in it, or the `EXECABORT` of a transaction the server
 /// refused as it was queued), mapped as there.
-fn exec_outcome(exec: Value, scripted: bool, reloaded: bool) -> Option<Result<Option<Value>>> {
+fn exec_outcome(exec: Value, reloaded: bool) -> Option<Result<Value>> {
     let mut items = match exec {
         Value::Array(items) => items,
         Value::ServerError(error) => return Some(Err(map_redis_error(error.into()))),
@@ -332,10 +330,7 @@ fn exec_outcome(exec: Value, scripted: bool, reloaded: bool) -> Option<Result<Op
         }
         return Some(Err(map_redis_error(error.into())));
     }
-    if !scripted {
-        return Some(Ok(None));
-    }
-    // The script's reply is the last of its transaction (after the HSET
-    // that staged the bytes).
-    Some(items.pop().map(Some).ok_or_else(|| unexpected("no reply")))
+    // The script's reply is the last of its transaction (after the DEL and
+    // HSET that staged the bytes).
+    Some(items.pop().ok_or_else(|| unexpected("no reply")))
 }

@@ -16,7 +16,7 @@ use runstate_core::{
 };
 
 use crate::conn::Conn;
-use crate::errors::{map_redis_error, timed_out};
+use crate::errors::within;
 use crate::{RedisConfig, RedisStore};
 
 /// How long a cached copy lives by default (WEPPcloud keeps its NoDb cache
@@ -69,10 +69,7 @@ impl RedisCache {
     }
 
     async fn bounded<T>(&self, request: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
-        match tokio::time::timeout(self.timeout, request).await {
-            Ok(outcome) => outcome.map_err(map_redis_error),
-            Err(_) => Err(timed_out(self.timeout)),
-        }
+        within(self.timeout, request).await
     }
 
     fn log(&self, what: &str, error: &runstate_core::Error) {

@@ -1,5 +1,6 @@
 //! Redis errors mapped to runstate's kinds, in exactly one place.
 
+use std::future::Future;
 use std::time::Duration;
 
 use redis::{ErrorKind as RedisKind, RedisError, ServerErrorKind};
@@ -61,6 +62,28 @@ pub(crate) fn timed_out(bound: Duration) -> Error {
     )
     .with_backend(BACKEND)
     .set_retryable(true)
+}
+
+/// Runs `request` for at most `bound`: its outcome, errors mapped by
+/// [`map_redis_error`], or [`timed_out`].
+pub(crate) async fn within<T>(
+    bound: Duration,
+    request: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, Error> {
+    until(tokio::time::Instant::now() + bound, bound, request).await
+}
+
+/// As [`within`], until `deadline`; `bound` is the whole call's bound, the
+/// one a timeout reports.
+pub(crate) async fn until<T>(
+    deadline: tokio::time::Instant,
+    bound: Duration,
+    request: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout_at(deadline, request).await {
+        Ok(outcome) => outcome.map_err(map_redis_error),
+        Err(_) => Err(timed_out(bound)),
+    }
 }
 
 /// A reply the scripts never produce.

@@ -151,10 +151,11 @@
 //!   script, and, with a separate release, failures before or around it (a
 //!   lease that does not cover the document, a transaction the server
 //!   refused, a lost connection).
-//! - A plain overwrite is a `MULTI/EXEC` of plain commands; every other
-//!   write stages its bytes in the same transaction and a script checks
-//!   and renames them into place, so no write copies the document through
-//!   Lua.
+//! - Every write stages its bytes with a plain `HSET` (after a `DEL` of
+//!   the staging key) and a script in the same `MULTI/EXEC` checks and
+//!   renames them into place, indexes and announces the write, so no
+//!   write copies the document through Lua and a write the server refuses
+//!   (a document key of the wrong type) indexes and announces nothing.
 //! - Batches are native, one round trip per pipeline of up to 256
 //!   documents: [`Store::get_many`] pipelines the reads `get` sends;
 //!   [`Store::put_many`] pipelines the writes `put` sends, each in its own
@@ -269,7 +270,7 @@ pub use config::{
 pub use weppcloud::{WeppcloudConfig, WeppcloudService};
 
 use crate::conn::Conn;
-use crate::errors::{map_redis_error, timed_out, unexpected};
+use crate::errors::{map_redis_error, unexpected, within};
 use crate::keys::Keys;
 use crate::listener::{Kind, Listener, Note, StoreKeys, Waits};
 use crate::reply::Reply;
@@ -379,16 +380,12 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = match tokio::time::timeout(
+        let conn = within(
             bound,
             client.get_connection_manager_with_config(manager_config),
         )
         .await
-        {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(context(map_redis_error(e))),
-            Err(_) => return Err(context(timed_out(bound))),
-        };
+        .map_err(context)?;
         Self::assemble(config, Conn::Single(conn), vec![client])
             .await
             .map_err(context)
@@ -422,11 +419,7 @@ impl RedisStore {
             builder = builder.password(password.expose());
         }
         let cluster = builder.build().map_err(map_redis_error)?;
-        let conn = match tokio::time::timeout(bound, cluster.get_async_connection()).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(map_redis_error(e)),
-            Err(_) => return Err(timed_out(bound)),
-        };
+        let conn = within(bound, cluster.get_async_connection()).await?;
         Self::assemble(config, Conn::Cluster(conn), clients).await
     }
 
@@ -463,11 +456,7 @@ impl RedisStore {
         for script in scripts.all() {
             // On a cluster, SCRIPT LOAD goes to every primary (and a
             // promoted replica that lacks a script gets it on NOSCRIPT).
-            match tokio::time::timeout(config.timeout, script.load_async(&mut conn)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(map_redis_error(e)),
-                Err(_) => return Err(timed_out(config.timeout)),
-            }
+            within(config.timeout, script.load_async(&mut conn)).await?;
         }
         let cluster = conn.is_cluster();
         tracing::debug!(server = %config.address, db = config.db, prefix = %config.prefix, cluster, "redis store open");
@@ -555,10 +544,7 @@ impl Inner {
 
     /// Runs a request under the configured bound.
     async fn bounded<T>(&self, request: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
-        match tokio::time::timeout(self.config.timeout, request).await {
-            Ok(outcome) => outcome.map_err(map_redis_error),
-            Err(_) => Err(timed_out(self.config.timeout)),
-        }
+        within(self.config.timeout, request).await
     }
 
     async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Reply> {
@@ -674,11 +660,8 @@ impl Inner {
             .arg(want)
             .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
         let mut con = self.conn.clone();
-        let bound = timeout + self.config.timeout;
-        let (acked,): (u64,) = match tokio::time::timeout(bound, pipe.query_async(&mut con)).await {
-            Ok(outcome) => outcome.map_err(map_redis_error)?,
-            Err(_) => return Err(timed_out(bound)),
-        };
+        let (acked,): (u64,) =
+            within(timeout + self.config.timeout, pipe.query_async(&mut con)).await?;
         if acked < want {
             return Err(self.unreplicated(acked));
         }
@@ -1049,21 +1032,14 @@ impl Inner {
         }
         let mut pipe = redis::pipe();
         pipe.atomic();
-        match self.write_commands(&mut pipe, write) {
-            None => {
-                let mut con = self.conn.clone();
-                self.bounded(pipe.query_async::<()>(&mut con)).await?;
-            }
-            Some(script) => {
-                let replies = self.transact(&pipe, script).await?;
-                let reply = replies
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| unexpected("no reply"))?;
-                *answered = true;
-                self.write_outcome(write, reply)?;
-            }
-        }
+        let script = self.write_commands(&mut pipe, write);
+        let replies = self.transact(&pipe, script).await?;
+        let reply = replies
+            .into_iter()
+            .next()
+            .ok_or_else(|| unexpected("no reply"))?;
+        *answered = true;
+        self.write_outcome(write, reply)?;
         if self.config.wait_replicas > 0 {
             self.wait_replicated(&self.keys.doc(write.run, write.doc))
                 .await?;
@@ -1072,15 +1048,15 @@ impl Inner {
     }
 
     /// Appends the commands of one write to `pipe`, which the caller runs
-    /// as one MULTI/EXEC, and returns the script among them (`None`: a
-    /// plain overwrite, no script). Only the script's reply is not
-    /// ignored. [`Inner::put_once`] and the batches both build their
-    /// writes here, so a write in a batch is exactly the write `put` makes.
+    /// as one MULTI/EXEC, and returns the script among them. Only the
+    /// script's reply is not ignored. [`Inner::put_once`] and the batches
+    /// both build their writes here, so a write in a batch is exactly the
+    /// write `put` makes.
     fn write_commands<'s>(
         &'s self,
         pipe: &mut redis::Pipeline,
         write: &Write<'_>,
-    ) -> Option<&'s redis::Script> {
+    ) -> &'s redis::Script {
         let Write {
             run,
             doc,
@@ -1098,39 +1074,13 @@ impl Inner {
         };
         let doc_key = self.keys.doc(run, doc);
         let events = self.keys.events(run);
-        if lease.is_none()
-            && foreign.is_none()
-            && *mode == PutMode::Overwrite
-            && self.config.weppcloud.is_none()
-        {
-            // Nothing to check: plain commands, no script, the change
-            // announced in the same transaction.
-            pipe.cmd("HSET")
-                .arg(&doc_key)
-                .arg("version")
-                .arg(version.as_str())
-                .arg("data")
-                .arg(bytes.as_ref())
-                .ignore()
-                .cmd("ZADD")
-                .arg(self.keys.docs(run))
-                .arg(0)
-                .arg(doc.as_str())
-                .ignore();
-            // A cluster keeps no store-wide run index (see `runs_key`).
-            if !self.conn.is_cluster() {
-                pipe.cmd("ZADD")
-                    .arg(self.keys.runs())
-                    .arg(0)
-                    .arg(run.as_str())
-                    .ignore();
-            }
-            pipe.cmd("PUBLISH")
-                .arg(&events)
-                .arg(format!("c {version} {doc}"))
-                .ignore();
-            return None;
-        }
+        // Every write, a plain overwrite too, goes through a script: only
+        // a script can index and announce a write after it was placed, so
+        // a write the server refuses (WRONGTYPE on a document key that is
+        // not a document) indexes and announces nothing. (Plain `HSET`,
+        // `ZADD`, `PUBLISH` in one MULTI/EXEC saved about 5 µs of server
+        // time, but Redis runs the rest of a transaction after a failed
+        // command.)
         let script = match lease {
             None => &self.scripts.put,
             Some(_) => &self.scripts.save,
@@ -1139,6 +1089,11 @@ impl Inner {
         let docs = self.keys.docs(run);
         // The document is staged by a plain HSET in the same transaction;
         // the script renames it into place only if every check passes.
+        // The staging key is dropped first, whatever another client left
+        // there (a string would make this `HSET` fail while the script
+        // still renamed the string over the document; stray fields of a
+        // hash would ride along into it).
+        pipe.cmd("DEL").arg(&staging).ignore();
         pipe.cmd("HSET")
             .arg(&staging)
             .arg("version")
@@ -1186,7 +1141,7 @@ impl Inner {
                 .arg(if release { "1" } else { "0" })
                 .arg(lease.key().doc().map_or("", DocName::as_str));
         }
-        Some(script)
+        script
     }
 
     /// What the reply of a write's script means: written (`Ok`), or the

@@ -148,8 +148,9 @@ end
 // script, in the same MULTI/EXEC, checks and then RENAMEs the staging hash
 // over the document, or deletes it when the write is refused. Versions are
 // random 128-bit tokens made by the client, so no counter call is needed.
-// An unconditional, unfenced write needs no check at all and skips Lua
-// (see `Inner::write_commands`).
+// An unconditional, unfenced write runs the script too: Redis runs the rest
+// of a MULTI/EXEC after a failed command, so only the script can leave a
+// refused write unindexed and unannounced (see `Inner::write_commands`).
 
 /// Checks and places a staged write, leaving the reply in `reply`: the
 /// block both write scripts ([`PUT`], [`SAVE`]) are built around.
@@ -416,7 +417,9 @@ if #names > limit then more = 1 end
 local out = {'ok', more}
 for i = 1, math.min(#names, limit) do
   local k = ARGV[3] .. names[i]
-  local v = redis.call('HGET', k, 'version')
+  -- A key of another type (another client's) is not a document: skipped
+  -- like a name without its document, not a WRONGTYPE for the listing.
+  local v = redis.call('TYPE', k).ok == 'hash' and redis.call('HGET', k, 'version')
   if v then
     table.insert(out, names[i])
     table.insert(out, v)

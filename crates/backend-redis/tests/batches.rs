@@ -144,8 +144,7 @@ async fn a_batch_mixes_successes_and_refusals() {
         .expect("there")
         .version;
     // A document key that is not a document hash: every write to it fails
-    // with the server's WRONGTYPE (the plain overwrite's transaction and the
-    // conditional write's script alike).
+    // with the server's WRONGTYPE (in its script, whatever its mode).
     let mut raw = redis::Client::open(url.as_str())
         .expect("client")
         .get_multiplexed_async_connection()
@@ -266,9 +265,8 @@ async fn a_batch_mixes_successes_and_refusals() {
             None
         ]
     );
-    // A plain overwrite (a transaction without a script) of the broken
-    // key fails as the single one does, alone. (Not above: the rest of
-    // its transaction, the index and the announcement, still runs.)
+    // An unconditional overwrite of the broken key fails as the single one
+    // does (and indexes and announces nothing, see the review tests).
     let batched = store
         .put_many(&run, vec![put(&broken, b"new", PutMode::Overwrite)])
         .await

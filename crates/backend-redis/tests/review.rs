@@ -605,3 +605,261 @@ async fn a_lock_without_expiry_does_not_send_waiters_spinning() {
     let holder = refused.holder().expect("holder");
     assert!(holder.expires_in >= runstate_core::MAX_TTL, "{holder:?}");
 }
+
+// ---- 6. A write the server refuses changes nothing ----
+
+/// A write to a document whose key holds something else (a plain string
+/// another client `SET` there) fails with the server's `WRONGTYPE` and
+/// changes nothing else: the run's document index and the store's run
+/// index stay as they were, and nothing is announced to watchers. This
+/// holds for the plain overwrite (no lease, no condition) as for the
+/// conditional writes, alone and in a batch. (The plain overwrite used to
+/// index the document and announce a version that was never written.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_server_refuses_indexes_and_announces_nothing() {
+    use runstate_core::{PutMode, PutOptions, PutRequest, Version, WatchEvent};
+    let Some(url) = shared_url() else { return };
+    let p = prefix();
+    let store = open(
+        RedisConfig::from_url(&url)
+            .expect("url")
+            .with_prefix(&p)
+            .expect("prefix"),
+    )
+    .await;
+    let mut con = raw(&url).await;
+    let run = RunId::new("hostile").expect("valid");
+    let broken = DocName::new("broken").expect("valid");
+    let _: () = redis::cmd("SET")
+        .arg(format!("{p}:{{hostile}}:doc:broken"))
+        .arg("not a document")
+        .query_async(&mut con)
+        .await
+        .expect("set");
+    let mut watcher = store.watch(&run).await.expect("watch");
+    let stale = Version::new("0123456789abcdef0123456789abcdef");
+    let modes = [
+        PutMode::Overwrite,
+        PutMode::Create,
+        PutMode::Update(stale.clone()),
+    ];
+    for mode in &modes {
+        let error = store
+            .put(
+                &run,
+                &broken,
+                Bytes::from_static(b"{}"),
+                PutOptions::mode(mode.clone()),
+            )
+            .await
+            .expect_err("refused by the server");
+        assert_eq!(error.kind(), ErrorKind::Backend, "{mode:?}: {error}");
+        let batch = store
+            .put_many(
+                &run,
+                vec![PutRequest::new(
+                    broken.clone(),
+                    Bytes::from_static(b"{}"),
+                    mode.clone(),
+                )],
+            )
+            .await
+            .expect("a batch");
+        assert_eq!(
+            batch[0].as_ref().expect_err("refused").kind(),
+            ErrorKind::Backend,
+            "{mode:?} in a batch"
+        );
+    }
+    let docs = store.list_all_docs(&run).await.expect("list docs");
+    assert!(
+        docs.is_empty(),
+        "a refused write indexed its document: {docs:?}"
+    );
+    let runs = store.list_runs(None, 100).await.expect("list runs");
+    assert!(
+        runs.items.is_empty(),
+        "a refused write indexed its run: {:?}",
+        runs.items
+    );
+    let kept: String = redis::cmd("GET")
+        .arg(format!("{p}:{{hostile}}:doc:broken"))
+        .query_async(&mut con)
+        .await
+        .expect("get");
+    assert_eq!(kept, "not a document", "nothing written over it");
+    // The next event a watcher hears is a real write's, not a refused one's.
+    let fine = DocName::new("fine").expect("valid");
+    let written = store
+        .put_bytes(&run, &fine, Bytes::from_static(b"{}"))
+        .await
+        .expect("a fine write");
+    let first = tokio::time::timeout(Duration::from_secs(10), watcher.next())
+        .await
+        .expect("an event in time")
+        .expect("the feed stays open")
+        .expect("no feed error");
+    assert_eq!(
+        first,
+        WatchEvent::Changed {
+            doc: fine,
+            version: written
+        },
+        "a refused write was announced"
+    );
+    store.purge_prefix().await.expect("cleanup");
+}
+
+/// Whatever another client left at the run's staging key (a plain string,
+/// a hash with fields of its own) never reaches a document: every staged
+/// write (conditional, leased, in a batch) stages into a fresh key and
+/// places exactly its own bytes. (A string there made the write's `HSET`
+/// fail while its script still renamed the string over the document and
+/// announced it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatever_sits_at_the_staging_key_never_reaches_a_document() {
+    use runstate_core::{PutMode, PutOptions, PutRequest};
+    let Some(url) = shared_url() else { return };
+    let p = prefix();
+    let store = open(
+        RedisConfig::from_url(&url)
+            .expect("url")
+            .with_prefix(&p)
+            .expect("prefix"),
+    )
+    .await;
+    let mut con = raw(&url).await;
+    let run = RunId::new("staged").expect("valid");
+    let doc = DocName::new("ron").expect("valid");
+    let staging = format!("{p}:{{staged}}:staging");
+    let mut version = store
+        .put_bytes(&run, &doc, Bytes::from_static(b"0"))
+        .await
+        .expect("seed");
+    for (i, hostile) in ["string", "hash"].into_iter().cycle().take(8).enumerate() {
+        if hostile == "string" {
+            let _: () = redis::cmd("SET")
+                .arg(&staging)
+                .arg("not a document")
+                .query_async(&mut con)
+                .await
+                .expect("set");
+        } else {
+            let _: () = redis::cmd("HSET")
+                .arg(&staging)
+                .arg("stray")
+                .arg("field")
+                .query_async(&mut con)
+                .await
+                .expect("hset");
+        }
+        let bytes = Bytes::from(format!("{}", i + 1));
+        version = match i / 2 {
+            0 => store
+                .put(
+                    &run,
+                    &doc,
+                    bytes.clone(),
+                    PutOptions::update(version.clone()),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{hostile}: conditional put: {e}")),
+            1 => {
+                let lease = store
+                    .try_acquire(
+                        &LockKey::Doc(run.clone(), doc.clone()),
+                        &Owner::for_this_process(),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .expect("acquire");
+                store
+                    .save_and_release(&lease, &doc, bytes.clone(), PutMode::Overwrite)
+                    .await
+                    .unwrap_or_else(|e| panic!("{hostile}: save_and_release: {e}"))
+            }
+            2 => store
+                .put_many(
+                    &run,
+                    vec![PutRequest::new(
+                        doc.clone(),
+                        bytes.clone(),
+                        PutMode::Update(version.clone()),
+                    )],
+                )
+                .await
+                .expect("a batch")
+                .remove(0)
+                .unwrap_or_else(|e| panic!("{hostile}: batched put: {e}")),
+            _ => store
+                .put(&run, &doc, bytes.clone(), PutOptions::overwrite())
+                .await
+                .unwrap_or_else(|e| panic!("{hostile}: overwrite: {e}")),
+        };
+        let stored = store
+            .get(&run, &doc, GetOptions::new())
+            .await
+            .expect("get")
+            .expect("there");
+        assert_eq!(stored.bytes, bytes, "{hostile}, write {i}");
+        assert_eq!(stored.version, version, "{hostile}, write {i}");
+        let fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(format!("{p}:{{staged}}:doc:ron"))
+            .query_async(&mut con)
+            .await
+            .expect("hkeys");
+        assert_eq!(fields.len(), 2, "only a document's fields: {fields:?}");
+    }
+    store.purge_prefix().await.expect("cleanup");
+}
+
+/// A name in a run's index whose key is not a document hash (another
+/// client's `SET` there) is not a document: listings skip it, as they skip
+/// a name without its document, instead of failing the whole listing with
+/// `WRONGTYPE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_skips_a_key_that_is_not_a_document() {
+    let Some(url) = shared_url() else { return };
+    let p = prefix();
+    let store = open(
+        RedisConfig::from_url(&url)
+            .expect("url")
+            .with_prefix(&p)
+            .expect("prefix"),
+    )
+    .await;
+    let mut con = raw(&url).await;
+    let run = RunId::new("listed").expect("valid");
+    for name in ["a", "c"] {
+        store
+            .put_bytes(
+                &run,
+                &DocName::new(name).expect("valid"),
+                Bytes::from_static(b"{}"),
+            )
+            .await
+            .expect("put");
+    }
+    let _: () = redis::cmd("SET")
+        .arg(format!("{p}:{{listed}}:doc:b"))
+        .arg("not a document")
+        .query_async(&mut con)
+        .await
+        .expect("set");
+    let _: i64 = redis::cmd("ZADD")
+        .arg(format!("{p}:{{listed}}:docs"))
+        .arg(0)
+        .arg("b")
+        .query_async(&mut con)
+        .await
+        .expect("zadd");
+    let listed: Vec<String> = store
+        .list_all_docs(&run)
+        .await
+        .expect("the listing does not fail")
+        .into_iter()
+        .map(|meta| meta.name.as_str().to_owned())
+        .collect();
+    assert_eq!(listed, ["a", "c"]);
+    store.purge_prefix().await.expect("cleanup");
+}
