@@ -60,7 +60,10 @@ struct Entry {
     /// How many wait in [`ReleaseSignals::wait_while_held`]: a release
     /// that wakes one of them leaves no permit in `next` (the woken waiter
     /// asks the backend in any case; a permit would end the next `wait`
-    /// of this lock at once, for nothing).
+    /// of this lock at once, for nothing). Counted and read under `grant`,
+    /// so a release either finds a waiter counted, which then sees the
+    /// grant held and is woken through `local`, or leaves the permit for
+    /// it.
     local_waiters: AtomicUsize,
     grant: Mutex<Grants>,
 }
@@ -90,15 +93,27 @@ impl Entry {
     }
 
     /// Time left on the grant made through this instance to another owner
-    /// than `owner`, if there is one and it has not expired.
-    fn held_by_other(&self, owner: &Owner) -> Option<Duration> {
+    /// than `owner`, if there is one and it has not expired; when there is,
+    /// `waiter` is counted among the local waiters (once), under the same
+    /// lock as the release that reads the count.
+    fn held_by_other<'a>(
+        &'a self,
+        owner: &Owner,
+        waiter: &mut Option<LocalWaiter<'a>>,
+    ) -> Option<Duration> {
         let grants = self.grant();
         let grant = grants.current.as_ref()?;
         if grant.owner_id == owner.id() {
             return None;
         }
         let left = grant.expires_at.saturating_duration_since(Instant::now());
-        (!left.is_zero()).then_some(left)
+        if left.is_zero() {
+            return None;
+        }
+        if waiter.is_none() {
+            *waiter = Some(LocalWaiter::count(&self.local_waiters));
+        }
+        Some(left)
     }
 }
 
@@ -164,20 +179,28 @@ impl ReleaseSignals {
     /// The grant of `key` with fence `fence` was given up through this
     /// instance (released, saved and released, or broken; whether or not
     /// the backend still counted it as held): forgets it (never a newer
-    /// grant) and wakes the next waiter.
+    /// grant) and wakes the next waiter, unless a newer live grant of this
+    /// instance holds the lock (a late release of an older grant frees
+    /// nothing).
     pub fn released(&self, key: &LockKey, fence: Fence) {
         let Some(entry) = self.existing(key) else {
             return;
         };
-        {
+        let wake_next = {
             let mut grants = entry.grant();
-            if grants.current.as_ref().is_some_and(|g| g.fence <= fence) {
-                grants.current = None;
-            }
             grants.given_up = grants.given_up.max(Some(fence));
-        }
+            match &grants.current {
+                Some(newer) if newer.fence > fence && newer.expires_at > Instant::now() => {
+                    return;
+                }
+                Some(g) if g.fence <= fence => grants.current = None,
+                _ => {}
+            }
+            // Read under `grant`: see `Entry::local_waiters`.
+            entry.local_waiters.load(Ordering::SeqCst) == 0
+        };
         entry.local.notify_waiters();
-        if entry.local_waiters.load(Ordering::SeqCst) == 0 {
+        if wake_next {
             entry.next.notify_one();
         }
     }
@@ -211,14 +234,19 @@ impl ReleaseSignals {
         };
         let deadline = Instant::now().checked_add(max);
         let mut waited = false;
-        let _counted = LocalWaiter::count(&entry.local_waiters);
+        // Counted only once a grant was seen held (see `local_waiters`): a
+        // waiter that returns `false` falls back to `wait`, whose permit a
+        // release must then not have withheld.
+        let mut counted = None;
         loop {
             let notified = entry.local.notified();
             tokio::pin!(notified);
             // Enabled before the grant is looked at, so a release made in
             // between still wakes this waiter.
             notified.as_mut().enable();
-            let Some(held) = entry.held_by_other(owner) else {
+            #[cfg(test)]
+            tests::before_the_check();
+            let Some(held) = entry.held_by_other(owner, &mut counted) else {
                 return waited;
             };
             let left = deadline.map_or(Duration::MAX, |d| {
@@ -267,6 +295,19 @@ mod tests {
 
     fn key() -> LockKey {
         LockKey::Run(RunId::new("r").unwrap())
+    }
+
+    thread_local! {
+        /// Run by `wait_while_held` on this thread just before it looks at
+        /// the grant: where a release can race the check.
+        static BEFORE_THE_CHECK: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    pub(super) fn before_the_check() {
+        if let Some(hook) = BEFORE_THE_CHECK.with(|hook| hook.borrow_mut().take()) {
+            hook();
+        }
     }
 
     fn lease(owner: &Owner, fence: u64, ttl: Duration) -> Lease {
@@ -465,5 +506,56 @@ mod tests {
         let start = Instant::now();
         signals.wait(&key(), Duration::from_secs(600)).await;
         assert!(start.elapsed() < Duration::from_secs(300));
+    }
+
+    /// A release that lands while a waiter of `wait_while_held` is about
+    /// to look at the grant: the waiter finds it gone and falls back to
+    /// `wait`, which the release's permit ends at once. (The waiter used to
+    /// be counted on entry, so the release withheld the permit and the
+    /// fallback slept its whole backoff behind a free lock.)
+    #[tokio::test]
+    async fn a_release_racing_the_check_still_wakes_the_fallback() {
+        let signals = Arc::new(ReleaseSignals::new());
+        let (holder, waiter) = (Owner::for_this_process(), Owner::for_this_process());
+        signals.granted(&lease(&holder, 1, Duration::from_secs(600)));
+        let releaser = Arc::clone(&signals);
+        BEFORE_THE_CHECK.with(|hook| {
+            *hook.borrow_mut() = Some(Box::new(move || releaser.released(&key(), Fence(1))));
+        });
+        let held = signals
+            .wait_while_held(&key(), &waiter, Duration::from_secs(600))
+            .await;
+        assert!(!held, "released before the check: nothing to wait for");
+        let start = Instant::now();
+        signals.wait(&key(), Duration::from_secs(5)).await;
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the fallback slept {:?} behind a free lock",
+            start.elapsed()
+        );
+    }
+
+    /// A late release of an older grant, while a newer grant of this
+    /// instance holds the lock, frees nothing: it wakes nobody (a waiter
+    /// woken would only be refused again).
+    #[tokio::test]
+    async fn a_release_that_frees_nothing_wakes_nobody() {
+        let signals = Arc::new(ReleaseSignals::new());
+        let (holder, waiter) = (Owner::for_this_process(), Owner::for_this_process());
+        signals.granted(&lease(&holder, 1, Duration::from_secs(600)));
+        signals.granted(&lease(&holder, 2, Duration::from_secs(600)));
+        signals.released(&key(), Fence(1));
+        let start = Instant::now();
+        signals.wait(&key(), Duration::from_millis(50)).await;
+        assert!(
+            start.elapsed() >= Duration::from_millis(50),
+            "a release that freed nothing left a wake-up"
+        );
+        assert!(
+            signals
+                .wait_while_held(&key(), &waiter, Duration::from_millis(10))
+                .await,
+            "fence 2 is still held"
+        );
     }
 }
