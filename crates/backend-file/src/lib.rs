@@ -875,13 +875,13 @@ impl Lock for FileStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
+        // Signalled however this call ends: the blocking pool carries the
+        // release out even when the caller stops waiting for it.
+        let _signal = self.signals.releasing(lease.key(), lease.fence());
         let l = lease.clone();
-        let released = self
-            .blocking(Operation::Release, move |e| e.release(&l))
+        self.blocking(Operation::Release, move |e| e.release(&l))
             .await
-            .map_err(|e| e.with_lock(lease.key()));
-        self.signals.released(lease.key(), lease.fence());
-        released
+            .map_err(|e| e.with_lock(lease.key()))
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
@@ -1013,18 +1013,17 @@ impl Lock for FileStore {
         bytes: Bytes,
         mode: PutMode,
     ) -> Result<Version> {
+        // Signalled however this call ends (see `release`).
+        let _signal = self.signals.releasing(lease.key(), lease.fence());
         let (l, d) = (lease.clone(), doc.clone());
-        let saved = self
-            .blocking(Operation::SaveAndRelease, move |e| {
-                let fences = Fences {
-                    lease: Some(&l),
-                    foreign: None,
-                };
-                e.put(l.key().run(), &d, &bytes, &mode, fences, true)
-            })
-            .await
-            .map_err(|e| e.with_lock(lease.key()).with_doc(doc));
-        self.signals.released(lease.key(), lease.fence());
-        saved
+        self.blocking(Operation::SaveAndRelease, move |e| {
+            let fences = Fences {
+                lease: Some(&l),
+                foreign: None,
+            };
+            e.put(l.key().run(), &d, &bytes, &mode, fences, true)
+        })
+        .await
+        .map_err(|e| e.with_lock(lease.key()).with_doc(doc))
     }
 }

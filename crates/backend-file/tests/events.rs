@@ -504,6 +504,82 @@ async fn a_waiter_behind_a_holder_of_this_store_asks_once() {
     fs::remove_dir_all(&root).expect("cleanup");
 }
 
+/// A release (or save-and-release) whose caller stopped waiting for it
+/// (a timeout or `select!` around the call, dropped after its first poll)
+/// is still carried out by the blocking pool, and still wakes the waiter
+/// of this store that waits for that holder: it gets the lock at once
+/// instead of sleeping its backoff (as long as the lease's TTL here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_its_caller_dropped_still_wakes_the_waiter() {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Waker};
+
+    use runstate_core::PutMode;
+    let root = temp_root("dropped");
+    let store = Arc::new(open(&root).await);
+    let (d, key) = (doc("ron"), LockKey::Doc(run("r"), doc("ron")));
+    let ttl = Duration::from_secs(600);
+    let policy = WaitPolicy::with_timeout(ttl).with_backoff(Duration::from_millis(1), ttl, 2.0);
+    for how in ["release", "save_and_release"] {
+        // The blocking pool may finish the call before its first poll
+        // returns: then nothing was dropped mid-way; try again.
+        let mut dropped = false;
+        for _ in 0..20 {
+            let lease = store
+                .try_acquire(&key, &Owner::for_this_process(), ttl)
+                .await
+                .expect("holder");
+            let waiting = {
+                let (store, key, policy) = (Arc::clone(&store), key.clone(), policy.clone());
+                tokio::spawn(async move {
+                    LockExt::acquire(&*store, &key, &Owner::for_this_process(), ttl, &policy).await
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(!waiting.is_finished(), "{how}: the lock is held");
+            {
+                let mut call: Pin<Box<dyn Future<Output = ()> + Send + '_>> = if how == "release" {
+                    Box::pin(async {
+                        let _ = store.release(&lease).await;
+                    })
+                } else {
+                    Box::pin(async {
+                        let _ = store
+                            .save_and_release(
+                                &lease,
+                                &d,
+                                Bytes::from_static(b"{}"),
+                                PutMode::Overwrite,
+                            )
+                            .await;
+                    })
+                };
+                // One poll hands the work to the blocking pool; then the
+                // caller gives up on it.
+                dropped = call
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()))
+                    .is_pending();
+            }
+            let next = tokio::time::timeout(Duration::from_secs(20), waiting)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{how}: the waiter slept behind a release it was not told of")
+                })
+                .expect("join")
+                .expect("acquired");
+            assert!(next.fence() > lease.fence());
+            store.release(&next).await.expect("release");
+            if dropped {
+                break;
+            }
+        }
+        assert!(dropped, "{how}: never still at work after one poll");
+    }
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
 /// A wait on a lock that is free (released before the wait began) ends at
 /// once; one on a held lock ends after `max`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

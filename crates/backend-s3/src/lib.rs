@@ -2068,13 +2068,13 @@ impl Lock for S3Store {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let outcome = self
-            .inner
+        // Signalled however this call ends, also when its caller stops
+        // waiting for it after the request was sent.
+        let _signal = self.inner.signals.releasing(lease.key(), lease.fence());
+        self.inner
             .release(lease)
             .await
-            .map_err(|e| e.with_operation(Operation::Release).with_lock(lease.key()));
-        self.inner.signals.released(lease.key(), lease.fence());
-        outcome
+            .map_err(|e| e.with_operation(Operation::Release).with_lock(lease.key()))
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
@@ -2218,6 +2218,8 @@ impl Lock for S3Store {
         bytes: Bytes,
         mode: PutMode,
     ) -> Result<Version> {
+        // Signalled however this call ends (see `release`).
+        let _signal = self.inner.signals.releasing(lease.key(), lease.fence());
         let run = lease.key().run();
         let saved = self
             .inner
@@ -2228,7 +2230,6 @@ impl Lock for S3Store {
         if !lost && let Err(error) = self.inner.release(lease).await {
             tracing::debug!(%error, "release after a save");
         }
-        self.inner.signals.released(lease.key(), lease.fence());
         saved
     }
 }

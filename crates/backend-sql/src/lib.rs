@@ -2690,13 +2690,13 @@ impl Lock for SqlStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let outcome = self
-            .inner
+        // Signalled however this call ends, also when its caller stops
+        // waiting for it after the statement was sent.
+        let _signal = self.inner.signals.releasing(lease.key(), lease.fence());
+        self.inner
             .release(lease)
             .await
-            .map_err(|e| e.with_operation(Operation::Release).with_lock(lease.key()));
-        self.inner.signals.released(lease.key(), lease.fence());
-        outcome
+            .map_err(|e| e.with_operation(Operation::Release).with_lock(lease.key()))
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
@@ -2823,14 +2823,13 @@ impl Lock for SqlStore {
         bytes: Bytes,
         mode: PutMode,
     ) -> Result<Version> {
+        // Signalled however this call ends (see `release`).
+        let _signal = self.inner.signals.releasing(lease.key(), lease.fence());
         let run = lease.key().run();
-        let outcome = self
-            .inner
+        self.inner
             .fenced_put(lease, doc, &bytes, &mode, true)
             .await
-            .map_err(|e| e.at_doc(Operation::SaveAndRelease, run, doc));
-        self.inner.signals.released(lease.key(), lease.fence());
-        outcome
+            .map_err(|e| e.at_doc(Operation::SaveAndRelease, run, doc))
     }
 }
 

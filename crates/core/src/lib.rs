@@ -89,7 +89,7 @@ pub use lease::{
 };
 pub use lock::Lock;
 pub use process::ProcessStamp;
-pub use signals::ReleaseSignals;
+pub use signals::{ReleaseSignals, Releasing};
 pub use store::{
     Capabilities, DocMeta, DocStat, Fencing, Fetched, GetOptions, LIST_PAGE, ListPage, PutMode,
     PutOptions, PutRequest, Store, StoreExt, StoredDoc, WatchMode,

@@ -205,6 +205,19 @@ impl ReleaseSignals {
         }
     }
 
+    /// A guard that calls [`released`](Self::released) for `key` and
+    /// `fence` when dropped: made before a release is sent, it tells this
+    /// process's waiters of the release however the call ends, also when
+    /// its caller stops waiting for it (a timeout or `select!` around the
+    /// call) while the backend still carries it out.
+    pub fn releasing<'a>(&'a self, key: &'a LockKey, fence: Fence) -> Releasing<'a> {
+        Releasing {
+            signals: self,
+            key,
+            fence,
+        }
+    }
+
     /// A release of `key` learnt of otherwise (announced by the server,
     /// made by any process): wakes the next waiter of
     /// [`wait`](Self::wait). This instance's own grant of `key`, if any, is
@@ -266,6 +279,22 @@ impl ReleaseSignals {
                 return true;
             }
         }
+    }
+}
+
+/// Returned by [`ReleaseSignals::releasing`]: signals the release of its
+/// grant when dropped.
+#[derive(Debug)]
+#[must_use = "the release is signalled when this guard is dropped"]
+pub struct Releasing<'a> {
+    signals: &'a ReleaseSignals,
+    key: &'a LockKey,
+    fence: Fence,
+}
+
+impl Drop for Releasing<'_> {
+    fn drop(&mut self) {
+        self.signals.released(self.key, self.fence);
     }
 }
 
