@@ -50,8 +50,8 @@ use crate::config::WeppcloudLocks;
 /// argument above it (the client checks first; this is the last line).
 pub(crate) const MAX_TTL_MS: u128 = runstate_core::MAX_TTL.as_millis();
 
-/// Helpers shared by the scripts (every script but the conditional put,
-/// see [`WRITE`]). `WEPP*` and `MAX_TTL_MS` are filled in per store;
+/// Helpers the scripts call; each script carries only those it calls
+/// (see `prelude_for`). `WEPP*` and `MAX_TTL_MS` are filled in per store;
 /// [`FOREIGN`] and [`BELOW`] follow it.
 ///
 /// Numbers above 2^47 go through `string.format('%d')`: Redis turns a Lua
@@ -526,38 +526,39 @@ impl Scripts {
     /// The scripts, with the WEPPcloud settings (or their absence) written
     /// into them, so no call carries them as arguments.
     pub(crate) fn new(weppcloud: Option<&WeppcloudLocks>, home_db: i64) -> Self {
-        let settings = match weppcloud {
-            Some(locks) => format!(
-                "local WEPP = true\nlocal WEPP_DB = '{}'\nlocal WEPP_HOME = '{home_db}'\nlocal WEPP_EXT = '.{}'\n",
-                locks.db, locks.ext
-            ),
-            None => {
-                "local WEPP = false\nlocal WEPP_DB, WEPP_HOME, WEPP_EXT = '0', '0', ''\n".to_owned()
-            }
-        };
-        let settings = format!("{settings}local MAX_TTL_MS = {MAX_TTL_MS}\n");
-        let script =
-            |body: &str| Script::new(&format!("{settings}{PRELUDE}{FOREIGN}{BELOW}\n{body}"));
-        let write = WRITE
-            .replace("--[[FOREIGN]]", FOREIGN)
-            .replace("--[[BELOW]]", BELOW);
+        let [
+            put,
+            save,
+            get_limited,
+            acquire,
+            renew,
+            release,
+            break_lock,
+            inspect,
+            list_locks,
+            delete,
+            list_docs,
+            delete_run,
+            claim,
+            get_if_changed,
+            publish_status,
+        ] = sources(weppcloud, home_db).map(|code| Script::new(&code));
         Scripts {
-            // The conditional put without the prelude (see `WRITE`).
-            put: Script::new(&format!("{settings}{}", PUT.replace("--[[WRITE]]", &write))),
-            save: script(&SAVE.replace("--[[WRITE]]", &write)),
-            get_limited: script(GET_LIMITED),
-            acquire: script(ACQUIRE),
-            renew: script(RENEW),
-            release: script(RELEASE),
-            break_lock: script(BREAK),
-            inspect: script(INSPECT),
-            list_locks: script(LIST_LOCKS),
-            delete: script(DELETE),
-            list_docs: script(LIST_DOCS),
-            delete_run: script(DELETE_RUN),
-            claim: script(CLAIM),
-            get_if_changed: script(GET_IF_CHANGED),
-            publish_status: script(PUBLISH_STATUS),
+            put,
+            save,
+            get_limited,
+            acquire,
+            renew,
+            release,
+            break_lock,
+            inspect,
+            list_locks,
+            delete,
+            list_docs,
+            delete_run,
+            claim,
+            get_if_changed,
+            publish_status,
         }
     }
 
@@ -582,10 +583,167 @@ impl Scripts {
     }
 }
 
+/// The source of every script, in the order of [`Scripts::all`], with the
+/// WEPPcloud settings (or their absence) written into them, so no call
+/// carries them as arguments, and the helpers each calls.
+fn sources(weppcloud: Option<&WeppcloudLocks>, home_db: i64) -> [String; 15] {
+    let settings = match weppcloud {
+        Some(locks) => format!(
+            "local WEPP = true\nlocal WEPP_DB = '{}'\nlocal WEPP_HOME = '{home_db}'\nlocal WEPP_EXT = '.{}'\n",
+            locks.db, locks.ext
+        ),
+        None => {
+            "local WEPP = false\nlocal WEPP_DB, WEPP_HOME, WEPP_EXT = '0', '0', ''\n".to_owned()
+        }
+    };
+    let settings = format!("{settings}local MAX_TTL_MS = {MAX_TTL_MS}\n");
+    let prelude = format!("{PRELUDE}{FOREIGN}{BELOW}");
+    let helpers = helpers(&prelude);
+    let script = |body: &str| format!("{settings}{}\n{body}", prelude_for(&helpers, body));
+    let write = WRITE
+        .replace("--[[FOREIGN]]", FOREIGN)
+        .replace("--[[BELOW]]", BELOW);
+    [
+        script(&PUT.replace("--[[WRITE]]", &write)),
+        script(&SAVE.replace("--[[WRITE]]", &write)),
+        script(GET_LIMITED),
+        script(ACQUIRE),
+        script(RENEW),
+        script(RELEASE),
+        script(BREAK),
+        script(INSPECT),
+        script(LIST_LOCKS),
+        script(DELETE),
+        script(LIST_DOCS),
+        script(DELETE_RUN),
+        script(CLAIM),
+        script(GET_IF_CHANGED),
+        script(PUBLISH_STATUS),
+    ]
+}
+
+/// The helper functions of `prelude`, in order: each `local function`
+/// from its first line to the `end` that closes it (the first line that is
+/// just `end`), with its name.
+fn helpers(prelude: &str) -> Vec<(&str, String)> {
+    let mut out = Vec::new();
+    let mut lines = prelude.lines();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.strip_prefix("local function ") else {
+            continue;
+        };
+        let name = rest.split('(').next().unwrap_or(rest);
+        let mut code = format!("{line}\n");
+        for line in lines.by_ref() {
+            code.push_str(line);
+            code.push('\n');
+            if line == "end" {
+                break;
+            }
+        }
+        out.push((name, code));
+    }
+    out
+}
+
+/// The helpers `body` calls and does not define itself, with the helpers
+/// they call in turn, in the prelude's order. Every `local function` of a
+/// script is a closure made on every call (see [`WRITE`]), so a script
+/// carries only those it uses.
+fn prelude_for(helpers: &[(&str, String)], body: &str) -> String {
+    let calls = |text: &str, name: &str| text.contains(&format!("{name}("));
+    let mut needed: Vec<bool> = helpers
+        .iter()
+        .map(|(name, _)| calls(body, name) && !body.contains(&format!("local function {name}(")))
+        .collect();
+    // Helpers call only helpers defined before them: one pass from the end
+    // reaches every one needed.
+    for i in (0..helpers.len()).rev() {
+        if needed[i] {
+            for (j, (name, _)) in helpers.iter().enumerate().take(i) {
+                if calls(&helpers[i].1, name) {
+                    needed[j] = true;
+                }
+            }
+        }
+    }
+    helpers
+        .iter()
+        .zip(needed)
+        .filter(|(_, needed)| *needed)
+        .map(|((_, code), _)| code.as_str())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use redis::Value;
+
+    /// Each script carries exactly the helpers it calls (and those they
+    /// call), each once: none is defined in a script that never calls it,
+    /// and none is missing (a script calling an undefined helper would
+    /// fail at its first call, which the conformance suite would show).
+    #[test]
+    fn each_script_defines_only_the_helpers_it_calls() {
+        let all = format!("{PRELUDE}{FOREIGN}{BELOW}");
+        let helpers = helpers(&all);
+        let names: Vec<&str> = helpers.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            names,
+            [
+                "ttl_arg",
+                "now_us",
+                "now_ms",
+                "next_fence",
+                "since_of",
+                "holder",
+                "emit",
+                "released",
+                "home_db",
+                "foreign_any",
+                "below"
+            ]
+        );
+        let defined = |code: &str| -> Vec<String> {
+            names
+                .iter()
+                .filter(|n| code.contains(&format!("local function {n}(")))
+                .map(|n| (*n).to_owned())
+                .collect()
+        };
+        for weppcloud in [false, true] {
+            let locks = WeppcloudLocks {
+                db: 0,
+                ext: "nodb".to_owned(),
+            };
+            let sources = sources(weppcloud.then_some(&locks), 0);
+            // The release (6th): its own check, `released` and `emit` for
+            // the announcement, `holder` and `since_of`/`now_ms`/`now_us`
+            // for a lost lease; no fence counter, TTL or WEPPcloud helpers.
+            assert_eq!(
+                defined(&sources[5]),
+                ["now_us", "now_ms", "since_of", "holder", "emit", "released"]
+            );
+            // The conditional put: no helper but those its own branches
+            // define.
+            assert!(!sources[0].contains("local function holder("));
+            for code in &sources {
+                for name in &names {
+                    let definitions = code.matches(&format!("local function {name}(")).count();
+                    assert!(definitions <= 1, "{name} defined {definitions} times");
+                    let called = code
+                        .match_indices(&format!("{name}("))
+                        .any(|(at, _)| !code[..at].ends_with("local function "));
+                    assert_eq!(
+                        definitions == 1,
+                        called,
+                        "{name}: defined {definitions} times, called: {called}"
+                    );
+                }
+            }
+        }
+    }
 
     async fn shared() -> Option<redis::aio::MultiplexedConnection> {
         let url =
