@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 use redis::{Pipeline, Script, ServerError, ServerErrorKind, Value};
-use runstate_core::batch::{groups, waves};
+use runstate_core::batch::{groups, settle, waves};
 use runstate_core::{
     DocName, GetOptions, Operation, PutRequest, Result, RunId, StoredDoc, Version,
 };
@@ -111,7 +111,7 @@ impl Inner {
                         .and_then(Reply::parse)
                         .and_then(|reply| read_limited(reply, limit)),
                 };
-                outcomes[i] = Some(outcome.map_err(|e| e.at_doc(Operation::Get, run, &docs[i])));
+                outcomes[i] = Some(outcome);
             }
             if !again.is_empty() {
                 self.reload(script, deadline, bound).await?;
@@ -119,12 +119,9 @@ impl Inner {
             }
             pending = again;
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|outcome| {
-                outcome.unwrap_or_else(|| Err(unexpected("a batched read was not made")))
-            })
-            .collect())
+        Ok(settle(outcomes, docs, Operation::Get, run, || {
+            unexpected("a batched read was not made")
+        }))
     }
 
     /// Writes `puts` to `run`: in waves (the `n`-th write of each document
@@ -161,15 +158,13 @@ impl Inner {
                 self.put_group(run, puts, group, &mut results).await?;
             }
         }
-        Ok(results
-            .into_iter()
-            .zip(puts)
-            .map(|(outcome, put)| {
-                outcome
-                    .unwrap_or_else(|| Err(unexpected("a batched write was not made")))
-                    .map_err(|e| e.at_doc(Operation::Put, run, &put.doc))
-            })
-            .collect())
+        Ok(settle(
+            results,
+            puts.iter().map(|put| &put.doc),
+            Operation::Put,
+            run,
+            || unexpected("a batched write was not made"),
+        ))
     }
 
     /// One pipeline of writes (each its own MULTI/EXEC), then, after

@@ -50,12 +50,7 @@ async fn quiet(watcher: &mut Watcher) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_one_round_trip() {
     let server = OwnRedis::start(false, &[]);
-    let proxy = Proxy::start(
-        format!("127.0.0.1:{}", server.port)
-            .parse()
-            .expect("address"),
-    )
-    .await;
+    let proxy = Proxy::start(server.addr()).await;
     let store = RedisStore::open(RedisConfig::tcp("127.0.0.1", proxy.addr().port()))
         .await
         .expect("open");
@@ -359,12 +354,7 @@ async fn a_forgotten_script_is_loaded_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_waits_for_replicas_in_its_round_trip() {
     let server = OwnRedis::start(false, &[]);
-    let proxy = Proxy::start(
-        format!("127.0.0.1:{}", server.port)
-            .parse()
-            .expect("address"),
-    )
-    .await;
+    let proxy = Proxy::start(server.addr()).await;
     let config = RedisConfig::tcp("127.0.0.1", proxy.addr().port())
         .with_wait_replicas(1, Duration::from_millis(50));
     let store = RedisStore::open(config).await.expect("open");

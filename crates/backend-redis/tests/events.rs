@@ -252,12 +252,7 @@ async fn a_release_by_another_process_wakes_a_waiter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watermarks_survive_delete_run_and_restarts() {
     let mut server = OwnRedis::start(true, &[]);
-    let proxy = Proxy::start(
-        format!("127.0.0.1:{}", server.port)
-            .parse()
-            .expect("address"),
-    )
-    .await;
+    let proxy = Proxy::start(server.addr()).await;
     let store = RedisStore::open(
         RedisConfig::tcp("127.0.0.1", proxy.addr().port())
             .with_timeout(Duration::from_millis(800))

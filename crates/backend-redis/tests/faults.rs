@@ -808,12 +808,7 @@ async fn listing_the_locks_of_many_runs_takes_few_round_trips() {
 
     const RUNS: usize = 500;
     let server = OwnRedis::start(false, &[]);
-    let proxy = Proxy::start(
-        format!("127.0.0.1:{}", server.port)
-            .parse()
-            .expect("address"),
-    )
-    .await;
+    let proxy = Proxy::start(server.addr()).await;
     let store = RedisStore::open(RedisConfig::tcp("127.0.0.1", proxy.addr().port()))
         .await
         .expect("open through the proxy");

@@ -44,6 +44,28 @@ async fn open(config: RedisConfig) -> RedisStore {
     .expect("open")
 }
 
+/// A store on the shared server under prefix `p`.
+async fn open_prefixed(url: &str, p: &str) -> RedisStore {
+    open(
+        RedisConfig::from_url(url)
+            .expect("url")
+            .with_prefix(p)
+            .expect("prefix"),
+    )
+    .await
+}
+
+/// Sets `key` to a plain string, as another client could: a key of the
+/// wrong type for a document hash.
+async fn not_a_document(con: &mut redis::aio::MultiplexedConnection, key: impl redis::ToRedisArgs) {
+    let () = redis::cmd("SET")
+        .arg(key)
+        .arg("not a document")
+        .query_async(con)
+        .await
+        .expect("set");
+}
+
 /// The next event of a subscription within 10 s.
 async fn next(sub: &mut Subscription) -> StatusEvent {
     tokio::time::timeout(Duration::from_secs(10), sub.next())
@@ -258,13 +280,7 @@ async fn a_reconnect_that_lost_nothing_gives_no_resync() {
 async fn a_load_that_fails_after_its_grant_releases_it() {
     let Some(url) = shared_url() else { return };
     let p = prefix();
-    let store = open(
-        RedisConfig::from_url(&url)
-            .expect("url")
-            .with_prefix(&p)
-            .expect("prefix"),
-    )
-    .await;
+    let store = open_prefixed(&url, &p).await;
     let mut con = raw(&url).await;
     let run = RunId::new("r").expect("valid");
     let ttl = Duration::from_secs(60);
@@ -533,12 +549,7 @@ async fn a_release_that_timed_out_does_not_send_waiters_spinning() {
 async fn head_reads_no_bytes() {
     use runstate_conformance::proxy::Proxy;
     let server = OwnRedis::start(false, &[]);
-    let proxy = Proxy::start(
-        format!("127.0.0.1:{}", server.port)
-            .parse()
-            .expect("address"),
-    )
-    .await;
+    let proxy = Proxy::start(server.addr()).await;
     let store = RedisStore::open(RedisConfig::tcp("127.0.0.1", proxy.addr().port()))
         .await
         .expect("open");
@@ -620,22 +631,11 @@ async fn a_write_the_server_refuses_indexes_and_announces_nothing() {
     use runstate_core::{PutMode, PutOptions, PutRequest, Version, WatchEvent};
     let Some(url) = shared_url() else { return };
     let p = prefix();
-    let store = open(
-        RedisConfig::from_url(&url)
-            .expect("url")
-            .with_prefix(&p)
-            .expect("prefix"),
-    )
-    .await;
+    let store = open_prefixed(&url, &p).await;
     let mut con = raw(&url).await;
     let run = RunId::new("hostile").expect("valid");
     let broken = DocName::new("broken").expect("valid");
-    let _: () = redis::cmd("SET")
-        .arg(format!("{p}:{{hostile}}:doc:broken"))
-        .arg("not a document")
-        .query_async(&mut con)
-        .await
-        .expect("set");
+    not_a_document(&mut con, format!("{p}:{{hostile}}:doc:broken")).await;
     let mut watcher = store.watch(&run).await.expect("watch");
     let stale = Version::new("0123456789abcdef0123456789abcdef");
     let modes = [
@@ -721,13 +721,7 @@ async fn whatever_sits_at_the_staging_key_never_reaches_a_document() {
     use runstate_core::{PutMode, PutOptions, PutRequest};
     let Some(url) = shared_url() else { return };
     let p = prefix();
-    let store = open(
-        RedisConfig::from_url(&url)
-            .expect("url")
-            .with_prefix(&p)
-            .expect("prefix"),
-    )
-    .await;
+    let store = open_prefixed(&url, &p).await;
     let mut con = raw(&url).await;
     let run = RunId::new("staged").expect("valid");
     let doc = DocName::new("ron").expect("valid");
@@ -738,12 +732,7 @@ async fn whatever_sits_at_the_staging_key_never_reaches_a_document() {
         .expect("seed");
     for (i, hostile) in ["string", "hash"].into_iter().cycle().take(8).enumerate() {
         if hostile == "string" {
-            let _: () = redis::cmd("SET")
-                .arg(&staging)
-                .arg("not a document")
-                .query_async(&mut con)
-                .await
-                .expect("set");
+            not_a_document(&mut con, &staging).await;
         } else {
             let _: () = redis::cmd("HSET")
                 .arg(&staging)
@@ -821,13 +810,7 @@ async fn whatever_sits_at_the_staging_key_never_reaches_a_document() {
 async fn a_listing_skips_a_key_that_is_not_a_document() {
     let Some(url) = shared_url() else { return };
     let p = prefix();
-    let store = open(
-        RedisConfig::from_url(&url)
-            .expect("url")
-            .with_prefix(&p)
-            .expect("prefix"),
-    )
-    .await;
+    let store = open_prefixed(&url, &p).await;
     let mut con = raw(&url).await;
     let run = RunId::new("listed").expect("valid");
     for name in ["a", "c"] {
@@ -840,12 +823,7 @@ async fn a_listing_skips_a_key_that_is_not_a_document() {
             .await
             .expect("put");
     }
-    let _: () = redis::cmd("SET")
-        .arg(format!("{p}:{{listed}}:doc:b"))
-        .arg("not a document")
-        .query_async(&mut con)
-        .await
-        .expect("set");
+    not_a_document(&mut con, format!("{p}:{{listed}}:doc:b")).await;
     let _: i64 = redis::cmd("ZADD")
         .arg(format!("{p}:{{listed}}:docs"))
         .arg(0)

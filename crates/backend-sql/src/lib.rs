@@ -194,7 +194,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use runstate_core::batch::{groups, waves};
+use runstate_core::batch::{groups, settle, waves};
 use runstate_core::events::{check_label, check_text};
 use runstate_core::time::from_unix_millis;
 use runstate_core::{
@@ -1851,17 +1851,13 @@ impl Inner {
         }
         // Every write is either refused by its size or in a group, which
         // sets its outcome.
-        Ok(results
-            .into_iter()
-            .zip(puts)
-            .map(|(outcome, put)| {
-                outcome
-                    .unwrap_or_else(|| {
-                        Err(unexpected(self.dialect, "a batched write was not made"))
-                    })
-                    .map_err(|e| e.at_doc(Operation::Put, run, &put.doc))
-            })
-            .collect())
+        Ok(settle(
+            results,
+            puts.iter().map(|put| &put.doc),
+            Operation::Put,
+            run,
+            || unexpected(self.dialect, "a batched write was not made"),
+        ))
     }
 
     /// Splits a wave into groups of at most [`BATCH_ROWS`] writes and

@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 
-use crate::id::DocName;
+use crate::error::{Error, Operation, Result};
+use crate::id::{DocName, RunId};
 use crate::store::PutRequest;
 
 /// The writes `indices` (into `puts`, in order) in waves: the `n`-th write
@@ -49,6 +50,28 @@ pub fn groups<'w>(
         groups.push(&wave[start..]);
     }
     groups
+}
+
+/// The results of a batch whose pieces filled `outcomes` (one slot per
+/// request, in request order, `docs` naming each request's document): each
+/// error placed at its document with `operation` and `run`, and a slot no
+/// piece filled (a backend bug) reported as `missing()` rather than a panic.
+pub fn settle<'d, T>(
+    outcomes: Vec<Option<Result<T>>>,
+    docs: impl IntoIterator<Item = &'d DocName>,
+    operation: Operation,
+    run: &RunId,
+    missing: impl Fn() -> Error,
+) -> Vec<Result<T>> {
+    outcomes
+        .into_iter()
+        .zip(docs)
+        .map(|(outcome, doc)| {
+            outcome
+                .unwrap_or_else(|| Err(missing()))
+                .map_err(|e| e.at_doc(operation, run, doc))
+        })
+        .collect()
 }
 
 #[cfg(test)]
