@@ -841,3 +841,90 @@ async fn a_listing_skips_a_key_that_is_not_a_document() {
     assert_eq!(listed, ["a", "c"]);
     store.purge_prefix().await.expect("cleanup");
 }
+
+/// A new grant's fence is `max(counter + 1, server clock in µs)`, the two
+/// compared as decimal strings inside the acquire script: a counter ahead
+/// of the clock is followed by counter + 1, a counter behind it (shorter,
+/// or as long and smaller) gives way to the clock. The grant's `since` is the server's
+/// clock in ms, and the counter keeps the fence granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_fence_passes_both_its_counter_and_the_clock() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    let Some(url) = shared_url() else { return };
+    let p = prefix();
+    let store = open_prefixed(&url, &p).await;
+    let con = raw(&url).await;
+    let key = LockKey::Doc(
+        RunId::new("r").expect("valid"),
+        DocName::new("ron").expect("valid"),
+    );
+    let counter = format!("{p}:{{r}}:fence:ron");
+    let clock_us = || {
+        u64::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("after 1970")
+                .as_micros(),
+        )
+        .expect("fits")
+    };
+    let grant_after = |set: Option<String>| {
+        let (store, key, counter) = (&store, &key, &counter);
+        let mut con = con.clone();
+        async move {
+            if let Some(value) = set {
+                let () = redis::cmd("SET")
+                    .arg(counter)
+                    .arg(value)
+                    .query_async(&mut con)
+                    .await
+                    .expect("set the counter");
+            }
+            let lease = store
+                .try_acquire(key, &Owner::for_this_process(), Duration::from_secs(5))
+                .await
+                .expect("grant");
+            store.release(&lease).await.expect("release");
+            let stored: String = redis::cmd("GET")
+                .arg(counter)
+                .query_async(&mut con)
+                .await
+                .expect("get the counter");
+            assert_eq!(stored, lease.fence().0.to_string(), "the counter keeps it");
+            lease
+        }
+    };
+    // The clock, on a first grant and after a counter that is shorter.
+    for set in [None, Some("42".to_owned())] {
+        let before = clock_us();
+        let lease = grant_after(set).await;
+        let fence = lease.fence().0;
+        // The server shares this machine's clock; a second of slack.
+        assert!(
+            fence + 1_000_000 >= before && fence <= clock_us() + 1_000_000,
+            "fence {fence} is the clock in µs ({before})"
+        );
+        let since = lease
+            .since()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_micros();
+        assert_eq!(
+            u128::from(fence / 1000) * 1000,
+            since,
+            "'since' is the grant's clock in ms"
+        );
+    }
+    // As long as the clock and a second behind it: the clock.
+    let behind = clock_us() - 1_000_000;
+    let fence = grant_after(Some(behind.to_string())).await.fence().0;
+    assert!(fence > behind + 500_000, "fence {fence} after {behind}");
+    // As long as the clock and ahead of it: the counter's next.
+    let ahead = clock_us() + 3_600_000_000;
+    assert_eq!(
+        grant_after(Some(ahead.to_string())).await.fence().0,
+        ahead + 1
+    );
+    store.purge_prefix().await.expect("cleanup");
+}

@@ -621,7 +621,7 @@ async fn bench_url(name: &str, raw_backend: &str, url: &str, plan: &Plan, rows: 
         }
     }
     if let (Raw::Redis(con, _), "redis") = (&raw, name) {
-        redis_w3_floor(con.clone(), plan, us(m.w3.median()), rows).await;
+        redis_w3_floor(con.clone(), &w, plan, rows).await;
     }
     if let (Raw::File(dir), "file") = (&raw, name) {
         // The same calls inline, to show what the blocking pool costs.
@@ -664,10 +664,17 @@ async fn bench_url(name: &str, raw_backend: &str, url: &str, plan: &Plan, rows: 
 /// the lock) in one `MULTI/EXEC`. Two round trips, each with a script
 /// (Redis 7.0 has no conditional `SET`); no version check, index or
 /// announcement, which runstate's W3 adds.
+///
+/// runstate's W3 runs in the same rounds, right before each floor block,
+/// and both report the CPU they cost per update: this process's (the
+/// client, all its threads) and the server's (`INFO cpu`, so its network
+/// I/O too). On this 2-core machine the two together come to about the
+/// wall time, so a gap between W3 and the floor shows on the side that
+/// spends it.
 async fn redis_w3_floor(
     mut con: redis::aio::ConnectionManager,
+    w: &Workloads,
     plan: &Plan,
-    w3_median: f64,
     rows: &mut Vec<Row>,
 ) {
     let p = format!("rsw3floor:{}", std::process::id());
@@ -705,8 +712,15 @@ async fn redis_w3_floor(
         .query_async(&mut con)
         .await
         .expect("seed");
-    let (mut floor, mut set) = (Series::default(), Series::default());
+    let (mut floor, mut set, mut w3) = (Series::default(), Series::default(), Series::default());
+    let (mut floor_cpu, mut w3_cpu) = (Cpu::default(), Cpu::default());
     for _ in 0..plan.rounds {
+        // runstate's W3 right beside the floor, with the CPU each side
+        // spends, so the gap splits into client and server work.
+        let before = Cpu::now(&mut con).await;
+        w3.latencies
+            .extend(w.w3_update(plan.updates).await.latencies);
+        w3_cpu.add(before, Cpu::now(&mut con).await);
         block(&mut set, plan.updates, |i| {
             let mut con = con.clone();
             let key = format!("{p}:set");
@@ -720,6 +734,7 @@ async fn redis_w3_floor(
             }
         })
         .await;
+        let before = Cpu::now(&mut con).await;
         block(&mut floor, plan.updates, |i| {
             let mut con = con.clone();
             let (grant, save) = (&grant, &save);
@@ -763,7 +778,9 @@ async fn redis_w3_floor(
             }
         })
         .await;
+        floor_cpu.add(before, Cpu::now(&mut con).await);
     }
+    let ops = (plan.rounds * plan.updates) as f64;
     rows.push(row(
         "redis",
         "raw: SET, beside the W3 floor",
@@ -778,7 +795,20 @@ async fn redis_w3_floor(
         Some(("SET beside it", &set)),
         None,
     );
-    r.note = format!("W3 / floor {:.2}×", w3_median / us(floor.median()));
+    r.note = format!(
+        "W3 / floor {:.2}×; CPU per update: {}",
+        us(w3.median()) / us(floor.median()),
+        floor_cpu.per_op(ops)
+    );
+    rows.push(r);
+    let mut r = row(
+        "redis",
+        "W3 beside the floor (CPU split)",
+        &w3,
+        Some(("SET beside it", &set)),
+        None,
+    );
+    r.note = format!("CPU per update: {}", w3_cpu.per_op(ops));
     rows.push(r);
     let _: redis::RedisResult<i64> = redis::cmd("DEL")
         .arg(&lock)
@@ -788,6 +818,60 @@ async fn redis_w3_floor(
         .arg(format!("{p}:set"))
         .query_async(&mut con)
         .await;
+}
+
+/// CPU time spent by this process (all its threads) and by the Redis
+/// server, summed over measured blocks.
+#[derive(Default, Clone, Copy)]
+struct Cpu {
+    client: Duration,
+    server: Duration,
+}
+
+impl Cpu {
+    /// The counters now: this process's threads from `/proc` (their
+    /// `schedstat` run time, in ns), the server's from `INFO cpu` (its
+    /// main thread and I/O, in µs). Zero where a counter cannot be read.
+    async fn now(con: &mut redis::aio::ConnectionManager) -> Cpu {
+        let mut client = Duration::ZERO;
+        if let Ok(tasks) = fs::read_dir("/proc/self/task") {
+            for task in tasks.flatten() {
+                let ns = fs::read_to_string(task.path().join("schedstat"))
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+                client += Duration::from_nanos(ns.unwrap_or(0));
+            }
+        }
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(con)
+            .await
+            .unwrap_or_default();
+        let seconds: f64 = info
+            .lines()
+            .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+            .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+            .sum();
+        Cpu {
+            client,
+            server: Duration::from_secs_f64(seconds),
+        }
+    }
+
+    /// Adds the CPU spent between `before` and `after`.
+    fn add(&mut self, before: Cpu, after: Cpu) {
+        self.client += after.client.saturating_sub(before.client);
+        self.server += after.server.saturating_sub(before.server);
+    }
+
+    /// "client X µs, server Y µs" per operation.
+    fn per_op(&self, ops: f64) -> String {
+        format!(
+            "client {:.1} µs, server {:.1} µs",
+            us(self.client) / ops,
+            us(self.server) / ops
+        )
+    }
 }
 
 fn print_table(rows: &[Row]) {
