@@ -6,8 +6,8 @@
 //! `exists`, `precondition`, `fenced`, `locked`, `lost`, `foreign` (a
 //! WEPPcloud lock), `watermark` (a fence below its lock's watermark, with
 //! the watermark), `unchanged`, `changed`, `toolarge`, `absent`, `free`,
-//! `badttl` (a TTL argument
-//! outside 1 ms ..= `MAX_TTL`, refused before any write) and `failed` (a
+//! `badttl` (a TTL argument that is not a whole number of milliseconds
+//! in 1 ..= `MAX_TTL`, written as plain digits, refused before any write) and `failed` (a
 //! write whose command failed, e.g. `WRONGTYPE`, with the server's
 //! message; the staged bytes are dropped and, in save-and-release, the
 //! lease released).
@@ -51,7 +51,9 @@ use crate::config::WeppcloudLocks;
 pub(crate) const MAX_TTL_MS: u128 = runstate_core::MAX_TTL.as_millis();
 
 /// Helpers the scripts call; each script carries only those it calls
-/// (see `prelude_for`). `WEPP*` and `MAX_TTL_MS` are filled in per store;
+/// (see `prelude_for`), at its top or, for helpers only one branch needs,
+/// written into that branch (`--[[FOREIGN]]`, `--[[BELOW]]`,
+/// `--[[HOLDER]]`). `WEPP*` and `MAX_TTL_MS` are filled in per store;
 /// [`FOREIGN`] and [`BELOW`] follow it.
 ///
 /// Numbers above 2^47 go through `string.format('%d')`: Redis turns a Lua
@@ -92,8 +94,10 @@ local function released(channel, fence, name)
 end
 "#;
 
-/// The WEPPcloud lock check of the scripts that write or grant (part of
-/// the prelude, and defined inside [`WRITE`] only when `WEPP` is on).
+/// The WEPPcloud lock check of the scripts that write or grant: part of
+/// the prelude, and written into the `if WEPP` branches of [`WRITE`] and
+/// [`ACQUIRE`] (`--[[FOREIGN]]`), where it is defined only when that
+/// branch runs.
 const FOREIGN: &str = r#"
 local function home_db()
   if WEPP and WEPP_DB ~= WEPP_HOME then redis.call('SELECT', WEPP_HOME) end
@@ -330,8 +334,20 @@ else
     -- A lock is indexed when its fence counter is created; the index lives
     -- as long as the counters, and listing skips locks not held.
     redis.call('SADD', KEYS[3], KEYS[1])
+  elseif not string.find(cur, '^[1-9]%d*$') then
+    -- Not as this script writes it (leading zeros, a sign): by number.
+    local after = tonumber(cur) + 1
+    if after > tonumber(now) then fence = string.format('%d', after) end
   elseif #cur > #now or (#cur == #now and cur >= now) then
-    fence = string.format('%d', tonumber(cur) + 1)
+    -- Counter + 1, digit by digit: exact for any 64-bit counter, where a
+    -- Lua number keeps 53 bits.
+    local i = #cur
+    while string.byte(cur, i) == 57 do i = i - 1 end
+    if i == 0 then
+      fence = '1' .. string.rep('0', #cur)
+    else
+      fence = string.sub(cur, 1, i - 1) .. string.char(string.byte(cur, i) + 1) .. string.rep('0', #cur - i)
+    end
   end
   redis.call('SET', KEYS[2], fence)
   redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'oid', ARGV[2], 'fence', fence, 'since', since, 'ttl', ttl)
@@ -750,7 +766,7 @@ mod tests {
             let sources = sources(weppcloud.then_some(&locks), 0);
             // The release (6th): its own check, `released` and `emit` for
             // the announcement, `holder` and `since_of`/`now_ms`
-            // for a lost lease; no fence counter, TTL or WEPPcloud helpers.
+            // for a lost lease; no TTL or WEPPcloud helpers.
             assert_eq!(
                 defined(&sources[5]),
                 ["now_ms", "since_of", "holder", "emit", "released"]
@@ -758,18 +774,48 @@ mod tests {
             // The conditional put: no helper but those its own branches
             // define.
             assert!(!sources[0].contains("local function holder("));
+            // The save (2nd) and the acquire (4th), straight-line: the
+            // save's helpers are all written into its branches (the
+            // holder of a lost lease, the write's WEPPcloud and fence
+            // checks); the acquire takes only the TTL check from the top.
+            assert_eq!(
+                defined(&sources[1]),
+                [
+                    "now_ms",
+                    "since_of",
+                    "holder",
+                    "home_db",
+                    "foreign_any",
+                    "below"
+                ]
+            );
+            assert!(!sources[1].contains("local function emit("));
+            assert_eq!(defined(&sources[3]), ["ttl_arg", "home_db", "foreign_any"]);
+            let top = |code: &str, name: &str| code.find(&format!("local function {name}("));
+            assert!(top(&sources[3], "ttl_arg") < top(&sources[3], "home_db"));
             for code in &sources {
                 for name in &names {
                     let definitions = code.matches(&format!("local function {name}(")).count();
                     assert!(definitions <= 1, "{name} defined {definitions} times");
-                    let called = code
+                    let calls: Vec<usize> = code
                         .match_indices(&format!("{name}("))
-                        .any(|(at, _)| !code[..at].ends_with("local function "));
+                        .map(|(at, _)| at)
+                        .filter(|&at| !code[..at].ends_with("local function "))
+                        .collect();
                     assert_eq!(
                         definitions == 1,
-                        called,
-                        "{name}: defined {definitions} times, called: {called}"
+                        !calls.is_empty(),
+                        "{name}: defined {definitions} times, called {} times",
+                        calls.len()
                     );
+                    // A `local function` is in scope only after it: every
+                    // call comes after the definition.
+                    if let (Some(defined_at), Some(first_call)) = (top(code, name), calls.first()) {
+                        assert!(
+                            defined_at < *first_call,
+                            "{name} called before it is defined"
+                        );
+                    }
                 }
             }
         }

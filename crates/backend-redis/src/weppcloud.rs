@@ -312,8 +312,8 @@ local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
--- max(counter + 1, server clock in µs), stored back (see the Redis
--- backend's scripts).
+-- max(counter + 1, server clock in µs), stored back (see the acquire
+-- script of the Redis backend's `scripts`).
 local function next_fence(key, now)
   local cur = redis.call('GET', key)
   local n = now

@@ -842,36 +842,37 @@ async fn a_listing_skips_a_key_that_is_not_a_document() {
     store.purge_prefix().await.expect("cleanup");
 }
 
+/// The server's clock in µs (`TIME`).
+async fn server_us(con: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(con).await.expect("TIME");
+    s * 1_000_000 + us
+}
+
 /// A new grant's fence is `max(counter + 1, server clock in µs)`, the two
 /// compared as decimal strings inside the acquire script: a counter ahead
-/// of the clock is followed by counter + 1, a counter behind it (shorter,
-/// or as long and smaller) gives way to the clock. The grant's `since` is the server's
-/// clock in ms, and the counter keeps the fence granted.
+/// of the clock is followed by counter + 1, exactly, even past 2^53 (as
+/// long as the clock, or longer); a counter behind it (shorter, or as long
+/// and smaller) gives way to the clock; a counter not written the
+/// script's way (a leading zero) is compared by number. The grant's
+/// `since` is the server's clock in ms, and the counter keeps the fence
+/// granted. Times are the server's own (`TIME`), read around each grant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_fence_passes_both_its_counter_and_the_clock() {
-    use std::time::{SystemTime, UNIX_EPOCH};
+    use std::time::UNIX_EPOCH;
 
     let Some(url) = shared_url() else { return };
     let p = prefix();
     let store = open_prefixed(&url, &p).await;
-    let con = raw(&url).await;
+    let mut con = raw(&url).await;
     let key = LockKey::Doc(
         RunId::new("r").expect("valid"),
         DocName::new("ron").expect("valid"),
     );
     let counter = format!("{p}:{{r}}:fence:ron");
-    let clock_us = || {
-        u64::try_from(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .expect("after 1970")
-                .as_micros(),
-        )
-        .expect("fits")
-    };
+    let setter = con.clone();
     let grant_after = |set: Option<String>| {
         let (store, key, counter) = (&store, &key, &counter);
-        let mut con = con.clone();
+        let mut con = setter.clone();
         async move {
             if let Some(value) = set {
                 let () = redis::cmd("SET")
@@ -895,15 +896,21 @@ async fn a_new_fence_passes_both_its_counter_and_the_clock() {
             lease
         }
     };
-    // The clock, on a first grant and after a counter that is shorter.
-    for set in [None, Some("42".to_owned())] {
-        let before = clock_us();
+    // The clock: on a first grant, after a shorter counter, after grants
+    // of the clock (a hundred, so that microseconds below 100000, which
+    // need their leading zeros, come up), and after a counter with a
+    // leading zero that is behind the clock.
+    let mut sets = vec![None, Some("42".to_owned())];
+    sets.extend((0..100).map(|_| None));
+    sets.push(Some("0042".to_owned()));
+    for set in sets {
+        let before = server_us(&mut con).await;
         let lease = grant_after(set).await;
+        let after = server_us(&mut con).await;
         let fence = lease.fence().0;
-        // The server shares this machine's clock; a second of slack.
         assert!(
-            fence + 1_000_000 >= before && fence <= clock_us() + 1_000_000,
-            "fence {fence} is the clock in µs ({before})"
+            (before..=after).contains(&fence),
+            "fence {fence} is the server's clock in µs ({before} ..= {after})"
         );
         let since = lease
             .since()
@@ -917,14 +924,120 @@ async fn a_new_fence_passes_both_its_counter_and_the_clock() {
         );
     }
     // As long as the clock and a second behind it: the clock.
-    let behind = clock_us() - 1_000_000;
+    let behind = server_us(&mut con).await - 1_000_000;
     let fence = grant_after(Some(behind.to_string())).await.fence().0;
-    assert!(fence > behind + 500_000, "fence {fence} after {behind}");
-    // As long as the clock and ahead of it: the counter's next.
-    let ahead = clock_us() + 3_600_000_000;
-    assert_eq!(
-        grant_after(Some(ahead.to_string())).await.fence().0,
-        ahead + 1
+    assert!(fence > behind + 1_000_000, "fence {fence} after {behind}");
+    // Ahead of the clock: the counter's next, exactly, with carries and
+    // past 2^53; a leading zero compared by number.
+    let ahead = server_us(&mut con).await + 3_600_000_000;
+    for (counter, next) in [
+        (ahead.to_string(), ahead + 1),
+        ("8999999999999999".to_owned(), 9_000_000_000_000_000),
+        ("10000000000000000".to_owned(), 10_000_000_000_000_001),
+        ("18446744073709551614".to_owned(), u64::MAX),
+        ("05000000000000000".to_owned(), 5_000_000_000_000_001),
+    ] {
+        assert_eq!(
+            grant_after(Some(counter.clone())).await.fence().0,
+            next,
+            "after {counter}"
+        );
+    }
+    store.purge_prefix().await.expect("cleanup");
+}
+
+/// A grant written by an older version of this backend has no `since`:
+/// it is derived as now - (ttl - pttl) by the server's clock, for a
+/// waiter that finds it held (`Locked`, with the holder), for its owner
+/// taking it again (and then kept in the grant), and for a save under a
+/// lease that is not that grant (`Fenced`, with the holder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_without_since_is_dated_by_its_expiry() {
+    use runstate_core::{Fence, Lease, PutMode};
+    use std::time::{Instant, UNIX_EPOCH};
+
+    let Some(url) = shared_url() else { return };
+    let p = prefix();
+    let store = open_prefixed(&url, &p).await;
+    let mut con = raw(&url).await;
+    let run = RunId::new("r").expect("valid");
+    let doc = DocName::new("ron").expect("valid");
+    let key = LockKey::Doc(run.clone(), doc.clone());
+    let lock = format!("{p}:{{r}}:lock:ron");
+    let holder = Owner::new("old-host", 4242, "old-holder").expect("owner");
+    // Granted 30 s ago with a 60 s TTL, by a version that wrote no 'since'.
+    let () = redis::cmd("HSET")
+        .arg(&lock)
+        .arg("owner")
+        .arg(serde_json::to_string(&holder).expect("json"))
+        .arg("oid")
+        .arg(holder.id())
+        .arg("fence")
+        .arg("7")
+        .arg("ttl")
+        .arg("60000")
+        .query_async(&mut con)
+        .await
+        .expect("an old grant");
+    let _: i64 = redis::cmd("PEXPIRE")
+        .arg(&lock)
+        .arg(30_000)
+        .query_async(&mut con)
+        .await
+        .expect("its expiry");
+    let ms = |at: std::time::SystemTime| {
+        u64::try_from(
+            at.duration_since(UNIX_EPOCH)
+                .expect("after 1970")
+                .as_millis(),
+        )
+        .expect("fits")
+    };
+    let dated = |since: u64, now_us: u64| {
+        let expected = now_us / 1000 - 30_000;
+        assert!(
+            since.abs_diff(expected) < 2_000,
+            "since {since} is 30 s before the server's clock ({expected})"
+        );
+    };
+    let now = server_us(&mut con).await;
+    let error = store
+        .try_acquire(&key, &Owner::for_this_process(), Duration::from_secs(5))
+        .await
+        .expect_err("held");
+    assert_eq!(error.kind(), ErrorKind::Locked);
+    let held = error.holder().expect("the holder");
+    assert_eq!(held.fence, Fence(7));
+    dated(ms(held.since), now);
+    // A save under a lease that is not that grant: fenced, with the holder.
+    let stale = Lease::new(
+        key.clone(),
+        Owner::for_this_process(),
+        Fence(6),
+        Duration::from_secs(5),
+        Instant::now(),
+        std::time::SystemTime::now(),
     );
+    let error = store
+        .save_and_release(&stale, &doc, Bytes::from_static(b"{}"), PutMode::Overwrite)
+        .await
+        .expect_err("not the grant");
+    assert_eq!(error.kind(), ErrorKind::Fenced);
+    dated(ms(error.holder().expect("the holder").since), now);
+    // Its owner takes it again: same fence, the derived 'since', kept.
+    let lease = store
+        .try_acquire(&key, &holder, Duration::from_secs(5))
+        .await
+        .expect("the owner's own grant");
+    assert_eq!(lease.fence(), Fence(7));
+    dated(ms(lease.since()), now);
+    let kept: String = redis::cmd("HGET")
+        .arg(&lock)
+        .arg("since")
+        .query_async(&mut con)
+        .await
+        .expect("kept");
+    assert_eq!(kept, ms(lease.since()).to_string());
+    store.release(&lease).await.expect("release");
     store.purge_prefix().await.expect("cleanup");
 }
