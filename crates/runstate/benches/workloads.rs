@@ -623,6 +623,9 @@ async fn bench_url(name: &str, raw_backend: &str, url: &str, plan: &Plan, rows: 
     if let (Raw::Redis(con, _), "redis") = (&raw, name) {
         redis_w3_floor(con.clone(), &w, plan, rows).await;
     }
+    if let (Raw::S3(store, prefix), "s3") = (&raw, name) {
+        s3_w3_floor(Arc::clone(store), prefix, &w, plan, rows).await;
+    }
     if let (Raw::File(dir), "file") = (&raw, name) {
         // The same calls inline, to show what the blocking pool costs.
         let read_path = dir.join("read");
@@ -818,6 +821,130 @@ async fn redis_w3_floor(
         .arg(format!("{p}:set"))
         .query_async(&mut con)
         .await;
+}
+
+/// The requests any fenced locked update needs on S3, from a bare
+/// object_store client, against raw `PUT`s interleaved with it: the lease
+/// object written on the condition that it is still the version last seen
+/// (`If-Match`), with the document's `GET` sent at the same time; a `HEAD`
+/// of the lease right before the save (S3 has no condition across two
+/// objects, so a broken or taken-over lease is caught by looking); the
+/// document written on the condition of the ETag read; the lease written
+/// back free (`If-Match`). Four round trips, five requests, as runstate's
+/// W3 makes them, which runs in the same rounds, right before each floor
+/// block.
+async fn s3_w3_floor(
+    store: Arc<object_store::aws::AmazonS3>,
+    prefix: &str,
+    w: &Workloads,
+    plan: &Plan,
+    rows: &mut Vec<Row>,
+) {
+    use object_store::path::Path;
+    use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, UpdateVersion};
+
+    let (lease, doc, put) = (
+        Path::from(format!("{prefix}/w3floor/lease")),
+        Path::from(format!("{prefix}/w3floor/doc")),
+        Path::from(format!("{prefix}/w3floor/put")),
+    );
+    let if_match = |e_tag: Option<String>| PutOptions {
+        mode: PutMode::Update(UpdateVersion {
+            e_tag,
+            version: None,
+        }),
+        ..PutOptions::default()
+    };
+    // A lease body the size of runstate's (owner, fence, times).
+    let body = |held: bool, fence: u64| {
+        Bytes::from(format!(
+            "{{\"held\":{held},\"fence\":{fence},\"owner\":{{\"host\":\"{:0>40}\",\
+             \"pid\":1234,\"id\":\"{:0>36}\"}},\"since_ms\":1,\"ttl_ms\":30000}}",
+            "host", "id"
+        ))
+    };
+    let mut lease_tag = store
+        .put(&lease, body(false, 0).into())
+        .await
+        .expect("seed the lease")
+        .e_tag;
+    store
+        .put(&doc, payload(0).into())
+        .await
+        .expect("seed the document");
+    let (mut floor, mut raw_put, mut w3) =
+        (Series::default(), Series::default(), Series::default());
+    let mut fence = 0;
+    for _ in 0..plan.rounds {
+        w3.latencies
+            .extend(w.w3_update(plan.updates).await.latencies);
+        block(&mut raw_put, plan.updates, |i| {
+            let (store, put) = (&store, &put);
+            async move {
+                store.put(put, payload(i).into()).await.expect("raw put");
+            }
+        })
+        .await;
+        for i in 0..plan.updates {
+            let start = Instant::now();
+            fence += 1;
+            let (granted, got) = tokio::join!(
+                store.put_opts(
+                    &lease,
+                    body(true, fence).into(),
+                    if_match(lease_tag.clone())
+                ),
+                store.get(&doc)
+            );
+            lease_tag = granted.expect("grant").e_tag;
+            let got = got.expect("load");
+            let doc_tag = got.meta.e_tag.clone();
+            let mut bytes = got.bytes().await.expect("load body").to_vec();
+            let head = store.head(&lease).await.expect("lease check");
+            assert_eq!(head.e_tag, lease_tag, "still ours");
+            bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            store
+                .put_opts(&doc, Bytes::from(bytes).into(), if_match(doc_tag))
+                .await
+                .expect("fenced save");
+            lease_tag = store
+                .put_opts(
+                    &lease,
+                    body(false, fence).into(),
+                    if_match(lease_tag.clone()),
+                )
+                .await
+                .expect("release")
+                .e_tag;
+            floor.record(start.elapsed());
+        }
+    }
+    rows.push(row(
+        "s3",
+        "raw: object_store put, beside the W3 floor",
+        &raw_put,
+        None,
+        None,
+    ));
+    let mut r = row(
+        "s3",
+        "raw floor: W3 (grant+GET, HEAD, conditional put, release)",
+        &floor,
+        Some(("put beside it", &raw_put)),
+        None,
+    );
+    r.note = format!("W3 / floor {:.2}×", us(w3.median()) / us(floor.median()));
+    rows.push(r);
+    rows.push(row(
+        "s3",
+        "W3 beside the floor",
+        &w3,
+        Some(("put beside it", &raw_put)),
+        None,
+    ));
+    for path in [&lease, &doc, &put] {
+        let _ = store.delete(path).await;
+    }
 }
 
 /// CPU time spent by this process (all its threads) and by the Redis
