@@ -10,6 +10,10 @@
 //! a descriptor opened before the rename), so a failed save never leaves
 //! its bytes visible.
 //!
+//! A batch (`Engine::put_many`) stages and syncs each of its documents,
+//! renames them all, then syncs the folder once ([`sync_placed`]); a
+//! failure of that one `fsync` puts every renamed document back.
+//!
 //! A replaced document keeps the permission bits of the file it replaces;
 //! a new one gets 0644 less the umask.
 
@@ -137,6 +141,22 @@ impl<'a> Staged<'a> {
     /// its permission bits are kept, and it is restored when the folder
     /// `fsync` fails.
     pub(crate) fn place(
+        self,
+        target: &str,
+        previous: Option<&File>,
+        faults: &Faults,
+    ) -> Result<(), Error> {
+        let dir = self.dir;
+        self.rename_over(target, previous, faults)?;
+        sync_placed(dir, &[(target, previous)], faults)
+            .map_err(|e| io_error("fsync of the run folder", dir.path(), e))
+    }
+
+    /// The first half of [`place`](Self::place): the rename, without the
+    /// folder `fsync`, for a batch that syncs its folder once for all its
+    /// renames ([`sync_placed`]). Until then the caller keeps `previous`
+    /// open and holds the document's record.
+    pub(crate) fn rename_over(
         mut self,
         target: &str,
         previous: Option<&File>,
@@ -167,16 +187,29 @@ impl<'a> Staged<'a> {
                 )
             })?;
         self.placed = true;
-        if let Err(e) = faults
-            .check(SaveStep::DirFsync, dir.path())
-            .and_then(|()| dir.sync())
-        {
-            let error = io_error("fsync of the run folder", dir.path(), e);
-            restore(dir, target, previous);
-            return Err(error);
-        }
         Ok(())
     }
+}
+
+/// Makes the renames over `placed` (each a target in `dir` with the
+/// document it replaced, open since before the rename) durable with one
+/// `fsync` of the folder. When that fails, every one of them is put back
+/// (see [`restore`]) before the error is returned, so a failed save never
+/// leaves its bytes visible.
+pub(crate) fn sync_placed(
+    dir: &Folder,
+    placed: &[(&str, Option<&File>)],
+    faults: &Faults,
+) -> io::Result<()> {
+    let synced = faults
+        .check(SaveStep::DirFsync, dir.path())
+        .and_then(|()| dir.sync());
+    if synced.is_err() {
+        for (target, previous) in placed {
+            restore(dir, target, *previous);
+        }
+    }
+    synced
 }
 
 impl Drop for Staged<'_> {

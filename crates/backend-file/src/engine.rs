@@ -8,15 +8,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use runstate_core::batch::{groups, settle, waves};
 use runstate_core::process::{Liveness, ProcessStamp, current_stamp, liveness};
 use runstate_core::{
     Bytes, DocMeta, DocName, DocStat, Error, ErrorKind, Fence, Fetched, Lease, ListPage, LockInfo,
-    LockKey, Operation, Owner, PutMode, RunId, StoredDoc, Version,
+    LockKey, Operation, Owner, PutMode, PutRequest, RunId, StoredDoc, Version,
 };
 
 use crate::BACKEND;
 use crate::case::{self, CaseRule};
-use crate::durable::{Faults, SaveStep, Staged, permission_bits};
+use crate::durable::{Faults, SaveStep, Staged, permission_bits, sync_placed};
 use crate::folder::{
     Access, Folder, FolderId, Kind, Stamp, hash_bounded, is_not_found, now_ns, read_bounded_sized,
     too_large,
@@ -28,6 +29,13 @@ use crate::layout::{
 };
 use crate::leases::{self, LeaseFile, Now};
 use crate::weppcloud;
+
+/// Writes of one group of a batch at most ([`Engine::put_many`]): each
+/// holds an open staged file and, until the folder `fsync`, its record and
+/// the document it replaces, three descriptors.
+const BATCH_ITEMS: usize = 64;
+/// Bytes of one group at most (a larger document goes alone).
+const BATCH_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Temporary files from another boot or pid namespace are removed once this
 /// old, since their writer cannot be checked from here.
@@ -889,28 +897,7 @@ impl Engine {
             self.check_writable(&dir, run)?;
             self.check_lock_files(Some(&dir), &doc_key)?;
             let previous = dir.open_file(&file_name, Access::Read)?;
-            match (mode, &previous) {
-                (PutMode::Overwrite, _) => {}
-                (PutMode::Create, Some(_)) => {
-                    return Err(Error::new(
-                        ErrorKind::AlreadyExists,
-                        "the document already exists",
-                    )
-                    .with_backend(BACKEND));
-                }
-                (PutMode::Create, None) => {}
-                (PutMode::Update(_), None) => {
-                    return Err(precondition("the document does not exist"));
-                }
-                (PutMode::Update(expected), Some(file)) => {
-                    let current = self.current_version(file, &dir.child(&file_name))?;
-                    if current != *expected {
-                        return Err(precondition(format!(
-                            "stored version {current} is not the expected {expected}"
-                        )));
-                    }
-                }
-            }
+            self.check_mode(mode, previous.as_ref(), &dir, &file_name)?;
             // Raised before the rename, under the same lock: once the save
             // is visible, no lease below its fence can save any more, and
             // a watermark that cannot be written stops the save.
@@ -918,24 +905,7 @@ impl Engine {
                 let record = pick(&mut run_record, &mut doc_record, foreign);
                 leases::raise_watermark(record, foreign.key(), foreign.fence(), Operation::Put)?;
             }
-            if self.weppcloud {
-                // The new bytes never show under the old (mtime, size)
-                // signature, and a new run is never taken for a legacy one.
-                match &previous {
-                    Some(file) => {
-                        let meta = file.metadata().map_err(|e| {
-                            io_error("stat of the document", &dir.child(&file_name), e)
-                        })?;
-                        weppcloud::advance_signature(
-                            staged.file(),
-                            &staged.path(),
-                            &meta,
-                            bytes.len() as u64,
-                        )?;
-                    }
-                    None => weppcloud::mark_new_run(&dir, &self.layout)?,
-                }
-            }
+            self.weppcloud_marks(&dir, &file_name, &staged, previous.as_ref(), bytes.len())?;
             staged.place(&file_name, previous.as_ref(), &self.faults)?;
             Ok(version_of(bytes))
         })();
@@ -947,6 +917,207 @@ impl Engine {
             }
         }
         outcome
+    }
+
+    /// Whether a write in `mode` may replace `previous`, the document as
+    /// opened under its record (`None`: there is none).
+    fn check_mode(
+        &self,
+        mode: &PutMode,
+        previous: Option<&File>,
+        dir: &Folder,
+        file_name: &str,
+    ) -> Result<(), Error> {
+        match (mode, previous) {
+            (PutMode::Overwrite, _) | (PutMode::Create, None) => Ok(()),
+            (PutMode::Create, Some(_)) => Err(Error::new(
+                ErrorKind::AlreadyExists,
+                "the document already exists",
+            )
+            .with_backend(BACKEND)),
+            (PutMode::Update(_), None) => Err(precondition("the document does not exist")),
+            (PutMode::Update(expected), Some(file)) => {
+                let current = self.current_version(file, &dir.child(file_name))?;
+                if current == *expected {
+                    Ok(())
+                } else {
+                    Err(precondition(format!(
+                        "stored version {current} is not the expected {expected}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// In WEPPcloud mode, right before the rename: the new bytes never show
+    /// under the old (mtime, size) signature, and a new run is never taken
+    /// for a legacy one.
+    fn weppcloud_marks(
+        &self,
+        dir: &Folder,
+        file_name: &str,
+        staged: &Staged<'_>,
+        previous: Option<&File>,
+        len: usize,
+    ) -> Result<(), Error> {
+        if !self.weppcloud {
+            return Ok(());
+        }
+        match previous {
+            Some(file) => {
+                let meta = file
+                    .metadata()
+                    .map_err(|e| io_error("stat of the document", &dir.child(file_name), e))?;
+                weppcloud::advance_signature(staged.file(), &staged.path(), &meta, len as u64)
+            }
+            None => weppcloud::mark_new_run(dir, &self.layout),
+        }
+    }
+
+    /// Writes `puts` into `run`, each document all or nothing and on its own
+    /// mode, as [`put`](Self::put) would one by one (unfenced), with one
+    /// `fsync` of the run folder per group of writes instead of one per
+    /// document (see [`put_group`](Self::put_group)). Writes of one
+    /// document go in order, one per group (`batch::waves`), so each sees
+    /// the outcome of the one before.
+    ///
+    /// # Errors
+    /// Each write's own error in its slot; the whole call fails only when
+    /// the run's folder or bookkeeping folder cannot be opened or made.
+    pub(crate) fn put_many(
+        &self,
+        run: &RunId,
+        puts: &[PutRequest],
+    ) -> Result<Vec<Result<Version, Error>>, Error> {
+        let mut results: Vec<Option<Result<Version, Error>>> = puts.iter().map(|_| None).collect();
+        for wave in waves(puts, 0..puts.len()) {
+            for group in groups(puts, &wave, BATCH_ITEMS, BATCH_BYTES) {
+                self.put_group(run, puts, group, &mut results)?;
+            }
+        }
+        Ok(settle(
+            results,
+            puts.iter().map(|put| &put.doc),
+            Operation::Put,
+            run,
+            || Error::new(ErrorKind::Backend, "a batched write was not made").with_backend(BACKEND),
+        ))
+    }
+
+    /// Writes one group of distinct documents of `run` (`group`, indices
+    /// into `puts`), setting `results` for each. Every document is first
+    /// staged and synced, as [`save`](Self::save) does, before any record
+    /// is taken. Then the records of all of them are taken, in the order of
+    /// their file names (two groups never wait for each other in a
+    /// circle), and under them each document is checked as `save` checks
+    /// it and renamed into place; one `fsync` of the folder then makes
+    /// every rename durable. Should it fail, every renamed document is put
+    /// back and each write fails. The records are held until then, so no
+    /// other writer replaces a document that may still be put back.
+    fn put_group(
+        &self,
+        run: &RunId,
+        puts: &[PutRequest],
+        group: &[usize],
+        results: &mut [Option<Result<Version, Error>>],
+    ) -> Result<(), Error> {
+        let mut pending = Vec::with_capacity(group.len());
+        for &i in group {
+            let len = puts[i].bytes.len() as u64;
+            if len > self.max_document_size {
+                results[i] = Some(Err(too_large(len, self.max_document_size)));
+            } else {
+                pending.push(i);
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let root = self.layout.open_root()?;
+        let dir = self.ensure_run_dir(&root, run)?;
+        self.make_durable(&root, &dir)
+            .map_err(|e| e.with_run(run))?;
+        // Written and synced before taking any record, as in `save`.
+        let mut staged = Vec::with_capacity(pending.len());
+        for i in pending {
+            let doc = &puts[i].doc;
+            let key = LockKey::Doc(run.clone(), doc.clone());
+            let file_name = self.layout.file_name(doc);
+            let written = self
+                .check_doc_case(&dir, run, doc)
+                .and_then(|()| self.check_writable(&dir, run))
+                .and_then(|()| self.check_lock_files(Some(&dir), &key))
+                .and_then(|()| {
+                    let keep_mode = match dir.open_file(&file_name, Access::Read) {
+                        Ok(Some(file)) => permission_bits(&file).ok(),
+                        _ => None,
+                    };
+                    Staged::write(&dir, &file_name, &puts[i].bytes, keep_mode, &self.faults)
+                });
+            match written {
+                Ok(written) => staged.push((i, key, file_name, written)),
+                Err(error) => results[i] = Some(Err(error)),
+            }
+        }
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let book = self.layout.ensure_book(Some(&dir), run)?;
+        staged.sort_by_cached_key(|(_, key, _, _)| lease_file_name(key));
+        let mut records = Vec::with_capacity(staged.len());
+        let mut placed: Vec<(usize, String, Option<File>)> = Vec::with_capacity(staged.len());
+        for (i, key, file_name, written) in staged {
+            // A record that cannot be taken fails its write only; the
+            // staged file goes with it.
+            let record = match self.record_created(&book, &key) {
+                Ok(record) => record,
+                Err(error) => {
+                    results[i] = Some(Err(error));
+                    continue;
+                }
+            };
+            records.push(record);
+            let put = &puts[i];
+            let renamed = (|| {
+                // Again under the record, as in `save`.
+                self.check_doc_case(&dir, run, &put.doc)?;
+                self.check_writable(&dir, run)?;
+                self.check_lock_files(Some(&dir), &key)?;
+                let previous = dir.open_file(&file_name, Access::Read)?;
+                self.check_mode(&put.mode, previous.as_ref(), &dir, &file_name)?;
+                self.weppcloud_marks(
+                    &dir,
+                    &file_name,
+                    &written,
+                    previous.as_ref(),
+                    put.bytes.len(),
+                )?;
+                written.rename_over(&file_name, previous.as_ref(), &self.faults)?;
+                Ok(previous)
+            })();
+            match renamed {
+                Ok(previous) => placed.push((i, file_name, previous)),
+                Err(error) => results[i] = Some(Err(error)),
+            }
+        }
+        let targets: Vec<(&str, Option<&File>)> = placed
+            .iter()
+            .map(|(_, name, previous)| (name.as_str(), previous.as_ref()))
+            .collect();
+        let synced = sync_placed(&dir, &targets, &self.faults);
+        for (i, _, _) in &placed {
+            results[*i] = Some(match &synced {
+                Ok(()) => Ok(version_of(&puts[*i].bytes)),
+                Err(e) => Err(io_error(
+                    "fsync of the run folder",
+                    dir.path(),
+                    std::io::Error::new(e.kind(), e.to_string()),
+                )),
+            });
+        }
+        // Only now, with every document durable or put back.
+        drop(records);
+        Ok(())
     }
 
     pub(crate) fn delete(

@@ -353,8 +353,8 @@ use runstate_core::events::{check_label, check_text, poll_watch};
 use runstate_core::{
     Bytes, Capabilities, DocMeta, DocName, DocStat, Error, ErrorKind, Fence, Fetched, GetOptions,
     Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
-    ReleaseSignals, Replay, Result, RunId, Store, StoredDoc, Subscription, Version, WatchMode,
-    Watcher, async_trait,
+    PutRequest, ReleaseSignals, Replay, Result, RunId, Store, StoredDoc, Subscription, Version,
+    WatchMode, Watcher, async_trait,
 };
 
 pub use config::{
@@ -655,6 +655,20 @@ impl Store for FileStore {
         })
         .await
         .map_err(|e| e.at_doc(Operation::Put, run, doc))
+    }
+
+    /// One group commit per group of writes: every document staged and
+    /// synced, then all renamed under their records, then one `fsync` of
+    /// the run folder (instead of one per document), see
+    /// `Engine::put_many`.
+    async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
+        if puts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let r = run.clone();
+        self.blocking(Operation::PutMany, move |e| e.put_many(&r, &puts))
+            .await
+            .map_err(|e| e.with_run(run))
     }
 
     async fn delete(

@@ -293,3 +293,155 @@ async fn save_and_release_releases_its_lease_when_a_step_fails() {
     }
     std::fs::remove_dir_all(&root).expect("cleanup");
 }
+
+/// A batch is one group commit: every document staged and synced, renamed
+/// under its record, then one `fsync` of the run folder for all of them
+/// (the default `put_many`, one save after another, synced the folder once
+/// per document).
+#[tokio::test]
+async fn a_batch_syncs_its_run_folder_once() {
+    use runstate_core::PutRequest;
+
+    let root = temp_root("batch-once");
+    let (store, _armed, seen) = store_recording_steps(&root).await;
+    let run = RunId::new("Mica_flume1").expect("valid");
+    store
+        .put_bytes(
+            &run,
+            &DocName::new("seed").expect("valid"),
+            Bytes::from("x"),
+        )
+        .await
+        .expect("the run folder exists");
+    seen.lock().expect("lock").clear();
+    let puts = (0..8)
+        .map(|i| {
+            PutRequest::new(
+                DocName::new(format!("d{i}")).expect("valid"),
+                Bytes::from(format!("document {i}")),
+                PutMode::Create,
+            )
+        })
+        .collect();
+    let results = store.put_many(&run, puts).await.expect("a batch");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let count = |wanted: SaveStep| {
+        seen.lock()
+            .expect("lock")
+            .iter()
+            .filter(|(step, _)| *step == wanted)
+            .count()
+    };
+    assert_eq!(count(SaveStep::Fsync), 8, "each document synced");
+    assert_eq!(count(SaveStep::Rename), 8);
+    assert_eq!(
+        count(SaveStep::DirFsync),
+        1,
+        "one folder sync for the batch"
+    );
+    for i in 0..8 {
+        assert_eq!(
+            store
+                .get_bytes(&run, &DocName::new(format!("d{i}")).expect("valid"))
+                .await
+                .expect("get")
+                .expect("present")
+                .bytes,
+            Bytes::from(format!("document {i}"))
+        );
+    }
+    std::fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// Each step of a batch failing: every write of the batch fails with the
+/// injected cause, every document is as it was (an existing one intact, a
+/// new one absent, even after a failed folder `fsync`, which puts back
+/// every document it had renamed), no temporary file is left, and the next
+/// batch succeeds.
+#[tokio::test]
+async fn each_step_of_a_batch_failing_leaves_every_document() {
+    use runstate_core::PutRequest;
+
+    let root = temp_root("batch-steps");
+    let (store, armed) = store_with_faults(&root).await;
+    let run = RunId::new("Mica_flume1").expect("valid");
+    let dir = root.join("Mica_flume1");
+    let (soils, climate) = (
+        DocName::new("soils").expect("valid"),
+        DocName::new("climate").expect("valid"),
+    );
+    for (i, step) in [
+        SaveStep::Write,
+        SaveStep::Fsync,
+        SaveStep::Rename,
+        SaveStep::DirFsync,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let fresh = DocName::new(format!("fresh{i}")).expect("valid");
+        let before = [format!("soils {i}"), format!("climate {i}")];
+        let vs = store
+            .put_bytes(&run, &soils, Bytes::from(before[0].clone()))
+            .await
+            .expect("seed");
+        let vc = store
+            .put_bytes(&run, &climate, Bytes::from(before[1].clone()))
+            .await
+            .expect("seed");
+        let batch = || {
+            vec![
+                PutRequest::new(soils.clone(), Bytes::from("new soils"), PutMode::Overwrite),
+                PutRequest::new(
+                    climate.clone(),
+                    Bytes::from("new climate"),
+                    PutMode::Update(vc.clone()),
+                ),
+                PutRequest::new(fresh.clone(), Bytes::from("new"), PutMode::Create),
+            ]
+        };
+        *armed.lock().expect("lock") = Some(step);
+        let results = store.put_many(&run, batch()).await.expect("a batch");
+        assert_eq!(results.len(), 3);
+        for result in &results {
+            let error = result.as_ref().expect_err("the injected failure");
+            assert_eq!(error.kind(), ErrorKind::Backend, "{step:?}");
+            assert!(
+                display_chain(error).contains("injected"),
+                "{step:?}: the cause is kept: {}",
+                display_chain(error)
+            );
+        }
+        for (doc, bytes, version) in [(&soils, &before[0], &vs), (&climate, &before[1], &vc)] {
+            let stored = store
+                .get_bytes(&run, doc)
+                .await
+                .expect("get")
+                .expect("present");
+            assert_eq!(stored.bytes, Bytes::from(bytes.clone()), "{step:?}: {doc}");
+            assert_eq!(&stored.version, version, "{step:?}: {doc}");
+        }
+        assert!(
+            store.get_bytes(&run, &fresh).await.expect("get").is_none(),
+            "{step:?}: a failed create left a document"
+        );
+        assert_eq!(
+            leftovers(&dir),
+            Vec::<String>::new(),
+            "{step:?}: temporary file left"
+        );
+        *armed.lock().expect("lock") = None;
+        let results = store.put_many(&run, batch()).await.expect("a batch");
+        assert!(results.iter().all(Result::is_ok), "{step:?}: {results:?}");
+        assert_eq!(
+            store
+                .get_bytes(&run, &fresh)
+                .await
+                .expect("get")
+                .expect("present")
+                .bytes,
+            Bytes::from("new")
+        );
+    }
+    std::fs::remove_dir_all(&root).expect("cleanup");
+}
