@@ -194,7 +194,7 @@ impl<'a> Staged<'a> {
 /// Makes the renames over `placed` (each a target in `dir` with the
 /// document it replaced, open since before the rename) durable with one
 /// `fsync` of the folder. When that fails, every one of them is put back
-/// (see [`restore`]) before the error is returned, so a failed save never
+/// (see [`put_back`]) before the error is returned, so a failed save never
 /// leaves its bytes visible.
 pub(crate) fn sync_placed(
     dir: &Folder,
@@ -206,8 +206,10 @@ pub(crate) fn sync_placed(
         .and_then(|()| dir.sync());
     if synced.is_err() {
         for (target, previous) in placed {
-            restore(dir, target, *previous);
+            put_back(dir, target, *previous);
         }
+        // Best effort, once for all: the folder just failed to sync.
+        let _ = dir.sync();
     }
     synced
 }
@@ -230,22 +232,19 @@ impl Drop for Staged<'_> {
 /// bytes are still readable through the descriptor opened before the rename
 /// (the inode lives while it is open), so they are copied, in chunks, to a
 /// new temporary file that is renamed over the target. Without a previous
-/// document the target is removed.
-fn restore(dir: &Folder, target: &str, previous: Option<&File>) {
+/// document the target is removed. A failure is logged: nothing more can
+/// be done for that document.
+fn put_back(dir: &Folder, target: &str, previous: Option<&File>) {
     let outcome = match previous {
         None => dir.unlink(target),
         Some(file) => rewrite_previous(dir, target, file),
     };
-    match outcome {
-        Ok(()) => {
-            // Best effort: the folder just failed to sync once.
-            let _ = dir.sync();
-        }
-        Err(error) => tracing::error!(
+    if let Err(error) = outcome {
+        tracing::error!(
             path = %dir.child(target).display(),
             %error,
             "could not restore the previous document after a failed save"
-        ),
+        );
     }
 }
 

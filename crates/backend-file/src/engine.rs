@@ -1,6 +1,7 @@
 //! The blocking implementation of every operation. The async `FileStore`
 //! runs each call on Tokio's blocking pool.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::Path;
@@ -32,8 +33,9 @@ use crate::weppcloud;
 
 /// Writes of one group of a batch at most ([`Engine::put_many`]): each
 /// holds an open staged file and, until the folder `fsync`, its record and
-/// the document it replaces, three descriptors.
-const BATCH_ITEMS: usize = 64;
+/// the document it replaces, three descriptors; 16 keep a group near 50
+/// descriptors and a migration's batches of 8 in one group each.
+const BATCH_ITEMS: usize = 16;
 /// Bytes of one group at most (a larger document goes alone).
 const BATCH_BYTES: u64 = 32 * 1024 * 1024;
 
@@ -982,8 +984,11 @@ impl Engine {
     /// the outcome of the one before.
     ///
     /// # Errors
-    /// Each write's own error in its slot; the whole call fails only when
-    /// the run's folder or bookkeeping folder cannot be opened or made.
+    /// Each write's own error in its slot. The whole call fails when the
+    /// store's root, the run's folder or its bookkeeping folder cannot be
+    /// opened, made or made durable (a write into that run could not
+    /// succeed either); the results of groups written before are then not
+    /// reported, as with the SQL backend's batches.
     pub(crate) fn put_many(
         &self,
         run: &RunId,
@@ -1006,14 +1011,20 @@ impl Engine {
 
     /// Writes one group of distinct documents of `run` (`group`, indices
     /// into `puts`), setting `results` for each. Every document is first
-    /// staged and synced, as [`save`](Self::save) does, before any record
-    /// is taken. Then the records of all of them are taken, in the order of
-    /// their file names (two groups never wait for each other in a
-    /// circle), and under them each document is checked as `save` checks
-    /// it and renamed into place; one `fsync` of the folder then makes
-    /// every rename durable. Should it fail, every renamed document is put
-    /// back and each write fails. The records are held until then, so no
+    /// checked, staged and synced, as [`save`](Self::save) does, before any
+    /// record is taken. Then the records of all of them are taken, in the
+    /// order of their file names (folded where the store ignores case, so
+    /// two groups never wait for each other in a circle), all within one
+    /// lock timeout: a record still busy then fails its write only. Under
+    /// the records each document is checked as `save` checks it and
+    /// renamed into place (a refused one lets go of its record at once),
+    /// and one `fsync` of the folder makes every rename durable. Should it
+    /// fail, every renamed document is put back and each of those writes
+    /// fails. The records of renamed documents are held until then, so no
     /// other writer replaces a document that may still be put back.
+    ///
+    /// Renames happen in the records' order, not the requests': a reader
+    /// may see a later write of the group before an earlier one.
     fn put_group(
         &self,
         run: &RunId,
@@ -1035,8 +1046,28 @@ impl Engine {
         }
         let root = self.layout.open_root()?;
         let dir = self.ensure_run_dir(&root, run)?;
-        self.make_durable(&root, &dir)
-            .map_err(|e| e.with_run(run))?;
+        if self.case.insensitive {
+            // Two spellings of one name are one file (and one record) on
+            // this file system: the later write is refused, as a save of it
+            // after the first one would be, and no record is taken twice.
+            let mut first: HashMap<String, usize> = HashMap::new();
+            pending.retain(|&i| {
+                let doc = puts[i].doc.as_str();
+                match first.entry(doc.to_ascii_lowercase()) {
+                    Entry::Vacant(slot) => {
+                        slot.insert(i);
+                        true
+                    }
+                    Entry::Occupied(twin) => {
+                        let existing = puts[*twin.get()].doc.as_str();
+                        results[i] = Some(Err(case::conflict(
+                            &self.case, "document", doc, "document", existing, &dir,
+                        )));
+                        false
+                    }
+                }
+            });
+        }
         // Written and synced before taking any record, as in `save`.
         let mut staged = Vec::with_capacity(pending.len());
         for i in pending {
@@ -1062,21 +1093,28 @@ impl Engine {
         if staged.is_empty() {
             return Ok(());
         }
+        self.make_durable(&root, &dir)
+            .map_err(|e| e.with_run(run))?;
         let book = self.layout.ensure_book(Some(&dir), run)?;
-        staged.sort_by_cached_key(|(_, key, _, _)| lease_file_name(key));
-        let mut records = Vec::with_capacity(staged.len());
-        let mut placed: Vec<(usize, String, Option<File>)> = Vec::with_capacity(staged.len());
+        staged.sort_by_cached_key(|(_, key, _, _)| {
+            let name = lease_file_name(key);
+            (name.to_ascii_lowercase(), name)
+        });
+        let deadline = Instant::now() + self.lock_timeout;
+        let mut locked = Vec::with_capacity(staged.len());
         for (i, key, file_name, written) in staged {
-            // A record that cannot be taken fails its write only; the
-            // staged file goes with it.
-            let record = match self.record_created(&book, &key) {
-                Ok(record) => record,
-                Err(error) => {
-                    results[i] = Some(Err(error));
-                    continue;
-                }
-            };
-            records.push(record);
+            // A record still busy at the deadline fails its write only;
+            // the staged file goes with it.
+            let left = deadline.saturating_duration_since(Instant::now());
+            match LeaseFile::open(&book, &lease_file_name(&key), true, true, left)
+                .and_then(|record| record.ok_or_else(missing_record))
+            {
+                Ok(record) => locked.push((i, key, file_name, written, record)),
+                Err(error) => results[i] = Some(Err(error)),
+            }
+        }
+        let mut placed = Vec::with_capacity(locked.len());
+        for (i, key, file_name, written, record) in locked {
             let put = &puts[i];
             let renamed = (|| {
                 // Again under the record, as in `save`.
@@ -1096,27 +1134,35 @@ impl Engine {
                 Ok(previous)
             })();
             match renamed {
-                Ok(previous) => placed.push((i, file_name, previous)),
+                Ok(previous) => placed.push((i, file_name, previous, record)),
+                // Its record is let go here, at once.
                 Err(error) => results[i] = Some(Err(error)),
             }
         }
+        if placed.is_empty() {
+            return Ok(());
+        }
         let targets: Vec<(&str, Option<&File>)> = placed
             .iter()
-            .map(|(_, name, previous)| (name.as_str(), previous.as_ref()))
+            .map(|(_, name, previous, _)| (name.as_str(), previous.as_ref()))
             .collect();
         let synced = sync_placed(&dir, &targets, &self.faults);
-        for (i, _, _) in &placed {
+        for (i, _, _, _) in &placed {
             results[*i] = Some(match &synced {
                 Ok(()) => Ok(version_of(&puts[*i].bytes)),
                 Err(e) => Err(io_error(
                     "fsync of the run folder",
                     dir.path(),
-                    std::io::Error::new(e.kind(), e.to_string()),
+                    e.raw_os_error().map_or_else(
+                        || std::io::Error::new(e.kind(), e.to_string()),
+                        std::io::Error::from_raw_os_error,
+                    ),
                 )),
             });
         }
-        // Only now, with every document durable or put back.
-        drop(records);
+        // Only now, with every document durable or put back, are their
+        // records let go.
+        drop(placed);
         Ok(())
     }
 

@@ -290,6 +290,30 @@ async fn other_spellings_are_refused(store: &FileStore, backing: &Path) {
         .put_bytes(&run("Mica_flume1"), &doc("ron"), Bytes::from_static(b"{}"))
         .await
         .expect("a new run");
+    // Two spellings of one new name in one batch are one file here: the
+    // first is written, the second refused as a later save of it would be
+    // (and the batch never waits for its own record).
+    let mut results = store
+        .put_many(
+            &run("Mica_flume1"),
+            vec![
+                runstate_core::PutRequest::new(
+                    doc("Yield"),
+                    Bytes::from_static(b"1"),
+                    PutMode::Create,
+                ),
+                runstate_core::PutRequest::new(
+                    doc("yield"),
+                    Bytes::from_static(b"2"),
+                    PutMode::Create,
+                ),
+            ],
+        )
+        .await
+        .expect("a batch");
+    let second = results.pop().expect("two results");
+    results[0].as_ref().expect("the first spelling");
+    assert_refused(second, "yield", "Yield", "put_many");
     let climate = store
         .try_acquire(&LockKey::Doc(r.clone(), doc("Climate")), &owner, TTL)
         .await

@@ -445,3 +445,69 @@ async fn each_step_of_a_batch_failing_leaves_every_document() {
     }
     std::fs::remove_dir_all(&root).expect("cleanup");
 }
+
+/// A batch takes the records of its documents within one lock timeout for
+/// the whole group: records held elsewhere (another process's `flock`)
+/// fail their own writes with `Timeout` after that one wait, not one wait
+/// each, and the other writes of the batch succeed.
+#[tokio::test]
+async fn busy_records_cost_a_batch_one_lock_timeout() {
+    use runstate_core::PutRequest;
+    use std::time::Instant;
+
+    let root = temp_root("batch-busy");
+    let timeout = Duration::from_millis(400);
+    let store = FileStore::open(FileConfig::new(&root).with_lock_timeout(timeout))
+        .await
+        .expect("open");
+    let run = RunId::new("Mica_flume1").expect("valid");
+    let name = |i: usize| DocName::new(format!("d{i}")).expect("valid");
+    for i in 0..8 {
+        store
+            .put_bytes(&run, &name(i), Bytes::from("old"))
+            .await
+            .expect("seed");
+    }
+    // Another process's locks on four records, as `flock` sees them (a
+    // descriptor of its own).
+    let book = root.join("Mica_flume1").join(".runstate");
+    let held: Vec<std::fs::File> = [1, 3, 5, 7]
+        .iter()
+        .map(|i| {
+            let file = std::fs::File::open(book.join(format!("doc.d{i}.lease"))).expect("record");
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                .expect("flock");
+            file
+        })
+        .collect();
+    let puts = (0..8)
+        .map(|i| PutRequest::new(name(i), Bytes::from("new"), PutMode::Overwrite))
+        .collect();
+    let start = Instant::now();
+    let results = store.put_many(&run, puts).await.expect("a batch");
+    let took = start.elapsed();
+    for (i, result) in results.iter().enumerate() {
+        let stored = store
+            .get_bytes(&run, &name(i))
+            .await
+            .expect("get")
+            .expect("present")
+            .bytes;
+        if i % 2 == 1 {
+            let error = result.as_ref().expect_err("its record is busy");
+            assert_eq!(error.kind(), ErrorKind::Timeout, "d{i}: {error}");
+            assert_eq!(stored, Bytes::from("old"), "d{i}");
+        } else {
+            result.as_ref().expect("its record is free");
+            assert_eq!(stored, Bytes::from("new"), "d{i}");
+        }
+    }
+    // One wait for the group (each record alone would be 4 × 400 ms).
+    assert!(
+        took < timeout * 5 / 2,
+        "the batch waited {took:?} for four busy records"
+    );
+    assert_eq!(leftovers(&root.join("Mica_flume1")), Vec::<String>::new());
+    drop(held);
+    std::fs::remove_dir_all(&root).expect("cleanup");
+}
