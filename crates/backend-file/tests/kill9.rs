@@ -1,5 +1,6 @@
 //! kill -9 torture: a child process saves 64 KiB–1 MiB documents under
-//! leases in a loop and is killed with SIGKILL at random instants, 200
+//! leases, and in batches of all of them (`put_many`, one folder `fsync`
+//! per batch), in a loop and is killed with SIGKILL at random instants, 200
 //! times. Afterwards every document is one complete version that was
 //! written, no lease stays stuck, and no temporary file survives the next
 //! open.
@@ -90,6 +91,24 @@ fn kill9_child_writer() {
         // Tells the parent the writing loop starts, so its kill lands in it.
         println!("writing");
         for seq in 0.. {
+            if seq % 3 == 2 {
+                // A batch of every document: one group, one folder sync.
+                let puts = DOCS
+                    .iter()
+                    .map(|name| {
+                        let len = rng.usize(64 * 1024..=1024 * 1024);
+                        runstate_core::PutRequest::new(
+                            DocName::new(*name).expect("valid"),
+                            Bytes::from(content(seed, seq, len)),
+                            runstate_core::PutMode::Overwrite,
+                        )
+                    })
+                    .collect();
+                for result in store.put_many(&run, puts).await.expect("a batch") {
+                    result.expect("a batched write");
+                }
+                continue;
+            }
             let name = DOCS[rng.usize(..DOCS.len())];
             let doc = DocName::new(name).expect("valid");
             let len = rng.usize(64 * 1024..=1024 * 1024);
