@@ -11,7 +11,10 @@
 //!   client of `support::raw`), and the ratio to the slower one (target
 //!   ≥ 1.0, and ≥ 0.8 into S3, whose writes cannot be batched into fewer
 //!   requests), plus, for information, the ratio to 8 concurrent raw
-//!   writers;
+//!   writers. The slower side's single-writer rate is measured again right
+//!   after the migration, and the ratio is to the mean of the two: a disk's
+//!   `fsync` latency drifts by 2× within a run here, and a baseline taken
+//!   only before would credit or blame the migration for that drift;
 //! - how the copies were verified: read back, or by the target's MD5 (S3
 //!   ETags);
 //! - the peak resident memory of the migrating process (`VmHWM`).
@@ -55,6 +58,12 @@ struct Row {
     mb_per_sec: f64,
     raw_from_docs_per_sec: f64,
     raw_to_docs_per_sec: f64,
+    /// The slower side's single-writer rate again, right after the
+    /// migration.
+    raw_slower_after_docs_per_sec: f64,
+    /// The mean of the slower side's rate before and after: the baseline of
+    /// `ratio`.
+    baseline_docs_per_sec: f64,
     /// One raw reader on the source side, reading what its raw writer wrote.
     raw_from_read_docs_per_sec: f64,
     /// Out of S3: the read floor (see the module documentation).
@@ -88,6 +97,18 @@ struct RawRates {
     /// S3 only: a listing, one read of each value, a listing again (the
     /// least a verified migration out of S3 sends), by one client.
     floor: Option<f64>,
+}
+
+/// Raw writes of 16 KiB per second by one writer.
+async fn write_rate(backend: &str, writes: u64, tag: &str) -> f64 {
+    let raw = Raw::open(backend, tag).await;
+    let started = Instant::now();
+    for i in 0..writes {
+        raw.write(&format!("k{i}"), document(i)).await;
+    }
+    let rate = writes as f64 / started.elapsed().as_secs_f64();
+    raw.cleanup().await;
+    rate
 }
 
 /// Raw writes of 16 KiB per second (one writer, then eight), reads by one
@@ -179,7 +200,7 @@ fn main() {
     let (documents, raw_writes) = if args.quick {
         (200u64, 64u64)
     } else {
-        (1000, 200)
+        (1000, 500)
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -218,7 +239,9 @@ fn main() {
                 } else {
                     (to.name(), to_one, to_eight)
                 };
-                let ratio = docs_per_sec / slower;
+                let after = write_rate(slower_side, raw_writes, &format!("{tag}a")).await;
+                let baseline = (slower + after) / 2.0;
+                let ratio = docs_per_sec / baseline;
                 let target_ratio = if to == Backend::S3 {
                     TARGET_INTO_S3
                 } else {
@@ -232,9 +255,11 @@ fn main() {
                     mb_per_sec: report["mb_per_sec"].as_f64().unwrap_or(0.0),
                     raw_from_docs_per_sec: from_one,
                     raw_to_docs_per_sec: to_one,
+                    raw_slower_after_docs_per_sec: after,
+                    baseline_docs_per_sec: baseline,
                     raw_from_read_docs_per_sec: from_raw.read_one,
                     floor_docs_per_sec: from_raw.floor,
-                    floor_ratio: from_raw.floor.map(|floor| floor / slower),
+                    floor_ratio: from_raw.floor.map(|floor| floor / baseline),
                     slower_side,
                     ratio,
                     raw8_slower_docs_per_sec: slower_eight,
@@ -268,13 +293,13 @@ fn main() {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| from → to | docs | docs/s | MB/s | raw write docs/s (from / to) | ratio to slower | \
-         target | vs 8 raw writers | verified | peak RSS MiB | |"
+        "| from → to | docs | docs/s | MB/s | raw write docs/s (from / to) | slower side after | \
+         ratio to slower (mean) | target | vs 8 raw writers | verified | peak RSS MiB | |"
     );
-    println!("|---|---:|---:|---:|---|---:|---:|---:|---|---:|---|");
+    println!("|---|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---|");
     for r in rows {
         println!(
-            "| {} → {} | {} | {:.0} | {:.2} | {:.0} / {:.0} | {:.2}× | ≥ {:.1}× | {:.2}× | {} | {:.1} | {} |",
+            "| {} → {} | {} | {:.0} | {:.2} | {:.0} / {:.0} | {:.0} | {:.2}× | ≥ {:.1}× | {:.2}× | {} | {:.1} | {} |",
             r.from,
             r.to,
             r.documents,
@@ -282,6 +307,7 @@ fn print_table(rows: &[Row]) {
             r.mb_per_sec,
             r.raw_from_docs_per_sec,
             r.raw_to_docs_per_sec,
+            r.raw_slower_after_docs_per_sec,
             r.ratio,
             r.target,
             r.ratio_vs_8_writers,
