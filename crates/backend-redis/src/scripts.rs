@@ -540,90 +540,55 @@ redis.call('PUBLISH', ARGV[1], id .. ' ' .. ARGV[4] .. ' ' .. ARGV[2] .. ' ' .. 
 return {'ok', id}
 "#;
 
-/// The loaded scripts of one store.
-pub(crate) struct Scripts {
-    pub(crate) put: Script,
-    pub(crate) save: Script,
-    pub(crate) get_limited: Script,
-    pub(crate) acquire: Script,
-    pub(crate) renew: Script,
-    pub(crate) release: Script,
-    pub(crate) break_lock: Script,
-    pub(crate) inspect: Script,
-    pub(crate) list_locks: Script,
-    pub(crate) delete: Script,
-    pub(crate) list_docs: Script,
-    pub(crate) delete_run: Script,
-    pub(crate) claim: Script,
-    pub(crate) get_if_changed: Script,
-    pub(crate) publish_status: Script,
-}
-
-impl Scripts {
-    /// The scripts, with the WEPPcloud settings (or their absence) written
-    /// into them, so no call carries them as arguments.
-    pub(crate) fn new(weppcloud: Option<&WeppcloudLocks>, home_db: i64) -> Self {
-        let [
-            put,
-            save,
-            get_limited,
-            acquire,
-            renew,
-            release,
-            break_lock,
-            inspect,
-            list_locks,
-            delete,
-            list_docs,
-            delete_run,
-            claim,
-            get_if_changed,
-            publish_status,
-        ] = sources(weppcloud, home_db).map(|code| Script::new(&code));
-        Scripts {
-            put,
-            save,
-            get_limited,
-            acquire,
-            renew,
-            release,
-            break_lock,
-            inspect,
-            list_locks,
-            delete,
-            list_docs,
-            delete_run,
-            claim,
-            get_if_changed,
-            publish_status,
+/// Defines [`Scripts`] from one list of names, in the order of
+/// [`sources`]: its fields, [`Scripts::new`] and [`Scripts::all`].
+macro_rules! scripts {
+    ($($name:ident),+ $(,)?) => {
+        /// The loaded scripts of one store.
+        pub(crate) struct Scripts {
+            $(pub(crate) $name: Script,)+
         }
-    }
 
-    pub(crate) fn all(&self) -> [&Script; 15] {
-        [
-            &self.put,
-            &self.save,
-            &self.get_limited,
-            &self.acquire,
-            &self.renew,
-            &self.release,
-            &self.break_lock,
-            &self.inspect,
-            &self.list_locks,
-            &self.delete,
-            &self.list_docs,
-            &self.delete_run,
-            &self.claim,
-            &self.get_if_changed,
-            &self.publish_status,
-        ]
-    }
+        impl Scripts {
+            /// The scripts, with the WEPPcloud settings (or their absence)
+            /// written into them, so no call carries them as arguments.
+            pub(crate) fn new(weppcloud: Option<&WeppcloudLocks>, home_db: i64) -> Self {
+                let [$($name),+] = sources(weppcloud, home_db).map(|code| Script::new(&code));
+                Scripts { $($name),+ }
+            }
+
+            pub(crate) fn all(&self) -> [&Script; SCRIPTS] {
+                [$(&self.$name),+]
+            }
+        }
+    };
 }
+
+scripts!(
+    put,
+    save,
+    get_limited,
+    acquire,
+    renew,
+    release,
+    break_lock,
+    inspect,
+    list_locks,
+    delete,
+    list_docs,
+    delete_run,
+    claim,
+    get_if_changed,
+    publish_status,
+);
+
+/// How many scripts there are.
+const SCRIPTS: usize = 15;
 
 /// The source of every script, in the order of [`Scripts::all`], with the
 /// WEPPcloud settings (or their absence) written into them, so no call
 /// carries them as arguments, and the helpers each calls.
-fn sources(weppcloud: Option<&WeppcloudLocks>, home_db: i64) -> [String; 15] {
+fn sources(weppcloud: Option<&WeppcloudLocks>, home_db: i64) -> [String; SCRIPTS] {
     let settings = match weppcloud {
         Some(locks) => format!(
             "local WEPP = true\nlocal WEPP_DB = '{}'\nlocal WEPP_HOME = '{home_db}'\nlocal WEPP_EXT = '.{}'\n",
