@@ -437,8 +437,18 @@ impl Engine {
     }
 
     fn record_created(&self, book: &Folder, key: &LockKey) -> Result<LeaseFile, Error> {
-        self.record(book, key, true, true)?
-            .ok_or_else(missing_record)
+        self.record_created_within(book, key, self.lock_timeout)
+    }
+
+    /// [`record_created`](Self::record_created), waiting at most `wait` for
+    /// its lock.
+    fn record_created_within(
+        &self,
+        book: &Folder,
+        key: &LockKey,
+        wait: Duration,
+    ) -> Result<LeaseFile, Error> {
+        LeaseFile::open(book, &lease_file_name(key), true, true, wait)?.ok_or_else(missing_record)
     }
 
     /// The bound of a read: the caller's limit, never above the store's.
@@ -849,22 +859,14 @@ impl Engine {
         let root = self.layout.open_root()?;
         let dir = self.ensure_run_dir(&root, run)?;
         // Before anything is written; checked again under the record lock.
-        self.check_doc_case(&dir, run, doc)?;
         let doc_key = LockKey::Doc(run.clone(), doc.clone());
-        self.check_writable(&dir, run)?;
-        self.check_lock_files(Some(&dir), &doc_key)?;
+        self.check_doc_writable(&dir, run, doc, &doc_key)?;
         self.make_durable(&root, &dir)
             .map_err(|e| e.with_run(run))?;
         let file_name = self.layout.file_name(doc);
-        // The permission bits of the document it replaces, given to the new
-        // file before its fsync (checked again under the lock).
-        let keep_mode = match dir.open_file(&file_name, Access::Read) {
-            Ok(Some(file)) => permission_bits(&file).ok(),
-            _ => None,
-        };
         // Written and synced before taking any lock, so the lock is held
         // only for the check, the rename and the folder sync.
-        let staged = Staged::write(&dir, &file_name, bytes, keep_mode, &self.faults)?;
+        let staged = self.stage(&dir, &file_name, bytes)?;
         let book = self.layout.ensure_book(Some(&dir), run)?;
 
         // Lock order: the run's record before any document's record.
@@ -893,11 +895,9 @@ impl Engine {
         let outcome = (|| {
             // Under the record lock, which on a file system that ignores
             // case is the lock of every spelling of the document: a save
-            // of another spelling cannot slip in between.
-            self.check_doc_case(&dir, run, doc)?;
-            // WEPPcloud's markers, again right before the rename.
-            self.check_writable(&dir, run)?;
-            self.check_lock_files(Some(&dir), &doc_key)?;
+            // of another spelling cannot slip in between. WEPPcloud's
+            // markers, again right before the rename.
+            self.check_doc_writable(&dir, run, doc, &doc_key)?;
             let previous = dir.open_file(&file_name, Access::Read)?;
             self.check_mode(mode, previous.as_ref(), &dir, &file_name)?;
             // Raised before the rename, under the same lock: once the save
@@ -919,6 +919,37 @@ impl Engine {
             }
         }
         outcome
+    }
+
+    /// The checks of a write of `doc` that do not depend on its mode, made
+    /// before it is staged and again under its record: the spelling (where
+    /// case is ignored), then WEPPcloud's `READONLY` marker and lock files.
+    fn check_doc_writable(
+        &self,
+        dir: &Folder,
+        run: &RunId,
+        doc: &DocName,
+        key: &LockKey,
+    ) -> Result<(), Error> {
+        self.check_doc_case(dir, run, doc)?;
+        self.check_writable(dir, run)?;
+        self.check_lock_files(Some(dir), key)
+    }
+
+    /// `bytes` written and synced to a temporary file beside `file_name`,
+    /// with the permission bits of the document it replaces (checked again
+    /// under the record when renamed).
+    fn stage<'d>(
+        &self,
+        dir: &'d Folder,
+        file_name: &str,
+        bytes: &[u8],
+    ) -> Result<Staged<'d>, Error> {
+        let keep_mode = match dir.open_file(file_name, Access::Read) {
+            Ok(Some(file)) => permission_bits(&file).ok(),
+            _ => None,
+        };
+        Staged::write(dir, file_name, bytes, keep_mode, &self.faults)
     }
 
     /// Whether a write in `mode` may replace `previous`, the document as
@@ -1075,16 +1106,8 @@ impl Engine {
             let key = LockKey::Doc(run.clone(), doc.clone());
             let file_name = self.layout.file_name(doc);
             let written = self
-                .check_doc_case(&dir, run, doc)
-                .and_then(|()| self.check_writable(&dir, run))
-                .and_then(|()| self.check_lock_files(Some(&dir), &key))
-                .and_then(|()| {
-                    let keep_mode = match dir.open_file(&file_name, Access::Read) {
-                        Ok(Some(file)) => permission_bits(&file).ok(),
-                        _ => None,
-                    };
-                    Staged::write(&dir, &file_name, &puts[i].bytes, keep_mode, &self.faults)
-                });
+                .check_doc_writable(&dir, run, doc, &key)
+                .and_then(|()| self.stage(&dir, &file_name, &puts[i].bytes));
             match written {
                 Ok(written) => staged.push((i, key, file_name, written)),
                 Err(error) => results[i] = Some(Err(error)),
@@ -1106,9 +1129,7 @@ impl Engine {
             // A record still busy at the deadline fails its write only;
             // the staged file goes with it.
             let left = deadline.saturating_duration_since(Instant::now());
-            match LeaseFile::open(&book, &lease_file_name(&key), true, true, left)
-                .and_then(|record| record.ok_or_else(missing_record))
-            {
+            match self.record_created_within(&book, &key, left) {
                 Ok(record) => locked.push((i, key, file_name, written, record)),
                 Err(error) => results[i] = Some(Err(error)),
             }
@@ -1118,9 +1139,7 @@ impl Engine {
             let put = &puts[i];
             let renamed = (|| {
                 // Again under the record, as in `save`.
-                self.check_doc_case(&dir, run, &put.doc)?;
-                self.check_writable(&dir, run)?;
-                self.check_lock_files(Some(&dir), &key)?;
+                self.check_doc_writable(&dir, run, &put.doc, &key)?;
                 let previous = dir.open_file(&file_name, Access::Read)?;
                 self.check_mode(&put.mode, previous.as_ref(), &dir, &file_name)?;
                 self.weppcloud_marks(
