@@ -99,14 +99,21 @@ struct RawRates {
     floor: Option<f64>,
 }
 
+/// Writes of `values` per second by one writer, under keys `k0`, `k1`, …
+/// (the values are made before the clock starts).
+async fn timed_writes(raw: &Raw, values: &[Bytes]) -> f64 {
+    let started = Instant::now();
+    for (i, value) in values.iter().enumerate() {
+        raw.write(&format!("k{i}"), value.clone()).await;
+    }
+    values.len() as f64 / started.elapsed().as_secs_f64()
+}
+
 /// Raw writes of 16 KiB per second by one writer.
 async fn write_rate(backend: &str, writes: u64, tag: &str) -> f64 {
     let raw = Raw::open(backend, tag).await;
-    let started = Instant::now();
-    for i in 0..writes {
-        raw.write(&format!("k{i}"), document(i)).await;
-    }
-    let rate = writes as f64 / started.elapsed().as_secs_f64();
+    let values: Vec<Bytes> = (0..writes).map(document).collect();
+    let rate = timed_writes(&raw, &values).await;
     raw.cleanup().await;
     rate
 }
@@ -116,11 +123,7 @@ async fn write_rate(backend: &str, writes: u64, tag: &str) -> f64 {
 async fn raw_rates(backend: &str, writes: u64, tag: &str) -> RawRates {
     let raw = Raw::open(backend, tag).await;
     let values: Vec<Bytes> = (0..writes).map(document).collect();
-    let started = Instant::now();
-    for (i, value) in values.iter().enumerate() {
-        raw.write(&format!("k{i}"), value.clone()).await;
-    }
-    let write_one = writes as f64 / started.elapsed().as_secs_f64();
+    let write_one = timed_writes(&raw, &values).await;
     let started = Instant::now();
     for i in 0..writes {
         assert_eq!(raw.read(&format!("k{i}")).await.len(), DOC_SIZE);

@@ -784,35 +784,17 @@ async fn redis_w3_floor(
         floor_cpu.add(before, Cpu::now(&mut con).await);
     }
     let ops = (plan.rounds * plan.updates) as f64;
-    rows.push(row(
+    push_floor_rows(
+        rows,
         "redis",
-        "raw: SET, beside the W3 floor",
-        &set,
-        None,
-        None,
-    ));
-    let mut r = row(
-        "redis",
-        "raw floor: W3 (grant+HMGET, staged fenced save+release)",
-        &floor,
-        Some(("SET beside it", &set)),
-        None,
+        ("raw: SET, beside the W3 floor", "SET beside it", &set),
+        (
+            "raw floor: W3 (grant+HMGET, staged fenced save+release)",
+            &floor,
+        ),
+        ("W3 beside the floor (CPU split)", &w3),
+        Some((floor_cpu.per_op(ops), w3_cpu.per_op(ops))),
     );
-    r.note = format!(
-        "W3 / floor {:.2}×; CPU per update: {}",
-        us(w3.median()) / us(floor.median()),
-        floor_cpu.per_op(ops)
-    );
-    rows.push(r);
-    let mut r = row(
-        "redis",
-        "W3 beside the floor (CPU split)",
-        &w3,
-        Some(("SET beside it", &set)),
-        None,
-    );
-    r.note = format!("CPU per update: {}", w3_cpu.per_op(ops));
-    rows.push(r);
     let _: redis::RedisResult<i64> = redis::cmd("DEL")
         .arg(&lock)
         .arg(&fences)
@@ -919,32 +901,50 @@ async fn s3_w3_floor(
             floor.record(start.elapsed());
         }
     }
-    rows.push(row(
+    push_floor_rows(
+        rows,
         "s3",
-        "raw: object_store put, beside the W3 floor",
-        &raw_put,
-        None,
-        None,
-    ));
-    let mut r = row(
-        "s3",
-        "raw floor: W3 (grant+GET, HEAD, conditional put, release)",
-        &floor,
-        Some(("put beside it", &raw_put)),
+        (
+            "raw: object_store put, beside the W3 floor",
+            "put beside it",
+            &raw_put,
+        ),
+        (
+            "raw floor: W3 (grant+GET, HEAD, conditional put, release)",
+            &floor,
+        ),
+        ("W3 beside the floor", &w3),
         None,
     );
-    r.note = format!("W3 / floor {:.2}×", us(w3.median()) / us(floor.median()));
-    rows.push(r);
-    rows.push(row(
-        "s3",
-        "W3 beside the floor",
-        &w3,
-        Some(("put beside it", &raw_put)),
-        None,
-    ));
     for path in [&lease, &doc, &put] {
         let _ = store.delete(path).await;
     }
+}
+
+/// The rows of a W3 floor: the raw write measured beside it (`raw`: its
+/// row, its name as a baseline, its series), the floor against that write
+/// with how far runstate's W3 from the same rounds is above it, and that
+/// W3. `cpu`, where measured, is the CPU per update of the floor and of W3.
+fn push_floor_rows(
+    rows: &mut Vec<Row>,
+    backend: &str,
+    raw: (&str, &str, &Series),
+    floor: (&str, &Series),
+    w3: (&str, &Series),
+    cpu: Option<(String, String)>,
+) {
+    let (raw_row, raw_name, raw) = raw;
+    rows.push(row(backend, raw_row, raw, None, None));
+    let above = us(w3.1.median()) / us(floor.1.median());
+    let mut r = row(backend, floor.0, floor.1, Some((raw_name, raw)), None);
+    r.note = format!("W3 / floor {above:.2}×");
+    let mut w = row(backend, w3.0, w3.1, Some((raw_name, raw)), None);
+    if let Some((floor_cpu, w3_cpu)) = cpu {
+        r.note = format!("{}; CPU per update: {floor_cpu}", r.note);
+        w.note = format!("CPU per update: {w3_cpu}");
+    }
+    rows.push(r);
+    rows.push(w);
 }
 
 /// CPU time spent by this process (all its threads) and by the Redis
