@@ -9,12 +9,46 @@ use runstate_core::{Error, ErrorKind};
 
 use crate::BACKEND;
 
+/// Whether a node refused a command because of where the cluster serves
+/// its slot or how it is doing (a redirect, a failover under way, a node
+/// still loading): the command was not run, and may be sent again once the
+/// client knows the cluster's layout.
+fn refused_by_topology(kind: Option<ServerErrorKind>) -> bool {
+    matches!(
+        kind,
+        Some(
+            ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly
+                | ServerErrorKind::BusyLoading
+        )
+    )
+}
+
+/// Whether `error` is a `MULTI`/`EXEC` the node aborted (`EXECABORT`)
+/// because it refused a queued command for the cluster's layout only (a
+/// redirect, …): none of the transaction was run, so it may be sent again.
+/// The cluster client follows redirects of single commands itself but
+/// hands back an aborted transaction, as it does when it sends one to
+/// another node after the connection to the slot's primary dropped.
+pub(crate) fn transaction_not_run(error: &RedisError) -> bool {
+    error.kind() == RedisKind::Server(ServerErrorKind::ExecAbort)
+        && error.clone().into_server_errors().is_some_and(|errors| {
+            !errors.is_empty() && errors.iter().all(|(_, e)| refused_by_topology(e.kind()))
+        })
+}
+
 /// Maps a redis-rs error to a runstate error, keeping it as the source.
 ///
 /// Connection trouble, timeouts, a server still loading its data, a
-/// replica that became read-only in a failover and `TRYAGAIN`/`MASTERDOWN`
-/// are retryable; authentication and permission failures are
-/// configuration problems; everything else is a permanent backend error.
+/// replica that became read-only in a failover, `TRYAGAIN`/`MASTERDOWN`
+/// and a transaction a cluster node aborted for such a reason or a
+/// redirect ([`transaction_not_run`]) are retryable; authentication and
+/// permission failures are configuration problems; everything else is a
+/// permanent backend error.
 pub(crate) fn map_redis_error(error: RedisError) -> Error {
     let (kind, retryable, what) = if error.is_timeout() {
         (ErrorKind::Timeout, true, "redis did not answer in time")
@@ -39,6 +73,12 @@ pub(crate) fn map_redis_error(error: RedisError) -> Error {
                     ErrorKind::Backend,
                     true,
                     "redis is not ready to serve this request",
+                ),
+                ServerErrorKind::ExecAbort if transaction_not_run(&error) => (
+                    ErrorKind::Backend,
+                    true,
+                    "a redis cluster node refused the transaction for the cluster's layout; \
+                     nothing of it was run",
                 ),
                 ServerErrorKind::NoPerm => {
                     (ErrorKind::Denied, false, "redis denied the command (ACL)")

@@ -193,6 +193,20 @@
 //!   them, so each page costs a walk of the keyspace.
 //!   `list_locks(None)` and [`RedisStore::purge_prefix`] also `SCAN` every
 //!   primary; `list_locks(None)` reads holders one call per lock.
+//! - A request whose connection dropped before the reply came may have
+//!   been run. The cluster client sends it again, possibly to a node that
+//!   does not serve its slot while it reconnects; that node aborts a
+//!   transaction without running any of it (`EXECABORT` for a `MOVED`),
+//!   and the store sends such a transaction again after a short pause (up
+//!   to 4 times, within the call's bound; then a retryable error). A
+//!   write sent again finds its own version in place (versions are unique
+//!   to a write) and answers `applied`, reported as the success it was,
+//!   instead of failing on its own first run (`AlreadyExists`,
+//!   `Precondition`, or `Fenced` for a save-and-release whose first run
+//!   released the lease). A release sent again still reports `LeaseLost`
+//!   (the lease "expired, was released or was broken"). Tested through a
+//!   proxy in front of every node that loses a write's reply
+//!   (tests/cluster.rs).
 //! - A regular `PUBLISH` reaches every node of a cluster, so the listener
 //!   subscribes through one node, and after any failure reconnects to the
 //!   next seed; watchers then get `Resync`, as after any reconnect.
@@ -241,6 +255,8 @@ mod errors;
 mod keys;
 mod listener;
 mod reply;
+#[cfg(test)]
+mod resend;
 mod scripts;
 mod status;
 pub mod weppcloud;
@@ -558,19 +574,42 @@ impl Inner {
     /// a restart or `SCRIPT FLUSH`; the staged bytes of the failed attempt
     /// are simply staged again). Returns the replies of the commands that
     /// were not ignored.
+    ///
+    /// On a cluster, a transaction a node aborted without running any of it
+    /// for the cluster's layout ([`errors::transaction_not_run`]: sent to a
+    /// node that does not serve the slot, as the cluster client does when
+    /// it sends a request again after the connection to the slot's primary
+    /// dropped) is sent again after a short pause, up to
+    /// [`LAYOUT_RESENDS`] times. The request whose reply was lost may have
+    /// been run: a write sent again then finds its own version in place
+    /// and answers `applied`.
     async fn transact(&self, pipe: &redis::Pipeline, script: &redis::Script) -> Result<Vec<Value>> {
         let mut con = self.conn.clone();
         let run = |mut con: Conn| async move { pipe.query_async::<Vec<Value>>(&mut con).await };
-        // One bound for the whole call, reload and retry included.
+        let cluster = self.conn.is_cluster();
+        // One bound for the whole call, reload and resends included.
         self.bounded(async {
-            match run(con.clone()).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    script.load_async(&mut con).await?;
-                    run(con).await
+            let (mut reloaded, mut resent) = (false, 0u32);
+            loop {
+                match run(con.clone()).await {
+                    Err(e)
+                        if !reloaded
+                            && e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        reloaded = true;
+                        script.load_async(&mut con).await?;
+                    }
+                    Err(e)
+                        if cluster
+                            && resent < LAYOUT_RESENDS
+                            && errors::transaction_not_run(&e) =>
+                    {
+                        resent += 1;
+                        tokio::time::sleep(LAYOUT_PAUSE * resent).await;
+                    }
+                    outcome => return outcome,
                 }
-                outcome => outcome,
             }
         })
         .await
@@ -1158,7 +1197,9 @@ impl Inner {
         } = *write;
         let mut reply = Reply::parse(reply)?;
         match reply.status.as_str() {
-            "ok" => Ok(()),
+            // `applied`: this write, sent again by the cluster client after
+            // its connection dropped, had been placed by the first send.
+            "ok" | "applied" => Ok(()),
             "exists" => Err(
                 Error::new(ErrorKind::AlreadyExists, "the document already exists")
                     .with_backend(BACKEND),
@@ -1281,6 +1322,15 @@ impl Inner {
         }
     }
 }
+
+/// How many times a transaction a cluster node refused for the cluster's
+/// layout is sent again (see [`Inner::transact`]).
+const LAYOUT_RESENDS: u32 = 4;
+
+/// The pause before the `n`-th of those resends is `n` times this: the
+/// cluster client reconnects to a node whose connection dropped in the
+/// background.
+const LAYOUT_PAUSE: Duration = Duration::from_millis(25);
 
 /// One write, as [`Inner::write_commands`] sends it and
 /// [`Inner::write_outcome`] reads its reply: a `put`, a save (with

@@ -3,7 +3,8 @@
 //! check is atomic with its write and costs one round trip.
 //!
 //! Replies are arrays whose first element says what happened: `ok`,
-//! `exists`, `precondition`, `fenced`, `locked`, `lost`, `foreign` (a
+//! `applied` (a write sent again after its reply was lost, found in place
+//! by its version: nothing written again, nothing announced), `exists`, `precondition`, `fenced`, `locked`, `lost`, `foreign` (a
 //! WEPPcloud lock), `watermark` (a fence below its lock's watermark, with
 //! the watermark), `unchanged`, `changed`, `toolarge`, `absent`, `free`,
 //! `badttl` (a TTL argument that is not a whole number of milliseconds
@@ -171,6 +172,9 @@ local ok, reply = pcall(function()
     if mark and below(ARGV[7], mark) then return {'watermark', mark} end
   end
   local cur = redis.call('HGET', KEYS[1], 'version')
+  -- This very write, sent again after its reply was lost: versions are
+  -- unique to a write, so it was placed (and announced) already.
+  if cur == ARGV[5] then return {'applied'} end
   if ARGV[3] == 'c' and cur then return {'exists'} end
   if ARGV[3] == 'u' and cur ~= ARGV[4] then return {'precondition'} end
   if ARGV[7] ~= '' and mark ~= ARGV[7] then redis.call('SET', KEYS[5], ARGV[7]) end
@@ -230,6 +234,11 @@ const SAVE: &str = r#"
 local h = redis.call('HMGET', KEYS[6], 'oid', 'fence')
 if h[1] ~= ARGV[8] or h[2] ~= ARGV[9] then
   redis.call('DEL', KEYS[4])
+  -- A save-and-release sent again after its reply was lost finds its
+  -- lease released by its first run, and its version in place. (Read
+  -- under pcall: a document key that is not a hash is just not ours.)
+  local placed, cur = pcall(redis.call, 'HGET', KEYS[1], 'version')
+  if placed and cur == ARGV[5] then return {'applied'} end
 --[[HOLDER]]
   local who = holder(KEYS[6])
   if who then return {'fenced', who[1], who[2], who[3], who[4]} end
@@ -808,6 +817,197 @@ mod tests {
         }
     }
 
+    /// Appends a grant of `lock` to owner `o1` with fence 7 and a 30 s
+    /// expiry, as the acquire script writes one.
+    fn grant(pipe: &mut redis::Pipeline, lock: &str) {
+        pipe.cmd("HSET")
+            .arg(lock)
+            .arg("owner")
+            .arg("{}")
+            .arg("oid")
+            .arg("o1")
+            .arg("fence")
+            .arg("7")
+            .arg("since")
+            .arg("0")
+            .arg("ttl")
+            .arg("30000")
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(lock)
+            .arg(30000)
+            .ignore();
+    }
+
+    /// A write sent again after its reply was lost (the cluster client
+    /// resends a request whose connection dropped, whether or not the
+    /// server ran it) is recognised by its version, which is unique to the
+    /// write: the resend answers `applied` instead of `exists` (a create),
+    /// `precondition` (an update) or `fenced` (a save-and-release, whose
+    /// first run released the lease); it writes nothing, announces nothing
+    /// and drops the staged bytes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resent_write_is_recognised_by_its_version() {
+        let Some(mut con) = shared().await else {
+            return;
+        };
+        let url =
+            runstate_conformance::server_url("redis", "RUNSTATE_REDIS_URL", "a Redis script test")
+                .expect("checked by shared()");
+        let mut events = redis::Client::open(url.as_str())
+            .expect("client")
+            .get_async_pubsub()
+            .await
+            .expect("pubsub");
+        let scripts = Scripts::new(None, 0);
+        let p = format!("rsunit:{:012x}", fastrand::u64(..) >> 16);
+        let (doc, docs, runs, staging, lock, mark, channel) = (
+            format!("{p}:{{r}}:doc:d"),
+            format!("{p}:{{r}}:docs"),
+            format!("{p}:runs"),
+            format!("{p}:{{r}}:staging"),
+            format!("{p}:{{r}}:lock:d"),
+            format!("{p}:{{r}}:watermark:d"),
+            format!("{p}:{{r}}:events"),
+        );
+        events.subscribe(&channel).await.expect("SUBSCRIBE");
+        // A pipeline does not load a script the server lacks.
+        for script in [&scripts.put, &scripts.save] {
+            let _: String = script.load_async(&mut con).await.expect("SCRIPT LOAD");
+        }
+        // (mode, expected version, new version, lease: release or not)
+        let cases: [(&str, &str, &str, Option<&str>); 5] = [
+            ("c", "", "v1", None),
+            ("u", "v1", "v2", None),
+            ("o", "", "v3", None),
+            ("u", "v3", "v4", Some("0")),
+            ("u", "v4", "v5", Some("1")),
+        ];
+        for (mode, expected, version, release) in cases {
+            if release.is_some() {
+                let mut pipe = redis::pipe();
+                grant(&mut pipe, &lock);
+                let () = pipe.query_async(&mut con).await.expect("grant");
+            }
+            let mut statuses = Vec::new();
+            for _send in 0..2 {
+                let script = if release.is_some() {
+                    &scripts.save
+                } else {
+                    &scripts.put
+                };
+                let mut call = script.prepare_invoke();
+                call.key(&doc)
+                    .key(&docs)
+                    .key(&runs)
+                    .key(&staging)
+                    .key(&mark);
+                if release.is_some() {
+                    call.key(&lock);
+                }
+                call.arg("d")
+                    .arg("r")
+                    .arg(mode)
+                    .arg(expected)
+                    .arg(version)
+                    .arg(&channel)
+                    .arg("");
+                if let Some(release) = release {
+                    call.arg("o1").arg("7").arg(release).arg("d");
+                }
+                // As the client sends a write: the staged bytes and the
+                // script in one MULTI/EXEC.
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .cmd("DEL")
+                    .arg(&staging)
+                    .ignore()
+                    .cmd("HSET")
+                    .arg(&staging)
+                    .arg("version")
+                    .arg(version)
+                    .arg("data")
+                    .arg(format!("bytes of {version}"))
+                    .ignore()
+                    .invoke_script(&call);
+                let replies: Vec<Value> = pipe.query_async(&mut con).await.expect("write");
+                let (status, items) = status(Ok(replies.into_iter().next().expect("a reply")));
+                statuses.push((status, items));
+            }
+            assert_eq!(statuses[0].0, "ok", "{mode} {version}: {:?}", statuses[0].1);
+            assert_eq!(
+                statuses[1].0, "applied",
+                "{mode} {version}: the resend is recognised, {:?}",
+                statuses[1].1
+            );
+            let (stored, staged, indexed): (Option<String>, i64, Option<f64>) = redis::pipe()
+                .cmd("HGET")
+                .arg(&doc)
+                .arg("version")
+                .cmd("EXISTS")
+                .arg(&staging)
+                .cmd("ZSCORE")
+                .arg(&docs)
+                .arg("d")
+                .query_async(&mut con)
+                .await
+                .expect("state");
+            assert_eq!(stored.as_deref(), Some(version), "the first write stands");
+            assert_eq!(staged, 0, "the resend's staged bytes are dropped");
+            assert!(indexed.is_some(), "the document is indexed");
+            let lock_left: i64 = redis::cmd("EXISTS")
+                .arg(&lock)
+                .query_async(&mut con)
+                .await
+                .expect("EXISTS");
+            assert_eq!(
+                lock_left,
+                i64::from(release == Some("0")),
+                "{mode} {version}: the lease is kept or released as the first send asked"
+            );
+        }
+        // One announcement per write (and one per release), none for a
+        // resend: a marker published last ends the count.
+        let () = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg("end")
+            .query_async(&mut con)
+            .await
+            .map(|_: i64| ())
+            .expect("PUBLISH");
+        let mut stream = events.on_message();
+        let mut heard = Vec::new();
+        loop {
+            let next = std::future::poll_fn(|cx| {
+                futures_core::Stream::poll_next(std::pin::Pin::new(&mut stream), cx)
+            });
+            let message = tokio::time::timeout(std::time::Duration::from_secs(5), next)
+                .await
+                .expect("announcements arrive")
+                .expect("a message");
+            let text: String = message.get_payload().expect("text");
+            if text == "end" {
+                break;
+            }
+            heard.push(text);
+        }
+        assert_eq!(
+            heard,
+            ["c v1 d", "c v2 d", "c v3 d", "c v4 d", "c v5 d", "r 7 d"],
+            "each write announced once"
+        );
+        let _: i64 = redis::cmd("DEL")
+            .arg(&doc)
+            .arg(&docs)
+            .arg(&runs)
+            .arg(&staging)
+            .arg(&lock)
+            .arg(&mark)
+            .query_async(&mut con)
+            .await
+            .expect("cleanup");
+    }
+
     /// Item 7 at the script level: when a command of the save fails
     /// (WRONGTYPE on a document key that is not a document hash), the save
     /// script still releases the lease and drops the staged bytes, and
@@ -835,24 +1035,9 @@ mod tests {
             .await
             .expect("SET");
         for (mode, expected, release) in [("o", "", "0"), ("u", "v1", "1"), ("o", "", "1")] {
-            let () = redis::pipe()
-                .cmd("HSET")
-                .arg(&lock)
-                .arg("owner")
-                .arg("{}")
-                .arg("oid")
-                .arg("o1")
-                .arg("fence")
-                .arg("7")
-                .arg("since")
-                .arg("0")
-                .arg("ttl")
-                .arg("30000")
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(&lock)
-                .arg(30000)
-                .ignore()
+            let mut pipe = redis::pipe();
+            grant(&mut pipe, &lock);
+            let () = pipe
                 .cmd("HSET")
                 .arg(&staging)
                 .arg("version")

@@ -15,10 +15,12 @@ mod cluster {
 
     use runstate_conformance::Harness;
     use runstate_core::{
-        Bytes, DocName, Error, ErrorKind, GetOptions, Lock, LockKey, Owner, PutMode, RunId,
+        Bytes, DocName, Error, ErrorKind, GetOptions, Lock, LockKey, Owner, PutMode, RunId, Store,
         WatchEvent, async_trait,
     };
     use runstate_redis::{RedisConfig, RedisStore};
+
+    use runstate_conformance::proxy::{Proxy, ReplyFault};
 
     use crate::support::cluster::OwnCluster;
 
@@ -381,5 +383,147 @@ mod cluster {
                 "the listener's node died: Resync, then the writes after it ({round:?})"
             );
         }
+    }
+
+    /// Waits until every node of `cluster` names each node at its proxy
+    /// (`proxies[i]` in front of node `i`) in `CLUSTER SLOTS`, and at no
+    /// real port.
+    async fn wait_announced(cluster: &OwnCluster, proxies: &[Proxy]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &cluster.nodes {
+            let mut con = redis::Client::open(node.url())
+                .expect("client")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            loop {
+                let slots: redis::Value = redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async(&mut con)
+                    .await
+                    .expect("CLUSTER SLOTS");
+                let seen = format!("{slots:?}");
+                let real = cluster
+                    .nodes
+                    .iter()
+                    .any(|n| seen.contains(&format!("int({})", n.port)));
+                let proxied = proxies
+                    .iter()
+                    .all(|p| seen.contains(&format!("int({})", p.addr().port())));
+                if proxied && !real {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "announced ports: {seen}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// A write whose reply the network lost, on a cluster: redis-rs's
+    /// cluster client reconnects and sends the transaction again (it
+    /// cannot know whether the server ran it). The first send was made,
+    /// so the write must be reported made, not failed by its own resend
+    /// (before: `AlreadyExists` for a create, `Precondition` for an
+    /// update, `Fenced` for a save-and-release whose first run released
+    /// the lease). Each node is announced at a proxy in front of it, so
+    /// every connection of the client passes through one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_whose_reply_was_lost_is_reported_made() {
+        if runstate_conformance::server_url(BACKEND, URL_VAR, "the lost-reply test").is_none() {
+            return;
+        }
+        let cluster = OwnCluster::start(5000);
+        let mut proxies = Vec::new();
+        for node in &cluster.nodes {
+            let proxy = Proxy::start(node.addr()).await;
+            let port = proxy.addr().port().to_string();
+            let bus = (u32::from(node.port) + 10000).to_string();
+            for (option, value) in [
+                ("cluster-announce-bus-port", bus.as_str()),
+                ("cluster-announce-port", port.as_str()),
+            ] {
+                let reply = node.command(&["CONFIG", "SET", option, value]);
+                assert!(reply.starts_with("+OK"), "CONFIG SET {option}: {reply}");
+            }
+            proxies.push(proxy);
+        }
+        wait_announced(&cluster, &proxies).await;
+        let seeds: Vec<String> = proxies
+            .iter()
+            .map(|p| format!("127.0.0.1:{}", p.addr().port()))
+            .collect();
+        let store = RedisStore::connect(&format!(
+            "redis+cluster://{}/?prefix=lost&timeout_ms=5000",
+            seeds.join(",")
+        ))
+        .await
+        .expect("open the cluster through the proxies");
+        let run = RunId::new("r").expect("run");
+        let doc = DocName::new("d").expect("doc");
+        let primary = &proxies[cluster
+            .primary_of("lost:{r}:doc:d")
+            .expect("a primary serves the document")];
+        // The transaction of a write (MULTI … EXEC): its reply is lost and
+        // the connection closed, after the server ran it.
+        let lose_a_write_reply = || {
+            primary.arm(ReplyFault::drop_when(|request: &[u8]| {
+                request.windows(5).any(|w| w == b"MULTI")
+            }));
+        };
+        let fired = primary.fired();
+
+        lose_a_write_reply();
+        let created = store
+            .put(
+                &run,
+                &doc,
+                Bytes::from_static(b"one"),
+                runstate_core::PutOptions::create(),
+            )
+            .await
+            .expect("a create whose reply was lost is made");
+        assert_eq!(primary.fired(), fired + 1, "the reply was lost");
+
+        lose_a_write_reply();
+        let updated = store
+            .put(
+                &run,
+                &doc,
+                Bytes::from_static(b"two"),
+                runstate_core::PutOptions::update(created),
+            )
+            .await
+            .expect("an update whose reply was lost is made");
+        assert_eq!(primary.fired(), fired + 2, "the reply was lost");
+
+        let key = LockKey::Doc(run.clone(), doc.clone());
+        let lease = store
+            .try_acquire(&key, &Owner::for_this_process(), Duration::from_secs(30))
+            .await
+            .expect("acquire");
+        lose_a_write_reply();
+        let saved = store
+            .save_and_release(
+                &lease,
+                &doc,
+                Bytes::from_static(b"three"),
+                PutMode::Update(updated),
+            )
+            .await
+            .expect("a save-and-release whose reply was lost is made");
+        assert_eq!(primary.fired(), fired + 3, "the reply was lost");
+        assert!(
+            store.inspect(&key).await.expect("inspect").is_none(),
+            "the lease was released"
+        );
+        let stored = store
+            .get(&run, &doc, GetOptions::new())
+            .await
+            .expect("get")
+            .expect("the document");
+        assert_eq!(
+            (stored.version, stored.bytes),
+            (saved, Bytes::from_static(b"three"))
+        );
     }
 }
