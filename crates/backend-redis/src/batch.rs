@@ -133,9 +133,11 @@ impl Inner {
     /// sends a whole pipeline again when any reply in it is a redirect
     /// (`MOVED`, `ASK`, `TRYAGAIN`, …, as during a slot migration), and the
     /// writes of a batch pipeline are separate transactions, some of which
-    /// may have committed: sent again, a written `Create` would come back
-    /// `AlreadyExists`, an `Update` `Precondition`, an overwrite announced
-    /// twice. A single write is one transaction, safe to send again.
+    /// may have committed. A write sent again that finds its own version in
+    /// place answers `applied`, but an overwrite sent again after another
+    /// client's write would be made again and bring the older bytes back.
+    /// A single write is one transaction, which a redirect aborts whole
+    /// (nothing of it run): safe to send again.
     pub(crate) async fn put_many(
         &self,
         run: &RunId,

@@ -77,8 +77,9 @@ pub(crate) fn map_redis_error(error: RedisError) -> Error {
                 ServerErrorKind::ExecAbort if transaction_not_run(&error) => (
                     ErrorKind::Backend,
                     true,
-                    "a redis cluster node refused the transaction for the cluster's layout; \
-                     nothing of it was run",
+                    "a redis cluster node refused the transaction for the cluster's layout: \
+                     this attempt ran nothing, but an earlier attempt whose reply was lost \
+                     may have been made (read the document before writing it again)",
                 ),
                 ServerErrorKind::NoPerm => {
                     (ErrorKind::Denied, false, "redis denied the command (ACL)")

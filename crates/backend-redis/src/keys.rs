@@ -2,7 +2,7 @@
 //! run's documents, index, counters and locks sit in one slot.
 //!
 //! ```text
-//! <p>:{<run>}:doc:<name>     hash  version, data     one document: its version (a random 128-bit token) and exact bytes
+//! <p>:{<run>}:doc:<name>     hash  version, data     one document: its version (a 128-bit token unique to the write) and exact bytes
 //! <p>:{<run>}:docs           zset  document names (score 0, listed by ZRANGEBYLEX)
 //! <p>:{<run>}:staging        hash  bytes of a write in flight (only ever inside a MULTI/EXEC)
 //! <p>:{<run>}:lock           hash  owner, oid, fence, since, ttl; PEXPIRE = TTL    the run lock

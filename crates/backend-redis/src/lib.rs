@@ -24,7 +24,7 @@
 //! one slot:
 //!
 //! ```text
-//! <prefix>:{<run>}:doc:<name>     hash: version (random 128-bit token), data (exactly the saved bytes)
+//! <prefix>:{<run>}:doc:<name>     hash: version (128-bit token unique to the write), data (exactly the saved bytes)
 //! <prefix>:{<run>}:docs           zset of document names      (listing never uses KEYS)
 //! <prefix>:{<run>}:lock[:<name>]  hash: owner, oid, fence, since, ttl; expires by PEXPIRE
 //! <prefix>:{<run>}:fence[:<name>] last fence of that lock (no TTL)
@@ -134,8 +134,10 @@
 //!   promoted before it saw the last grants. A client still holding a lease
 //!   from before such a loss gets `LeaseLost`/`Fenced`. The one limit: the
 //!   server's clock must not step back by more than the time the restart
-//!   or failover took. Versions are random 128-bit tokens, so a version
-//!   from before a restart never matches a document written after it.
+//!   or failover took. Versions are 128-bit tokens unique to a write (64
+//!   random bits, the writing process's id and its count of writes), so a
+//!   version from before a restart never matches a document written after
+//!   it.
 //! - TTLs are checked by [`runstate_core::check_ttl`] before anything is
 //!   sent, and again at the top of every script before any write; a lock
 //!   hash is never left without its expiry (see the scripts' order). A TTL
@@ -169,7 +171,8 @@
 //!   A run's keys share one slot, so on a cluster a batch of reads is one
 //!   pipeline to one primary; a batch of writes goes one write at a time
 //!   there, since the cluster client sends a whole pipeline again after a
-//!   redirect, and writes of it that had committed would run twice.
+//!   redirect, and an overwrite of it that had committed would be made
+//!   again (after another client's write, bringing the older bytes back).
 //! - Every script touches only its run's keys (one slot). On one server,
 //!   document writes also maintain the store-wide `runs` index; on a
 //!   cluster they do not (see [below](crate#redis-cluster)). The
@@ -203,10 +206,12 @@
 //!   to a write) and answers `applied`, reported as the success it was,
 //!   instead of failing on its own first run (`AlreadyExists`,
 //!   `Precondition`, or `Fenced` for a save-and-release whose first run
-//!   released the lease). A release sent again still reports `LeaseLost`
-//!   (the lease "expired, was released or was broken"). Tested through a
-//!   proxy in front of every node that loses a write's reply
-//!   (tests/cluster.rs).
+//!   released the lease). Not recognised: an overwrite sent again after
+//!   another client's write is made again, as a late overwrite would be;
+//!   a release sent again reports `LeaseLost` (the lease "expired, was
+//!   released or was broken"), a delete `false`, a forced release the lock
+//!   free. Tested through a proxy in front of every node that loses a
+//!   write's reply (tests/cluster.rs).
 //! - A regular `PUBLISH` reaches every node of a cluster, so the listener
 //!   subscribes through one node, and after any failure reconnects to the
 //!   next seed; watchers then get `Resync`, as after any reconnect.
@@ -263,6 +268,7 @@ pub mod weppcloud;
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -575,18 +581,27 @@ impl Inner {
     /// are simply staged again). Returns the replies of the commands that
     /// were not ignored.
     ///
-    /// On a cluster, a transaction a node aborted without running any of it
-    /// for the cluster's layout ([`errors::transaction_not_run`]: sent to a
-    /// node that does not serve the slot, as the cluster client does when
-    /// it sends a request again after the connection to the slot's primary
-    /// dropped) is sent again after a short pause, up to
-    /// [`LAYOUT_RESENDS`] times. The request whose reply was lost may have
-    /// been run: a write sent again then finds its own version in place
-    /// and answers `applied`.
-    async fn transact(&self, pipe: &redis::Pipeline, script: &redis::Script) -> Result<Vec<Value>> {
+    /// `resend` is the key of a `MULTI`/`EXEC` that may be sent again (a
+    /// write: a write sent again finds its own version in place and
+    /// answers `applied`). On a cluster such a transaction, when a node
+    /// aborted it without running any of it for the cluster's layout
+    /// ([`errors::transaction_not_run`]: sent to a node that does not
+    /// serve the slot, as the cluster client does when it sends a request
+    /// again after the connection to the slot's primary dropped, or with a
+    /// slot map gone stale), is sent again after a short pause, up to
+    /// [`LAYOUT_RESENDS`] times. Before each resend one plain command on
+    /// that key (`EXISTS`) lets the cluster client follow the redirect and
+    /// learn the cluster's layout again, which it does not do for an
+    /// aborted transaction.
+    async fn transact(
+        &self,
+        pipe: &redis::Pipeline,
+        script: &redis::Script,
+        resend: Option<&str>,
+    ) -> Result<Vec<Value>> {
         let mut con = self.conn.clone();
         let run = |mut con: Conn| async move { pipe.query_async::<Vec<Value>>(&mut con).await };
-        let cluster = self.conn.is_cluster();
+        let resend = resend.filter(|_| self.conn.is_cluster());
         // One bound for the whole call, reload and resends included.
         self.bounded(async {
             let (mut reloaded, mut resent) = (false, 0u32);
@@ -600,13 +615,16 @@ impl Inner {
                         reloaded = true;
                         script.load_async(&mut con).await?;
                     }
-                    Err(e)
-                        if cluster
-                            && resent < LAYOUT_RESENDS
-                            && errors::transaction_not_run(&e) =>
-                    {
+                    Err(e) if resent < LAYOUT_RESENDS && errors::transaction_not_run(&e) => {
+                        let Some(key) = resend else {
+                            return Err(e);
+                        };
                         resent += 1;
                         tokio::time::sleep(LAYOUT_PAUSE * resent).await;
+                        // Its outcome does not matter: only the redirect
+                        // the client follows (and learns from) on the way.
+                        let _: redis::RedisResult<i64> =
+                            redis::cmd("EXISTS").arg(key).query_async(&mut con).await;
                     }
                     outcome => return outcome,
                 }
@@ -887,7 +905,7 @@ impl Inner {
                 invocation.key(name);
                 pipe.invoke_script(&invocation);
             }
-            let replies = self.transact(&pipe, &self.scripts.inspect).await?;
+            let replies = self.transact(&pipe, &self.scripts.inspect, None).await?;
             if replies.len() != chunk.len() {
                 return Err(unexpected("pipelined replies"));
             }
@@ -958,7 +976,7 @@ impl Inner {
                     .arg(self.keys.doc(run, doc))
                     .arg("version")
                     .arg("data");
-                let replies = match self.transact(&pipe, &self.scripts.acquire).await {
+                let replies = match self.transact(&pipe, &self.scripts.acquire, None).await {
                     Ok(replies) => replies,
                     Err(error) => {
                         // The script may have granted before the read
@@ -1072,7 +1090,12 @@ impl Inner {
         let mut pipe = redis::pipe();
         pipe.atomic();
         let script = self.write_commands(&mut pipe, write);
-        let replies = self.transact(&pipe, script).await?;
+        // Only a cluster sends a write again (see `transact`).
+        let route = self
+            .conn
+            .is_cluster()
+            .then(|| self.keys.doc(write.run, write.doc));
+        let replies = self.transact(&pipe, script, route.as_deref()).await?;
         let reply = replies
             .into_iter()
             .next()
@@ -1351,11 +1374,22 @@ struct Write<'a> {
     version: Version,
 }
 
-/// A new version token: 128 random bits in hex. Versions are compared only
-/// for equality, so they need to be unique, not ordered.
+/// A new version token: 128 bits in hex, unique to one write (see below).
+/// Versions are compared only for equality, so they need to be unique, not
+/// ordered.
 fn new_version() -> Version {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits = fastrand::u128(..);
+    /// Versions made by this process so far.
+    static MADE: AtomicU32 = AtomicU32::new(0);
+    // 64 random bits (fastrand keeps 64 bits of state per thread, copied
+    // by a fork), then this process's id and its count of versions: on one
+    // host no two writes share a version, a forked child included, and
+    // across hosts the random half tells them apart. A write sent again
+    // is recognised by its version (`applied`), so a repeat would report
+    // a write that was not made.
+    let bits = (u128::from(fastrand::u64(..)) << 64)
+        | (u128::from(std::process::id()) << 32)
+        | u128::from(MADE.fetch_add(1, AtomicOrdering::Relaxed));
     // Digit by digit rather than through `format!`, which costs several
     // times more on every write.
     let text: String = (0..32)
@@ -1775,7 +1809,7 @@ impl Store for RedisStore {
                         .arg("version")
                         .arg("data");
                     let mut replies = inner
-                        .transact(&pipe, &inner.scripts.claim)
+                        .transact(&pipe, &inner.scripts.claim, None)
                         .await?
                         .into_iter();
                     let (Some(first), Some(second)) = (replies.next(), replies.next()) else {

@@ -97,3 +97,19 @@ async fn a_write_sent_twice_succeeds_twice() {
     assert_eq!((stored.version, stored.bytes), (saved, bytes));
     store.purge_prefix().await.expect("cleanup");
 }
+
+/// Versions are unique to a write on a host whatever the random half does
+/// (a forked child repeats its parent's random numbers): each carries the
+/// process id and a count of this process's versions.
+#[test]
+fn versions_carry_the_process_and_a_count() {
+    let (a, b) = (new_version(), new_version());
+    let pid = format!("{:08x}", std::process::id());
+    for v in [&a, &b] {
+        assert_eq!(v.as_str().len(), 32);
+        assert_eq!(&v.as_str()[16..24], pid, "{v}");
+    }
+    let count =
+        |v: &runstate_core::Version| u32::from_str_radix(&v.as_str()[24..], 16).expect("hex");
+    assert_ne!(count(&a), count(&b), "the count moves on");
+}

@@ -134,7 +134,8 @@ end
 // the new document with `HSET <staging> version <v> data <bytes>` and the
 // script, in the same MULTI/EXEC, checks and then RENAMEs the staging hash
 // over the document, or deletes it when the write is refused. Versions are
-// random 128-bit tokens made by the client, so no counter call is needed.
+// 128-bit tokens unique to a write, made by the client, so no counter
+// call is needed.
 // An unconditional, unfenced write runs the script too: Redis runs the rest
 // of a MULTI/EXEC after a failed command, so only the script can leave a
 // refused write unindexed and unannounced (see `Inner::write_commands`).
@@ -160,6 +161,13 @@ end
 /// defined in those branches (`--[[FOREIGN]]`, `--[[BELOW]]`).
 const WRITE: &str = r#"
 local ok, reply = pcall(function()
+  -- This very write, sent again after its reply was lost: versions are
+  -- unique to a write, so it was placed (and announced) already, before
+  -- any WEPPcloud lock or higher fence that came after it. A document key
+  -- that is not a document hash fails the write below, after those checks,
+  -- as before.
+  local read, cur = pcall(redis.call, 'HGET', KEYS[1], 'version')
+  if read and cur == ARGV[5] then return {'applied'} end
   if WEPP then
 --[[FOREIGN]]
     local f = foreign_any(ARGV[2], {ARGV[1]})
@@ -171,10 +179,7 @@ local ok, reply = pcall(function()
     mark = redis.call('GET', KEYS[5])
     if mark and below(ARGV[7], mark) then return {'watermark', mark} end
   end
-  local cur = redis.call('HGET', KEYS[1], 'version')
-  -- This very write, sent again after its reply was lost: versions are
-  -- unique to a write, so it was placed (and announced) already.
-  if cur == ARGV[5] then return {'applied'} end
+  if not read then error(cur) end
   if ARGV[3] == 'c' and cur then return {'exists'} end
   if ARGV[3] == 'u' and cur ~= ARGV[4] then return {'precondition'} end
   if ARGV[7] ~= '' and mark ~= ARGV[7] then redis.call('SET', KEYS[5], ARGV[7]) end
@@ -876,21 +881,56 @@ mod tests {
             let _: String = script.load_async(&mut con).await.expect("SCRIPT LOAD");
         }
         // (mode, expected version, new version, lease: release or not)
-        let cases: [(&str, &str, &str, Option<&str>); 5] = [
-            ("c", "", "v1", None),
-            ("u", "v1", "v2", None),
-            ("o", "", "v3", None),
-            ("u", "v3", "v4", Some("0")),
-            ("u", "v4", "v5", Some("1")),
+        // What happens between the first send and the resend.
+        #[derive(Clone, Copy, PartialEq)]
+        enum Between {
+            Nothing,
+            /// The lease expires (its hash is gone).
+            Expires,
+            /// A higher fence granted elsewhere raises the watermark.
+            HigherFence,
+        }
+        // (mode, expected version, new version, lease: release or not,
+        // between the sends)
+        let cases: [(&str, &str, &str, Option<&str>, Between); 7] = [
+            ("c", "", "v1", None, Between::Nothing),
+            ("u", "v1", "v2", None, Between::Nothing),
+            ("o", "", "v3", None, Between::Nothing),
+            ("o", "", "v4", None, Between::HigherFence),
+            ("u", "v4", "v5", Some("0"), Between::Nothing),
+            ("u", "v5", "v6", Some("0"), Between::Expires),
+            ("u", "v6", "v7", Some("1"), Between::Nothing),
         ];
-        for (mode, expected, version, release) in cases {
+        for (mode, expected, version, release, between) in cases {
+            let expires = between == Between::Expires;
+            // The fence of a lease granted elsewhere the write carries.
+            let foreign = if between == Between::HigherFence {
+                "5"
+            } else {
+                ""
+            };
             if release.is_some() {
                 let mut pipe = redis::pipe();
                 grant(&mut pipe, &lock);
                 let () = pipe.query_async(&mut con).await.expect("grant");
             }
             let mut statuses = Vec::new();
-            for _send in 0..2 {
+            for send in 0..2 {
+                if send == 1 && expires {
+                    let _: i64 = redis::cmd("DEL")
+                        .arg(&lock)
+                        .query_async(&mut con)
+                        .await
+                        .expect("expire");
+                }
+                if send == 1 && between == Between::HigherFence {
+                    let () = redis::cmd("SET")
+                        .arg(&mark)
+                        .arg("9")
+                        .query_async(&mut con)
+                        .await
+                        .expect("raise the watermark");
+                }
                 let script = if release.is_some() {
                     &scripts.save
                 } else {
@@ -911,7 +951,7 @@ mod tests {
                     .arg(expected)
                     .arg(version)
                     .arg(&channel)
-                    .arg("");
+                    .arg(foreign);
                 if let Some(release) = release {
                     call.arg("o1").arg("7").arg(release).arg("d");
                 }
@@ -962,10 +1002,45 @@ mod tests {
                 .expect("EXISTS");
             assert_eq!(
                 lock_left,
-                i64::from(release == Some("0")),
+                i64::from(release == Some("0") && !expires),
                 "{mode} {version}: the lease is kept or released as the first send asked"
             );
         }
+        // A lease that is not current still gets `fenced` when the
+        // document key is not a document hash (its version is read under
+        // pcall), and nothing is touched.
+        let () = redis::cmd("SET")
+            .arg(&doc)
+            .arg("not a document")
+            .query_async(&mut con)
+            .await
+            .expect("SET");
+        let mut call = scripts.save.prepare_invoke();
+        call.key(&doc)
+            .key(&docs)
+            .key(&runs)
+            .key(&staging)
+            .key(&mark)
+            .key(&lock)
+            .arg("d")
+            .arg("r")
+            .arg("o")
+            .arg("")
+            .arg("v9")
+            .arg(&channel)
+            .arg("")
+            .arg("o1")
+            .arg("7")
+            .arg("1")
+            .arg("d");
+        let (refused, items) = status(call.invoke_async::<Value>(&mut con).await);
+        assert_eq!(refused, "fenced", "{items:?}");
+        let kept: String = redis::cmd("GET")
+            .arg(&doc)
+            .query_async(&mut con)
+            .await
+            .expect("GET");
+        assert_eq!(kept, "not a document");
         // One announcement per write (and one per release), none for a
         // resend: a marker published last ends the count.
         let () = redis::cmd("PUBLISH")
@@ -993,7 +1068,9 @@ mod tests {
         }
         assert_eq!(
             heard,
-            ["c v1 d", "c v2 d", "c v3 d", "c v4 d", "c v5 d", "r 7 d"],
+            [
+                "c v1 d", "c v2 d", "c v3 d", "c v4 d", "c v5 d", "c v6 d", "c v7 d", "r 7 d"
+            ],
             "each write announced once"
         );
         let _: i64 = redis::cmd("DEL")

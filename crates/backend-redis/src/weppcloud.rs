@@ -954,7 +954,9 @@ impl WeppcloudService {
                 invocation.key(name);
                 pipe.invoke_script(&invocation);
             }
-            let replies = inner.transact(&pipe, &self.inner.scripts.inspect).await?;
+            let replies = inner
+                .transact(&pipe, &self.inner.scripts.inspect, None)
+                .await?;
             if replies.len() != chunk.len() {
                 return Err(unexpected("pipelined replies"));
             }

@@ -460,6 +460,18 @@ mod cluster {
         .expect("open the cluster through the proxies");
         let run = RunId::new("r").expect("run");
         let doc = DocName::new("d").expect("doc");
+        // The run's announcements, heard on a node directly (a cluster
+        // delivers every PUBLISH to every node): each write announced
+        // once shows its first send was run and the resend made nothing.
+        let mut events = redis::Client::open(cluster.nodes[0].url())
+            .expect("client")
+            .get_async_pubsub()
+            .await
+            .expect("pubsub");
+        events
+            .subscribe("lost:{r}:events")
+            .await
+            .expect("SUBSCRIBE");
         let primary = &proxies[cluster
             .primary_of("lost:{r}:doc:d")
             .expect("a primary serves the document")];
@@ -490,7 +502,7 @@ mod cluster {
                 &run,
                 &doc,
                 Bytes::from_static(b"two"),
-                runstate_core::PutOptions::update(created),
+                runstate_core::PutOptions::update(created.clone()),
             )
             .await
             .expect("an update whose reply was lost is made");
@@ -507,7 +519,7 @@ mod cluster {
                 &lease,
                 &doc,
                 Bytes::from_static(b"three"),
-                PutMode::Update(updated),
+                PutMode::Update(updated.clone()),
             )
             .await
             .expect("a save-and-release whose reply was lost is made");
@@ -522,8 +534,45 @@ mod cluster {
             .expect("get")
             .expect("the document");
         assert_eq!(
-            (stored.version, stored.bytes),
-            (saved, Bytes::from_static(b"three"))
+            (stored.version.clone(), stored.bytes),
+            (saved.clone(), Bytes::from_static(b"three"))
+        );
+        let mut con = redis::Client::open(cluster.nodes[0].url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("lost:{r}:events")
+            .arg("end")
+            .query_async(&mut con)
+            .await
+            .expect("PUBLISH");
+        let mut stream = events.on_message();
+        let mut heard = Vec::new();
+        loop {
+            let next = std::future::poll_fn(|cx| {
+                futures_core::Stream::poll_next(std::pin::Pin::new(&mut stream), cx)
+            });
+            let message = tokio::time::timeout(Duration::from_secs(5), next)
+                .await
+                .expect("announcements arrive")
+                .expect("a message");
+            let text: String = message.get_payload().expect("text");
+            if text == "end" {
+                break;
+            }
+            heard.push(text);
+        }
+        assert_eq!(
+            heard,
+            [
+                format!("c {created} d"),
+                format!("c {updated} d"),
+                format!("c {saved} d"),
+                format!("r {} d", lease.fence()),
+            ],
+            "each write announced once, the release once"
         );
     }
 }
