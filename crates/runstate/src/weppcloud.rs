@@ -33,14 +33,17 @@
 //!   release).
 //! - **Writes without the controller's lease check WEPPcloud first.** A
 //!   save or delete made without a lease on that document (an unlocked
-//!   put, a save under the run lease, `delete_run`) is refused with
-//!   `Locked`, WEPPcloud's worker as the holder, while a WEPPcloud worker
-//!   holds the controller's NoDb lock or WEPPcloud is replacing the run.
-//!   (A runstate holder's lease does not count: its saves are fenced and
+//!   put, a save under the run lease) is refused with `Locked`,
+//!   WEPPcloud's worker as the holder, while a WEPPcloud worker holds the
+//!   controller's NoDb lock or WEPPcloud is replacing the run. (A runstate
+//!   holder's lease does not count: its saves are fenced and
 //!   version-checked.) The check is made just before the write; a worker
 //!   that takes the lock in between reads the file after the write, or its
 //!   own save is refused by its stale-write guard (the signature changed).
 //!   Locked updates have no such window: their lease is WEPPcloud's lock.
+//!   Nor has `delete_run`: it takes WEPPcloud's lock of every controller
+//!   for the deletion (refused with `Locked` while anyone holds one), so
+//!   no worker starts on a run being deleted.
 //! - **Runs WEPPcloud names otherwise are refused.** WEPPcloud locks a
 //!   batch run under `batch;;<batch>;;<run>` and a child run
 //!   (`<parent>/_pups/…`) under its parent's id with a `_pups/…` path, so
@@ -64,13 +67,17 @@ use std::time::{Duration, SystemTime};
 
 use runstate_core::{
     Bytes, Capabilities, DocMeta, DocName, DocStat, Error, ErrorKind, Fence, Fetched, GetOptions,
-    Lease, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode, PutOptions,
-    PutRequest, Replay, Result, RunId, Store, StoreExt, StoredDoc, Subscription, Version, Watcher,
-    async_trait,
+    Lease, LeaseKeeper, ListPage, Lock, LockInfo, LockKey, Milestones, Operation, Owner, PutMode,
+    PutOptions, PutRequest, Replay, Result, RunId, Store, StoreExt, StoredDoc, Subscription,
+    Version, Watcher, async_trait,
 };
 use runstate_redis::WeppcloudService;
 
 use crate::split::SplitStore;
+
+/// The TTL of the controllers' locks [`WeppcloudStore::delete_run`] holds
+/// (renewed every third of it while the deletion runs).
+const DELETE_RUN_TTL: Duration = Duration::from_secs(30);
 
 /// A split store of WEPPcloud run folders and WEPPcloud's NoDb locks (see
 /// the [module documentation](self)).
@@ -289,9 +296,16 @@ impl Store for WeppcloudStore {
         self.split.list_runs(after, limit).await
     }
 
-    /// Refused with `Locked` while WEPPcloud holds any controller of the
-    /// run (nothing is deleted); every cached copy is deleted after.
+    /// Refused with `Locked` while WEPPcloud (or another holder) holds any
+    /// controller of the run: nothing is deleted. Otherwise WEPPcloud's
+    /// lock of every controller is taken and kept alive for the deletion,
+    /// so no worker can take one and write into the run while it goes
+    /// (checking WEPPcloud's locks first and deleting after left a worker
+    /// that locked a controller in between working in a run being
+    /// deleted); the locks are given back after, and every cached copy is
+    /// deleted.
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
+        let op = Operation::DeleteRun;
         let docs: Vec<DocName> = self
             .split
             .list_all_docs(run)
@@ -299,13 +313,48 @@ impl Store for WeppcloudStore {
             .into_iter()
             .map(|meta| meta.name)
             .collect();
-        for doc in &docs {
-            self.check_foreign(run, doc, None, Operation::DeleteRun)
-                .await?;
+        // A fresh owner: a lease this process holds on a controller is
+        // not handed back to this deletion (and released by it).
+        let owner = Owner::for_this_process();
+        let lock: Arc<dyn Lock> = Arc::new(self.clone());
+        let mut keepers = Vec::with_capacity(docs.len());
+        let outcome = async {
+            for doc in &docs {
+                let key = LockKey::Doc(run.clone(), doc.clone());
+                let lease = self
+                    .split
+                    .try_acquire(&key, &owner, DELETE_RUN_TTL)
+                    .await
+                    .map_err(|e| e.with_operation(op))?;
+                keepers.push(LeaseKeeper::start(Arc::clone(&lock), lease, DELETE_RUN_TTL));
+            }
+            // What the locks do not cover (WEPPcloud replacing the run).
+            for doc in &docs {
+                self.check_foreign(run, doc, None, op).await?;
+            }
+            for keeper in &keepers {
+                keeper.check().map_err(|e| e.with_operation(op))?;
+            }
+            let deleted = self.split.delete_run(run).await?;
+            self.invalidate(run, &docs).await;
+            Ok(deleted)
         }
-        let deleted = self.split.delete_run(run).await?;
-        self.invalidate(run, &docs).await;
-        Ok(deleted)
+        .await;
+        for keeper in keepers {
+            let released = match keeper.stop().await {
+                Ok(lease) => self.split.release(&lease).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = released {
+                tracing::warn!(
+                    %error,
+                    %run,
+                    "a controller's lock taken to delete the run was not given back; it \
+                     expires by its TTL"
+                );
+            }
+        }
+        outcome
     }
 
     async fn get_if_changed(

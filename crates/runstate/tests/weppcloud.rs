@@ -980,6 +980,48 @@ async fn a_run_migrated_in_place_holds_only_its_controllers() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
+/// The parts of a WEPPcloud store built by hand, for tests that put a
+/// wrapper around one of them: the file store of the run folders under
+/// `base` (bookkeeping in `base/state`) and the WEPPcloud lock service on
+/// `server`'s database 0.
+async fn weppcloud_parts(
+    server: &OwnRedis,
+    base: &Path,
+) -> (Arc<dyn runstate::Lock>, runstate::redis::WeppcloudService) {
+    use runstate::file::{FileConfig, FileStore};
+    use runstate::redis::{WeppcloudConfig, WeppcloudService};
+
+    let root = base.join("runs");
+    let files = FileConfig::from_url(&format!(
+        "file://{}?ext=nodb&state_dir={}",
+        root.display(),
+        base.join("state").display()
+    ))
+    .expect("file config");
+    let files: Arc<dyn runstate::Lock> = Arc::new(FileStore::open(files).await.expect("files"));
+    let config =
+        WeppcloudConfig::from_url(&format!("{}?weppcloud=true&prefix=rstest", server.url(0)))
+            .expect("weppcloud config")
+            .with_root(&root)
+            .expect("root");
+    let service = WeppcloudService::open(config).await.expect("service");
+    (files, service)
+}
+
+/// A WEPPcloud store of `docs` and `locks` (the parts, or wrappers of
+/// them), the file store `files` keeping the document locks.
+fn weppcloud_store(
+    docs: Arc<dyn runstate::Store>,
+    locks: Arc<dyn runstate::Lock>,
+    files: Arc<dyn runstate::Lock>,
+    service: runstate::redis::WeppcloudService,
+) -> runstate::weppcloud::WeppcloudStore {
+    let split = runstate::split::SplitStore::new(docs, locks)
+        .expect("split")
+        .with_document_locks(files);
+    runstate::weppcloud::WeppcloudStore::new(split, service)
+}
+
 /// A lock service whose releases fail without reaching the server (a
 /// connection lost at that moment): everything else is the real one's.
 #[derive(Debug)]
@@ -1081,35 +1123,13 @@ impl runstate::Lock for ReleaseFails {
 /// that deletes it never ran).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_release_after_a_save_still_deletes_the_cached_copy() {
-    use runstate::file::{FileConfig, FileStore};
-    use runstate::redis::{WeppcloudConfig, WeppcloudService};
-    use runstate::split::SplitStore;
-    use runstate::weppcloud::WeppcloudStore;
-
     let Some(server) = OwnRedis::start() else {
         return;
     };
     let base = workspace("release-fails");
-    let root = base.join("runs");
-    let files = FileConfig::from_url(&format!(
-        "file://{}?ext=nodb&state_dir={}",
-        root.display(),
-        base.join("state").display()
-    ))
-    .expect("file config");
-    let files: Arc<dyn runstate::Lock> = Arc::new(FileStore::open(files).await.expect("files"));
-    let config =
-        WeppcloudConfig::from_url(&format!("{}?weppcloud=true&prefix=rstest", server.url(0)))
-            .expect("weppcloud config")
-            .with_root(&root)
-            .expect("root");
-    let service = WeppcloudService::open(config).await.expect("service");
+    let (files, service) = weppcloud_parts(&server, &base).await;
     let locks: Arc<dyn runstate::Lock> = Arc::new(ReleaseFails(Arc::new(service.clone())));
-    let docs: Arc<dyn runstate::Store> = Arc::clone(&files) as _;
-    let split = SplitStore::new(docs, locks)
-        .expect("split")
-        .with_document_locks(files);
-    let store = WeppcloudStore::new(split, service);
+    let store = weppcloud_store(Arc::clone(&files) as _, locks, files, service);
 
     let climate = doc("climate");
     let cache_key = base
@@ -1145,5 +1165,136 @@ async fn a_failed_release_after_a_save_still_deletes_the_cached_copy() {
         !db13.exists::<_, bool>(&cache_key).await.expect("EXISTS"),
         "WEPPcloud's cached copy outlived a save whose release failed"
     );
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// A document store that, when asked to delete a run, first tries what a
+/// WEPPcloud worker does to start on a controller (`SET NX` of its NoDb
+/// lock) and records whether it got it, then deletes.
+struct DeleteWitness {
+    inner: Arc<dyn runstate::Store>,
+    redis: redis::aio::MultiplexedConnection,
+    /// Whether the worker got the lock, once per deletion.
+    worker_got_it: Mutex<Vec<bool>>,
+}
+
+impl std::fmt::Debug for DeleteWitness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeleteWitness")
+    }
+}
+
+#[runstate::async_trait]
+impl runstate::Store for DeleteWitness {
+    fn capabilities(&self) -> &runstate::Capabilities {
+        self.inner.capabilities()
+    }
+    async fn get(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        options: GetOptions,
+    ) -> runstate::Result<Option<runstate::StoredDoc>> {
+        self.inner.get(run, doc, options).await
+    }
+    async fn put(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        bytes: Bytes,
+        options: PutOptions<'_>,
+    ) -> runstate::Result<runstate::Version> {
+        self.inner.put(run, doc, bytes, options).await
+    }
+    async fn delete(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        if_version: Option<&runstate::Version>,
+    ) -> runstate::Result<bool> {
+        self.inner.delete(run, doc, if_version).await
+    }
+    async fn list_docs(
+        &self,
+        run: &RunId,
+        after: Option<&DocName>,
+        limit: usize,
+    ) -> runstate::Result<runstate::ListPage<runstate::DocMeta>> {
+        self.inner.list_docs(run, after, limit).await
+    }
+    async fn list_runs(
+        &self,
+        after: Option<&RunId>,
+        limit: usize,
+    ) -> runstate::Result<runstate::ListPage<RunId>> {
+        self.inner.list_runs(after, limit).await
+    }
+    async fn claim(
+        &self,
+        key: &LockKey,
+        fence: runstate::Fence,
+        doc: Option<&DocName>,
+        options: GetOptions,
+    ) -> runstate::Result<Option<runstate::StoredDoc>> {
+        self.inner.claim(key, fence, doc, options).await
+    }
+    async fn delete_run(&self, run: &RunId) -> runstate::Result<u64> {
+        let key = format!("nodb-lock:{run}:climate.nodb");
+        let payload = r#"{"token":"7d41402abc4b2a76b9719d911017c592","owner":"wepp-worker-2:4343","acquired_at":1795500000,"expires_at":1795521600,"ttl":21600}"#;
+        let mut redis = self.redis.clone();
+        let got: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(payload)
+            .arg("NX")
+            .arg("EX")
+            .arg(60)
+            .query_async(&mut redis)
+            .await
+            .expect("SET");
+        if got.is_some() {
+            // Let the deletion go on as it would have.
+            let _: i64 = redis.del(&key).await.expect("DEL");
+        }
+        self.worker_got_it
+            .lock()
+            .expect("not poisoned")
+            .push(got.is_some());
+        self.inner.delete_run(run).await
+    }
+}
+
+/// `delete_run` beside WEPPcloud holds WEPPcloud's lock of every
+/// controller while it deletes: a worker starting on a controller then
+/// (here, right as the document store deletes) cannot take its lock.
+/// Before, the locks were only checked before the deletion, and the
+/// worker got the lock and worked in a run being deleted. After the
+/// deletion the locks are given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_run_holds_every_controller_while_it_deletes() {
+    let Some(server) = OwnRedis::start() else {
+        return;
+    };
+    let base = workspace("delete-run-locks");
+    let (files, service) = weppcloud_parts(&server, &base).await;
+    let witness = Arc::new(DeleteWitness {
+        inner: Arc::clone(&files) as _,
+        redis: server.connection(0).await,
+        worker_got_it: Mutex::new(Vec::new()),
+    });
+    let locks: Arc<dyn runstate::Lock> = Arc::new(service.clone());
+    let store = weppcloud_store(Arc::clone(&witness) as _, locks, files, service);
+
+    let deleted = runstate::Store::delete_run(&store, &mica())
+        .await
+        .expect("delete the run");
+    assert!(deleted > 0, "the controllers were deleted");
+    assert_eq!(
+        *witness.worker_got_it.lock().expect("not poisoned"),
+        [false],
+        "a worker took a controller's lock while the run was being deleted"
+    );
+    let mut db0 = server.connection(0).await;
+    let left: Vec<String> = db0.keys("nodb-lock:Mica_flume1:*").await.expect("KEYS");
+    assert!(left.is_empty(), "the locks were given back: {left:?}");
     let _ = std::fs::remove_dir_all(&base);
 }
