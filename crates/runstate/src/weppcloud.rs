@@ -42,8 +42,10 @@
 //!   own save is refused by its stale-write guard (the signature changed).
 //!   Locked updates have no such window: their lease is WEPPcloud's lock.
 //!   Nor has `delete_run`: it takes WEPPcloud's lock of every controller
-//!   for the deletion (refused with `Locked` while anyone holds one), so
-//!   no worker starts on a run being deleted.
+//!   it lists for the deletion (refused with `Locked` while anyone holds
+//!   one), so no worker starts on one of them while the run is deleted. A
+//!   controller created after the listing is deleted without its lock
+//!   (WEPPcloud creates a run's controllers when it builds the run).
 //! - **Runs WEPPcloud names otherwise are refused.** WEPPcloud locks a
 //!   batch run under `batch;;<batch>;;<run>` and a child run
 //!   (`<parent>/_pups/…`) under its parent's id with a `_pups/…` path, so
@@ -208,20 +210,26 @@ fn fenced_if_lost(error: Error, op: Operation, run: &RunId, doc: &DocName) -> Er
     if error.kind() != ErrorKind::LeaseLost {
         return error.at_doc(op, run, doc);
     }
-    let mut fenced = Error::new(
-        ErrorKind::Fenced,
-        format!("{}; nothing was written", error.message()),
-    );
+    let message = format!("{}; nothing was written", error.message());
+    restated(error, ErrorKind::Fenced, message).at_doc(op, run, doc)
+}
+
+/// `error` told again as `kind` with `message`, keeping its backend, lock
+/// and holder, and with `error` as its source. Its operation, run and
+/// document are left for the caller to name (an error keeps the first
+/// operation it is given).
+fn restated(error: Error, kind: ErrorKind, message: String) -> Error {
+    let mut out = Error::new(kind, message);
     if let Some(backend) = error.backend() {
-        fenced = fenced.with_backend(backend);
+        out = out.with_backend(backend);
     }
     if let Some(lock) = error.lock() {
-        fenced = fenced.with_lock(lock);
+        out = out.with_lock(lock);
     }
     if let Some(holder) = error.holder() {
-        fenced = fenced.with_holder(holder.clone());
+        out = out.with_holder(holder.clone());
     }
-    fenced.with_source(error).at_doc(op, run, doc)
+    out.with_source(error)
 }
 
 impl fmt::Debug for WeppcloudStore {
@@ -303,7 +311,8 @@ impl Store for WeppcloudStore {
     /// (checking WEPPcloud's locks first and deleting after left a worker
     /// that locked a controller in between working in a run being
     /// deleted); the locks are given back after, and every cached copy is
-    /// deleted.
+    /// deleted. Each controller's lock then has a fence counter in
+    /// WEPPcloud's Redis, as after any lease of it.
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
         let op = Operation::DeleteRun;
         let docs: Vec<DocName> = self
@@ -313,6 +322,29 @@ impl Store for WeppcloudStore {
             .into_iter()
             .map(|meta| meta.name)
             .collect();
+        // First without taking anything: the usual refusal (a worker on a
+        // controller) disturbs no other controller.
+        for doc in &docs {
+            self.check_foreign(run, doc, None, op).await?;
+        }
+        // A refusal from here names the deletion, not the lock call.
+        let refused = |error: Error, doc: &DocName| {
+            let retryable = error.is_retryable();
+            let (kind, message) = match error.kind() {
+                ErrorKind::LeaseLost => (
+                    ErrorKind::Locked,
+                    format!(
+                        "a controller's lock taken for the deletion was lost: {}; nothing \
+                         was deleted",
+                        error.message()
+                    ),
+                ),
+                kind => (kind, format!("{}; nothing was deleted", error.message())),
+            };
+            restated(error, kind, message)
+                .set_retryable(retryable)
+                .at_doc(op, run, doc)
+        };
         // A fresh owner: a lease this process holds on a controller is
         // not handed back to this deletion (and released by it).
         let owner = Owner::for_this_process();
@@ -325,32 +357,33 @@ impl Store for WeppcloudStore {
                     .split
                     .try_acquire(&key, &owner, DELETE_RUN_TTL)
                     .await
-                    .map_err(|e| e.with_operation(op))?;
-                keepers.push(LeaseKeeper::start(Arc::clone(&lock), lease, DELETE_RUN_TTL));
+                    .map_err(|e| refused(e, doc))?;
+                keepers.push((
+                    doc,
+                    LeaseKeeper::start(Arc::clone(&lock), lease, DELETE_RUN_TTL),
+                ));
             }
-            // What the locks do not cover (WEPPcloud replacing the run).
-            for doc in &docs {
-                self.check_foreign(run, doc, None, op).await?;
-            }
-            for keeper in &keepers {
-                keeper.check().map_err(|e| e.with_operation(op))?;
+            for (doc, keeper) in &keepers {
+                keeper.check().map_err(|e| refused(e, doc))?;
             }
             let deleted = self.split.delete_run(run).await?;
             self.invalidate(run, &docs).await;
             Ok(deleted)
         }
         .await;
-        for keeper in keepers {
-            let released = match keeper.stop().await {
-                Ok(lease) => self.split.release(&lease).await,
-                Err(error) => Err(error),
-            };
-            if let Err(error) = released {
+        for (_, keeper) in keepers {
+            // Given back even when the keeper counts it lost (its local
+            // deadline passed): a release only deletes the lock while it
+            // still holds this lease's token.
+            let lease = keeper.lease();
+            let _ = keeper.stop().await;
+            if let Err(error) = self.split.release(&lease).await {
                 tracing::warn!(
                     %error,
                     %run,
                     "a controller's lock taken to delete the run was not given back; it \
-                     expires by its TTL"
+                     expires within {}s unless renewed",
+                    DELETE_RUN_TTL.as_secs()
                 );
             }
         }

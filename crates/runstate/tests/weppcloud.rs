@@ -1298,3 +1298,56 @@ async fn delete_run_holds_every_controller_while_it_deletes() {
     assert!(left.is_empty(), "the locks were given back: {left:?}");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// A deletion refused half way (another runstate holder has the last
+/// controller, so the checks of WEPPcloud's workers pass and the locks of
+/// the controllers before it are taken) gives back every lock it took,
+/// deletes nothing, and names the deletion in its error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_delete_run_gives_back_the_locks_it_took() {
+    let Some(server) = OwnRedis::start() else {
+        return;
+    };
+    let base = workspace("delete-run-refused");
+    let (files, service) = weppcloud_parts(&server, &base).await;
+    let locks: Arc<dyn runstate::Lock> = Arc::new(service.clone());
+    let store = weppcloud_store(Arc::clone(&files) as _, locks, files, service);
+    let last = LockKey::Doc(mica(), doc("wepp"));
+    let holder = Owner::for_this_process();
+    let held = runstate::Lock::try_acquire(&store, &last, &holder, Duration::from_secs(30))
+        .await
+        .expect("another holder takes the last controller");
+
+    let error = runstate::Store::delete_run(&store, &mica())
+        .await
+        .expect_err("refused while a controller is held");
+    assert_eq!(error.kind(), ErrorKind::Locked, "{error}");
+    assert_eq!(
+        error.operation(),
+        Some(runstate::Operation::DeleteRun),
+        "{error}"
+    );
+    assert_eq!(
+        error.holder().map(|h| h.owner.id()),
+        Some(holder.id()),
+        "the other holder is named: {error}"
+    );
+    let mut db0 = server.connection(0).await;
+    let left: Vec<String> = db0.keys("nodb-lock:Mica_flume1:*").await.expect("KEYS");
+    assert_eq!(
+        left,
+        ["nodb-lock:Mica_flume1:wepp.nodb"],
+        "only the other holder's lock is left"
+    );
+    for entry in std::fs::read_dir(fixture()).expect("fixture") {
+        let name = entry.expect("entry").file_name();
+        assert!(
+            base.join("runs/Mica_flume1").join(&name).is_file(),
+            "{name:?} deleted by a refused deletion"
+        );
+    }
+    runstate::Lock::release(&store, &held)
+        .await
+        .expect("release");
+    let _ = std::fs::remove_dir_all(&base);
+}
