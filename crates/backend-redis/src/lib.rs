@@ -583,8 +583,9 @@ impl Inner {
     ///
     /// `resend` is the key of a `MULTI`/`EXEC` that may be sent again (a
     /// write: a write sent again finds its own version in place and
-    /// answers `applied`). On a cluster such a transaction, when a node
-    /// aborted it without running any of it for the cluster's layout
+    /// answers `applied`), given on a cluster only (only a cluster node
+    /// aborts a transaction for the layout). Such a transaction, when a
+    /// node aborted it without running any of it for the cluster's layout
     /// ([`errors::transaction_not_run`]: sent to a node that does not
     /// serve the slot, as the cluster client does when it sends a request
     /// again after the connection to the slot's primary dropped, or with a
@@ -601,7 +602,6 @@ impl Inner {
     ) -> Result<Vec<Value>> {
         let mut con = self.conn.clone();
         let run = |mut con: Conn| async move { pipe.query_async::<Vec<Value>>(&mut con).await };
-        let resend = resend.filter(|_| self.conn.is_cluster());
         // One bound for the whole call, reload and resends included.
         self.bounded(async {
             let (mut reloaded, mut resent) = (false, 0u32);
@@ -1090,7 +1090,7 @@ impl Inner {
         let mut pipe = redis::pipe();
         pipe.atomic();
         let script = self.write_commands(&mut pipe, write);
-        // Only a cluster sends a write again (see `transact`).
+        // The key to send it again by, on a cluster only (see `transact`).
         let route = self
             .conn
             .is_cluster()
