@@ -1123,12 +1123,16 @@ impl Engine {
             let name = lease_file_name(key);
             (name.to_ascii_lowercase(), name)
         });
-        let deadline = Instant::now() + self.lock_timeout;
+        // No deadline when the timeout is too long to add to the clock (an
+        // endless wait, as every other call of this store takes it).
+        let deadline = Instant::now().checked_add(self.lock_timeout);
         let mut locked = Vec::with_capacity(staged.len());
         for (i, key, file_name, written) in staged {
             // A record still busy at the deadline fails its write only;
             // the staged file goes with it.
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(self.lock_timeout, |deadline| {
+                deadline.saturating_duration_since(Instant::now())
+            });
             match self.record_created_within(&book, &key, left) {
                 Ok(record) => locked.push((i, key, file_name, written, record)),
                 Err(error) => results[i] = Some(Err(error)),

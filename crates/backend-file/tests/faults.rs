@@ -511,3 +511,28 @@ async fn busy_records_cost_a_batch_one_lock_timeout() {
     drop(held);
     std::fs::remove_dir_all(&root).expect("cleanup");
 }
+
+/// A lock timeout too long to add to the clock (`Duration::MAX`: wait for
+/// ever) is a wait without a deadline in a batch too, as in every other
+/// call; the group's deadline used to overflow and panic its thread.
+#[tokio::test]
+async fn a_batch_under_an_endless_lock_timeout_is_written() {
+    use runstate_core::PutRequest;
+
+    let root = temp_root("batch-endless");
+    let store = FileStore::open(FileConfig::new(&root).with_lock_timeout(Duration::MAX))
+        .await
+        .expect("open");
+    let run = RunId::new("Mica_flume2").expect("valid");
+    let doc = DocName::new("ron").expect("valid");
+    let puts = vec![PutRequest::new(
+        doc.clone(),
+        Bytes::from("new"),
+        PutMode::Overwrite,
+    )];
+    let results = store.put_many(&run, puts).await.expect("a batch");
+    assert!(results[0].is_ok(), "{results:?}");
+    let stored = store.get_bytes(&run, &doc).await.expect("get");
+    assert_eq!(stored.map(|d| d.bytes), Some(Bytes::from("new")));
+    std::fs::remove_dir_all(&root).expect("cleanup");
+}
