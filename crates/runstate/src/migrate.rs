@@ -66,7 +66,7 @@ use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use runstate_core::{
     DocMeta, DocName, Error, ErrorKind, GetOptions, Lease, Lock, LockExt, LockKey, Operation,
-    Owner, PutMode, PutRequest, Result, RunId, Store, StoreExt, Version, WaitPolicy,
+    Owner, PutMode, PutOptions, PutRequest, Result, RunId, Store, StoreExt, Version, WaitPolicy,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -553,6 +553,32 @@ fn with_run_context(error: Error, run: &RunId, operation: Operation) -> Error {
     error.with_operation(operation)
 }
 
+/// The refusal to delete a source document whose verified copy is no longer
+/// on the target.
+fn vanished_from_target(run: &RunId, doc: &DocName) -> Error {
+    migrate_error(
+        ErrorKind::Precondition,
+        "the copy of the document vanished from the target before the source was deleted (a \
+         writer that does not take the run's lock?); nothing was deleted; run the migration \
+         again"
+            .into(),
+        run,
+    )
+    .with_doc(doc)
+}
+
+/// The refusal of a migration whose target is its source, reached under
+/// another URL.
+fn same_store(run: &RunId) -> Error {
+    migrate_error(
+        ErrorKind::InvalidArgument,
+        "the target is the source store itself (the same store under another URL?); nothing \
+         was copied or deleted"
+            .into(),
+        run,
+    )
+}
+
 fn migrate_error(kind: ErrorKind, message: String, run: &RunId) -> Error {
     Error::new(kind, message)
         .with_operation(Operation::Migrate)
@@ -792,11 +818,7 @@ impl Migration<'_> {
         let done = Notify::new();
         let work = async {
             let outcome = async {
-                target_lease.set(
-                    self.target
-                        .acquire(&key, &options.owner, options.ttl, &options.wait)
-                        .await?,
-                );
+                target_lease.set(self.acquire_target(&key, &source_lease).await?);
                 self.locked(&source_lease, &target_lease).await
             }
             .await;
@@ -818,6 +840,39 @@ impl Migration<'_> {
             }
         }
         Ok(report)
+    }
+
+    /// The target run's lease, taken by a sibling of the source lease's
+    /// owner (the same host and process, another id): on one store the two
+    /// leases are then two grants of one lock, which cannot both be held,
+    /// instead of one grant handed back twice (a lease is granted again to
+    /// its owner). A target that answers that the source lease itself
+    /// holds the run is the source store under another URL (another
+    /// spelling, an option added) and is refused at once: copying a run
+    /// onto itself changes nothing, and with `delete_source` it would
+    /// delete the only copy.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for the source store itself; otherwise those of
+    /// [`LockExt::acquire`].
+    async fn acquire_target(&self, key: &LockKey, source: &HeldLease<'_>) -> Result<Lease> {
+        let options = self.options;
+        let owner = options.owner.sibling();
+        match self.target.try_acquire(key, &owner, options.ttl).await {
+            Ok(lease) => return Ok(lease),
+            Err(error) if error.kind() == ErrorKind::Locked => {
+                let held = source.current()?;
+                if error.holder().is_some_and(|holder| {
+                    holder.owner.id() == held.owner().id() && holder.fence == held.fence()
+                }) {
+                    return Err(same_store(self.run));
+                }
+            }
+            Err(error) => return Err(error),
+        }
+        self.target
+            .acquire(key, &owner, options.ttl, &options.wait)
+            .await
     }
 
     /// The migration of one run, under both leases.
@@ -917,12 +972,68 @@ impl Migration<'_> {
         report.milestones = milestones;
         report.verified_by_md5 = copied.by_md5;
         if self.options.delete_source {
-            for meta in &plan.source {
-                self.delete_source_doc(meta, source).await?;
+            if let Some((first, rest)) = plan.source.split_first() {
+                self.delete_first_source_doc(first, source, target).await?;
+                for meta in rest {
+                    self.delete_source_doc(meta, source).await?;
+                }
             }
             report.source_deleted = true;
         }
         Ok(report)
+    }
+
+    /// Deletes the first source document of a move like the others
+    /// ([`delete_source_doc`](Self::delete_source_doc)), then checks that
+    /// the target still has it. Two stores that keep their documents in the
+    /// same place but their locks apart (`file:///runs` and
+    /// `file:///runs?locks=redis://…`) pass every other check: each
+    /// document is "identical" on the target, the leases are taken from two
+    /// lock services. Deleting from the source then deletes from the
+    /// target, and a move would delete the only copy of every document.
+    /// Here the first one, whose bytes were read from the target
+    /// beforehand, is written back, and the move stops before any other is
+    /// deleted.
+    ///
+    /// # Errors
+    /// `InvalidArgument` when the document vanished from the target with
+    /// the source's (it was written back); those of the reads, the delete
+    /// and the write otherwise.
+    async fn delete_first_source_doc(
+        &self,
+        meta: &DocMeta,
+        source: &HeldLease<'_>,
+        target: &HeldLease<'_>,
+    ) -> Result<()> {
+        let _permit = self
+            .budget
+            .take(Budget::cost(std::iter::once(meta)), self.run)
+            .await?;
+        target.current()?;
+        let kept = self
+            .target
+            .get(self.run, &meta.name, GetOptions::new())
+            .await?
+            .ok_or_else(|| vanished_from_target(self.run, &meta.name))?;
+        self.delete_source_doc(meta, source).await?;
+        target.current()?;
+        if self.target.head(self.run, &meta.name).await?.is_some() {
+            return Ok(());
+        }
+        self.target
+            .put(self.run, &meta.name, kept.bytes, PutOptions::create())
+            .await
+            .map_err(|e| naming(e, &meta.name))?;
+        Err(migrate_error(
+            ErrorKind::InvalidArgument,
+            "deleting the document from the source deleted it from the target too: the two \
+             stores keep their documents in the same place (the same store under another URL, \
+             with its locks elsewhere?); the document was written back and nothing else was \
+             deleted"
+                .into(),
+            self.run,
+        )
+        .with_doc(&meta.name))
     }
 
     /// Copies the run's milestones and attributes (a field at a time, as
