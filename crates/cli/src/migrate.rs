@@ -138,9 +138,9 @@ async fn plan_into_nothing(
     source: &AnyStore,
     selection: &Selection,
 ) -> Result<MigrationReport, CliError> {
-    let runs = match selection {
-        Selection::Runs(runs) => runs.clone(),
-        Selection::All => source.list_all_runs().await?,
+    let runs = match selection.named_runs() {
+        Some(runs) => runs,
+        None => source.list_all_runs().await?,
     };
     let mut report = MigrationReport {
         dry_run: true,

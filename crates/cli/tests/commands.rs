@@ -427,6 +427,29 @@ fn migrate_and_verify_between_stores() {
     expect(&dry, 0);
     assert_eq!(json(&dry)["dry_run"], true);
     assert_eq!(json(&dry)["documents"], 5);
+    // A run named twice is planned once, as the migration copies it once
+    // (the plan into a target that does not exist yet listed it twice).
+    let twice = runstate(
+        None,
+        &[
+            "migrate",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--run",
+            "A_run",
+            "--run",
+            "A_run",
+            "--dry-run",
+            "--json",
+        ],
+        None,
+    );
+    expect(&twice, 0);
+    let twice = json(&twice);
+    assert_eq!(twice["runs"].as_array().map(Vec::len), Some(1), "{twice:#}");
+    assert_eq!(twice["documents"], 3, "{twice:#}");
     assert!(
         !to_db.exists(),
         "a dry run creates nothing, not even the target"

@@ -23,7 +23,11 @@
 //!
 //! With [`delete_source`](MigrateOptions::delete_source), the source
 //! documents are deleted only after every document verified, each under its
-//! own lock too and only if it is still the version copied. A move
+//! own lock too and only if it is still the version copied. After the
+//! first deletion the target is asked for that document: a target that
+//! keeps its documents where the source does (the same store under another
+//! URL, or with its locks elsewhere) lost it too, gets it back, and the
+//! move stops with `InvalidArgument` before it deletes anything else. A move
 //! interrupted while deleting resumes: the target may then hold documents
 //! the source no longer has, which is accepted only when every document the
 //! source still has is already identical on the target; such documents are
@@ -81,6 +85,21 @@ pub enum Selection {
     All,
 }
 
+impl Selection {
+    /// The runs named, each once, in the order first named: a run named
+    /// twice is copied or verified once (a second pass would see a
+    /// finished move); `None` for [`Selection::All`].
+    pub fn named_runs(&self) -> Option<Vec<RunId>> {
+        match self {
+            Selection::Runs(runs) => {
+                let mut seen = std::collections::BTreeSet::new();
+                Some(runs.iter().filter(|r| seen.insert(*r)).cloned().collect())
+            }
+            Selection::All => None,
+        }
+    }
+}
+
 /// Settings of [`migrate`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -103,8 +122,9 @@ pub struct MigrateOptions {
     pub wait: WaitPolicy,
     /// Documents of one run copied at the same time: read, written and
     /// verified in up to eight batches at once, each of up to an eighth
-    /// of this many documents (fewer for small runs, so that their
-    /// documents still go in parallel). `1` copies one document at a time.
+    /// of this many documents, rounded down (fewer for small runs, so that
+    /// their documents still go in parallel); never more than this many in
+    /// all. `1` copies one document at a time.
     pub concurrency: usize,
     /// Bytes of documents in memory at the same time, across every run in
     /// flight (each document counts twice: its source bytes and the copy
@@ -452,7 +472,11 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// have; [`ErrorKind::Locked`] when a run stays locked longer than the
 /// wait policy; [`ErrorKind::Precondition`] when the source changed during
 /// the copy; [`ErrorKind::Corrupt`] when a document reads back different;
-/// backend errors. Every error names the run (and the document). With
+/// [`ErrorKind::InvalidArgument`] when, moving with `delete_source`, the
+/// target turns out to keep its documents where the source does (the
+/// first document deleted is written back; nothing else is deleted);
+/// [`ErrorKind::LeaseLost`] when a run's lease could not be kept; backend
+/// errors. Every error names the run (and the document). With
 /// `keep_going`, the failures of runs are in the report instead, and only
 /// a failure to list the source's runs is an error.
 pub async fn migrate(
@@ -462,9 +486,9 @@ pub async fn migrate(
     progress: &dyn Progress,
 ) -> Result<MigrationReport> {
     let started = Instant::now();
-    let runs = match &options.selection {
-        Selection::Runs(runs) => distinct(runs),
-        Selection::All => source.list_all_runs().await?,
+    let runs = match options.selection.named_runs() {
+        Some(runs) => runs,
+        None => source.list_all_runs().await?,
     };
     progress.runs(runs.len());
     let budget = Budget::new(options.memory_budget);
@@ -535,13 +559,6 @@ pub async fn migrate(
     Ok(report)
 }
 
-/// The runs in their first order, each once: a run named twice must not be
-/// migrated twice (the second pass would see a finished move).
-fn distinct(runs: &[RunId]) -> Vec<RunId> {
-    let mut seen = std::collections::BTreeSet::new();
-    runs.iter().filter(|r| seen.insert(*r)).cloned().collect()
-}
-
 /// Keeps a backend error's own operation, and adds the run and the
 /// operation when the error has none.
 fn with_run_context(error: Error, run: &RunId, operation: Operation) -> Error {
@@ -565,18 +582,6 @@ fn vanished_from_target(run: &RunId, doc: &DocName) -> Error {
         run,
     )
     .with_doc(doc)
-}
-
-/// The refusal of a migration whose target is its source, reached under
-/// another URL.
-fn same_store(run: &RunId) -> Error {
-    migrate_error(
-        ErrorKind::InvalidArgument,
-        "the target is the source store itself (the same store under another URL?); nothing \
-         was copied or deleted"
-            .into(),
-        run,
-    )
 }
 
 fn migrate_error(kind: ErrorKind, message: String, run: &RunId) -> Error {
@@ -818,7 +823,11 @@ impl Migration<'_> {
         let done = Notify::new();
         let work = async {
             let outcome = async {
-                target_lease.set(self.acquire_target(&key, &source_lease).await?);
+                target_lease.set(
+                    self.target
+                        .acquire(&key, &options.owner, options.ttl, &options.wait)
+                        .await?,
+                );
                 self.locked(&source_lease, &target_lease).await
             }
             .await;
@@ -840,39 +849,6 @@ impl Migration<'_> {
             }
         }
         Ok(report)
-    }
-
-    /// The target run's lease, taken by a sibling of the source lease's
-    /// owner (the same host and process, another id): on one store the two
-    /// leases are then two grants of one lock, which cannot both be held,
-    /// instead of one grant handed back twice (a lease is granted again to
-    /// its owner). A target that answers that the source lease itself
-    /// holds the run is the source store under another URL (another
-    /// spelling, an option added) and is refused at once: copying a run
-    /// onto itself changes nothing, and with `delete_source` it would
-    /// delete the only copy.
-    ///
-    /// # Errors
-    /// `InvalidArgument` for the source store itself; otherwise those of
-    /// [`LockExt::acquire`].
-    async fn acquire_target(&self, key: &LockKey, source: &HeldLease<'_>) -> Result<Lease> {
-        let options = self.options;
-        let owner = options.owner.sibling();
-        match self.target.try_acquire(key, &owner, options.ttl).await {
-            Ok(lease) => return Ok(lease),
-            Err(error) if error.kind() == ErrorKind::Locked => {
-                let held = source.current()?;
-                if error.holder().is_some_and(|holder| {
-                    holder.owner.id() == held.owner().id() && holder.fence == held.fence()
-                }) {
-                    return Err(same_store(self.run));
-                }
-            }
-            Err(error) => return Err(error),
-        }
-        self.target
-            .acquire(key, &owner, options.ttl, &options.wait)
-            .await
     }
 
     /// The migration of one run, under both leases.
@@ -984,21 +960,24 @@ impl Migration<'_> {
     }
 
     /// Deletes the first source document of a move like the others
-    /// ([`delete_source_doc`](Self::delete_source_doc)), then checks that
-    /// the target still has it. Two stores that keep their documents in the
-    /// same place but their locks apart (`file:///runs` and
-    /// `file:///runs?locks=redis://…`) pass every other check: each
-    /// document is "identical" on the target, the leases are taken from two
-    /// lock services. Deleting from the source then deletes from the
-    /// target, and a move would delete the only copy of every document.
-    /// Here the first one, whose bytes were read from the target
-    /// beforehand, is written back, and the move stops before any other is
-    /// deleted.
+    /// ([`delete_source_doc`](Self::delete_source_doc)), then makes sure
+    /// the target still has it. A target that keeps its documents where
+    /// the source does (the same store under another URL, or with its
+    /// locks elsewhere: `file:///runs` and `file:///runs?locks=redis://…`)
+    /// passes every other check: each document is "identical" on the
+    /// target, and the leases are granted. Deleting from the source then
+    /// deletes from the target, and a move would delete the only copy of
+    /// every document. Here the first one, read from the target
+    /// beforehand, is written back (conditionally: `Create`) when the
+    /// target no longer has it, or when that cannot be told, and the move
+    /// stops before any other is deleted.
     ///
     /// # Errors
     /// `InvalidArgument` when the document vanished from the target with
-    /// the source's (it was written back); those of the reads, the delete
-    /// and the write otherwise.
+    /// the source's (it was written back); `Precondition` when the target
+    /// lacked it already, before anything was deleted; the error of the
+    /// write-back when it failed (the document may then be lost: said in
+    /// the error and logged); those of the read and the delete otherwise.
     async fn delete_first_source_doc(
         &self,
         meta: &DocMeta,
@@ -1016,24 +995,48 @@ impl Migration<'_> {
             .await?
             .ok_or_else(|| vanished_from_target(self.run, &meta.name))?;
         self.delete_source_doc(meta, source).await?;
-        target.current()?;
-        if self.target.head(self.run, &meta.name).await?.is_some() {
-            return Ok(());
+        // From here on the bytes in `kept` may be the only copy left: no
+        // lease check, no early return before they are safe.
+        match self.target.head(self.run, &meta.name).await {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(run = %self.run, doc = %meta.name,
+                    "cannot tell whether the target kept the document deleted from the source \
+                     ({error}); writing it back if it is missing");
+            }
         }
-        self.target
+        match self
+            .target
             .put(self.run, &meta.name, kept.bytes, PutOptions::create())
             .await
-            .map_err(|e| naming(e, &meta.name))?;
-        Err(migrate_error(
-            ErrorKind::InvalidArgument,
-            "deleting the document from the source deleted it from the target too: the two \
-             stores keep their documents in the same place (the same store under another URL, \
-             with its locks elsewhere?); the document was written back and nothing else was \
-             deleted"
-                .into(),
-            self.run,
-        )
-        .with_doc(&meta.name))
+        {
+            Err(error) if error.kind() == ErrorKind::AlreadyExists => Ok(()),
+            Ok(_) => Err(migrate_error(
+                ErrorKind::InvalidArgument,
+                "deleting the document from the source deleted it from the target too: the \
+                 two stores keep their documents in the same place (the same store under \
+                 another URL, or with its locks elsewhere?); the document was written back and \
+                 nothing else was deleted"
+                    .into(),
+                self.run,
+            )
+            .with_doc(&meta.name)),
+            Err(error) => {
+                tracing::error!(run = %self.run, doc = %meta.name,
+                    "the document was deleted from the source and writing it back to the target \
+                     failed: it may be lost ({error})");
+                Err(migrate_error(
+                    error.kind(),
+                    "the document was deleted from the source, the target may not have it, and \
+                     writing it back failed: it may be lost"
+                        .into(),
+                    self.run,
+                )
+                .with_doc(&meta.name)
+                .with_source(error))
+            }
+        }
     }
 
     /// Copies the run's milestones and attributes (a field at a time, as
@@ -1131,11 +1134,9 @@ impl Migration<'_> {
         jobs: &'j [(&'j DocMeta, PutMode)],
         lanes: usize,
     ) -> Vec<&'j [(&'j DocMeta, PutMode)]> {
-        let per_batch = self
-            .options
-            .concurrency
-            .max(1)
-            .div_ceil(lanes)
+        // Rounded down: `lanes` batches of it in flight at once stay
+        // within `concurrency` (rounded up, 9 made 8 batches of 2).
+        let per_batch = (self.options.concurrency.max(1) / lanes)
             .min(jobs.len().div_ceil(lanes))
             .max(1);
         let share = (self.budget.units / lanes as u64).max(1);
@@ -1452,9 +1453,9 @@ pub async fn verify(
 ) -> Result<VerifyReport> {
     let started = Instant::now();
     let named = matches!(selection, Selection::Runs(_));
-    let runs = match selection {
-        Selection::Runs(runs) => distinct(runs),
-        Selection::All => {
+    let runs = match selection.named_runs() {
+        Some(runs) => runs,
+        None => {
             let mut all = source.list_all_runs().await?;
             all.extend(target.list_all_runs().await?);
             all.sort();
