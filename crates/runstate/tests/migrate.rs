@@ -779,6 +779,66 @@ fn a_move_onto_its_own_documents_with_other_locks_deletes_nothing() {
     });
 }
 
+/// Two stores whose documents differ but whose leases come from one lock
+/// service (`?locks=` naming the same SQLite file): the target's run lease
+/// is the source's grant handed back to its owner, and the move is made,
+/// deleting the source's documents only, since the target keeps its own.
+#[test]
+fn a_move_between_stores_sharing_one_lock_service_is_made() {
+    let (Some(from), Some(to)) = (
+        Backend::File.place("shared_locks_from"),
+        Backend::File.place("shared_locks_to"),
+    ) else {
+        return;
+    };
+    let locks = std::env::temp_dir().join(format!(
+        "runstate-migrate-shared-locks-{}.db",
+        std::process::id()
+    ));
+    let with_locks = |url: &str| {
+        let join = if url.contains('?') { '&' } else { '?' };
+        let lock_url = format!("sqlite://{}", locks.display());
+        let encoded: String = lock_url
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        format!("{url}{join}locks={encoded}")
+    };
+    let (from_url, to_url) = (with_locks(&from.url), with_locks(&to.url));
+    runtime().block_on(async {
+        let outcome = tokio::spawn(async move {
+            let source = runstate::open(&from_url).await.expect("open the source");
+            let target = runstate::open(&to_url).await.expect("open the target");
+            let id = run("Test_Watershed_18");
+            let docs = small();
+            seed(&*source, &id, &docs).await;
+            let options =
+                MigrateOptions::new(Selection::Runs(vec![id.clone()])).with_delete_source(true);
+            let report = migrate(&*source, &*target, &options, &())
+                .await
+                .expect("the move");
+            assert!(report.runs[0].source_deleted);
+            assert_same(&*target, &id, &docs).await;
+            assert!(source.list_all_docs(&id).await.expect("list").is_empty());
+            no_locks_left(&*target, &id).await;
+        })
+        .await;
+        from.cleanup().await;
+        to.cleanup().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", locks.display()));
+        }
+        if let Err(error) = outcome {
+            std::panic::resume_unwind(error.into_panic());
+        }
+    });
+}
+
 #[test]
 fn a_writer_that_does_not_lock_is_detected() {
     with_places(
