@@ -588,7 +588,7 @@ mod tests {
 
     #[test]
     fn bad_urls_are_config_errors() {
-        let positive_ms = "must be a positive number of milliseconds";
+        let positive_ms = "must be a number of milliseconds from 1 to 2147483647";
         let positive = "must be a positive whole number";
         let auto = "must be auto, true or false";
         for (url, needle) in [

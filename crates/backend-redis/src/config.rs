@@ -455,15 +455,18 @@ impl RedisConfig {
         self
     }
 
-    /// Bounds every call.
+    /// Bounds every call (1 ms to [`MAX_BOUND`](options::MAX_BOUND), about
+    /// 24.8 days; a bound outside is brought to the nearer end).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = options::positive_bound(timeout);
         self
     }
 
-    /// Bounds connecting and reconnecting.
+    /// Bounds connecting and reconnecting (1 ms to
+    /// [`MAX_BOUND`](options::MAX_BOUND); a bound outside is brought to the
+    /// nearer end).
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.connect_timeout = options::positive_bound(timeout);
         self
     }
 
@@ -506,11 +509,13 @@ impl RedisConfig {
     }
 
     /// Waits for `replicas` replicas to acknowledge every save and grant
-    /// (Redis `WAIT`, at most `timeout`); fewer fails the call with a
-    /// retryable `Backend` error. 0 turns it off.
+    /// (Redis `WAIT`, at most `timeout`: 1 ms to
+    /// [`MAX_BOUND`](options::MAX_BOUND), brought to the nearer end
+    /// outside); fewer fails the call with a retryable `Backend` error. 0
+    /// turns it off.
     pub fn with_wait_replicas(mut self, replicas: u64, timeout: Duration) -> Self {
         self.wait_replicas = replicas;
-        self.wait_timeout = timeout;
+        self.wait_timeout = options::positive_bound(timeout);
         self
     }
 
@@ -770,11 +775,11 @@ mod tests {
             ("redis://x?status_minutes=0", "status_minutes"),
             (
                 "redis://x?timeout_ms=soon",
-                "option timeout_ms must be a positive number of milliseconds, got \"soon\"",
+                "option timeout_ms must be a number of milliseconds from 1 to 2147483647, got \"soon\"",
             ),
             (
                 "redis://x?connect_timeout_ms=0",
-                "option connect_timeout_ms must be a positive number",
+                "option connect_timeout_ms must be a number of milliseconds from 1 to",
             ),
             ("redis://x?db=-1", "option db must be a database number ≥ 0"),
             (

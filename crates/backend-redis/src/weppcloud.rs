@@ -1460,7 +1460,7 @@ mod tests {
             ("prefix=a", "needs weppcloud=true"),
             (
                 "weppcloud=true&timeout_ms=0",
-                "option timeout_ms must be a positive",
+                "option timeout_ms must be a number of milliseconds from 1",
             ),
         ] {
             let url = format!("redis://admin:{SENTINEL}@h/0?{query}");

@@ -1041,3 +1041,35 @@ async fn a_grant_without_since_is_dated_by_its_expiry() {
     store.release(&lease).await.expect("release");
     store.purge_prefix().await.expect("cleanup");
 }
+
+/// Bounds given in code longer than anything means (`Duration::MAX`) are
+/// brought down to `MAX_BOUND` instead of panicking: the store used to
+/// panic as it opened (`connect_timeout * 3`, `Instant::now() + timeout`)
+/// and, with `WAIT`, at every save (`wait_timeout + timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_bounds_in_code_are_the_longest_bound() {
+    let Some(url) = shared_url() else {
+        return;
+    };
+    let p = prefix();
+    let config = RedisConfig::from_url(&url)
+        .expect("url")
+        .with_prefix(&p)
+        .expect("prefix")
+        .with_timeout(Duration::MAX)
+        .with_connect_timeout(Duration::MAX)
+        .with_wait_replicas(0, Duration::MAX);
+    let bounds = (config.timeout(), config.wait_replicas());
+    let store = RedisStore::open(config).await.expect("open");
+    let run = RunId::new("endless").expect("valid");
+    let doc = DocName::new("ron").expect("valid");
+    store
+        .put_bytes(&run, &doc, Bytes::from("x"))
+        .await
+        .expect("put");
+    let got = store.get_bytes(&run, &doc).await.expect("get");
+    assert_eq!(got.map(|d| d.bytes), Some(Bytes::from("x")));
+    store.delete_run(&run).await.expect("delete the run");
+    let longest = runstate_core::options::MAX_BOUND;
+    assert_eq!(bounds, (longest, (0, longest)));
+}

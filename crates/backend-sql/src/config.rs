@@ -341,15 +341,20 @@ impl SqlConfig {
         Ok(self)
     }
 
-    /// Sets the statement timeout and bound on every call.
+    /// Sets the statement timeout and bound on every call (1 ms to
+    /// [`MAX_BOUND`](options::MAX_BOUND), about 24.8 days, the most
+    /// PostgreSQL's `statement_timeout` and SQLite's `busy_timeout` take; a
+    /// bound outside is brought to the nearer end).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = options::positive_bound(timeout);
         self
     }
 
-    /// Sets the bound on waiting for a pooled connection.
+    /// Sets the bound on waiting for a pooled connection (1 ms to
+    /// [`MAX_BOUND`](options::MAX_BOUND); a bound outside is brought to the
+    /// nearer end).
     pub fn with_acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
+        self.acquire_timeout = options::positive_bound(timeout);
         self
     }
 
@@ -362,7 +367,7 @@ impl SqlConfig {
     /// Sets how often MySQL and SQLite watches and status subscriptions
     /// look for changes (PostgreSQL is told by `NOTIFY`).
     pub fn with_watch_interval(mut self, every: Duration) -> Self {
-        self.watch_interval = every.max(Duration::from_millis(1));
+        self.watch_interval = options::positive_bound(every);
         self
     }
 
@@ -465,16 +470,23 @@ mod tests {
             ("postgres://h/db?timeout_ms=-1", "timeout_ms"),
             ("postgres://h/db?migrate=maybe", "migrate"),
             ("postgres://h/db?watch_ms=0", "watch_ms"),
+            // Longer than PostgreSQL's statement_timeout takes (every
+            // connection failed) and than SQLite's busy_timeout takes (read
+            // as no wait at all); accepted before.
+            (
+                "sqlite://x.db?timeout_ms=2147483648",
+                "option timeout_ms must be a number of milliseconds from 1 to 2147483647",
+            ),
             ("sqlite://x.db?status_history=none", "status_history"),
             ("mysql://h/db?status_history=0", "status_history"),
             ("nourl", "no scheme"),
             (
                 "postgres://h/db?timeout_ms=soon",
-                "option timeout_ms must be a positive number of milliseconds, got \"soon\"",
+                "option timeout_ms must be a number of milliseconds from 1 to 2147483647, got \"soon\"",
             ),
             (
                 "postgres://h/db?acquire_timeout_ms=0",
-                "option acquire_timeout_ms must be a positive number",
+                "option acquire_timeout_ms must be a number of milliseconds from 1 to",
             ),
             (
                 "postgres://h/db?max_connections=0",

@@ -985,3 +985,33 @@ async fn sqlite_new_methods_through_a_trait_object() {
     drop(dynamic.watch(&run).await.expect("watch"));
     cleanup(&store, &url).await;
 }
+
+/// Bounds given in code longer than any server takes (`Duration::MAX`) are
+/// brought down to `MAX_BOUND` instead of panicking when the store opens
+/// (the pool's bound was `acquire_timeout + timeout`, which overflowed),
+/// on every dialect: the store opens, writes and waits as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_bounds_in_code_are_the_longest_bound() {
+    for dialect in [Dialect::Sqlite, Dialect::Postgres, Dialect::MySql] {
+        let Some(url) = url(dialect) else {
+            continue;
+        };
+        let config = config(&url, &prefix())
+            .with_timeout(Duration::MAX)
+            .with_acquire_timeout(Duration::MAX)
+            .with_watch_interval(Duration::MAX);
+        let store = open_config(config).await;
+        let (run, doc, key) = ids();
+        store
+            .put_bytes(&run, &doc, Bytes::from("x"))
+            .await
+            .expect("put");
+        let owner = Owner::for_this_process();
+        let lease = store
+            .try_acquire(&key, &owner, Duration::from_secs(5))
+            .await
+            .expect("acquire");
+        store.release(&lease).await.expect("release");
+        cleanup(&store, &url).await;
+    }
+}

@@ -32,11 +32,27 @@ pub fn config_error(backend: &'static str, message: impl Into<String>) -> Error 
     Error::new(ErrorKind::Config, message.into()).with_backend(backend)
 }
 
-/// The range of [`UrlOptions::take_ms`] for any positive number of
-/// milliseconds (a bound on a wait, an interval): at least 1, at most what
-/// a `u64` holds.
-pub const POSITIVE_MS: RangeInclusive<Duration> =
-    Duration::from_millis(1)..=Duration::from_millis(u64::MAX);
+/// The longest bound on a wait, a timeout or an interval that URL options
+/// and the backends' configuration setters take: 2^31 − 1 ms, about 24.8
+/// days. No caller means a longer bound, and beyond it what the backends
+/// derive from one breaks: PostgreSQL refuses a longer `statement_timeout`
+/// (every connection would fail), SQLite reads a longer `busy_timeout` as
+/// no wait at all, and adding a much longer one to a clock instant
+/// overflows (a panic on some platforms already at a few hundred years).
+pub const MAX_BOUND: Duration = Duration::from_millis(2_147_483_647);
+
+/// The range of [`UrlOptions::take_ms`] for any positive bound on a wait,
+/// a timeout or an interval: at least 1 ms, at most [`MAX_BOUND`].
+pub const POSITIVE_MS: RangeInclusive<Duration> = Duration::from_millis(1)..=MAX_BOUND;
+
+/// `bound` brought within [`POSITIVE_MS`]: what a configuration setter
+/// stores for a bound given in code (a zero one is 1 ms, a longer one
+/// than [`MAX_BOUND`], `Duration::MAX` included, is [`MAX_BOUND`]), as
+/// the URL options are refused outside it.
+#[must_use]
+pub fn positive_bound(bound: Duration) -> Duration {
+    bound.clamp(*POSITIVE_MS.start(), *POSITIVE_MS.end())
+}
 
 /// The query options of one URL, decoded (`%XX` and `+`, as
 /// `application/x-www-form-urlencoded`), in the order given.
@@ -385,7 +401,7 @@ mod tests {
         let e = o.take_ms("a", POSITIVE_MS).unwrap_err();
         assert!(
             e.message()
-                .contains("a must be a positive number of milliseconds, got \"0\""),
+                .contains("a must be a number of milliseconds from 1 to 2147483647, got \"0\""),
             "{e}"
         );
         let e = o.take_u64("b", 1..=u64::MAX).unwrap_err();
@@ -399,10 +415,30 @@ mod tests {
         assert!(e.message().contains("a whole number from 1 to 7"), "{e}");
         let e = o.take_u64("e", 0..=u64::MAX).unwrap_err();
         assert!(e.message().contains("e must be a whole number, got"), "{e}");
-        let mut o = UrlOptions::parse("t", Some("a=18446744073709551615")).unwrap();
+    }
+
+    /// A bound longer than `MAX_BOUND` is refused in a URL and brought
+    /// down to it in code: SQLite took `timeout_ms=2147483648` as no busy
+    /// wait at all, PostgreSQL failed every connection with it, and
+    /// `Duration::MAX` given to a setter panicked at the first call.
+    #[test]
+    fn bounds_stop_at_max_bound() {
+        let mut o = UrlOptions::parse(
+            "t",
+            Some("a=2147483647&b=2147483648&c=18446744073709551615"),
+        )
+        .unwrap();
+        assert_eq!(o.take_ms("a", POSITIVE_MS).unwrap(), Some(MAX_BOUND));
+        for name in ["b", "c"] {
+            let e = o.take_ms(name, POSITIVE_MS).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+            assert!(e.message().contains("from 1 to 2147483647"), "{e}");
+        }
+        assert_eq!(positive_bound(Duration::MAX), MAX_BOUND);
+        assert_eq!(positive_bound(Duration::ZERO), Duration::from_millis(1));
         assert_eq!(
-            o.take_ms("a", POSITIVE_MS).unwrap(),
-            Some(Duration::from_millis(u64::MAX))
+            positive_bound(Duration::from_secs(5)),
+            Duration::from_secs(5)
         );
     }
 
