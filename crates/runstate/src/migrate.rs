@@ -121,10 +121,11 @@ pub struct MigrateOptions {
     /// How long to wait for a run whose lease someone else holds.
     pub wait: WaitPolicy,
     /// Documents of one run copied at the same time: read, written and
-    /// verified in up to eight batches at once, each of up to an eighth
-    /// of this many documents, rounded down (fewer for small runs, so that
-    /// their documents still go in parallel); never more than this many in
-    /// all. `1` copies one document at a time.
+    /// verified in up to eight batches at once (fewer when this is below
+    /// eight), this many shared among them, rounded down, at least one
+    /// each (fewer for small runs, so that their documents still go in
+    /// parallel); never more than this many in all. `1` copies one
+    /// document at a time.
     pub concurrency: usize,
     /// Bytes of documents in memory at the same time, across every run in
     /// flight (each document counts twice: its source bytes and the copy
@@ -961,23 +962,30 @@ impl Migration<'_> {
 
     /// Deletes the first source document of a move like the others
     /// ([`delete_source_doc`](Self::delete_source_doc)), then makes sure
-    /// the target still has it. A target that keeps its documents where
-    /// the source does (the same store under another URL, or with its
-    /// locks elsewhere: `file:///runs` and `file:///runs?locks=redis://…`)
-    /// passes every other check: each document is "identical" on the
-    /// target, and the leases are granted. Deleting from the source then
-    /// deletes from the target, and a move would delete the only copy of
-    /// every document. Here the first one, read from the target
-    /// beforehand, is written back (conditionally: `Create`) when the
-    /// target no longer has it, or when that cannot be told, and the move
-    /// stops before any other is deleted.
+    /// the target still has it, as it was. A target that keeps its
+    /// documents where the source does (the same store under another URL,
+    /// or with its locks elsewhere: `file:///runs` and
+    /// `file:///runs?locks=redis://…`) passes every other check: each
+    /// document is "identical" on the target, and the leases are granted.
+    /// Deleting from the source then deletes from the target, and a move
+    /// would delete the only copy of every document.
+    ///
+    /// The check is made however the delete ended (a delete cut off by a
+    /// timeout may still have been made). Unless the target answers that
+    /// it holds the very version read from it beforehand, the move stops
+    /// here, before any other document is deleted, and the document, read
+    /// from the target beforehand, is written back (conditionally:
+    /// `Create`) when the target no longer has it or cannot tell.
     ///
     /// # Errors
+    /// The delete's own error when it failed (the document is then safe);
     /// `InvalidArgument` when the document vanished from the target with
-    /// the source's (it was written back); `Precondition` when the target
-    /// lacked it already, before anything was deleted; the error of the
-    /// write-back when it failed (the document may then be lost: said in
-    /// the error and logged); those of the read and the delete otherwise.
+    /// the source's (it was written back, or is there again);
+    /// `Precondition` when the target lacked it already, before anything
+    /// was deleted, or holds another version of it after the delete; the
+    /// error of the check when it failed (nothing else is deleted); a
+    /// non-retryable error saying the document may be lost when the
+    /// write-back failed (also logged).
     async fn delete_first_source_doc(
         &self,
         meta: &DocMeta,
@@ -994,49 +1002,65 @@ impl Migration<'_> {
             .get(self.run, &meta.name, GetOptions::new())
             .await?
             .ok_or_else(|| vanished_from_target(self.run, &meta.name))?;
-        self.delete_source_doc(meta, source).await?;
+        let deleted = self.delete_source_doc(meta, source).await;
         // From here on the bytes in `kept` may be the only copy left: no
         // lease check, no early return before they are safe.
-        match self.target.head(self.run, &meta.name).await {
-            Ok(Some(_)) => return Ok(()),
-            Ok(None) => {}
-            Err(error) => {
-                tracing::warn!(run = %self.run, doc = %meta.name,
-                    "cannot tell whether the target kept the document deleted from the source \
-                     ({error}); writing it back if it is missing");
-            }
-        }
-        match self
-            .target
-            .put(self.run, &meta.name, kept.bytes, PutOptions::create())
-            .await
+        let check = self.target.head(self.run, &meta.name).await;
+        if let Ok(Some(stat)) = &check
+            && stat.version == kept.version
         {
-            Err(error) if error.kind() == ErrorKind::AlreadyExists => Ok(()),
-            Ok(_) => Err(migrate_error(
-                ErrorKind::InvalidArgument,
-                "deleting the document from the source deleted it from the target too: the \
-                 two stores keep their documents in the same place (the same store under \
-                 another URL, or with its locks elsewhere?); the document was written back and \
-                 nothing else was deleted"
+            return deleted;
+        }
+        let written_back = match &check {
+            // Another version: the target has the document, not ours.
+            Ok(Some(_)) => Ok(false),
+            Ok(None) | Err(_) => match self
+                .target
+                .put(self.run, &meta.name, kept.bytes, PutOptions::create())
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(error) if error.kind() == ErrorKind::AlreadyExists => Ok(false),
+                Err(error) => Err(error),
+            },
+        };
+        if let Err(error) = written_back {
+            tracing::error!(run = %self.run, doc = %meta.name,
+                "the document was deleted from the source and writing it back to the target \
+                 failed: it may be lost ({error})");
+            return Err(migrate_error(
+                error.kind(),
+                "the document was deleted from the source, the target may not have it, and \
+                 writing it back failed: it may be lost"
                     .into(),
                 self.run,
             )
-            .with_doc(&meta.name)),
-            Err(error) => {
-                tracing::error!(run = %self.run, doc = %meta.name,
-                    "the document was deleted from the source and writing it back to the target \
-                     failed: it may be lost ({error})");
-                Err(migrate_error(
-                    error.kind(),
-                    "the document was deleted from the source, the target may not have it, and \
-                     writing it back failed: it may be lost"
-                        .into(),
-                    self.run,
-                )
-                .with_doc(&meta.name)
-                .with_source(error))
-            }
+            .with_doc(&meta.name)
+            .with_source(error)
+            .set_retryable(false));
         }
+        deleted?;
+        Err(match check {
+            Ok(None) => migrate_error(
+                ErrorKind::InvalidArgument,
+                "deleting the document from the source deleted it from the target too: the \
+                 two stores keep their documents in the same place (the same store under \
+                 another URL, or with its locks elsewhere?); the document is on the target \
+                 again and nothing else was deleted"
+                    .into(),
+                self.run,
+            ),
+            Ok(Some(_)) => migrate_error(
+                ErrorKind::Precondition,
+                "the target's copy changed as the source's was deleted (a writer that does not \
+                 take the run's lock, or the same documents under two URLs?); nothing else was \
+                 deleted; run the migration again"
+                    .into(),
+                self.run,
+            ),
+            Err(error) => error,
+        }
+        .with_doc(&meta.name))
     }
 
     /// Copies the run's milestones and attributes (a field at a time, as

@@ -314,6 +314,9 @@ struct Hooked {
     /// On the second read, overwrite this document without any lock.
     sneak_write: Mutex<Option<(RunId, DocName)>>,
     gets: AtomicU64,
+    /// Deletes are made, then reported failed (a reply cut off by a
+    /// timeout).
+    deletes_made_then_fail: bool,
 }
 
 impl Hooked {
@@ -327,6 +330,7 @@ impl Hooked {
             slow_puts: None,
             sneak_write: Mutex::new(None),
             gets: AtomicU64::new(0),
+            deletes_made_then_fail: false,
         }
     }
 }
@@ -418,7 +422,14 @@ impl Store for Hooked {
         doc: &DocName,
         if_version: Option<&Version>,
     ) -> Result<bool> {
-        self.inner.delete(run, doc, if_version).await
+        let deleted = self.inner.delete(run, doc, if_version).await;
+        if self.deletes_made_then_fail && deleted.is_ok() {
+            return Err(runstate::Error::new(
+                ErrorKind::Timeout,
+                "the reply did not come in time",
+            ));
+        }
+        deleted
     }
     async fn list_docs(
         &self,
@@ -433,6 +444,15 @@ impl Store for Hooked {
     }
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
         self.inner.delete_run(run).await
+    }
+    async fn milestones(&self, run: &RunId) -> Result<Milestones> {
+        self.inner.milestones(run).await
+    }
+    async fn mark(&self, run: &RunId, task: &str, at: std::time::SystemTime) -> Result<()> {
+        self.inner.mark(run, task, at).await
+    }
+    async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
+        self.inner.set_attr(run, name, value).await
     }
 }
 
@@ -783,6 +803,34 @@ fn a_move_onto_its_own_documents_with_other_locks_deletes_nothing() {
 /// service (`?locks=` naming the same SQLite file): the target's run lease
 /// is the source's grant handed back to its owner, and the move is made,
 /// deleting the source's documents only, since the target keeps its own.
+/// The same documents under two names, and a source delete that is made
+/// but reported failed (its reply cut off): the check of the target is
+/// made all the same, finds the document gone, and writes it back; the
+/// move stops with the delete's own error. It used to return at the
+/// failed delete, the document gone from both.
+#[test]
+fn a_delete_made_but_reported_failed_is_checked_too() {
+    with_one_place_twice(
+        "own_docs_timeout",
+        str::to_owned,
+        |source, target| async move {
+            let id = run("Test_Watershed_19");
+            let docs = small();
+            seed(&*source, &id, &docs).await;
+            let mut cut_off = Hooked::new(Arc::clone(source.lock()));
+            cut_off.deletes_made_then_fail = true;
+            let options =
+                MigrateOptions::new(Selection::Runs(vec![id.clone()])).with_delete_source(true);
+            let error = migrate(&cut_off, &*target, &options, &())
+                .await
+                .expect_err("the delete's reply was lost");
+            assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
+            assert_same(&*source, &id, &docs).await;
+            no_locks_left(&*source, &id).await;
+        },
+    );
+}
+
 #[test]
 fn a_move_between_stores_sharing_one_lock_service_is_made() {
     let (Some(from), Some(to)) = (
