@@ -35,7 +35,8 @@ pub fn config_error(backend: &'static str, message: impl Into<String>) -> Error 
 /// The longest bound on a wait, a timeout or an interval that URL options
 /// take, and that the Redis and SQL configuration setters bring longer
 /// bounds down to: 2^31 − 1 ms, about 24.8 days (the file store's lock
-/// timeout alone also takes `Duration::MAX` in code, as an endless wait). No caller means a longer bound, and beyond it what the backends
+/// timeout alone also takes `Duration::MAX` in code, as an endless wait).
+/// No caller means a longer bound, and beyond it what the backends
 /// derive from one breaks: PostgreSQL refuses a longer `statement_timeout`
 /// (every connection would fail), SQLite reads a longer `busy_timeout` as
 /// no wait at all, and adding a much longer one to a clock instant

@@ -978,9 +978,10 @@ impl Migration<'_> {
     /// `Create`) when the target no longer has it or cannot tell.
     ///
     /// # Errors
-    /// The delete's own error when it failed (the document is then safe);
     /// `InvalidArgument` when the document vanished from the target with
-    /// the source's (it was written back, or is there again);
+    /// the source's (it was written back, or is there again; a failed
+    /// delete or check is its source); the delete's own error when it
+    /// failed and the target still has the document;
     /// `Precondition` when the target lacked it already, before anything
     /// was deleted, or holds another version of it after the delete; the
     /// error of the check when it failed (nothing else is deleted); a
@@ -1014,53 +1015,89 @@ impl Migration<'_> {
         let written_back = match &check {
             // Another version: the target has the document, not ours.
             Ok(Some(_)) => Ok(false),
-            Ok(None) | Err(_) => match self
+            Ok(None) | Err(_) => self.write_back(&meta.name, kept.bytes).await,
+        };
+        let written_back = match written_back {
+            Ok(written_back) => written_back,
+            Err(error) => {
+                tracing::error!(run = %self.run, doc = %meta.name,
+                    "the document may have been deleted from the source, the target may not \
+                     have it, and writing it back failed: it may be lost ({error})");
+                return Err(migrate_error(
+                    error.kind(),
+                    "the document may have been deleted from the source, the target may not \
+                     have it, and writing it back failed: it may be lost"
+                        .into(),
+                    self.run,
+                )
+                .with_doc(&meta.name)
+                .with_source(error)
+                .set_retryable(false));
+            }
+        };
+        let error = match check {
+            // Gone from the target with the source's, or found missing
+            // when the target could not be asked: the documents are
+            // shared, whatever else failed (kept as the source).
+            Ok(None) => Some(deleted.err()),
+            Err(check_error) if written_back => Some(Some(check_error)),
+            Err(check_error) => {
+                deleted?;
+                return Err(check_error.with_doc(&meta.name));
+            }
+            Ok(Some(_)) => {
+                deleted?;
+                return Err(migrate_error(
+                    ErrorKind::Precondition,
+                    "the target's copy changed as the source's was deleted (a writer that does \
+                     not take the run's lock, or the same documents under two URLs?); nothing \
+                     else was deleted; run the migration again"
+                        .into(),
+                    self.run,
+                )
+                .with_doc(&meta.name));
+            }
+        };
+        let shared = migrate_error(
+            ErrorKind::InvalidArgument,
+            "deleting the document from the source deleted it from the target too: the two \
+             stores keep their documents in the same place (the same store under another URL, \
+             or with its locks elsewhere?); the document is on the target again and nothing \
+             else was deleted"
+                .into(),
+            self.run,
+        )
+        .with_doc(&meta.name);
+        Err(match error.flatten() {
+            Some(cause) => shared.with_source(cause),
+            None => shared,
+        })
+    }
+
+    /// Writes `bytes` back to the target as `doc` if it has none
+    /// (`Create`): `true` when written, `false` when the target has one
+    /// again. Tried three times over about a third of a second while the
+    /// failure is retryable: these bytes may be the document's only copy.
+    async fn write_back(&self, doc: &DocName, bytes: Bytes) -> Result<bool> {
+        let mut pause = Duration::from_millis(50);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self
                 .target
-                .put(self.run, &meta.name, kept.bytes, PutOptions::create())
+                .put(self.run, doc, bytes.clone(), PutOptions::create())
                 .await
             {
-                Ok(_) => Ok(true),
-                Err(error) if error.kind() == ErrorKind::AlreadyExists => Ok(false),
-                Err(error) => Err(error),
-            },
-        };
-        if let Err(error) = written_back {
-            tracing::error!(run = %self.run, doc = %meta.name,
-                "the document was deleted from the source and writing it back to the target \
-                 failed: it may be lost ({error})");
-            return Err(migrate_error(
-                error.kind(),
-                "the document was deleted from the source, the target may not have it, and \
-                 writing it back failed: it may be lost"
-                    .into(),
-                self.run,
-            )
-            .with_doc(&meta.name)
-            .with_source(error)
-            .set_retryable(false));
+                Ok(_) => return Ok(true),
+                Err(error) if error.kind() == ErrorKind::AlreadyExists => return Ok(false),
+                Err(error) if error.is_retryable() && tries < 3 => {
+                    tracing::warn!(run = %self.run, %doc, "writing back failed, trying again: {error}");
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                }
+                Err(error) => return Err(error),
+            }
         }
-        deleted?;
-        Err(match check {
-            Ok(None) => migrate_error(
-                ErrorKind::InvalidArgument,
-                "deleting the document from the source deleted it from the target too: the \
-                 two stores keep their documents in the same place (the same store under \
-                 another URL, or with its locks elsewhere?); the document is on the target \
-                 again and nothing else was deleted"
-                    .into(),
-                self.run,
-            ),
-            Ok(Some(_)) => migrate_error(
-                ErrorKind::Precondition,
-                "the target's copy changed as the source's was deleted (a writer that does not \
-                 take the run's lock, or the same documents under two URLs?); nothing else was \
-                 deleted; run the migration again"
-                    .into(),
-                self.run,
-            ),
-            Err(error) => error,
-        }
-        .with_doc(&meta.name))
     }
 
     /// Copies the run's milestones and attributes (a field at a time, as
