@@ -1043,16 +1043,21 @@ impl Engine {
     /// Writes one group of distinct documents of `run` (`group`, indices
     /// into `puts`), setting `results` for each. Every document is first
     /// checked, staged and synced, as [`save`](Self::save) does, before any
-    /// record is taken. Then the records of all of them are taken, in the
-    /// order of their file names (folded where the store ignores case, so
-    /// two groups never wait for each other in a circle), all within one
-    /// lock timeout: a record still busy then fails its write only. Under
-    /// the records each document is checked as `save` checks it and
+    /// record is taken. Then the records of all of them are tried once, in
+    /// the order of their file names (folded where the store ignores case,
+    /// so two groups never wait for each other in a circle). Under the
+    /// records taken each document is checked as `save` checks it and
     /// renamed into place (a refused one lets go of its record at once),
     /// and one `fsync` of the folder makes every rename durable. Should it
     /// fail, every renamed document is put back and each of those writes
     /// fails. The records of renamed documents are held until then, so no
-    /// other writer replaces a document that may still be put back.
+    /// other writer replaces a document that may still be put back. Only
+    /// then, holding no other record, does the group wait for the records
+    /// that were busy, one at a time and in the same order, each written
+    /// the same way on its own, all within one lock timeout from the first
+    /// try: a record still busy then fails its write only. (Waiting while
+    /// holding the others kept up to fifteen idle documents locked, their
+    /// leases' renewals included, behind one stuck holder.)
     ///
     /// Renames happen in the records' order, not the requests': a reader
     /// may see a later write of the group before an earlier one.
@@ -1127,27 +1132,62 @@ impl Engine {
         // endless wait, as every other call of this store takes it).
         let deadline = Instant::now().checked_add(self.lock_timeout);
         let mut locked = Vec::with_capacity(staged.len());
+        let mut busy = Vec::new();
         for (i, key, file_name, written) in staged {
+            match self.record_created_within(&book, &key, Duration::ZERO) {
+                Ok(record) => locked.push((i, key, file_name, written, record)),
+                Err(error) if error.kind() == ErrorKind::Timeout => {
+                    busy.push((i, key, file_name, written));
+                }
+                Err(error) => results[i] = Some(Err(error)),
+            }
+        }
+        self.place_group(run, puts, &dir, locked, results);
+        for (i, key, file_name, written) in busy {
             // A record still busy at the deadline fails its write only;
             // the staged file goes with it.
             let left = deadline.map_or(self.lock_timeout, |deadline| {
                 deadline.saturating_duration_since(Instant::now())
             });
             match self.record_created_within(&book, &key, left) {
-                Ok(record) => locked.push((i, key, file_name, written, record)),
+                Ok(record) => {
+                    self.place_group(
+                        run,
+                        puts,
+                        &dir,
+                        vec![(i, key, file_name, written, record)],
+                        results,
+                    );
+                }
                 Err(error) => results[i] = Some(Err(error)),
             }
         }
+        Ok(())
+    }
+
+    /// Checks and renames into place the staged documents of `locked`
+    /// (indices into `puts`, each with its record held), then makes the
+    /// renames durable with one `fsync` of `dir`, putting every one back
+    /// if it fails, and sets each write's result; the records are let go
+    /// last (see [`put_group`](Self::put_group)).
+    fn place_group(
+        &self,
+        run: &RunId,
+        puts: &[PutRequest],
+        dir: &Folder,
+        locked: Vec<(usize, LockKey, String, Staged<'_>, LeaseFile)>,
+        results: &mut [Option<Result<Version, Error>>],
+    ) {
         let mut placed = Vec::with_capacity(locked.len());
         for (i, key, file_name, written, record) in locked {
             let put = &puts[i];
             let renamed = (|| {
                 // Again under the record, as in `save`.
-                self.check_doc_writable(&dir, run, &put.doc, &key)?;
+                self.check_doc_writable(dir, run, &put.doc, &key)?;
                 let previous = dir.open_file(&file_name, Access::Read)?;
-                self.check_mode(&put.mode, previous.as_ref(), &dir, &file_name)?;
+                self.check_mode(&put.mode, previous.as_ref(), dir, &file_name)?;
                 self.weppcloud_marks(
-                    &dir,
+                    dir,
                     &file_name,
                     &written,
                     previous.as_ref(),
@@ -1163,13 +1203,13 @@ impl Engine {
             }
         }
         if placed.is_empty() {
-            return Ok(());
+            return;
         }
         let targets: Vec<(&str, Option<&File>)> = placed
             .iter()
             .map(|(_, name, previous, _)| (name.as_str(), previous.as_ref()))
             .collect();
-        let synced = sync_placed(&dir, &targets, &self.faults);
+        let synced = sync_placed(dir, &targets, &self.faults);
         for (i, _, _, _) in &placed {
             results[*i] = Some(match &synced {
                 Ok(()) => Ok(version_of(&puts[*i].bytes)),
@@ -1186,7 +1226,6 @@ impl Engine {
         // Only now, with every document durable or put back, are their
         // records let go.
         drop(placed);
-        Ok(())
     }
 
     pub(crate) fn delete(

@@ -512,6 +512,97 @@ async fn busy_records_cost_a_batch_one_lock_timeout() {
     std::fs::remove_dir_all(&root).expect("cleanup");
 }
 
+/// A batch that meets a busy record holds no other record while it waits
+/// for it: the free documents are written first and their records let go,
+/// so their leases are renewed meanwhile. (Before, the records taken so
+/// far were held for the whole wait: `d0` was not written, and its lease
+/// not renewed, until `d1`'s holder let go.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waiting_for_a_busy_record_holds_no_other() {
+    use runstate_core::PutRequest;
+    use std::time::Instant;
+
+    let root = temp_root("batch-waits-alone");
+    let store = FileStore::open(FileConfig::new(&root).with_lock_timeout(Duration::from_secs(10)))
+        .await
+        .expect("open");
+    let run = RunId::new("Mica_flume3").expect("valid");
+    let (d0, d1) = (
+        DocName::new("d0").expect("valid"),
+        DocName::new("d1").expect("valid"),
+    );
+    for doc in [&d0, &d1] {
+        store
+            .put_bytes(&run, doc, Bytes::from("old"))
+            .await
+            .expect("seed");
+    }
+    let owner = Owner::for_this_process();
+    let lease = store
+        .try_acquire(
+            &LockKey::Doc(run.clone(), d0.clone()),
+            &owner,
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("a lease of d0");
+    // Another process's lock on d1's record, as `flock` sees it.
+    let record = root
+        .join("Mica_flume3")
+        .join(".runstate")
+        .join("doc.d1.lease");
+    let held = std::fs::File::open(&record).expect("record");
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+
+    let batch = {
+        let (store, run, d0, d1) = (store.clone(), run.clone(), d0.clone(), d1.clone());
+        tokio::spawn(async move {
+            let puts = vec![
+                PutRequest::new(d0, Bytes::from("new"), PutMode::Overwrite),
+                PutRequest::new(d1, Bytes::from("new"), PutMode::Overwrite),
+            ];
+            store.put_many(&run, puts).await
+        })
+    };
+    // d0 is written while d1's record is still held (well within the
+    // 10 s lock timeout the batch waits for d1).
+    let start = Instant::now();
+    loop {
+        let now = store
+            .get_bytes(&run, &d0)
+            .await
+            .expect("get")
+            .expect("present");
+        if now.bytes == "new" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "d0 not written while the batch waits for d1"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let renewed = store
+        .renew(&lease, Duration::from_secs(30))
+        .await
+        .expect("renewed meanwhile");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "renewed while the batch waits"
+    );
+    drop(held);
+    let results = batch.await.expect("the batch").expect("a batch");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let stored = store
+        .get_bytes(&run, &d1)
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(stored.bytes, Bytes::from("new"));
+    store.release(&renewed).await.expect("release");
+    std::fs::remove_dir_all(&root).expect("cleanup");
+}
+
 /// A lock timeout too long to add to the clock (`Duration::MAX`: wait for
 /// ever) is a wait without a deadline in a batch too, as in every other
 /// call; the group's deadline used to overflow and panic its thread.
