@@ -571,6 +571,20 @@ fn with_run_context(error: Error, run: &RunId, operation: Operation) -> Error {
     error.with_operation(operation)
 }
 
+/// The first document (by name) that differs between two listings of one
+/// run: changed, added or removed; `None` when they are the same.
+fn first_change<'a>(before: &'a [DocMeta], after: &'a [DocMeta]) -> Option<&'a DocName> {
+    let listed: BTreeMap<&DocName, &Version> =
+        before.iter().map(|m| (&m.name, &m.version)).collect();
+    let now: BTreeMap<&DocName, &Version> = after.iter().map(|m| (&m.name, &m.version)).collect();
+    listed
+        .keys()
+        .chain(now.keys())
+        .filter(|name| listed.get(*name) != now.get(*name))
+        .min()
+        .copied()
+}
+
 /// The refusal to delete a source document whose verified copy is no longer
 /// on the target.
 fn vanished_from_target(run: &RunId, doc: &DocName) -> Error {
@@ -926,23 +940,19 @@ impl Migration<'_> {
         // anything is deleted.
         source.current()?;
         let now = self.source.list_all_docs(self.run).await?;
-        let unchanged = now.len() == plan.source.len()
-            && now
-                .iter()
-                .zip(&plan.source)
-                .all(|(a, b)| a.name == b.name && a.version == b.version);
-        if !unchanged {
+        if let Some(changed) = first_change(&plan.source, &now) {
             return Err(migrate_error(
                 ErrorKind::Precondition,
                 format!(
                     "the source run changed during the migration (a writer that does not take \
-                     the run's lock?): it listed {} documents before and {} after; run the \
-                     migration again",
+                     the run's lock?): it listed {} documents before and {} after, and this \
+                     one changed, appeared or vanished; run the migration again",
                     plan.source.len(),
                     now.len()
                 ),
                 self.run,
-            ));
+            )
+            .with_doc(changed));
         }
 
         let mut report = self.report(&plan, copied.bytes);

@@ -918,6 +918,42 @@ fn a_writer_that_does_not_lock_is_detected() {
     );
 }
 
+/// A document changed by a writer that does not lock after it was copied
+/// is caught by the final listing of the source, and the error names it
+/// (it named none: with as many documents before as after, "listed 6
+/// documents before and 6 after" told nothing).
+#[test]
+fn a_change_after_the_copy_is_named() {
+    with_places(
+        "sneaky_late_writer",
+        Backend::File,
+        Backend::Sqlite,
+        |source, target| async move {
+            let id = run("Sneaky_late");
+            let docs = small();
+            seed(&*source, &id, &docs).await;
+            let hooked = Hooked::new(Arc::clone(source.lock()));
+            // Written on the second read, once the first document (copied
+            // alone, one at a time) is already on the target.
+            let first = docs
+                .iter()
+                .map(|(name, _)| name)
+                .min()
+                .expect("documents")
+                .clone();
+            *hooked.sneak_write.lock().expect("not poisoned") = Some((id.clone(), first.clone()));
+            let options =
+                MigrateOptions::new(Selection::Runs(vec![id.clone()])).with_concurrency(1);
+            let error = migrate(&hooked, &*target, &options, &())
+                .await
+                .expect_err("the change is caught");
+            assert_eq!(error.kind(), ErrorKind::Precondition, "{error}");
+            assert_eq!(error.doc(), Some(&first), "{error}");
+            no_locks_left(&*source, &id).await;
+        },
+    );
+}
+
 #[test]
 fn all_runs_and_missing_runs() {
     with_places(
