@@ -23,6 +23,13 @@ use crate::{RedisConfig, RedisStore};
 /// 72 hours).
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(72 * 3600);
 
+/// The longest a cached copy lives: a year. A longer TTL given to
+/// [`RedisCache::open`] or [`RedisCache::beside`] (`Duration::MAX`
+/// included) is brought down to it, because Redis refuses a `PEXPIRE` past
+/// what its clock holds, and the copy would then be kept with no expiry
+/// at all.
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A document cache in Redis, keyed by run and document, holding one
 /// version of each with its bytes. Cheap to clone.
 #[derive(Clone)]
@@ -35,7 +42,8 @@ pub struct RedisCache {
 
 impl RedisCache {
     /// A cache on the server, database and key prefix of `config`, whose
-    /// entries live `ttl`.
+    /// entries live `ttl` (1 ms to [`MAX_CACHE_TTL`]; a TTL outside is
+    /// brought to the nearer end).
     ///
     /// # Errors
     /// As [`RedisStore::open`].
@@ -53,13 +61,15 @@ impl RedisCache {
         Self::open(RedisConfig::from_url(url)?, DEFAULT_CACHE_TTL).await
     }
 
-    /// A cache sharing `store`'s connection, under its key prefix.
+    /// A cache sharing `store`'s connection, under its key prefix, whose
+    /// entries live `ttl` (1 ms to [`MAX_CACHE_TTL`]; a TTL outside is
+    /// brought to the nearer end).
     pub fn beside(store: &RedisStore, ttl: Duration) -> RedisCache {
         let config = store.config();
         RedisCache {
             conn: store.inner.conn.clone(),
             prefix: config.prefix().to_owned(),
-            ttl: ttl.max(Duration::from_millis(1)),
+            ttl: ttl.clamp(Duration::from_millis(1), MAX_CACHE_TTL),
             timeout: config.timeout(),
         }
     }

@@ -284,7 +284,7 @@ use runstate_core::{
     async_trait, check_ttl,
 };
 
-pub use cache::{DEFAULT_CACHE_TTL, RedisCache};
+pub use cache::{DEFAULT_CACHE_TTL, MAX_CACHE_TTL, RedisCache};
 pub use config::{
     Address, DEFAULT_PREFIX, DEFAULT_STATUS_HISTORY, DEFAULT_TIMEOUT, DEFAULT_WAIT_TIMEOUT,
     MAX_STATUS_HISTORY, RedisConfig, Secret, WeppcloudLocks,

@@ -1073,3 +1073,51 @@ async fn endless_bounds_in_code_are_the_longest_bound() {
     let longest = runstate_core::options::MAX_BOUND;
     assert_eq!(bounds, (longest, (0, longest)));
 }
+
+/// A cache TTL given in code past what Redis takes (`Duration::MAX`) is
+/// brought down to [`MAX_CACHE_TTL`]: before, the `PEXPIRE` was refused
+/// inside the cache write's transaction, so the copy was kept with no
+/// expiry at all (`PTTL` -1).
+#[tokio::test]
+async fn an_endless_cache_ttl_is_the_longest_one() {
+    use runstate_core::{Cache, Cached, StoredDoc, Version};
+    let Some(url) = shared_url() else {
+        return;
+    };
+    let p = prefix();
+    let store = open_prefixed(&url, &p).await;
+    let run = RunId::new("cached").expect("valid");
+    let doc = DocName::new("ron").expect("valid");
+    let key = format!("{p}:cache:{{cached}}:ron");
+    let mut con = raw(&url).await;
+    for (ttl, longest) in [
+        (Duration::MAX, runstate_redis::MAX_CACHE_TTL),
+        (Duration::ZERO, Duration::from_millis(1)),
+    ] {
+        let cache = runstate_redis::RedisCache::beside(&store, ttl);
+        let copy = Cached::new(
+            StoredDoc::new(Bytes::from("x"), Version::new("v1")),
+            std::time::SystemTime::now(),
+        );
+        cache.put(&run, &doc, copy).await;
+        let left: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .expect("PTTL");
+        let longest = i64::try_from(longest.as_millis()).expect("fits");
+        // -2: gone already (1 ms); otherwise an expiry within the bound.
+        assert!(
+            left == -2 || (0..=longest).contains(&left),
+            "PTTL {left} with a TTL of {ttl:?}"
+        );
+        if ttl == Duration::MAX {
+            assert!(left > longest - 60_000, "PTTL {left}");
+        }
+    }
+    let _: u64 = redis::cmd("UNLINK")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .expect("UNLINK");
+}
