@@ -349,19 +349,33 @@ fn print_migration(
         "copied"
     };
     out!(
-        "{verb} {} document(s), {} in {:.2} s ({:.0} documents/s, {:.2} MB/s); {} verified by SHA-256{}",
+        "{verb} {} document(s), {} in {:.2} s ({:.0} documents/s, {:.2} MB/s); {}{}",
         report.documents,
         output::size(report.bytes),
         report.elapsed_secs,
         report.documents_per_sec(),
         report.mb_per_sec(),
-        report.verified,
+        verified_how(report.verified, report.verified_by_md5),
         peak.map_or_else(String::new, |p| format!(
             "; peak memory {}",
             output::size(p)
         )),
     )?;
     failures(report)
+}
+
+/// How the documents were verified: by reading them back (or finding
+/// them already there) and comparing SHA-256, or, for copies into S3,
+/// by the MD5 the server computed of the bytes it stored.
+fn verified_how(verified: u64, by_md5: u64) -> String {
+    if by_md5 == 0 {
+        format!("{verified} verified by SHA-256")
+    } else {
+        format!(
+            "{verified} verified ({} by SHA-256, {by_md5} by the target's MD5)",
+            verified.saturating_sub(by_md5)
+        )
+    }
 }
 
 /// Exit 5, naming the runs, when some failed under `--keep-going`.

@@ -617,6 +617,53 @@ fn migrate_and_verify_between_stores() {
 /// 64 MiB + 2 × the largest document: it streams one document at a time
 /// once documents outgrow the in-flight budget. Measured by the binary
 /// itself (`VmHWM` of /proc/self/status), as reported in `--json`.
+/// Copies into S3 proven by the MD5 the server computed are not said to
+/// be verified by SHA-256: the summary counts the two ways apart, as the
+/// JSON report does. Before, every copy was "verified by SHA-256".
+#[test]
+fn copies_proven_by_md5_are_said_to_be() {
+    let Some(place) = support::Backend::S3.place("copies_proven_by_md5_are_said_to_be") else {
+        return;
+    };
+    let from_root = temp_root("mig-md5");
+    let from = file_url(&from_root);
+    for i in 0..3 {
+        let body = format!("{{\"doc\": {i}}}");
+        expect(
+            &runstate(
+                Some(&from),
+                &["put", "A_run", &format!("doc{i}")],
+                Some(body.as_bytes()),
+            ),
+            0,
+        );
+    }
+    let text = runstate(
+        None,
+        &["migrate", "--from", &from, "--to", &place.url, "--all"],
+        None,
+    );
+    let report = runstate(
+        None,
+        &[
+            "verify", "--from", &from, "--to", &place.url, "--all", "--json",
+        ],
+        None,
+    );
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(place.cleanup());
+    let _ = std::fs::remove_dir_all(&from_root);
+    expect(&text, 0);
+    let out = stdout(&text);
+    assert!(
+        out.contains("3 verified (0 by SHA-256, 3 by the target's MD5)"),
+        "{out}"
+    );
+    assert!(!out.contains("verified by SHA-256"), "{out}");
+    expect(&report, 0);
+}
+
 #[test]
 fn migration_memory_is_bounded_by_the_largest_document() {
     const LARGEST: u64 = 24 * 1024 * 1024;
