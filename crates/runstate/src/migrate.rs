@@ -1030,19 +1030,13 @@ impl Migration<'_> {
         let written_back = match written_back {
             Ok(written_back) => written_back,
             Err(error) => {
-                tracing::error!(run = %self.run, doc = %meta.name,
-                    "the document may have been deleted from the source, the target may not \
-                     have it, and writing it back failed: it may be lost ({error})");
-                return Err(migrate_error(
-                    error.kind(),
-                    "the document may have been deleted from the source, the target may not \
-                     have it, and writing it back failed: it may be lost"
-                        .into(),
-                    self.run,
-                )
-                .with_doc(&meta.name)
-                .with_source(error)
-                .set_retryable(false));
+                let lost = "the document may have been deleted from the source, the target may \
+                            not have it, and writing it back failed: it may be lost";
+                tracing::error!(run = %self.run, doc = %meta.name, "{lost} ({error})");
+                return Err(migrate_error(error.kind(), lost.into(), self.run)
+                    .with_doc(&meta.name)
+                    .with_source(error)
+                    .set_retryable(false));
             }
         };
         let error = match check {

@@ -10,19 +10,13 @@
 //! - `postgres+rediscache`: PostgreSQL with a Redis cache shared by every
 //!   handle and process.
 
+mod support;
+
 use std::sync::Arc;
 
 use runstate::{Error, Lock, async_trait};
 use runstate_conformance::Harness;
-
-fn with_option(url: &str, option: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{option}")
-}
-
-fn encode(url: &str) -> String {
-    url::form_urlencoded::byte_serialize(url.as_bytes()).collect()
-}
+use support::{encode, with_option};
 
 fn root(namespace: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("runstate-cached-{namespace}"))

@@ -18,7 +18,7 @@ use runstate::{
     ListPage, Lock, LockExt, LockInfo, LockKey, Milestones, Owner, PutOptions, PutRequest, Result,
     RunId, Store, StoreExt, StoredDoc, Version, WaitPolicy, async_trait,
 };
-use support::{Backend, Places};
+use support::{Backend, Place, Places, encode, with_option};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -38,12 +38,24 @@ where
     let (Some(source), Some(target)) = (from.place(test), to.place(test)) else {
         return;
     };
+    with_stores(&[&source, &target], (&source.url, &target.url), body);
+}
+
+/// Runs `body` with the stores opened at `urls` (source, target), removes
+/// every place of `places` whatever happens, then fails if the body
+/// failed.
+fn with_stores<F, Fut>(places: &[&Place], urls: (&str, &str), body: F)
+where
+    F: FnOnce(AnyStore, AnyStore) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     runtime().block_on(async {
-        let opened_source = runstate::open(&source.url).await.expect("open the source");
-        let opened_target = runstate::open(&target.url).await.expect("open the target");
+        let opened_source = runstate::open(urls.0).await.expect("open the source");
+        let opened_target = runstate::open(urls.1).await.expect("open the target");
         let outcome = tokio::spawn(body(opened_source, opened_target)).await;
-        source.cleanup().await;
-        target.cleanup().await;
+        for place in places {
+            place.cleanup().await;
+        }
         if let Err(error) = outcome {
             std::panic::resume_unwind(error.into_panic());
         }
@@ -723,152 +735,95 @@ fn the_run_is_locked_on_both_sides_for_the_copy() {
     );
 }
 
-/// Runs `body` with two stores opened on one fresh file place: the first
-/// by its URL, the second by the URL `second` makes of it. Cleans up
-/// whatever happens, then fails if the body failed.
-fn with_one_place_twice<F, Fut>(test: &str, second: fn(&str) -> String, body: F)
-where
-    F: FnOnce(AnyStore, AnyStore) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
+/// A move onto the very documents of its source, opened a second time by
+/// the URL `second` makes of the source's: every document is found
+/// identical on the target, so the move used to "verify" and then delete
+/// the only copy of every document. The first one deleted is now missed
+/// on the target: it is written back, and the move stops with
+/// `InvalidArgument` naming it, every document kept and no lock left.
+/// With `cut_off`, the source's deletes are made but reported failed (a
+/// reply cut off by a timeout): the target is checked all the same, and
+/// the delete's error is the refusal's source.
+fn moved_onto_its_own_documents(test: &str, second: fn(&str) -> String, id: &str, cut_off: bool) {
     let Some(place) = Backend::File.place(test) else {
         return;
     };
-    runtime().block_on(async {
-        let first = runstate::open(&place.url).await.expect("open the store");
-        let again = runstate::open(&second(&place.url))
-            .await
-            .expect("open it again");
-        let outcome = tokio::spawn(body(first, again)).await;
-        place.cleanup().await;
-        if let Err(error) = outcome {
-            std::panic::resume_unwind(error.into_panic());
-        }
-    });
-}
-
-/// A move whose target is its source under another URL (here the same
-/// URL, opened twice; the CLI refuses only the same text): every document
-/// is found identical on the target and the target's lease is the source
-/// lease handed back, so the move used to "verify" and then delete the
-/// only copy of every document. The first one deleted is missed on the
-/// target: it is written back and the move stops there.
-#[test]
-fn a_move_onto_its_own_store_is_refused() {
-    with_one_place_twice("own_store", str::to_owned, |source, target| async move {
-        let id = run("Test_Watershed_16");
-        let docs = small();
-        seed(&*source, &id, &docs).await;
-        let options =
-            MigrateOptions::new(Selection::Runs(vec![id.clone()])).with_delete_source(true);
-        let error = migrate(&*source, &*target, &options, &())
-            .await
-            .expect_err("the same store");
-        assert_eq!(error.kind(), ErrorKind::InvalidArgument, "{error}");
-        assert_eq!(error.run(), Some(&id), "{error}");
-        assert!(error.doc().is_some(), "names the document: {error}");
-        assert_same(&*source, &id, &docs).await;
-        no_locks_left(&*source, &id).await;
-    });
-}
-
-/// The same documents with their locks elsewhere (`?locks=memory://`):
-/// the two leases come from two lock services and pass, every document is
-/// identical; deleting the first from the source deletes it from the
-/// target too, which the move now sees: it writes that one back and
-/// stops. It used to delete every document of the run.
-#[test]
-fn a_move_onto_its_own_documents_with_other_locks_deletes_nothing() {
-    fn other_locks(url: &str) -> String {
-        let join = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{join}locks=memory%3A%2F%2F")
-    }
-    with_one_place_twice("own_docs", other_locks, |source, target| async move {
-        let id = run("Test_Watershed_17");
-        let docs = small();
-        seed(&*source, &id, &docs).await;
-        let options =
-            MigrateOptions::new(Selection::Runs(vec![id.clone()])).with_delete_source(true);
-        let error = migrate(&*source, &*target, &options, &())
-            .await
-            .expect_err("the same documents");
-        assert_eq!(error.kind(), ErrorKind::InvalidArgument, "{error}");
-        assert!(error.doc().is_some(), "names the document: {error}");
-        assert_same(&*source, &id, &docs).await;
-        no_locks_left(&*source, &id).await;
-    });
-}
-
-/// The same documents under two names, and a source delete that is made
-/// but reported failed (its reply cut off): the check of the target is
-/// made all the same, finds the document gone, and writes it back; the
-/// move stops, saying the documents are shared (the delete's error is
-/// its source). It used to return at the failed delete, the document
-/// gone from both.
-#[test]
-fn a_delete_made_but_reported_failed_is_checked_too() {
-    with_one_place_twice(
-        "own_docs_timeout",
-        str::to_owned,
+    let id = run(id);
+    with_stores(
+        &[&place],
+        (&place.url, &second(&place.url)),
         |source, target| async move {
-            let id = run("Test_Watershed_19");
             let docs = small();
             seed(&*source, &id, &docs).await;
-            let mut cut_off = Hooked::new(Arc::clone(source.lock()));
-            cut_off.deletes_made_then_fail = true;
+            let mut hooked = Hooked::new(Arc::clone(source.lock()));
+            hooked.deletes_made_then_fail = cut_off;
+            let from: &dyn Lock = if cut_off { &hooked } else { &*source };
             let options =
                 MigrateOptions::new(Selection::Runs(vec![id.clone()])).with_delete_source(true);
-            let error = migrate(&cut_off, &*target, &options, &())
+            let error = migrate(from, &*target, &options, &())
                 .await
-                .expect_err("the delete's reply was lost");
+                .expect_err("the same documents");
             assert_eq!(error.kind(), ErrorKind::InvalidArgument, "{error}");
+            assert_eq!(error.run(), Some(&id), "{error}");
             assert!(error.doc().is_some(), "names the document: {error}");
-            assert!(
-                runstate::display_chain(&error).contains("did not come in time"),
-                "the delete's error is its source: {}",
-                runstate::display_chain(&error)
-            );
+            if cut_off {
+                assert!(
+                    runstate::display_chain(&error).contains("did not come in time"),
+                    "the delete's error is its source: {}",
+                    runstate::display_chain(&error)
+                );
+            }
             assert_same(&*source, &id, &docs).await;
             no_locks_left(&*source, &id).await;
         },
     );
 }
 
+/// The same URL, opened twice (the CLI refuses only the same text): the
+/// target's lease is the source lease handed back.
+#[test]
+fn a_move_onto_its_own_store_is_refused() {
+    moved_onto_its_own_documents("own_store", str::to_owned, "Test_Watershed_16", false);
+}
+
+/// The same documents with their locks elsewhere (`?locks=memory://`):
+/// the two leases come from two lock services and both pass. It used to
+/// delete every document of the run.
+#[test]
+fn a_move_onto_its_own_documents_with_other_locks_deletes_nothing() {
+    fn other_locks(url: &str) -> String {
+        with_option(url, &format!("locks={}", encode("memory://")))
+    }
+    moved_onto_its_own_documents("own_docs", other_locks, "Test_Watershed_17", false);
+}
+
+/// A source delete made but reported failed: it used to return at the
+/// failed delete, the document gone from both.
+#[test]
+fn a_delete_made_but_reported_failed_is_checked_too() {
+    moved_onto_its_own_documents("own_docs_timeout", str::to_owned, "Test_Watershed_19", true);
+}
+
 /// Two stores whose documents differ but whose leases come from one lock
-/// service (`?locks=` naming the same SQLite file): the target's run lease
-/// is the source's grant handed back to its owner, and the move is made,
-/// deleting the source's documents only, since the target keeps its own.
+/// service (`?locks=` naming the same SQLite database): the target's run
+/// lease is the source's grant handed back to its owner, and the move is
+/// made, deleting the source's documents only, since the target keeps its
+/// own.
 #[test]
 fn a_move_between_stores_sharing_one_lock_service_is_made() {
-    let (Some(from), Some(to)) = (
-        Backend::File.place("shared_locks_from"),
-        Backend::File.place("shared_locks_to"),
+    let test = "shared_locks";
+    let (Some(from), Some(to), Some(locks)) = (
+        Backend::File.place(test),
+        Backend::File.place(test),
+        Backend::Sqlite.place(test),
     ) else {
         return;
     };
-    let locks = std::env::temp_dir().join(format!(
-        "runstate-migrate-shared-locks-{}.db",
-        std::process::id()
-    ));
-    let with_locks = |url: &str| {
-        let join = if url.contains('?') { '&' } else { '?' };
-        let lock_url = format!("sqlite://{}", locks.display());
-        let encoded: String = lock_url
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    char::from(b).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        format!("{url}{join}locks={encoded}")
-    };
-    let (from_url, to_url) = (with_locks(&from.url), with_locks(&to.url));
-    runtime().block_on(async {
-        let outcome = tokio::spawn(async move {
-            let source = runstate::open(&from_url).await.expect("open the source");
-            let target = runstate::open(&to_url).await.expect("open the target");
+    let with_locks = |url: &str| with_option(url, &format!("locks={}", encode(&locks.url)));
+    with_stores(
+        &[&from, &to, &locks],
+        (&with_locks(&from.url), &with_locks(&to.url)),
+        |source, target| async move {
             let id = run("Test_Watershed_18");
             let docs = small();
             seed(&*source, &id, &docs).await;
@@ -881,17 +836,8 @@ fn a_move_between_stores_sharing_one_lock_service_is_made() {
             assert_same(&*target, &id, &docs).await;
             assert!(source.list_all_docs(&id).await.expect("list").is_empty());
             no_locks_left(&*target, &id).await;
-        })
-        .await;
-        from.cleanup().await;
-        to.cleanup().await;
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", locks.display()));
-        }
-        if let Err(error) = outcome {
-            std::panic::resume_unwind(error.into_panic());
-        }
-    });
+        },
+    );
 }
 
 #[test]

@@ -10,24 +10,18 @@
 //!   machine id), so no same-host shortcut such as breaking a dead pid
 //!   applies between them: the shared-folder case WEPPcloud's workers are.
 
+mod support;
+
 use std::sync::Arc;
 
 use runstate::{Error, ErrorKind, Lock, async_trait};
 use runstate_conformance::{Harness, is_required};
+use support::{encode, with_option};
 
 /// The URL of a server from the environment, or `None` (the harness then
 /// reports the backend as not configured).
 fn server(var: &str) -> Option<String> {
     std::env::var(var).ok()
-}
-
-fn with_option(url: &str, option: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{option}")
-}
-
-fn encode(url: &str) -> String {
-    url::form_urlencoded::byte_serialize(url.as_bytes()).collect()
 }
 
 /// Where each backend keeps a namespace.

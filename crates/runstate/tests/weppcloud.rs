@@ -16,6 +16,8 @@
 //!   a controller, the cache deleted by every kind of write, batch and
 //!   child runs refused, and a run migrated in place with `state_dir`.
 
+mod support;
+
 use std::collections::HashMap;
 use std::io::BufRead;
 use std::net::TcpListener;
@@ -32,6 +34,7 @@ use runstate::{
     RunId, StoreExt, WaitPolicy,
 };
 use runstate_conformance::is_required;
+use support::encode;
 
 /// A redis-server of this test's own, on a free loopback port, its files
 /// under target/; killed by its PID when dropped.
@@ -140,10 +143,6 @@ fn workspace(tag: &str) -> PathBuf {
         std::fs::write(run.join(entry.file_name()), bytes).expect("copy");
     }
     base
-}
-
-fn encode(url: &str) -> String {
-    url::form_urlencoded::byte_serialize(url.as_bytes()).collect()
 }
 
 /// The URL a WEPPcloud deployment uses: its run folders in place, the

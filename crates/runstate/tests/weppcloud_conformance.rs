@@ -14,6 +14,8 @@
 
 #![cfg(all(feature = "file", feature = "redis"))]
 
+mod support;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -22,15 +24,12 @@ use std::time::{Duration, Instant};
 
 use runstate::{Error, ErrorKind, Lock, async_trait};
 use runstate_conformance::{Harness, is_required};
+use support::encode;
 
 /// The case's folder: `runs/` (the root), `state/` (bookkeeping), the
 /// server's files and `redis.port` / `redis.pid`.
 fn folder(namespace: &str) -> PathBuf {
     std::env::temp_dir().join(format!("runstate-wepp-conf-{namespace}"))
-}
-
-fn encode(url: &str) -> String {
-    url::form_urlencoded::byte_serialize(url.as_bytes()).collect()
 }
 
 fn setup_error(what: &str, error: impl std::fmt::Display) -> Error {

@@ -10,6 +10,18 @@
 
 use std::path::PathBuf;
 
+/// `url` with the query option `option` (`name=value`) added.
+pub fn with_option(url: &str, option: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{option}")
+}
+
+/// `url` encoded as one query value (the URL of a `locks=` or `cache=`
+/// option).
+pub fn encode(url: &str) -> String {
+    url::form_urlencoded::byte_serialize(url.as_bytes()).collect()
+}
+
 /// A backend, as `runstate::open` knows it.
 pub use runstate::Scheme as Backend;
 
@@ -87,10 +99,10 @@ impl Places for Backend {
             }
             other => panic!("no test place for backend `{other}`"),
         };
-        let url = match (options.is_empty(), url.contains('?')) {
-            (true, _) => url,
-            (false, true) => format!("{url}&{options}"),
-            (false, false) => format!("{url}?{options}"),
+        let url = if options.is_empty() {
+            url
+        } else {
+            with_option(&url, options)
         };
         Some(Place {
             backend: self,
