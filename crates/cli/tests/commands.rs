@@ -613,10 +613,6 @@ fn migrate_and_verify_between_stores() {
     }
 }
 
-/// Peak resident memory of a migration of large documents stays within
-/// 64 MiB + 2 × the largest document: it streams one document at a time
-/// once documents outgrow the in-flight budget. Measured by the binary
-/// itself (`VmHWM` of /proc/self/status), as reported in `--json`.
 /// Copies into S3 proven by the MD5 the server computed are not said to
 /// be verified by SHA-256: the summary counts the two ways apart, as the
 /// JSON report does. Before, every copy was "verified by SHA-256".
@@ -664,6 +660,10 @@ fn copies_proven_by_md5_are_said_to_be() {
     expect(&report, 0);
 }
 
+/// Peak resident memory of a migration of large documents stays within
+/// 64 MiB + 2 × the largest document: it streams one document at a time
+/// once documents outgrow the in-flight budget. Measured by the binary
+/// itself (`VmHWM` of /proc/self/status), as reported in `--json`.
 #[test]
 fn migration_memory_is_bounded_by_the_largest_document() {
     const LARGEST: u64 = 24 * 1024 * 1024;

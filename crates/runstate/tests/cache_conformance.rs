@@ -10,13 +10,15 @@
 //! - `postgres+rediscache`: PostgreSQL with a Redis cache shared by every
 //!   handle and process.
 
-mod support;
+#[path = "support/urls.rs"]
+#[allow(dead_code)] // each test crate uses its own part
+mod urls;
 
 use std::sync::Arc;
 
 use runstate::{Error, Lock, async_trait};
 use runstate_conformance::Harness;
-use support::{encode, with_option};
+use urls::{encode, with_option};
 
 fn root(namespace: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("runstate-cached-{namespace}"))

@@ -50,14 +50,21 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     runtime().block_on(async {
-        let opened_source = runstate::open(urls.0).await.expect("open the source");
-        let opened_target = runstate::open(urls.1).await.expect("open the target");
-        let outcome = tokio::spawn(body(opened_source, opened_target)).await;
+        let opened = match runstate::open(urls.0).await {
+            Ok(source) => runstate::open(urls.1).await.map(|target| (source, target)),
+            Err(error) => Err(error),
+        };
+        let outcome = match opened {
+            Ok((source, target)) => tokio::spawn(body(source, target))
+                .await
+                .map_err(tokio::task::JoinError::into_panic),
+            Err(error) => Err(Box::new(format!("opening the stores failed: {error}")) as _),
+        };
         for place in places {
             place.cleanup().await;
         }
-        if let Err(error) = outcome {
-            std::panic::resume_unwind(error.into_panic());
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
         }
     });
 }

@@ -10,13 +10,15 @@
 //!   machine id), so no same-host shortcut such as breaking a dead pid
 //!   applies between them: the shared-folder case WEPPcloud's workers are.
 
-mod support;
+#[path = "support/urls.rs"]
+#[allow(dead_code)] // each test crate uses its own part
+mod urls;
 
 use std::sync::Arc;
 
 use runstate::{Error, ErrorKind, Lock, async_trait};
 use runstate_conformance::{Harness, is_required};
-use support::{encode, with_option};
+use urls::{encode, with_option};
 
 /// The URL of a server from the environment, or `None` (the harness then
 /// reports the backend as not configured).

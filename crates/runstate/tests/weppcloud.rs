@@ -16,7 +16,9 @@
 //!   a controller, the cache deleted by every kind of write, batch and
 //!   child runs refused, and a run migrated in place with `state_dir`.
 
-mod support;
+#[path = "support/urls.rs"]
+#[allow(dead_code)] // each test crate uses its own part
+mod urls;
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -34,7 +36,7 @@ use runstate::{
     RunId, StoreExt, WaitPolicy,
 };
 use runstate_conformance::is_required;
-use support::encode;
+use urls::encode;
 
 /// A redis-server of this test's own, on a free loopback port, its files
 /// under target/; killed by its PID when dropped.

@@ -14,7 +14,9 @@
 
 #![cfg(all(feature = "file", feature = "redis"))]
 
-mod support;
+#[path = "support/urls.rs"]
+#[allow(dead_code)] // each test crate uses its own part
+mod urls;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use runstate::{Error, ErrorKind, Lock, async_trait};
 use runstate_conformance::{Harness, is_required};
-use support::encode;
+use urls::encode;
 
 /// The case's folder: `runs/` (the root), `state/` (bookkeeping), the
 /// server's files and `redis.port` / `redis.pid`.

@@ -10,17 +10,9 @@
 
 use std::path::PathBuf;
 
-/// `url` with the query option `option` (`name=value`) added.
-pub fn with_option(url: &str, option: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{option}")
-}
-
-/// `url` encoded as one query value (the URL of a `locks=` or `cache=`
-/// option).
-pub fn encode(url: &str) -> String {
-    url::form_urlencoded::byte_serialize(url.as_bytes()).collect()
-}
+mod urls;
+#[allow(unused_imports)] // each test crate uses its own part
+pub use urls::{encode, with_option};
 
 /// A backend, as `runstate::open` knows it.
 pub use runstate::Scheme as Backend;
