@@ -1,4 +1,4 @@
-"""moto's S3 server, with the requests that change the bucket served one at a time.
+"""moto's S3 server, with the writes to any one object made one at a time.
 
 Started by `cargo xtask` (see `services.rs`) as `python moto_serial.py HOST PORT`.
 
@@ -7,9 +7,13 @@ two steps, with no lock between them, on a threaded server. Two conditional
 PUTs of the same key can then both pass their check, and the second silently
 replaces the first: a lost update that real S3 (which makes the check and the
 write one atomic step) never allows. The conformance suite's exact-count CAS
-race caught it (394 of 400 increments stored). Serving every request that
-writes (anything but GET, HEAD and OPTIONS) under one lock makes each check
-atomic with its write, as the S3 API documents. Reads stay concurrent.
+race caught it (394 of 400 increments stored).
+
+So every request that writes (anything but GET, HEAD and OPTIONS) passes a
+gate first. A request on one object (a path-style `/bucket/key` path) waits
+only for the other writes of that object; any other write (a multi-object
+delete, a bucket's creation) waits for every write and holds them all off.
+Reads pass freely.
 """
 
 import os
@@ -27,14 +31,60 @@ from moto.moto_server.werkzeug_app import (
 READS = frozenset(("GET", "HEAD", "OPTIONS"))
 
 
-def serial(app):
-    lock = threading.Lock()
+class Gate:
+    """Writes of one object one at a time; a write of the whole bucket alone."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._objects = set()  # objects being written
+        self._whole = False  # a whole-bucket write in progress
+        self._whole_waiting = 0  # whole-bucket writes waiting (they go first)
+
+    def enter(self, key):
+        with self._cond:
+            if key is None:
+                self._whole_waiting += 1
+                try:
+                    self._cond.wait_for(lambda: not self._whole and not self._objects)
+                finally:
+                    self._whole_waiting -= 1
+                self._whole = True
+            else:
+                self._cond.wait_for(
+                    lambda: not self._whole
+                    and not self._whole_waiting
+                    and key not in self._objects
+                )
+                self._objects.add(key)
+
+    def leave(self, key):
+        with self._cond:
+            if key is None:
+                self._whole = False
+            else:
+                self._objects.discard(key)
+            self._cond.notify_all()
+
+
+def object_of(environ):
+    """The object a path-style request names, or None for a bucket or more."""
+    path = environ.get("PATH_INFO", "")
+    bucket, _, key = path.lstrip("/").partition("/")
+    if not bucket or not key:
+        return None
+    return (environ.get("HTTP_HOST", ""), bucket, key)
+
+
+def gated(app):
+    gate = Gate()
 
     def serve(environ, start_response):
         if environ.get("REQUEST_METHOD", "GET") in READS:
             return app(environ, start_response)
-        with lock:
-            # The whole response is made under the lock: moto may do part
+        key = object_of(environ)
+        gate.enter(key)
+        try:
+            # The whole response is made inside the gate: moto may do part
             # of the work while its body is iterated.
             body = app(environ, start_response)
             try:
@@ -43,6 +93,8 @@ def serial(app):
                 close = getattr(body, "close", None)
                 if close is not None:
                     close()
+        finally:
+            gate.leave(key)
 
     return serve
 
@@ -54,7 +106,7 @@ def main():
     run_simple(
         host,
         port,
-        serial(app),
+        gated(app),
         threaded=True,
         request_handler=MotoRequestHandler,
     )

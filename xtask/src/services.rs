@@ -219,18 +219,18 @@ pub(crate) fn command(action: Option<&str>, services: &[&Service]) -> Result<(),
 /// started on a free loopback port with a bucket for the tests, and
 /// stopped by its PID when dropped.
 ///
-/// It runs through `moto_serial.py`, which serves the requests that write
-/// one at a time: moto checks a conditional PUT's `If-Match` and then
-/// stores the object without a lock between the two, so two racing
-/// conditional writes could both succeed, which S3 never allows (the
-/// script says more).
+/// It runs through `moto_serial.py`, which makes the writes of any one
+/// object one at a time (and a write of more than one object alone):
+/// moto checks a conditional PUT's `If-Match` and then stores the object
+/// without a lock between the two, so two racing conditional writes could
+/// both succeed, which S3 never allows (the script says more).
 pub(crate) struct Moto {
     child: std::process::Child,
     port: u16,
 }
 
 const MOTO_BUCKET: &str = "runstate-test";
-/// The launcher that serves moto's writes one at a time.
+/// The launcher that makes moto's writes of one object one at a time.
 const MOTO_SERIAL: &str = include_str!("moto_serial.py");
 const MOTO_HINT: &str = "the S3 tests run moto (PyPI `moto[server]` 5.x) in a virtual environment under \
                          target/services/moto: they need python3 with the venv module and access to PyPI, \
@@ -264,8 +264,13 @@ impl Moto {
             .map(|a| a.port())
             .map_err(|e| format!("moto: no free port: {e}"))?;
         let log = std::fs::File::create(dir.join("moto.log")).map_err(|e| format!("moto: {e}"))?;
+        // Written whole under a name of this process, then renamed: another
+        // xtask starting moto at the same time never runs half a script.
         let launcher = dir.join("moto_serial.py");
-        std::fs::write(&launcher, MOTO_SERIAL).map_err(|e| format!("moto: {e}"))?;
+        let staged = dir.join(format!("moto_serial.py.{}", std::process::id()));
+        std::fs::write(&staged, MOTO_SERIAL)
+            .and_then(|()| std::fs::rename(&staged, &launcher))
+            .map_err(|e| format!("moto: {e}"))?;
         let child = std::process::Command::new(&python)
             .arg(&launcher)
             .args(["127.0.0.1", &port.to_string()])
