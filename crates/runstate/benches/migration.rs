@@ -29,7 +29,11 @@
 //! slower side's raw write rate is what a migration out of S3 reaches one
 //! request at a time; its concurrent `GET`s can win back only the round
 //! trips a single client waits through, which on a server that does its
-//! work on one core (moto) is little.
+//! work on one core (moto) is little. The same table shows the copy floor:
+//! raw clients of both sides copying the values with eight copies in
+//! flight (each a `GET` and a raw write to the target), between a listing
+//! before and one after, which is the least a copy out of S3 costs when
+//! both servers share the machine, without verifying anything.
 
 mod support;
 
@@ -70,6 +74,10 @@ struct Row {
     floor_docs_per_sec: Option<f64>,
     /// The floor's ratio to the slower side's raw single-writer rate.
     floor_ratio: Option<f64>,
+    /// Out of S3: the copy floor (see the module documentation).
+    copy_floor_docs_per_sec: Option<f64>,
+    /// The copy floor's ratio to the slower side's raw single-writer rate.
+    copy_floor_ratio: Option<f64>,
     slower_side: &'static str,
     ratio: f64,
     raw8_slower_docs_per_sec: f64,
@@ -163,6 +171,41 @@ async fn raw_rates(backend: &str, writes: u64, tag: &str) -> RawRates {
     }
 }
 
+/// Out of S3 (`None` otherwise): copies per second of `writes` values by
+/// raw clients of both sides, eight in flight, each a `GET` from S3 and a
+/// raw write to `to`, between a listing of the values before and after
+/// (the values are written to S3 before the clock starts).
+async fn copy_floor(from: &str, to: &str, writes: u64, tag: &str) -> Option<f64> {
+    if from != "s3" {
+        return None;
+    }
+    let source = Raw::open(from, &format!("{tag}cf")).await;
+    let target = Raw::open(to, &format!("{tag}ct")).await;
+    for i in 0..writes {
+        source.write(&format!("k{i}"), document(i)).await;
+    }
+    let started = Instant::now();
+    assert_eq!(
+        source.list().await,
+        Some(writes as usize),
+        "every value listed"
+    );
+    let (source_ref, target_ref) = (&source, &target);
+    let copiers = (0..8u64).map(|w| async move {
+        for i in (w..writes).step_by(8) {
+            let key = format!("k{i}");
+            let bytes = source_ref.read(&key).await;
+            target_ref.write(&key, bytes).await;
+        }
+    });
+    futures_util::future::join_all(copiers).await;
+    source.list().await;
+    let rate = writes as f64 / started.elapsed().as_secs_f64();
+    source.cleanup().await;
+    target.cleanup().await;
+    Some(rate)
+}
+
 async fn seed(place: &Place, documents: u64) {
     let store = runstate::open(&place.url).await.expect("open the source");
     let run = RunId::new(RUN).expect("valid");
@@ -230,6 +273,7 @@ fn main() {
                 let tag = format!("m{}x{pair_index}", std::process::id());
                 let from_raw = raw_rates(from.name(), raw_writes, &tag).await;
                 let to_raw = raw_rates(to.name(), raw_writes, &tag).await;
+                let copied_raw = copy_floor(from.name(), to.name(), raw_writes, &tag).await;
                 let (from_one, from_eight) = (from_raw.write_one, from_raw.write_eight);
                 let (to_one, to_eight) = (to_raw.write_one, to_raw.write_eight);
                 let report = migrate(&bin, &source, &target);
@@ -263,6 +307,8 @@ fn main() {
                     raw_from_read_docs_per_sec: from_raw.read_one,
                     floor_docs_per_sec: from_raw.floor,
                     floor_ratio: from_raw.floor.map(|floor| floor / baseline),
+                    copy_floor_docs_per_sec: copied_raw,
+                    copy_floor_ratio: copied_raw.map(|floor| floor / baseline),
                     slower_side,
                     ratio,
                     raw8_slower_docs_per_sec: slower_eight,
@@ -331,26 +377,33 @@ fn print_table(rows: &[Row]) {
         return;
     }
     println!(
-        "\nRead floor out of S3 (one raw client: list, one GET per value, list again; \
-         the same values as its raw writer and reader, just before the migration)\n"
+        "\nFloors out of S3. Read floor: one raw client (list, one GET per value, list again; \
+         the same values as its raw writer and reader). Copy floor: raw clients of both sides, \
+         eight copies in flight, each a GET and a raw write to the target, between two listings. \
+         Both just before the migration.\n"
     );
     println!(
-        "| from → to | raw write docs/s | raw read docs/s | floor docs/s | floor ratio to slower | \
-         migration ratio to slower | migration / floor |"
+        "| from → to | raw write docs/s | raw read docs/s | read floor docs/s | read floor ratio | \
+         copy floor docs/s | copy floor ratio | migration ratio | migration / read floor | \
+         migration / copy floor |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in floors {
         let floor = r.floor_docs_per_sec.unwrap_or(0.0);
+        let copy_floor = r.copy_floor_docs_per_sec.unwrap_or(0.0);
         println!(
-            "| {} → {} | {:.0} | {:.0} | {:.0} | {:.2}× | {:.2}× | {:.2}× |",
+            "| {} → {} | {:.0} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
             r.from,
             r.to,
             r.raw_from_docs_per_sec,
             r.raw_from_read_docs_per_sec,
             floor,
             r.floor_ratio.unwrap_or(0.0),
+            copy_floor,
+            r.copy_floor_ratio.unwrap_or(0.0),
             r.ratio,
             r.docs_per_sec / floor,
+            r.docs_per_sec / copy_floor,
         );
     }
 }
