@@ -267,10 +267,23 @@ impl Moto {
         // Written whole under a name of this process, then renamed: another
         // xtask starting moto at the same time never runs half a script.
         let launcher = dir.join("moto_serial.py");
-        let staged = dir.join(format!("moto_serial.py.{}", std::process::id()));
-        std::fs::write(&staged, MOTO_SERIAL)
-            .and_then(|()| std::fs::rename(&staged, &launcher))
-            .map_err(|e| format!("moto: {e}"))?;
+        let staged = dir.join(format!(
+            "moto_serial.py.{}.{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&staged)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, MOTO_SERIAL.as_bytes()))
+            .and_then(|()| std::fs::rename(&staged, &launcher));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&staged);
+            return Err(format!("moto: writing {}: {e}", launcher.display()));
+        }
         let child = std::process::Command::new(&python)
             .arg(&launcher)
             .args(["127.0.0.1", &port.to_string()])

@@ -55,16 +55,16 @@ where
             Err(error) => Err(error),
         };
         let outcome = match opened {
-            Ok((source, target)) => tokio::spawn(body(source, target))
-                .await
-                .map_err(tokio::task::JoinError::into_panic),
-            Err(error) => Err(Box::new(format!("opening the stores failed: {error}")) as _),
+            Ok((source, target)) => Ok(tokio::spawn(body(source, target)).await),
+            Err(error) => Err(error),
         };
         for place in places {
             place.cleanup().await;
         }
-        if let Err(panic) = outcome {
-            std::panic::resume_unwind(panic);
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(panicked)) => std::panic::resume_unwind(panicked.into_panic()),
+            Err(error) => panic!("opening the stores failed: {error}"),
         }
     });
 }
