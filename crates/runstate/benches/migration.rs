@@ -34,6 +34,14 @@
 //! flight (each a `GET` and a raw write to the target), between a listing
 //! before and one after, which is the least a copy out of S3 costs when
 //! both servers share the machine, without verifying anything.
+//!
+//! Into the file backend, a third row shows the layout's floor: one writer
+//! making each value durable as the raw writer does, and creating beside
+//! it the small lock record the file store keeps per document (its
+//! `flock` target, which makes check-and-write atomic across processes):
+//! two new inodes per document where the raw writer makes one. It is
+//! measured after the migration, so that its own cleanup cannot slow the
+//! migration down.
 
 mod support;
 
@@ -78,6 +86,10 @@ struct Row {
     copy_floor_docs_per_sec: Option<f64>,
     /// The copy floor's ratio to the slower side's raw single-writer rate.
     copy_floor_ratio: Option<f64>,
+    /// Into file: the layout floor (see the module documentation).
+    record_floor_docs_per_sec: Option<f64>,
+    /// The layout floor's ratio to the slower side's raw single-writer rate.
+    record_floor_ratio: Option<f64>,
     slower_side: &'static str,
     ratio: f64,
     raw8_slower_docs_per_sec: f64,
@@ -206,6 +218,32 @@ async fn copy_floor(from: &str, to: &str, writes: u64, tag: &str) -> Option<f64>
     Some(rate)
 }
 
+/// Into file (`None` otherwise): new values made durable per second by
+/// one writer, as the raw writer does, each with a lock record of 128
+/// bytes created beside it in a bookkeeping folder (not synced, as the
+/// file store's records are not).
+async fn record_floor(to: &str, writes: u64, tag: &str) -> Option<f64> {
+    if to != "file" {
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!("runstate-raw-{tag}rf"));
+    let book = dir.join(".runstate");
+    std::fs::create_dir_all(&book).expect("the floor's folders");
+    let started = Instant::now();
+    for i in 0..writes {
+        let (dir, book, value) = (dir.clone(), book.clone(), document(i));
+        tokio::task::spawn_blocking(move || {
+            std::fs::write(book.join(format!("doc.k{i}.lease")), [b' '; 128]).expect("record");
+            support::raw::durable_write(&dir, &format!("k{i}"), &value);
+        })
+        .await
+        .expect("join");
+    }
+    let rate = writes as f64 / started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&dir);
+    Some(rate)
+}
+
 async fn seed(place: &Place, documents: u64) {
     let store = runstate::open(&place.url).await.expect("open the source");
     let run = RunId::new(RUN).expect("valid");
@@ -287,6 +325,7 @@ fn main() {
                     (to.name(), to_one, to_eight)
                 };
                 let after = write_rate(slower_side, raw_writes, &format!("{tag}a")).await;
+                let records = record_floor(to.name(), raw_writes, &tag).await;
                 let baseline = (slower + after) / 2.0;
                 let ratio = docs_per_sec / baseline;
                 let target_ratio = if to == Backend::S3 {
@@ -309,6 +348,8 @@ fn main() {
                     floor_ratio: from_raw.floor.map(|floor| floor / baseline),
                     copy_floor_docs_per_sec: copied_raw,
                     copy_floor_ratio: copied_raw.map(|floor| floor / baseline),
+                    record_floor_docs_per_sec: records,
+                    record_floor_ratio: records.map(|floor| floor / baseline),
                     slower_side,
                     ratio,
                     raw8_slower_docs_per_sec: slower_eight,
@@ -369,6 +410,7 @@ fn print_table(rows: &[Row]) {
             if r.meets_target { "ok" } else { "MISSED" },
         );
     }
+    print_layout_floors(rows);
     let floors: Vec<&Row> = rows
         .iter()
         .filter(|r| r.floor_docs_per_sec.is_some())
@@ -404,6 +446,39 @@ fn print_table(rows: &[Row]) {
             r.ratio,
             r.docs_per_sec / floor,
             r.docs_per_sec / copy_floor,
+        );
+    }
+}
+
+fn print_layout_floors(rows: &[Row]) {
+    let floors: Vec<&Row> = rows
+        .iter()
+        // Only where file is the slower side: the floor is a file writer's.
+        .filter(|r| r.record_floor_docs_per_sec.is_some() && r.slower_side == "file")
+        .collect();
+    if floors.is_empty() {
+        return;
+    }
+    println!(
+        "\nLayout floor into file (one writer: each value made durable as the raw writer does, \
+         and its lock record created beside it; measured after the migration)\n"
+    );
+    println!(
+        "| from → to | raw write docs/s (to) | layout floor docs/s | layout floor ratio | \
+         migration ratio | migration / layout floor |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in floors {
+        let floor = r.record_floor_docs_per_sec.unwrap_or(0.0);
+        println!(
+            "| {} → {} | {:.0} | {:.0} | {:.2}× | {:.2}× | {:.2}× |",
+            r.from,
+            r.to,
+            r.raw_to_docs_per_sec,
+            floor,
+            r.record_floor_ratio.unwrap_or(0.0),
+            r.ratio,
+            r.docs_per_sec / floor,
         );
     }
 }
