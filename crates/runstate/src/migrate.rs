@@ -12,7 +12,10 @@
 //! source bytes. At the end the source is listed again: a document changed
 //! during the copy by a writer that does not take the run's lock (one that
 //! locks only the document, or not at all) fails the run instead of leaving
-//! a silently stale copy; running it again copies the change.
+//! a silently stale copy; running it again copies the change. The run's
+//! milestones and attributes, which are written without any lock, are
+//! read again too: one set or changed after they were copied fails the
+//! run the same way, before anything is deleted.
 //!
 //! **A non-empty target run is refused** unless
 //! [`overwrite`](MigrateOptions::overwrite) is set, with one exception that
@@ -69,8 +72,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use runstate_core::{
-    DocMeta, DocName, Error, ErrorKind, GetOptions, Lease, Lock, LockExt, LockKey, Operation,
-    Owner, PutMode, PutOptions, PutRequest, Result, RunId, Store, StoreExt, Version, WaitPolicy,
+    DocMeta, DocName, Error, ErrorKind, GetOptions, Lease, Lock, LockExt, LockKey, Milestones,
+    Operation, Owner, PutMode, PutOptions, PutRequest, Result, RunId, Store, StoreExt, Version,
+    WaitPolicy,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -571,6 +575,25 @@ fn with_run_context(error: Error, run: &RunId, operation: Operation) -> Error {
     error.with_operation(operation)
 }
 
+/// The first milestone or attribute, by name, that `after` set, changed
+/// or dropped since `before`, described for an error.
+fn first_milestone_change(before: &Milestones, after: &Milestones) -> Option<String> {
+    fn first<V: PartialEq>(
+        before: &BTreeMap<String, V>,
+        after: &BTreeMap<String, V>,
+    ) -> Option<String> {
+        before
+            .keys()
+            .chain(after.keys())
+            .filter(|name| before.get(*name) != after.get(*name))
+            .min()
+            .cloned()
+    }
+    first(&before.timestamps, &after.timestamps)
+        .map(|task| format!("milestone `{task}`"))
+        .or_else(|| first(&before.attrs, &after.attrs).map(|name| format!("attribute `{name}`")))
+}
+
 /// The first document (by name) that differs between two listings of one
 /// run: changed, added or removed; `None` when they are the same.
 fn first_change<'a>(before: &'a [DocMeta], after: &'a [DocMeta]) -> Option<&'a DocName> {
@@ -920,7 +943,7 @@ impl Migration<'_> {
             return Err(error);
         }
 
-        let milestones = self.copy_milestones(target).await?;
+        let (milestones, copied_milestones) = self.copy_milestones(target).await?;
 
         // Extras are removed only when the target is to mirror the source:
         // with `delete_source` they may be documents a resumed move already
@@ -953,6 +976,22 @@ impl Migration<'_> {
                 self.run,
             )
             .with_doc(changed));
+        }
+        // Milestones and attributes are written without any lock: one set
+        // after they were copied would be missing on the target (and a
+        // move would then leave it behind on the source).
+        if let Some(before) = copied_milestones {
+            let now = self.source.milestones(self.run).await?;
+            if let Some(changed) = first_milestone_change(&before, &now) {
+                return Err(migrate_error(
+                    ErrorKind::Precondition,
+                    format!(
+                        "the source run's milestones or attributes changed during the migration \
+                         ({changed}); nothing was deleted; run the migration again"
+                    ),
+                    self.run,
+                ));
+            }
         }
 
         let mut report = self.report(&plan, copied.bytes);
@@ -1106,16 +1145,17 @@ impl Migration<'_> {
 
     /// Copies the run's milestones and attributes (a field at a time, as
     /// they are written) where the target lacks them or holds another
-    /// value; returns how many were set. Nothing to copy when the source
-    /// keeps none; a target that cannot keep them while the source has
-    /// some fails the run, rather than dropping them silently.
-    async fn copy_milestones(&self, target: &HeldLease<'_>) -> Result<u64> {
+    /// value; returns how many were set and what was copied (`None` when
+    /// the source keeps no milestones at all). Nothing to copy when the
+    /// source has none; a target that cannot keep them while the source
+    /// has some fails the run, rather than dropping them silently.
+    async fn copy_milestones(&self, target: &HeldLease<'_>) -> Result<(u64, Option<Milestones>)> {
         if !self.source.capabilities().milestones {
-            return Ok(0);
+            return Ok((0, None));
         }
         let from = self.source.milestones(self.run).await?;
         if from.timestamps.is_empty() && from.attrs.is_empty() {
-            return Ok(0);
+            return Ok((0, Some(from)));
         }
         if !self.target.capabilities().milestones {
             return Err(migrate_error(
@@ -1144,7 +1184,7 @@ impl Migration<'_> {
                 set += 1;
             }
         }
-        Ok(set)
+        Ok((set, Some(from)))
     }
 
     /// Deletes one verified source document under its own lock as well as

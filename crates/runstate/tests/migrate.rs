@@ -336,6 +336,9 @@ struct Hooked {
     /// Deletes are made, then reported failed (a reply cut off by a
     /// timeout).
     deletes_made_then_fail: bool,
+    /// After the first read of the milestones, mark this task (as a worker
+    /// does, without any lock).
+    sneak_mark: Mutex<Option<(RunId, String)>>,
 }
 
 impl Hooked {
@@ -350,6 +353,7 @@ impl Hooked {
             sneak_write: Mutex::new(None),
             gets: AtomicU64::new(0),
             deletes_made_then_fail: false,
+            sneak_mark: Mutex::new(None),
         }
     }
 }
@@ -465,7 +469,14 @@ impl Store for Hooked {
         self.inner.delete_run(run).await
     }
     async fn milestones(&self, run: &RunId) -> Result<Milestones> {
-        self.inner.milestones(run).await
+        let read = self.inner.milestones(run).await?;
+        let sneak = self.sneak_mark.lock().expect("not poisoned").take();
+        if let Some((run, task)) = sneak {
+            self.inner
+                .mark(&run, &task, std::time::SystemTime::now())
+                .await?;
+        }
+        Ok(read)
     }
     async fn mark(&self, run: &RunId, task: &str, at: std::time::SystemTime) -> Result<()> {
         self.inner.mark(run, task, at).await
@@ -843,6 +854,50 @@ fn a_move_between_stores_sharing_one_lock_service_is_made() {
             assert_same(&*target, &id, &docs).await;
             assert!(source.list_all_docs(&id).await.expect("list").is_empty());
             no_locks_left(&*target, &id).await;
+        },
+    );
+}
+
+/// A milestone marked after the run's milestones were copied (workers mark
+/// them without any lock) fails the move before anything is deleted. The
+/// move used to succeed and delete the source's documents, the milestone
+/// missing on the target.
+#[test]
+fn a_milestone_marked_during_a_move_is_caught() {
+    with_places(
+        "sneaky_mark",
+        Backend::File,
+        Backend::Sqlite,
+        |source, target| async move {
+            let id = run("Marked");
+            let docs = small();
+            seed(&*source, &id, &docs).await;
+            source
+                .mark(&id, "climate_built", std::time::SystemTime::now())
+                .await
+                .expect("mark");
+            let hooked = Hooked::new(Arc::clone(source.lock()));
+            *hooked.sneak_mark.lock().expect("not poisoned") =
+                Some((id.clone(), "wepp_run".into()));
+            let options =
+                MigrateOptions::new(Selection::Runs(vec![id.clone()])).with_delete_source(true);
+            let error = migrate(&hooked, &*target, &options, &())
+                .await
+                .expect_err("the mark is caught");
+            assert_eq!(error.kind(), ErrorKind::Precondition, "{error}");
+            assert!(
+                error.to_string().contains("milestone `wepp_run`"),
+                "{error}"
+            );
+            assert_same(&*source, &id, &docs).await;
+            no_locks_left(&*source, &id).await;
+            // Run again, the move copies the milestone and is made.
+            let report = migrate(&*source, &*target, &options, &())
+                .await
+                .expect("the move");
+            assert!(report.runs[0].source_deleted);
+            let marked = target.milestones(&id).await.expect("milestones");
+            assert!(marked.timestamps.contains_key("wepp_run"), "{marked:?}");
         },
     );
 }
