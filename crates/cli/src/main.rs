@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use runstate::{AnyStore, ErrorKind, OpenMode};
+use runstate::{AnyStore, ErrorKind, OpenMode, Operation};
 
 /// The exit codes, as `runstate --help` shows them.
 const EXIT_CODES: &str = "\
@@ -510,6 +510,12 @@ fn default_hint(error: &(dyn std::error::Error + Send + Sync + 'static)) -> Opti
         }
         ErrorKind::NotFound => {
             "`runstate ls` lists the runs, `runstate ls RUN` the documents of one".to_owned()
+        }
+        // A migration's source that changed meanwhile: running the same
+        // command again resumes the copy.
+        ErrorKind::Precondition if error.operation() == Some(Operation::Migrate) => {
+            "the source changed during the migration: run the same command again, it resumes"
+                .to_owned()
         }
         ErrorKind::Precondition => {
             "the document changed since that version: `runstate stat RUN DOC` shows the current one"

@@ -15,7 +15,9 @@
 //! a silently stale copy; running it again copies the change. The run's
 //! milestones and attributes, which are written without any lock, are
 //! read again too: one set or changed after they were copied fails the
-//! run the same way, before anything is deleted.
+//! run the same way, before anything is deleted from the source. A move
+//! copies them once more after its deletions, so one marked meanwhile
+//! reaches the target too.
 //!
 //! **A non-empty target run is refused** unless
 //! [`overwrite`](MigrateOptions::overwrite) is set, with one exception that
@@ -575,8 +577,9 @@ fn with_run_context(error: Error, run: &RunId, operation: Operation) -> Error {
     error.with_operation(operation)
 }
 
-/// The first milestone or attribute, by name, that `after` set, changed
-/// or dropped since `before`, described for an error.
+/// A milestone (the first by name) or, when none differs, an attribute
+/// that `after` set, changed or dropped since `before`, described for an
+/// error.
 fn first_milestone_change(before: &Milestones, after: &Milestones) -> Option<String> {
     fn first<V: PartialEq>(
         before: &BTreeMap<String, V>,
@@ -987,7 +990,7 @@ impl Migration<'_> {
                     ErrorKind::Precondition,
                     format!(
                         "the source run's milestones or attributes changed during the migration \
-                         ({changed}); nothing was deleted; run the migration again"
+                         ({changed}); nothing was deleted from the source; run the migration again"
                     ),
                     self.run,
                 ));
@@ -1004,6 +1007,10 @@ impl Migration<'_> {
                     self.delete_source_doc(meta, source).await?;
                 }
             }
+            // A milestone marked while the documents were deleted would
+            // stay behind on the source: copied now, as the first ones were.
+            let (late, _) = self.copy_milestones(target).await?;
+            report.milestones += late;
             report.source_deleted = true;
         }
         Ok(report)

@@ -339,6 +339,8 @@ struct Hooked {
     /// After the first read of the milestones, mark this task (as a worker
     /// does, without any lock).
     sneak_mark: Mutex<Option<(RunId, String)>>,
+    /// After the first delete, mark this task.
+    mark_on_delete: Mutex<Option<(RunId, String)>>,
 }
 
 impl Hooked {
@@ -354,6 +356,7 @@ impl Hooked {
             gets: AtomicU64::new(0),
             deletes_made_then_fail: false,
             sneak_mark: Mutex::new(None),
+            mark_on_delete: Mutex::new(None),
         }
     }
 }
@@ -446,6 +449,12 @@ impl Store for Hooked {
         if_version: Option<&Version>,
     ) -> Result<bool> {
         let deleted = self.inner.delete(run, doc, if_version).await;
+        let mark = self.mark_on_delete.lock().expect("not poisoned").take();
+        if let Some((run, task)) = mark {
+            self.inner
+                .mark(&run, &task, std::time::SystemTime::now())
+                .await?;
+        }
         if self.deletes_made_then_fail && deleted.is_ok() {
             return Err(runstate::Error::new(
                 ErrorKind::Timeout,
@@ -896,6 +905,41 @@ fn a_milestone_marked_during_a_move_is_caught() {
                 .await
                 .expect("the move");
             assert!(report.runs[0].source_deleted);
+            let marked = target.milestones(&id).await.expect("milestones");
+            assert!(
+                ["climate_built", "wepp_run"]
+                    .iter()
+                    .all(|task| marked.timestamps.contains_key(*task)),
+                "{marked:?}"
+            );
+        },
+    );
+}
+
+/// A milestone marked while a move deletes the source's documents (after
+/// the final check) is copied to the target once the deletions are done.
+/// It used to stay behind on the emptied source run.
+#[test]
+fn a_milestone_marked_while_a_move_deletes_reaches_the_target() {
+    with_places(
+        "late_mark",
+        Backend::File,
+        Backend::Sqlite,
+        |source, target| async move {
+            let id = run("MarkedLate");
+            let docs = small();
+            seed(&*source, &id, &docs).await;
+            let hooked = Hooked::new(Arc::clone(source.lock()));
+            *hooked.mark_on_delete.lock().expect("not poisoned") =
+                Some((id.clone(), "wepp_run".into()));
+            let options =
+                MigrateOptions::new(Selection::Runs(vec![id.clone()])).with_delete_source(true);
+            let report = migrate(&hooked, &*target, &options, &())
+                .await
+                .expect("the move");
+            assert!(report.runs[0].source_deleted);
+            assert_eq!(report.runs[0].milestones, 1);
+            assert_same(&*target, &id, &docs).await;
             let marked = target.milestones(&id).await.expect("milestones");
             assert!(marked.timestamps.contains_key("wepp_run"), "{marked:?}");
         },
