@@ -581,20 +581,11 @@ fn with_run_context(error: Error, run: &RunId, operation: Operation) -> Error {
 /// that `after` set, changed or dropped since `before`, described for an
 /// error.
 fn first_milestone_change(before: &Milestones, after: &Milestones) -> Option<String> {
-    fn first<V: PartialEq>(
-        before: &BTreeMap<String, V>,
-        after: &BTreeMap<String, V>,
-    ) -> Option<String> {
-        before
-            .keys()
-            .chain(after.keys())
-            .filter(|name| before.get(*name) != after.get(*name))
-            .min()
-            .cloned()
-    }
-    first(&before.timestamps, &after.timestamps)
+    first_difference(&before.timestamps, &after.timestamps)
         .map(|task| format!("milestone `{task}`"))
-        .or_else(|| first(&before.attrs, &after.attrs).map(|name| format!("attribute `{name}`")))
+        .or_else(|| {
+            first_difference(&before.attrs, &after.attrs).map(|name| format!("attribute `{name}`"))
+        })
 }
 
 /// The first document (by name) that differs between two listings of one
@@ -603,12 +594,20 @@ fn first_change<'a>(before: &'a [DocMeta], after: &'a [DocMeta]) -> Option<&'a D
     let listed: BTreeMap<&DocName, &Version> =
         before.iter().map(|m| (&m.name, &m.version)).collect();
     let now: BTreeMap<&DocName, &Version> = after.iter().map(|m| (&m.name, &m.version)).collect();
-    listed
+    first_difference(&listed, &now).copied()
+}
+
+/// The smallest key whose value differs between two maps (set, changed or
+/// removed); `None` when they are equal.
+fn first_difference<'m, K: Ord, V: PartialEq>(
+    before: &'m BTreeMap<K, V>,
+    after: &'m BTreeMap<K, V>,
+) -> Option<&'m K> {
+    before
         .keys()
-        .chain(now.keys())
-        .filter(|name| listed.get(*name) != now.get(*name))
+        .chain(after.keys())
+        .filter(|key| before.get(*key) != after.get(*key))
         .min()
-        .copied()
 }
 
 /// The refusal to delete a source document whose verified copy is no longer

@@ -359,6 +359,20 @@ impl Hooked {
             mark_on_delete: Mutex::new(None),
         }
     }
+
+    /// Marks the task `slot` holds, once, as a worker does (without any
+    /// lock).
+    async fn mark_once(&self, slot: &Mutex<Option<(RunId, String)>>) -> Result<()> {
+        let asked = slot.lock().expect("not poisoned").take();
+        match asked {
+            Some((run, task)) => {
+                self.inner
+                    .mark(&run, &task, std::time::SystemTime::now())
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 impl fmt::Debug for Hooked {
@@ -449,12 +463,7 @@ impl Store for Hooked {
         if_version: Option<&Version>,
     ) -> Result<bool> {
         let deleted = self.inner.delete(run, doc, if_version).await;
-        let mark = self.mark_on_delete.lock().expect("not poisoned").take();
-        if let Some((run, task)) = mark {
-            self.inner
-                .mark(&run, &task, std::time::SystemTime::now())
-                .await?;
-        }
+        self.mark_once(&self.mark_on_delete).await?;
         if self.deletes_made_then_fail && deleted.is_ok() {
             return Err(runstate::Error::new(
                 ErrorKind::Timeout,
@@ -479,12 +488,7 @@ impl Store for Hooked {
     }
     async fn milestones(&self, run: &RunId) -> Result<Milestones> {
         let read = self.inner.milestones(run).await?;
-        let sneak = self.sneak_mark.lock().expect("not poisoned").take();
-        if let Some((run, task)) = sneak {
-            self.inner
-                .mark(&run, &task, std::time::SystemTime::now())
-                .await?;
-        }
+        self.mark_once(&self.sneak_mark).await?;
         Ok(read)
     }
     async fn mark(&self, run: &RunId, task: &str, at: std::time::SystemTime) -> Result<()> {
