@@ -272,8 +272,8 @@ fn no_secret_in_any_log_line() {
         format!(
             "{}?locks={}&cache={}",
             file_url(&root),
-            urlencode(&format!("redis://:{SECRET}@127.0.0.1:6379/0")),
-            urlencode(&format!("redis://:{SECRET}@127.0.0.1:6379/0")),
+            support::encode(&format!("redis://:{SECRET}@127.0.0.1:6379/0")),
+            support::encode(&format!("redis://:{SECRET}@127.0.0.1:6379/0")),
         ),
     ));
     for (what, url) in &urls {
@@ -305,8 +305,4 @@ fn no_secret_in_any_log_line() {
     for place in &places {
         rt.block_on(place.cleanup());
     }
-}
-
-fn urlencode(text: &str) -> String {
-    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }

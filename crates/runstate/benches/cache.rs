@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use runstate::{Bytes, DocName, RunId, StoreExt};
 use serde::{Deserialize, Serialize};
 use support::Args;
-use support::places::{Backend, Places};
+use support::places::{Backend, Places, encode, with_option};
 use support::raw::Raw;
 
 mod support;
@@ -65,15 +65,6 @@ async fn time<F: std::future::Future<Output = ()>>(series: &mut Series, f: F) {
 struct Small {
     count: u64,
     payload: String,
-}
-
-fn with_option(url: &str, option: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{option}")
-}
-
-fn encode(url: &str) -> String {
-    url::form_urlencoded::byte_serialize(url.as_bytes()).collect()
 }
 
 /// Bare, memory-cached and Redis-cached loads of one 512 KiB document.
