@@ -38,9 +38,10 @@ use runstate_core::{
     DocName, GetOptions, Operation, PutRequest, Result, RunId, StoredDoc, Version,
 };
 
+use crate::Inner;
 use crate::errors::{map_redis_error, unexpected, until};
-use crate::reply::Reply;
-use crate::{Inner, Write, new_version, read_hmget, read_limited};
+use crate::reply::{Reply, read_hmget, read_limited};
+use crate::writes::{Write, new_version};
 
 /// Documents per pipeline of a batch (each pipeline is one round trip
 /// under the configured timeout).

@@ -4,9 +4,10 @@ use std::time::{Duration, SystemTime};
 
 use redis::Value;
 use runstate_core::time::from_unix_millis;
-use runstate_core::{Bytes, Error, Fence, LockInfo, LockKey, Owner};
+use runstate_core::{Bytes, Error, ErrorKind, Fence, LockInfo, LockKey, Owner, StoredDoc, Version};
 
-use crate::errors::unexpected;
+use crate::BACKEND;
+use crate::errors::{map_redis_error, unexpected};
 
 /// A script's reply: its status and the values after it.
 pub(crate) struct Reply {
@@ -55,6 +56,16 @@ impl Reply {
             Value::SimpleString(text) => Ok(text),
             Value::Int(n) => Ok(n.to_string()),
             _ => Err(unexpected("not text")),
+        }
+    }
+
+    /// The next value as text, `None` when it is nil.
+    pub(crate) fn text_opt(&mut self) -> Result<Option<String>, Error> {
+        match self.bytes()? {
+            None => Ok(None),
+            Some(bytes) => String::from_utf8(bytes.to_vec())
+                .map(Some)
+                .map_err(|_| unexpected("version")),
         }
     }
 
@@ -154,6 +165,75 @@ pub(crate) fn expires_in(pttl: i64) -> Duration {
         Err(_) if pttl == -1 => runstate_core::MAX_TTL,
         Err(_) => Duration::ZERO,
     }
+}
+
+/// The document an acquire loaded: from the pipelined `HMGET` (`pair`),
+/// or from the script's reply when it read the document itself (`load`).
+pub(crate) fn loaded_doc(
+    pair: Option<Value>,
+    load: bool,
+    reply: &mut Reply,
+) -> Result<Option<StoredDoc>, Error> {
+    Ok(match pair {
+        Some(pair) => stored_of(pair)?,
+        None if load => match (reply.text_opt()?, reply.bytes()?) {
+            (Some(version), Some(bytes)) => Some(StoredDoc::new(bytes, Version::new(version))),
+            _ => None,
+        },
+        None => None,
+    })
+}
+
+/// A document read by `HMGET <doc> version data`: both present, or none.
+pub(crate) fn stored_of(pair: Value) -> Result<Option<StoredDoc>, Error> {
+    let Value::Array(pair) = pair else {
+        return Err(unexpected("loaded document"));
+    };
+    let mut pair = pair.into_iter();
+    Ok(match (pair.next(), pair.next()) {
+        (Some(Value::BulkString(version)), Some(Value::BulkString(bytes))) => Some(StoredDoc::new(
+            Bytes::from(bytes),
+            Version::new(String::from_utf8(version).map_err(|_| unexpected("version"))?),
+        )),
+        _ => None,
+    })
+}
+
+/// A document as `get` reads it without a size limit: the reply of
+/// `HMGET <doc> version data` (both present, or none), or the error in it.
+pub(crate) fn read_hmget(reply: Value) -> Result<Option<StoredDoc>, Error> {
+    let reply = reply.extract_error().map_err(map_redis_error)?;
+    let (version, data): (Option<String>, Option<Vec<u8>>) =
+        redis::from_redis_value(reply).map_err(|e| map_redis_error(e.into()))?;
+    Ok(version
+        .zip(data)
+        .map(|(version, data)| StoredDoc::new(Bytes::from(data), Version::new(version))))
+}
+
+/// A document as `get` reads it with a size limit: the limited-read
+/// script's reply.
+pub(crate) fn read_limited(mut reply: Reply, limit: u64) -> Result<Option<StoredDoc>, Error> {
+    match reply.status.as_str() {
+        "ok" => {
+            let version = reply.text()?;
+            let bytes = reply.bytes()?.unwrap_or_default();
+            Ok(Some(StoredDoc::new(bytes, Version::new(version))))
+        }
+        "absent" => Ok(None),
+        "toolarge" => Err(too_large(reply.int()?, Some(limit))),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) fn too_large(size: i64, limit: Option<u64>) -> Error {
+    Error::new(
+        ErrorKind::TooLarge,
+        format!(
+            "document is {size} bytes, over the limit of {}",
+            limit.map_or_else(|| "?".to_owned(), |l| l.to_string())
+        ),
+    )
+    .with_backend(BACKEND)
 }
 
 #[cfg(test)]

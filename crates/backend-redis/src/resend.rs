@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use runstate_core::{Bytes, DocName, Lock, Owner, PutMode, RunId, Store};
 
-use crate::{RedisConfig, RedisStore, Write, new_version};
+use crate::writes::{Write, new_version};
+use crate::{RedisConfig, RedisStore};
 
 /// The same write (one version) sent twice through the client answers
 /// with its version both times, for a create, an update and a

@@ -17,7 +17,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use runstate_core::{Error, ErrorKind, Milestones};
 use serde::{Deserialize, Serialize};
 
-use crate::BACKEND;
+use object_store::{ObjectStoreExt, PutMode as OsPutMode};
+use runstate_core::{Bytes, Result, RunId};
+
+use crate::{BACKEND, Inner, MILESTONE_TRIES};
 
 /// The body of a milestones object.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +120,82 @@ pub(crate) fn parse_time(text: &str) -> Option<SystemTime> {
         format!("{fraction:0<9}").parse().ok()?
     };
     UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+}
+
+impl Inner {
+    /// The milestones object of a run: its ETag and body, `None` when the
+    /// run has none.
+    pub(crate) async fn read_milestones(
+        &self,
+        run: &RunId,
+    ) -> Result<Option<(String, MilestonesBody)>> {
+        let path = self.milestones_path(run);
+        let Some(got) = self.found(self.store.get(&path)).await? else {
+            return Ok(None);
+        };
+        let etag = got.meta.e_tag.clone().ok_or_else(|| {
+            Error::new(ErrorKind::Backend, "the server returned no ETag").with_backend(BACKEND)
+        })?;
+        let bytes = self.bounded(got.bytes()).await?;
+        Ok(Some((etag, MilestonesBody::decode(&bytes, path.as_ref())?)))
+    }
+
+    /// Applies `change` to the run's milestones object by compare-and-swap:
+    /// read it (with its ETag), change the one field, write it back
+    /// conditional on that ETag (`If-None-Match: *` when there was none),
+    /// and start again when the write is refused because someone changed
+    /// another field meanwhile. So concurrent changes of different fields
+    /// never lose one, and no lock is taken. `change` returns whether it
+    /// changed anything: a field that already holds the value needs no
+    /// write (which also makes a retry after a lost reply cheap).
+    ///
+    /// A write whose outcome is unknown (a timeout, a 5xx after retries)
+    /// fails the call with a retryable error; retrying it sets the same
+    /// field to the same value again, which is harmless.
+    pub(crate) async fn change_milestones(
+        &self,
+        run: &RunId,
+        change: impl Fn(&mut MilestonesBody) -> bool,
+    ) -> Result<()> {
+        self.require_conditional()?;
+        let path = self.milestones_path(run);
+        let mut pause = Duration::from_millis(4);
+        for _ in 0..MILESTONE_TRIES {
+            let (mode, mut body) = match self.read_milestones(run).await? {
+                None => (OsPutMode::Create, MilestonesBody::new()),
+                Some((etag, body)) => (Self::if_match(&etag), body),
+            };
+            if !change(&mut body) {
+                return Ok(());
+            }
+            match self
+                .put_object(&path, Bytes::from(body.encode()?), mode)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                // Another field changed (or the object was created or
+                // deleted) since the read: read again.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Precondition | ErrorKind::AlreadyExists | ErrorKind::NotFound
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            // Jittered, growing pauses, so that many workers marking one
+            // run at once do not collide in lockstep.
+            tokio::time::sleep(pause.mul_f64(0.5 + fastrand::f64())).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+        Err(Error::new(
+            ErrorKind::Backend,
+            format!(
+                "the run's milestones kept changing: {MILESTONE_TRIES} compare-and-swap tries lost"
+            ),
+        )
+        .with_backend(BACKEND)
+        .set_retryable(true))
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,226 @@
+//! The store's round trips: every request under the store's timeout
+//! ([`Inner::bounded`]), scripts ([`Inner::invoke`]) and write
+//! transactions ([`Inner::transact`]: a script the server forgot is
+//! loaded again, a transaction a cluster node refused for its layout is
+//! sent again); keys across every primary of a cluster; and the `WAIT`
+//! for replicas after saves and grants.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::{ScriptInvocation, Value};
+use runstate_core::{Error, ErrorKind, ListPage, Result, RunId};
+
+use crate::conn::Conn;
+use crate::errors::{self, unexpected, within};
+use crate::listener::Listener;
+use crate::reply::Reply;
+use crate::{BACKEND, Inner, SCAN_COUNT};
+
+impl Inner {
+    /// The store's listener, started on first use.
+    pub(crate) fn listener(&self) -> Arc<Listener> {
+        Arc::clone(self.listener.get_or_init(|| {
+            Arc::new(Listener::start(
+                self.clients.clone(),
+                self.config.connect_timeout,
+                self.config.timeout,
+                Arc::clone(&self.waits),
+            ))
+        }))
+    }
+
+    /// Runs a request under the configured bound.
+    pub(crate) async fn bounded<T>(
+        &self,
+        request: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        within(self.config.timeout, request).await
+    }
+
+    pub(crate) async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Reply> {
+        let mut con = self.conn.clone();
+        let value: Value = self.bounded(invocation.invoke_async(&mut con)).await?;
+        Reply::parse(value)
+    }
+
+    /// Runs a pipeline (usually MULTI/EXEC) holding `script`, reloading the script and
+    /// running the transaction again if the server had forgotten it (after
+    /// a restart or `SCRIPT FLUSH`; the staged bytes of the failed attempt
+    /// are simply staged again). Returns the replies of the commands that
+    /// were not ignored.
+    ///
+    /// `resend` is the key of a `MULTI`/`EXEC` that may be sent again (a
+    /// write: a write sent again finds its own version in place and
+    /// answers `applied`), given on a cluster only (only a cluster node
+    /// aborts a transaction for the layout). Such a transaction, when a
+    /// node aborted it without running any of it for the cluster's layout
+    /// ([`errors::transaction_not_run`]: sent to a node that does not
+    /// serve the slot, as the cluster client does when it sends a request
+    /// again after the connection to the slot's primary dropped, or with a
+    /// slot map gone stale), is sent again after a short pause, up to
+    /// [`LAYOUT_RESENDS`] times. Before each resend one plain command on
+    /// that key (`EXISTS`) lets the cluster client follow the redirect and
+    /// learn the cluster's layout again, which it does not do for an
+    /// aborted transaction.
+    pub(crate) async fn transact(
+        &self,
+        pipe: &redis::Pipeline,
+        script: &redis::Script,
+        resend: Option<&str>,
+    ) -> Result<Vec<Value>> {
+        let mut con = self.conn.clone();
+        let run = |mut con: Conn| async move { pipe.query_async::<Vec<Value>>(&mut con).await };
+        // One bound for the whole call, reload and resends included.
+        self.bounded(async {
+            let (mut reloaded, mut resent) = (false, 0u32);
+            loop {
+                match run(con.clone()).await {
+                    Err(e)
+                        if !reloaded
+                            && e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        reloaded = true;
+                        script.load_async(&mut con).await?;
+                    }
+                    Err(e) if resent < LAYOUT_RESENDS && errors::transaction_not_run(&e) => {
+                        let Some(key) = resend else {
+                            return Err(e);
+                        };
+                        resent += 1;
+                        tokio::time::sleep(LAYOUT_PAUSE * resent).await;
+                        // Its outcome does not matter: only the redirect
+                        // the client follows (and learns from) on the way.
+                        let _: redis::RedisResult<i64> =
+                            redis::cmd("EXISTS").arg(key).query_async(&mut con).await;
+                    }
+                    outcome => return outcome,
+                }
+            }
+        })
+        .await
+    }
+
+    /// The key the write scripts keep the store-wide run index in: on one
+    /// server `<prefix>:runs`; on a cluster, where a script may touch only
+    /// its run's slot, the run's own document index, which the scripts
+    /// then know not to index again (`list_runs` finds runs by `SCAN`
+    /// instead).
+    pub(crate) fn runs_key(&self, run: &RunId) -> String {
+        if self.conn.is_cluster() {
+            self.keys.docs(run)
+        } else {
+            self.keys.runs().to_owned()
+        }
+    }
+
+    /// Every key matching `pattern` on every node holding keys (the one
+    /// server, or each primary of a cluster), `SCAN_COUNT` asked per call.
+    /// A key may be returned more than once.
+    pub(crate) async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
+        let mut con = self.conn.clone();
+        let mut found = Vec::new();
+        for node in self.bounded(con.scan_targets()).await? {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT);
+                let (next, batch): (u64, Vec<String>) =
+                    self.bounded(con.query_on(node.as_ref(), &cmd)).await?;
+                found.extend(batch);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(found)
+    }
+
+    /// A page of runs on a cluster, which keeps no store-wide index: the
+    /// runs whose document index exists (it does exactly while the run has
+    /// documents), found by `SCAN` on every primary, sorted by name. Each
+    /// page walks the whole keyspace, so it costs as much as the first.
+    pub(crate) async fn cluster_runs(
+        &self,
+        after: Option<&RunId>,
+        limit: usize,
+    ) -> Result<ListPage<RunId>> {
+        let mut runs: Vec<String> = self
+            .scan(&self.keys.docs_pattern())
+            .await?
+            .iter()
+            .filter_map(|key| self.keys.parse_docs(key))
+            .filter(|run| after.is_none_or(|a| run.as_str() > a.as_str()))
+            .collect();
+        runs.sort_unstable();
+        runs.dedup();
+        let more = runs.len() > limit;
+        let items = runs
+            .into_iter()
+            .take(limit)
+            .map(|n| RunId::new(n).map_err(|_| unexpected("run id")))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ListPage::new(items, more))
+    }
+
+    /// With `wait_replicas` set, waits (Redis `WAIT`) until that many
+    /// replicas acknowledged the writes made so far on the connection to
+    /// `key`'s node, sent right after the write's reply on the same
+    /// (multiplexed) connection; a keyed `EXISTS` in front routes the
+    /// `WAIT` to that node on a cluster. Fewer acknowledgements within
+    /// `wait_timeout` fail with a retryable `Backend` error: the write was
+    /// made on the primary, but a failover may lose it.
+    pub(crate) async fn wait_replicated(&self, key: &str) -> Result<()> {
+        let want = self.config.wait_replicas;
+        if want == 0 {
+            return Ok(());
+        }
+        let timeout = self.config.wait_timeout;
+        let mut pipe = redis::pipe();
+        pipe.cmd("EXISTS")
+            .arg(key)
+            .ignore()
+            .cmd("WAIT")
+            .arg(want)
+            .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        let mut con = self.conn.clone();
+        let (acked,): (u64,) =
+            within(timeout + self.config.timeout, pipe.query_async(&mut con)).await?;
+        if acked < want {
+            return Err(self.unreplicated(acked));
+        }
+        Ok(())
+    }
+
+    /// The error of a write that fewer than `wait_replicas` replicas
+    /// acknowledged (`acked` did) in time.
+    pub(crate) fn unreplicated(&self, acked: u64) -> Error {
+        Error::new(
+            ErrorKind::Backend,
+            format!(
+                "only {acked} of {} replicas acknowledged the write within {} ms; \
+                 it was made on the primary but a failover may lose it",
+                self.config.wait_replicas,
+                self.config.wait_timeout.as_millis()
+            ),
+        )
+        .with_backend(BACKEND)
+        .set_retryable(true)
+    }
+}
+
+/// How many times a transaction a cluster node refused for the cluster's
+/// layout is sent again (see [`Inner::transact`]).
+const LAYOUT_RESENDS: u32 = 4;
+
+/// The pause before the `n`-th of those resends is `n` times this: the
+/// cluster client reconnects to a node whose connection dropped in the
+/// background.
+const LAYOUT_PAUSE: Duration = Duration::from_millis(25);
