@@ -1,8 +1,9 @@
 //! The store's round trips: every request under the store's timeout
-//! ([`Inner::bounded`]), scripts ([`Inner::invoke`]) and write
-//! transactions ([`Inner::transact`]: a script the server forgot is
-//! loaded again, a transaction a cluster node refused for its layout is
-//! sent again); keys across every primary of a cluster; and the `WAIT`
+//! ([`Inner::bounded`]), one script ([`Inner::invoke`]) or a pipeline
+//! holding one ([`Inner::transact`]: a script the server forgot is loaded
+//! again, a write transaction a cluster node refused for its layout is
+//! sent again); the pub/sub listener, started on first use; where the run
+//! index lives; keys across every primary of a cluster; and the `WAIT`
 //! for replicas after saves and grants.
 
 use std::future::Future;

@@ -1,6 +1,6 @@
-//! Leases: grants (with the document loaded in the same round trip),
-//! renewals and releases through the lease scripts, the errors of a busy
-//! or refused lock, and the listings of held locks.
+//! Leases: grants (an acquire-and-load reads the document in the same
+//! round trip), renewals and releases through the lease scripts, the
+//! errors of a busy or refused lock, and the listings of held locks.
 
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ impl Inner {
 
     /// The error of a TTL a script refused (the client checks first, so
     /// only a script out of step with the client gets here).
-    pub(crate) fn bad_ttl(key: &LockKey, op: Operation) -> Error {
+    fn bad_ttl(key: &LockKey, op: Operation) -> Error {
         Error::new(
             ErrorKind::InvalidArgument,
             "redis refused the lease TTL; nothing was written",
@@ -51,7 +51,7 @@ impl Inner {
     /// whose reply was an error although its script may have granted:
     /// best effort (the grant expires by its TTL anyway), and only ever
     /// this owner's grant, by its fence.
-    pub(crate) async fn release_ours(
+    async fn release_ours(
         &self,
         key: &LockKey,
         owner: &Owner,
@@ -80,8 +80,8 @@ impl Inner {
 
     /// Releases a grant the caller never got (its acquire failed after
     /// granting): best effort, since it expires by its TTL anyway; this
-    /// process's waiters are told as [`Waits::settled`] says.
-    pub(crate) async fn release_unowned(&self, lease: &Lease, failure: &Error) {
+    /// process's waiters are told as [`Waits::settled`](crate::listener::Waits::settled) says.
+    async fn release_unowned(&self, lease: &Lease, failure: &Error) {
         self.waits.releasing(lease.key(), lease.fence());
         let outcome = self.lease_call(lease, None, Operation::Release).await;
         if let Err(release) = &outcome {
@@ -90,7 +90,7 @@ impl Inner {
         self.waits.settled(lease.key(), lease.fence(), &outcome);
     }
 
-    pub(crate) fn locked(key: &LockKey, holder: LockInfo, op: Operation) -> Error {
+    fn locked(key: &LockKey, holder: LockInfo, op: Operation) -> Error {
         Error::new(ErrorKind::Locked, "the lock is held")
             .with_backend(BACKEND)
             .with_operation(op)
@@ -147,7 +147,7 @@ impl Inner {
     }
 
     /// Every held lock under the prefix, without a store-wide index: `SCAN`
-    /// for lock keys ([`SCAN_COUNT`] per call), then the holders, read by
+    /// for lock keys ([`SCAN_COUNT`](crate::SCAN_COUNT) per call), then the holders, read by
     /// the inspect script pipelined [`HOLDER_BATCH`] keys per round trip.
     /// Each script touches one lock key, so nothing spans runs. A lock that
     /// expires between the two steps reads as free and is left out.

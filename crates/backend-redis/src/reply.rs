@@ -1,4 +1,5 @@
-//! Reading script replies.
+//! Reading replies: a script's (its status, then its values), a lock's
+//! holder, and the documents read by `HMGET` or by the limited-read script.
 
 use std::time::{Duration, SystemTime};
 

@@ -106,6 +106,22 @@ pub(crate) fn entries(value: Value) -> Result<Vec<StatusMessage>> {
 }
 
 impl Inner {
+    /// Sets one field of the run's milestones hash: one `HSET`, atomic by
+    /// itself, no lock.
+    pub(crate) async fn set_field(&self, run: &RunId, field: &str, value: &str) -> Result<()> {
+        let mut con = self.conn.clone();
+        let _: i64 = self
+            .bounded(
+                redis::cmd("HSET")
+                    .arg(self.keys.milestones(run))
+                    .arg(field)
+                    .arg(value)
+                    .query_async(&mut con),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// One `XRANGE` page of `run`'s history from `start` (inclusive; `-`
     /// for the first entry).
     async fn status_page(

@@ -1,5 +1,5 @@
-//! Writes: a `put`, a save under a lease, a save-and-release and each
-//! write of a batch are one `MULTI`/`EXEC` of the same commands (the
+//! Document writes: a `put`, a save under a lease, a save-and-release and
+//! each write of a batch are one `MULTI`/`EXEC` of the same commands (the
 //! document staged by `HSET`, then the write script), built by
 //! [`Inner::write_commands`] and read by [`Inner::write_outcome`].
 
@@ -254,22 +254,6 @@ impl Inner {
             .with_backend(BACKEND)),
             other => Err(unexpected(other)),
         }
-    }
-
-    /// Sets one field of the run's milestones hash: one `HSET`, atomic by
-    /// itself, no lock.
-    pub(crate) async fn set_field(&self, run: &RunId, field: &str, value: &str) -> Result<()> {
-        let mut con = self.conn.clone();
-        let _: i64 = self
-            .bounded(
-                redis::cmd("HSET")
-                    .arg(self.keys.milestones(run))
-                    .arg(field)
-                    .arg(value)
-                    .query_async(&mut con),
-            )
-            .await?;
-        Ok(())
     }
 }
 

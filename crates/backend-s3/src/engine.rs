@@ -12,7 +12,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{
     Attribute, AttributeValue, Attributes, GetOptions as OsGetOptions, ObjectStore, ObjectStoreExt,
-    PutMode as OsPutMode, PutOptions as OsPutOptions, PutPayload,
+    PutMode as OsPutMode, PutOptions as OsPutOptions, PutPayload, UpdateVersion,
 };
 use runstate_core::{
     Bytes, DocMeta, DocName, Error, ErrorKind, GetOptions, LockKey, Result, RunId, StoredDoc,
@@ -41,10 +41,6 @@ pub(crate) struct DocHead {
     pub(crate) version: Version,
     pub(crate) nonce: Option<String>,
 }
-
-/// A document read with a grant: `None` when it was not (the caller reads
-/// after the grant), else what [`Inner::get_doc`] said.
-pub(crate) type Loaded = Option<Result<Option<StoredDoc>>>;
 
 /// How a document write failed.
 pub(crate) enum WriteError {
@@ -78,6 +74,29 @@ pub(crate) fn version_of(e_tag: Option<String>) -> Result<Version> {
 }
 
 impl Inner {
+    pub(crate) fn if_match(etag: &str) -> OsPutMode {
+        OsPutMode::Update(UpdateVersion {
+            e_tag: Some(etag.to_owned()),
+            version: None,
+        })
+    }
+
+    /// The condition of an `Update(version)` of a document: `If-Match`
+    /// with the version, which must be one this store can have returned
+    /// (a plain ETag). Anything else (empty, blank, `*`, a weak tag, a
+    /// list, a header injection) is refused with `Precondition` before
+    /// anything is sent: no document of this store is at that version, and
+    /// servers ignore or widen such headers (moto ignores an empty
+    /// `If-Match`, `*` matches any version), which would turn the update
+    /// into an unconditional write.
+    pub(crate) fn if_version(version: &Version) -> Result<OsPutMode> {
+        if is_plain_etag(version.as_str()) {
+            Ok(Self::if_match(version.as_str()))
+        } else {
+            Err(not_a_version())
+        }
+    }
+
     pub(crate) async fn bounded<T>(
         &self,
         request: impl Future<Output = std::result::Result<T, object_store::Error>>,
@@ -204,7 +223,7 @@ impl Inner {
         Ok(Some(StoredDoc::new(bytes, version)))
     }
 
-    /// A permit for one request of a batch (see [`BATCH_REQUESTS`]).
+    /// A permit for one request of a batch (see [`BATCH_REQUESTS`](crate::BATCH_REQUESTS)).
     pub(crate) async fn batch_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
         self.batch_requests.acquire().await.map_err(|e| {
             Error::new(ErrorKind::Backend, "the store's batch permits are closed")
@@ -414,4 +433,27 @@ impl Inner {
         }
         Ok(all)
     }
+}
+
+/// The refusal of an `Update` with a version that is no ETag of this store.
+fn not_a_version() -> Error {
+    Error::new(
+        ErrorKind::Precondition,
+        "the document is not at that version: it is no version of this store (a quoted ETag); \
+         nothing was sent",
+    )
+    .with_backend(BACKEND)
+}
+
+/// Whether `version` is a plain strong ETag (`"…"` of visible ASCII, no
+/// quote or comma inside): what an `If-None-Match` header may carry as one
+/// tag. Anything else could be read by the server as a list of tags or a
+/// wildcard, or be no valid header at all.
+pub(crate) fn is_plain_etag(version: &str) -> bool {
+    version.len() >= 2
+        && version.starts_with('"')
+        && version.ends_with('"')
+        && version[1..version.len() - 1]
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b',')
 }

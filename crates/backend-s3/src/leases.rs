@@ -1,4 +1,7 @@
-//! Lease objects, and the rule that judges their expiry.
+//! Lease objects, the rule that judges their expiry, and the lease
+//! protocol on them: grants (an acquire-and-load reads the document
+//! with the grant), renewals, releases and breaks, each a conditional
+//! write; and the fenced document write, checked against its lease.
 //!
 //! A lock is one small JSON object, `<prefix>/.runstate/locks/<run>/run.lease`
 //! or `…/doc.<name>.lease`:
@@ -44,16 +47,20 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutMode as OsPutMode, UpdateVersion};
+use object_store::{ObjectStoreExt, PutMode as OsPutMode};
 use runstate_core::time::{from_unix_millis, unix_millis};
 use runstate_core::{
     Bytes, DocName, Error, ErrorKind, Fence, GetOptions, Lease, LockInfo, LockKey, Operation,
-    Owner, PutMode, Result, Version, check_ttl,
+    Owner, PutMode, Result, StoredDoc, Version, check_ttl,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{DocHead, Loaded, WriteError};
-use crate::{BACKEND, Inner, is_plain_etag};
+use crate::engine::{DocHead, WriteError};
+use crate::{BACKEND, Inner};
+
+/// A document read with a grant: `None` when it was not (the caller reads
+/// after the grant), else what [`Inner::get_doc`] said.
+type Loaded = Option<Result<Option<StoredDoc>>>;
 
 /// The body of a lease object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +197,7 @@ impl Inner {
     }
 
     /// Records a lease version this store wrote (or found it had written).
-    pub(crate) fn remember(&self, path: &Path, etag: &str, body: &LeaseBody, at: Instant) {
+    fn remember(&self, path: &Path, etag: &str, body: &LeaseBody, at: Instant) {
         self.sightings.saw(path.as_ref(), etag, at);
         self.written
             .lock()
@@ -236,7 +243,7 @@ impl Inner {
     /// every body distinct), an earlier try of this write was applied and
     /// its reply lost, and the write counts. Otherwise `Err` with what is
     /// there now.
-    pub(crate) async fn swap_lease(
+    async fn swap_lease(
         &self,
         path: &Path,
         body: &LeaseBody,
@@ -265,7 +272,7 @@ impl Inner {
     /// caller still has the token that renewal replaced. The swap is then
     /// made from what is there, as a compare-and-swap again: a takeover
     /// racing it wins or loses cleanly.
-    pub(crate) async fn swap_own(
+    async fn swap_own(
         &self,
         path: &Path,
         body: &LeaseBody,
@@ -289,30 +296,7 @@ impl Inner {
         Ok(Err(last))
     }
 
-    pub(crate) fn if_match(etag: &str) -> OsPutMode {
-        OsPutMode::Update(UpdateVersion {
-            e_tag: Some(etag.to_owned()),
-            version: None,
-        })
-    }
-
-    /// The condition of an `Update(version)` of a document: `If-Match`
-    /// with the version, which must be one this store can have returned
-    /// (a plain ETag). Anything else (empty, blank, `*`, a weak tag, a
-    /// list, a header injection) is refused with `Precondition` before
-    /// anything is sent: no document of this store is at that version, and
-    /// servers ignore or widen such headers (moto ignores an empty
-    /// `If-Match`, `*` matches any version), which would turn the update
-    /// into an unconditional write.
-    pub(crate) fn if_version(version: &Version) -> Result<OsPutMode> {
-        if is_plain_etag(version.as_str()) {
-            Ok(Self::if_match(version.as_str()))
-        } else {
-            Err(not_a_version())
-        }
-    }
-
-    pub(crate) fn locked(&self, key: &LockKey, holder: Option<LockInfo>) -> Error {
+    fn locked(&self, key: &LockKey, holder: Option<LockInfo>) -> Error {
         let mut error = Error::new(ErrorKind::Locked, "the lock is held")
             .with_backend(BACKEND)
             .with_operation(Operation::Acquire)
@@ -324,7 +308,7 @@ impl Inner {
     }
 
     /// Who holds a lease object as read, if its grant is live.
-    pub(crate) fn holder_of(
+    fn holder_of(
         &self,
         key: &LockKey,
         read: Option<&(String, LeaseBody, Instant)>,
@@ -358,7 +342,7 @@ impl Inner {
             .map(|(lease, _)| lease)
     }
 
-    /// Takes the lock (see [`Lock::try_acquire`]) and, with `load`, reads
+    /// Takes the lock (see [`Lock::try_acquire`](runstate_core::Lock::try_acquire)) and, with `load`, reads
     /// that document in the same round trip as the grant's write: the
     /// document `GET` is sent together with the lease `PUT`, and its
     /// result is kept only when that `PUT` granted the lock (`Some`);
@@ -458,7 +442,7 @@ impl Inner {
     /// Writes a grant ([`write_lease`](Self::write_lease)) and, with
     /// `load`, reads that document at the same time; the read is returned
     /// only when the write granted the lock.
-    pub(crate) async fn write_grant(
+    async fn write_grant(
         &self,
         path: &Path,
         body: &LeaseBody,
@@ -478,7 +462,7 @@ impl Inner {
         Ok((written, loaded))
     }
 
-    pub(crate) fn lease_lost(
+    fn lease_lost(
         &self,
         lease: &Lease,
         holder: Option<LockInfo>,
@@ -497,7 +481,7 @@ impl Inner {
 
     /// The ETag of the lease object this grant wrote: a lease without one
     /// was not granted by this backend and can be nobody's.
-    pub(crate) fn token<'a>(&self, lease: &'a Lease, op: Operation) -> Result<&'a str> {
+    fn token<'a>(&self, lease: &'a Lease, op: Operation) -> Result<&'a str> {
         match lease.token() {
             Some(token) if !token.is_empty() => Ok(token),
             _ => Err(self.lease_lost(
@@ -557,7 +541,7 @@ impl Inner {
         }
     }
 
-    pub(crate) fn fenced(&self, lease: &Lease, holder: Option<LockInfo>, why: &str) -> Error {
+    fn fenced(&self, lease: &Lease, holder: Option<LockInfo>, why: &str) -> Error {
         let mut error = Error::new(
             ErrorKind::Fenced,
             format!(
@@ -576,7 +560,7 @@ impl Inner {
     /// Checks that `lease` is still the current grant of its lock: its
     /// local deadline has not passed and its lease object is still the
     /// version this grant wrote (one `HEAD`).
-    pub(crate) async fn check_lease(&self, lease: &Lease) -> Result<()> {
+    async fn check_lease(&self, lease: &Lease) -> Result<()> {
         if lease.is_expired() {
             return Err(self.fenced(lease, None, "its deadline has passed"));
         }
@@ -732,14 +716,4 @@ fn is_grant_of(body: &LeaseBody, lease: &Lease) -> bool {
             .owner
             .as_ref()
             .is_some_and(|owner| owner.id() == lease.owner().id())
-}
-
-/// The refusal of an `Update` with a version that is no ETag of this store.
-fn not_a_version() -> Error {
-    Error::new(
-        ErrorKind::Precondition,
-        "the document is not at that version: it is no version of this store (a quoted ETag); \
-         nothing was sent",
-    )
-    .with_backend(BACKEND)
 }

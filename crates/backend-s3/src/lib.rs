@@ -283,7 +283,7 @@ pub use config::{Provider, S3Config};
 pub use object_store;
 pub use probe::ProbeReport;
 
-use crate::engine::{DocListing, RunListing, WriteError, version_of};
+use crate::engine::{DocListing, RunListing, WriteError, is_plain_etag, version_of};
 use crate::errors::{map_error, timed_out};
 use crate::leases::{LeaseBody, Sightings, info};
 use crate::milestones::format_time;
@@ -1000,19 +1000,6 @@ pub fn version_is_md5_of(version: &Version, bytes: &[u8]) -> bool {
         .map(|byte| format!("{byte:02x}"))
         .collect();
     hex.eq_ignore_ascii_case(&expected)
-}
-
-/// Whether `version` is a plain strong ETag (`"…"` of visible ASCII, no
-/// quote or comma inside): what an `If-None-Match` header may carry as one
-/// tag. Anything else could be read by the server as a list of tags or a
-/// wildcard, or be no valid header at all.
-pub(crate) fn is_plain_etag(version: &str) -> bool {
-    version.len() >= 2
-        && version.starts_with('"')
-        && version.ends_with('"')
-        && version[1..version.len() - 1]
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b',')
 }
 
 #[async_trait]

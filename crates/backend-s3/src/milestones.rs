@@ -14,11 +14,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use runstate_core::{Error, ErrorKind, Milestones};
-use serde::{Deserialize, Serialize};
-
 use object_store::{ObjectStoreExt, PutMode as OsPutMode};
-use runstate_core::{Bytes, Result, RunId};
+use runstate_core::{Bytes, Error, ErrorKind, Milestones, Result, RunId};
+use serde::{Deserialize, Serialize};
 
 use crate::{BACKEND, Inner, MILESTONE_TRIES};
 

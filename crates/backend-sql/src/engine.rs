@@ -1,12 +1,11 @@
-//! Statements and transactions, each bounded by the store's call bound;
-//! reading rows; and the errors every operation shares (a document too
-//! large, a write refused by its mode).
+//! Statements and transactions, each bounded by the store's call bound,
+//! and reading rows.
 
 use std::future::Future;
 use std::time::SystemTime;
 
+use runstate_core::Result;
 use runstate_core::time::from_unix_millis;
-use runstate_core::{Error, ErrorKind, PutMode, Result};
 use sqlx::Row;
 use sqlx::any::{AnyQueryResult, AnyRow};
 
@@ -22,7 +21,7 @@ impl Inner {
     }
 
     /// Runs `request` (lending a connection included) within the call
-    /// bound. A request cut short drops its connection (see [`pool`]).
+    /// bound. A request cut short drops its connection (see [`pool`](crate::pool)).
     pub(crate) async fn bounded<T>(
         &self,
         request: impl Future<Output = std::result::Result<T, sqlx::Error>>,
@@ -33,7 +32,7 @@ impl Inner {
         }
     }
 
-    pub(crate) async fn execute_on(
+    async fn execute_on(
         &self,
         pool: &Pool,
         stmt: &Stmt,
@@ -46,7 +45,7 @@ impl Inner {
         .await
     }
 
-    pub(crate) async fn fetch_optional_on(
+    async fn fetch_optional_on(
         &self,
         pool: &Pool,
         stmt: &Stmt,
@@ -98,12 +97,7 @@ impl Inner {
     /// Runs a statement that changes rows and returns how many: from the
     /// command tag, or from its first column for statements that announce
     /// their change in PostgreSQL ([`Stmt::counted`]).
-    pub(crate) async fn affected_on(
-        &self,
-        pool: &Pool,
-        stmt: &Stmt,
-        params: &[P<'_>],
-    ) -> Result<u64> {
+    async fn affected_on(&self, pool: &Pool, stmt: &Stmt, params: &[P<'_>]) -> Result<u64> {
         if stmt.counted {
             let row = self
                 .fetch_optional_on(pool, stmt, params)
@@ -167,55 +161,6 @@ impl Inner {
         row.try_get::<String, _>(index)
             .map_err(|e| map_error(self.dialect, e))
     }
-
-    pub(crate) fn too_large(&self, size: i64, limit: Option<u64>) -> Error {
-        Error::new(
-            ErrorKind::TooLarge,
-            format!(
-                "document is {size} bytes, over the limit of {}",
-                limit.unwrap_or(0)
-            ),
-        )
-        .with_backend(self.backend())
-    }
-
-    pub(crate) fn check_size(&self, bytes: &[u8]) -> Result<()> {
-        if let Some(max) = self.capabilities.max_document_size
-            && bytes.len() as u64 > max
-        {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "document is {} bytes, over the database's limit of {max}",
-                    bytes.len()
-                ),
-            )
-            .with_backend(self.backend()));
-        }
-        Ok(())
-    }
-
-    pub(crate) fn refused(&self, mode: &PutMode) -> Error {
-        match mode {
-            PutMode::Create => Error::new(ErrorKind::AlreadyExists, "the document already exists")
-                .with_backend(self.backend()),
-            PutMode::Update(v) => Error::new(
-                ErrorKind::Precondition,
-                format!("the stored version is not the expected {v}"),
-            )
-            .with_backend(self.backend()),
-            PutMode::Overwrite => unexpected(self.dialect, "an overwrite was refused"),
-        }
-    }
-
-    /// The expected version of an update; a token this backend never made
-    /// can match nothing.
-    pub(crate) fn expected(mode: &PutMode) -> Option<i64> {
-        match mode {
-            PutMode::Update(v) => Some(v.as_str().parse().unwrap_or(0)),
-            _ => None,
-        }
-    }
 }
 
 /// A transaction: each statement bounded by the call bound. Dropped
@@ -253,11 +198,11 @@ impl Tx<'_> {
             .await
     }
 
-    pub(crate) async fn commit(mut self) -> Result<()> {
+    async fn commit(mut self) -> Result<()> {
         self.inner.bounded(self.conn.end("COMMIT")).await
     }
 
-    pub(crate) async fn rollback(mut self) {
+    async fn rollback(mut self) {
         let _ = self.inner.bounded(self.conn.end("ROLLBACK")).await;
     }
 
@@ -274,28 +219,4 @@ impl Tx<'_> {
             }
         }
     }
-}
-
-/// Whether `error` is the database's refusal of a statement or
-/// transaction, which then committed nothing, for a reason that concerns
-/// its rows (a constraint, a trigger, a full disk), not the database
-/// itself (busy, a deadlock, a timeout: retryable) or the connection (the
-/// outcome is unknown then).
-pub(crate) fn refused_by_the_database(error: &Error) -> bool {
-    !error.is_retryable()
-        && std::error::Error::source(error)
-            .and_then(|source| source.downcast_ref::<sqlx::Error>())
-            .is_some_and(|source| matches!(source, sqlx::Error::Database(_)))
-}
-
-/// Whether `error` is a transaction conflict the database answered (a
-/// deadlock, a serialization failure, a lock wait that timed out): the
-/// statement or transaction was rolled back, and trying it again may
-/// succeed.
-pub(crate) fn conflict_in_the_database(error: &Error) -> bool {
-    error.is_retryable()
-        && error.kind() == ErrorKind::Backend
-        && std::error::Error::source(error)
-            .and_then(|source| source.downcast_ref::<sqlx::Error>())
-            .is_some_and(|source| matches!(source, sqlx::Error::Database(_)))
 }

@@ -1,6 +1,6 @@
-//! Leases: grants (with the document loaded in the same round trip),
-//! releases, a foreign lease's watermark, holders, and the errors of a
-//! busy, lost or fenced lease.
+//! Leases: grants (an acquire-and-load reads the document in the same
+//! round trip), releases, a foreign lease's watermark, holders, and the
+//! errors of a busy, lost or fenced lease.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -38,7 +38,7 @@ impl Inner {
         row.map(|row| self.holder_at(key, &row, 0)).transpose()
     }
 
-    pub(crate) fn locked(&self, key: &LockKey, holder: Option<LockInfo>, op: Operation) -> Error {
+    fn locked(&self, key: &LockKey, holder: Option<LockInfo>, op: Operation) -> Error {
         let mut error = Error::new(ErrorKind::Locked, "the lock is held")
             .with_backend(self.backend())
             .with_operation(op)
@@ -338,7 +338,7 @@ pub(crate) fn ttl_ms(dialect: Dialect, key: &LockKey, ttl: Duration) -> Result<i
     Ok(ms(ttl))
 }
 
-pub(crate) fn owner_json(owner: &Owner) -> Result<String> {
+fn owner_json(owner: &Owner) -> Result<String> {
     serde_json::to_string(owner).map_err(|e| {
         Error::new(ErrorKind::InvalidArgument, "owner cannot be encoded").with_source(e)
     })

@@ -1,19 +1,31 @@
-//! Reading documents: one, several in one statement, or one unless its
-//! version is already known.
+//! Reading documents: one, several (a statement per chunk of names), or
+//! one unless its version is already known.
 
 use std::collections::{HashMap, HashSet};
 
 use runstate_core::{
-    Bytes, DocName, ErrorKind, Fetched, GetOptions, Operation, Result, RunId, StoredDoc, Version,
+    Bytes, DocName, Error, ErrorKind, Fetched, GetOptions, Operation, Result, RunId, StoredDoc,
+    Version,
 };
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::errors::map_error;
-use crate::statements::{self};
+use crate::statements;
 use crate::{Inner, P};
 
 impl Inner {
+    fn too_large(&self, size: i64, limit: Option<u64>) -> Error {
+        Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "document is {size} bytes, over the limit of {}",
+                limit.unwrap_or(0)
+            ),
+        )
+        .with_backend(self.backend())
+    }
+
     /// A document from columns version, size, bytes-or-NULL at `at`.
     pub(crate) fn stored_at(
         &self,
@@ -125,7 +137,7 @@ impl Inner {
         }
     }
 
-    /// Reads several documents of `run` (see [`Store::get_many`]): one
+    /// Reads several documents of `run` (see [`Store::get_many`](runstate_core::Store::get_many)): one
     /// statement per `2^GET_MANY_LOG2` distinct names, the size limit
     /// applied per row as [`Inner::get`] applies it.
     pub(crate) async fn get_many(

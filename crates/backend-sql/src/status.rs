@@ -167,7 +167,7 @@ pub(crate) fn timestamp_text(at: SystemTime) -> Result<String> {
 }
 
 /// Parses seconds since the epoch, with any number of decimals.
-pub(crate) fn parse_timestamp(text: &str) -> Option<SystemTime> {
+fn parse_timestamp(text: &str) -> Option<SystemTime> {
     let (secs, fraction) = text.split_once('.').unwrap_or((text, ""));
     let secs: u64 = secs.parse().ok()?;
     if !fraction.bytes().all(|b| b.is_ascii_digit()) {

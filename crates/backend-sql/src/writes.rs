@@ -1,6 +1,8 @@
 //! Writing documents: a `put`, a save under this store's lease or under
 //! one granted by another lock service (checked against its watermark),
-//! batches of writes in a few statements, and a run's deletion.
+//! batches of writes (multi-row statements, or on SQLite one statement
+//! per write in one transaction), a run's deletion, and the errors of a
+//! write refused by its mode or too large.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,7 +14,6 @@ use runstate_core::{
 use sqlx::any::AnyRow;
 
 use crate::config::Dialect;
-use crate::engine::{conflict_in_the_database, refused_by_the_database};
 use crate::leases::fence_i64;
 use crate::statements::{self, FencedKind};
 use crate::{
@@ -20,6 +21,44 @@ use crate::{
 };
 
 impl Inner {
+    fn check_size(&self, bytes: &[u8]) -> Result<()> {
+        if let Some(max) = self.capabilities.max_document_size
+            && bytes.len() as u64 > max
+        {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "document is {} bytes, over the database's limit of {max}",
+                    bytes.len()
+                ),
+            )
+            .with_backend(self.backend()));
+        }
+        Ok(())
+    }
+
+    fn refused(&self, mode: &PutMode) -> Error {
+        match mode {
+            PutMode::Create => Error::new(ErrorKind::AlreadyExists, "the document already exists")
+                .with_backend(self.backend()),
+            PutMode::Update(v) => Error::new(
+                ErrorKind::Precondition,
+                format!("the stored version is not the expected {v}"),
+            )
+            .with_backend(self.backend()),
+            PutMode::Overwrite => unexpected(self.dialect, "an overwrite was refused"),
+        }
+    }
+
+    /// The expected version of an update; a token this backend never made
+    /// can match nothing.
+    fn expected(mode: &PutMode) -> Option<i64> {
+        match mode {
+            PutMode::Update(v) => Some(v.as_str().parse().unwrap_or(0)),
+            _ => None,
+        }
+    }
+
     pub(crate) async fn put(
         &self,
         run: &RunId,
@@ -203,7 +242,7 @@ impl Inner {
 
     /// The write of [`Inner::fenced_put`]; sets `released` once the lease
     /// was given up (or a release was tried) on the way.
-    pub(crate) async fn fenced_write(
+    async fn fenced_write(
         &self,
         lease: &Lease,
         doc: &DocName,
@@ -332,7 +371,7 @@ impl Inner {
         }
     }
 
-    /// Writes several documents of `run` (see [`Store::put_many`]), each
+    /// Writes several documents of `run` (see [`Store::put_many`](runstate_core::Store::put_many)), each
     /// exactly as [`Inner::put`] would: its size checked first, then its
     /// mode's condition, atomically with its write.
     ///
@@ -402,7 +441,7 @@ impl Inner {
     /// Splits a wave into groups of at most [`BATCH_ROWS`] writes and
     /// about [`BATCH_BYTES`] (a larger document goes alone; MySQL's
     /// packet limit caps it too).
-    pub(crate) fn groups<'w>(&self, puts: &[PutRequest], wave: &'w [usize]) -> Vec<&'w [usize]> {
+    fn groups<'w>(&self, puts: &[PutRequest], wave: &'w [usize]) -> Vec<&'w [usize]> {
         let cap = self
             .capabilities
             .max_document_size
@@ -412,7 +451,7 @@ impl Inner {
 
     /// Writes one group of a batch (see [`Inner::put_many`]); a group the
     /// database refused is written again one at a time.
-    pub(crate) async fn put_group(
+    async fn put_group(
         &self,
         run: &RunId,
         puts: &[PutRequest],
@@ -460,7 +499,7 @@ impl Inner {
     }
 
     /// The binds of a group of writes, with their new versions.
-    pub(crate) fn batch_params<'a>(
+    fn batch_params<'a>(
         run: &'a RunId,
         puts: &'a [PutRequest],
         group: &[usize],
@@ -485,7 +524,7 @@ impl Inner {
     /// The outcome of each write of a group, from the versions the rows
     /// hold now: a row holding its write's (fresh, random) version was
     /// written; any other was refused by its condition.
-    pub(crate) fn batch_outcomes(
+    fn batch_outcomes(
         &self,
         puts: &[PutRequest],
         group: &[usize],
@@ -507,13 +546,13 @@ impl Inner {
     }
 
     /// The name and version columns of rows.
-    pub(crate) fn versions_of(&self, rows: &[AnyRow]) -> Result<HashMap<String, i64>> {
+    fn versions_of(&self, rows: &[AnyRow]) -> Result<HashMap<String, i64>> {
         rows.iter()
             .map(|row| Ok((self.get_text(row, 0)?, self.get_i64(row, 1)?)))
             .collect()
     }
 
-    pub(crate) async fn put_group_postgres(
+    async fn put_group_postgres(
         &self,
         run: &RunId,
         puts: &[PutRequest],
@@ -527,7 +566,7 @@ impl Inner {
         Ok(self.batch_outcomes(puts, group, &versions, &written))
     }
 
-    pub(crate) async fn put_group_mysql(
+    async fn put_group_mysql(
         &self,
         run: &RunId,
         puts: &[PutRequest],
@@ -628,7 +667,7 @@ impl Inner {
     /// its condition (a create of an existing document) is rolled back
     /// alone, as SQLite does, and is that write's outcome; any other
     /// error rolls the whole transaction back.
-    pub(crate) async fn put_group_sqlite(
+    async fn put_group_sqlite(
         &self,
         run: &RunId,
         puts: &[PutRequest],
@@ -669,4 +708,28 @@ impl Inner {
         .await;
         tx.finish(outcome).await
     }
+}
+
+/// Whether `error` is the database's refusal of a statement or
+/// transaction, which then committed nothing, for a reason that concerns
+/// its rows (a constraint, a trigger, a full disk), not the database
+/// itself (busy, a deadlock, a timeout: retryable) or the connection (the
+/// outcome is unknown then).
+fn refused_by_the_database(error: &Error) -> bool {
+    !error.is_retryable()
+        && std::error::Error::source(error)
+            .and_then(|source| source.downcast_ref::<sqlx::Error>())
+            .is_some_and(|source| matches!(source, sqlx::Error::Database(_)))
+}
+
+/// Whether `error` is a transaction conflict the database answered (a
+/// deadlock, a serialization failure, a lock wait that timed out): the
+/// statement or transaction was rolled back, and trying it again may
+/// succeed.
+fn conflict_in_the_database(error: &Error) -> bool {
+    error.is_retryable()
+        && error.kind() == ErrorKind::Backend
+        && std::error::Error::source(error)
+            .and_then(|source| source.downcast_ref::<sqlx::Error>())
+            .is_some_and(|source| matches!(source, sqlx::Error::Database(_)))
 }
