@@ -88,7 +88,8 @@ struct Row {
     copy_floor_docs_per_sec: Option<f64>,
     /// The copy floor's ratio to the slower side's raw single-writer rate.
     copy_floor_ratio: Option<f64>,
-    /// Into file: the layout floor (see the module documentation).
+    /// Into file, where file is the slower side: the layout floor (see the
+    /// module documentation).
     record_floor_docs_per_sec: Option<f64>,
     /// The layout floor's ratio to the slower side's raw single-writer rate.
     record_floor_ratio: Option<f64>,
@@ -327,7 +328,13 @@ fn main() {
                     (to.name(), to_one, to_eight)
                 };
                 let after = write_rate(slower_side, raw_writes, &format!("{tag}a")).await;
-                let records = record_floor(to.name(), raw_writes, &tag).await;
+                // Shown only where file is the slower side: the floor is a
+                // file writer's, a ratio to another side's rate means nothing.
+                let records = if slower_side == "file" {
+                    record_floor(to.name(), raw_writes, &tag).await
+                } else {
+                    None
+                };
                 let baseline = (slower + after) / 2.0;
                 let ratio = docs_per_sec / baseline;
                 let target_ratio = if to == Backend::S3 {
@@ -412,8 +419,26 @@ fn print_table(rows: &[Row]) {
             if r.meets_target { "ok" } else { "MISSED" },
         );
     }
-    print_layout_floors(rows);
-    print_copy_floors_into_s3(rows);
+    print_floor_table(
+        rows,
+        "Layout floor into file (one writer: each value made durable as the raw writer does, \
+         and its lock record created beside it; measured after the migration)",
+        "raw write docs/s (to)",
+        "layout floor",
+        |r| r.record_floor_docs_per_sec.zip(r.record_floor_ratio),
+    );
+    print_floor_table(
+        rows,
+        "Copy floor into S3: raw clients of both sides, eight copies in flight, each a raw read \
+         and a plain PUT, nothing listed or checked; just before the migration.",
+        "raw write docs/s (S3)",
+        "copy floor",
+        |r| {
+            (r.to == "s3")
+                .then(|| r.copy_floor_docs_per_sec.zip(r.copy_floor_ratio))
+                .flatten()
+        },
+    );
     let floors: Vec<&Row> = rows
         .iter()
         .filter(|r| r.floor_docs_per_sec.is_some())
@@ -453,67 +478,40 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-fn print_copy_floors_into_s3(rows: &[Row]) {
-    let floors: Vec<&Row> = rows
+/// A table of one floor measured on the target side, pair by pair: `floor`
+/// gives a row's floor in docs/s and its ratio to the slower side's raw
+/// rate, or `None` where the table has no row for it; `raw` names the raw
+/// write rate shown beside it and `name` the floor.
+fn print_floor_table(
+    rows: &[Row],
+    title: &str,
+    raw: &str,
+    name: &str,
+    floor: impl Fn(&Row) -> Option<(f64, f64)>,
+) {
+    let floors: Vec<(&Row, (f64, f64))> = rows
         .iter()
-        .filter(|r| r.to == "s3" && r.copy_floor_docs_per_sec.is_some())
+        .filter_map(|r| floor(r).map(|f| (r, f)))
         .collect();
     if floors.is_empty() {
         return;
     }
+    println!("\n{title}\n");
     println!(
-        "\nCopy floor into S3: raw clients of both sides, eight copies in flight, each a raw \
-         read and a plain PUT, nothing listed or checked; just before the migration.\n"
-    );
-    println!(
-        "| from → to | raw write docs/s (S3) | copy floor docs/s | copy floor ratio | \
-         migration ratio | migration / copy floor |"
+        "| from → to | {raw} | {name} docs/s | {name} ratio | migration ratio | \
+         migration / {name} |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
-    for r in floors {
-        let copy_floor = r.copy_floor_docs_per_sec.unwrap_or(0.0);
+    for (r, (docs_per_sec, ratio)) in floors {
         println!(
             "| {} → {} | {:.0} | {:.0} | {:.2}× | {:.2}× | {:.2}× |",
             r.from,
             r.to,
             r.raw_to_docs_per_sec,
-            copy_floor,
-            r.copy_floor_ratio.unwrap_or(0.0),
+            docs_per_sec,
+            ratio,
             r.ratio,
-            r.docs_per_sec / copy_floor,
-        );
-    }
-}
-
-fn print_layout_floors(rows: &[Row]) {
-    let floors: Vec<&Row> = rows
-        .iter()
-        // Only where file is the slower side: the floor is a file writer's.
-        .filter(|r| r.record_floor_docs_per_sec.is_some() && r.slower_side == "file")
-        .collect();
-    if floors.is_empty() {
-        return;
-    }
-    println!(
-        "\nLayout floor into file (one writer: each value made durable as the raw writer does, \
-         and its lock record created beside it; measured after the migration)\n"
-    );
-    println!(
-        "| from → to | raw write docs/s (to) | layout floor docs/s | layout floor ratio | \
-         migration ratio | migration / layout floor |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|");
-    for r in floors {
-        let floor = r.record_floor_docs_per_sec.unwrap_or(0.0);
-        println!(
-            "| {} → {} | {:.0} | {:.0} | {:.2}× | {:.2}× | {:.2}× |",
-            r.from,
-            r.to,
-            r.raw_to_docs_per_sec,
-            floor,
-            r.record_floor_ratio.unwrap_or(0.0),
-            r.ratio,
-            r.docs_per_sec / floor,
+            r.docs_per_sec / docs_per_sec,
         );
     }
 }
