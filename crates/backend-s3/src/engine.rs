@@ -205,19 +205,7 @@ impl Inner {
         let Some(got) = self.found(self.store.get(path)).await? else {
             return Ok(None);
         };
-        // The size is known from the headers, before the body is read.
-        if let Some(limit) = options.limit
-            && got.meta.size > limit
-        {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "document is {} bytes, over the limit of {limit}",
-                    got.meta.size
-                ),
-            )
-            .with_backend(BACKEND));
-        }
+        check_limit(got.meta.size, options.limit)?;
         let version = version_of(got.meta.e_tag.clone())?;
         let bytes = self.bounded(got.bytes()).await?;
         Ok(Some(StoredDoc::new(bytes, version)))
@@ -456,4 +444,18 @@ pub(crate) fn is_plain_etag(version: &str) -> bool {
         && version[1..version.len() - 1]
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b',')
+}
+
+/// `TooLarge` when an object of `size` bytes is over the caller's `limit`:
+/// the size is known from the response's headers, so an object over the
+/// limit is refused before its body is read.
+pub(crate) fn check_limit(size: u64, limit: Option<u64>) -> Result<()> {
+    match limit {
+        Some(limit) if size > limit => Err(Error::new(
+            ErrorKind::TooLarge,
+            format!("document is {size} bytes, over the limit of {limit}"),
+        )
+        .with_backend(BACKEND)),
+        _ => Ok(()),
+    }
 }

@@ -283,7 +283,7 @@ pub use config::{Provider, S3Config};
 pub use object_store;
 pub use probe::ProbeReport;
 
-use crate::engine::{DocListing, RunListing, WriteError, is_plain_etag, version_of};
+use crate::engine::{DocListing, RunListing, WriteError, check_limit, is_plain_etag, version_of};
 use crate::errors::{map_error, timed_out};
 use crate::leases::{LeaseBody, Sightings, info};
 use crate::milestones::format_time;
@@ -866,18 +866,7 @@ impl Store for S3Store {
             if version == *known {
                 return Ok(Fetched::Unchanged);
             }
-            if let Some(limit) = options.limit
-                && got.meta.size > limit
-            {
-                return Err(Error::new(
-                    ErrorKind::TooLarge,
-                    format!(
-                        "document is {} bytes, over the limit of {limit}",
-                        got.meta.size
-                    ),
-                )
-                .with_backend(BACKEND));
-            }
+            check_limit(got.meta.size, options.limit)?;
             let bytes = inner.bounded(got.bytes()).await?;
             Ok(Fetched::Changed(StoredDoc::new(bytes, version)))
         };
