@@ -99,19 +99,7 @@ fn precondition(message: impl Into<String>) -> Error {
 }
 
 fn fenced(lease: &Lease, record: &leases::Record, now: &Now) -> Error {
-    let mut error = Error::new(
-        ErrorKind::Fenced,
-        format!(
-            "lease with fence {} is no longer the current grant of its lock; nothing was written",
-            lease.fence()
-        ),
-    )
-    .with_backend(BACKEND)
-    .with_lock(lease.key());
-    if let Some(info) = record.live_info(lease.key(), now) {
-        error = error.with_holder(info);
-    }
-    error
+    Error::fenced(lease, record.live_info(lease.key(), now)).with_backend(BACKEND)
 }
 
 fn missing_record() -> Error {
@@ -1563,10 +1551,9 @@ impl Engine {
             None => None,
         };
         record.ok_or_else(|| {
-            Error::new(ErrorKind::LeaseLost, "the lock's record no longer exists")
+            Error::lease_lost_because(key, "the lock's record no longer exists", None)
                 .with_backend(BACKEND)
                 .with_operation(op)
-                .with_lock(key)
         })
     }
 

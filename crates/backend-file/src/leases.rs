@@ -439,14 +439,9 @@ pub(crate) fn lease_lost(lease: &Lease, record: &Record, now: &Now, op: Operatio
     } else {
         "the lease expired"
     };
-    let mut error = Error::new(ErrorKind::LeaseLost, why)
+    Error::lease_lost_because(key, why, record.live_info(key, now))
         .with_backend(BACKEND)
         .with_operation(op)
-        .with_lock(key);
-    if let Some(info) = record.live_info(key, now) {
-        error = error.with_holder(info);
-    }
-    error
 }
 
 /// Checks a TTL with [`runstate_core::check_ttl`], before anything is
@@ -587,21 +582,6 @@ pub(crate) fn break_lock(
     Ok(Some(info))
 }
 
-/// The refusal of a lease granted by another lock service whose fence is
-/// below the lock's watermark.
-fn below_watermark(key: &LockKey, fence: Fence, watermark: u64, op: Operation) -> Error {
-    Error::new(
-        ErrorKind::Fenced,
-        format!(
-            "fence {fence} is older than fence {watermark} already claimed for this lock here: \
-             a newer grant of the lock service holds it; nothing was written"
-        ),
-    )
-    .with_backend(BACKEND)
-    .with_operation(op)
-    .with_lock(key)
-}
-
 /// Refuses a lease granted by another lock service (`fence` of `key`) with
 /// `Fenced` when its fence is below the record's watermark.
 pub(crate) fn check_watermark(
@@ -611,7 +591,10 @@ pub(crate) fn check_watermark(
     op: Operation,
 ) -> Result<(), Error> {
     if fence.get() < file.record.watermark {
-        return Err(below_watermark(key, fence, file.record.watermark, op));
+        let claimed = Some(Fence(file.record.watermark));
+        return Err(Error::below_watermark(key, fence, claimed)
+            .with_backend(BACKEND)
+            .with_operation(op));
     }
     Ok(())
 }

@@ -116,17 +116,11 @@ impl Inner {
     }
 
     /// The error of a fence below its lock's watermark: a newer grant of
-    /// the other lock service has been seen here.
+    /// the other lock service has been seen here. `watermark` is the
+    /// script's reply: the claimed fence, in decimal.
     pub(crate) fn below_watermark(key: &LockKey, fence: Fence, watermark: &str) -> Error {
-        Error::new(
-            ErrorKind::Fenced,
-            format!(
-                "lease with fence {fence} is older than fence {watermark} already seen here \
-                 for this lock; nothing was written"
-            ),
-        )
-        .with_backend(BACKEND)
-        .with_lock(key)
+        let claimed = watermark.parse().ok().map(Fence);
+        Error::below_watermark(key, fence, claimed).with_backend(BACKEND)
     }
 
     /// The held locks of one run: one script over the run's index.
@@ -347,21 +341,9 @@ impl Inner {
             "badttl" => Err(Self::bad_ttl(key, op)),
             "lost" => {
                 let holder = reply.maybe_holder(key)?;
-                let why = match &holder {
-                    Some(h) if h.fence != lease.fence() => {
-                        "the lock was taken over by a newer grant"
-                    }
-                    Some(_) => "the lock is held by another owner",
-                    None => "the lease expired, was released or was broken",
-                };
-                let mut error = Error::new(ErrorKind::LeaseLost, why)
+                Err(Error::lease_lost(lease, holder)
                     .with_backend(BACKEND)
-                    .with_operation(op)
-                    .with_lock(key);
-                if let Some(holder) = holder {
-                    error = error.with_holder(holder);
-                }
-                Err(error)
+                    .with_operation(op))
             }
             other => Err(unexpected(other)),
         }

@@ -907,14 +907,7 @@ impl Store for RedisStore {
                         _ => Ok(None),
                     },
                 },
-                "watermark" => Err(Error::new(
-                    ErrorKind::Fenced,
-                    format!(
-                        "fence {fence} is older than fence {} already claimed here",
-                        reply.text()?
-                    ),
-                )
-                .with_backend(BACKEND)),
+                "watermark" => Err(Inner::below_watermark(key, fence, &reply.text()?)),
                 "toolarge" => Err(too_large(reply.int()?, options.limit)),
                 other => Err(unexpected(other)),
             }

@@ -898,14 +898,9 @@ impl WeppcloudService {
             Some(_) => "the lock was taken over by a newer grant",
             None => "the lease expired, was released or was broken (WEPPcloud's clear_locks?)",
         };
-        let mut error = Error::new(ErrorKind::LeaseLost, why)
+        Ok(Error::lease_lost_because(key, why, holder)
             .with_backend(BACKEND)
-            .with_operation(op)
-            .with_lock(key);
-        if let Some(holder) = holder {
-            error = error.with_holder(holder);
-        }
-        Ok(error)
+            .with_operation(op))
     }
 
     /// Every document lock under `pattern` (`nodb-lock:<run>:*` or

@@ -209,19 +209,8 @@ impl Inner {
                 let Some(lease) = lease else {
                     return Err(unexpected("fenced without a lease"));
                 };
-                let mut error = Error::new(
-                    ErrorKind::Fenced,
-                    format!(
-                        "lease with fence {} is no longer the current grant of its lock; nothing was written",
-                        lease.fence()
-                    ),
-                )
-                .with_backend(BACKEND)
-                .with_lock(lease.key());
-                if let Some(holder) = reply.maybe_holder(lease.key())? {
-                    error = error.with_holder(holder);
-                }
-                Err(error)
+                let holder = reply.maybe_holder(lease.key())?;
+                Err(Error::fenced(lease, holder).with_backend(BACKEND))
             }
             "watermark" => {
                 let Some(foreign) = foreign else {

@@ -467,16 +467,11 @@ impl Inner {
         lease: &Lease,
         holder: Option<LockInfo>,
         op: Operation,
-        why: &str,
+        why: &'static str,
     ) -> Error {
-        let mut error = Error::new(ErrorKind::LeaseLost, why.to_owned())
+        Error::lease_lost_because(lease.key(), why, holder)
             .with_backend(BACKEND)
             .with_operation(op)
-            .with_lock(lease.key());
-        if let Some(holder) = holder {
-            error = error.with_holder(holder);
-        }
-        error
     }
 
     /// The ETag of the lease object this grant wrote: a lease without one
@@ -542,19 +537,7 @@ impl Inner {
     }
 
     fn fenced(&self, lease: &Lease, holder: Option<LockInfo>, why: &str) -> Error {
-        let mut error = Error::new(
-            ErrorKind::Fenced,
-            format!(
-                "lease with fence {}: {why}; nothing was written",
-                lease.fence()
-            ),
-        )
-        .with_backend(BACKEND)
-        .with_lock(lease.key());
-        if let Some(holder) = holder {
-            error = error.with_holder(holder);
-        }
-        error
+        Error::fenced_because(lease, why, holder).with_backend(BACKEND)
     }
 
     /// Checks that `lease` is still the current grant of its lock: its

@@ -55,35 +55,13 @@ impl Inner {
         holder: Option<LockInfo>,
         op: Operation,
     ) -> Error {
-        let why = match &holder {
-            Some(h) if h.fence != lease.fence() => "the lock was taken over by a newer grant",
-            Some(_) => "the lock is held by another owner",
-            None => "the lease expired, was released or was broken",
-        };
-        let mut error = Error::new(ErrorKind::LeaseLost, why)
+        Error::lease_lost(lease, holder)
             .with_backend(self.backend())
             .with_operation(op)
-            .with_lock(lease.key());
-        if let Some(holder) = holder {
-            error = error.with_holder(holder);
-        }
-        error
     }
 
     pub(crate) fn fenced(&self, lease: &Lease, holder: Option<LockInfo>) -> Error {
-        let mut error = Error::new(
-            ErrorKind::Fenced,
-            format!(
-                "lease with fence {} is no longer the current grant of its lock; nothing was written",
-                lease.fence()
-            ),
-        )
-        .with_backend(self.backend())
-        .with_lock(lease.key());
-        if let Some(holder) = holder {
-            error = error.with_holder(holder);
-        }
-        error
+        Error::fenced(lease, holder).with_backend(self.backend())
     }
 
     /// Raises `key`'s watermark to `fence` unless it is above it, then
@@ -101,14 +79,7 @@ impl Inner {
             key.check_covers(run, doc)?;
         }
         let fence_value = fence_i64(fence)?;
-        let refused = || {
-            Error::new(
-                ErrorKind::Fenced,
-                format!("fence {fence} is older than a fence already claimed here for this lock"),
-            )
-            .with_backend(self.backend())
-            .with_lock(key)
-        };
+        let refused = || Error::below_watermark(key, fence, None).with_backend(self.backend());
         let loaded = match self.dialect {
             Dialect::Postgres | Dialect::MySql => {
                 let row = self

@@ -173,16 +173,9 @@ impl Inner {
             }
         };
         if !accepted {
-            return Err(Error::new(
-                ErrorKind::Fenced,
-                format!(
-                    "lease with fence {} is older than a fence already claimed here for its lock; \
-                     nothing was written",
-                    lease.fence()
-                ),
-            )
-            .with_backend(self.backend())
-            .with_lock(key));
+            return Err(
+                Error::below_watermark(key, lease.fence(), None).with_backend(self.backend())
+            );
         }
         if !written {
             return Err(self.refused(mode));

@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::id::{DocName, RunId};
-use crate::lease::{LockInfo, LockKey};
+use crate::lease::{Fence, Lease, LockInfo, LockKey};
 
 /// A boxed error kept as the source of an [`Error`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -292,6 +292,106 @@ impl Error {
         self
     }
 
+    /// A [`LeaseLost`](ErrorKind::LeaseLost) refusal to renew or release
+    /// `lease`: it is no longer its owner's. `holder` is the lock's current
+    /// holder when the store read one, and the message says why from it: a
+    /// holder with another fence took the lock over, one with the same
+    /// fence is another owner, and without a holder the lease expired, was
+    /// released or was broken. The lock (with its run and document) and
+    /// the holder are recorded; the caller adds its backend and operation.
+    ///
+    /// Every backend builds its lost leases with this constructor or
+    /// [`lease_lost_because`](Self::lease_lost_because), so that a caller
+    /// reads the same words from every store.
+    #[must_use]
+    pub fn lease_lost(lease: &Lease, holder: Option<LockInfo>) -> Self {
+        let why = match &holder {
+            Some(holder) if holder.fence != lease.fence() => {
+                "the lock was taken over by a newer grant"
+            }
+            Some(_) => "the lock is held by another owner",
+            None => "the lease expired, was released or was broken",
+        };
+        Self::lease_lost_because(lease.key(), why, holder)
+    }
+
+    /// A [`LeaseLost`](ErrorKind::LeaseLost) refusal on `lock` for a
+    /// reason only the store can name (`why`: "the lock's record no longer
+    /// exists", "WEPPcloud holds the lock now", …), with the current
+    /// `holder` when known. See [`lease_lost`](Self::lease_lost).
+    #[must_use]
+    pub fn lease_lost_because(
+        lock: &LockKey,
+        why: impl Into<Cow<'static, str>>,
+        holder: Option<LockInfo>,
+    ) -> Self {
+        Error::new(ErrorKind::LeaseLost, why)
+            .with_lock(lock)
+            .with_optional_holder(holder)
+    }
+
+    /// A [`Fenced`](ErrorKind::Fenced) refusal of a write under `lease`,
+    /// which is no longer the current grant of its lock; nothing was
+    /// written. `holder` is the lock's current holder when the store read
+    /// one. The lock and the holder are recorded; the caller adds its
+    /// backend, operation and document.
+    #[must_use]
+    pub fn fenced(lease: &Lease, holder: Option<LockInfo>) -> Self {
+        Error::new(
+            ErrorKind::Fenced,
+            format!(
+                "lease with fence {} is no longer the current grant of its lock; nothing was written",
+                lease.fence()
+            ),
+        )
+        .with_lock(lease.key())
+        .with_optional_holder(holder)
+    }
+
+    /// A [`Fenced`](ErrorKind::Fenced) refusal of a write under `lease`
+    /// for a reason the store names (`why`: "its deadline has passed", …).
+    /// See [`fenced`](Self::fenced).
+    #[must_use]
+    pub fn fenced_because(lease: &Lease, why: &str, holder: Option<LockInfo>) -> Self {
+        Error::new(
+            ErrorKind::Fenced,
+            format!(
+                "lease with fence {}: {why}; nothing was written",
+                lease.fence()
+            ),
+        )
+        .with_lock(lease.key())
+        .with_optional_holder(holder)
+    }
+
+    /// A [`Fenced`](ErrorKind::Fenced) refusal of `fence`, a grant of
+    /// `lock` by another lock service, because a newer grant's fence
+    /// (`claimed`, when the store can say which) was already claimed here
+    /// for it; nothing was written. The caller adds its backend and
+    /// operation.
+    #[must_use]
+    pub fn below_watermark(lock: &LockKey, fence: Fence, claimed: Option<Fence>) -> Self {
+        let message = match claimed {
+            Some(claimed) => format!(
+                "fence {fence} is older than fence {claimed} already claimed here for this lock; \
+                 nothing was written"
+            ),
+            None => format!(
+                "fence {fence} is older than a fence already claimed here for this lock; \
+                 nothing was written"
+            ),
+        };
+        Error::new(ErrorKind::Fenced, message).with_lock(lock)
+    }
+
+    /// Records the holder when there is one.
+    fn with_optional_holder(self, holder: Option<LockInfo>) -> Self {
+        match holder {
+            Some(holder) => self.with_holder(holder),
+            None => self,
+        }
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> ErrorKind {
         self.inner.kind
@@ -477,6 +577,88 @@ mod tests {
             .with_operation(Operation::Get)
             .with_operation(Operation::Load);
         assert_eq!(err.operation(), Some(Operation::Get));
+    }
+
+    /// A lease on `ron` of `r1` with fence 7, and a holder of that lock
+    /// with `fence`.
+    fn lease_and_holder(fence: u64) -> (Lease, LockInfo) {
+        use crate::lease::Owner;
+        use std::time::{Instant, SystemTime};
+        let key = LockKey::Doc(RunId::new("r1").unwrap(), DocName::new("ron").unwrap());
+        let lease = Lease::new(
+            key.clone(),
+            Owner::for_this_process(),
+            Fence(7),
+            Duration::from_secs(5),
+            Instant::now(),
+            SystemTime::now(),
+        );
+        let holder = LockInfo::new(
+            key,
+            Owner::new("other-host", 42, "w1").unwrap(),
+            Fence(fence),
+            SystemTime::now(),
+            Duration::from_secs(3),
+        );
+        (lease, holder)
+    }
+
+    #[test]
+    fn a_lost_lease_says_why_from_its_holder() {
+        let (lease, newer) = lease_and_holder(8);
+        let (_, same_fence) = lease_and_holder(7);
+        for (holder, why) in [
+            (Some(newer), "the lock was taken over by a newer grant"),
+            (Some(same_fence), "the lock is held by another owner"),
+            (None, "the lease expired, was released or was broken"),
+        ] {
+            let had_holder = holder.as_ref().map(|h| h.fence);
+            let err = Error::lease_lost(&lease, holder)
+                .with_backend("file")
+                .with_operation(Operation::Renew);
+            assert_eq!(err.kind(), ErrorKind::LeaseLost);
+            assert_eq!(err.message(), why);
+            assert_eq!(err.lock(), Some(lease.key()));
+            assert_eq!(err.run().map(RunId::as_str), Some("r1"));
+            assert_eq!(err.doc().map(DocName::as_str), Some("ron"));
+            assert_eq!(err.holder().map(|h| h.fence), had_holder);
+            assert_eq!(err.operation(), Some(Operation::Renew));
+            assert!(!err.is_retryable());
+        }
+        let err = Error::lease_lost_because(lease.key(), "the record is gone", None);
+        assert_eq!(err.message(), "the record is gone");
+        assert!(err.holder().is_none());
+    }
+
+    #[test]
+    fn a_fenced_write_names_its_fence_and_the_newer_holder() {
+        let (lease, newer) = lease_and_holder(8);
+        let err = Error::fenced(&lease, Some(newer));
+        assert_eq!(err.kind(), ErrorKind::Fenced);
+        assert_eq!(
+            err.message(),
+            "lease with fence 7 is no longer the current grant of its lock; nothing was written"
+        );
+        assert_eq!(err.holder().map(|h| h.fence), Some(Fence(8)));
+        assert_eq!(err.lock(), Some(lease.key()));
+        let err = Error::fenced_because(&lease, "its deadline has passed", None);
+        assert_eq!(
+            err.message(),
+            "lease with fence 7: its deadline has passed; nothing was written"
+        );
+        assert!(err.holder().is_none());
+        let err = Error::below_watermark(lease.key(), Fence(3), Some(Fence(9)));
+        assert_eq!(err.kind(), ErrorKind::Fenced);
+        assert_eq!(
+            err.message(),
+            "fence 3 is older than fence 9 already claimed here for this lock; nothing was written"
+        );
+        assert_eq!(err.lock(), Some(lease.key()));
+        let err = Error::below_watermark(lease.key(), Fence(3), None);
+        assert_eq!(
+            err.message(),
+            "fence 3 is older than a fence already claimed here for this lock; nothing was written"
+        );
     }
 
     #[test]

@@ -161,12 +161,8 @@ fn current(state: State) -> Result<Lease> {
 }
 
 fn lost_error(lease: &Lease, why: &str) -> Error {
-    Error::new(
-        ErrorKind::LeaseLost,
-        format!("the lease with fence {} was lost: {why}", lease.fence()),
-    )
-    .with_operation(Operation::Renew)
-    .with_lock(lease.key())
+    let why = format!("the lease with fence {} was lost: {why}", lease.fence());
+    Error::lease_lost_because(lease.key(), why, None).with_operation(Operation::Renew)
 }
 
 /// Whether two leases are the same grant in the same state (a renewal

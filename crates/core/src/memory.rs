@@ -236,18 +236,8 @@ impl MemoryStore {
         if lock.is_some_and(|l| l.is_current(lease)) {
             return Ok(());
         }
-        let mut error = error(
-            ErrorKind::Fenced,
-            format!(
-                "lease with fence {} is no longer the current grant of its lock; nothing was written",
-                lease.fence()
-            ),
-        )
-        .with_lock(lease.key());
-        if let Some((lock, held)) = lock.and_then(|l| l.live().map(|h| (l, h))) {
-            error = error.with_holder(held.info(lease.key(), lock.fence));
-        }
-        Err(error)
+        let holder = lock.and_then(|l| l.live().map(|held| held.info(lease.key(), l.fence)));
+        Err(Error::fenced(lease, holder).with_backend(BACKEND))
     }
 
     /// Refuses a foreign lease below the watermark (checked before the
@@ -256,15 +246,10 @@ impl MemoryStore {
     fn check_foreign(state: &State, lease: &Lease) -> Result<()> {
         let mark = state.watermarks.get(lease.key()).copied().unwrap_or(0);
         if lease.fence().get() < mark {
-            return Err(error(
-                ErrorKind::Fenced,
-                format!(
-                    "lease with fence {} is older than fence {} already claimed here; nothing was written",
-                    lease.fence(),
-                    mark
-                ),
-            )
-            .with_lock(lease.key()));
+            return Err(
+                Error::below_watermark(lease.key(), lease.fence(), Some(Fence(mark)))
+                    .with_backend(BACKEND),
+            );
         }
         Ok(())
     }
@@ -413,18 +398,13 @@ impl MemoryStore {
     }
 
     fn lease_lost(lease: &Lease, state: &State, op: Operation) -> Error {
-        let mut error = error(
-            ErrorKind::LeaseLost,
-            "the lease expired, was released, broken or taken over",
-        )
-        .with_operation(op)
-        .with_lock(lease.key());
-        if let Some(lock) = state.locks.get(lease.key())
-            && let Some(held) = lock.live()
-        {
-            error = error.with_holder(held.info(lease.key(), lock.fence));
-        }
-        error
+        let holder = state
+            .locks
+            .get(lease.key())
+            .and_then(|lock| lock.live().map(|held| held.info(lease.key(), lock.fence)));
+        Error::lease_lost(lease, holder)
+            .with_backend(BACKEND)
+            .with_operation(op)
     }
 
     fn release_in(state: &mut State, lease: &Lease) -> Result<()> {
@@ -647,12 +627,9 @@ impl Store for MemoryStore {
         let mut state = self.state();
         let mark = state.watermarks.entry(key.clone()).or_default();
         if fence.get() < *mark {
-            return Err(error(
-                ErrorKind::Fenced,
-                format!("fence {fence} is older than fence {mark} already claimed here"),
-            )
-            .with_operation(Operation::Claim)
-            .with_lock(key));
+            return Err(Error::below_watermark(key, fence, Some(Fence(*mark)))
+                .with_backend(BACKEND)
+                .with_operation(Operation::Claim));
         }
         *mark = fence.get();
         match doc {

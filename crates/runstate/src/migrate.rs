@@ -690,11 +690,12 @@ impl<'a> HeldLease<'a> {
     fn current(&self) -> Result<Lease> {
         match &*self.state() {
             LeaseState::Held(lease) if !lease.is_expired() => Ok(lease.clone()),
-            LeaseState::Held(lease) => Err(Error::new(
-                ErrorKind::LeaseLost,
-                format!("the migration's lease on {} expired", lease.key()),
-            )
-            .with_operation(Operation::Migrate)),
+            LeaseState::Held(lease) => {
+                Err(
+                    Error::lease_lost_because(lease.key(), "the migration's lease expired", None)
+                        .with_operation(Operation::Migrate),
+                )
+            }
             LeaseState::Lost(why) => Err(Error::new(
                 ErrorKind::LeaseLost,
                 format!("the migration's lease was lost: {why}"),

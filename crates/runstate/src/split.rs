@@ -214,17 +214,7 @@ impl SplitStore {
             .key()
             .check_covers(run, doc)
             .map_err(|e| e.at_doc(op, run, doc))?;
-        let fenced = |why: &str| {
-            Error::new(
-                ErrorKind::Fenced,
-                format!(
-                    "lease with fence {}: {why}; nothing was written",
-                    lease.fence()
-                ),
-            )
-            .with_lock(lease.key())
-            .at_doc(op, run, doc)
-        };
+        let fenced = |why: &str| Error::fenced_because(lease, why, None).at_doc(op, run, doc);
         if lease.is_expired() {
             return Err(fenced("it expired before the save"));
         }

@@ -86,6 +86,7 @@ pub async fn foreign_fences_are_checked_by_the_store(ctx: Ctx) {
             ErrorKind::Fenced,
         );
         assert!(!error.is_retryable());
+        assert_eq!(error.lock(), Some(&key), "the refusal names its lock");
     }
     expect_kind(
         ctx.store

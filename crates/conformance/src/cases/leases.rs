@@ -374,6 +374,7 @@ pub async fn lease_release_after_loss_reports_lost(ctx: Ctx) {
     let lease_b = ctx.store.try_acquire(&key, &b, LONG).await.expect("B");
     let error = expect_kind(ctx.store.release(&lease_a).await, ErrorKind::LeaseLost);
     assert!(!error.is_retryable());
+    assert_eq!(error.lock(), Some(&key), "the refusal names its lock");
     assert_eq!(
         ctx.store
             .inspect(&key)
@@ -396,7 +397,8 @@ pub async fn lease_renew_after_expiry_is_lost(ctx: Ctx) {
         .await
         .expect("A");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    expect_kind(ctx.store.renew(&lease, LONG).await, ErrorKind::LeaseLost);
+    let error = expect_kind(ctx.store.renew(&lease, LONG).await, ErrorKind::LeaseLost);
+    assert_eq!(error.lock(), Some(&key), "the refusal names its lock");
     assert!(
         ctx.store.inspect(&key).await.expect("inspect").is_none(),
         "an expired lease is free"

@@ -62,6 +62,11 @@ async fn stale_holder(ctx: &Ctx, key: LockKey) {
         ErrorKind::Fenced,
     );
     assert!(!error.is_retryable(), "Fenced is final");
+    assert_eq!(
+        error.lock(),
+        Some(lease_a.key()),
+        "the refusal names its lock"
+    );
     // A paused right after checking its own deadline: its lease dated now,
     // so only the store's fence check can refuse it.
     let paused = lease_a.renewed(lease_a.ttl(), std::time::Instant::now());
