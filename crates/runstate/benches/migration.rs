@@ -6,7 +6,8 @@
 //! and names it in `RUNSTATE_BIN`. For each pair it prints:
 //!
 //! - documents/s and MB/s of the migration (its own clock: copy, read-back
-//!   and SHA-256 verification of every document, without process start-up);
+//!   and SHA-256 verification of every document, without process start-up),
+//!   of its median round (below);
 //! - the raw write rate of 16 KiB values on each side (one writer, the raw
 //!   client of `support::raw`), and the ratio to the slower one (target
 //!   ≥ 1.0, and ≥ 0.8 into S3, whose writes cannot be batched into fewer
@@ -14,7 +15,14 @@
 //!   writers. The slower side's single-writer rate is measured again right
 //!   after the migration, and the ratio is to the mean of the two: a disk's
 //!   `fsync` latency drifts by 2× within a run here, and a baseline taken
-//!   only before would credit or blame the migration for that drift;
+//!   only before would credit or blame the migration for that drift. The
+//!   migration runs three times (once with `--quick`), each run between
+//!   two such baselines (the one after a run is the one before the next),
+//!   and the pair's ratio is the median of the three; every round's ratio
+//!   is shown and kept in the report. One round alone met all four targets
+//!   into file in one run here and missed three of them 90 minutes later,
+//!   on the same code: a single sample cannot tell the migration from the
+//!   disk;
 //! - how the copies were verified: read back, or by the target's MD5 (S3
 //!   ETags);
 //! - the peak resident memory of the migrating process (`VmHWM`).
@@ -25,7 +33,7 @@
 //! floor: one raw client doing only the requests a verified copy out of
 //! S3 needs (a listing of the values, one `GET` each, a listing again),
 //! beside the raw single-writer and single-reader rates, all measured on
-//! the same values just before the migration. The floor's ratio to the
+//! the same values just before the first round. The floor's ratio to the
 //! slower side's raw write rate is what a migration out of S3 reaches one
 //! request at a time; its concurrent `GET`s can win back only the round
 //! trips a single client waits through, which on a server that does its
@@ -35,14 +43,15 @@
 //! before and one after, which is the least a copy out of S3 costs when
 //! both servers share the machine, without verifying anything. Into S3
 //! a table shows the same copy floor, without the listings: a raw read
-//! from the source and a plain `PUT` per value, eight in flight.
+//! from the source and a plain `PUT` per value, eight in flight. Each floor
+//! is measured once per pair and set against the median round.
 //!
 //! Into the file backend, a third row shows the layout's floor: one writer
 //! making each value durable as the raw writer does, and creating beside
 //! it the small lock record the file store keeps per document (its
 //! `flock` target, which makes check-and-write atomic across processes):
 //! two new inodes per document where the raw writer makes one. It is
-//! measured after the migration, so that its own cleanup cannot slow the
+//! measured after the last round, so that its own cleanup cannot slow a
 //! migration down.
 
 mod support;
@@ -62,6 +71,8 @@ const TARGET: f64 = 1.0;
 /// The target into S3: every document is a request of its own there.
 const TARGET_INTO_S3: f64 = 0.8;
 const RUN: &str = "migbench";
+/// Migrations per pair, each between two raw baselines (one with `--quick`).
+const ROUNDS: usize = 3;
 
 #[derive(Debug, Serialize)]
 struct Row {
@@ -72,12 +83,15 @@ struct Row {
     mb_per_sec: f64,
     raw_from_docs_per_sec: f64,
     raw_to_docs_per_sec: f64,
-    /// The slower side's single-writer rate again, right after the
-    /// migration.
+    /// The slower side's single-writer rate again, right after the median
+    /// round's migration.
     raw_slower_after_docs_per_sec: f64,
-    /// The mean of the slower side's rate before and after: the baseline of
-    /// `ratio`.
+    /// The mean of the slower side's rate before and after the median
+    /// round: the baseline of `ratio`.
     baseline_docs_per_sec: f64,
+    /// Every round, in order: its migration's documents/s, its baseline and
+    /// its ratio.
+    rounds: Vec<Round>,
     /// One raw reader on the source side, reading what its raw writer wrote.
     raw_from_read_docs_per_sec: f64,
     /// Out of S3: the read floor (see the module documentation).
@@ -94,6 +108,7 @@ struct Row {
     /// The layout floor's ratio to the slower side's raw single-writer rate.
     record_floor_ratio: Option<f64>,
     slower_side: &'static str,
+    /// The median of the rounds' ratios.
     ratio: f64,
     raw8_slower_docs_per_sec: f64,
     ratio_vs_8_writers: f64,
@@ -101,6 +116,36 @@ struct Row {
     peak_rss_mib: f64,
     target: f64,
     meets_target: bool,
+}
+
+/// One migration of a pair between two raw baselines of its slower side.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Round {
+    docs_per_sec: f64,
+    mb_per_sec: f64,
+    raw_before_docs_per_sec: f64,
+    raw_after_docs_per_sec: f64,
+    /// `docs_per_sec` over the mean of the two baselines.
+    ratio: f64,
+    peak_rss_mib: f64,
+    verified_by_md5: u64,
+}
+
+/// The round whose ratio is the median (the lower middle one of an even
+/// number); `None` without rounds.
+fn median_round(rounds: &[Round]) -> Option<Round> {
+    let mut sorted = rounds.to_vec();
+    sorted.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
+    sorted.get(sorted.len().saturating_sub(1) / 2).copied()
+}
+
+/// The rounds' ratios in order, for the table: `0.95× / 1.02× / 1.10×`.
+fn round_ratios(rounds: &[Round]) -> String {
+    rounds
+        .iter()
+        .map(|r| format!("{:.2}×", r.ratio))
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
 
 /// A 16 KiB document, different for every index.
@@ -284,10 +329,10 @@ fn main() {
         );
         return;
     };
-    let (documents, raw_writes) = if args.quick {
-        (200u64, 64u64)
+    let (documents, raw_writes, rounds_per_pair) = if args.quick {
+        (200u64, 64u64, 1)
     } else {
-        (1000, 500)
+        (1000, 500, ROUNDS)
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -317,17 +362,34 @@ fn main() {
                 let copied_raw = copy_floor(from.name(), to.name(), raw_writes, &tag).await;
                 let (from_one, from_eight) = (from_raw.write_one, from_raw.write_eight);
                 let (to_one, to_eight) = (to_raw.write_one, to_raw.write_eight);
-                let report = migrate(&bin, &source, &target);
-                target.cleanup().await;
-                let copied = report["documents"].as_u64().unwrap_or(0);
-                assert_eq!(copied, documents, "every document copied: {report:#}");
-                let docs_per_sec = report["documents_per_sec"].as_f64().unwrap_or(0.0);
                 let (slower_side, slower, slower_eight) = if from_one <= to_one {
                     (from.name(), from_one, from_eight)
                 } else {
                     (to.name(), to_one, to_eight)
                 };
-                let after = write_rate(slower_side, raw_writes, &format!("{tag}a")).await;
+                let mut rounds = Vec::with_capacity(rounds_per_pair);
+                let mut before = slower;
+                for round in 0..rounds_per_pair {
+                    let report = migrate(&bin, &source, &target);
+                    target.cleanup().await;
+                    let copied = report["documents"].as_u64().unwrap_or(0);
+                    assert_eq!(copied, documents, "every document copied: {report:#}");
+                    let docs_per_sec = report["documents_per_sec"].as_f64().unwrap_or(0.0);
+                    let after =
+                        write_rate(slower_side, raw_writes, &format!("{tag}a{round}")).await;
+                    rounds.push(Round {
+                        docs_per_sec,
+                        mb_per_sec: report["mb_per_sec"].as_f64().unwrap_or(0.0),
+                        raw_before_docs_per_sec: before,
+                        raw_after_docs_per_sec: after,
+                        ratio: docs_per_sec / ((before + after) / 2.0),
+                        peak_rss_mib: report["peak_rss_bytes"].as_f64().unwrap_or(0.0)
+                            / (1024.0 * 1024.0),
+                        verified_by_md5: report["verified_by_md5"].as_u64().unwrap_or(0),
+                    });
+                    before = after;
+                }
+                let median = median_round(&rounds).expect("at least one round");
                 // Shown only where file is the slower side: the floor is a
                 // file writer's, a ratio to another side's rate means nothing.
                 let records = if slower_side == "file" {
@@ -335,8 +397,9 @@ fn main() {
                 } else {
                     None
                 };
-                let baseline = (slower + after) / 2.0;
-                let ratio = docs_per_sec / baseline;
+                let baseline =
+                    (median.raw_before_docs_per_sec + median.raw_after_docs_per_sec) / 2.0;
+                let (ratio, docs_per_sec) = (median.ratio, median.docs_per_sec);
                 let target_ratio = if to == Backend::S3 {
                     TARGET_INTO_S3
                 } else {
@@ -345,12 +408,12 @@ fn main() {
                 let row = Row {
                     from: from.name(),
                     to: to.name(),
-                    documents: copied,
+                    documents,
                     docs_per_sec,
-                    mb_per_sec: report["mb_per_sec"].as_f64().unwrap_or(0.0),
+                    mb_per_sec: median.mb_per_sec,
                     raw_from_docs_per_sec: from_one,
                     raw_to_docs_per_sec: to_one,
-                    raw_slower_after_docs_per_sec: after,
+                    raw_slower_after_docs_per_sec: median.raw_after_docs_per_sec,
                     baseline_docs_per_sec: baseline,
                     raw_from_read_docs_per_sec: from_raw.read_one,
                     floor_docs_per_sec: from_raw.floor,
@@ -363,15 +426,20 @@ fn main() {
                     ratio,
                     raw8_slower_docs_per_sec: slower_eight,
                     ratio_vs_8_writers: docs_per_sec / slower_eight,
-                    verified_by_md5: report["verified_by_md5"].as_u64().unwrap_or(0),
-                    peak_rss_mib: report["peak_rss_bytes"].as_f64().unwrap_or(0.0)
-                        / (1024.0 * 1024.0),
+                    verified_by_md5: median.verified_by_md5,
+                    peak_rss_mib: rounds.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max),
+                    rounds,
                     target: target_ratio,
                     meets_target: ratio >= target_ratio,
                 };
                 eprintln!(
-                    "{} → {}: {:.0} documents/s, {:.2}× the slower side's raw writes",
-                    row.from, row.to, row.docs_per_sec, row.ratio
+                    "{} → {}: {:.0} documents/s, {:.2}× the slower side's raw writes \
+                     (median of rounds {})",
+                    row.from,
+                    row.to,
+                    row.docs_per_sec,
+                    row.ratio,
+                    round_ratios(&row.rounds)
                 );
                 rows.push(row);
             }
@@ -385,6 +453,7 @@ fn main() {
         "documents": documents,
         "target": TARGET,
         "target_into_s3": TARGET_INTO_S3,
+        "rounds": rounds_per_pair,
         "rows": rows,
     });
     args.write_report(&report);
@@ -393,12 +462,13 @@ fn main() {
 fn print_table(rows: &[Row]) {
     println!(
         "| from → to | docs | docs/s | MB/s | raw write docs/s (from / to) | slower side after | \
-         ratio to slower (mean) | target | vs 8 raw writers | verified | peak RSS MiB | |"
+         ratio to slower (median) | rounds | target | vs 8 raw writers | verified | \
+         peak RSS MiB | |"
     );
-    println!("|---|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---|");
+    println!("|---|---:|---:|---:|---|---:|---:|---|---:|---:|---|---:|---|");
     for r in rows {
         println!(
-            "| {} → {} | {} | {:.0} | {:.2} | {:.0} / {:.0} | {:.0} | {:.2}× | ≥ {:.1}× | {:.2}× | {} | {:.1} | {} |",
+            "| {} → {} | {} | {:.0} | {:.2} | {:.0} / {:.0} | {:.0} | {:.2}× | {} | ≥ {:.1}× | {:.2}× | {} | {:.1} | {} |",
             r.from,
             r.to,
             r.documents,
@@ -408,6 +478,7 @@ fn print_table(rows: &[Row]) {
             r.raw_to_docs_per_sec,
             r.raw_slower_after_docs_per_sec,
             r.ratio,
+            round_ratios(&r.rounds),
             r.target,
             r.ratio_vs_8_writers,
             if r.verified_by_md5 == r.documents {
@@ -422,7 +493,7 @@ fn print_table(rows: &[Row]) {
     print_floor_table(
         rows,
         "Layout floor into file (one writer: each value made durable as the raw writer does, \
-         and its lock record created beside it; measured after the migration)",
+         and its lock record created beside it; measured after the last round)",
         "raw write docs/s (to)",
         "layout floor",
         |r| r.record_floor_docs_per_sec.zip(r.record_floor_ratio),
@@ -430,7 +501,7 @@ fn print_table(rows: &[Row]) {
     print_floor_table(
         rows,
         "Copy floor into S3: raw clients of both sides, eight copies in flight, each a raw read \
-         and a plain PUT, nothing listed or checked; just before the migration.",
+         and a plain PUT, nothing listed or checked; just before the first round.",
         "raw write docs/s (S3)",
         "copy floor",
         |r| {
@@ -450,7 +521,7 @@ fn print_table(rows: &[Row]) {
         "\nFloors out of S3. Read floor: one raw client (list, one GET per value, list again; \
          the same values as its raw writer and reader). Copy floor: raw clients of both sides, \
          eight copies in flight, each a GET and a raw write to the target, between two listings. \
-         Both just before the migration.\n"
+         Both just before the first round.\n"
     );
     println!(
         "| from → to | raw write docs/s | raw read docs/s | read floor docs/s | read floor ratio | \
