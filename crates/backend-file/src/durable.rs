@@ -10,7 +10,8 @@
 //! a descriptor opened before the rename), so a failed save never leaves
 //! its bytes visible.
 //!
-//! A batch (`Engine::put_many`) stages and syncs each of its documents,
+//! A batch (`Engine::put_many`) stages each of its documents (starting
+//! each file's writeback as it is written, see `writeback`), syncs each,
 //! renames them all, then syncs the folder once ([`sync_placed`]); a
 //! failure of that one `fsync` puts every renamed document back.
 //!
@@ -86,6 +87,46 @@ impl<'a> Staged<'a> {
         mode: Option<u32>,
         faults: &Faults,
     ) -> Result<Staged<'a>, Error> {
+        let staged = Self::create(dir, file_name, bytes, mode, faults)?;
+        staged.sync(faults)?;
+        Ok(staged)
+    }
+
+    /// [`write`](Self::write) without the `fsync`, for a batch that stages
+    /// all of its documents first: it starts the file's writeback instead
+    /// (see [`writeback`](crate::writeback)), and the batch must
+    /// [`sync`](Self::sync) it before its rename.
+    pub(crate) fn write_unsynced(
+        dir: &'a Folder,
+        file_name: &str,
+        bytes: &[u8],
+        mode: Option<u32>,
+        faults: &Faults,
+    ) -> Result<Staged<'a>, Error> {
+        let staged = Self::create(dir, file_name, bytes, mode, faults)?;
+        crate::writeback::start(&staged.file);
+        Ok(staged)
+    }
+
+    /// Makes the written bytes durable: the `fsync` of
+    /// [`write`](Self::write), for a file staged by
+    /// [`write_unsynced`](Self::write_unsynced).
+    pub(crate) fn sync(&self, faults: &Faults) -> Result<(), Error> {
+        let path = self.path();
+        faults
+            .check(SaveStep::Fsync, &path)
+            .and_then(|()| self.file.sync_all())
+            .map_err(|e| io_error("fsync of the temporary file", &path, e))
+    }
+
+    /// The temporary file with `bytes` written, not synced.
+    fn create(
+        dir: &'a Folder,
+        file_name: &str,
+        bytes: &[u8],
+        mode: Option<u32>,
+        faults: &Faults,
+    ) -> Result<Staged<'a>, Error> {
         let name = temp_name(file_name, false);
         let path = dir.child(&name);
         let file = dir
@@ -105,10 +146,6 @@ impl<'a> Staged<'a> {
             .check(SaveStep::Write, &path)
             .and_then(|()| staged.file.write_all(bytes))
             .map_err(|e| io_error("writing the temporary file", &path, e))?;
-        faults
-            .check(SaveStep::Fsync, &path)
-            .and_then(|()| staged.file.sync_all())
-            .map_err(|e| io_error("fsync of the temporary file", &path, e))?;
         Ok(staged)
     }
 

@@ -933,11 +933,17 @@ impl Engine {
         file_name: &str,
         bytes: &[u8],
     ) -> Result<Staged<'d>, Error> {
-        let keep_mode = match dir.open_file(file_name, Access::Read) {
+        let keep_mode = self.mode_to_keep(dir, file_name);
+        Staged::write(dir, file_name, bytes, keep_mode, &self.faults)
+    }
+
+    /// The permission bits of the document `file_name` in `dir`, which a
+    /// new version keeps (`None` when there is none, or it cannot be read).
+    fn mode_to_keep(&self, dir: &Folder, file_name: &str) -> Option<u32> {
+        match dir.open_file(file_name, Access::Read) {
             Ok(Some(file)) => permission_bits(&file).ok(),
             _ => None,
-        };
-        Staged::write(dir, file_name, bytes, keep_mode, &self.faults)
+        }
     }
 
     /// Whether a write in `mode` may replace `previous`, the document as
@@ -1092,17 +1098,34 @@ impl Engine {
                 }
             });
         }
-        // Written and synced before taking any record, as in `save`.
-        let mut staged = Vec::with_capacity(pending.len());
+        // Written and synced before taking any record, as in `save`: all
+        // written first, each file's writeback started as it is, then each
+        // synced (see `writeback`: the `fsync`s then overlap on the disk).
+        let mut written = Vec::with_capacity(pending.len());
         for i in pending {
             let doc = &puts[i].doc;
             let key = LockKey::Doc(run.clone(), doc.clone());
             let file_name = self.layout.file_name(doc);
-            let written = self
+            let outcome = self
                 .check_doc_writable(&dir, run, doc, &key)
-                .and_then(|()| self.stage(&dir, &file_name, &puts[i].bytes));
-            match written {
-                Ok(written) => staged.push((i, key, file_name, written)),
+                .and_then(|()| {
+                    Staged::write_unsynced(
+                        &dir,
+                        &file_name,
+                        &puts[i].bytes,
+                        self.mode_to_keep(&dir, &file_name),
+                        &self.faults,
+                    )
+                });
+            match outcome {
+                Ok(file) => written.push((i, key, file_name, file)),
+                Err(error) => results[i] = Some(Err(error)),
+            }
+        }
+        let mut staged = Vec::with_capacity(written.len());
+        for (i, key, file_name, file) in written {
+            match file.sync(&self.faults) {
+                Ok(()) => staged.push((i, key, file_name, file)),
                 Err(error) => results[i] = Some(Err(error)),
             }
         }
