@@ -67,6 +67,9 @@ pub(crate) fn permission_bits(file: &File) -> io::Result<u32> {
 
 /// A temporary file holding the new bytes, durably written; removed on drop
 /// unless it was renamed into place.
+///
+/// Only [`Staged::write`] and [`Unsynced::sync`] make one, so a file that
+/// was not synced cannot be renamed over a document.
 pub(crate) struct Staged<'a> {
     dir: &'a Folder,
     name: String,
@@ -94,24 +97,22 @@ impl<'a> Staged<'a> {
 
     /// [`write`](Self::write) without the `fsync`, for a batch that stages
     /// all of its documents first: it starts the file's writeback instead
-    /// (see [`writeback`](crate::writeback)), and the batch must
-    /// [`sync`](Self::sync) it before its rename.
+    /// (see [`writeback`](crate::writeback)); [`Unsynced::sync`] then makes
+    /// it a [`Staged`] file that can be renamed into place.
     pub(crate) fn write_unsynced(
         dir: &'a Folder,
         file_name: &str,
         bytes: &[u8],
         mode: Option<u32>,
         faults: &Faults,
-    ) -> Result<Staged<'a>, Error> {
+    ) -> Result<Unsynced<'a>, Error> {
         let staged = Self::create(dir, file_name, bytes, mode, faults)?;
         crate::writeback::start(&staged.file);
-        Ok(staged)
+        Ok(Unsynced(staged))
     }
 
-    /// Makes the written bytes durable: the `fsync` of
-    /// [`write`](Self::write), for a file staged by
-    /// [`write_unsynced`](Self::write_unsynced).
-    pub(crate) fn sync(&self, faults: &Faults) -> Result<(), Error> {
+    /// The `fsync` of [`write`](Self::write).
+    fn sync(&self, faults: &Faults) -> Result<(), Error> {
         let path = self.path();
         faults
             .check(SaveStep::Fsync, &path)
@@ -119,7 +120,8 @@ impl<'a> Staged<'a> {
             .map_err(|e| io_error("fsync of the temporary file", &path, e))
     }
 
-    /// The temporary file with `bytes` written, not synced.
+    /// The temporary file with `bytes` written, not synced: only
+    /// [`write`](Self::write) and [`Unsynced::sync`] let it out.
     fn create(
         dir: &'a Folder,
         file_name: &str,
@@ -249,6 +251,19 @@ pub(crate) fn sync_placed(
         let _ = dir.sync();
     }
     synced
+}
+
+/// A temporary file written by [`Staged::write_unsynced`], not yet synced;
+/// removed on drop.
+pub(crate) struct Unsynced<'a>(Staged<'a>);
+
+impl<'a> Unsynced<'a> {
+    /// `fsync`s the file: a [`Staged`] one, which can be renamed into place.
+    /// On failure it is removed.
+    pub(crate) fn sync(self, faults: &Faults) -> Result<Staged<'a>, Error> {
+        self.0.sync(faults)?;
+        Ok(self.0)
+    }
 }
 
 impl Drop for Staged<'_> {

@@ -1125,7 +1125,7 @@ impl Engine {
         let mut staged = Vec::with_capacity(written.len());
         for (i, key, file_name, file) in written {
             match file.sync(&self.faults) {
-                Ok(()) => staged.push((i, key, file_name, file)),
+                Ok(file) => staged.push((i, key, file_name, file)),
                 Err(error) => results[i] = Some(Err(error)),
             }
         }

@@ -23,62 +23,85 @@
 
 use std::fs::File;
 
-/// Starts writing `file`'s dirty pages to its disk, without waiting.
-#[cfg(target_os = "linux")]
+/// Starts writing `file`'s dirty pages to its disk, without waiting; a
+/// failure is only logged (see the module documentation).
 pub(crate) fn start(file: &File) {
-    use std::os::fd::AsRawFd;
-
-    // Why `unsafe`: std and rustix wrap no `sync_file_range`, and libc's
-    // binding is an `extern` function. Why it is sound: the call takes four
-    // integers and no pointer, so it cannot touch this process's memory;
-    // the descriptor is `file`'s, which the shared borrow keeps open (and
-    // so not reused for another file) for the whole call.
-    #[allow(unsafe_code)]
-    // SAFETY: see above.
-    let started =
-        unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-    if started != 0 {
+    if let Err(error) = try_start(file) {
         // Not an error of the save: the `fsync` that follows decides.
-        tracing::trace!(
-            error = %std::io::Error::last_os_error(),
-            "could not start the writeback of a staged file"
-        );
+        tracing::trace!(%error, "could not start the writeback of a staged file");
     }
 }
 
-/// Does nothing: the `fsync` that follows writes the file out.
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn start(_file: &File) {}
+/// `sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)` on `file`.
+#[cfg(target_os = "linux")]
+fn try_start(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
 
-#[cfg(test)]
+    // std and rustix wrap no `sync_file_range`, and libc's binding is an
+    // `extern` function, hence `unsafe`.
+    #[expect(unsafe_code, reason = "one system call without a safe wrapper")]
+    // SAFETY: the call takes four integers and no pointer, so it cannot
+    // read or write this process's memory; the descriptor is `file`'s,
+    // which the shared borrow keeps open (and so not reused for another
+    // file) for the whole call.
+    let started =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    if started == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Nothing to start outside Linux: the `fsync` that follows writes the file
+/// out.
+#[cfg(not(target_os = "linux"))]
+fn try_start(_file: &File) -> std::io::Result<()> {
+    Ok(())
+}
+
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use std::io::{Read, Seek, Write};
+    use std::path::PathBuf;
 
-    use super::start;
+    use super::{start, try_start};
+
+    /// A folder removed when the test ends, passed or not.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 
     #[test]
-    fn starting_writeback_keeps_the_bytes_and_fails_quietly() {
-        let dir = std::env::temp_dir().join(format!("runstate-writeback-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("staged");
+    fn writeback_starts_on_a_file_and_fails_quietly_elsewhere() {
+        let dir = Scratch(
+            std::env::temp_dir().join(format!("runstate-writeback-{}", std::process::id())),
+        );
+        std::fs::create_dir_all(&dir.0).unwrap();
         let mut file = std::fs::File::options()
             .create(true)
             .truncate(true)
             .read(true)
             .write(true)
-            .open(&path)
+            .open(dir.0.join("staged"))
             .unwrap();
         let bytes: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
         file.write_all(&bytes).unwrap();
-        start(&file);
+        // The call is made, and succeeds, on a regular file.
+        try_start(&file).expect("writeback started");
         file.sync_all().unwrap();
         file.rewind().unwrap();
         let mut read = Vec::new();
         file.read_to_end(&mut read).unwrap();
         assert_eq!(read, bytes);
-        // On a descriptor where the call makes no sense (a folder), the
-        // hint fails and is ignored.
-        start(&std::fs::File::open(&dir).unwrap());
-        std::fs::remove_dir_all(&dir).unwrap();
+        // A character device refuses it (ESPIPE); `start` only logs that.
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let refused = try_start(&null).expect_err("no writeback on a device");
+        assert_eq!(refused.raw_os_error(), Some(libc::ESPIPE), "{refused}");
+        start(&null);
     }
 }

@@ -301,8 +301,9 @@ impl Error {
     /// the holder are recorded; the caller adds its backend and operation.
     ///
     /// Every backend builds its lost leases with this constructor or
-    /// [`lease_lost_because`](Self::lease_lost_because), so that a caller
-    /// reads the same words from every store.
+    /// [`lease_lost_because`](Self::lease_lost_because), so that every
+    /// store records the lock and the holder the same way (the words of a
+    /// store-specific reason are the store's).
     #[must_use]
     pub fn lease_lost(lease: &Lease, holder: Option<LockInfo>) -> Self {
         let why = match &holder {
@@ -333,8 +334,8 @@ impl Error {
     /// A [`Fenced`](ErrorKind::Fenced) refusal of a write under `lease`,
     /// which is no longer the current grant of its lock; nothing was
     /// written. `holder` is the lock's current holder when the store read
-    /// one. The lock and the holder are recorded; the caller adds its
-    /// backend, operation and document.
+    /// one. The lock (with its run and document) and the holder are
+    /// recorded; the caller adds its backend and operation.
     #[must_use]
     pub fn fenced(lease: &Lease, holder: Option<LockInfo>) -> Self {
         Error::new(

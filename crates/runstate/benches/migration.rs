@@ -25,7 +25,8 @@
 //!   disk;
 //! - how the copies were verified: read back, or by the target's MD5 (S3
 //!   ETags);
-//! - the peak resident memory of the migrating process (`VmHWM`).
+//! - the peak resident memory of the migrating process (`VmHWM`), the
+//!   highest of the rounds.
 //!
 //! A migration reads every document of the source once and, on S3, lists
 //! the run twice (the plan, and the final check that nothing changed
@@ -89,23 +90,25 @@ struct Row {
     /// The mean of the slower side's rate before and after the median
     /// round: the baseline of `ratio`.
     baseline_docs_per_sec: f64,
-    /// Every round, in order: its migration's documents/s, its baseline and
-    /// its ratio.
+    /// Every round, in order.
     rounds: Vec<Round>,
     /// One raw reader on the source side, reading what its raw writer wrote.
     raw_from_read_docs_per_sec: f64,
     /// Out of S3: the read floor (see the module documentation).
     floor_docs_per_sec: Option<f64>,
-    /// The floor's ratio to the slower side's raw single-writer rate.
+    /// The floor's ratio to the slower side's raw single-writer rate
+    /// measured just before it (the first round's baseline before).
     floor_ratio: Option<f64>,
     /// With S3 on one side: the copy floor (see the module documentation).
     copy_floor_docs_per_sec: Option<f64>,
-    /// The copy floor's ratio to the slower side's raw single-writer rate.
+    /// The copy floor's ratio to the slower side's raw single-writer rate
+    /// measured just before it (the first round's baseline before).
     copy_floor_ratio: Option<f64>,
     /// Into file, where file is the slower side: the layout floor (see the
     /// module documentation).
     record_floor_docs_per_sec: Option<f64>,
-    /// The layout floor's ratio to the slower side's raw single-writer rate.
+    /// The layout floor's ratio to the slower side's raw single-writer rate
+    /// measured just before it (the last round's baseline after).
     record_floor_ratio: Option<f64>,
     slower_side: &'static str,
     /// The median of the rounds' ratios.
@@ -113,12 +116,14 @@ struct Row {
     raw8_slower_docs_per_sec: f64,
     ratio_vs_8_writers: f64,
     verified_by_md5: u64,
+    /// The highest of the rounds.
     peak_rss_mib: f64,
     target: f64,
     meets_target: bool,
 }
 
-/// One migration of a pair between two raw baselines of its slower side.
+/// One migration of a pair between two raw baselines of its slower side:
+/// its rates and report, the baselines and its ratio to their mean.
 #[derive(Debug, Clone, Copy, Serialize)]
 struct Round {
     docs_per_sec: f64,
@@ -417,11 +422,11 @@ fn main() {
                     baseline_docs_per_sec: baseline,
                     raw_from_read_docs_per_sec: from_raw.read_one,
                     floor_docs_per_sec: from_raw.floor,
-                    floor_ratio: from_raw.floor.map(|floor| floor / baseline),
+                    floor_ratio: from_raw.floor.map(|floor| floor / slower),
                     copy_floor_docs_per_sec: copied_raw,
-                    copy_floor_ratio: copied_raw.map(|floor| floor / baseline),
+                    copy_floor_ratio: copied_raw.map(|floor| floor / slower),
                     record_floor_docs_per_sec: records,
-                    record_floor_ratio: records.map(|floor| floor / baseline),
+                    record_floor_ratio: records.map(|floor| floor / before),
                     slower_side,
                     ratio,
                     raw8_slower_docs_per_sec: slower_eight,
@@ -453,7 +458,7 @@ fn main() {
         "documents": documents,
         "target": TARGET,
         "target_into_s3": TARGET_INTO_S3,
-        "rounds": rounds_per_pair,
+        "rounds_per_pair": rounds_per_pair,
         "rows": rows,
     });
     args.write_report(&report);

@@ -239,7 +239,9 @@ impl SplitStore {
                 Some(holder)
                     if holder.fence == lease.fence() && holder.owner.id() == lease.owner().id() => {
                 }
-                _ => return Err(fenced("it is no longer the current grant of its lock")),
+                holder => {
+                    return Err(Error::fenced(lease, holder).at_doc(op, run, doc));
+                }
             }
             match self
                 .docs
