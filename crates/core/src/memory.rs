@@ -125,6 +125,11 @@ impl LockState {
         self.held.as_ref().filter(|h| h.live())
     }
 
+    /// The live holder of this lock (`key`) as anyone sees it.
+    fn holder(&self, key: &LockKey) -> Option<LockInfo> {
+        self.live().map(|held| held.info(key, self.fence))
+    }
+
     fn is_current(&self, lease: &Lease) -> bool {
         self.fence == lease.fence().get()
             && self
@@ -236,7 +241,7 @@ impl MemoryStore {
         if lock.is_some_and(|l| l.is_current(lease)) {
             return Ok(());
         }
-        let holder = lock.and_then(|l| l.live().map(|held| held.info(lease.key(), l.fence)));
+        let holder = lock.and_then(|l| l.holder(lease.key()));
         Err(Error::fenced(lease, holder).with_backend(BACKEND))
     }
 
@@ -401,7 +406,7 @@ impl MemoryStore {
         let holder = state
             .locks
             .get(lease.key())
-            .and_then(|lock| lock.live().map(|held| held.info(lease.key(), lock.fence)));
+            .and_then(|lock| lock.holder(lease.key()));
         Error::lease_lost(lease, holder)
             .with_backend(BACKEND)
             .with_operation(op)
@@ -778,10 +783,7 @@ impl Lock for MemoryStore {
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
         let state = self.state();
-        Ok(state
-            .locks
-            .get(key)
-            .and_then(|l| l.live().map(|h| h.info(key, l.fence))))
+        Ok(state.locks.get(key).and_then(|l| l.holder(key)))
     }
 
     async fn break_lock(
@@ -814,7 +816,7 @@ impl Lock for MemoryStore {
             .locks
             .iter()
             .filter(|(key, _)| run.is_none_or(|r| key.run() == r))
-            .filter_map(|(key, lock)| lock.live().map(|h| h.info(key, lock.fence)))
+            .filter_map(|(key, lock)| lock.holder(key))
             .collect();
         locks.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(locks)
