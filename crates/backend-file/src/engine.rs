@@ -26,9 +26,10 @@ use crate::folder::{
 use crate::hub::{Hub, Pause};
 use crate::index::{Indexes, RunIndex};
 use crate::layout::{
-    Layout, host_tag, io_error, lease_file_name, lock_key_of_file, parse_temp_name, version_of,
+    Layout, RECORDS_LOCK, host_tag, io_error, lease_file_name, lock_key_of_file, parse_temp_name,
+    version_of,
 };
-use crate::leases::{self, LeaseFile, Now};
+use crate::leases::{self, BookLock, LeaseFile, Now};
 use crate::weppcloud;
 
 /// Writes of one group of a batch at most ([`Engine::put_many`]): each
@@ -429,14 +430,35 @@ impl Engine {
     }
 
     /// [`record_created`](Self::record_created), waiting at most `wait` for
-    /// its lock.
+    /// its lock. A document's record is created under the run's records
+    /// lock, let go before the record is locked (see [`crate::layout`]): a
+    /// batch holding it may be writing the document without a record.
     fn record_created_within(
         &self,
         book: &Folder,
         key: &LockKey,
         wait: Duration,
     ) -> Result<LeaseFile, Error> {
-        LeaseFile::open(book, &lease_file_name(key), true, true, wait)?.ok_or_else(missing_record)
+        let name = lease_file_name(key);
+        if matches!(key, LockKey::Run(_)) {
+            return LeaseFile::open(book, &name, true, true, wait)?.ok_or_else(missing_record);
+        }
+        let start = Instant::now();
+        if let Some(record) = LeaseFile::open(book, &name, true, false, wait)? {
+            return Ok(record);
+        }
+        {
+            let _records = BookLock::take(book, RECORDS_LOCK, wait)?;
+            book.open_file(&name, Access::Create)?;
+        }
+        LeaseFile::open(
+            book,
+            &name,
+            true,
+            false,
+            wait.saturating_sub(start.elapsed()),
+        )?
+        .ok_or_else(missing_record)
     }
 
     /// The bound of a read: the caller's limit, never above the store's.
@@ -1039,10 +1061,14 @@ impl Engine {
     /// checked, staged and synced, as [`save`](Self::save) does, before any
     /// record is taken. Then the records of all of them are tried once, in
     /// the order of their file names (folded where the store ignores case,
-    /// so two groups never wait for each other in a circle). Under the
-    /// records taken each document is checked as `save` checks it and
-    /// renamed into place (a refused one lets go of its record at once),
-    /// and one `fsync` of the folder makes every rename durable. Should it
+    /// so two groups never wait for each other in a circle). A document
+    /// that has no record gets none: it is written under the run's records
+    /// lock instead, taken after the records and held as they are (see
+    /// [`crate::layout`]; a migration into this store then creates one file
+    /// per document, not two). Under the records (or that lock) each
+    /// document is checked as `save` checks it and renamed into place (a
+    /// refused one lets go of its record at once), and one `fsync` of the
+    /// folder makes every rename durable. Should it
     /// fail, every renamed document is put back and each of those writes
     /// fails. The records of renamed documents are held until then, so no
     /// other writer replaces a document that may still be put back. Only
@@ -1142,31 +1168,65 @@ impl Engine {
         // No deadline when the timeout is too long to add to the clock (an
         // endless wait, as every other call of this store takes it).
         let deadline = Instant::now().checked_add(self.lock_timeout);
+        let left = || {
+            deadline.map_or(self.lock_timeout, |deadline| {
+                deadline.saturating_duration_since(Instant::now())
+            })
+        };
         let mut locked = Vec::with_capacity(staged.len());
         let mut busy = Vec::new();
+        let mut unrecorded = Vec::new();
         for (i, key, file_name, written) in staged {
-            match self.record_created_within(&book, &key, Duration::ZERO) {
-                Ok(record) => locked.push((i, key, file_name, written, record)),
+            match LeaseFile::open(&book, &lease_file_name(&key), true, false, Duration::ZERO) {
+                Ok(Some(record)) => locked.push((i, key, file_name, written, Some(record))),
+                Ok(None) => unrecorded.push((i, key, file_name, written)),
                 Err(error) if error.kind() == ErrorKind::Timeout => {
                     busy.push((i, key, file_name, written));
                 }
                 Err(error) => results[i] = Some(Err(error)),
             }
         }
+        // Documents without a record are written under the records lock,
+        // which no record is created without (see `crate::layout`), once
+        // it is sure that theirs still does not exist: a record, created
+        // since, is tried as the others were. Should the lock not come
+        // within the timeout, each of them waits for its record instead.
+        let records = if unrecorded.is_empty() {
+            None
+        } else {
+            match BookLock::take(&book, RECORDS_LOCK, left()) {
+                Ok(lock) => {
+                    for (i, key, file_name, written) in unrecorded {
+                        let name = lease_file_name(&key);
+                        match LeaseFile::open(&book, &name, true, false, Duration::ZERO) {
+                            Ok(record) => locked.push((i, key, file_name, written, record)),
+                            Err(error) if error.kind() == ErrorKind::Timeout => {
+                                busy.push((i, key, file_name, written));
+                            }
+                            Err(error) => results[i] = Some(Err(error)),
+                        }
+                    }
+                    Some(lock)
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "records lock of a batch");
+                    busy.extend(unrecorded);
+                    None
+                }
+            }
+        };
         self.place_group(run, puts, &dir, locked, results);
+        drop(records);
         for (i, key, file_name, written) in busy {
             // A record still busy at the deadline fails its write only;
             // the staged file goes with it.
-            let left = deadline.map_or(self.lock_timeout, |deadline| {
-                deadline.saturating_duration_since(Instant::now())
-            });
-            match self.record_created_within(&book, &key, left) {
+            match self.record_created_within(&book, &key, left()) {
                 Ok(record) => {
                     self.place_group(
                         run,
                         puts,
                         &dir,
-                        vec![(i, key, file_name, written, record)],
+                        vec![(i, key, file_name, written, Some(record))],
                         results,
                     );
                 }
@@ -1186,7 +1246,7 @@ impl Engine {
         run: &RunId,
         puts: &[PutRequest],
         dir: &Folder,
-        locked: Vec<(usize, LockKey, String, Staged<'_>, LeaseFile)>,
+        locked: Vec<(usize, LockKey, String, Staged<'_>, Option<LeaseFile>)>,
         results: &mut [Option<Result<Version, Error>>],
     ) {
         let mut placed = Vec::with_capacity(locked.len());

@@ -6,6 +6,7 @@
 //! <root>/<run>/.<name>.<ext>.rstmp.…     a save in progress (swept when its writer is dead)
 //! <root>/<run>/.runstate/run.lease       lease record of the run lock
 //! <root>/<run>/.runstate/doc.<name>.lease lease record of a document lock
+//! <root>/<run>/.runstate/records.lock    empty: the flock under which document records are created
 //! <root>/<run>/.runstate/docs.index      remembered versions of the documents (a cache)
 //! <root>/<run>/.runstate/status.log      status messages (see `crate::status`)
 //! <root>/<run>/.runstate/status.log.1    the previous status log
@@ -22,6 +23,19 @@
 //! The lease files double as the `flock` targets that make check-and-write
 //! atomic across processes: a document's writes hold its `doc.<name>.lease`
 //! lock, a save fenced by a run lease holds `run.lease` first.
+//!
+//! A document's record is created only when something needs it, and only
+//! under the run's `records.lock` (let go before the record is locked);
+//! runstate never removes one. So a batch write (`put_many`, which
+//! migrations use) of a document that has no record writes it holding
+//! `records.lock` instead, having found, under that lock, that the record
+//! still does not exist: no record can appear, and no other writer can
+//! hold one, until it is done. A document written only by batches then
+//! costs one file, not two (creating files is what a migration into this
+//! store spends most of its time on; see `put_group`). Every process
+//! writing a store must follow this rule: one older than it (which
+//! creates records without that lock) must not write the same store at the
+//! same time.
 
 use std::fs;
 use std::io;
@@ -38,6 +52,10 @@ use crate::folder::{Folder, Kind, is_not_a_dir, is_not_found};
 pub(crate) const BOOK_DIR: &str = ".runstate";
 /// The file, in the bookkeeping folder, remembering document versions.
 pub(crate) const INDEX_FILE: &str = "docs.index";
+/// The file, in the bookkeeping folder, whose lock serializes the creation
+/// of document records with batch writes of documents that have none (see
+/// the module documentation).
+pub(crate) const RECORDS_LOCK: &str = "records.lock";
 /// Marks temporary files of saves in progress.
 const TEMP_MARK: &str = "rstmp";
 /// Marks a re-linked previous document during a rollback.

@@ -245,31 +245,14 @@ impl LeaseFile {
         create: bool,
         wait: Duration,
     ) -> Result<Option<Self>, Error> {
-        let path = book.child(name);
         let access = match (exclusive, create) {
             (_, true) => Access::Create,
             (true, false) => Access::ReadWrite,
             (false, false) => Access::Read,
         };
-        let Some(file) = book.open_file(name, access)? else {
+        let Some((file, path, passage)) = open_locked(book, name, access, exclusive, wait)? else {
             return Ok(None);
         };
-        let meta = file
-            .metadata()
-            .map_err(|e| io_error("stat of the lease record", &path, e))?;
-        // Threads of this process queue at the record's gate (woken as soon
-        // as it is let go), then take the `flock` against other processes;
-        // the bound covers both.
-        let start = Instant::now();
-        let passage = gate::pass(meta.dev(), meta.ino(), wait).ok_or_else(|| {
-            lock_timeout(start.elapsed(), &path, "another thread of this process")
-        })?;
-        lock_bounded(
-            &file,
-            exclusive,
-            wait.saturating_sub(start.elapsed()),
-            &path,
-        )?;
         let size = file
             .metadata()
             .map_err(|e| io_error("stat of the lease record", &path, e))?
@@ -328,6 +311,71 @@ impl LeaseFile {
         }
         self.len = text.len();
         Ok(())
+    }
+}
+
+/// Opens `name` in `book` with `access` and locks it (exclusively or
+/// shared): first at its gate in this process, then by `flock` against
+/// other processes, both within `wait`. `Ok(None)` when it does not exist
+/// (and `access` does not create it).
+fn open_locked(
+    book: &Folder,
+    name: &str,
+    access: Access,
+    exclusive: bool,
+    wait: Duration,
+) -> Result<Option<(File, PathBuf, Passage)>, Error> {
+    let path = book.child(name);
+    let Some(file) = book.open_file(name, access)? else {
+        return Ok(None);
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| io_error("stat of the lock file", &path, e))?;
+    // Threads of this process queue at the file's gate (woken as soon as
+    // it is let go), then take the `flock` against other processes; the
+    // bound covers both.
+    let start = Instant::now();
+    let passage = gate::pass(meta.dev(), meta.ino(), wait)
+        .ok_or_else(|| lock_timeout(start.elapsed(), &path, "another thread of this process"))?;
+    lock_bounded(
+        &file,
+        exclusive,
+        wait.saturating_sub(start.elapsed()),
+        &path,
+    )?;
+    Ok(Some((file, path, passage)))
+}
+
+/// The exclusive lock of a bookkeeping file that holds no record, such as
+/// [`RECORDS_LOCK`](crate::layout::RECORDS_LOCK) or the milestones' lock: the file is created when
+/// missing and locked as a record is ([`open_locked`]); the lock is let go
+/// on drop.
+#[must_use = "the lock is let go when this is dropped"]
+pub(crate) struct BookLock {
+    _file: File,
+    /// Declared after the file, so it is let go after the file is closed
+    /// (and its `flock` with it), as a record's.
+    _passage: Passage,
+}
+
+impl BookLock {
+    /// Takes the lock of `name` in `book`, waiting at most `wait`.
+    ///
+    /// # Errors
+    /// `Denied` when the file is a link, a FIFO or anything but a regular
+    /// file; a retryable `Timeout` when it stays locked longer than
+    /// `wait`; I/O errors.
+    pub(crate) fn take(book: &Folder, name: &str, wait: Duration) -> Result<Self, Error> {
+        let (file, _, passage) =
+            open_locked(book, name, Access::Create, true, wait)?.ok_or_else(|| {
+                Error::new(ErrorKind::Backend, "a created lock file was not there")
+                    .with_backend(BACKEND)
+            })?;
+        Ok(Self {
+            _file: file,
+            _passage: passage,
+        })
     }
 }
 

@@ -8,6 +8,7 @@
 //! <root>/<run>/.runstate/                  runstate's bookkeeping:
 //! <root>/<run>/.runstate/run.lease           the run lock's record: fence counter, holder, watermark
 //! <root>/<run>/.runstate/doc.<name>.lease    a document lock's record (the same)
+//! <root>/<run>/.runstate/records.lock        the lock under which document records are created
 //! <root>/<run>/.runstate/docs.index          remembered document versions (a cache)
 //! <root>/<run>/.runstate/status.log          status messages, one JSON object per line
 //! <root>/<run>/.runstate/status.log.1        the previous status log, kept for replay
@@ -47,8 +48,13 @@
 //! - **Conditional and fenced writes across processes.** The check of a
 //!   `Create`, an `Update(version)` or a lease, and the rename that follows,
 //!   happen under an exclusive `flock` on the lock's record file, so they are
-//!   atomic across every process on this host. Those locks are held for a
-//!   few system calls; a wait for one is bounded
+//!   atomic across every process on this host. A batch (`put_many`, which
+//!   migrations use) of a document that has no record creates none: it
+//!   holds the run's `records.lock` instead, under which every record is
+//!   created, so a document written only by batches costs one file, not
+//!   two. Every process writing a store must therefore run a runstate that
+//!   knows this rule (one from before it creates records without the
+//!   lock). Those locks are held for a few system calls; a wait for one is bounded
 //!   ([`FileConfig::with_lock_timeout`], 10 s by default), after which the
 //!   call fails with a retryable `Timeout`: a stopped or hung process
 //!   cannot block every writer of a document.

@@ -28,7 +28,7 @@ use crate::BACKEND;
 use crate::engine::Engine;
 use crate::folder::{Access, Folder, is_not_found, read_bounded};
 use crate::layout::{io_error, temp_name};
-use crate::leases::lock_bounded;
+use crate::leases::BookLock;
 
 /// The milestones file, in the bookkeeping folder.
 pub(crate) const FILE: &str = "milestones.json";
@@ -144,13 +144,8 @@ fn write(book: &Folder, stored: &Stored) -> Result<(), Error> {
 }
 
 /// Takes the exclusive lock serializing changes (creating its file).
-fn lock(book: &Folder, wait: Duration) -> Result<std::fs::File, Error> {
-    let path = book.child(LOCK);
-    let file = book.open_file(LOCK, Access::Create)?.ok_or_else(|| {
-        Error::new(ErrorKind::Backend, "a created lock file was not there").with_backend(BACKEND)
-    })?;
-    lock_bounded(&file, true, wait, &path)?;
-    Ok(file)
+fn lock(book: &Folder, wait: Duration) -> Result<BookLock, Error> {
+    BookLock::take(book, LOCK, wait)
 }
 
 /// Applies one change, creating the run folder and its bookkeeping folder

@@ -47,11 +47,15 @@
 //! from the source and a plain `PUT` per value, eight in flight. Each floor
 //! is measured once per pair and set against the median round.
 //!
-//! Into the file backend, a third row shows the layout's floor: one writer
-//! making each value durable as the raw writer does, and creating beside
-//! it the small lock record the file store keeps per document (its
-//! `flock` target, which makes check-and-write atomic across processes):
-//! two new inodes per document where the raw writer makes one. It is
+//! Into the file backend, a third row shows the layout's floor with lock
+//! records: one writer making each value durable as the raw writer does,
+//! and creating beside it the small lock record the file store keeps for a
+//! document that has one (its `flock` target, which makes check-and-write
+//! atomic across processes): two new inodes per document where the raw
+//! writer makes one. Batches (which migrations use) create no record for a
+//! document that has none (they hold the run's records lock instead), so a
+//! migration into a new run makes one inode per document, as the raw writer
+//! does; the row shows what a record per document would cost. It is
 //! measured after the last round, so that its own cleanup cannot slow a
 //! migration down.
 

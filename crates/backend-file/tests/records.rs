@@ -1,0 +1,263 @@
+//! Document records and batch writes: a batch (`put_many`, which
+//! migrations use) creates no lease record for a document that has none,
+//! and writes it under the run's `records.lock` instead; every record is
+//! created under that lock, so a batch and a record holder never write one
+//! document at the same time.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use runstate_core::{
+    Bytes, DocName, ErrorKind, Lock, LockKey, Owner, PutMode, PutRequest, RunId, Store, StoreExt,
+};
+use runstate_file::{FileConfig, FileStore, SaveStep};
+
+fn temp_root(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "runstate-records-{tag}-{}-{:x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ))
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("folder")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn doc(i: usize) -> DocName {
+    DocName::new(format!("d{i}")).expect("valid")
+}
+
+/// A batch of new documents leaves one file per document and no record
+/// (before, each document's write created `doc.<name>.lease` beside it: two
+/// files per document, which is most of what a migration into this store
+/// costs on this machine). A record appears when something needs it, a
+/// lease here, and a batch then writes the document under that record.
+#[tokio::test]
+async fn a_batch_creates_no_record_for_a_document_that_has_none() {
+    let root = temp_root("none");
+    let store = FileStore::open(FileConfig::new(&root)).await.expect("open");
+    let run = RunId::new("Mica_flume1").expect("valid");
+    let puts = (0..8)
+        .map(|i| PutRequest::new(doc(i), Bytes::from(format!("v{i}")), PutMode::Create))
+        .collect();
+    let results = store.put_many(&run, puts).await.expect("a batch");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    for i in 0..8 {
+        let stored = store
+            .get_bytes(&run, &doc(i))
+            .await
+            .expect("get")
+            .expect("present");
+        assert_eq!(stored.bytes, Bytes::from(format!("v{i}")));
+    }
+    let book = root.join("Mica_flume1").join(".runstate");
+    let records: Vec<String> = names(&book)
+        .into_iter()
+        .filter(|n| n.ends_with(".lease"))
+        .collect();
+    assert_eq!(records, Vec::<String>::new(), "no record was needed");
+    assert!(book.join("records.lock").is_file(), "{:?}", names(&book));
+
+    // A lease needs d3's record; the next batch writes d3 under it, and a
+    // holder of the record (another process's `flock`) makes it wait.
+    let key = LockKey::Doc(run.clone(), doc(3));
+    let lease = store
+        .try_acquire(&key, &Owner::for_this_process(), Duration::from_secs(30))
+        .await
+        .expect("a lease of d3");
+    assert!(book.join("doc.d3.lease").is_file());
+    store.release(&lease).await.expect("release");
+    let held = std::fs::File::open(book.join("doc.d3.lease")).expect("record");
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+    let store =
+        FileStore::open(FileConfig::new(&root).with_lock_timeout(Duration::from_millis(300)))
+            .await
+            .expect("open");
+    let puts = [3, 4]
+        .into_iter()
+        .map(|i| PutRequest::new(doc(i), Bytes::from("new"), PutMode::Overwrite))
+        .collect();
+    let results = store.put_many(&run, puts).await.expect("a batch");
+    let error = results[0].as_ref().expect_err("d3's record is held");
+    assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
+    results[1].as_ref().expect("d4 has no record to wait for");
+    drop(held);
+    let records: Vec<String> = names(&book)
+        .into_iter()
+        .filter(|n| n.ends_with(".lease"))
+        .collect();
+    assert_eq!(records, ["doc.d3.lease"]);
+    std::fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// While another process holds a run's records lock, a batch does not
+/// write a document of that run that has no record, and no record is
+/// created for a single save either: both fail with a retryable `Timeout`
+/// within the lock timeout and change nothing. (Before, neither looked at
+/// the lock.)
+#[tokio::test]
+async fn a_held_records_lock_holds_up_unrecorded_writes() {
+    let root = temp_root("held");
+    let timeout = Duration::from_millis(300);
+    let store = FileStore::open(FileConfig::new(&root).with_lock_timeout(timeout))
+        .await
+        .expect("open");
+    let run = RunId::new("Mica_flume2").expect("valid");
+    // d0 has a record (a single save made it), d1 has none.
+    store
+        .put_bytes(&run, &doc(0), Bytes::from("old"))
+        .await
+        .expect("seed");
+    let batch = vec![PutRequest::new(doc(1), Bytes::from("old"), PutMode::Create)];
+    let results = store.put_many(&run, batch).await.expect("a batch");
+    results[0].as_ref().expect("seeded");
+
+    let book = root.join("Mica_flume2").join(".runstate");
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(book.join("records.lock"))
+        .expect("records lock");
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+
+    let start = Instant::now();
+    let puts = (0..2)
+        .map(|i| PutRequest::new(doc(i), Bytes::from("new"), PutMode::Overwrite))
+        .collect();
+    let results = store.put_many(&run, puts).await.expect("a batch");
+    results[0].as_ref().expect("d0's record is free");
+    let error = results[1].as_ref().expect_err("d1 needs the records lock");
+    assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
+    assert!(error.is_retryable(), "{error}");
+    let error = store
+        .put_bytes(&run, &doc(2), Bytes::from("new"))
+        .await
+        .expect_err("d2's record cannot be created");
+    assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
+    assert!(
+        start.elapsed() < timeout * 4,
+        "two lock timeouts of {timeout:?} took {:?}",
+        start.elapsed()
+    );
+    for (i, expected) in [(0, Some("new")), (1, Some("old")), (2, None)] {
+        let stored = store.get_bytes(&run, &doc(i)).await.expect("get");
+        assert_eq!(stored.map(|d| d.bytes), expected.map(Bytes::from), "d{i}");
+    }
+    let run_dir = root.join("Mica_flume2");
+    let leftovers: Vec<String> = names(&run_dir)
+        .into_iter()
+        .filter(|n| n.contains(".rstmp."))
+        .collect();
+    assert_eq!(leftovers, Vec::<String>::new());
+    assert!(!book.join("doc.d1.lease").exists());
+    assert!(!book.join("doc.d2.lease").exists());
+
+    drop(held);
+    store
+        .put_bytes(&run, &doc(2), Bytes::from("new"))
+        .await
+        .expect("the lock is free again");
+    std::fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// A batch creating a document that has no record and a single save
+/// creating it (which creates its record) race, 30 times on two stores of
+/// one root, each pair started together, the batch pausing 30 ms right
+/// before each rename (a fault hook): exactly one of each pair succeeds
+/// and the other is told the document exists. The batch is sure the
+/// record does not exist only under the records lock, and a record is
+/// created only under it, so the two never check and write at once.
+/// (Creating the record without that lock makes both succeed in most
+/// rounds.)
+#[test]
+fn a_batch_and_a_save_of_a_new_document_never_both_create_it() {
+    let root = temp_root("race");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pause = Arc::new(|step: SaveStep, _: &Path| {
+        if step == SaveStep::Rename {
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        Ok(())
+    });
+    let batcher = runtime
+        .block_on(FileStore::open(
+            FileConfig::new(&root).with_fault_hook(pause),
+        ))
+        .expect("open");
+    let saver = runtime
+        .block_on(FileStore::open(FileConfig::new(&root)))
+        .expect("open");
+    let run = RunId::new("Mica_flume3").expect("valid");
+    // The run folder and its bookkeeping exist before the races start.
+    runtime
+        .block_on(saver.put_bytes(&run, &DocName::new("ron").expect("valid"), Bytes::new()))
+        .expect("seed");
+    drop(runtime);
+    let rounds = 30;
+    let start = Arc::new(Barrier::new(2));
+    let batches = {
+        let (start, run) = (Arc::clone(&start), run.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            (0..rounds)
+                .map(|i| {
+                    start.wait();
+                    let put = PutRequest::new(doc(i), Bytes::from("batch"), PutMode::Create);
+                    let mut results = runtime
+                        .block_on(batcher.put_many(&run, vec![put]))
+                        .expect("a batch");
+                    results.remove(0).map(|_| ())
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let saves = {
+        let (start, run) = (Arc::clone(&start), run.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            (0..rounds)
+                .map(|i| {
+                    start.wait();
+                    runtime
+                        .block_on(saver.put(
+                            &run,
+                            &doc(i),
+                            Bytes::from("save"),
+                            runstate_core::PutOptions::create(),
+                        ))
+                        .map(|_| ())
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let batches = batches.join().expect("batches");
+    let saves = saves.join().expect("saves");
+    for (i, (batch, save)) in batches.iter().zip(&saves).enumerate() {
+        let loser = match (batch, save) {
+            (Ok(()), Err(error)) | (Err(error), Ok(())) => error,
+            _ => panic!("d{i}: exactly one creation may succeed: {batch:?} / {save:?}"),
+        };
+        assert_eq!(loser.kind(), ErrorKind::AlreadyExists, "d{i}: {loser}");
+    }
+    std::fs::remove_dir_all(&root).expect("cleanup");
+}
