@@ -40,6 +40,13 @@ const BATCH_ITEMS: usize = 16;
 /// Bytes of one group at most (a larger document goes alone).
 const BATCH_BYTES: u64 = 32 * 1024 * 1024;
 
+/// A staged write of a batch: its index in the requests, its lock, the
+/// document's file name and the synced temporary file.
+type Staging<'d> = (usize, LockKey, String, Staged<'d>);
+/// A staged write ready to be placed: with its record held, or with none
+/// under the run's records lock.
+type Placing<'d> = (usize, LockKey, String, Staged<'d>, Option<LeaseFile>);
+
 /// Temporary files from another boot or pid namespace are removed once this
 /// old, since their writer cannot be checked from here.
 const FOREIGN_TEMP_AGE: Duration = Duration::from_secs(3600);
@@ -441,6 +448,8 @@ impl Engine {
     ) -> Result<LeaseFile, Error> {
         let name = lease_file_name(key);
         if matches!(key, LockKey::Run(_)) {
+            // No write relies on a run record's absence: it is created as
+            // it is locked.
             return LeaseFile::open(book, &name, true, true, wait)?.ok_or_else(missing_record);
         }
         let start = Instant::now();
@@ -448,7 +457,11 @@ impl Engine {
             return Ok(record);
         }
         {
-            let _records = BookLock::take(book, RECORDS_LOCK, wait)?;
+            // Let go before the record is locked: whoever holds the
+            // records lock never waits for a record, so the two locks
+            // cannot wait for each other in a circle.
+            let left = wait.saturating_sub(start.elapsed());
+            let _records = BookLock::take(book, RECORDS_LOCK, left)?;
             book.open_file(&name, Access::Create)?;
         }
         LeaseFile::open(
@@ -1063,24 +1076,28 @@ impl Engine {
     /// the order of their file names (folded where the store ignores case,
     /// so two groups never wait for each other in a circle). A document
     /// that has no record gets none: it is written under the run's records
-    /// lock instead, taken after the records and held as they are (see
-    /// [`crate::layout`]; a migration into this store then creates one file
-    /// per document, not two). Under the records (or that lock) each
-    /// document is checked as `save` checks it and renamed into place (a
-    /// refused one lets go of its record at once), and one `fsync` of the
-    /// folder makes every rename durable. Should it
+    /// lock instead, held as records are (see [`crate::layout`]; a
+    /// migration into this store then creates one file per document, not
+    /// two). That lock is only tried while the group holds records; when
+    /// busy, it is waited for after them, holding none. Under the records
+    /// (or that lock) each document is checked as `save` checks it and
+    /// renamed into place (a refused one lets go of its record at once),
+    /// and one `fsync` of the folder makes every rename durable. Should it
     /// fail, every renamed document is put back and each of those writes
-    /// fails. The records of renamed documents are held until then, so no
-    /// other writer replaces a document that may still be put back. Only
-    /// then, holding no other record, does the group wait for the records
-    /// that were busy, one at a time and in the same order, each written
-    /// the same way on its own, all within one lock timeout from the first
-    /// try: a record still busy then fails its write only. (Waiting while
-    /// holding the others kept up to fifteen idle documents locked, their
-    /// leases' renewals included, behind one stuck holder.)
+    /// fails. The records of renamed documents (or the records lock) are
+    /// held until then, so no other writer replaces a document that may
+    /// still be put back. Only then, holding no other record, does the
+    /// group wait for the records that were busy, one at a time and in the
+    /// same order, each written the same way on its own, all within one
+    /// lock timeout from the first try: a record still busy then fails its
+    /// write only. (Waiting while holding the others kept up to fifteen
+    /// idle documents locked, their leases' renewals included, behind one
+    /// stuck holder.)
     ///
-    /// Renames happen in the records' order, not the requests': a reader
-    /// may see a later write of the group before an earlier one.
+    /// Renames happen in the records' order (documents with a free record,
+    /// then those without one, then those that were busy), not the
+    /// requests': a reader may see a later write of the group before an
+    /// earlier one.
     fn put_group(
         &self,
         run: &RunId,
@@ -1176,47 +1193,54 @@ impl Engine {
         let mut locked = Vec::with_capacity(staged.len());
         let mut busy = Vec::new();
         let mut unrecorded = Vec::new();
-        for (i, key, file_name, written) in staged {
-            match LeaseFile::open(&book, &lease_file_name(&key), true, false, Duration::ZERO) {
-                Ok(Some(record)) => locked.push((i, key, file_name, written, Some(record))),
-                Ok(None) => unrecorded.push((i, key, file_name, written)),
-                Err(error) if error.kind() == ErrorKind::Timeout => {
-                    busy.push((i, key, file_name, written));
-                }
-                Err(error) => results[i] = Some(Err(error)),
-            }
+        self.try_records(
+            &book,
+            staged,
+            &mut locked,
+            &mut busy,
+            Some(&mut unrecorded),
+            results,
+        );
+        // Documents without a record are written under the records lock
+        // (see `crate::layout`), once it is sure, under it, that theirs
+        // still does not exist (one created since is tried as the others
+        // were). While the group holds records the lock is only tried: the
+        // group's other documents must not wait for it (their leases are
+        // renewed under those records). When it is busy, it is waited for
+        // once they are written and their records let go.
+        let mut records = None;
+        if !unrecorded.is_empty()
+            && !locked.is_empty()
+            && let Ok(lock) = BookLock::take(&book, RECORDS_LOCK, Duration::ZERO)
+        {
+            let pending = std::mem::take(&mut unrecorded);
+            self.try_records(&book, pending, &mut locked, &mut busy, None, results);
+            records = Some(lock);
         }
-        // Documents without a record are written under the records lock,
-        // which no record is created without (see `crate::layout`), once
-        // it is sure that theirs still does not exist: a record, created
-        // since, is tried as the others were. Should the lock not come
-        // within the timeout, each of them waits for its record instead.
-        let records = if unrecorded.is_empty() {
-            None
-        } else {
-            match BookLock::take(&book, RECORDS_LOCK, left()) {
-                Ok(lock) => {
-                    for (i, key, file_name, written) in unrecorded {
-                        let name = lease_file_name(&key);
-                        match LeaseFile::open(&book, &name, true, false, Duration::ZERO) {
-                            Ok(record) => locked.push((i, key, file_name, written, record)),
-                            Err(error) if error.kind() == ErrorKind::Timeout => {
-                                busy.push((i, key, file_name, written));
-                            }
-                            Err(error) => results[i] = Some(Err(error)),
-                        }
-                    }
-                    Some(lock)
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "records lock of a batch");
-                    busy.extend(unrecorded);
-                    None
-                }
-            }
-        };
         self.place_group(run, puts, &dir, locked, results);
         drop(records);
+        if !unrecorded.is_empty() {
+            match BookLock::take(&book, RECORDS_LOCK, left()) {
+                Ok(lock) => {
+                    let mut locked = Vec::with_capacity(unrecorded.len());
+                    self.try_records(&book, unrecorded, &mut locked, &mut busy, None, results);
+                    self.place_group(run, puts, &dir, locked, results);
+                    drop(lock);
+                }
+                Err(error) => {
+                    // One refusal for all of them: an `Error` is not
+                    // `Clone` (its source may not be), so the others get
+                    // its kind, message and retryability.
+                    for (i, ..) in unrecorded.iter().skip(1) {
+                        results[*i] =
+                            Some(Err(Error::new(error.kind(), error.message().to_owned())
+                                .with_backend(BACKEND)
+                                .set_retryable(error.is_retryable())));
+                    }
+                    results[unrecorded[0].0] = Some(Err(error));
+                }
+            }
+        }
         for (i, key, file_name, written) in busy {
             // A record still busy at the deadline fails its write only;
             // the staged file goes with it.
@@ -1236,6 +1260,34 @@ impl Engine {
         Ok(())
     }
 
+    /// Tries the record of each document of `staged` without waiting: one
+    /// free is taken (into `locked`), one busy is waited for later
+    /// (`busy`), one missing goes to `missing`, or, when that is `None` (the
+    /// records lock is held), into `locked` without a record; an error is
+    /// the write's result.
+    fn try_records<'d>(
+        &self,
+        book: &Folder,
+        staged: Vec<Staging<'d>>,
+        locked: &mut Vec<Placing<'d>>,
+        busy: &mut Vec<Staging<'d>>,
+        mut missing: Option<&mut Vec<Staging<'d>>>,
+        results: &mut [Option<Result<Version, Error>>],
+    ) {
+        for (i, key, file_name, written) in staged {
+            match LeaseFile::open(book, &lease_file_name(&key), true, false, Duration::ZERO) {
+                Ok(None) if let Some(missing) = missing.as_deref_mut() => {
+                    missing.push((i, key, file_name, written));
+                }
+                Ok(record) => locked.push((i, key, file_name, written, record)),
+                Err(error) if error.kind() == ErrorKind::Timeout => {
+                    busy.push((i, key, file_name, written));
+                }
+                Err(error) => results[i] = Some(Err(error)),
+            }
+        }
+    }
+
     /// Checks and renames into place the staged documents of `locked`
     /// (indices into `puts`, each with its record held), then makes the
     /// renames durable with one `fsync` of `dir`, putting every one back
@@ -1246,7 +1298,7 @@ impl Engine {
         run: &RunId,
         puts: &[PutRequest],
         dir: &Folder,
-        locked: Vec<(usize, LockKey, String, Staged<'_>, Option<LeaseFile>)>,
+        locked: Vec<Placing<'_>>,
         results: &mut [Option<Result<Version, Error>>],
     ) {
         let mut placed = Vec::with_capacity(locked.len());

@@ -22,7 +22,8 @@
 //!
 //! The lease files double as the `flock` targets that make check-and-write
 //! atomic across processes: a document's writes hold its `doc.<name>.lease`
-//! lock, a save fenced by a run lease holds `run.lease` first.
+//! lock (or `records.lock`, below), a save fenced by a run lease holds
+//! `run.lease` first.
 //!
 //! A document's record is created only when something needs it, and only
 //! under the run's `records.lock` (let go before the record is locked);
@@ -36,6 +37,11 @@
 //! writing a store must follow this rule: one older than it (which
 //! creates records without that lock) must not write the same store at the
 //! same time.
+//!
+//! Lock order: `run.lease`, then `records.lock`, then document records,
+//! except that a batch holding document records may *try* `records.lock`
+//! without waiting; whoever holds `records.lock` only tries records, never
+//! waits for one, so no two writers wait for each other in a circle.
 
 use std::fs;
 use std::io;

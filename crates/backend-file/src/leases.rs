@@ -2,7 +2,8 @@
 //!
 //! Each lock has one small record file, `.runstate/run.lease` or
 //! `.runstate/doc.<name>.lease`, holding its fence counter, its current
-//! holder and its fence watermark. Every read-modify-write of a record
+//! holder and its fence watermark, created when first needed (a document's
+//! under the run's records lock, see [`crate::layout`]) and never removed. Every read-modify-write of a record
 //! happens under an exclusive `flock` on that file, which is what makes
 //! acquire, renew, release, claims and fenced saves atomic across processes
 //! on this host.
@@ -348,9 +349,9 @@ fn open_locked(
 }
 
 /// The exclusive lock of a bookkeeping file that holds no record, such as
-/// [`RECORDS_LOCK`](crate::layout::RECORDS_LOCK) or the milestones' lock: the file is created when
-/// missing and locked as a record is ([`open_locked`]); the lock is let go
-/// on drop.
+/// the records lock ([`RECORDS_LOCK`](crate::layout::RECORDS_LOCK)) or the
+/// milestones' lock: the file is created when missing and locked as a
+/// record is ([`open_locked`]); the lock is let go on drop.
 #[must_use = "the lock is let go when this is dropped"]
 pub(crate) struct BookLock {
     _file: File,

@@ -50,14 +50,16 @@
 //!   happen under an exclusive `flock` on the lock's record file, so they are
 //!   atomic across every process on this host. A batch (`put_many`, which
 //!   migrations use) of a document that has no record creates none: it
-//!   holds the run's `records.lock` instead, under which every record is
-//!   created, so a document written only by batches costs one file, not
-//!   two. Every process writing a store must therefore run a runstate that
-//!   knows this rule (one from before it creates records without the
-//!   lock). Those locks are held for a few system calls; a wait for one is bounded
-//!   ([`FileConfig::with_lock_timeout`], 10 s by default), after which the
-//!   call fails with a retryable `Timeout`: a stopped or hung process
-//!   cannot block every writer of a document.
+//!   holds the run's `records.lock` instead, under which every document
+//!   record is created, so a document written only by batches costs one
+//!   file, not two. Every process writing a store must therefore run a
+//!   runstate that knows this rule (one from before it creates records
+//!   without the lock). Those locks are held for a few system calls; a
+//!   wait for one is bounded ([`FileConfig::with_lock_timeout`], 10 s by
+//!   default), after which the call fails with a retryable `Timeout`: a
+//!   stopped or hung process cannot block every writer of a document for
+//!   longer (one stopped while it holds `records.lock` holds up, for that
+//!   long, the first writes of the run's documents that have no record).
 //! - **`save_and_release` releases the lease whenever the save fails**
 //!   (a lease that does not cover the document, a refused condition, a
 //!   full disk, any step of the save), unless the lease was already lost.
@@ -667,9 +669,9 @@ impl Store for FileStore {
     }
 
     /// One group commit per group of writes: every document staged and
-    /// synced, then all renamed under their records, then one `fsync` of
-    /// the run folder (instead of one per document), see
-    /// `Engine::put_many`.
+    /// synced, then all renamed under their records (or, for documents that
+    /// have none, under the run's `records.lock`), then one `fsync` of the
+    /// run folder (instead of one per document), see `Engine::put_many`.
     async fn put_many(&self, run: &RunId, puts: Vec<PutRequest>) -> Result<Vec<Result<Version>>> {
         if puts.is_empty() {
             return Ok(Vec::new());

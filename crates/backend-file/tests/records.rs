@@ -5,7 +5,7 @@
 //! document at the same time.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use runstate_core::{
@@ -13,12 +13,31 @@ use runstate_core::{
 };
 use runstate_file::{FileConfig, FileStore, SaveStep};
 
-fn temp_root(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "runstate-records-{tag}-{}-{:x}",
-        std::process::id(),
-        fastrand::u64(..)
-    ))
+/// A store root under the temporary folder, removed on drop (also when a
+/// test fails).
+struct Root(PathBuf);
+
+impl Root {
+    fn new(tag: &str) -> Root {
+        Root(std::env::temp_dir().join(format!(
+            "runstate-records-{tag}-{}-{:x}",
+            std::process::id(),
+            fastrand::u64(..)
+        )))
+    }
+}
+
+impl std::ops::Deref for Root {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The names in `dir`, sorted.
@@ -43,8 +62,10 @@ fn doc(i: usize) -> DocName {
 /// lease here, and a batch then writes the document under that record.
 #[tokio::test]
 async fn a_batch_creates_no_record_for_a_document_that_has_none() {
-    let root = temp_root("none");
-    let store = FileStore::open(FileConfig::new(&root)).await.expect("open");
+    let root = Root::new("none");
+    let store = FileStore::open(FileConfig::new(&*root))
+        .await
+        .expect("open");
     let run = RunId::new("Mica_flume1").expect("valid");
     let puts = (0..8)
         .map(|i| PutRequest::new(doc(i), Bytes::from(format!("v{i}")), PutMode::Create))
@@ -79,7 +100,7 @@ async fn a_batch_creates_no_record_for_a_document_that_has_none() {
     let held = std::fs::File::open(book.join("doc.d3.lease")).expect("record");
     rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
     let store =
-        FileStore::open(FileConfig::new(&root).with_lock_timeout(Duration::from_millis(300)))
+        FileStore::open(FileConfig::new(&*root).with_lock_timeout(Duration::from_millis(300)))
             .await
             .expect("open");
     let puts = [3, 4]
@@ -96,7 +117,6 @@ async fn a_batch_creates_no_record_for_a_document_that_has_none() {
         .filter(|n| n.ends_with(".lease"))
         .collect();
     assert_eq!(records, ["doc.d3.lease"]);
-    std::fs::remove_dir_all(&root).expect("cleanup");
 }
 
 /// While another process holds a run's records lock, a batch does not
@@ -106,9 +126,9 @@ async fn a_batch_creates_no_record_for_a_document_that_has_none() {
 /// the lock.)
 #[tokio::test]
 async fn a_held_records_lock_holds_up_unrecorded_writes() {
-    let root = temp_root("held");
+    let root = Root::new("held");
     let timeout = Duration::from_millis(300);
-    let store = FileStore::open(FileConfig::new(&root).with_lock_timeout(timeout))
+    let store = FileStore::open(FileConfig::new(&*root).with_lock_timeout(timeout))
         .await
         .expect("open");
     let run = RunId::new("Mica_flume2").expect("valid");
@@ -145,8 +165,9 @@ async fn a_held_records_lock_holds_up_unrecorded_writes() {
         .await
         .expect_err("d2's record cannot be created");
     assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
+    // Two waits of one lock timeout each, and a few `fsync`s.
     assert!(
-        start.elapsed() < timeout * 4,
+        start.elapsed() < timeout * 10,
         "two lock timeouts of {timeout:?} took {:?}",
         start.elapsed()
     );
@@ -168,38 +189,42 @@ async fn a_held_records_lock_holds_up_unrecorded_writes() {
         .put_bytes(&run, &doc(2), Bytes::from("new"))
         .await
         .expect("the lock is free again");
-    std::fs::remove_dir_all(&root).expect("cleanup");
 }
 
 /// A batch creating a document that has no record and a single save
-/// creating it (which creates its record) race, 30 times on two stores of
-/// one root, each pair started together, the batch pausing 30 ms right
-/// before each rename (a fault hook): exactly one of each pair succeeds
-/// and the other is told the document exists. The batch is sure the
-/// record does not exist only under the records lock, and a record is
-/// created only under it, so the two never check and write at once.
-/// (Creating the record without that lock makes both succeed in most
-/// rounds.)
+/// creating it (which creates its record) race, 10 times on two stores of
+/// one root: each save starts when the batch is about to rename (a fault
+/// hook, which then waits up to 300 ms for the save to end). Exactly one
+/// of each pair succeeds and the other is told the document exists. The
+/// batch is sure the record does not exist only under the records lock,
+/// and a record is created only under it, so the save waits for the batch
+/// to finish. (Creating the record without that lock lets the save check
+/// and rename inside the batch's pause: both succeed.)
 #[test]
 fn a_batch_and_a_save_of_a_new_document_never_both_create_it() {
-    let root = temp_root("race");
+    let root = Root::new("race");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let pause = Arc::new(|step: SaveStep, _: &Path| {
+    let (at_rename, renaming) = mpsc::channel::<()>();
+    let (saved, save_done) = mpsc::channel::<()>();
+    let hook_ends = Mutex::new((at_rename, save_done));
+    let pause = Arc::new(move |step: SaveStep, _: &Path| {
         if step == SaveStep::Rename {
-            std::thread::sleep(Duration::from_millis(30));
+            let ends = hook_ends.lock().expect("hook");
+            let _ = ends.0.send(());
+            let _ = ends.1.recv_timeout(Duration::from_millis(300));
         }
         Ok(())
     });
     let batcher = runtime
         .block_on(FileStore::open(
-            FileConfig::new(&root).with_fault_hook(pause),
+            FileConfig::new(&*root).with_fault_hook(pause),
         ))
         .expect("open");
     let saver = runtime
-        .block_on(FileStore::open(FileConfig::new(&root)))
+        .block_on(FileStore::open(FileConfig::new(&*root)))
         .expect("open");
     let run = RunId::new("Mica_flume3").expect("valid");
     // The run folder and its bookkeeping exist before the races start.
@@ -207,10 +232,9 @@ fn a_batch_and_a_save_of_a_new_document_never_both_create_it() {
         .block_on(saver.put_bytes(&run, &DocName::new("ron").expect("valid"), Bytes::new()))
         .expect("seed");
     drop(runtime);
-    let rounds = 30;
-    let start = Arc::new(Barrier::new(2));
+    let rounds = 10;
     let batches = {
-        let (start, run) = (Arc::clone(&start), run.clone());
+        let run = run.clone();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -218,7 +242,6 @@ fn a_batch_and_a_save_of_a_new_document_never_both_create_it() {
                 .expect("runtime");
             (0..rounds)
                 .map(|i| {
-                    start.wait();
                     let put = PutRequest::new(doc(i), Bytes::from("batch"), PutMode::Create);
                     let mut results = runtime
                         .block_on(batcher.put_many(&run, vec![put]))
@@ -228,30 +251,28 @@ fn a_batch_and_a_save_of_a_new_document_never_both_create_it() {
                 .collect::<Vec<_>>()
         })
     };
-    let saves = {
-        let (start, run) = (Arc::clone(&start), run.clone());
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            (0..rounds)
-                .map(|i| {
-                    start.wait();
-                    runtime
-                        .block_on(saver.put(
-                            &run,
-                            &doc(i),
-                            Bytes::from("save"),
-                            runstate_core::PutOptions::create(),
-                        ))
-                        .map(|_| ())
-                })
-                .collect::<Vec<_>>()
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let saves: Vec<_> = (0..rounds)
+        .map(|i| {
+            renaming
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the batch reached its rename");
+            let outcome = runtime
+                .block_on(saver.put(
+                    &run,
+                    &doc(i),
+                    Bytes::from("save"),
+                    runstate_core::PutOptions::create(),
+                ))
+                .map(|_| ());
+            let _ = saved.send(());
+            outcome
         })
-    };
+        .collect();
     let batches = batches.join().expect("batches");
-    let saves = saves.join().expect("saves");
     for (i, (batch, save)) in batches.iter().zip(&saves).enumerate() {
         let loser = match (batch, save) {
             (Ok(()), Err(error)) | (Err(error), Ok(())) => error,
@@ -259,5 +280,89 @@ fn a_batch_and_a_save_of_a_new_document_never_both_create_it() {
         };
         assert_eq!(loser.kind(), ErrorKind::AlreadyExists, "d{i}: {loser}");
     }
-    std::fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// A batch whose documents without a record find the records lock held
+/// does not wait for it holding the records of its other documents: those
+/// are written and let go first (a lease of one is renewed meanwhile),
+/// then the lock is waited for and the rest written when it comes free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_for_the_records_lock_holding_no_record() {
+    let root = Root::new("waits");
+    let store = FileStore::open(FileConfig::new(&*root).with_lock_timeout(Duration::from_secs(10)))
+        .await
+        .expect("open");
+    let run = RunId::new("Mica_flume4").expect("valid");
+    // d0 has a record (a single save made it), d1 has none.
+    store
+        .put_bytes(&run, &doc(0), Bytes::from("old"))
+        .await
+        .expect("seed");
+    let lease = store
+        .try_acquire(
+            &LockKey::Doc(run.clone(), doc(0)),
+            &Owner::for_this_process(),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("a lease of d0");
+    let book = root.join("Mica_flume4").join(".runstate");
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(book.join("records.lock"))
+        .expect("records lock");
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+
+    let batch = {
+        let (store, run) = (store.clone(), run.clone());
+        tokio::spawn(async move {
+            let puts = (0..2)
+                .map(|i| PutRequest::new(doc(i), Bytes::from("new"), PutMode::Overwrite))
+                .collect();
+            store.put_many(&run, puts).await
+        })
+    };
+    let start = Instant::now();
+    loop {
+        let now = store
+            .get_bytes(&run, &doc(0))
+            .await
+            .expect("get")
+            .expect("present");
+        if now.bytes == "new" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "d0 not written while the batch waits for the records lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let renewed = store
+        .renew(&lease, Duration::from_secs(30))
+        .await
+        .expect("renewed while the batch waits");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "renewed while the batch waits"
+    );
+    assert_eq!(
+        store.get_bytes(&run, &doc(1)).await.expect("get"),
+        None,
+        "d1 waits for the records lock"
+    );
+    drop(held);
+    let results = batch.await.expect("the batch").expect("a batch");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let stored = store
+        .get_bytes(&run, &doc(1))
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(stored.bytes, Bytes::from("new"));
+    assert!(!book.join("doc.d1.lease").exists(), "d1 got no record");
+    store.release(&renewed).await.expect("release");
 }
