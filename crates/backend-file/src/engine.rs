@@ -1276,8 +1276,10 @@ impl Engine {
     ) {
         for (i, key, file_name, written) in staged {
             match LeaseFile::open(book, &lease_file_name(&key), true, false, Duration::ZERO) {
-                Ok(None) if let Some(missing) = missing.as_deref_mut() => {
-                    missing.push((i, key, file_name, written));
+                Ok(None) if missing.is_some() => {
+                    if let Some(missing) = missing.as_deref_mut() {
+                        missing.push((i, key, file_name, written));
+                    }
                 }
                 Ok(record) => locked.push((i, key, file_name, written, record)),
                 Err(error) if error.kind() == ErrorKind::Timeout => {
