@@ -1,6 +1,7 @@
 //! Hostile things inside the store: links, FIFOs and devices where lease
-//! records, the bookkeeping folder or documents belong; a look-alike host
-//! in a lease record; permission bits; an unreadable run folder.
+//! records, the records lock, the bookkeeping folder or documents belong; a
+//! look-alike host in a lease record; permission bits; an unreadable run
+//! folder.
 //!
 //! Calls that could hang on a FIFO or read `/dev/zero` forever run on a
 //! runtime of their own under a timeout, and the runtime is shut down
@@ -248,6 +249,74 @@ fn fifos_in_place_of_a_record_or_a_document_are_refused_without_blocking() {
         assert!(listed.is_empty(), "a FIFO is not a document: {listed:?}");
     });
     fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// The records lock (`records.lock`, under which a document's first
+/// record is created and a batch writes a document that has none) linked
+/// out of the root, or a FIFO: a batch and a save of a new document are
+/// refused with `Denied` naming it, without blocking; nothing is written,
+/// outside the root or in it.
+#[test]
+fn a_records_lock_linked_out_of_the_root_or_a_fifo_is_refused() {
+    let outside = temp_root("records-outside");
+    let notes = outside.join("notes.txt");
+    fs::write(&notes, OUTSIDE_NOTES).expect("outside file");
+    for planted in ["link", "fifo"] {
+        let root = temp_root(&format!("records-{planted}"));
+        fs::create_dir_all(root.join("r/.runstate")).expect("bookkeeping");
+        let lock = root.join("r/.runstate/records.lock");
+        match planted {
+            "link" => std::os::unix::fs::symlink(&notes, &lock).expect("link"),
+            _ => mkfifo(&lock),
+        }
+        let store_root = root.clone();
+        bounded(
+            &format!("a planted records lock ({planted})"),
+            Duration::from_secs(30),
+            async move {
+                let store = FileStore::open_path(&store_root).await.expect("open");
+                let put = runstate_core::PutRequest::new(
+                    doc("ron"),
+                    Bytes::from_static(b"{}"),
+                    runstate_core::PutMode::Create,
+                );
+                let mut results = store.put_many(&run(), vec![put]).await.expect("a batch");
+                assert_denied_naming(
+                    results.remove(0),
+                    "records.lock",
+                    "a batch of a document without a record",
+                );
+                assert_denied_naming(
+                    store
+                        .put_bytes(&run(), &doc("climate"), Bytes::from_static(b"{}"))
+                        .await,
+                    "records.lock",
+                    "a save creating a record",
+                );
+                for name in ["ron", "climate"] {
+                    assert_eq!(
+                        store.get_bytes(&run(), &doc(name)).await.expect("get"),
+                        None
+                    );
+                }
+            },
+        );
+        let mut left: Vec<String> = fs::read_dir(root.join("r/.runstate"))
+            .expect("bookkeeping")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["records.lock"], "{planted}: no record was made");
+        fs::remove_dir_all(&root).expect("cleanup");
+    }
+    assert_eq!(
+        fs::read(&notes).expect("outside file"),
+        OUTSIDE_NOTES,
+        "the file outside the root is byte-identical"
+    );
+    assert_eq!(fs::read_dir(&outside).expect("outside").count(), 1);
+    fs::remove_dir_all(&outside).expect("cleanup");
 }
 
 #[test]
