@@ -40,6 +40,23 @@ const BATCH_ITEMS: usize = 16;
 /// Bytes of one group at most (a larger document goes alone).
 const BATCH_BYTES: u64 = 32 * 1024 * 1024;
 
+/// What makes a delete of a document exclusive (see `Engine::doc_access`):
+/// the document's record, locked, or the run's records lock, the document
+/// having no record. Held, never read.
+struct DocAccess {
+    _record: Option<LeaseFile>,
+    _records: Option<BookLock>,
+}
+
+impl DocAccess {
+    fn record(record: LeaseFile) -> DocAccess {
+        DocAccess {
+            _record: Some(record),
+            _records: None,
+        }
+    }
+}
+
 /// A staged write of a batch: its index in the requests, its lock, the
 /// document's file name and the synced temporary file.
 type Staging<'d> = (usize, LockKey, String, Staged<'d>);
@@ -472,6 +489,39 @@ impl Engine {
             wait.saturating_sub(start.elapsed()),
         )?
         .ok_or_else(missing_record)
+    }
+
+    /// The right to change the document of `key` without creating its
+    /// record, for a delete: its record, locked, or, when it has none, the
+    /// run's records lock with the record found absent under it, as a
+    /// batch writes (see [`crate::layout`]). A record that appears while
+    /// the records lock is taken, and is busy, is waited for without that
+    /// lock; all within the store's lock timeout.
+    fn doc_access(&self, book: &Folder, key: &LockKey) -> Result<DocAccess, Error> {
+        let name = lease_file_name(key);
+        let start = Instant::now();
+        let left = || self.lock_timeout.saturating_sub(start.elapsed());
+        loop {
+            if let Some(record) = LeaseFile::open(book, &name, true, false, left())? {
+                return Ok(DocAccess::record(record));
+            }
+            let records = BookLock::take(book, RECORDS_LOCK, left())?;
+            match LeaseFile::open(book, &name, true, false, Duration::ZERO) {
+                Ok(None) => {
+                    return Ok(DocAccess {
+                        _record: None,
+                        _records: Some(records),
+                    });
+                }
+                Ok(Some(record)) => return Ok(DocAccess::record(record)),
+                // Created and held since: waited for, but never while the
+                // records lock is held, and never past the timeout.
+                Err(error) if error.kind() == ErrorKind::Timeout && !left().is_zero() => {
+                    drop(records);
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// The bound of a read: the caller's limit, never above the store's.
@@ -1371,7 +1421,7 @@ impl Engine {
         }
         let doc_key = LockKey::Doc(run.clone(), doc.clone());
         let book = self.layout.ensure_book(Some(&dir), run)?;
-        let _record = self.record_created(&book, &doc_key)?;
+        let _access = self.doc_access(&book, &doc_key)?;
         self.check_doc_case(&dir, run, doc)?;
         self.check_writable(&dir, run)?;
         self.check_lock_files(Some(&dir), &doc_key)?;
@@ -1618,7 +1668,7 @@ impl Engine {
             let book = self.layout.ensure_book(Some(&dir), run)?;
             for (doc, file_name) in docs {
                 let key = LockKey::Doc(run.clone(), doc);
-                let _record = self.record_created(&book, &key)?;
+                let _access = self.doc_access(&book, &key)?;
                 self.check_lock_files(Some(&dir), &key)?;
                 match dir.unlink(&file_name) {
                     Ok(()) => deleted += 1,

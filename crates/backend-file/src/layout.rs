@@ -31,9 +31,10 @@
 //! migrations use) of a document that has no record writes it holding
 //! `records.lock` instead, having found, under that lock, that the record
 //! still does not exist: no record can appear, and no other writer can
-//! hold one, until it is done. A document written only by batches then
-//! costs one file, not two (creating files is what a migration into this
-//! store spends most of its time on; see `put_group`). Every process
+//! hold one, until it is done. A delete of such a document does the same.
+//! A document written only by batches then costs one file, not two
+//! (creating files is what a migration into this store spends most of its
+//! time on; see `put_group`). Every process
 //! writing a store must follow this rule: one older than it (which
 //! creates records without that lock) must not write the same store at the
 //! same time.

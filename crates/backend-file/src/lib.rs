@@ -49,17 +49,19 @@
 //!   `Create`, an `Update(version)` or a lease, and the rename that follows,
 //!   happen under an exclusive `flock` on the lock's record file, so they are
 //!   atomic across every process on this host. A batch (`put_many`, which
-//!   migrations use) of a document that has no record creates none: it
-//!   holds the run's `records.lock` instead, under which every document
-//!   record is created, so a document written only by batches costs one
-//!   file, not two. Every process writing a store must therefore run a
-//!   runstate that knows this rule (one from before it creates records
-//!   without the lock). Those locks are held for a few system calls; a
-//!   wait for one is bounded ([`FileConfig::with_lock_timeout`], 10 s by
-//!   default), after which the call fails with a retryable `Timeout`: a
-//!   stopped or hung process cannot block every writer of a document for
-//!   longer (one stopped while it holds `records.lock` holds up, for that
-//!   long, the first writes of the run's documents that have no record).
+//!   migrations use) or a delete of a document that has no record creates
+//!   none: it holds the run's `records.lock` instead, under which every
+//!   document record is created, so a document written only by batches
+//!   costs one file, not two. Every process writing a store must
+//!   therefore run a runstate that knows this rule (one from before it
+//!   creates records without the lock). Those locks are held for a few
+//!   system calls (a conditional delete also hashes the document under
+//!   its lock); a wait for one is bounded ([`FileConfig::with_lock_timeout`],
+//!   10 s by default), after which the call fails with a retryable
+//!   `Timeout`: a stopped or hung process cannot block every writer of a
+//!   document for longer (one stopped while it holds `records.lock` holds
+//!   up, for that long, the first writes and the deletes of the run's
+//!   documents that have no record).
 //! - **`save_and_release` releases the lease whenever the save fails**
 //!   (a lease that does not cover the document, a refused condition, a
 //!   full disk, any step of the save), unless the lease was already lost.

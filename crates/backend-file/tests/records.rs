@@ -366,3 +366,110 @@ async fn a_batch_waits_for_the_records_lock_holding_no_record() {
     assert!(!book.join("doc.d1.lease").exists(), "d1 got no record");
     store.release(&renewed).await.expect("release");
 }
+
+/// Deletes create no record either: a document written by a batch (no
+/// record) is deleted, conditionally or with its whole run, under the
+/// run's records lock, and leaves no record behind (before, each delete
+/// created the record it then locked, which a run's bookkeeping keeps for
+/// ever). While another process holds the records lock, such a delete or
+/// `delete_run` fails with `Timeout` and keeps the documents; a document
+/// with a record is deleted meanwhile.
+#[tokio::test]
+async fn deletes_create_no_record() {
+    let root = Root::new("deletes");
+    let timeout = Duration::from_millis(300);
+    let store = FileStore::open(FileConfig::new(&*root).with_lock_timeout(timeout))
+        .await
+        .expect("open");
+    let run = RunId::new("Mica_flume5").expect("valid");
+    let puts = (0..4)
+        .map(|i| PutRequest::new(doc(i), Bytes::from(format!("v{i}")), PutMode::Create))
+        .collect();
+    let results = store.put_many(&run, puts).await.expect("a batch");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    // d3 gets a record (a single save makes one).
+    store
+        .put_bytes(&run, &doc(3), Bytes::from("v3'"))
+        .await
+        .expect("a save");
+    let book = root.join("Mica_flume5").join(".runstate");
+    let records = || -> Vec<String> {
+        names(&book)
+            .into_iter()
+            .filter(|n| n.ends_with(".lease"))
+            .collect()
+    };
+    assert_eq!(records(), ["doc.d3.lease"]);
+
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(book.join("records.lock"))
+        .expect("records lock");
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+    let error = store
+        .delete(&run, &doc(0), None)
+        .await
+        .expect_err("d0 has no record: the records lock is needed");
+    assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
+    assert!(
+        store
+            .delete(&run, &doc(3), None)
+            .await
+            .expect("d3 has a record"),
+        "d3 deleted"
+    );
+    let error = store
+        .delete_run(&run)
+        .await
+        .expect_err("d0 has no record: the records lock is needed");
+    assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
+    for i in 0..3 {
+        assert!(
+            store.get_bytes(&run, &doc(i)).await.expect("get").is_some(),
+            "d{i} kept"
+        );
+    }
+    drop(held);
+    assert_eq!(records(), ["doc.d3.lease"]);
+
+    let v1 = store
+        .get_bytes(&run, &doc(1))
+        .await
+        .expect("get")
+        .expect("present")
+        .version;
+    let v2 = store
+        .get_bytes(&run, &doc(2))
+        .await
+        .expect("get")
+        .expect("present")
+        .version;
+    assert!(store.delete(&run, &doc(0), None).await.expect("d0 deleted"));
+    assert_eq!(records(), ["doc.d3.lease"], "a delete made a record");
+    let error = store
+        .delete(&run, &doc(1), Some(&v2))
+        .await
+        .expect_err("d1 is not at d2's version");
+    assert_eq!(error.kind(), ErrorKind::Precondition, "{error}");
+    assert!(
+        store
+            .delete(&run, &doc(1), Some(&v1))
+            .await
+            .expect("d1 deleted on its version")
+    );
+    assert_eq!(
+        records(),
+        ["doc.d3.lease"],
+        "a conditional delete made a record"
+    );
+    assert_eq!(store.delete_run(&run).await.expect("the run deleted"), 1);
+    for i in 0..4 {
+        assert_eq!(
+            store.get_bytes(&run, &doc(i)).await.expect("get"),
+            None,
+            "d{i}"
+        );
+    }
+    assert_eq!(records(), ["doc.d3.lease"], "delete_run made a record");
+}
