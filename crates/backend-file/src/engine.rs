@@ -1325,17 +1325,14 @@ impl Engine {
         results: &mut [Option<Result<Version, Error>>],
     ) {
         for (i, key, file_name, written) in staged {
-            match LeaseFile::open(book, &lease_file_name(&key), true, false, Duration::ZERO) {
-                Ok(None) if missing.is_some() => {
-                    if let Some(missing) = missing.as_deref_mut() {
-                        missing.push((i, key, file_name, written));
-                    }
-                }
-                Ok(record) => locked.push((i, key, file_name, written, record)),
-                Err(error) if error.kind() == ErrorKind::Timeout => {
+            let tried = LeaseFile::open(book, &lease_file_name(&key), true, false, Duration::ZERO);
+            match (tried, missing.as_deref_mut()) {
+                (Ok(None), Some(missing)) => missing.push((i, key, file_name, written)),
+                (Ok(record), _) => locked.push((i, key, file_name, written, record)),
+                (Err(error), _) if error.kind() == ErrorKind::Timeout => {
                     busy.push((i, key, file_name, written));
                 }
-                Err(error) => results[i] = Some(Err(error)),
+                (Err(error), _) => results[i] = Some(Err(error)),
             }
         }
     }

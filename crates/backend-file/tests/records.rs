@@ -51,6 +51,28 @@ fn names(dir: &Path) -> Vec<String> {
     names
 }
 
+/// The lease records in the bookkeeping folder `book`, sorted.
+fn records_in(book: &Path) -> Vec<String> {
+    names(book)
+        .into_iter()
+        .filter(|n| n.ends_with(".lease"))
+        .collect()
+}
+
+/// `path` (created when missing) locked through a descriptor of its own,
+/// as another process's `flock` holds it, until the file is dropped.
+fn held_elsewhere(path: &Path) -> std::fs::File {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .expect("a file to lock");
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+    file
+}
+
 fn doc(i: usize) -> DocName {
     DocName::new(format!("d{i}")).expect("valid")
 }
@@ -81,11 +103,11 @@ async fn a_batch_creates_no_record_for_a_document_that_has_none() {
         assert_eq!(stored.bytes, Bytes::from(format!("v{i}")));
     }
     let book = root.join("Mica_flume1").join(".runstate");
-    let records: Vec<String> = names(&book)
-        .into_iter()
-        .filter(|n| n.ends_with(".lease"))
-        .collect();
-    assert_eq!(records, Vec::<String>::new(), "no record was needed");
+    assert_eq!(
+        records_in(&book),
+        Vec::<String>::new(),
+        "no record was needed"
+    );
     assert!(book.join("records.lock").is_file(), "{:?}", names(&book));
 
     // A lease needs d3's record; the next batch writes d3 under it, and a
@@ -97,8 +119,7 @@ async fn a_batch_creates_no_record_for_a_document_that_has_none() {
         .expect("a lease of d3");
     assert!(book.join("doc.d3.lease").is_file());
     store.release(&lease).await.expect("release");
-    let held = std::fs::File::open(book.join("doc.d3.lease")).expect("record");
-    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+    let held = held_elsewhere(&book.join("doc.d3.lease"));
     let store =
         FileStore::open(FileConfig::new(&*root).with_lock_timeout(Duration::from_millis(300)))
             .await
@@ -112,11 +133,7 @@ async fn a_batch_creates_no_record_for_a_document_that_has_none() {
     assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
     results[1].as_ref().expect("d4 has no record to wait for");
     drop(held);
-    let records: Vec<String> = names(&book)
-        .into_iter()
-        .filter(|n| n.ends_with(".lease"))
-        .collect();
-    assert_eq!(records, ["doc.d3.lease"]);
+    assert_eq!(records_in(&book), ["doc.d3.lease"]);
 }
 
 /// While another process holds a run's records lock, a batch does not
@@ -142,14 +159,7 @@ async fn a_held_records_lock_holds_up_unrecorded_writes() {
     results[0].as_ref().expect("seeded");
 
     let book = root.join("Mica_flume2").join(".runstate");
-    let held = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(book.join("records.lock"))
-        .expect("records lock");
-    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+    let held = held_elsewhere(&book.join("records.lock"));
 
     let start = Instant::now();
     let puts = (0..2)
@@ -307,14 +317,7 @@ async fn a_batch_waits_for_the_records_lock_holding_no_record() {
         .await
         .expect("a lease of d0");
     let book = root.join("Mica_flume4").join(".runstate");
-    let held = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(book.join("records.lock"))
-        .expect("records lock");
-    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+    let held = held_elsewhere(&book.join("records.lock"));
 
     let batch = {
         let (store, run) = (store.clone(), run.clone());
@@ -393,20 +396,9 @@ async fn deletes_create_no_record() {
         .await
         .expect("a save");
     let book = root.join("Mica_flume5").join(".runstate");
-    let records = || -> Vec<String> {
-        names(&book)
-            .into_iter()
-            .filter(|n| n.ends_with(".lease"))
-            .collect()
-    };
-    assert_eq!(records(), ["doc.d3.lease"]);
+    assert_eq!(records_in(&book), ["doc.d3.lease"]);
 
-    let held = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(book.join("records.lock"))
-        .expect("records lock");
-    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+    let held = held_elsewhere(&book.join("records.lock"));
     let error = store
         .delete(&run, &doc(0), None)
         .await
@@ -431,7 +423,7 @@ async fn deletes_create_no_record() {
         );
     }
     drop(held);
-    assert_eq!(records(), ["doc.d3.lease"]);
+    assert_eq!(records_in(&book), ["doc.d3.lease"]);
 
     let v1 = store
         .get_bytes(&run, &doc(1))
@@ -446,7 +438,11 @@ async fn deletes_create_no_record() {
         .expect("present")
         .version;
     assert!(store.delete(&run, &doc(0), None).await.expect("d0 deleted"));
-    assert_eq!(records(), ["doc.d3.lease"], "a delete made a record");
+    assert_eq!(
+        records_in(&book),
+        ["doc.d3.lease"],
+        "a delete made a record"
+    );
     let error = store
         .delete(&run, &doc(1), Some(&v2))
         .await
@@ -459,7 +455,7 @@ async fn deletes_create_no_record() {
             .expect("d1 deleted on its version")
     );
     assert_eq!(
-        records(),
+        records_in(&book),
         ["doc.d3.lease"],
         "a conditional delete made a record"
     );
@@ -471,5 +467,9 @@ async fn deletes_create_no_record() {
             "d{i}"
         );
     }
-    assert_eq!(records(), ["doc.d3.lease"], "delete_run made a record");
+    assert_eq!(
+        records_in(&book),
+        ["doc.d3.lease"],
+        "delete_run made a record"
+    );
 }
