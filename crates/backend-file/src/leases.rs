@@ -3,10 +3,10 @@
 //! Each lock has one small record file, `.runstate/run.lease` or
 //! `.runstate/doc.<name>.lease`, holding its fence counter, its current
 //! holder and its fence watermark, created when first needed (a document's
-//! under the run's records lock, see [`crate::layout`]) and never removed. Every read-modify-write of a record
-//! happens under an exclusive `flock` on that file, which is what makes
-//! acquire, renew, release, claims and fenced saves atomic across processes
-//! on this host.
+//! under the run's records lock, see [`crate::layout`]) and never removed.
+//! Every read-modify-write of a record happens under an exclusive `flock`
+//! on that file, which is what makes acquire, renew, release, claims and
+//! fenced saves atomic across processes on this host.
 //!
 //! **Watermarks.** For leases granted by *another* lock service (a split
 //! store: documents here, leases in Redis or PostgreSQL), the record keeps
