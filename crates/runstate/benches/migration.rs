@@ -503,7 +503,6 @@ fn print_table(rows: &[Row]) {
         rows,
         "Layout floor into file (one writer: each value made durable as the raw writer does, \
          and its lock record created beside it; measured after the last round)",
-        "raw write docs/s (to)",
         "layout floor",
         |r| r.record_floor_docs_per_sec.zip(r.record_floor_ratio),
     );
@@ -511,7 +510,6 @@ fn print_table(rows: &[Row]) {
         rows,
         "Copy floor into S3: raw clients of both sides, eight copies in flight, each a raw read \
          and a plain PUT, nothing listed or checked; just before the first round.",
-        "raw write docs/s (S3)",
         "copy floor",
         |r| {
             (r.to == "s3")
@@ -560,12 +558,13 @@ fn print_table(rows: &[Row]) {
 
 /// A table of one floor measured on the target side, pair by pair: `floor`
 /// gives a row's floor in docs/s and its ratio to the slower side's raw
-/// rate, or `None` where the table has no row for it; `raw` names the raw
-/// write rate shown beside it and `name` the floor.
+/// rate, or `None` where the table has no row for it; `name` names the
+/// floor. The raw rate shown beside it is the one its ratio is to (the
+/// floor over its ratio): the layout floor's is the last round's baseline
+/// after, the copy floor's the first round's before.
 fn print_floor_table(
     rows: &[Row],
     title: &str,
-    raw: &str,
     name: &str,
     floor: impl Fn(&Row) -> Option<(f64, f64)>,
 ) {
@@ -578,8 +577,8 @@ fn print_floor_table(
     }
     println!("\n{title}\n");
     println!(
-        "| from → to | {raw} | {name} docs/s | {name} ratio | migration ratio | \
-         migration / {name} |"
+        "| from → to | slower side's raw write docs/s (the floor's baseline) | {name} docs/s | \
+         {name} ratio | migration ratio | migration / {name} |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
     for (r, (docs_per_sec, ratio)) in floors {
@@ -587,7 +586,7 @@ fn print_floor_table(
             "| {} → {} | {:.0} | {:.0} | {:.2}× | {:.2}× | {:.2}× |",
             r.from,
             r.to,
-            r.raw_to_docs_per_sec,
+            docs_per_sec / ratio,
             docs_per_sec,
             ratio,
             r.ratio,
