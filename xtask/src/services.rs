@@ -230,6 +230,8 @@ pub(crate) struct Moto {
 }
 
 const MOTO_BUCKET: &str = "runstate-test";
+/// Names the PID of the moto this xtask started, for the benchmarks.
+const MOTO_PID_VAR: &str = "RUNSTATE_S3_SERVER_PID";
 /// The launcher that makes moto's writes of one object one at a time.
 const MOTO_SERIAL: &str = include_str!("moto_serial.py");
 const MOTO_HINT: &str = "the S3 tests run moto (PyPI `moto[server]` 5.x) in a virtual environment under \
@@ -348,6 +350,9 @@ impl Moto {
             ("AWS_ACCESS_KEY_ID".to_owned(), "testing".to_owned()),
             ("AWS_SECRET_ACCESS_KEY".to_owned(), "testing".to_owned()),
             ("AWS_REGION".to_owned(), "us-east-1".to_owned()),
+            // The benchmarks read its CPU time from /proc/<pid>/stat: on
+            // S3 the server's one core is what a rate is measured against.
+            (MOTO_PID_VAR.to_owned(), self.child.id().to_string()),
         ]
     }
 }

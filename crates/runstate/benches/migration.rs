@@ -58,6 +58,22 @@
 //! does; the row shows what a record per document would cost. It is
 //! measured after the last round, so that its own cleanup cannot slow a
 //! migration down.
+//!
+//! With S3 on one side, a last table shows where the S3 server's one core
+//! went (moto's CPU time from `/proc/<pid>/stat`, the PID named by
+//! `cargo xtask bench` in `RUNSTATE_S3_SERVER_PID`; left out without it):
+//! its CPU per raw `PUT`, per raw `GET`, per copy of the copy floor and
+//! per migrated document, and its share of one core in each, beside the
+//! machine's busy cores and the migrating process's CPU per document in
+//! the median round. Against a server that does its work on one core, a
+//! rate is that share over that cost, so the ratio splits into a cost
+//! factor (how much of the server a migrated document takes against a
+//! raw write) and a share factor (how much of its core the server got
+//! during the migration against the raw writer's run). Out of S3 it also
+//! shows the server's CPU per document of the read floor (the requests
+//! any copy out of S3 sends) and the ceiling that sets: the ratio a copy
+//! would reach with the server spending its whole core on those requests,
+//! whatever the client does.
 
 mod support;
 
@@ -67,6 +83,7 @@ use std::time::Instant;
 use runstate::{Bytes, DocName, RunId};
 use serde::Serialize;
 use support::Args;
+use support::cpu::{self, Spent};
 use support::places::{ALL, Backend, Place, Places};
 use support::raw::Raw;
 
@@ -124,6 +141,90 @@ struct Row {
     peak_rss_mib: f64,
     target: f64,
     meets_target: bool,
+    /// With S3 on one side and its server's PID known: where the S3
+    /// server's core went (see [`ServerCpu`]).
+    s3_server: Option<ServerCpu>,
+}
+
+/// With S3 on one side: the S3 server's CPU (moto's, from `/proc`) per
+/// request or document and its share of one core, in the raw baselines,
+/// the copy floor and the median round, beside the machine's busy cores
+/// and the migrating process's CPU in that round. Moto works on one core,
+/// so a rate against it is its share of a core over its CPU per document;
+/// the migration's ratio is about `cost_factor` × `share_factor`.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct ServerCpu {
+    /// Per `PUT` of the S3 side's raw single writer (the first baseline).
+    raw_put_ms: f64,
+    raw_put_share: f64,
+    /// Per `GET` of the S3 side's raw single reader.
+    raw_get_ms: f64,
+    /// Out of S3: per document of the read floor, the requests any copy
+    /// out of S3 must send (a `GET` each, two listings of the run).
+    read_floor_ms: Option<f64>,
+    /// Out of S3: `raw_put_ms` / `read_floor_ms` over `raw_put_share`, the
+    /// ratio a copy would reach if the server spent all of its core on
+    /// those requests and nothing else: the ceiling of any migration out of
+    /// S3 against this server, whatever its client does.
+    ceiling: Option<f64>,
+    /// Per document of the copy floor (a `GET` or a `PUT` each, plus the
+    /// listings out of S3).
+    copy_floor_ms: Option<f64>,
+    copy_floor_share: Option<f64>,
+    /// Per document of the median round, everything the migration sent
+    /// (leases, listings, milestones) included.
+    migration_ms: f64,
+    migration_share: f64,
+    /// The machine's busy cores during the median round (of `cores`).
+    machine_cores: Option<f64>,
+    cores: usize,
+    /// The migrating process's CPU per document in the median round,
+    /// start-up included.
+    migrator_ms: Option<f64>,
+    /// `raw_put_ms` / `migration_ms`: how much less of the server a
+    /// migrated document costs than a raw write.
+    cost_factor: f64,
+    /// `migration_share` / `raw_put_share`: how much of the server's core
+    /// the migration got, against the raw writer.
+    share_factor: f64,
+}
+
+impl ServerCpu {
+    /// Built when the server's CPU was read in every phase it needs; the
+    /// read floor and the ceiling only out of S3.
+    fn new(
+        out_of_s3: bool,
+        s3_side: &RawRates,
+        copy_floor: Option<&Spent>,
+        median: &Round,
+        documents: u64,
+        raw_writes: u64,
+    ) -> Option<ServerCpu> {
+        let raw_put_ms = s3_side.write_cpu.server_ms_per(raw_writes)?;
+        let raw_put_share = s3_side.write_cpu.server_share()?;
+        let migration_ms = median.cpu.server_ms_per(documents)?;
+        let migration_share = median.cpu.server_share()?;
+        let read_floor_ms = s3_side
+            .floor_cpu
+            .filter(|_| out_of_s3)
+            .and_then(|f| f.server_ms_per(raw_writes));
+        Some(ServerCpu {
+            raw_put_ms,
+            raw_put_share,
+            raw_get_ms: s3_side.read_cpu.server_ms_per(raw_writes)?,
+            read_floor_ms,
+            ceiling: read_floor_ms.map(|floor| raw_put_ms / floor / raw_put_share),
+            copy_floor_ms: copy_floor.and_then(|c| c.server_ms_per(raw_writes)),
+            copy_floor_share: copy_floor.and_then(Spent::server_share),
+            migration_ms,
+            migration_share,
+            machine_cores: median.cpu.machine_cores(),
+            cores: cpu::cores(),
+            migrator_ms: median.cpu.children_ms_per(documents),
+            cost_factor: raw_put_ms / migration_ms,
+            share_factor: migration_share / raw_put_share,
+        })
+    }
 }
 
 /// One migration of a pair between two raw baselines of its slower side:
@@ -138,6 +239,8 @@ struct Round {
     ratio: f64,
     peak_rss_mib: f64,
     verified_by_md5: u64,
+    /// CPU spent while the migrating process ran (see `support::cpu`).
+    cpu: Spent,
 }
 
 /// The round whose ratio is the median (the lower middle one of an even
@@ -174,6 +277,11 @@ struct RawRates {
     /// S3 only: a listing, one read of each value, a listing again (the
     /// least a verified migration out of S3 sends), by one client.
     floor: Option<f64>,
+    /// CPU spent by the single writer's writes, the single reader's
+    /// reads and (S3 only) the read floor.
+    write_cpu: Spent,
+    read_cpu: Spent,
+    floor_cpu: Option<Spent>,
 }
 
 /// Writes of `values` per second by one writer, under keys `k0`, `k1`, …
@@ -200,14 +308,19 @@ async fn write_rate(backend: &str, writes: u64, tag: &str) -> f64 {
 async fn raw_rates(backend: &str, writes: u64, tag: &str) -> RawRates {
     let raw = Raw::open(backend, tag).await;
     let values: Vec<Bytes> = (0..writes).map(document).collect();
+    let before = cpu::sample();
     let write_one = timed_writes(&raw, &values).await;
+    let write_cpu = before.spent();
     let started = Instant::now();
+    let before = cpu::sample();
     for i in 0..writes {
         assert_eq!(raw.read(&format!("k{i}")).await.len(), DOC_SIZE);
     }
+    let read_cpu = before.spent();
     let read_one = writes as f64 / started.elapsed().as_secs_f64();
     // Measured before the eight writers add their values to the prefix.
     let started = Instant::now();
+    let before = cpu::sample();
     let floor = match raw.list().await {
         Some(listed) => {
             assert_eq!(listed as u64, writes, "the listing holds every value");
@@ -219,6 +332,7 @@ async fn raw_rates(backend: &str, writes: u64, tag: &str) -> RawRates {
         }
         None => None,
     };
+    let floor_cpu = floor.is_some().then(|| before.spent());
     let started = Instant::now();
     let raw_ref = &raw;
     let values_ref = &values;
@@ -237,6 +351,9 @@ async fn raw_rates(backend: &str, writes: u64, tag: &str) -> RawRates {
         write_eight,
         read_one,
         floor,
+        write_cpu,
+        read_cpu,
+        floor_cpu,
     }
 }
 
@@ -245,8 +362,9 @@ async fn raw_rates(backend: &str, writes: u64, tag: &str) -> RawRates {
 /// from `from` and a raw write to `to` (the values are written to `from`
 /// before the clock starts). Out of S3 the values are listed before and
 /// after, as a migration lists its source there; into S3 nothing else is
-/// sent, the least a copy into S3 costs.
-async fn copy_floor(from: &str, to: &str, writes: u64, tag: &str) -> Option<f64> {
+/// sent, the least a copy into S3 costs. Returns the rate and the CPU
+/// spent while copying.
+async fn copy_floor(from: &str, to: &str, writes: u64, tag: &str) -> Option<(f64, Spent)> {
     if from != "s3" && to != "s3" {
         return None;
     }
@@ -256,6 +374,7 @@ async fn copy_floor(from: &str, to: &str, writes: u64, tag: &str) -> Option<f64>
         source.write(&format!("k{i}"), document(i)).await;
     }
     let started = Instant::now();
+    let before = cpu::sample();
     if let Some(listed) = source.list().await {
         assert_eq!(listed as u64, writes, "every value listed");
     }
@@ -270,9 +389,10 @@ async fn copy_floor(from: &str, to: &str, writes: u64, tag: &str) -> Option<f64>
     futures_util::future::join_all(copiers).await;
     source.list().await;
     let rate = writes as f64 / started.elapsed().as_secs_f64();
+    let spent = before.spent();
     source.cleanup().await;
     target.cleanup().await;
-    Some(rate)
+    Some((rate, spent))
 }
 
 /// Into file (`None` otherwise): new values made durable per second by
@@ -368,7 +488,8 @@ fn main() {
                 let tag = format!("m{}x{pair_index}", std::process::id());
                 let from_raw = raw_rates(from.name(), raw_writes, &tag).await;
                 let to_raw = raw_rates(to.name(), raw_writes, &tag).await;
-                let copied_raw = copy_floor(from.name(), to.name(), raw_writes, &tag).await;
+                let copy = copy_floor(from.name(), to.name(), raw_writes, &tag).await;
+                let copied_raw = copy.map(|(rate, _)| rate);
                 let (from_one, from_eight) = (from_raw.write_one, from_raw.write_eight);
                 let (to_one, to_eight) = (to_raw.write_one, to_raw.write_eight);
                 let (slower_side, slower, slower_eight) = if from_one <= to_one {
@@ -379,7 +500,9 @@ fn main() {
                 let mut rounds = Vec::with_capacity(rounds_per_pair);
                 let mut before = slower;
                 for round in 0..rounds_per_pair {
+                    let started = cpu::sample();
                     let report = migrate(&bin, &source, &target);
+                    let cpu = started.spent();
                     target.cleanup().await;
                     let copied = report["documents"].as_u64().unwrap_or(0);
                     assert_eq!(copied, documents, "every document copied: {report:#}");
@@ -395,6 +518,7 @@ fn main() {
                         peak_rss_mib: report["peak_rss_bytes"].as_f64().unwrap_or(0.0)
                             / (1024.0 * 1024.0),
                         verified_by_md5: report["verified_by_md5"].as_u64().unwrap_or(0),
+                        cpu,
                     });
                     before = after;
                 }
@@ -409,6 +533,21 @@ fn main() {
                 let baseline =
                     (median.raw_before_docs_per_sec + median.raw_after_docs_per_sec) / 2.0;
                 let (ratio, docs_per_sec) = (median.ratio, median.docs_per_sec);
+                let s3_side = if from == Backend::S3 {
+                    Some(&from_raw)
+                } else {
+                    (to == Backend::S3).then_some(&to_raw)
+                };
+                let s3_server = s3_side.and_then(|side| {
+                    ServerCpu::new(
+                        from == Backend::S3,
+                        side,
+                        copy.as_ref().map(|(_, spent)| spent),
+                        &median,
+                        documents,
+                        raw_writes,
+                    )
+                });
                 let target_ratio = if to == Backend::S3 {
                     TARGET_INTO_S3
                 } else {
@@ -440,6 +579,7 @@ fn main() {
                     rounds,
                     target: target_ratio,
                     meets_target: ratio >= target_ratio,
+                    s3_server,
                 };
                 eprintln!(
                     "{} → {}: {:.0} documents/s, {:.2}× the slower side's raw writes \
@@ -456,6 +596,7 @@ fn main() {
         }
     });
     print_table(&rows);
+    print_server_table(&rows);
     let report = serde_json::json!({
         "quick": args.quick,
         "doc_size": DOC_SIZE,
@@ -592,5 +733,103 @@ fn print_floor_table(
             r.ratio,
             r.docs_per_sec / docs_per_sec,
         );
+    }
+}
+
+/// The S3 server's CPU, pair by pair (rows without it are left out).
+fn print_server_table(rows: &[Row]) {
+    let servers: Vec<(&Row, ServerCpu)> = rows
+        .iter()
+        .filter_map(|r| r.s3_server.map(|s| (r, s)))
+        .collect();
+    let Some((_, first)) = servers.first() else {
+        return;
+    };
+    println!(
+        "\nThe S3 server's core (moto's CPU from /proc, per request or document, and its share \
+         of one core), in the S3 side's raw single writer and reader (just before the first \
+         round), the copy floor and the median round, with the machine's busy cores (of {}) and \
+         the migrating process's CPU in that round. The migration's ratio is about the cost \
+         factor (raw PUT ms / migration ms) times the share factor (migration share / raw PUT \
+         share). Out of S3, the ceiling is the ratio a copy would reach if the server spent \
+         all of its core on the read floor's requests (a GET per document, two listings): \
+         raw PUT ms / read-floor ms / raw PUT share.\n",
+        first.cores
+    );
+    println!(
+        "| from → to | server ms per raw PUT | per raw GET | per read-floor doc | \
+         per copy-floor doc | per migrated doc | server share: raw PUT / copy floor / migration | \
+         busy cores in migration | migrating process ms/doc | cost factor | share factor | \
+         ratio | ceiling |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+    let or_dash = |value: Option<f64>, digits: usize| {
+        value.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
+    };
+    for (r, s) in &servers {
+        println!(
+            "| {} → {} | {:.2} | {:.2} | {} | {} | {:.2} | {:.0} % / {} % / {:.0} % | {} | {} | {:.2}× | {:.2}× | {:.2}× | {} |",
+            r.from,
+            r.to,
+            s.raw_put_ms,
+            s.raw_get_ms,
+            or_dash(s.read_floor_ms, 2),
+            or_dash(s.copy_floor_ms, 2),
+            s.migration_ms,
+            s.raw_put_share * 100.0,
+            or_dash(s.copy_floor_share.map(|v| v * 100.0), 0),
+            s.migration_share * 100.0,
+            or_dash(s.machine_cores, 2),
+            or_dash(s.migrator_ms, 2),
+            s.cost_factor,
+            s.share_factor,
+            r.ratio,
+            or_dash(s.ceiling, 2),
+        );
+    }
+    // The server's CPU per request varies by a quarter between samples of
+    // a few hundred requests; the means over the pairs of one direction
+    // say more than any one row.
+    for (direction, out_of_s3) in [("into S3", false), ("out of S3", true)] {
+        let pairs: Vec<&ServerCpu> = servers
+            .iter()
+            .filter(|(r, _)| (r.from == "s3") == out_of_s3)
+            .map(|(_, s)| s)
+            .collect();
+        let mean = |f: &dyn Fn(&ServerCpu) -> Option<f64>| -> Option<f64> {
+            let values: Vec<f64> = pairs.iter().filter_map(|s| f(s)).collect();
+            (!values.is_empty() && values.len() == pairs.len())
+                .then(|| values.iter().sum::<f64>() / values.len() as f64)
+        };
+        let (Some(put), Some(share), Some(migrated), Some(migration_share)) = (
+            mean(&|s| Some(s.raw_put_ms)),
+            mean(&|s| Some(s.raw_put_share)),
+            mean(&|s| Some(s.migration_ms)),
+            mean(&|s| Some(s.migration_share)),
+        ) else {
+            continue;
+        };
+        let mut line = format!(
+            "\n{direction}, means over {} pairs: server ms per raw PUT {put:.2} (share {:.0} %), \
+             per migrated doc {migrated:.2} (share {:.0} %): cost factor {:.2}×, share factor \
+             {:.2}×",
+            pairs.len(),
+            share * 100.0,
+            migration_share * 100.0,
+            put / migrated,
+            migration_share / share,
+        );
+        if let Some(copy) = mean(&|s| s.copy_floor_ms) {
+            line += &format!("; per copy-floor doc {copy:.2}");
+        }
+        if let Some(floor) = mean(&|s| s.read_floor_ms) {
+            line += &format!(
+                "; per read-floor doc {floor:.2}, ceiling {:.2}× (the migration costs the server \
+                 {:.2}× the read floor per document)",
+                put / floor / share,
+                migrated / floor,
+            );
+        }
+        println!("{line}.");
     }
 }

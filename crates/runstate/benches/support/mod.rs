@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each benchmark uses its own part
 
+pub mod cpu;
 #[path = "../../tests/support/mod.rs"]
 pub mod places;
 pub mod raw;
