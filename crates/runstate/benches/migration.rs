@@ -59,21 +59,23 @@
 //! measured after the last round, so that its own cleanup cannot slow a
 //! migration down.
 //!
-//! With S3 on one side, a last table shows where the S3 server's one core
-//! went (moto's CPU time from `/proc/<pid>/stat`, the PID named by
-//! `cargo xtask bench` in `RUNSTATE_S3_SERVER_PID`; left out without it):
-//! its CPU per raw `PUT`, per raw `GET`, per copy of the copy floor and
-//! per migrated document, and its share of one core in each, beside the
-//! machine's busy cores and the migrating process's CPU per document in
-//! the median round. Against a server that does its work on one core, a
-//! rate is that share over that cost, so the ratio splits into a cost
-//! factor (how much of the server a migrated document takes against a
-//! raw write) and a share factor (how much of its core the server got
-//! during the migration against the raw writer's run). Out of S3 it also
-//! shows the server's CPU per document of the read floor (the requests
-//! any copy out of S3 sends) and the ceiling that sets: the ratio a copy
-//! would reach with the server spending its whole core on those requests,
-//! whatever the client does.
+//! With S3 as the slower side, a last table shows where the S3 server's
+//! one core went (moto's CPU time from `/proc/<pid>/stat`, the PID named
+//! by `cargo xtask bench` in `RUNSTATE_S3_SERVER_PID`; left out, with a
+//! line saying so, without it): its CPU per raw `PUT` (in the two
+//! baselines of the median round, the writes its ratio is to), per raw
+//! `GET`, per copy of the copy floor and per migrated document, and its
+//! share of one core in the baselines, the copy floor and the migration,
+//! beside the machine's busy cores and the migrating process's CPU per
+//! document in the median round. Against a server that does its work on
+//! one core, a rate is that share over that cost, so the ratio splits
+//! into a cost factor (how much of the server a migrated document takes
+//! against a raw write) and a share factor (how much of its core the
+//! server got during the migration against the raw writer's runs). Out of
+//! S3 it also shows the server's CPU per document of the read floor (the
+//! requests any copy out of S3 sends) and the ceiling that sets: the
+//! ratio a copy would reach with the server spending its whole core on
+//! those requests, whatever the client does.
 
 mod support;
 
@@ -141,20 +143,25 @@ struct Row {
     peak_rss_mib: f64,
     target: f64,
     meets_target: bool,
-    /// With S3 on one side and its server's PID known: where the S3
-    /// server's core went (see [`ServerCpu`]).
+    /// With S3 as the slower side and its server's PID known: where the
+    /// S3 server's core went (see [`ServerCpu`]).
     s3_server: Option<ServerCpu>,
 }
 
-/// With S3 on one side: the S3 server's CPU (moto's, from `/proc`) per
-/// request or document and its share of one core, in the raw baselines,
-/// the copy floor and the median round, beside the machine's busy cores
-/// and the migrating process's CPU in that round. Moto works on one core,
-/// so a rate against it is its share of a core over its CPU per document;
-/// the migration's ratio is about `cost_factor` × `share_factor`.
+/// With S3 as the slower side: the S3 server's CPU (moto's, from `/proc`)
+/// per request or document, in the raw baselines, the raw reader, the
+/// read and copy floors and the median round, and its share of one core
+/// in the baselines, the copy floor and the median round, beside the
+/// machine's busy cores and the migrating process's CPU in that round.
+/// Moto works on one core, so a rate against it is its share of a core
+/// over its CPU per document; the migration's ratio is about
+/// `cost_factor` × `share_factor` (not exactly: the migration's rate is
+/// timed by its own clock, without the process's start-up, and its share
+/// over the whole process).
 #[derive(Debug, Clone, Copy, Serialize)]
 struct ServerCpu {
-    /// Per `PUT` of the S3 side's raw single writer (the first baseline).
+    /// Per `PUT` of the S3 side's raw single writer: the mean of the median
+    /// round's two baselines (the writes its ratio is to), as is the share.
     raw_put_ms: f64,
     raw_put_share: f64,
     /// Per `GET` of the S3 side's raw single reader.
@@ -172,12 +179,13 @@ struct ServerCpu {
     copy_floor_ms: Option<f64>,
     copy_floor_share: Option<f64>,
     /// Per document of the median round, everything the migration sent
-    /// (leases, listings, milestones) included.
+    /// (the store's probe on opening, leases, listings, milestones)
+    /// included; the share is over the process's whole run.
     migration_ms: f64,
     migration_share: f64,
     /// The machine's busy cores during the median round (of `cores`).
     machine_cores: Option<f64>,
-    cores: usize,
+    cores: Option<usize>,
     /// The migrating process's CPU per document in the median round,
     /// start-up included.
     migrator_ms: Option<f64>,
@@ -191,7 +199,8 @@ struct ServerCpu {
 
 impl ServerCpu {
     /// Built when the server's CPU was read in every phase it needs; the
-    /// read floor and the ceiling only out of S3.
+    /// read floor and the ceiling only out of S3. S3 must be the slower
+    /// side: the median round's baselines are its raw writes.
     fn new(
         out_of_s3: bool,
         s3_side: &RawRates,
@@ -200,8 +209,9 @@ impl ServerCpu {
         documents: u64,
         raw_writes: u64,
     ) -> Option<ServerCpu> {
-        let raw_put_ms = s3_side.write_cpu.server_ms_per(raw_writes)?;
-        let raw_put_share = s3_side.write_cpu.server_share()?;
+        let (a, b) = (&median.raw_before_cpu, &median.raw_after_cpu);
+        let raw_put_ms = (a.server_ms_per(raw_writes)? + b.server_ms_per(raw_writes)?) / 2.0;
+        let raw_put_share = (a.server_share()? + b.server_share()?) / 2.0;
         let migration_ms = median.cpu.server_ms_per(documents)?;
         let migration_share = median.cpu.server_share()?;
         let read_floor_ms = s3_side
@@ -241,6 +251,9 @@ struct Round {
     verified_by_md5: u64,
     /// CPU spent while the migrating process ran (see `support::cpu`).
     cpu: Spent,
+    /// CPU spent by the two baselines' raw writes.
+    raw_before_cpu: Spent,
+    raw_after_cpu: Spent,
 }
 
 /// The round whose ratio is the median (the lower middle one of an even
@@ -294,13 +307,15 @@ async fn timed_writes(raw: &Raw, values: &[Bytes]) -> f64 {
     values.len() as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Raw writes of 16 KiB per second by one writer.
-async fn write_rate(backend: &str, writes: u64, tag: &str) -> f64 {
+/// Raw writes of 16 KiB per second by one writer, and the CPU they took.
+async fn write_rate(backend: &str, writes: u64, tag: &str) -> (f64, Spent) {
     let raw = Raw::open(backend, tag).await;
     let values: Vec<Bytes> = (0..writes).map(document).collect();
+    let before = cpu::sample();
     let rate = timed_writes(&raw, &values).await;
+    let spent = before.spent();
     raw.cleanup().await;
-    rate
+    (rate, spent)
 }
 
 /// Raw writes of 16 KiB per second (one writer, then eight), reads by one
@@ -492,13 +507,13 @@ fn main() {
                 let copied_raw = copy.map(|(rate, _)| rate);
                 let (from_one, from_eight) = (from_raw.write_one, from_raw.write_eight);
                 let (to_one, to_eight) = (to_raw.write_one, to_raw.write_eight);
-                let (slower_side, slower, slower_eight) = if from_one <= to_one {
-                    (from.name(), from_one, from_eight)
+                let (slower_side, slower, slower_eight, slower_cpu) = if from_one <= to_one {
+                    (from.name(), from_one, from_eight, from_raw.write_cpu)
                 } else {
-                    (to.name(), to_one, to_eight)
+                    (to.name(), to_one, to_eight, to_raw.write_cpu)
                 };
                 let mut rounds = Vec::with_capacity(rounds_per_pair);
-                let mut before = slower;
+                let (mut before, mut before_cpu) = (slower, slower_cpu);
                 for round in 0..rounds_per_pair {
                     let started = cpu::sample();
                     let report = migrate(&bin, &source, &target);
@@ -507,7 +522,7 @@ fn main() {
                     let copied = report["documents"].as_u64().unwrap_or(0);
                     assert_eq!(copied, documents, "every document copied: {report:#}");
                     let docs_per_sec = report["documents_per_sec"].as_f64().unwrap_or(0.0);
-                    let after =
+                    let (after, after_cpu) =
                         write_rate(slower_side, raw_writes, &format!("{tag}a{round}")).await;
                     rounds.push(Round {
                         docs_per_sec,
@@ -519,8 +534,10 @@ fn main() {
                             / (1024.0 * 1024.0),
                         verified_by_md5: report["verified_by_md5"].as_u64().unwrap_or(0),
                         cpu,
+                        raw_before_cpu: before_cpu,
+                        raw_after_cpu: after_cpu,
                     });
-                    before = after;
+                    (before, before_cpu) = (after, after_cpu);
                 }
                 let median = median_round(&rounds).expect("at least one round");
                 // Shown only where file is the slower side: the floor is a
@@ -538,16 +555,22 @@ fn main() {
                 } else {
                     (to == Backend::S3).then_some(&to_raw)
                 };
-                let s3_server = s3_side.and_then(|side| {
-                    ServerCpu::new(
-                        from == Backend::S3,
-                        side,
-                        copy.as_ref().map(|(_, spent)| spent),
-                        &median,
-                        documents,
-                        raw_writes,
-                    )
-                });
+                // Only where S3 is the slower side: the ratio is to its
+                // raw writes then (the median round's two baselines), which
+                // the server's CPU can explain; against another side's
+                // writes it cannot.
+                let s3_server = s3_side
+                    .filter(|_| slower_side == Backend::S3.name())
+                    .and_then(|side| {
+                        ServerCpu::new(
+                            from == Backend::S3,
+                            side,
+                            copy.as_ref().map(|(_, spent)| spent),
+                            &median,
+                            documents,
+                            raw_writes,
+                        )
+                    });
                 let target_ratio = if to == Backend::S3 {
                     TARGET_INTO_S3
                 } else {
@@ -742,19 +765,35 @@ fn print_server_table(rows: &[Row]) {
         .iter()
         .filter_map(|r| r.s3_server.map(|s| (r, s)))
         .collect();
+    let unmeasured: Vec<String> = rows
+        .iter()
+        .filter(|r| r.slower_side == "s3" && r.s3_server.is_none())
+        .map(|r| format!("{} → {}", r.from, r.to))
+        .collect();
+    if !unmeasured.is_empty() {
+        println!(
+            "\nThe S3 server's CPU was not measured for {} (it needs RUNSTATE_S3_SERVER_PID \
+             naming a moto on this machine, which `cargo xtask bench` sets for the moto it \
+             starts, and every phase long enough to count a tick of it).",
+            unmeasured.join(", ")
+        );
+    }
     let Some((_, first)) = servers.first() else {
         return;
     };
     println!(
         "\nThe S3 server's core (moto's CPU from /proc, per request or document, and its share \
-         of one core), in the S3 side's raw single writer and reader (just before the first \
-         round), the copy floor and the median round, with the machine's busy cores (of {}) and \
+         of one core), in the S3 side's raw single writer (the median round's two baselines, \
+         the writes its ratio is to) and reader (just before the first round), the read and \
+         copy floors and the median round, with the machine's busy cores (of {} in /proc/stat) and \
          the migrating process's CPU in that round. The migration's ratio is about the cost \
          factor (raw PUT ms / migration ms) times the share factor (migration share / raw PUT \
          share). Out of S3, the ceiling is the ratio a copy would reach if the server spent \
          all of its core on the read floor's requests (a GET per document, two listings): \
          raw PUT ms / read-floor ms / raw PUT share.\n",
-        first.cores
+        first
+            .cores
+            .map_or_else(|| "?".to_owned(), |n| n.to_string())
     );
     println!(
         "| from → to | server ms per raw PUT | per raw GET | per read-floor doc | \
@@ -768,7 +807,7 @@ fn print_server_table(rows: &[Row]) {
     };
     for (r, s) in &servers {
         println!(
-            "| {} → {} | {:.2} | {:.2} | {} | {} | {:.2} | {:.0} % / {} % / {:.0} % | {} | {} | {:.2}× | {:.2}× | {:.2}× | {} |",
+            "| {} → {} | {:.2} | {:.2} | {} | {} | {:.2} | {:.0} % / {} / {:.0} % | {} | {} | {:.2}× | {:.2}× | {:.2}× | {} |",
             r.from,
             r.to,
             s.raw_put_ms,
@@ -777,19 +816,22 @@ fn print_server_table(rows: &[Row]) {
             or_dash(s.copy_floor_ms, 2),
             s.migration_ms,
             s.raw_put_share * 100.0,
-            or_dash(s.copy_floor_share.map(|v| v * 100.0), 0),
+            s.copy_floor_share
+                .map_or_else(|| "–".to_owned(), |v| format!("{:.0} %", v * 100.0)),
             s.migration_share * 100.0,
             or_dash(s.machine_cores, 2),
             or_dash(s.migrator_ms, 2),
             s.cost_factor,
             s.share_factor,
             r.ratio,
-            or_dash(s.ceiling, 2),
+            s.ceiling
+                .map_or_else(|| "–".to_owned(), |v| format!("{v:.2}×")),
         );
     }
     // The server's CPU per request varies by a quarter between samples of
     // a few hundred requests; the means over the pairs of one direction
-    // say more than any one row.
+    // say more than any one row. The factors on the line are those of the
+    // means (a ratio of means), not means of the rows' factors.
     for (direction, out_of_s3) in [("into S3", false), ("out of S3", true)] {
         let pairs: Vec<&ServerCpu> = servers
             .iter()
@@ -811,8 +853,8 @@ fn print_server_table(rows: &[Row]) {
         };
         let mut line = format!(
             "\n{direction}, means over {} pairs: server ms per raw PUT {put:.2} (share {:.0} %), \
-             per migrated doc {migrated:.2} (share {:.0} %): cost factor {:.2}×, share factor \
-             {:.2}×",
+             per migrated doc {migrated:.2} (share {:.0} %); from these means, cost factor \
+             {:.2}× and share factor {:.2}×",
             pairs.len(),
             share * 100.0,
             migration_share * 100.0,

@@ -38,9 +38,12 @@ pub struct Spent {
 }
 
 impl Spent {
-    /// The S3 server's CPU per item, in milliseconds.
+    /// The S3 server's CPU per item, in milliseconds; `None` when not a
+    /// tick of it was counted (too short to measure).
     pub fn server_ms_per(&self, items: u64) -> Option<f64> {
-        self.server_secs.map(|s| s * 1000.0 / items as f64)
+        self.server_secs
+            .filter(|s| *s > 0.0)
+            .map(|s| s * 1000.0 / items as f64)
     }
 
     /// The children's CPU per item, in milliseconds.
@@ -48,9 +51,12 @@ impl Spent {
         self.children_secs.map(|s| s * 1000.0 / items as f64)
     }
 
-    /// The share of one core the S3 server used.
+    /// The share of one core the S3 server used; `None` when not a tick
+    /// of it was counted.
     pub fn server_share(&self) -> Option<f64> {
-        self.server_secs.map(|s| s / self.wall_secs)
+        self.server_secs
+            .filter(|s| *s > 0.0)
+            .map(|s| s / self.wall_secs)
     }
 
     /// The machine's busy cores on average.
@@ -61,6 +67,9 @@ impl Spent {
 
 /// Takes a sample now.
 pub fn sample() -> Sample {
+    // Asked (once, of a child process) before anything is read, so that
+    // the child's CPU never falls into a window.
+    ticks_per_sec();
     Sample {
         at: Instant::now(),
         server: server_pid().and_then(|pid| process_ticks(&format!("/proc/{pid}/stat"), UTIME)),
@@ -88,13 +97,37 @@ impl Sample {
     }
 }
 
-/// The number of cores, for the tables.
-pub fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// The machine's cores, as `/proc/stat` counts them (its first line sums
+/// them all, whatever this process may use); `None` without it.
+pub fn cores() -> Option<usize> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cores = stat
+        .lines()
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count();
+    (cores > 0).then_some(cores)
 }
 
-fn server_pid() -> Option<u32> {
-    std::env::var(SERVER_PID_VAR).ok()?.trim().parse().ok()
+/// The S3 server's PID from `RUNSTATE_S3_SERVER_PID`, when that process
+/// is moto (its command line names it): a variable left over from another
+/// shell, or a PID reused since, must not report another process's CPU.
+pub fn server_pid() -> Option<u32> {
+    static PID: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *PID.get_or_init(|| {
+        let pid: u32 = std::env::var(SERVER_PID_VAR).ok()?.trim().parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        if String::from_utf8_lossy(&cmdline).contains("moto") {
+            Some(pid)
+        } else {
+            eprintln!(
+                "{SERVER_PID_VAR}={pid} is not a moto process: the S3 server's CPU is not measured"
+            );
+            None
+        }
+    })
 }
 
 /// Where utime (then stime) is among the fields after a `/proc/<pid>/stat`
