@@ -165,7 +165,7 @@ struct ServerCpu {
     raw_put_ms: f64,
     raw_put_share: f64,
     /// Per `GET` of the S3 side's raw single reader.
-    raw_get_ms: f64,
+    raw_get_ms: Option<f64>,
     /// Out of S3: per document of the read floor, the requests any copy
     /// out of S3 must send (a `GET` each, two listings of the run).
     read_floor_ms: Option<f64>,
@@ -221,7 +221,7 @@ impl ServerCpu {
         Some(ServerCpu {
             raw_put_ms,
             raw_put_share,
-            raw_get_ms: s3_side.read_cpu.server_ms_per(raw_writes)?,
+            raw_get_ms: s3_side.read_cpu.server_ms_per(raw_writes),
             read_floor_ms,
             ceiling: read_floor_ms.map(|floor| raw_put_ms / floor / raw_put_share),
             copy_floor_ms: copy_floor.and_then(|c| c.server_ms_per(raw_writes)),
@@ -782,11 +782,12 @@ fn print_server_table(rows: &[Row]) {
         return;
     };
     println!(
-        "\nThe S3 server's core (moto's CPU from /proc, per request or document, and its share \
-         of one core), in the S3 side's raw single writer (the median round's two baselines, \
-         the writes its ratio is to) and reader (just before the first round), the read and \
-         copy floors and the median round, with the machine's busy cores (of {} in /proc/stat) and \
-         the migrating process's CPU in that round. The migration's ratio is about the cost \
+        "\nThe S3 server's core: moto's CPU from /proc per request or document in the S3 side's \
+         raw single writer (the median round's two baselines, the writes its ratio is to) and \
+         reader (just before the first round), the read and copy floors and the median round; \
+         its share of one core in the raw writer's baselines, the copy floor and the median \
+         round; the machine's busy cores (of {} in /proc/stat) and the migrating process's CPU \
+         in that round. The migration's ratio is about the cost \
          factor (raw PUT ms / migration ms) times the share factor (migration share / raw PUT \
          share). Out of S3, the ceiling is the ratio a copy would reach if the server spent \
          all of its core on the read floor's requests (a GET per document, two listings): \
@@ -807,11 +808,11 @@ fn print_server_table(rows: &[Row]) {
     };
     for (r, s) in &servers {
         println!(
-            "| {} → {} | {:.2} | {:.2} | {} | {} | {:.2} | {:.0} % / {} / {:.0} % | {} | {} | {:.2}× | {:.2}× | {:.2}× | {} |",
+            "| {} → {} | {:.2} | {} | {} | {} | {:.2} | {:.0} % / {} / {:.0} % | {} | {} | {:.2}× | {:.2}× | {:.2}× | {} |",
             r.from,
             r.to,
             s.raw_put_ms,
-            s.raw_get_ms,
+            or_dash(s.raw_get_ms, 2),
             or_dash(s.read_floor_ms, 2),
             or_dash(s.copy_floor_ms, 2),
             s.migration_ms,
