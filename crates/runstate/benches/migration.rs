@@ -183,9 +183,9 @@ struct ServerCpu {
     /// included; the share is over the process's whole run.
     migration_ms: f64,
     migration_share: f64,
-    /// The machine's busy cores during the median round (of `cores`).
+    /// The machine's busy cores during the median round (of the
+    /// report's `cores`).
     machine_cores: Option<f64>,
-    cores: Option<usize>,
     /// The migrating process's CPU per document in the median round,
     /// start-up included.
     migrator_ms: Option<f64>,
@@ -229,7 +229,6 @@ impl ServerCpu {
             migration_ms,
             migration_share,
             machine_cores: median.cpu.machine_cores(),
-            cores: cpu::cores(),
             migrator_ms: median.cpu.children_ms_per(documents),
             cost_factor: raw_put_ms / migration_ms,
             share_factor: migration_share / raw_put_share,
@@ -297,25 +296,23 @@ struct RawRates {
     floor_cpu: Option<Spent>,
 }
 
-/// Writes of `values` per second by one writer, under keys `k0`, `k1`, …
-/// (the values are made before the clock starts).
-async fn timed_writes(raw: &Raw, values: &[Bytes]) -> f64 {
-    let started = Instant::now();
+/// Writes `values` by one writer, under keys `k0`, `k1`, … (the values
+/// are made before the clock starts); the time and CPU they took.
+async fn timed_writes(raw: &Raw, values: &[Bytes]) -> Spent {
+    let before = cpu::sample();
     for (i, value) in values.iter().enumerate() {
         raw.write(&format!("k{i}"), value.clone()).await;
     }
-    values.len() as f64 / started.elapsed().as_secs_f64()
+    before.spent()
 }
 
 /// Raw writes of 16 KiB per second by one writer, and the CPU they took.
 async fn write_rate(backend: &str, writes: u64, tag: &str) -> (f64, Spent) {
     let raw = Raw::open(backend, tag).await;
     let values: Vec<Bytes> = (0..writes).map(document).collect();
-    let before = cpu::sample();
-    let rate = timed_writes(&raw, &values).await;
-    let spent = before.spent();
+    let spent = timed_writes(&raw, &values).await;
     raw.cleanup().await;
-    (rate, spent)
+    (spent.per_sec(writes), spent)
 }
 
 /// Raw writes of 16 KiB per second (one writer, then eight), reads by one
@@ -323,32 +320,26 @@ async fn write_rate(backend: &str, writes: u64, tag: &str) -> (f64, Spent) {
 async fn raw_rates(backend: &str, writes: u64, tag: &str) -> RawRates {
     let raw = Raw::open(backend, tag).await;
     let values: Vec<Bytes> = (0..writes).map(document).collect();
-    let before = cpu::sample();
-    let write_one = timed_writes(&raw, &values).await;
-    let write_cpu = before.spent();
-    let started = Instant::now();
+    let write_cpu = timed_writes(&raw, &values).await;
     let before = cpu::sample();
     for i in 0..writes {
         assert_eq!(raw.read(&format!("k{i}")).await.len(), DOC_SIZE);
     }
     let read_cpu = before.spent();
-    let read_one = writes as f64 / started.elapsed().as_secs_f64();
     // Measured before the eight writers add their values to the prefix.
-    let started = Instant::now();
     let before = cpu::sample();
-    let floor = match raw.list().await {
+    let floor_cpu = match raw.list().await {
         Some(listed) => {
             assert_eq!(listed as u64, writes, "the listing holds every value");
             for i in 0..writes {
                 assert_eq!(raw.read(&format!("k{i}")).await.len(), DOC_SIZE);
             }
             raw.list().await;
-            Some(writes as f64 / started.elapsed().as_secs_f64())
+            Some(before.spent())
         }
         None => None,
     };
-    let floor_cpu = floor.is_some().then(|| before.spent());
-    let started = Instant::now();
+    let before = cpu::sample();
     let raw_ref = &raw;
     let values_ref = &values;
     let writers = (0..8u64).map(|w| async move {
@@ -359,13 +350,13 @@ async fn raw_rates(backend: &str, writes: u64, tag: &str) -> RawRates {
         }
     });
     futures_util::future::join_all(writers).await;
-    let write_eight = writes as f64 / started.elapsed().as_secs_f64();
+    let write_eight = before.spent().per_sec(writes);
     raw.cleanup().await;
     RawRates {
-        write_one,
+        write_one: write_cpu.per_sec(writes),
         write_eight,
-        read_one,
-        floor,
+        read_one: read_cpu.per_sec(writes),
+        floor: floor_cpu.map(|f| f.per_sec(writes)),
         write_cpu,
         read_cpu,
         floor_cpu,
@@ -388,7 +379,6 @@ async fn copy_floor(from: &str, to: &str, writes: u64, tag: &str) -> Option<(f64
     for i in 0..writes {
         source.write(&format!("k{i}"), document(i)).await;
     }
-    let started = Instant::now();
     let before = cpu::sample();
     if let Some(listed) = source.list().await {
         assert_eq!(listed as u64, writes, "every value listed");
@@ -403,11 +393,10 @@ async fn copy_floor(from: &str, to: &str, writes: u64, tag: &str) -> Option<(f64
     });
     futures_util::future::join_all(copiers).await;
     source.list().await;
-    let rate = writes as f64 / started.elapsed().as_secs_f64();
     let spent = before.spent();
     source.cleanup().await;
     target.cleanup().await;
-    Some((rate, spent))
+    Some((spent.per_sec(writes), spent))
 }
 
 /// Into file (`None` otherwise): new values made durable per second by
@@ -550,17 +539,16 @@ fn main() {
                 let baseline =
                     (median.raw_before_docs_per_sec + median.raw_after_docs_per_sec) / 2.0;
                 let (ratio, docs_per_sec) = (median.ratio, median.docs_per_sec);
-                let s3_side = if from == Backend::S3 {
-                    Some(&from_raw)
-                } else {
-                    (to == Backend::S3).then_some(&to_raw)
-                };
                 // Only where S3 is the slower side: the ratio is to its
                 // raw writes then (the median round's two baselines), which
                 // the server's CPU can explain; against another side's
                 // writes it cannot.
-                let s3_server = s3_side
-                    .filter(|_| slower_side == Backend::S3.name())
+                let s3_server = (slower_side == Backend::S3.name())
+                    .then_some(if from == Backend::S3 {
+                        &from_raw
+                    } else {
+                        &to_raw
+                    })
                     .and_then(|side| {
                         ServerCpu::new(
                             from == Backend::S3,
@@ -627,6 +615,7 @@ fn main() {
         "target": TARGET,
         "target_into_s3": TARGET_INTO_S3,
         "rounds_per_pair": rounds_per_pair,
+        "cores": cpu::cores(),
         "rows": rows,
     });
     args.write_report(&report);
@@ -778,9 +767,9 @@ fn print_server_table(rows: &[Row]) {
             unmeasured.join(", ")
         );
     }
-    let Some((_, first)) = servers.first() else {
+    if servers.is_empty() {
         return;
-    };
+    }
     println!(
         "\nThe S3 server's core: moto's CPU from /proc per request or document in the S3 side's \
          raw single writer (the median round's two baselines, the writes its ratio is to) and \
@@ -792,9 +781,7 @@ fn print_server_table(rows: &[Row]) {
          share). Out of S3, the ceiling is the ratio a copy would reach if the server spent \
          all of its core on the read floor's requests (a GET per document, two listings): \
          raw PUT ms / read-floor ms / raw PUT share.\n",
-        first
-            .cores
-            .map_or_else(|| "?".to_owned(), |n| n.to_string())
+        cpu::cores().map_or_else(|| "?".to_owned(), |n| n.to_string())
     );
     println!(
         "| from → to | server ms per raw PUT | per raw GET | per read-floor doc | \
@@ -803,8 +790,9 @@ fn print_server_table(rows: &[Row]) {
          ratio | ceiling |"
     );
     println!("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|");
-    let or_dash = |value: Option<f64>, digits: usize| {
-        value.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
+    // A figure with its unit, or a dash where it was not measured.
+    let cell = |value: Option<f64>, digits: usize, unit: &str| {
+        value.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}{unit}"))
     };
     for (r, s) in &servers {
         println!(
@@ -812,21 +800,19 @@ fn print_server_table(rows: &[Row]) {
             r.from,
             r.to,
             s.raw_put_ms,
-            or_dash(s.raw_get_ms, 2),
-            or_dash(s.read_floor_ms, 2),
-            or_dash(s.copy_floor_ms, 2),
+            cell(s.raw_get_ms, 2, ""),
+            cell(s.read_floor_ms, 2, ""),
+            cell(s.copy_floor_ms, 2, ""),
             s.migration_ms,
             s.raw_put_share * 100.0,
-            s.copy_floor_share
-                .map_or_else(|| "–".to_owned(), |v| format!("{:.0} %", v * 100.0)),
+            cell(s.copy_floor_share.map(|v| v * 100.0), 0, " %"),
             s.migration_share * 100.0,
-            or_dash(s.machine_cores, 2),
-            or_dash(s.migrator_ms, 2),
+            cell(s.machine_cores, 2, ""),
+            cell(s.migrator_ms, 2, ""),
             s.cost_factor,
             s.share_factor,
             r.ratio,
-            s.ceiling
-                .map_or_else(|| "–".to_owned(), |v| format!("{v:.2}×")),
+            cell(s.ceiling, 2, "×"),
         );
     }
     // The server's CPU per request varies by a quarter between samples of

@@ -38,6 +38,11 @@ pub struct Spent {
 }
 
 impl Spent {
+    /// `items` per second of wall time.
+    pub fn per_sec(&self, items: u64) -> f64 {
+        items as f64 / self.wall_secs
+    }
+
     /// The S3 server's CPU per item, in milliseconds; `None` when not a
     /// tick of it was counted (too short to measure).
     pub fn server_ms_per(&self, items: u64) -> Option<f64> {
