@@ -620,8 +620,12 @@ async fn bench_url(name: &str, raw_backend: &str, url: &str, plan: &Plan, rows: 
             }
         }
     }
-    if let (Raw::Redis(con, _), "redis") = (&raw, name) {
-        redis_w3_floor(con.clone(), &w, plan, rows).await;
+    match (&raw, name) {
+        (Raw::Redis(con, _), "redis") => redis_w3_floor(name, con.clone(), &w, plan, rows).await,
+        (Raw::RedisCluster(con, _), "redis-cluster") => {
+            redis_w3_floor(name, con.clone(), &w, plan, rows).await;
+        }
+        _ => {}
     }
     if let (Raw::S3(store, prefix), "s3") = (&raw, name) {
         s3_w3_floor(Arc::clone(store), prefix, &w, plan, rows).await;
@@ -674,12 +678,21 @@ async fn bench_url(name: &str, raw_backend: &str, url: &str, plan: &Plan, rows: 
 /// I/O too). On this 2-core machine the two together come to about the
 /// wall time, so a gap between W3 and the floor shows on the side that
 /// spends it.
-async fn redis_w3_floor(
-    mut con: redis::aio::ConnectionManager,
+///
+/// On a Redis Cluster (`con` a cluster connection, `backend`
+/// "redis-cluster") the same commands go to the primary of the floor's
+/// one slot (the `{f}` hash tag), as runstate's go to its run's; the
+/// server's CPU is then the sum over the primaries (the cluster client
+/// sends `INFO` to each), replicas left out as for the raw `SET`.
+async fn redis_w3_floor<C>(
+    backend: &str,
+    mut con: C,
     w: &Workloads,
     plan: &Plan,
     rows: &mut Vec<Row>,
-) {
+) where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync,
+{
     let p = format!("rsw3floor:{}", std::process::id());
     let (lock, fences, doc, staging) = (
         format!("{p}:{{f}}:lock"),
@@ -786,7 +799,7 @@ async fn redis_w3_floor(
     let ops = (plan.rounds * plan.updates) as f64;
     push_floor_rows(
         rows,
-        "redis",
+        backend,
         ("raw: SET, beside the W3 floor", "SET beside it", &set),
         (
             "raw floor: W3 (grant+HMGET, staged fenced save+release)",
@@ -958,8 +971,10 @@ struct Cpu {
 impl Cpu {
     /// The counters now: this process's threads from `/proc` (their
     /// `schedstat` run time, in ns), the server's from `INFO cpu` (its
-    /// main thread and I/O, in µs). Zero where a counter cannot be read.
-    async fn now(con: &mut redis::aio::ConnectionManager) -> Cpu {
+    /// main thread and I/O, in µs; on a cluster the sum over the primaries,
+    /// whose replies come as a map of address to text). Zero where a
+    /// counter cannot be read.
+    async fn now<C: redis::aio::ConnectionLike>(con: &mut C) -> Cpu {
         let mut client = Duration::ZERO;
         if let Ok(tasks) = fs::read_dir("/proc/self/task") {
             for task in tasks.flatten() {
@@ -969,13 +984,16 @@ impl Cpu {
                 client += Duration::from_nanos(ns.unwrap_or(0));
             }
         }
-        let info: String = redis::cmd("INFO")
+        let info: redis::Value = redis::cmd("INFO")
             .arg("cpu")
             .query_async(con)
             .await
-            .unwrap_or_default();
-        let seconds: f64 = info
-            .lines()
+            .unwrap_or(redis::Value::Nil);
+        let mut texts = Vec::new();
+        texts_of(&info, &mut texts);
+        let seconds: f64 = texts
+            .iter()
+            .flat_map(|text| text.lines())
             .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
             .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
             .sum();
@@ -998,6 +1016,26 @@ impl Cpu {
             us(self.client) / ops,
             us(self.server) / ops
         )
+    }
+}
+
+/// Every text in `value`: a server's `INFO` reply, or a cluster client's
+/// map of one such reply per node (its keys, the nodes' addresses, hold no
+/// counters).
+fn texts_of(value: &redis::Value, out: &mut Vec<String>) {
+    match value {
+        redis::Value::BulkString(bytes) => out.push(String::from_utf8_lossy(bytes).into_owned()),
+        redis::Value::VerbatimString { text, .. } | redis::Value::SimpleString(text) => {
+            out.push(text.clone());
+        }
+        redis::Value::Map(pairs) => {
+            for (key, value) in pairs {
+                texts_of(key, out);
+                texts_of(value, out);
+            }
+        }
+        redis::Value::Array(values) => values.iter().for_each(|v| texts_of(v, out)),
+        _ => {}
     }
 }
 
