@@ -245,22 +245,6 @@ impl Inner {
         Ok(())
     }
 
-    /// What the `WAIT` ending a batch's pipeline means for a write made in
-    /// it (`None`: no `WAIT` asked), as [`Inner::wait_replicated`] judges
-    /// a single write.
-    fn replicated(&self, acked: Option<&Value>) -> Result<()> {
-        match acked {
-            None => Ok(()),
-            Some(Value::Int(n)) => match u64::try_from(*n) {
-                Ok(n) if n >= self.config.wait_replicas => Ok(()),
-                Ok(n) => Err(self.unreplicated(n)),
-                Err(_) => Err(unexpected("replica count")),
-            },
-            Some(Value::ServerError(error)) => Err(map_redis_error(error.clone().into())),
-            Some(_) => Err(unexpected("replica count")),
-        }
-    }
-
     /// Sends `pipe` as it is (no MULTI around it, the caller's own
     /// MULTI/EXEC inside) and returns every command's reply, server errors
     /// included as values, by `deadline` (`bound` after the batch began).
@@ -312,7 +296,7 @@ fn noscript(error: &ServerError) -> bool {
 /// error the single write's transaction would fail with (the first
 /// command error in it, or the `EXECABORT` of a transaction the server
 /// refused as it was queued), mapped as there.
-fn exec_outcome(exec: Value, reloaded: bool) -> Option<Result<Value>> {
+pub(crate) fn exec_outcome(exec: Value, reloaded: bool) -> Option<Result<Value>> {
     let mut items = match exec {
         Value::Array(items) => items,
         Value::ServerError(error) => return Some(Err(map_redis_error(error.into()))),

@@ -17,7 +17,7 @@
 //! | `status_history` | 1000 | status messages kept per run (about: `XADD … MAXLEN ~`, so a few more may stay) |
 //! | `status_minutes` | off | also drop status messages older than this many minutes (`XTRIM … MINID`, exact, by the server's clock, at each publish) |
 //! | `db` | 0 | database, for `unix://` URLs |
-//! | `wait_replicas` | 0 (off) | after every save and every grant, `WAIT` for this many replicas to acknowledge it (same connection, right after the script); fewer within `wait_timeout_ms` fails the call with a retryable `Backend` error (the write was made on the primary but may be lost by a failover) |
+//! | `wait_replicas` | 0 (off) | after every save and every grant, `WAIT` for this many replicas to acknowledge it (in the same request, right after the write); fewer within `wait_timeout_ms` fails the call with a retryable `Backend` error (the write was made on the primary but may be lost by a failover) |
 //! | `wait_timeout_ms` | 1000 | how long that `WAIT` may take |
 //! | `tls_ca` | off | `rediss://` only: path of a PEM file of the certificate authorities to trust instead of the built-in web roots (a private CA) |
 //!
@@ -137,6 +137,9 @@ pub struct RedisConfig {
     pub(crate) status_max_age: Option<Duration>,
     /// Seed nodes of a Redis Cluster; empty for one server (`address`).
     pub(crate) cluster: Vec<(String, u16)>,
+    /// Built as a cluster's configuration ([`RedisConfig::cluster`]), so
+    /// that one given no seed fails to open instead of opening one server.
+    pub(crate) cluster_wanted: bool,
     /// Replicas that must acknowledge each save and grant (0: none).
     pub(crate) wait_replicas: u64,
     pub(crate) wait_timeout: Duration,
@@ -204,6 +207,7 @@ impl RedisConfig {
             status_history: DEFAULT_STATUS_HISTORY,
             status_max_age: None,
             cluster: Vec::new(),
+            cluster_wanted: false,
             wait_replicas: 0,
             wait_timeout: DEFAULT_WAIT_TIMEOUT,
             tls_ca: None,
@@ -219,7 +223,30 @@ impl RedisConfig {
             None => RedisConfig::tcp("127.0.0.1", 6379),
         };
         config.cluster = cluster;
+        config.cluster_wanted = true;
         config
+    }
+
+    /// Refuses a cluster configuration a cluster cannot serve: no seed, a
+    /// database other than 0, or WEPPcloud's locks (which live in another
+    /// database, under keys without a run's hash tag).
+    pub(crate) fn check_cluster(&self) -> Result<(), Error> {
+        if self.cluster.is_empty() {
+            return Err(config_error(
+                "a Redis Cluster configuration needs a seed node",
+            ));
+        }
+        if self.db != 0 {
+            return Err(config_error(
+                "a Redis Cluster has only database 0: leave the path of a redis+cluster URL empty",
+            ));
+        }
+        if self.weppcloud.is_some() {
+            return Err(config_error(
+                "weppcloud_locks needs a standalone Redis (it reads another database), not a cluster",
+            ));
+        }
+        Ok(())
     }
 
     /// Parses a `redis://`, `rediss://` or `unix://` URL (see the module
@@ -408,17 +435,9 @@ impl RedisConfig {
             ),
             first,
         )?;
-        if config.db != 0 {
-            return Err(config_error(
-                "a Redis Cluster has only database 0: leave the path of a redis+cluster URL empty",
-            ));
-        }
-        if config.weppcloud.is_some() {
-            return Err(config_error(
-                "weppcloud_locks needs a standalone Redis (it reads another database), not a cluster",
-            ));
-        }
         config.cluster = seeds;
+        config.cluster_wanted = true;
+        config.check_cluster()?;
         Ok(config)
     }
 
@@ -808,6 +827,32 @@ mod tests {
             .with_status_history(0, None)
             .unwrap_err();
         assert!(err.to_string().contains("from 1 to 1000000"), "{err}");
+    }
+
+    /// A cluster configuration built in Rust is refused as its URL would
+    /// be: no seed, another database, WEPPcloud's locks (before: no seed
+    /// opened one server at 127.0.0.1:6379 instead; the others failed
+    /// later, inside the client or on every script, with `Backend`).
+    #[tokio::test]
+    async fn a_cluster_built_in_rust_is_checked_on_opening() {
+        let seed = || vec![("127.0.0.1".to_owned(), 1)];
+        for (config, needle) in [
+            (RedisConfig::cluster(Vec::new()), "seed"),
+            (RedisConfig::cluster(seed()).with_db(3), "database 0"),
+            (
+                RedisConfig::cluster(seed()).with_weppcloud_locks(WeppcloudLocks {
+                    db: 13,
+                    ext: "nodb".to_owned(),
+                }),
+                "standalone",
+            ),
+        ] {
+            let Err(err) = crate::RedisStore::open(config).await else {
+                panic!("{needle}: opened");
+            };
+            assert_eq!(err.kind(), runstate_core::ErrorKind::Config, "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
     }
 
     #[test]

@@ -4,17 +4,18 @@
 //! again, a write transaction a cluster node refused for its layout is
 //! sent again); the pub/sub listener, started on first use; where the run
 //! index lives; keys across every primary of a cluster; and the `WAIT`
-//! for replicas after saves and grants.
+//! for replicas in the request of every save and grant.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::{ScriptInvocation, Value};
+use redis::aio::ConnectionLike;
+use redis::{ScriptInvocation, ServerErrorKind, Value};
 use runstate_core::{Error, ErrorKind, ListPage, Result, RunId};
 
 use crate::conn::Conn;
-use crate::errors::{self, unexpected, within};
+use crate::errors::{self, unexpected, until, within};
 use crate::listener::Listener;
 use crate::reply::Reply;
 use crate::{BACKEND, Inner, SCAN_COUNT};
@@ -171,33 +172,82 @@ impl Inner {
         Ok(ListPage::new(items, more))
     }
 
-    /// With `wait_replicas` set, waits (Redis `WAIT`) until that many
-    /// replicas acknowledged the writes made so far on the connection to
-    /// `key`'s node, sent right after the write's reply on the same
-    /// (multiplexed) connection; a keyed `EXISTS` in front routes the
-    /// `WAIT` to that node on a cluster. Fewer acknowledgements within
-    /// `wait_timeout` fail with a retryable `Backend` error: the write was
-    /// made on the primary, but a failover may lose it.
-    pub(crate) async fn wait_replicated(&self, key: &str) -> Result<()> {
-        let want = self.config.wait_replicas;
-        if want == 0 {
-            return Ok(());
+    /// Sends `pipe` (built without `atomic()`: a transaction in it is
+    /// spelled out as `MULTI` … `EXEC`) with a `WAIT` for `wait_replicas`
+    /// replicas right behind it, in the same request. Returns the replies
+    /// of `pipe`'s commands, raw (server errors as values, an `EXEC` as
+    /// the array of its transaction's replies), and the `WAIT`'s, which
+    /// [`Inner::replicated`] judges once the caller knows the write was
+    /// made. Bound by `timeout` plus `wait_timeout`.
+    ///
+    /// One request, not the write and then a `WAIT` of its own: `WAIT`
+    /// counts the replicas that acknowledged the replication offset its
+    /// *connection* reached. After the connection dropped, the cluster
+    /// client sends a request again by itself, on a new connection, and a
+    /// `WAIT` alone there would count from wherever that connection's
+    /// offset stands: a `WAIT` that is a connection's first command
+    /// answers at once with every connected replica (measured on Redis
+    /// 7.0, where any command in front of it, a read too, moves the
+    /// offset; servers that move it only for writes would leave it there).
+    /// Sent together, a request sent again carries its write again, which
+    /// answers as made (`applied`, or the owner's grant handed back) and
+    /// moves the new connection's offset past the first send; after a
+    /// failover it makes the write on the new primary if the old one took
+    /// it along. It also saves a round trip.
+    ///
+    /// A script the server forgot (`NOSCRIPT`, as a reply or inside an
+    /// `EXEC`'s) is loaded again and the request sent once more: nothing
+    /// of it was written but the staging key, which every write clears
+    /// first.
+    pub(crate) async fn send_then_wait(
+        &self,
+        mut pipe: redis::Pipeline,
+        script: &redis::Script,
+    ) -> Result<(Vec<Value>, Value)> {
+        pipe.cmd("WAIT")
+            .arg(self.config.wait_replicas)
+            .arg(u64::try_from(self.config.wait_timeout.as_millis()).unwrap_or(u64::MAX));
+        let bound = self.config.timeout + self.config.wait_timeout;
+        let deadline = tokio::time::Instant::now() + bound;
+        let mut reloaded = false;
+        loop {
+            let mut con = self.conn.clone();
+            let mut replies = until(
+                deadline,
+                bound,
+                con.req_packed_commands(&pipe, 0, pipe.len()),
+            )
+            .await?;
+            if replies.len() != pipe.len() {
+                return Err(unexpected("pipelined replies"));
+            }
+            let acked = replies.pop().ok_or_else(|| unexpected("no reply"))?;
+            if !reloaded && replies.iter().any(names_unknown_script) {
+                reloaded = true;
+                until(deadline, bound, script.load_async(&mut con)).await?;
+                continue;
+            }
+            return Ok((replies, acked));
         }
-        let timeout = self.config.wait_timeout;
-        let mut pipe = redis::pipe();
-        pipe.cmd("EXISTS")
-            .arg(key)
-            .ignore()
-            .cmd("WAIT")
-            .arg(want)
-            .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
-        let mut con = self.conn.clone();
-        let (acked,): (u64,) =
-            within(timeout + self.config.timeout, pipe.query_async(&mut con)).await?;
-        if acked < want {
-            return Err(self.unreplicated(acked));
+    }
+
+    /// What the `WAIT` sent behind a write ([`Inner::send_then_wait`], or
+    /// ending a batch's pipeline) means for a write made before it
+    /// (`None`: no `WAIT` asked): fewer acknowledgements than
+    /// `wait_replicas` within `wait_timeout` fail with a retryable
+    /// `Backend` error, since the write was made on the primary but a
+    /// failover may lose it.
+    pub(crate) fn replicated(&self, acked: Option<&Value>) -> Result<()> {
+        match acked {
+            None => Ok(()),
+            Some(Value::Int(n)) => match u64::try_from(*n) {
+                Ok(n) if n >= self.config.wait_replicas => Ok(()),
+                Ok(n) => Err(self.unreplicated(n)),
+                Err(_) => Err(unexpected("replica count")),
+            },
+            Some(Value::ServerError(error)) => Err(errors::map_redis_error(error.clone().into())),
+            Some(_) => Err(unexpected("replica count")),
         }
-        Ok(())
     }
 
     /// The error of a write that fewer than `wait_replicas` replicas
@@ -225,3 +275,13 @@ const LAYOUT_RESENDS: u32 = 4;
 /// cluster client reconnects to a node whose connection dropped in the
 /// background.
 const LAYOUT_PAUSE: Duration = Duration::from_millis(25);
+
+/// Whether a reply, or a reply inside an `EXEC`'s, is the server's
+/// `NOSCRIPT`.
+pub(crate) fn names_unknown_script(reply: &Value) -> bool {
+    match reply {
+        Value::ServerError(error) => error.kind() == Some(ServerErrorKind::NoScript),
+        Value::Array(items) => items.iter().any(names_unknown_script),
+        _ => false,
+    }
+}

@@ -64,12 +64,18 @@ pub(crate) fn map_redis_error(error: RedisError) -> Error {
             RedisKind::InvalidClientConfig => {
                 (ErrorKind::Config, false, "invalid redis client settings")
             }
+            // No connection to the node serving the slot, as during a
+            // failover: the layout will be learnt again.
+            RedisKind::ClusterConnectionNotFound => (
+                ErrorKind::Backend,
+                true,
+                "no connection to the redis cluster node serving this request",
+            ),
             RedisKind::Server(server) => match server {
-                ServerErrorKind::BusyLoading
-                | ServerErrorKind::TryAgain
-                | ServerErrorKind::MasterDown
-                | ServerErrorKind::ReadOnly
-                | ServerErrorKind::ClusterDown => (
+                // A redirect the cluster client did not follow to the end
+                // (its own retries spent) is refused like the rest: this
+                // attempt ran nothing.
+                server if refused_by_topology(Some(server)) => (
                     ErrorKind::Backend,
                     true,
                     "redis is not ready to serve this request",
@@ -134,4 +140,32 @@ pub(crate) fn unexpected(what: &str) -> Error {
         format!("unexpected reply from redis: {what}"),
     )
     .with_backend(BACKEND)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a cluster answers while its layout changes is worth another
+    /// try: a redirect left once the client's own retries were spent, no
+    /// connection to the node of a slot (before: permanent `Backend`
+    /// errors, on which waiters stop waiting).
+    #[test]
+    fn a_cluster_in_transition_is_retryable() {
+        for error in [
+            RedisError::from((RedisKind::Server(ServerErrorKind::Moved), "MOVED")),
+            RedisError::from((RedisKind::Server(ServerErrorKind::Ask), "ASK")),
+            RedisError::from((RedisKind::ClusterConnectionNotFound, "no connection")),
+            RedisError::from((RedisKind::Server(ServerErrorKind::TryAgain), "TRYAGAIN")),
+        ] {
+            let mapped = map_redis_error(error);
+            assert_eq!(mapped.kind(), ErrorKind::Backend, "{mapped}");
+            assert!(mapped.is_retryable(), "{mapped}");
+        }
+        let other = map_redis_error(RedisError::from((
+            RedisKind::Server(ServerErrorKind::ResponseError),
+            "ERR",
+        )));
+        assert!(!other.is_retryable(), "{other}");
+    }
 }

@@ -4,13 +4,14 @@
 
 use std::time::{Duration, Instant};
 
+use redis::Value;
 use runstate_core::time::from_unix_millis;
 use runstate_core::{
     DocName, Error, ErrorKind, Fence, GetOptions, Lease, LockInfo, LockKey, Operation, Owner,
     Result, RunId, StoredDoc, check_ttl,
 };
 
-use crate::errors::unexpected;
+use crate::errors::{map_redis_error, unexpected};
 use crate::reply::{Reply, loaded_doc, too_large};
 use crate::{BACKEND, HOLDER_BATCH, Inner};
 
@@ -189,6 +190,25 @@ impl Inner {
         Ok(locks)
     }
 
+    /// The grant's pipeline (`pipe`: the acquire script, maybe a read)
+    /// with the `WAIT` behind it in one request ([`Inner::send_then_wait`]);
+    /// sets `acked` to the `WAIT`'s reply and returns the others, the first
+    /// server error among them as the error [`Inner::transact`] would give.
+    async fn grant_then_wait(
+        &self,
+        pipe: redis::Pipeline,
+        acked: &mut Option<Value>,
+    ) -> Result<Vec<Value>> {
+        let (replies, wait) = self.send_then_wait(pipe, &self.scripts.acquire).await?;
+        if let Some(Value::ServerError(error)) =
+            replies.iter().find(|r| matches!(r, Value::ServerError(_)))
+        {
+            return Err(map_redis_error(error.clone().into()));
+        }
+        *acked = Some(wait);
+        Ok(replies)
+    }
+
     /// Acquire (and optionally load `doc`) in one script.
     pub(crate) async fn acquire(
         &self,
@@ -236,6 +256,9 @@ impl Inner {
         // no MULTI: a fenced writer cannot slip in between (we hold the
         // lock), and an unfenced one that does is caught by the holder's
         // version-checked save, exactly as if it had written a moment later.
+        // With `wait_replicas`, the grant and its WAIT go in one request
+        // (see `send_then_wait`): `acked` is the WAIT's reply.
+        let mut acked = None;
         let (mut reply, mut loaded) = match load {
             Some((doc, options)) if options.limit.is_none() => {
                 let mut pipe = redis::pipe();
@@ -244,7 +267,12 @@ impl Inner {
                     .arg(self.keys.doc(run, doc))
                     .arg("version")
                     .arg("data");
-                let replies = match self.transact(&pipe, &self.scripts.acquire, None).await {
+                let sent = if self.config.wait_replicas > 0 {
+                    self.grant_then_wait(pipe, &mut acked).await
+                } else {
+                    self.transact(&pipe, &self.scripts.acquire, None).await
+                };
+                let replies = match sent {
                     Ok(replies) => replies,
                     Err(error) => {
                         // The script may have granted before the read
@@ -262,6 +290,16 @@ impl Inner {
                     return Err(unexpected("transaction replies"));
                 };
                 (Reply::parse(first)?, Some(second))
+            }
+            _ if self.config.wait_replicas > 0 => {
+                let mut pipe = redis::pipe();
+                pipe.invoke_script(&invocation);
+                let replies = self.grant_then_wait(pipe, &mut acked).await?;
+                let reply = replies
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| unexpected("no reply"))?;
+                (Reply::parse(reply)?, None)
             }
             _ => (self.invoke(&invocation).await?, None),
         };
@@ -292,7 +330,7 @@ impl Inner {
                 // someone else; with `wait_replicas` it is not reported
                 // until replicas have it (a retry by the same owner gets
                 // this grant back).
-                self.wait_replicated(&self.keys.lock(key)).await?;
+                self.replicated(acked.as_ref())?;
                 Ok((lease, stored))
             }
             "locked" => {

@@ -217,12 +217,18 @@
 //!   next seed; watchers then get `Resync`, as after any reconnect.
 //! - Replication is asynchronous: a primary that dies can take writes it had
 //!   acknowledged with it. `?wait_replicas=N` (and `wait_timeout_ms`, 1000
-//!   by default; [`RedisConfig::with_wait_replicas`]) sends `WAIT N` right
-//!   after every save and every grant, on the same connection to that node,
-//!   and fails the call with a retryable `Backend` error when fewer replicas
+//!   by default; [`RedisConfig::with_wait_replicas`]) sends `WAIT N` in
+//!   the same request as every save and every grant, right behind it, and
+//!   fails the call with a retryable `Backend` error when fewer replicas
 //!   acknowledged in time (the write was made, and a failover may lose it;
-//!   a retried acquire by the same owner gets its grant back). It also works
-//!   on one server with replicas. The failover test (tests/cluster.rs: four
+//!   a retried acquire by the same owner gets its grant back). The same
+//!   request, because `WAIT` counts from its connection's replication
+//!   offset: sent alone, after the connection dropped and the cluster
+//!   client reconnected, it could be a new connection's first command,
+//!   which counts every connected replica at once. While a `WAIT` waits, the
+//!   store's other requests to that node queue behind it on the shared
+//!   connection, so keep `wait_timeout_ms` short. It also works on one
+//!   server with replicas. The failover test (tests/cluster.rs: four
 //!   tasks making locked increments, the replica stopped and its link cut
 //!   for 400 ms, the primary then killed and the replica promoted) lost 221
 //!   of 2,877 and 45 of 2,948 acknowledged updates without it (two runs) and
@@ -392,7 +398,7 @@ impl RedisStore {
     pub async fn open(config: RedisConfig) -> Result<RedisStore> {
         let context = |e: Error| e.with_operation(Operation::Open);
         let bound = config.connect_timeout * 3;
-        if !config.cluster.is_empty() {
+        if config.cluster_wanted || !config.cluster.is_empty() {
             return Self::open_cluster(config).await.map_err(context);
         }
         let client = redis::Client::open(connection_info(&config).map_err(context)?)
@@ -416,6 +422,9 @@ impl RedisStore {
 
     /// Opens a store on a Redis Cluster through its seed nodes.
     async fn open_cluster(config: RedisConfig) -> Result<RedisStore> {
+        // The URL checks this as it parses; a configuration built in Rust
+        // is checked here.
+        config.check_cluster()?;
         let bound = config.connect_timeout * 3;
         let mut seeds = Vec::with_capacity(config.cluster.len());
         for (host, port) in &config.cluster {

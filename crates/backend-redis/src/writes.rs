@@ -10,6 +10,7 @@ use runstate_core::{
     Bytes, DocName, Error, ErrorKind, Lease, LockKey, Operation, PutMode, Result, RunId, Version,
 };
 
+use crate::batch::exec_outcome;
 use crate::errors::unexpected;
 use crate::reply::Reply;
 use crate::{BACKEND, Inner};
@@ -58,6 +59,20 @@ impl Inner {
             lease.key().check_covers(write.run, write.doc)?;
         }
         let mut pipe = redis::pipe();
+        if self.config.wait_replicas > 0 {
+            // The transaction spelled out, so that the WAIT rides in the
+            // same request, right after its EXEC (see `send_then_wait`).
+            pipe.cmd("MULTI");
+            let script = self.write_commands(&mut pipe, write);
+            pipe.cmd("EXEC");
+            let (mut replies, acked) = self.send_then_wait(pipe, script).await?;
+            let exec = replies.pop().ok_or_else(|| unexpected("no reply"))?;
+            let reply = exec_outcome(exec, true).unwrap_or_else(|| Err(unexpected("no reply")))?;
+            *answered = true;
+            self.write_outcome(write, reply)?;
+            self.replicated(Some(&acked))?;
+            return Ok(write.version.clone());
+        }
         pipe.atomic();
         let script = self.write_commands(&mut pipe, write);
         // The key to send it again by, on a cluster only (see `transact`).
@@ -72,10 +87,6 @@ impl Inner {
             .ok_or_else(|| unexpected("no reply"))?;
         *answered = true;
         self.write_outcome(write, reply)?;
-        if self.config.wait_replicas > 0 {
-            self.wait_replicated(&self.keys.doc(write.run, write.doc))
-                .await?;
-        }
         Ok(write.version.clone())
     }
 

@@ -419,19 +419,10 @@ mod cluster {
         }
     }
 
-    /// A write whose reply the network lost, on a cluster: redis-rs's
-    /// cluster client reconnects and sends the transaction again (it
-    /// cannot know whether the server ran it). The first send was made,
-    /// so the write must be reported made, not failed by its own resend
-    /// (before: `AlreadyExists` for a create, `Precondition` for an
-    /// update, `Fenced` for a save-and-release whose first run released
-    /// the lease). Each node is announced at a proxy in front of it, so
-    /// every connection of the client passes through one.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_write_whose_reply_was_lost_is_reported_made() {
-        if runstate_conformance::server_url(BACKEND, URL_VAR, "the lost-reply test").is_none() {
-            return;
-        }
+    /// A cluster of its own with each node announced at a proxy in front
+    /// of it, so every connection of a client passes through one; with
+    /// the proxies' addresses, joined by commas, as seeds.
+    async fn proxied_cluster() -> (OwnCluster, Vec<Proxy>, String) {
         let cluster = OwnCluster::start(5000);
         let mut proxies = Vec::new();
         for node in &cluster.nodes {
@@ -452,9 +443,130 @@ mod cluster {
             .iter()
             .map(|p| format!("127.0.0.1:{}", p.addr().port()))
             .collect();
+        (cluster, proxies, seeds.join(","))
+    }
+
+    /// With `wait_replicas`, a save or a grant whose `WAIT` reply the
+    /// network lost is not reported replicated while no replica has it.
+    /// The cluster client sends the request again on a new connection. A
+    /// `WAIT` that is the first command of a connection answers at once
+    /// with every connected replica (measured on Redis 7.0: a command in
+    /// front of it on that connection, read-only or not, makes it wait),
+    /// so the `WAIT` goes in one request with its write, and a request
+    /// sent again carries the write again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_wait_reply_acknowledges_no_unreplicated_write() {
+        if runstate_conformance::server_url(BACKEND, URL_VAR, "the lost-WAIT test").is_none() {
+            return;
+        }
+        let (cluster, proxies, seeds) = proxied_cluster().await;
         let store = RedisStore::connect(&format!(
-            "redis+cluster://{}/?prefix=lost&timeout_ms=5000",
-            seeds.join(",")
+            "redis+cluster://{seeds}/?prefix=wait&timeout_ms=5000&wait_replicas=1&wait_timeout_ms=300"
+        ))
+        .await
+        .expect("open the cluster through the proxies");
+        let run = RunId::new("r").expect("run");
+        let doc = DocName::new("d").expect("doc");
+        let created = store
+            .put(
+                &run,
+                &doc,
+                Bytes::from_static(b"one"),
+                runstate_core::PutOptions::create(),
+            )
+            .await
+            .expect("a write its running replica acknowledged");
+        let victim = cluster
+            .primary_of("wait:{r}:doc:d")
+            .expect("a primary serves the document");
+        let primary = &proxies[victim];
+        // Its replica follows it through its proxy.
+        let follows = format!("master_port:{}\r\n", primary.addr().port());
+        let replica = cluster
+            .nodes
+            .iter()
+            .position(|n| n.command(&["INFO", "replication"]).contains(&follows))
+            .expect("the primary has a replica");
+        // The replica stops acknowledging but stays connected (so a WAIT
+        // with nothing to wait for still counts it) and answers: a
+        // read-only script that never ends keeps it busy (its primary's
+        // stream waits; other clients get `BUSY` at once) until `SCRIPT
+        // KILL`. A stopped replica would not answer, and the cluster
+        // client's reconnection, which asks the nodes for the slots, would
+        // wait for it. Each WAIT's reply is then lost once.
+        let reply =
+            cluster.nodes[replica].command(&["CONFIG", "SET", "busy-reply-threshold", "10"]);
+        assert!(reply.starts_with("+OK"), "busy-reply-threshold: {reply}");
+        let mut spinning =
+            std::net::TcpStream::connect(cluster.nodes[replica].addr()).expect("connect");
+        std::io::Write::write_all(
+            &mut spinning,
+            b"*3\r\n$4\r\nEVAL\r\n$17\r\nwhile true do end\r\n$1\r\n0\r\n",
+        )
+        .expect("send the script");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let lose_the_wait_reply = || {
+            primary.arm(ReplyFault::drop_when(|request: &[u8]| {
+                request.windows(4).any(|w| w == b"WAIT")
+            }));
+        };
+        let fired = primary.fired();
+        lose_the_wait_reply();
+        let saved = store
+            .put(
+                &run,
+                &doc,
+                Bytes::from_static(b"two"),
+                runstate_core::PutOptions::update(created),
+            )
+            .await;
+        let after_save = primary.fired();
+        lose_the_wait_reply();
+        let key = LockKey::Doc(run.clone(), doc.clone());
+        let granted = store
+            .try_acquire(&key, &Owner::for_this_process(), Duration::from_secs(30))
+            .await;
+        let after_grant = primary.fired();
+        let killed = cluster.nodes[replica].command(&["SCRIPT", "KILL"]);
+        assert!(killed.starts_with("+OK"), "SCRIPT KILL: {killed}");
+        drop(spinning);
+        assert_eq!(
+            (after_save, after_grant),
+            (fired + 1, fired + 2),
+            "each WAIT's reply was lost"
+        );
+        for (what, outcome) in [
+            ("a save", saved.map(|_| ())),
+            ("a grant", granted.map(|_| ())),
+        ] {
+            let error = outcome.expect_err(&format!(
+                "{what} no replica acknowledged is not reported replicated"
+            ));
+            assert_eq!(error.kind(), ErrorKind::Backend, "{what}: {error}");
+            assert!(error.is_retryable(), "{what}: {error}");
+            assert!(
+                error.to_string().contains("only 0 of 1 replicas"),
+                "{what}: {error}"
+            );
+        }
+    }
+
+    /// A write whose reply the network lost, on a cluster: redis-rs's
+    /// cluster client reconnects and sends the transaction again (it
+    /// cannot know whether the server ran it). The first send was made,
+    /// so the write must be reported made, not failed by its own resend
+    /// (before: `AlreadyExists` for a create, `Precondition` for an
+    /// update, `Fenced` for a save-and-release whose first run released
+    /// the lease). Each node is announced at a proxy in front of it, so
+    /// every connection of the client passes through one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_whose_reply_was_lost_is_reported_made() {
+        if runstate_conformance::server_url(BACKEND, URL_VAR, "the lost-reply test").is_none() {
+            return;
+        }
+        let (cluster, proxies, seeds) = proxied_cluster().await;
+        let store = RedisStore::connect(&format!(
+            "redis+cluster://{seeds}/?prefix=lost&timeout_ms=5000"
         ))
         .await
         .expect("open the cluster through the proxies");
