@@ -612,6 +612,16 @@ fn first_difference<'m, K: Ord, V: PartialEq>(
 
 /// The refusal to delete a source document whose verified copy is no longer
 /// on the target.
+/// Whether the target's milestone or attribute (`there`) is to be set to
+/// the source's (`here`): where it lacks one, or holds another value
+/// unless the source's may be the older one (`fill_only`).
+fn to_set<T: PartialEq>(there: Option<&T>, here: &T, fill_only: bool) -> bool {
+    match there {
+        None => true,
+        Some(there) => !fill_only && there != here,
+    }
+}
+
 fn vanished_from_target(run: &RunId, doc: &DocName) -> Error {
     migrate_error(
         ErrorKind::Precondition,
@@ -644,6 +654,10 @@ struct Plan {
     identical: Vec<DocMeta>,
     /// On the target only, with the target's version.
     extra: Vec<(DocName, Version)>,
+    /// A move resumed with nothing left on the source
+    /// ([`Migration::resumable_move`]): the source's milestones may be
+    /// older than the target's, so they only fill in what it lacks.
+    resumed: bool,
 }
 
 /// Where a lease of the migration stands.
@@ -946,7 +960,7 @@ impl Migration<'_> {
             return Err(error);
         }
 
-        let (milestones, copied_milestones) = self.copy_milestones(target).await?;
+        let (milestones, copied_milestones) = self.copy_milestones(target, plan.resumed).await?;
 
         // Extras are removed only when the target is to mirror the source:
         // with `delete_source` they may be documents a resumed move already
@@ -1004,12 +1018,12 @@ impl Migration<'_> {
             if let Some((first, rest)) = plan.source.split_first() {
                 self.delete_first_source_doc(first, source, target).await?;
                 for meta in rest {
-                    self.delete_source_doc(meta, source).await?;
+                    self.delete_source_doc(meta, source, target).await?;
                 }
             }
             // A milestone marked while the documents were deleted would
             // stay behind on the source: copied now, as the first ones were.
-            let (late, _) = self.copy_milestones(target).await?;
+            let (late, _) = self.copy_milestones(target, plan.resumed).await?;
             report.milestones += late;
             report.source_deleted = true;
         }
@@ -1059,7 +1073,7 @@ impl Migration<'_> {
             .get(self.run, &meta.name, GetOptions::new())
             .await?
             .ok_or_else(|| vanished_from_target(self.run, &meta.name))?;
-        let deleted = self.delete_source_doc(meta, source).await;
+        let deleted = self.delete_source_doc(meta, source, target).await;
         // From here on the bytes in `kept` may be the only copy left: no
         // lease check, no early return before they are safe.
         let check = self.target.head(self.run, &meta.name).await;
@@ -1152,11 +1166,18 @@ impl Migration<'_> {
 
     /// Copies the run's milestones and attributes (a field at a time, as
     /// they are written) where the target lacks them or holds another
-    /// value; returns how many were set and what was copied (`None` when
+    /// value (only where it lacks them with `fill_only`: a move resumed
+    /// with nothing left on the source, or run again after it finished,
+    /// whose source keeps the milestones of the time it moved while the
+    /// target's went on); returns how many were set and what was copied (`None` when
     /// the source keeps no milestones at all). Nothing to copy when the
     /// source has none; a target that cannot keep them while the source
     /// has some fails the run, rather than dropping them silently.
-    async fn copy_milestones(&self, target: &HeldLease<'_>) -> Result<(u64, Option<Milestones>)> {
+    async fn copy_milestones(
+        &self,
+        target: &HeldLease<'_>,
+        fill_only: bool,
+    ) -> Result<(u64, Option<Milestones>)> {
         if !self.source.capabilities().milestones {
             return Ok((0, None));
         }
@@ -1178,14 +1199,14 @@ impl Migration<'_> {
         let there = self.target.milestones(self.run).await?;
         let mut set = 0;
         for (task, at) in &from.timestamps {
-            if there.timestamps.get(task) != Some(at) {
+            if to_set(there.timestamps.get(task), at, fill_only) {
                 target.current()?;
                 self.target.mark(self.run, task, *at).await?;
                 set += 1;
             }
         }
         for (name, value) in &from.attrs {
-            if there.attrs.get(name) != Some(value) {
+            if to_set(there.attrs.get(name), value, fill_only) {
                 target.current()?;
                 self.target.set_attr(self.run, name, value).await?;
                 set += 1;
@@ -1199,8 +1220,19 @@ impl Migration<'_> {
     /// and only if it is still the version that was copied: conditionally
     /// where the backend can, else checked just before under that lock by
     /// its version alone ([`Store::head`]: the bytes are not read again).
-    async fn delete_source_doc(&self, meta: &DocMeta, source: &HeldLease<'_>) -> Result<()> {
-        source.current()?;
+    ///
+    /// Both runs' leases are checked before the document's lock is asked
+    /// for and again once it is held (that may have waited): with the
+    /// target's lease lost, someone else may be changing or deleting the
+    /// copies, and with the source's, the document itself.
+    async fn delete_source_doc(
+        &self,
+        meta: &DocMeta,
+        source: &HeldLease<'_>,
+        target: &HeldLease<'_>,
+    ) -> Result<()> {
+        let both = || source.current().and_then(|_| target.current());
+        both()?;
         let options = self.options;
         let key = LockKey::Doc(self.run.clone(), meta.name.clone());
         let lease = self
@@ -1208,6 +1240,7 @@ impl Migration<'_> {
             .acquire(&key, &options.owner, options.ttl, &options.wait)
             .await?;
         let outcome = async {
+            both()?;
             if self.source.capabilities().conditional_delete {
                 return self
                     .source
@@ -1379,7 +1412,10 @@ impl Migration<'_> {
             .into_iter()
             .map(|meta| (meta.name.clone(), meta))
             .collect();
-        let mut plan = Plan::default();
+        let mut plan = Plan {
+            resumed: source_docs.is_empty(),
+            ..Plan::default()
+        };
         // Same size: compared by their bytes, in batches.
         let mut candidates = Vec::new();
         for meta in &source_docs {

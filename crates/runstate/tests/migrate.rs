@@ -8,7 +8,7 @@ mod support;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -341,6 +341,21 @@ struct Hooked {
     sneak_mark: Mutex<Option<(RunId, String)>>,
     /// After the first delete, mark this task.
     mark_on_delete: Mutex<Option<(RunId, String)>>,
+    /// Every delete waits this long first.
+    slow_deletes: Option<Duration>,
+    /// As a source: deletes are reported here. As a target: renewals are
+    /// refused once the source deleted something (see [`Lapse`]).
+    lapse: Option<(Arc<Lapse>, bool)>,
+}
+
+/// Shared by a test's two hooked stores: the target refuses to renew
+/// leases once the source has deleted a document, and the source counts
+/// the deletes it starts after that refusal.
+#[derive(Default)]
+struct Lapse {
+    deleted: AtomicBool,
+    refused: AtomicBool,
+    deletes_after: AtomicU64,
 }
 
 impl Hooked {
@@ -357,6 +372,8 @@ impl Hooked {
             deletes_made_then_fail: false,
             sneak_mark: Mutex::new(None),
             mark_on_delete: Mutex::new(None),
+            slow_deletes: None,
+            lapse: None,
         }
     }
 
@@ -462,7 +479,18 @@ impl Store for Hooked {
         doc: &DocName,
         if_version: Option<&Version>,
     ) -> Result<bool> {
+        if let Some((lapse, false)) = &self.lapse
+            && lapse.refused.load(Ordering::SeqCst)
+        {
+            lapse.deletes_after.fetch_add(1, Ordering::SeqCst);
+        }
+        if let Some(pause) = self.slow_deletes {
+            tokio::time::sleep(pause).await;
+        }
         let deleted = self.inner.delete(run, doc, if_version).await;
+        if let Some((lapse, false)) = &self.lapse {
+            lapse.deleted.store(true, Ordering::SeqCst);
+        }
         self.mark_once(&self.mark_on_delete).await?;
         if self.deletes_made_then_fail && deleted.is_ok() {
             return Err(runstate::Error::new(
@@ -505,6 +533,15 @@ impl Lock for Hooked {
         self.inner.try_acquire(key, owner, ttl).await
     }
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        if let Some((lapse, true)) = &self.lapse
+            && lapse.deleted.load(Ordering::SeqCst)
+        {
+            lapse.refused.store(true, Ordering::SeqCst);
+            return Err(runstate::Error::new(
+                ErrorKind::LeaseLost,
+                "the renewal was refused (the test's hook)",
+            ));
+        }
         self.inner.renew(lease, ttl).await
     }
     async fn release(&self, lease: &Lease) -> Result<()> {
@@ -646,6 +683,104 @@ fn source_is_deleted_only_after_verification() {
                 .await
                 .expect_err("gone");
             assert_eq!(missing.kind(), ErrorKind::NotFound);
+        },
+    );
+}
+
+/// A move run again after it finished finds the source run empty and
+/// treats it as a move to resume; the source still holds the run's
+/// milestones and attributes (a move deletes documents), now older than
+/// the target's. They must not be written over the target's (before: the
+/// target's `status` went back to the source's, with no error).
+#[test]
+fn a_finished_move_run_again_keeps_the_targets_newer_milestones() {
+    with_places(
+        "move_again_milestones",
+        Backend::File,
+        Backend::Sqlite,
+        |source, target| async move {
+            let id = run("move-again");
+            let docs = small();
+            seed(&*source, &id, &docs).await;
+            let first =
+                std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_000);
+            source.mark(&id, "wepp_run", first).await.expect("mark");
+            source
+                .set_attr(&id, "status", "running")
+                .await
+                .expect("set");
+            let options =
+                MigrateOptions::new(Selection::Runs(vec![id.clone()])).with_delete_source(true);
+            let moved = migrate(&*source, &*target, &options, &())
+                .await
+                .expect("move");
+            assert!(moved.runs[0].source_deleted);
+            assert_eq!(moved.runs[0].milestones, 2);
+
+            // Workers go on with the run on the target.
+            let later = first + Duration::from_secs(3600);
+            target.mark(&id, "wepp_run", later).await.expect("mark");
+            target.set_attr(&id, "status", "done").await.expect("set");
+            // A milestone the target lacks is still filled in.
+            source.set_attr(&id, "late", "yes").await.expect("set");
+
+            let again = migrate(&*source, &*target, &options, &())
+                .await
+                .expect("move again");
+            assert_eq!(again.documents, 0);
+            let kept = target.milestones(&id).await.expect("milestones");
+            assert_eq!(kept.attrs.get("status").map(String::as_str), Some("done"));
+            assert_eq!(kept.timestamps.get("wepp_run"), Some(&later));
+            assert_eq!(kept.attrs.get("late").map(String::as_str), Some("yes"));
+            assert_eq!(again.runs[0].milestones, 1, "only the one it lacked");
+            assert_same(&*target, &id, &docs).await;
+        },
+    );
+}
+
+/// A move deletes source documents only while it holds both runs' leases:
+/// once the target's lease is lost (a renewal refused: someone broke it
+/// and may be changing the copies), no further source document is
+/// deleted (before: deletes went on while the source's lease, renewed a
+/// moment earlier, had not expired, about half of the run here).
+#[test]
+fn a_move_stops_deleting_once_the_target_lease_is_lost() {
+    with_places(
+        "move_target_lease_lost",
+        Backend::File,
+        Backend::Sqlite,
+        |source, target| async move {
+            let id = run("target-lease-lost");
+            let docs: Vec<(DocName, Bytes)> = (0..12)
+                .map(|i| (doc(&format!("d{i:02}")), Bytes::from(vec![b'x'; 64])))
+                .collect();
+            seed(&*source, &id, &docs).await;
+            let lapse = Arc::new(Lapse::default());
+            let mut slow_source = Hooked::new(Arc::clone(source.lock()));
+            slow_source.slow_deletes = Some(Duration::from_millis(100));
+            slow_source.lapse = Some((Arc::clone(&lapse), false));
+            let mut refusing_target = Hooked::new(Arc::clone(target.lock()));
+            refusing_target.lapse = Some((Arc::clone(&lapse), true));
+            let options = MigrateOptions::new(Selection::Runs(vec![id.clone()]))
+                .with_delete_source(true)
+                .with_ttl(Duration::from_millis(600));
+            let error = migrate(&slow_source, &refusing_target, &options, &())
+                .await
+                .expect_err("the target's lease was lost");
+            assert_eq!(error.kind(), ErrorKind::LeaseLost, "{error}");
+            assert!(
+                lapse.refused.load(Ordering::SeqCst),
+                "a renewal was refused"
+            );
+            assert!(
+                lapse.deletes_after.load(Ordering::SeqCst) <= 1,
+                "deletes started after the target's lease was lost: {}",
+                lapse.deletes_after.load(Ordering::SeqCst)
+            );
+            // Every document is still on one side or the other.
+            let left = source.list_all_docs(&id).await.expect("list").len();
+            assert!(left >= 1, "the move stopped before the end");
+            assert_same(&*target, &id, &docs).await;
         },
     );
 }
