@@ -204,13 +204,14 @@ impl Inner {
         let mut reloaded = false;
         while !pending.is_empty() {
             let mut pipe = redis::pipe();
-            // Per write: where its EXEC's reply is.
+            // Per write: where its MULTI's and its EXEC's replies are.
             let mut execs = Vec::with_capacity(pending.len());
             for &k in &pending {
+                let multi = pipe.len();
                 pipe.cmd("MULTI");
                 self.write_commands(&mut pipe, &writes[k]);
                 pipe.cmd("EXEC");
-                execs.push(pipe.len() - 1);
+                execs.push((multi, pipe.len() - 1));
             }
             if wait > 0 {
                 pipe.cmd("WAIT")
@@ -220,10 +221,10 @@ impl Inner {
             let mut replies = self.send_raw(&pipe, deadline, bound).await?;
             let acked = if wait > 0 { replies.pop() } else { None };
             let mut again = Vec::new();
-            for (&k, &at) in pending.iter().zip(&execs) {
+            for (&k, &(multi, at)) in pending.iter().zip(&execs) {
                 let exec = std::mem::replace(&mut replies[at], Value::Nil);
                 let write = &writes[k];
-                let outcome = match exec_outcome(exec, reloaded) {
+                let outcome = match exec_outcome(exec, &replies[multi + 1..at], reloaded) {
                     None => {
                         again.push(k);
                         continue;
@@ -294,12 +295,21 @@ fn noscript(error: &ServerError) -> bool {
 /// send it again); otherwise the script's reply (for
 /// [`Inner::write_outcome`]), or the
 /// error the single write's transaction would fail with (the first
-/// command error in it, or the `EXECABORT` of a transaction the server
-/// refused as it was queued), mapped as there.
-pub(crate) fn exec_outcome(exec: Value, reloaded: bool) -> Option<Result<Value>> {
+/// command error in it, or, for a transaction the server refused as it
+/// was queued (`EXECABORT`), the first refusal among `queued`, the
+/// replies between its `MULTI` and `EXEC`: a server still loading or a
+/// replica that became read-only stays retryable, as in
+/// [`Inner::transact`]), mapped as there.
+pub(crate) fn exec_outcome(exec: Value, queued: &[Value], reloaded: bool) -> Option<Result<Value>> {
     let mut items = match exec {
         Value::Array(items) => items,
-        Value::ServerError(error) => return Some(Err(map_redis_error(error.into()))),
+        Value::ServerError(error) => {
+            let refusal = queued.iter().find_map(|reply| match reply {
+                Value::ServerError(refused) => Some(refused.clone()),
+                _ => None,
+            });
+            return Some(Err(map_redis_error(refusal.unwrap_or(error).into())));
+        }
         _ => return Some(Err(unexpected("transaction reply"))),
     };
     let failed = items.iter().find_map(|item| match item {
@@ -315,4 +325,36 @@ pub(crate) fn exec_outcome(exec: Value, reloaded: bool) -> Option<Result<Value>>
     // The script's reply is the last of its transaction (after the DEL and
     // HSET that staged the bytes).
     Some(items.pop().ok_or_else(|| unexpected("no reply")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(resp: &[u8]) -> Value {
+        redis::parse_redis_value(resp).expect("a reply")
+    }
+
+    /// A transaction the server refused as it was queued reports the
+    /// refusal itself: a server still loading stays retryable (before,
+    /// with `wait_replicas`, the bare `EXECABORT` was a permanent error).
+    #[test]
+    fn an_aborted_transaction_reports_its_refusal() {
+        let exec = reply(b"-EXECABORT Transaction discarded because of previous errors.\r\n");
+        let queued = [
+            reply(b"-LOADING Redis is loading the dataset in memory\r\n"),
+            reply(b"+QUEUED\r\n"),
+        ];
+        let error = match exec_outcome(exec.clone(), &queued, true) {
+            Some(Err(error)) => error,
+            other => panic!("not an error: {other:?}"),
+        };
+        assert!(error.is_retryable(), "{error}");
+        let denied = [reply(b"-NOPERM this user has no permissions\r\n")];
+        let error = match exec_outcome(exec, &denied, true) {
+            Some(Err(error)) => error,
+            other => panic!("not an error: {other:?}"),
+        };
+        assert_eq!(error.kind(), runstate_core::ErrorKind::Denied, "{error}");
+    }
 }

@@ -681,6 +681,7 @@ impl fmt::Debug for RedisConfig {
             .field("status_history", &self.status_history)
             .field("status_max_age", &self.status_max_age)
             .field("cluster", &self.cluster)
+            .field("cluster_wanted", &self.cluster_wanted)
             .field("wait_replicas", &self.wait_replicas)
             .field("wait_timeout", &self.wait_timeout)
             .finish()

@@ -225,15 +225,19 @@
 //!   request, because `WAIT` counts from its connection's replication
 //!   offset: sent alone, after the connection dropped and the cluster
 //!   client reconnected, it could be a new connection's first command,
-//!   which counts every connected replica at once. While a `WAIT` waits, the
+//!   which counts every connected replica at once. A grant's request
+//!   carries its `WAIT` whatever the script answers, so a refused acquire
+//!   (the lock held) waits for replicas too. While a `WAIT` waits, the
 //!   store's other requests to that node queue behind it on the shared
 //!   connection, so keep `wait_timeout_ms` short. It also works on one
 //!   server with replicas. The failover test (tests/cluster.rs: four
 //!   tasks making locked increments, the replica stopped and its link cut
 //!   for 400 ms, the primary then killed and the replica promoted) lost 221
 //!   of 2,877 and 45 of 2,948 acknowledged updates without it (two runs) and
-//!   0 of 1,091 and 0 of 805 with `wait_replicas=1`; fences kept increasing
-//!   in both, since every fence is at least the server clock in µs.
+//!   0 of 1,091 and 0 of 805 with `wait_replicas=1` (measured with the
+//!   `WAIT` sent as a request of its own; every CI run asserts 0 with it);
+//!   fences kept increasing in both, since every fence is at least the
+//!   server clock in µs.
 //!
 //! ## WEPPcloud's NoDb locks
 //!

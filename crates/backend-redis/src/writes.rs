@@ -67,7 +67,10 @@ impl Inner {
             pipe.cmd("EXEC");
             let (mut replies, acked) = self.send_then_wait(pipe, script).await?;
             let exec = replies.pop().ok_or_else(|| unexpected("no reply"))?;
-            let reply = exec_outcome(exec, true).unwrap_or_else(|| Err(unexpected("no reply")))?;
+            // The MULTI's reply first, then the queued commands'.
+            let queued = replies.get(1..).unwrap_or_default();
+            let reply =
+                exec_outcome(exec, queued, true).unwrap_or_else(|| Err(unexpected("no reply")))?;
             *answered = true;
             self.write_outcome(write, reply)?;
             self.replicated(Some(&acked))?;

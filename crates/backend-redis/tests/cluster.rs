@@ -439,6 +439,19 @@ mod cluster {
             proxies.push(proxy);
         }
         wait_announced(&cluster, &proxies).await;
+        // Announced anew, each replica reconnects to its primary (through
+        // the primary's proxy): wait for every link to be up again.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &cluster.nodes {
+            loop {
+                let info = node.command(&["INFO", "replication"]);
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "replication link: {info}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         let seeds: Vec<String> = proxies
             .iter()
             .map(|p| format!("127.0.0.1:{}", p.addr().port()))
@@ -453,7 +466,8 @@ mod cluster {
     /// with every connected replica (measured on Redis 7.0: a command in
     /// front of it on that connection, read-only or not, makes it wait),
     /// so the `WAIT` goes in one request with its write, and a request
-    /// sent again carries the write again.
+    /// sent again carries the write again. The fault matches only such a
+    /// request, so the test also fails for a `WAIT` sent on its own.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lost_wait_reply_acknowledges_no_unreplicated_write() {
         if runstate_conformance::server_url(BACKEND, URL_VAR, "the lost-WAIT test").is_none() {
@@ -505,9 +519,13 @@ mod cluster {
         )
         .expect("send the script");
         tokio::time::sleep(Duration::from_millis(100)).await;
+        // Only a request that carries the write and its WAIT together
+        // matches (a WAIT sent on its own would not, and the count below
+        // would fail).
         let lose_the_wait_reply = || {
             primary.arm(ReplyFault::drop_when(|request: &[u8]| {
-                request.windows(4).any(|w| w == b"WAIT")
+                let has = |word: &[u8]| request.windows(word.len()).any(|w| w == word);
+                has(b"WAIT") && has(b"EVALSHA")
             }));
         };
         let fired = primary.fired();

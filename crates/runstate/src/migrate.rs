@@ -610,8 +610,6 @@ fn first_difference<'m, K: Ord, V: PartialEq>(
         .min()
 }
 
-/// The refusal to delete a source document whose verified copy is no longer
-/// on the target.
 /// Whether the target's milestone or attribute (`there`) is to be set to
 /// the source's (`here`): where it lacks one, or holds another value
 /// unless the source's may be the older one (`fill_only`).
@@ -622,6 +620,8 @@ fn to_set<T: PartialEq>(there: Option<&T>, here: &T, fill_only: bool) -> bool {
     }
 }
 
+/// The refusal to delete a source document whose verified copy is no longer
+/// on the target.
 fn vanished_from_target(run: &RunId, doc: &DocName) -> Error {
     migrate_error(
         ErrorKind::Precondition,
@@ -1015,9 +1015,17 @@ impl Migration<'_> {
         report.milestones = milestones;
         report.verified_by_md5 = copied.by_md5;
         if self.options.delete_source {
-            if let Some((first, rest)) = plan.source.split_first() {
-                self.delete_first_source_doc(first, source, target).await?;
-                for meta in rest {
+            // The last document goes only after the late milestones are
+            // copied: a source run left empty then means a move that
+            // finished, whose milestones a second run only fills in.
+            let (last, others) = match plan.source.split_last() {
+                Some((last, others)) => (Some(last), others),
+                None => (None, &[][..]),
+            };
+            for (i, meta) in others.iter().enumerate() {
+                if i == 0 {
+                    self.delete_first_source_doc(meta, source, target).await?;
+                } else {
                     self.delete_source_doc(meta, source, target).await?;
                 }
             }
@@ -1025,6 +1033,13 @@ impl Migration<'_> {
             // stay behind on the source: copied now, as the first ones were.
             let (late, _) = self.copy_milestones(target, plan.resumed).await?;
             report.milestones += late;
+            if let Some(last) = last {
+                if others.is_empty() {
+                    self.delete_first_source_doc(last, source, target).await?;
+                } else {
+                    self.delete_source_doc(last, source, target).await?;
+                }
+            }
             report.source_deleted = true;
         }
         Ok(report)
@@ -1074,6 +1089,12 @@ impl Migration<'_> {
             .await?
             .ok_or_else(|| vanished_from_target(self.run, &meta.name))?;
         let deleted = self.delete_source_doc(meta, source, target).await;
+        if matches!(&deleted, Err(e) if e.kind() == ErrorKind::LeaseLost) {
+            // Refused by the migration's own lease checks, before anything
+            // was deleted: the target's run may be someone else's now, so
+            // nothing is written back to it.
+            return deleted;
+        }
         // From here on the bytes in `kept` may be the only copy left: no
         // lease check, no early return before they are safe.
         let check = self.target.head(self.run, &meta.name).await;

@@ -343,6 +343,9 @@ struct Hooked {
     mark_on_delete: Mutex<Option<(RunId, String)>>,
     /// Every delete waits this long first.
     slow_deletes: Option<Duration>,
+    /// Marks that succeed before every later one fails (retryably).
+    marks_before_failure: Option<u64>,
+    marks: AtomicU64,
     /// As a source: deletes are reported here. As a target: renewals are
     /// refused once the source deleted something (see [`Lapse`]).
     lapse: Option<(Arc<Lapse>, bool)>,
@@ -373,6 +376,8 @@ impl Hooked {
             sneak_mark: Mutex::new(None),
             mark_on_delete: Mutex::new(None),
             slow_deletes: None,
+            marks_before_failure: None,
+            marks: AtomicU64::new(0),
             lapse: None,
         }
     }
@@ -520,6 +525,14 @@ impl Store for Hooked {
         Ok(read)
     }
     async fn mark(&self, run: &RunId, task: &str, at: std::time::SystemTime) -> Result<()> {
+        let made = self.marks.fetch_add(1, Ordering::SeqCst);
+        if self.marks_before_failure.is_some_and(|n| made >= n) {
+            return Err(runstate::Error::new(
+                ErrorKind::Backend,
+                "the mark failed (the test's hook)",
+            )
+            .set_retryable(true));
+        }
         self.inner.mark(run, task, at).await
     }
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
@@ -738,11 +751,63 @@ fn a_finished_move_run_again_keeps_the_targets_newer_milestones() {
     );
 }
 
+/// A milestone marked again on the source while a move deleted its
+/// documents, whose late copy failed, is copied by the next run: the move
+/// keeps the last source document until the late copy is made (before:
+/// every document was gone, the next run took the empty source for a
+/// finished move and kept the target's older time).
+#[test]
+fn a_move_whose_late_milestones_failed_copies_them_when_run_again() {
+    with_places(
+        "move_late_milestone_failed",
+        Backend::File,
+        Backend::Sqlite,
+        |source, target| async move {
+            let id = run("late-milestone");
+            let docs = small();
+            seed(&*source, &id, &docs).await;
+            let first =
+                std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_000);
+            source.mark(&id, "wepp_run", first).await.expect("mark");
+            let marking_source = Hooked::new(Arc::clone(source.lock()));
+            *marking_source.mark_on_delete.lock().expect("not poisoned") =
+                Some((id.clone(), "wepp_run".to_owned()));
+            let mut failing_target = Hooked::new(Arc::clone(target.lock()));
+            failing_target.marks_before_failure = Some(1);
+            let options =
+                MigrateOptions::new(Selection::Runs(vec![id.clone()])).with_delete_source(true);
+            let error = migrate(&marking_source, &failing_target, &options, &())
+                .await
+                .expect_err("the late copy failed");
+            assert!(error.is_retryable(), "{error}");
+            let again = migrate(&*source, &*target, &options, &())
+                .await
+                .expect("move again");
+            assert!(again.runs[0].source_deleted);
+            assert_eq!(
+                target.milestones(&id).await.expect("target").timestamps,
+                source.milestones(&id).await.expect("source").timestamps,
+                "the source's later mark reached the target"
+            );
+            assert_ne!(
+                target
+                    .milestones(&id)
+                    .await
+                    .expect("target")
+                    .timestamps
+                    .get("wepp_run"),
+                Some(&first)
+            );
+            assert_same(&*target, &id, &docs).await;
+        },
+    );
+}
+
 /// A move deletes source documents only while it holds both runs' leases:
 /// once the target's lease is lost (a renewal refused: someone broke it
 /// and may be changing the copies), no further source document is
 /// deleted (before: deletes went on while the source's lease, renewed a
-/// moment earlier, had not expired, about half of the run here).
+/// moment earlier, had not expired).
 #[test]
 fn a_move_stops_deleting_once_the_target_lease_is_lost() {
     with_places(
@@ -757,13 +822,13 @@ fn a_move_stops_deleting_once_the_target_lease_is_lost() {
             seed(&*source, &id, &docs).await;
             let lapse = Arc::new(Lapse::default());
             let mut slow_source = Hooked::new(Arc::clone(source.lock()));
-            slow_source.slow_deletes = Some(Duration::from_millis(100));
+            slow_source.slow_deletes = Some(Duration::from_millis(300));
             slow_source.lapse = Some((Arc::clone(&lapse), false));
             let mut refusing_target = Hooked::new(Arc::clone(target.lock()));
             refusing_target.lapse = Some((Arc::clone(&lapse), true));
             let options = MigrateOptions::new(Selection::Runs(vec![id.clone()]))
                 .with_delete_source(true)
-                .with_ttl(Duration::from_millis(600));
+                .with_ttl(Duration::from_millis(1500));
             let error = migrate(&slow_source, &refusing_target, &options, &())
                 .await
                 .expect_err("the target's lease was lost");
