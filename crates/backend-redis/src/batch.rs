@@ -281,13 +281,27 @@ impl Inner {
     }
 }
 
-/// Whether a reply is the server's `NOSCRIPT`.
-fn is_noscript(reply: &Value) -> bool {
-    matches!(reply, Value::ServerError(error) if noscript(error))
+/// Whether a reply, or a reply inside an `EXEC`'s, is the server's
+/// `NOSCRIPT`.
+pub(crate) fn is_noscript(reply: &Value) -> bool {
+    match reply {
+        Value::ServerError(error) => noscript(error),
+        Value::Array(items) => items.iter().any(is_noscript),
+        _ => false,
+    }
 }
 
 fn noscript(error: &ServerError) -> bool {
     error.kind() == Some(ServerErrorKind::NoScript)
+}
+
+/// The first server error among `replies` (a pipeline's, or a
+/// transaction's), if any.
+pub(crate) fn first_server_error(replies: &[Value]) -> Option<ServerError> {
+    replies.iter().find_map(|reply| match reply {
+        Value::ServerError(error) => Some(error.clone()),
+        _ => None,
+    })
 }
 
 /// What one write's `EXEC` answered: `None` when its script was unknown
@@ -304,19 +318,12 @@ pub(crate) fn exec_outcome(exec: Value, queued: &[Value], reloaded: bool) -> Opt
     let mut items = match exec {
         Value::Array(items) => items,
         Value::ServerError(error) => {
-            let refusal = queued.iter().find_map(|reply| match reply {
-                Value::ServerError(refused) => Some(refused.clone()),
-                _ => None,
-            });
-            return Some(Err(map_redis_error(refusal.unwrap_or(error).into())));
+            let refusal = first_server_error(queued).unwrap_or(error);
+            return Some(Err(map_redis_error(refusal.into())));
         }
         _ => return Some(Err(unexpected("transaction reply"))),
     };
-    let failed = items.iter().find_map(|item| match item {
-        Value::ServerError(error) => Some(error.clone()),
-        _ => None,
-    });
-    if let Some(error) = failed {
+    if let Some(error) = first_server_error(&items) {
         if !reloaded && noscript(&error) {
             return None;
         }

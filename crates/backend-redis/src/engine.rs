@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::{ScriptInvocation, ServerErrorKind, Value};
+use redis::{ScriptInvocation, Value};
 use runstate_core::{Error, ErrorKind, ListPage, Result, RunId};
 
+use crate::batch::is_noscript;
 use crate::conn::Conn;
 use crate::errors::{self, unexpected, until, within};
 use crate::listener::Listener;
@@ -222,7 +223,7 @@ impl Inner {
                 return Err(unexpected("pipelined replies"));
             }
             let acked = replies.pop().ok_or_else(|| unexpected("no reply"))?;
-            if !reloaded && replies.iter().any(names_unknown_script) {
+            if !reloaded && replies.iter().any(is_noscript) {
                 reloaded = true;
                 until(deadline, bound, script.load_async(&mut con)).await?;
                 continue;
@@ -275,13 +276,3 @@ const LAYOUT_RESENDS: u32 = 4;
 /// cluster client reconnects to a node whose connection dropped in the
 /// background.
 const LAYOUT_PAUSE: Duration = Duration::from_millis(25);
-
-/// Whether a reply, or a reply inside an `EXEC`'s, is the server's
-/// `NOSCRIPT`.
-pub(crate) fn names_unknown_script(reply: &Value) -> bool {
-    match reply {
-        Value::ServerError(error) => error.kind() == Some(ServerErrorKind::NoScript),
-        Value::Array(items) => items.iter().any(names_unknown_script),
-        _ => false,
-    }
-}

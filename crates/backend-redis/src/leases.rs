@@ -11,6 +11,7 @@ use runstate_core::{
     Result, RunId, StoredDoc, check_ttl,
 };
 
+use crate::batch::first_server_error;
 use crate::errors::{map_redis_error, unexpected};
 use crate::reply::{Reply, loaded_doc, too_large};
 use crate::{BACKEND, HOLDER_BATCH, Inner};
@@ -191,22 +192,15 @@ impl Inner {
     }
 
     /// The grant's pipeline (`pipe`: the acquire script, maybe a read)
-    /// with the `WAIT` behind it in one request ([`Inner::send_then_wait`]);
-    /// sets `acked` to the `WAIT`'s reply and returns the others, the first
-    /// server error among them as the error [`Inner::transact`] would give.
-    async fn grant_then_wait(
-        &self,
-        pipe: redis::Pipeline,
-        acked: &mut Option<Value>,
-    ) -> Result<Vec<Value>> {
-        let (replies, wait) = self.send_then_wait(pipe, &self.scripts.acquire).await?;
-        if let Some(Value::ServerError(error)) =
-            replies.iter().find(|r| matches!(r, Value::ServerError(_)))
-        {
-            return Err(map_redis_error(error.clone().into()));
+    /// with the `WAIT` behind it in one request ([`Inner::send_then_wait`]):
+    /// the replies and the `WAIT`'s, the first server error among the
+    /// replies as the error [`Inner::transact`] would give.
+    async fn grant_then_wait(&self, pipe: redis::Pipeline) -> Result<(Vec<Value>, Value)> {
+        let (replies, acked) = self.send_then_wait(pipe, &self.scripts.acquire).await?;
+        if let Some(error) = first_server_error(&replies) {
+            return Err(map_redis_error(error.into()));
         }
-        *acked = Some(wait);
-        Ok(replies)
+        Ok((replies, acked))
     }
 
     /// Acquire (and optionally load `doc`) in one script.
@@ -268,7 +262,10 @@ impl Inner {
                     .arg("version")
                     .arg("data");
                 let sent = if self.config.wait_replicas > 0 {
-                    self.grant_then_wait(pipe, &mut acked).await
+                    self.grant_then_wait(pipe).await.map(|(replies, wait)| {
+                        acked = Some(wait);
+                        replies
+                    })
                 } else {
                     self.transact(&pipe, &self.scripts.acquire, None).await
                 };
@@ -294,7 +291,8 @@ impl Inner {
             _ if self.config.wait_replicas > 0 => {
                 let mut pipe = redis::pipe();
                 pipe.invoke_script(&invocation);
-                let replies = self.grant_then_wait(pipe, &mut acked).await?;
+                let (replies, wait) = self.grant_then_wait(pipe).await?;
+                acked = Some(wait);
                 let reply = replies
                     .into_iter()
                     .next()

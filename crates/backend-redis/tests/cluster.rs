@@ -420,9 +420,10 @@ mod cluster {
     }
 
     /// A cluster of its own with each node announced at a proxy in front
-    /// of it, so every connection of a client passes through one; with
-    /// the proxies' addresses, joined by commas, as seeds.
-    async fn proxied_cluster() -> (OwnCluster, Vec<Proxy>, String) {
+    /// of it, so every connection of a client passes through one, and a
+    /// store opened on it through the proxies with the URL options
+    /// `options`.
+    async fn proxied_cluster(options: &str) -> (OwnCluster, Vec<Proxy>, RedisStore) {
         let cluster = OwnCluster::start(5000);
         let mut proxies = Vec::new();
         for node in &cluster.nodes {
@@ -456,7 +457,10 @@ mod cluster {
             .iter()
             .map(|p| format!("127.0.0.1:{}", p.addr().port()))
             .collect();
-        (cluster, proxies, seeds.join(","))
+        let store = RedisStore::connect(&format!("redis+cluster://{}/?{options}", seeds.join(",")))
+            .await
+            .expect("open the cluster through the proxies");
+        (cluster, proxies, store)
     }
 
     /// With `wait_replicas`, a save or a grant whose `WAIT` reply the
@@ -473,12 +477,9 @@ mod cluster {
         if runstate_conformance::server_url(BACKEND, URL_VAR, "the lost-WAIT test").is_none() {
             return;
         }
-        let (cluster, proxies, seeds) = proxied_cluster().await;
-        let store = RedisStore::connect(&format!(
-            "redis+cluster://{seeds}/?prefix=wait&timeout_ms=5000&wait_replicas=1&wait_timeout_ms=300"
-        ))
-        .await
-        .expect("open the cluster through the proxies");
+        let (cluster, proxies, store) =
+            proxied_cluster("prefix=wait&timeout_ms=5000&wait_replicas=1&wait_timeout_ms=300")
+                .await;
         let run = RunId::new("r").expect("run");
         let doc = DocName::new("d").expect("doc");
         let created = store
@@ -582,12 +583,7 @@ mod cluster {
         if runstate_conformance::server_url(BACKEND, URL_VAR, "the lost-reply test").is_none() {
             return;
         }
-        let (cluster, proxies, seeds) = proxied_cluster().await;
-        let store = RedisStore::connect(&format!(
-            "redis+cluster://{seeds}/?prefix=lost&timeout_ms=5000"
-        ))
-        .await
-        .expect("open the cluster through the proxies");
+        let (cluster, proxies, store) = proxied_cluster("prefix=lost&timeout_ms=5000").await;
         let run = RunId::new("r").expect("run");
         let doc = DocName::new("d").expect("doc");
         // The run's announcements, heard on a node directly (a cluster

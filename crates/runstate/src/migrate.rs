@@ -1015,29 +1015,23 @@ impl Migration<'_> {
         report.milestones = milestones;
         report.verified_by_md5 = copied.by_md5;
         if self.options.delete_source {
-            // The last document goes only after the late milestones are
-            // copied: a source run left empty then means a move that
+            // A milestone marked while the documents were deleted would
+            // stay behind on the source: copied as the first ones were,
+            // right before the last document goes (or at once, with none
+            // left), so that a source run left empty means a move that
             // finished, whose milestones a second run only fills in.
-            let (last, others) = match plan.source.split_last() {
-                Some((last, others)) => (Some(last), others),
-                None => (None, &[][..]),
-            };
-            for (i, meta) in others.iter().enumerate() {
+            let last = plan.source.len().saturating_sub(1);
+            if plan.source.is_empty() {
+                report.milestones += self.copy_milestones(target, plan.resumed).await?.0;
+            }
+            for (i, meta) in plan.source.iter().enumerate() {
+                if i == last {
+                    report.milestones += self.copy_milestones(target, plan.resumed).await?.0;
+                }
                 if i == 0 {
                     self.delete_first_source_doc(meta, source, target).await?;
                 } else {
                     self.delete_source_doc(meta, source, target).await?;
-                }
-            }
-            // A milestone marked while the documents were deleted would
-            // stay behind on the source: copied now, as the first ones were.
-            let (late, _) = self.copy_milestones(target, plan.resumed).await?;
-            report.milestones += late;
-            if let Some(last) = last {
-                if others.is_empty() {
-                    self.delete_first_source_doc(last, source, target).await?;
-                } else {
-                    self.delete_source_doc(last, source, target).await?;
                 }
             }
             report.source_deleted = true;
