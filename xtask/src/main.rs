@@ -84,7 +84,8 @@ const BACKENDS: &[Backend] = &[
     },
     // The Redis backend on a Redis Cluster (3 primaries, 3 replicas started
     // by xtask, see services::RedisCluster): the tests of
-    // crates/backend-redis/tests/cluster.rs, all named `cluster::…`.
+    // crates/backend-redis/tests/cluster.rs and cluster_faults.rs, all
+    // named `cluster::…`.
     Backend {
         name: "redis-cluster",
         package: "runstate-redis",

@@ -211,7 +211,7 @@
 //!   a release sent again reports `LeaseLost` (the lease "expired, was
 //!   released or was broken"), a delete `false`, a forced release the lock
 //!   free. Tested through a proxy in front of every node that loses a
-//!   write's reply (tests/cluster.rs).
+//!   write's reply (tests/cluster_faults.rs).
 //! - A regular `PUBLISH` reaches every node of a cluster, so the listener
 //!   subscribes through one node, and after any failure reconnects to the
 //!   next seed; watchers then get `Resync`, as after any reconnect.
@@ -230,7 +230,7 @@
 //!   (the lock held) waits for replicas too. While a `WAIT` waits, the
 //!   store's other requests to that node queue behind it on the shared
 //!   connection, so keep `wait_timeout_ms` short. It also works on one
-//!   server with replicas. The failover test (tests/cluster.rs: four
+//!   server with replicas. The failover test (tests/cluster_faults.rs: four
 //!   tasks making locked increments, the replica stopped and its link cut
 //!   for 400 ms, the primary then killed and the replica promoted) lost 221
 //!   of 2,877 and 45 of 2,948 acknowledged updates without it (two runs) and

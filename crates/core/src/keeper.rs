@@ -59,8 +59,9 @@ fn lock(shared: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 }
 
 impl LeaseKeeper {
-    /// Starts renewing `lease` on `lock` for `ttl` at a time, every third
-    /// of `ttl`.
+    /// Starts renewing `lease` on `lock` for `ttl` at a time, each renewal
+    /// due a third of its TTL after the current lease was issued (a lease
+    /// already older than that is renewed at once).
     pub fn start(lock: Arc<dyn Lock>, lease: Lease, ttl: Duration) -> LeaseKeeper {
         let shared = Arc::new(Mutex::new(State::Held(lease)));
         let renewing = Arc::new(tokio::sync::Mutex::new(()));
@@ -221,9 +222,19 @@ async fn renew_loop(
     let period = (ttl / 3).max(Duration::from_millis(1));
     let mut failed = false;
     loop {
-        // After a failure, retry sooner: the lease still has two thirds of
-        // its TTL at most.
-        let wait = if failed { period / 4 } else { period };
+        // Due a third of its TTL after the current lease was issued, not
+        // after this loop last woke: a lease handed over late (its grant
+        // was slow, or its holder started a keeper after working a while)
+        // and a renewal whose reply came back slowly are renewed while they
+        // still have two thirds of their TTL, or at once when they have
+        // less. After a failure, retry sooner.
+        let wait = match &*lock(&shared) {
+            State::Lost(..) => return,
+            State::Held(_) if failed => period / 4,
+            State::Held(lease) => lease
+                .remaining()
+                .saturating_sub(lease.ttl().saturating_sub(lease.ttl() / 3)),
+        };
         // Stopped (or the keeper dropped) before the wait ended.
         if tokio::time::timeout(wait, &mut stopped).await.is_ok() {
             return;
@@ -302,6 +313,30 @@ mod tests {
             SystemTime::now(),
         )
         .with_token(token)
+    }
+
+    /// A lease handed to a keeper late (issued 450 ms before, with a
+    /// 600 ms TTL) is renewed at once: before, the first renewal came a
+    /// third of the TTL after the keeper started, when the lease had
+    /// already lapsed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_handed_over_late_is_renewed_at_once() {
+        let store: Arc<dyn Lock> = Arc::new(crate::memory::MemoryStore::new());
+        let key = LockKey::Run(RunId::new("r").unwrap());
+        let ttl = Duration::from_millis(600);
+        let granted = store
+            .try_acquire(&key, &Owner::for_this_process(), ttl)
+            .await
+            .unwrap();
+        let aged = granted.renewed(ttl, Instant::now() - Duration::from_millis(450));
+        let keeper = LeaseKeeper::start(Arc::clone(&store), aged, ttl);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !keeper.is_lost(),
+            "the late lease lapsed before its renewal"
+        );
+        assert!(keeper.lease().remaining() > Duration::from_millis(250));
+        keeper.stop().await.unwrap();
     }
 
     /// Two renewals of one lease raced (S3 swaps a token per renewal): the
