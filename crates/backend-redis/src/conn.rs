@@ -10,8 +10,11 @@
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
+use redis::{
+    Cmd, ErrorKind as RedisKind, FromRedisValue, Pipeline, RedisError, RedisFuture, RedisResult,
+    ServerErrorKind, Value,
+};
 
 /// A connection to one server or to a cluster. Cheap to clone; clones
 /// share the underlying multiplexed connection(s).
@@ -51,38 +54,110 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// A primary's address, `(host, port)`, as the cluster announces it.
-pub(crate) type Node = (String, u16);
+/// Every slot of a Redis Cluster.
+const SLOTS: u32 = 16384;
 
-/// The primaries of a cluster that are not marked failed, read from
-/// `CLUSTER NODES` (one line per node: `<id> <ip:port@cport[,hostname]>
-/// <flags> …`).
-fn primaries_of(text: &str) -> Vec<Node> {
-    let mut nodes = Vec::new();
-    for line in text.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(_id), Some(addr), Some(flags)) = (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        let flags: Vec<&str> = flags.split(',').collect();
-        if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail")) {
-            continue;
-        }
-        // A primary that serves no slot (a former primary, say) has none of
-        // the store's keys; it is harmless to scan, so it is kept.
-        let addr = addr.split(['@', ',']).next().unwrap_or_default();
-        if let Some((host, port)) = addr.rsplit_once(':')
-            && let Ok(port) = port.parse::<u16>()
-            && !host.is_empty()
-        {
-            nodes.push((host.trim_matches(['[', ']']).to_owned(), port));
-        }
-    }
-    nodes.sort();
-    nodes.dedup();
-    nodes
+/// The error of a layout that cannot be scanned whole: retryable, as a
+/// cluster still forming, or losing or moving a shard, is (`CLUSTERDOWN`).
+fn not_whole(what: &'static str, detail: String) -> RedisError {
+    RedisError::from((
+        RedisKind::Server(ServerErrorKind::ClusterDown),
+        what,
+        detail,
+    ))
 }
+
+/// A cluster's layout as one node answered `CLUSTER SLOTS`: each range of
+/// slots with the id of the primary serving it, sorted by its first slot,
+/// covering every slot exactly once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Layout(Vec<(u16, u16, String)>);
+
+impl Layout {
+    /// Reads a `CLUSTER SLOTS` reply: `[[start, end, [host, port, id, …],
+    /// replica…], …]`. The primary is known by its id (by `host:port` on a
+    /// server too old to name it), never by the announced address alone: a
+    /// node that never met another announces an empty host.
+    ///
+    /// # Errors
+    /// A malformed reply; ranges that leave a slot unserved or serve one
+    /// twice (a cluster still forming, or in the middle of a change), for
+    /// which a listing would miss keys while reporting success: retryable.
+    fn parse(reply: Value) -> RedisResult<Layout> {
+        let malformed = |what: &str| {
+            RedisError::from((
+                RedisKind::UnexpectedReturnType,
+                "malformed CLUSTER SLOTS reply",
+                what.to_owned(),
+            ))
+        };
+        let Value::Array(ranges) = reply else {
+            return Err(malformed("not an array"));
+        };
+        let mut layout = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            let Value::Array(fields) = range else {
+                return Err(malformed("a range is not an array"));
+            };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(primary))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                return Err(malformed("a range lacks its slots or its primary"));
+            };
+            let (Ok(start), Ok(end)) = (u16::try_from(*start), u16::try_from(*end)) else {
+                return Err(malformed("a slot out of range"));
+            };
+            if start > end || u32::from(end) >= SLOTS {
+                return Err(malformed("a slot out of range"));
+            }
+            let text = |value: Option<&Value>| match value {
+                Some(Value::BulkString(bytes)) => Some(String::from_utf8_lossy(bytes).into_owned()),
+                Some(Value::SimpleString(text)) => Some(text.clone()),
+                _ => None,
+            };
+            let id = match (text(primary.get(2)), text(primary.first()), primary.get(1)) {
+                (Some(id), _, _) if !id.is_empty() => id,
+                (_, Some(host), Some(Value::Int(port))) => format!("{host}:{port}"),
+                _ => return Err(malformed("a primary without an id or an address")),
+            };
+            layout.push((start, end, id));
+        }
+        layout.sort_unstable();
+        let mut next: u32 = 0;
+        for (start, end, _) in &layout {
+            if u32::from(*start) != next {
+                return Err(not_whole(
+                    "the redis cluster does not serve every slot",
+                    format!("slot {next} is unserved or served twice"),
+                ));
+            }
+            next = u32::from(*end) + 1;
+        }
+        if next != SLOTS {
+            return Err(not_whole(
+                "the redis cluster does not serve every slot",
+                format!("slots {next} to {} are unserved", SLOTS - 1),
+            ));
+        }
+        Ok(Layout(layout))
+    }
+
+    /// One slot per primary, the first it serves: a command routed by that
+    /// slot reaches the primary through the cluster client's own slot map,
+    /// whatever address the node announces.
+    fn targets(&self) -> Vec<u16> {
+        let mut seen = std::collections::HashSet::new();
+        self.0
+            .iter()
+            .filter(|(_, _, id)| seen.insert(id.as_str()))
+            .map(|(start, _, _)| *start)
+            .collect()
+    }
+}
+
+/// Where a `SCAN` goes: the one server (`None`), or the primary serving a
+/// slot.
+pub(crate) type ScanTarget = Option<u16>;
 
 impl Conn {
     /// Whether this is a cluster connection.
@@ -90,34 +165,42 @@ impl Conn {
         matches!(self, Conn::Cluster(_))
     }
 
-    /// The nodes a `SCAN` must visit to see every key: the one server, or
-    /// every live primary of the cluster (`None` stands for "the one
-    /// server").
-    pub(crate) async fn scan_targets(&mut self) -> RedisResult<Vec<Option<Node>>> {
+    /// The cluster's layout (`None` on one server), whole: see
+    /// [`Layout::parse`] for its errors.
+    pub(crate) async fn layout(&mut self) -> RedisResult<Option<Layout>> {
         match self {
-            Conn::Single(_) => Ok(vec![None]),
+            Conn::Single(_) => Ok(None),
             Conn::Cluster(c) => {
-                let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(c).await?;
-                Ok(primaries_of(&text).into_iter().map(Some).collect())
+                let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
+                Layout::parse(reply).map(Some)
             }
         }
     }
 
-    /// Runs `cmd` on `node` (`None`: wherever the connection sends it).
+    /// The places a `SCAN` must visit to see every key of `layout`: the one
+    /// server, or one slot of each primary.
+    pub(crate) fn scan_targets(layout: Option<&Layout>) -> Vec<ScanTarget> {
+        layout.map_or_else(
+            || vec![None],
+            |layout| layout.targets().into_iter().map(Some).collect(),
+        )
+    }
+
+    /// Runs `cmd` on the primary serving `slot` (`None`: wherever the
+    /// connection sends it).
     pub(crate) async fn query_on<T: FromRedisValue>(
         &mut self,
-        node: Option<&Node>,
+        slot: ScanTarget,
         cmd: &Cmd,
     ) -> RedisResult<T> {
-        match (self, node) {
-            (Conn::Cluster(c), Some((host, port))) => {
+        match (self, slot.and_then(Slot::new)) {
+            (Conn::Cluster(c), Some(slot)) => {
                 let value = c
                     .route_command(
                         cmd.clone(),
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                            host: host.clone(),
-                            port: *port,
-                        }),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                            Route::with_slot(slot, SlotAddr::Master),
+                        )),
                     )
                     .await?;
                 redis::from_redis_value(value).map_err(Into::into)
@@ -131,22 +214,64 @@ impl Conn {
 mod tests {
     use super::*;
 
+    fn bulk(text: &str) -> Value {
+        Value::BulkString(text.as_bytes().to_vec())
+    }
+
+    /// A `CLUSTER SLOTS` range served by `(host, port, id)`, with a replica.
+    fn range(start: i64, end: i64, host: &str, port: i64, id: &str) -> Value {
+        Value::Array(vec![
+            Value::Int(start),
+            Value::Int(end),
+            Value::Array(vec![bulk(host), Value::Int(port), bulk(id)]),
+            Value::Array(vec![
+                bulk("127.0.0.1"),
+                Value::Int(port + 3),
+                bulk("replica"),
+            ]),
+        ])
+    }
+
+    /// Whatever flags a node gives the primaries, `CLUSTER SLOTS` names the
+    /// one serving each range: a primary serving two ranges is scanned
+    /// once, one whose node announces no host (a single node that never met
+    /// another) is scanned too.
     #[test]
-    fn primaries_are_read_from_cluster_nodes() {
-        let text = "\
-a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
-b2 127.0.0.1:7002@17002 master - 0 1 2 connected 5461-10922
-c3 127.0.0.1:7003@17003 master,fail - 0 1 3 connected
-d4 127.0.0.1:7004@17004 slave a1 0 1 1 connected
-e5 127.0.0.1:7005@17005,node5.example master - 0 1 5 connected 10923-16383
-";
-        assert_eq!(
-            primaries_of(text),
-            vec![
-                ("127.0.0.1".to_owned(), 7001),
-                ("127.0.0.1".to_owned(), 7002),
-                ("127.0.0.1".to_owned(), 7005),
-            ]
-        );
+    fn a_scan_visits_one_slot_of_each_primary() {
+        let reply = Value::Array(vec![
+            range(10923, 16383, "127.0.0.1", 7003, "c3"),
+            range(0, 5000, "", 7001, "a1"),
+            range(5461, 10922, "node2.example", 7002, "b2"),
+            range(5001, 5460, "", 7001, "a1"),
+        ]);
+        let layout = Layout::parse(reply).expect("every slot served");
+        assert_eq!(layout.targets(), vec![0, 5461, 10923]);
+        let single = Value::Array(vec![range(0, 16383, "", 7001, "a1")]);
+        assert_eq!(Layout::parse(single).expect("one node").targets(), vec![0]);
+    }
+
+    /// A layout that leaves a slot unserved or serves one twice is not
+    /// scanned: a listing would miss keys and report success. The error is
+    /// retryable, as `CLUSTERDOWN` is.
+    #[test]
+    fn a_layout_missing_a_slot_is_refused() {
+        for reply in [
+            Value::Array(vec![range(0, 16382, "127.0.0.1", 7001, "a1")]),
+            Value::Array(vec![
+                range(0, 100, "127.0.0.1", 7001, "a1"),
+                range(102, 16383, "127.0.0.1", 7002, "b2"),
+            ]),
+            Value::Array(vec![
+                range(0, 9000, "127.0.0.1", 7001, "a1"),
+                range(8000, 16383, "127.0.0.1", 7002, "b2"),
+            ]),
+            Value::Array(vec![]),
+        ] {
+            let error = Layout::parse(reply.clone()).expect_err("not whole");
+            let mapped = crate::errors::map_redis_error(error);
+            assert!(mapped.is_retryable(), "{reply:?}: {mapped}");
+        }
+        let malformed = Layout::parse(bulk("not slots")).expect_err("malformed");
+        assert!(!crate::errors::map_redis_error(malformed).is_retryable());
     }
 }

@@ -122,10 +122,17 @@ impl Inner {
     /// Every key matching `pattern` on every node holding keys (the one
     /// server, or each primary of a cluster), `SCAN_COUNT` asked per call.
     /// A key may be returned more than once.
+    ///
+    /// On a cluster, each primary is reached through a slot it serves, by
+    /// the layout read before the walk; the layout is read again after it,
+    /// and a change (a failover, a slot moved) fails the walk, retryable: a
+    /// cursor another node made, or a slot that moved, may have hidden
+    /// keys.
     pub(crate) async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
         let mut con = self.conn.clone();
         let mut found = Vec::new();
-        for node in self.bounded(con.scan_targets()).await? {
+        let layout = self.bounded(con.layout()).await?;
+        for target in Conn::scan_targets(layout.as_ref()) {
             let mut cursor: u64 = 0;
             loop {
                 let mut cmd = redis::cmd("SCAN");
@@ -135,13 +142,16 @@ impl Inner {
                     .arg("COUNT")
                     .arg(SCAN_COUNT);
                 let (next, batch): (u64, Vec<String>) =
-                    self.bounded(con.query_on(node.as_ref(), &cmd)).await?;
+                    self.bounded(con.query_on(target, &cmd)).await?;
                 found.extend(batch);
                 if next == 0 {
                     break;
                 }
                 cursor = next;
             }
+        }
+        if layout.is_some() && self.bounded(con.layout()).await? != layout {
+            return Err(errors::layout_changed());
         }
         Ok(found)
     }

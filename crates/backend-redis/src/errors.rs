@@ -101,6 +101,18 @@ pub(crate) fn map_redis_error(error: RedisError) -> Error {
         .set_retryable(retryable)
 }
 
+/// The error of a walk over every primary of a cluster whose layout
+/// changed meanwhile (a failover, a slot moved): it may have missed keys,
+/// so it reports nothing; a second walk will see the new layout.
+pub(crate) fn layout_changed() -> Error {
+    Error::new(
+        ErrorKind::Backend,
+        "the redis cluster's layout changed during a walk over every primary",
+    )
+    .with_backend(BACKEND)
+    .set_retryable(true)
+}
+
 /// The error of a call that outlived its bound.
 pub(crate) fn timed_out(bound: Duration) -> Error {
     Error::new(

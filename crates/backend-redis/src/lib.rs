@@ -195,7 +195,11 @@
 //!   index exists exactly while it has documents), then sorts and pages
 //!   them, so each page costs a walk of the keyspace.
 //!   `list_locks(None)` and [`RedisStore::purge_prefix`] also `SCAN` every
-//!   primary; `list_locks(None)` reads holders one call per lock.
+//!   primary; `list_locks(None)` reads holders one call per lock. The
+//!   primaries come from `CLUSTER SLOTS`, each reached through a slot it
+//!   serves (a node that never met another announces no host); a walk
+//!   fails, retryable, when a slot is unserved or the layout changed
+//!   before it ended, instead of listing part of the keys.
 //! - A request whose connection dropped before the reply came may have
 //!   been run. The cluster client sends it again, possibly to a node that
 //!   does not serve its slot while it reconnects; that node aborts a

@@ -25,6 +25,7 @@ mod cluster {
 
     use runstate_conformance::proxy::{Proxy, ReplyFault};
 
+    use crate::support::OwnRedis;
     use crate::support::cluster::OwnCluster;
 
     /// The variable that turns these tests on (its cluster is not used).
@@ -581,5 +582,69 @@ mod cluster {
             ],
             "each write announced once, the release once"
         );
+    }
+
+    /// A cluster of one node holding every slot (a common development
+    /// set-up). A node that never met another announces an empty host
+    /// (`:port@bus` in `CLUSTER NODES`, `""` in `CLUSTER SLOTS`); its runs
+    /// and locks are listed and its keys purged all the same. Before, the
+    /// walk over the primaries read `CLUSTER NODES` and skipped a line
+    /// without a host: nothing was listed, and the purge removed nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cluster_of_one_node_lists_its_runs_and_locks() {
+        if runstate_conformance::server_url(BACKEND, URL_VAR, "the one-node test").is_none() {
+            return;
+        }
+        let node = OwnRedis::start(false, &["--cluster-enabled", "yes"]);
+        let added = node.command(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+        assert!(added.starts_with("+OK"), "ADDSLOTSRANGE: {added}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !node
+            .command(&["CLUSTER", "INFO"])
+            .contains("cluster_state:ok")
+        {
+            assert!(Instant::now() < deadline, "cluster_state did not become ok");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let nodes = node.command(&["CLUSTER", "NODES"]);
+        assert!(
+            nodes.contains(&format!(" :{}@", node.port)),
+            "the node announces no host: {nodes}"
+        );
+        let store = RedisStore::connect(&format!(
+            "redis+cluster://127.0.0.1:{}/?prefix=one&timeout_ms=5000",
+            node.port
+        ))
+        .await
+        .expect("open the one-node cluster");
+        let doc = DocName::new("d").expect("doc");
+        let runs: Vec<RunId> = ["a", "b", "c"]
+            .iter()
+            .map(|r| RunId::new(*r).expect("run"))
+            .collect();
+        for run in &runs {
+            store
+                .put(
+                    run,
+                    &doc,
+                    Bytes::from_static(b"x"),
+                    runstate_core::PutOptions::create(),
+                )
+                .await
+                .expect("put");
+        }
+        let key = LockKey::Doc(runs[0].clone(), doc.clone());
+        let _lease = store
+            .try_acquire(&key, &Owner::for_this_process(), Duration::from_secs(30))
+            .await
+            .expect("acquire");
+        let page = store.list_runs(None, 10).await.expect("list runs");
+        assert_eq!(page.items, runs, "every run listed");
+        let locks = store.list_locks(None).await.expect("list locks");
+        assert_eq!(locks.len(), 1, "the lock listed: {locks:?}");
+        assert!(store.purge_prefix().await.expect("purge") > 0);
+        let page = store.list_runs(None, 10).await.expect("list runs");
+        assert!(page.items.is_empty(), "purged: {:?}", page.items);
+        assert_eq!(node.command(&["DBSIZE"]).trim(), ":0", "no key left");
     }
 }

@@ -723,7 +723,10 @@ impl<'a> HeldLease<'a> {
         }
     }
 
-    /// Extends the lease by its TTL; a refusal marks it lost.
+    /// Extends the lease by its TTL. A refusal (`LeaseLost`, `Fenced`)
+    /// marks it lost; another failure (a dropped connection, a timeout)
+    /// leaves it held, to be tried again, until its local deadline passes
+    /// ([`current`](Self::current) then reports it lost).
     async fn renew(&self) -> Result<()> {
         let lease = match &*self.state() {
             LeaseState::Held(lease) => lease.clone(),
@@ -735,13 +738,27 @@ impl<'a> HeldLease<'a> {
                 Ok(())
             }
             Err(error) => {
-                *self.state() = LeaseState::Lost(error.to_string());
+                if matches!(error.kind(), ErrorKind::LeaseLost | ErrorKind::Fenced) {
+                    *self.state() = LeaseState::Lost(error.to_string());
+                }
                 Err(error)
             }
         }
     }
 
-    /// Releases the lease if it is held; a lease already lost is only
+    /// Whether the lease is lost for good: a renewal was refused, or its
+    /// local deadline passed.
+    fn is_lost(&self) -> bool {
+        match &*self.state() {
+            LeaseState::Held(lease) => lease.is_expired(),
+            LeaseState::Lost(_) => true,
+            LeaseState::Pending => false,
+        }
+    }
+
+    /// Releases the lease unless a renewal was refused, also once its
+    /// local deadline passed: a renewal whose reply was lost may have
+    /// extended it on the store. A lease the store no longer holds is only
     /// logged, because the final source check has proven the copy.
     async fn release(&self) -> Result<()> {
         let lease = match std::mem::replace(&mut *self.state(), LeaseState::Pending) {
@@ -760,17 +777,25 @@ impl<'a> HeldLease<'a> {
 
 /// Renews both leases every third of their TTL until `done` is notified,
 /// so that no single slow step (a long plan, a wait for the target lock, a
-/// large document) lets them expire. A refused renewal stops it; the next
-/// step of the migration then fails with `LeaseLost`.
+/// large document) lets them expire. A renewal that failed without a
+/// refusal is tried again after a twelfth of the TTL; a refused renewal,
+/// or a lease whose deadline passed, stops it, and the next step of the
+/// migration then fails with `LeaseLost`.
 async fn keep_alive(leases: [&HeldLease<'_>; 2], ttl: Duration, done: &Notify) {
+    let mut wait = ttl / 3;
     loop {
         tokio::select! {
             () = done.notified() => return,
-            () = tokio::time::sleep(ttl / 3) => {}
+            () = tokio::time::sleep(wait) => {}
         }
+        wait = ttl / 3;
         for lease in leases {
-            if lease.renew().await.is_err() {
-                return;
+            if let Err(error) = lease.renew().await {
+                if lease.is_lost() {
+                    return;
+                }
+                tracing::debug!(%error, "a migration's lease renewal failed; retrying");
+                wait = ttl / 12;
             }
         }
     }

@@ -349,6 +349,10 @@ struct Hooked {
     /// As a source: deletes are reported here. As a target: renewals are
     /// refused once the source deleted something (see [`Lapse`]).
     lapse: Option<(Arc<Lapse>, bool)>,
+    /// The first `n` renewals fail, retryably, as a dropped connection's
+    /// do; with `true`, each is made on the store first (its reply lost).
+    renewals_fail: Option<(u64, bool)>,
+    renewals: AtomicU64,
 }
 
 /// Shared by a test's two hooked stores: the target refuses to renew
@@ -379,6 +383,8 @@ impl Hooked {
             marks_before_failure: None,
             marks: AtomicU64::new(0),
             lapse: None,
+            renewals_fail: None,
+            renewals: AtomicU64::new(0),
         }
     }
 
@@ -554,6 +560,18 @@ impl Lock for Hooked {
                 ErrorKind::LeaseLost,
                 "the renewal was refused (the test's hook)",
             ));
+        }
+        if let Some((failing, made)) = self.renewals_fail
+            && self.renewals.fetch_add(1, Ordering::SeqCst) < failing
+        {
+            if made {
+                self.inner.renew(lease, ttl).await?;
+            }
+            return Err(runstate::Error::new(
+                ErrorKind::Backend,
+                "the renewal's connection dropped (the test's hook)",
+            )
+            .set_retryable(true));
         }
         self.inner.renew(lease, ttl).await
     }
@@ -846,6 +864,75 @@ fn a_move_stops_deleting_once_the_target_lease_is_lost() {
             let left = source.list_all_docs(&id).await.expect("list").len();
             assert!(left >= 1, "the move stopped before the end");
             assert_same(&*target, &id, &docs).await;
+        },
+    );
+}
+
+/// A renewal that failed without a refusal (a dropped connection) is tried
+/// again: the migration goes on under its lease. Before, any renewal error
+/// marked the lease lost, and the next step failed with `LeaseLost`.
+#[test]
+fn a_renewal_that_failed_once_is_tried_again() {
+    with_places(
+        "renewal_failed_once",
+        Backend::File,
+        Backend::Sqlite,
+        |source, target| async move {
+            let id = run("renewal-failed-once");
+            let docs = small()[..2].to_vec();
+            seed(&*source, &id, &docs).await;
+            let mut flaky = Hooked::new(Arc::clone(target.lock()));
+            // Two puts of 400 ms, one at a time, under a 600 ms lease whose
+            // first renewal (at 200 ms) fails.
+            flaky.slow_puts = Some(Duration::from_millis(400));
+            flaky.renewals_fail = Some((1, false));
+            let options = MigrateOptions::new(Selection::Runs(vec![id.clone()]))
+                .with_ttl(Duration::from_millis(600))
+                .with_concurrency(1);
+            let report = migrate(&*source, &flaky, &options, &())
+                .await
+                .expect("a failed renewal was tried again");
+            assert_eq!(report.documents, docs.len() as u64);
+            assert!(flaky.renewals.load(Ordering::SeqCst) >= 2, "renewed again");
+            assert_same(&*target, &id, &docs).await;
+            no_locks_left(&*target, &id).await;
+        },
+    );
+}
+
+/// A lease whose renewals all failed (each made on the store, its reply
+/// lost) expires locally and the migration stops with `LeaseLost`, but
+/// the lease is released: the store may still hold it, extended by the
+/// renewals it made, and would keep the run locked. Before, the first
+/// failed renewal marked it lost, and a lost lease was never released.
+#[test]
+fn a_lease_whose_renewal_replies_were_lost_is_released() {
+    with_places(
+        "renewal_replies_lost",
+        Backend::File,
+        Backend::Sqlite,
+        |source, target| async move {
+            let id = run("renewal-replies-lost");
+            let docs = small()[..3].to_vec();
+            seed(&*source, &id, &docs).await;
+            let mut flaky = Hooked::new(Arc::clone(target.lock()));
+            // Three puts of 400 ms under a 600 ms lease: the third finds it
+            // expired.
+            flaky.slow_puts = Some(Duration::from_millis(400));
+            flaky.renewals_fail = Some((u64::MAX, true));
+            let options = MigrateOptions::new(Selection::Runs(vec![id.clone()]))
+                .with_ttl(Duration::from_millis(600))
+                .with_concurrency(1);
+            let error = migrate(&*source, &flaky, &options, &())
+                .await
+                .expect_err("no renewal came back");
+            assert_eq!(error.kind(), ErrorKind::LeaseLost, "{error}");
+            let held = target
+                .lock()
+                .inspect(&LockKey::Run(id.clone()))
+                .await
+                .expect("inspect");
+            assert!(held.is_none(), "the run is still locked: {held:?}");
         },
     );
 }
