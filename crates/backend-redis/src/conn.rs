@@ -57,8 +57,10 @@ impl ConnectionLike for Conn {
 /// Every slot of a Redis Cluster.
 const SLOTS: u32 = 16384;
 
-/// The error of a layout that cannot be scanned whole: retryable, as a
-/// cluster still forming, or losing or moving a shard, is (`CLUSTERDOWN`).
+/// The error of a walk that cannot see every key as the layout says: a
+/// slot unserved (a cluster still forming or losing a shard), or a node
+/// other than the slot's primary answering. Retryable, as `CLUSTERDOWN`
+/// is: the layout settles, or the cluster client reconnects.
 fn not_whole(what: &'static str, detail: String) -> RedisError {
     RedisError::from((
         RedisKind::Server(ServerErrorKind::ClusterDown),
@@ -66,6 +68,11 @@ fn not_whole(what: &'static str, detail: String) -> RedisError {
         detail,
     ))
 }
+
+/// The slot whose primary answers `CLUSTER SLOTS`, both times a walk asks
+/// it (before and after), so that both answers come from the same node's
+/// view.
+const LAYOUT_SLOT: u16 = 0;
 
 /// A cluster's layout as one node answered `CLUSTER SLOTS`: each range of
 /// slots with the id of the primary serving it, sorted by its first slot,
@@ -75,9 +82,9 @@ pub(crate) struct Layout(Vec<(u16, u16, String)>);
 
 impl Layout {
     /// Reads a `CLUSTER SLOTS` reply: `[[start, end, [host, port, id, …],
-    /// replica…], …]`. The primary is known by its id (by `host:port` on a
-    /// server too old to name it), never by the announced address alone: a
-    /// node that never met another announces an empty host.
+    /// replica…], …]`. The primary is known by its node id, never by its
+    /// announced address: a node that never met another announces an empty
+    /// host, and one without a known endpoint `?` or nothing.
     ///
     /// # Errors
     /// A malformed reply; ranges that leave a slot unserved or serve one
@@ -115,10 +122,8 @@ impl Layout {
                 Some(Value::SimpleString(text)) => Some(text.clone()),
                 _ => None,
             };
-            let id = match (text(primary.get(2)), text(primary.first()), primary.get(1)) {
-                (Some(id), _, _) if !id.is_empty() => id,
-                (_, Some(host), Some(Value::Int(port))) => format!("{host}:{port}"),
-                _ => return Err(malformed("a primary without an id or an address")),
+            let Some(id) = text(primary.get(2)).filter(|id| !id.is_empty()) else {
+                return Err(malformed("a primary without its node id"));
             };
             layout.push((start, end, id));
         }
@@ -142,22 +147,30 @@ impl Layout {
         Ok(Layout(layout))
     }
 
-    /// One slot per primary, the first it serves: a command routed by that
-    /// slot reaches the primary through the cluster client's own slot map,
-    /// whatever address the node announces.
-    fn targets(&self) -> Vec<u16> {
+    /// One target per primary: the first slot it serves, and its id.
+    fn targets(&self) -> Vec<ScanTarget> {
         let mut seen = std::collections::HashSet::new();
         self.0
             .iter()
             .filter(|(_, _, id)| seen.insert(id.as_str()))
-            .map(|(start, _, _)| *start)
+            .map(|(start, _, id)| ScanTarget::Primary {
+                slot: *start,
+                id: id.clone(),
+            })
             .collect()
     }
 }
 
-/// Where a `SCAN` goes: the one server (`None`), or the primary serving a
-/// slot.
-pub(crate) type ScanTarget = Option<u16>;
+/// Where a `SCAN` goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ScanTarget {
+    /// The one server.
+    Server,
+    /// A cluster's primary, reached through a slot it serves (by the
+    /// cluster client's own slot map, whatever address the node
+    /// announces), known by its node id.
+    Primary { slot: u16, id: String },
+}
 
 impl Conn {
     /// Whether this is a cluster connection.
@@ -165,49 +178,90 @@ impl Conn {
         matches!(self, Conn::Cluster(_))
     }
 
-    /// The cluster's layout (`None` on one server), whole: see
-    /// [`Layout::parse`] for its errors.
+    /// The cluster's layout (`None` on one server), whole, as the primary
+    /// of [`LAYOUT_SLOT`] answers `CLUSTER SLOTS`: see [`Layout::parse`]
+    /// for its errors.
     pub(crate) async fn layout(&mut self) -> RedisResult<Option<Layout>> {
         match self {
             Conn::Single(_) => Ok(None),
             Conn::Cluster(c) => {
-                let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
+                let reply = c
+                    .route_command(
+                        redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                            Route::with_slot(slot(LAYOUT_SLOT)?, SlotAddr::Master),
+                        )),
+                    )
+                    .await?;
                 Layout::parse(reply).map(Some)
             }
         }
     }
 
     /// The places a `SCAN` must visit to see every key of `layout`: the one
-    /// server, or one slot of each primary.
+    /// server, or each primary.
     pub(crate) fn scan_targets(layout: Option<&Layout>) -> Vec<ScanTarget> {
-        layout.map_or_else(
-            || vec![None],
-            |layout| layout.targets().into_iter().map(Some).collect(),
-        )
+        layout.map_or_else(|| vec![ScanTarget::Server], Layout::targets)
     }
 
-    /// Runs `cmd` on the primary serving `slot` (`None`: wherever the
-    /// connection sends it).
+    /// Runs the keyless `cmd` (a `SCAN`) on `target`.
+    ///
+    /// On a cluster, the client sends a request for a slot whose primary it
+    /// is not connected to (while it reconnects) to any other node, and a
+    /// node never redirects a keyless command: the request also carries
+    /// `CLUSTER MYID`, and an answer from another node than the primary
+    /// expected fails, retryable, instead of walking the wrong node's keys
+    /// (or another node's cursor).
     pub(crate) async fn query_on<T: FromRedisValue>(
         &mut self,
-        slot: ScanTarget,
+        target: &ScanTarget,
         cmd: &Cmd,
     ) -> RedisResult<T> {
-        match (self, slot.and_then(Slot::new)) {
-            (Conn::Cluster(c), Some(slot)) => {
-                let value = c
-                    .route_command(
-                        cmd.clone(),
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                            Route::with_slot(slot, SlotAddr::Master),
+        match (self, target) {
+            (Conn::Single(c), ScanTarget::Server) => cmd.query_async(c).await,
+            (Conn::Cluster(c), ScanTarget::Primary { slot: at, id }) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("CLUSTER").arg("MYID").add_command(cmd.clone());
+                let replies = c
+                    .route_pipeline(
+                        pipe,
+                        0,
+                        2,
+                        SingleNodeRoutingInfo::SpecificNode(Route::with_slot(
+                            slot(*at)?,
+                            SlotAddr::Master,
                         )),
                     )
                     .await?;
-                redis::from_redis_value(value).map_err(Into::into)
+                let mut replies = replies.into_iter();
+                let (Some(answered), Some(reply)) = (replies.next(), replies.next()) else {
+                    return Err(RedisError::from((
+                        RedisKind::UnexpectedReturnType,
+                        "a pipeline of two commands answered fewer",
+                    )));
+                };
+                let answered: String = redis::from_redis_value(answered)?;
+                if answered != *id {
+                    return Err(not_whole(
+                        "another redis cluster node than the slot's primary answered",
+                        format!("slot {at}: {answered} answered for {id}"),
+                    ));
+                }
+                redis::from_redis_value(reply).map_err(Into::into)
             }
-            (con, _) => cmd.query_async(con).await,
+            _ => Err(RedisError::from((
+                RedisKind::Client,
+                "a scan target of another kind of connection",
+            ))),
         }
     }
+}
+
+/// `slot` as the cluster client takes it.
+fn slot(slot: u16) -> RedisResult<Slot> {
+    Slot::new(slot).ok_or_else(|| {
+        RedisError::from((RedisKind::Client, "a slot out of range", slot.to_string()))
+    })
 }
 
 #[cfg(test)]
@@ -235,19 +289,56 @@ mod tests {
     /// Whatever flags a node gives the primaries, `CLUSTER SLOTS` names the
     /// one serving each range: a primary serving two ranges is scanned
     /// once, one whose node announces no host (a single node that never met
-    /// another) is scanned too.
+    /// another), `?` or nothing is scanned too, known by its id; Redis 7's
+    /// fourth field (the node's metadata) changes nothing.
     #[test]
     fn a_scan_visits_one_slot_of_each_primary() {
+        let with_metadata = |start, end, host: Value, id: &str, metadata: Value| {
+            Value::Array(vec![
+                Value::Int(start),
+                Value::Int(end),
+                Value::Array(vec![host, Value::Int(7004), bulk(id), metadata]),
+            ])
+        };
         let reply = Value::Array(vec![
             range(10923, 16383, "127.0.0.1", 7003, "c3"),
             range(0, 5000, "", 7001, "a1"),
-            range(5461, 10922, "node2.example", 7002, "b2"),
+            range(5461, 10000, "node2.example", 7002, "b2"),
             range(5001, 5460, "", 7001, "a1"),
+            with_metadata(
+                10001,
+                10500,
+                bulk("?"),
+                "d4",
+                Value::Array(vec![bulk("hostname"), bulk("")]),
+            ),
+            with_metadata(
+                10501,
+                10922,
+                Value::Nil,
+                "e5",
+                Value::Map(vec![(bulk("hostname"), bulk("node5"))]),
+            ),
         ]);
         let layout = Layout::parse(reply).expect("every slot served");
-        assert_eq!(layout.targets(), vec![0, 5461, 10923]);
+        let primary = |slot, id: &str| ScanTarget::Primary {
+            slot,
+            id: id.to_owned(),
+        };
+        assert_eq!(
+            Conn::scan_targets(Some(&layout)),
+            vec![
+                primary(0, "a1"),
+                primary(5461, "b2"),
+                primary(10001, "d4"),
+                primary(10501, "e5"),
+                primary(10923, "c3"),
+            ]
+        );
         let single = Value::Array(vec![range(0, 16383, "", 7001, "a1")]);
-        assert_eq!(Layout::parse(single).expect("one node").targets(), vec![0]);
+        let layout = Layout::parse(single).expect("one node");
+        assert_eq!(Conn::scan_targets(Some(&layout)), vec![primary(0, "a1")]);
+        assert_eq!(Conn::scan_targets(None), vec![ScanTarget::Server]);
     }
 
     /// A layout that leaves a slot unserved or serves one twice is not
@@ -271,7 +362,14 @@ mod tests {
             let mapped = crate::errors::map_redis_error(error);
             assert!(mapped.is_retryable(), "{reply:?}: {mapped}");
         }
-        let malformed = Layout::parse(bulk("not slots")).expect_err("malformed");
-        assert!(!crate::errors::map_redis_error(malformed).is_retryable());
+        let no_id = Value::Array(vec![Value::Array(vec![
+            Value::Int(0),
+            Value::Int(16383),
+            Value::Array(vec![bulk("127.0.0.1"), Value::Int(7001)]),
+        ])]);
+        for malformed in [bulk("not slots"), no_id] {
+            let error = Layout::parse(malformed).expect_err("malformed");
+            assert!(!crate::errors::map_redis_error(error).is_retryable());
+        }
     }
 }

@@ -124,10 +124,12 @@ impl Inner {
     /// A key may be returned more than once.
     ///
     /// On a cluster, each primary is reached through a slot it serves, by
-    /// the layout read before the walk; the layout is read again after it,
-    /// and a change (a failover, a slot moved) fails the walk, retryable: a
-    /// cursor another node made, or a slot that moved, may have hidden
-    /// keys.
+    /// the layout read before the walk, and must answer as itself (see
+    /// [`Conn::query_on`]); the layout is read again after the walk, and a
+    /// change (a failover, a slot handed over) fails it, retryable. Keys
+    /// moving one by one while a slot is being resharded are not seen by
+    /// either check: a key moved from a primary not yet walked to one
+    /// already walked is missed.
     pub(crate) async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
         let mut con = self.conn.clone();
         let mut found = Vec::new();
@@ -142,7 +144,7 @@ impl Inner {
                     .arg("COUNT")
                     .arg(SCAN_COUNT);
                 let (next, batch): (u64, Vec<String>) =
-                    self.bounded(con.query_on(target, &cmd)).await?;
+                    self.bounded(con.query_on(&target, &cmd)).await?;
                 found.extend(batch);
                 if next == 0 {
                     break;

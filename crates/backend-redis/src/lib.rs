@@ -196,10 +196,16 @@
 //!   them, so each page costs a walk of the keyspace.
 //!   `list_locks(None)` and [`RedisStore::purge_prefix`] also `SCAN` every
 //!   primary; `list_locks(None)` reads holders one call per lock. The
-//!   primaries come from `CLUSTER SLOTS`, each reached through a slot it
-//!   serves (a node that never met another announces no host); a walk
-//!   fails, retryable, when a slot is unserved or the layout changed
-//!   before it ended, instead of listing part of the keys.
+//!   primaries come from `CLUSTER SLOTS` (a node that never met another
+//!   announces no host there, and is walked all the same), each reached
+//!   through a slot it serves, and must answer as itself (`CLUSTER MYID` in
+//!   the same request: for a primary it is not connected to, the cluster
+//!   client picks any other node). A walk fails, retryable, when a slot is
+//!   unserved, a primary is down or the layout changed before it ended,
+//!   instead of listing part of the keys; on a cluster that serves some
+//!   slots nowhere for good (`cluster-require-full-coverage no`), every
+//!   walk fails. Keys that move one by one while a slot is resharded can
+//!   be missed by a walk that meets them on neither side.
 //! - A request whose connection dropped before the reply came may have
 //!   been run. The cluster client sends it again, possibly to a node that
 //!   does not serve its slot while it reconnects; that node aborts a

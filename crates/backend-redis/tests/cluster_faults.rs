@@ -647,4 +647,49 @@ mod cluster {
         assert!(page.items.is_empty(), "purged: {:?}", page.items);
         assert_eq!(node.command(&["DBSIZE"]).trim(), ":0", "no key left");
     }
+
+    /// A primary that died and was not replaced yet (a node timeout of a
+    /// minute): a walk over every primary fails, retryable, instead of
+    /// reporting the other primaries' runs only. The cluster client sends
+    /// a request for a slot whose primary it is not connected to to any
+    /// other node, and a node never redirects a keyless `SCAN`, so the walk
+    /// checks which node answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_walk_with_a_primary_down_fails_instead_of_listing_part() {
+        if runstate_conformance::server_url(BACKEND, URL_VAR, "the dead-primary test").is_none() {
+            return;
+        }
+        let mut cluster = OwnCluster::start(60_000);
+        let store = RedisStore::connect(&format!("{}?prefix=down&timeout_ms=3000", cluster.url()))
+            .await
+            .expect("open the cluster");
+        let doc = DocName::new("d").expect("doc");
+        for i in 0..30 {
+            let run = RunId::new(format!("run{i:02}")).expect("run");
+            store
+                .put(
+                    &run,
+                    &doc,
+                    Bytes::from_static(b"x"),
+                    runstate_core::PutOptions::create(),
+                )
+                .await
+                .expect("put");
+        }
+        let listed = store.list_runs(None, 100).await.expect("list");
+        assert_eq!(listed.items.len(), 30, "every run listed");
+        let victim = cluster
+            .primary_of("down:{run00}:docs")
+            .expect("a primary serves run00");
+        cluster.nodes[victim].kill();
+        for _ in 0..3 {
+            match store.list_runs(None, 100).await {
+                Ok(page) => panic!("listed {} of 30 runs with a primary down", page.items.len()),
+                Err(error) => assert!(error.is_retryable(), "{error}"),
+            }
+        }
+        let purged = store.purge_prefix().await;
+        let error = purged.expect_err("a purge that skipped a primary");
+        assert!(error.is_retryable(), "{error}");
+    }
 }

@@ -439,6 +439,17 @@ impl Error {
         self.inner.holder.as_ref().map(|h| h.expires_in)
     }
 
+    /// Whether a store refused a lease renewal for the lease itself (lost,
+    /// fenced, or not a lease it can renew), as opposed to failing to
+    /// answer: a renewal refused so is lost for good, one that failed
+    /// otherwise may be tried again until the lease's deadline.
+    pub fn refuses_lease(&self) -> bool {
+        matches!(
+            self.inner.kind,
+            ErrorKind::LeaseLost | ErrorKind::Fenced | ErrorKind::InvalidArgument
+        )
+    }
+
     /// Whether the same call may succeed if retried (a dropped connection, a
     /// timeout, a busy lock). Errors that prove the request was refused
     /// (`Precondition`, `Fenced`, `InvalidKey`, …) are never retryable.

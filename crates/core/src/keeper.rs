@@ -7,12 +7,12 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::error::{Error, Operation, Result};
 use crate::lease::Lease;
 use crate::lock::Lock;
 
-/// Renews a lease in the background, every third of its TTL, while the
-/// keeper lives: a holder that is alive keeps its lock through a step
+/// Renews a lease in the background, a third of its TTL after each grant
+/// or renewal was issued, while the keeper lives: a holder that is alive keeps its lock through a step
 /// longer than the TTL, and a holder that stops (SIGSTOP, a dead process, a
 /// hung runtime) stops renewing, so its lease lapses and fencing refuses
 /// its late saves.
@@ -185,10 +185,7 @@ fn record(shared: &Mutex<State>, lease: &Lease, outcome: Result<Lease>) -> Resul
             Ok(renewed)
         }
         Err(error) => {
-            let refused = matches!(
-                error.kind(),
-                ErrorKind::LeaseLost | ErrorKind::Fenced | ErrorKind::InvalidArgument
-            );
+            let refused = error.refuses_lease();
             let current = matches!(&*lock(shared), State::Held(current) if same(current, lease));
             if current && (refused || lease.is_expired()) {
                 tracing::warn!(
@@ -226,14 +223,12 @@ async fn renew_loop(
         // after this loop last woke: a lease handed over late (its grant
         // was slow, or its holder started a keeper after working a while)
         // and a renewal whose reply came back slowly are renewed while they
-        // still have two thirds of their TTL, or at once when they have
-        // less. After a failure, retry sooner.
+        // still have two thirds of their TTL (`Lease::renewal_due_in`).
+        // After a failure, retry sooner.
         let wait = match &*lock(&shared) {
             State::Lost(..) => return,
             State::Held(_) if failed => period / 4,
-            State::Held(lease) => lease
-                .remaining()
-                .saturating_sub(lease.ttl().saturating_sub(lease.ttl() / 3)),
+            State::Held(lease) => lease.renewal_due_in(),
         };
         // Stopped (or the keeper dropped) before the wait ended.
         if tokio::time::timeout(wait, &mut stopped).await.is_ok() {
@@ -250,6 +245,10 @@ async fn renew_loop(
                 "its TTL ran out before it could be renewed".to_owned(),
             );
             return;
+        }
+        // Renewed meanwhile (`renew_now`): not due yet.
+        if !failed && !lease.is_renewal_due() {
+            continue;
         }
         let outcome = store.renew(&lease, ttl).await;
         failed = outcome.is_err();
@@ -301,7 +300,7 @@ mod tests {
     use std::time::{Instant, SystemTime};
 
     use super::*;
-    use crate::{Fence, LockKey, Owner, RunId};
+    use crate::{ErrorKind, Fence, LockKey, Owner, RunId};
 
     fn lease(token: &str) -> Lease {
         Lease::new(
@@ -315,27 +314,30 @@ mod tests {
         .with_token(token)
     }
 
-    /// A lease handed to a keeper late (issued 450 ms before, with a
-    /// 600 ms TTL) is renewed at once: before, the first renewal came a
-    /// third of the TTL after the keeper started, when the lease had
-    /// already lapsed.
+    /// A lease handed to a keeper late (issued 2.4 s before, with a 3 s
+    /// TTL) is renewed at once: before, the first renewal came a third of
+    /// the TTL after the keeper started, when the lease had already
+    /// lapsed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lease_handed_over_late_is_renewed_at_once() {
         let store: Arc<dyn Lock> = Arc::new(crate::memory::MemoryStore::new());
         let key = LockKey::Run(RunId::new("r").unwrap());
-        let ttl = Duration::from_millis(600);
+        let ttl = Duration::from_secs(3);
         let granted = store
             .try_acquire(&key, &Owner::for_this_process(), ttl)
             .await
             .unwrap();
-        let aged = granted.renewed(ttl, Instant::now() - Duration::from_millis(450));
-        let keeper = LeaseKeeper::start(Arc::clone(&store), aged, ttl);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let issued = Instant::now()
+            .checked_sub(Duration::from_millis(2400))
+            .unwrap();
+        let keeper = LeaseKeeper::start(Arc::clone(&store), granted.renewed(ttl, issued), ttl);
+        // The old schedule renewed 1 s after the start, 400 ms too late.
+        tokio::time::sleep(Duration::from_millis(800)).await;
         assert!(
             !keeper.is_lost(),
             "the late lease lapsed before its renewal"
         );
-        assert!(keeper.lease().remaining() > Duration::from_millis(250));
+        assert!(keeper.lease().remaining() > Duration::from_millis(1500));
         keeper.stop().await.unwrap();
     }
 

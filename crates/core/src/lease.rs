@@ -458,6 +458,25 @@ impl Lease {
         Instant::now() >= self.expires_at()
     }
 
+    /// How long until this lease is due for renewal: a third of its TTL
+    /// after it was issued, so a renewal has two thirds of the TTL to come
+    /// back, counted on the lease's own clock (a lease handed over late,
+    /// or renewed by a slow round trip, is due sooner). Never less than a
+    /// 24th of the TTL, unless that is more than half the time left: a
+    /// backend whose round trip exceeds a third of the TTL then gets
+    /// renewals spaced out, not back to back.
+    pub fn renewal_due_in(&self) -> Duration {
+        let remaining = self.remaining();
+        let due = remaining.saturating_sub(self.ttl.saturating_sub(self.ttl / 3));
+        due.max((self.ttl / 24).min(remaining / 2))
+    }
+
+    /// Whether a third of its TTL has passed since it was issued (see
+    /// [`renewal_due_in`](Self::renewal_due_in)).
+    pub fn is_renewal_due(&self) -> bool {
+        self.remaining() <= self.ttl.saturating_sub(self.ttl / 3)
+    }
+
     /// What others see of this lease.
     pub fn info(&self) -> LockInfo {
         LockInfo {

@@ -723,10 +723,11 @@ impl<'a> HeldLease<'a> {
         }
     }
 
-    /// Extends the lease by its TTL. A refusal (`LeaseLost`, `Fenced`)
-    /// marks it lost; another failure (a dropped connection, a timeout)
-    /// leaves it held, to be tried again, until its local deadline passes
-    /// ([`current`](Self::current) then reports it lost).
+    /// Extends the lease by its TTL. A refusal
+    /// ([`Error::refuses_lease`]) marks it lost; another failure (a dropped
+    /// connection, a timeout) leaves it held, to be tried again, until its
+    /// local deadline passes ([`current`](Self::current) then reports it
+    /// lost).
     async fn renew(&self) -> Result<()> {
         let lease = match &*self.state() {
             LeaseState::Held(lease) => lease.clone(),
@@ -738,12 +739,37 @@ impl<'a> HeldLease<'a> {
                 Ok(())
             }
             Err(error) => {
-                if matches!(error.kind(), ErrorKind::LeaseLost | ErrorKind::Fenced) {
+                if error.refuses_lease() {
                     *self.state() = LeaseState::Lost(error.to_string());
+                } else {
+                    tracing::warn!(
+                        lock = %lease.key(),
+                        remaining_ms = lease.remaining().as_millis() as u64,
+                        %error,
+                        "a migration's lease renewal failed; retrying"
+                    );
                 }
                 Err(error)
             }
         }
+    }
+
+    /// When the held lease is due for renewal (`None` when none is held).
+    fn due_in(&self) -> Option<Duration> {
+        match &*self.state() {
+            LeaseState::Held(lease) => Some(lease.renewal_due_in()),
+            _ => None,
+        }
+    }
+
+    /// Renews the held lease if it is due, or at once after a failure
+    /// (`retry`).
+    async fn renew_if_due(&self, retry: bool) -> Result<()> {
+        let due = match &*self.state() {
+            LeaseState::Held(lease) => lease.is_renewal_due() || retry,
+            _ => false,
+        };
+        if due { self.renew().await } else { Ok(()) }
     }
 
     /// Whether the lease is lost for good: a renewal was refused, or its
@@ -758,8 +784,10 @@ impl<'a> HeldLease<'a> {
 
     /// Releases the lease unless a renewal was refused, also once its
     /// local deadline passed: a renewal whose reply was lost may have
-    /// extended it on the store. A lease the store no longer holds is only
-    /// logged, because the final source check has proven the copy.
+    /// extended it on the store (not on a store whose renewal swaps a token,
+    /// S3: there the retry was refused, and the lease expires by its TTL).
+    /// A lease the store no longer holds is only logged, because the final
+    /// source check has proven the copy.
     async fn release(&self) -> Result<()> {
         let lease = match std::mem::replace(&mut *self.state(), LeaseState::Pending) {
             LeaseState::Held(lease) => lease,
@@ -775,27 +803,37 @@ impl<'a> HeldLease<'a> {
     }
 }
 
-/// Renews both leases every third of their TTL until `done` is notified,
-/// so that no single slow step (a long plan, a wait for the target lock, a
-/// large document) lets them expire. A renewal that failed without a
-/// refusal is tried again after a twelfth of the TTL; a refused renewal,
-/// or a lease whose deadline passed, stops it, and the next step of the
-/// migration then fails with `LeaseLost`.
+/// Renews both leases until `done` is notified, each a third of its TTL
+/// after it was issued ([`Lease::renewal_due_in`]), so that no single slow
+/// step (a long plan, a wait for the target lock, a large document) lets
+/// them expire; both in one go when both are due. A renewal that failed
+/// without a refusal is tried again after a twelfth of the TTL; a refused
+/// renewal, or a lease whose deadline passed, stops it, and the next step
+/// of the migration then fails with `LeaseLost`.
 async fn keep_alive(leases: [&HeldLease<'_>; 2], ttl: Duration, done: &Notify) {
-    let mut wait = ttl / 3;
+    // Which lease's last renewal failed (without a refusal).
+    let mut retry = [false; 2];
     loop {
+        let wait = if retry.contains(&true) {
+            ttl / 12
+        } else {
+            leases
+                .iter()
+                .filter_map(|lease| lease.due_in())
+                .min()
+                .unwrap_or(ttl / 3)
+        };
         tokio::select! {
             () = done.notified() => return,
             () = tokio::time::sleep(wait) => {}
         }
-        wait = ttl / 3;
-        for lease in leases {
-            if let Err(error) = lease.renew().await {
-                if lease.is_lost() {
-                    return;
-                }
-                tracing::debug!(%error, "a migration's lease renewal failed; retrying");
-                wait = ttl / 12;
+        let [source, target] = leases;
+        let (first, second) =
+            tokio::join!(source.renew_if_due(retry[0]), target.renew_if_due(retry[1]));
+        for (i, (lease, outcome)) in [(source, first), (target, second)].into_iter().enumerate() {
+            retry[i] = outcome.is_err();
+            if retry[i] && lease.is_lost() {
+                return;
             }
         }
     }
