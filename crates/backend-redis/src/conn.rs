@@ -70,8 +70,9 @@ fn not_whole(what: &'static str, detail: String) -> RedisError {
 }
 
 /// The slot whose primary answers `CLUSTER SLOTS`, both times a walk asks
-/// it (before and after), so that both answers come from the same node's
-/// view.
+/// it (before and after), so that both answers normally come from the same
+/// node's view (a primary down or replaced in between makes the walk fail,
+/// retryable, at worst for nothing).
 const LAYOUT_SLOT: u16 = 0;
 
 /// A cluster's layout as one node answered `CLUSTER SLOTS`: each range of
@@ -193,7 +194,7 @@ impl Conn {
                         )),
                     )
                     .await?;
-                Layout::parse(reply).map(Some)
+                Layout::parse(reply.extract_error()?).map(Some)
             }
         }
     }
@@ -207,11 +208,14 @@ impl Conn {
     /// Runs the keyless `cmd` (a `SCAN`) on `target`.
     ///
     /// On a cluster, the client sends a request for a slot whose primary it
-    /// is not connected to (while it reconnects) to any other node, and a
-    /// node never redirects a keyless command: the request also carries
-    /// `CLUSTER MYID`, and an answer from another node than the primary
-    /// expected fails, retryable, instead of walking the wrong node's keys
-    /// (or another node's cursor).
+    /// is not connected to (while it reconnects, or after a failover it has
+    /// not learnt) to any other node, and a node never redirects a keyless
+    /// command: the request also carries `CLUSTER MYID`. When another node
+    /// than the primary expected answered, a keyed command for the slot
+    /// makes the client learn the layout (the node that does not serve the
+    /// slot redirects it, `MOVED`) and the request is sent once more; a
+    /// second wrong node fails it, retryable, instead of walking the wrong
+    /// node's keys (or another node's cursor).
     pub(crate) async fn query_on<T: FromRedisValue>(
         &mut self,
         target: &ScanTarget,
@@ -220,34 +224,44 @@ impl Conn {
         match (self, target) {
             (Conn::Single(c), ScanTarget::Server) => cmd.query_async(c).await,
             (Conn::Cluster(c), ScanTarget::Primary { slot: at, id }) => {
+                let route = Route::with_slot(slot(*at)?, SlotAddr::Master);
                 let mut pipe = redis::pipe();
                 pipe.cmd("CLUSTER").arg("MYID").add_command(cmd.clone());
-                let replies = c
-                    .route_pipeline(
-                        pipe,
-                        0,
-                        2,
-                        SingleNodeRoutingInfo::SpecificNode(Route::with_slot(
-                            slot(*at)?,
-                            SlotAddr::Master,
-                        )),
-                    )
-                    .await?;
-                let mut replies = replies.into_iter();
-                let (Some(answered), Some(reply)) = (replies.next(), replies.next()) else {
-                    return Err(RedisError::from((
-                        RedisKind::UnexpectedReturnType,
-                        "a pipeline of two commands answered fewer",
-                    )));
-                };
-                let answered: String = redis::from_redis_value(answered)?;
-                if answered != *id {
-                    return Err(not_whole(
-                        "another redis cluster node than the slot's primary answered",
-                        format!("slot {at}: {answered} answered for {id}"),
-                    ));
+                let mut nudged = false;
+                loop {
+                    let replies = c
+                        .route_pipeline(
+                            pipe.clone(),
+                            0,
+                            2,
+                            SingleNodeRoutingInfo::SpecificNode(route),
+                        )
+                        .await?;
+                    let mut replies = replies.into_iter();
+                    let (Some(answered), Some(reply)) = (replies.next(), replies.next()) else {
+                        return Err(RedisError::from((
+                            RedisKind::UnexpectedReturnType,
+                            "a pipeline of two commands answered fewer",
+                        )));
+                    };
+                    let answered: String = redis::from_redis_value(answered.extract_error()?)?;
+                    let reply = reply.extract_error()?;
+                    if answered == *id {
+                        return redis::from_redis_value(reply).map_err(Into::into);
+                    }
+                    if nudged {
+                        return Err(not_whole(
+                            "another redis cluster node than the slot's primary answered",
+                            format!("slot {at}: {answered} answered for {id}"),
+                        ));
+                    }
+                    nudged = true;
+                    // Its outcome does not matter, only the redirect.
+                    let _: RedisResult<Value> = redis::cmd("EXISTS")
+                        .arg(key_in(slot(*at)?))
+                        .query_async(c)
+                        .await;
                 }
-                redis::from_redis_value(reply).map_err(Into::into)
             }
             _ => Err(RedisError::from((
                 RedisKind::Client,
@@ -255,6 +269,15 @@ impl Conn {
             ))),
         }
     }
+}
+
+/// A key in `slot`: the first hash tag `{n}` that hashes to it (every slot
+/// has one below 100,000; about 16,000 tries on average).
+fn key_in(slot: Slot) -> String {
+    (0u32..)
+        .map(|n| format!("{{{n}}}"))
+        .find(|key| Slot::for_key(key) == slot)
+        .unwrap_or_default()
 }
 
 /// `slot` as the cluster client takes it.
@@ -339,6 +362,15 @@ mod tests {
         let layout = Layout::parse(single).expect("one node");
         assert_eq!(Conn::scan_targets(Some(&layout)), vec![primary(0, "a1")]);
         assert_eq!(Conn::scan_targets(None), vec![ScanTarget::Server]);
+    }
+
+    /// The key that nudges the cluster client's slot map lies in the slot.
+    #[test]
+    fn a_key_in_a_slot_hashes_to_it() {
+        for at in [0, 1, 5461, 10923, 16383] {
+            let slot = Slot::new(at).expect("a slot");
+            assert_eq!(Slot::for_key(key_in(slot)), slot, "slot {at}");
+        }
     }
 
     /// A layout that leaves a slot unserved or serves one twice is not

@@ -200,8 +200,12 @@
 //!   announces no host there, and is walked all the same), each reached
 //!   through a slot it serves, and must answer as itself (`CLUSTER MYID` in
 //!   the same request: for a primary it is not connected to, the cluster
-//!   client picks any other node). A walk fails, retryable, when a slot is
-//!   unserved, a primary is down or the layout changed before it ended,
+//!   client picks any other node; a wrong node makes the store send a keyed
+//!   `EXISTS` for the slot, whose redirect teaches the client the layout,
+//!   and try once more). A user restricted by ACLs needs `cluster|slots`,
+//!   `cluster|myid`, `scan` and `exists` for these walks. A walk fails,
+//!   retryable, when a slot is unserved, a primary is down or the layout
+//!   changed before it ended,
 //!   instead of listing part of the keys; on a cluster that serves some
 //!   slots nowhere for good (`cluster-require-full-coverage no`), every
 //!   walk fails. Keys that move one by one while a slot is resharded can

@@ -692,4 +692,54 @@ mod cluster {
         let error = purged.expect_err("a purge that skipped a primary");
         assert!(error.is_retryable(), "{error}");
     }
+
+    /// After a failover the cluster client has not learnt (it only ever
+    /// listed, so no keyed command was redirected), a walk reaches the new
+    /// primary: its `SCAN` first lands on some other node (the client is
+    /// not connected to the old primary), which it notices, and a keyed
+    /// command for the slot makes the client learn the layout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_walk_after_a_failover_lists_every_run() {
+        if runstate_conformance::server_url(BACKEND, URL_VAR, "the walk-failover test").is_none() {
+            return;
+        }
+        let mut cluster = OwnCluster::start(1000);
+        let store = RedisStore::connect(&format!("{}?prefix=walk&timeout_ms=5000", cluster.url()))
+            .await
+            .expect("open the cluster");
+        let doc = DocName::new("d").expect("doc");
+        for i in 0..30 {
+            let run = RunId::new(format!("run{i:02}")).expect("run");
+            store
+                .put(
+                    &run,
+                    &doc,
+                    Bytes::from_static(b"x"),
+                    runstate_core::PutOptions::create(),
+                )
+                .await
+                .expect("put");
+        }
+        let listed = store.list_runs(None, 100).await.expect("list");
+        assert_eq!(listed.items.len(), 30, "every run listed");
+        let key = "walk:{run00}:docs";
+        let victim = cluster.primary_of(key).expect("a primary serves run00");
+        cluster.nodes[victim].kill();
+        let cluster = tokio::task::spawn_blocking(move || {
+            cluster.wait_failover(key, Duration::from_secs(30));
+            cluster
+        })
+        .await
+        .expect("a replica took over");
+        let listed = store
+            .list_runs(None, 100)
+            .await
+            .expect("a walk after the failover");
+        assert_eq!(
+            listed.items.len(),
+            30,
+            "every run listed after the failover"
+        );
+        drop(cluster);
+    }
 }

@@ -439,11 +439,13 @@ impl Error {
         self.inner.holder.as_ref().map(|h| h.expires_in)
     }
 
-    /// Whether a store refused a lease renewal for the lease itself (lost,
-    /// fenced, or not a lease it can renew), as opposed to failing to
-    /// answer: a renewal refused so is lost for good, one that failed
-    /// otherwise may be tried again until the lease's deadline.
-    pub fn refuses_lease(&self) -> bool {
+    /// For an error of [`Lock::renew`](crate::Lock::renew): whether the
+    /// store refused the lease itself (lost, fenced, or not a lease it can
+    /// renew), as opposed to failing to answer. A lease refused so is lost
+    /// for good; a renewal that failed otherwise may be tried again until
+    /// the lease's deadline. (`InvalidArgument` from any other call is
+    /// counted too: ask it of renewals only.)
+    pub fn is_lease_refusal(&self) -> bool {
         matches!(
             self.inner.kind,
             ErrorKind::LeaseLost | ErrorKind::Fenced | ErrorKind::InvalidArgument

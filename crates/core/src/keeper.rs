@@ -12,13 +12,14 @@ use crate::lease::Lease;
 use crate::lock::Lock;
 
 /// Renews a lease in the background, a third of its TTL after each grant
-/// or renewal was issued, while the keeper lives: a holder that is alive keeps its lock through a step
-/// longer than the TTL, and a holder that stops (SIGSTOP, a dead process, a
-/// hung runtime) stops renewing, so its lease lapses and fencing refuses
-/// its late saves.
+/// or renewal was issued ([`Lease::renewal_due_in`]), while the keeper
+/// lives: a holder that is alive keeps its lock through a step longer than
+/// the TTL, and a holder that stops (SIGSTOP, a dead process, a hung
+/// runtime) stops renewing, so its lease lapses and fencing refuses its
+/// late saves.
 ///
-/// A renewal the backend refuses (`LeaseLost`, `Fenced`) marks the lease
-/// lost at once; a renewal that fails for another reason (a dropped
+/// A renewal the backend refuses ([`Error::is_lease_refusal`]) marks the
+/// lease lost at once; a renewal that fails for another reason (a dropped
 /// connection) is retried sooner, and the lease is marked lost once its
 /// local deadline passes without a successful renewal. A lost lease is
 /// visible ([`is_lost`](LeaseKeeper::is_lost)), and
@@ -120,8 +121,8 @@ impl LeaseKeeper {
     /// Renews now (as the background task would), replacing the lease.
     ///
     /// # Errors
-    /// The renewal's error; `LeaseLost` and `Fenced` also mark the lease
-    /// lost.
+    /// The renewal's error; a refusal ([`Error::is_lease_refusal`]) also
+    /// marks the lease lost.
     pub async fn renew_now(&self, store: &dyn Lock, ttl: Duration) -> Result<Lease> {
         let _turn = self.renewing.lock().await;
         // Whatever lease is current once no other renewal runs.
@@ -185,7 +186,7 @@ fn record(shared: &Mutex<State>, lease: &Lease, outcome: Result<Lease>) -> Resul
             Ok(renewed)
         }
         Err(error) => {
-            let refused = error.refuses_lease();
+            let refused = error.is_lease_refusal();
             let current = matches!(&*lock(shared), State::Held(current) if same(current, lease));
             if current && (refused || lease.is_expired()) {
                 tracing::warn!(

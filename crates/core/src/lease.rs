@@ -459,16 +459,13 @@ impl Lease {
     }
 
     /// How long until this lease is due for renewal: a third of its TTL
-    /// after it was issued, so a renewal has two thirds of the TTL to come
-    /// back, counted on the lease's own clock (a lease handed over late,
-    /// or renewed by a slow round trip, is due sooner). Never less than a
-    /// 24th of the TTL, unless that is more than half the time left: a
-    /// backend whose round trip exceeds a third of the TTL then gets
-    /// renewals spaced out, not back to back.
+    /// after it was issued, so that a renewal has two thirds of the TTL to
+    /// come back, counted on the lease's own clock (a lease handed over
+    /// late, or renewed by a slow round trip, is due sooner); zero once
+    /// due.
     pub fn renewal_due_in(&self) -> Duration {
-        let remaining = self.remaining();
-        let due = remaining.saturating_sub(self.ttl.saturating_sub(self.ttl / 3));
-        due.max((self.ttl / 24).min(remaining / 2))
+        self.remaining()
+            .saturating_sub(self.ttl.saturating_sub(self.ttl / 3))
     }
 
     /// Whether a third of its TTL has passed since it was issued (see
@@ -529,6 +526,38 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Owner>(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A renewal is due a third of the TTL after the lease was issued, on
+    /// the lease's own clock, for the smallest and the largest TTL too.
+    #[test]
+    fn a_renewal_is_due_a_third_of_the_ttl_after_issue() {
+        let lease = |ttl: Duration, age: Duration| {
+            Lease::new(
+                LockKey::Run(RunId::new("r").unwrap()),
+                Owner::for_this_process(),
+                Fence(1),
+                ttl,
+                Instant::now().checked_sub(age).unwrap(),
+                SystemTime::now(),
+            )
+        };
+        let fresh = lease(Duration::from_secs(30), Duration::ZERO);
+        assert!(!fresh.is_renewal_due());
+        let due = fresh.renewal_due_in();
+        assert!(
+            due > Duration::from_secs(9) && due <= Duration::from_secs(10),
+            "{due:?}"
+        );
+        let late = lease(Duration::from_secs(30), Duration::from_secs(12));
+        assert!(late.is_renewal_due());
+        assert_eq!(late.renewal_due_in(), Duration::ZERO);
+        let expired = lease(Duration::from_millis(1), Duration::from_millis(5));
+        assert!(expired.is_renewal_due());
+        assert_eq!(expired.renewal_due_in(), Duration::ZERO);
+        let longest = lease(MAX_TTL, Duration::ZERO);
+        assert!(!longest.is_renewal_due());
+        assert!(longest.renewal_due_in() > MAX_TTL / 3 - Duration::from_secs(1));
     }
 
     #[test]

@@ -724,7 +724,7 @@ impl<'a> HeldLease<'a> {
     }
 
     /// Extends the lease by its TTL. A refusal
-    /// ([`Error::refuses_lease`]) marks it lost; another failure (a dropped
+    /// ([`Error::is_lease_refusal`]) marks it lost; another failure (a dropped
     /// connection, a timeout) leaves it held, to be tried again, until its
     /// local deadline passes ([`current`](Self::current) then reports it
     /// lost).
@@ -739,7 +739,7 @@ impl<'a> HeldLease<'a> {
                 Ok(())
             }
             Err(error) => {
-                if error.refuses_lease() {
+                if error.is_lease_refusal() {
                     *self.state() = LeaseState::Lost(error.to_string());
                 } else {
                     tracing::warn!(
@@ -814,15 +814,20 @@ async fn keep_alive(leases: [&HeldLease<'_>; 2], ttl: Duration, done: &Notify) {
     // Which lease's last renewal failed (without a refusal).
     let mut retry = [false; 2];
     loop {
-        let wait = if retry.contains(&true) {
-            ttl / 12
-        } else {
-            leases
-                .iter()
-                .filter_map(|lease| lease.due_in())
-                .min()
-                .unwrap_or(ttl / 3)
-        };
+        // The next lease due; a failed renewal is tried again after a
+        // twelfth of the TTL at the latest.
+        let wait = leases
+            .iter()
+            .zip(retry)
+            .filter_map(|(lease, retrying)| {
+                if retrying {
+                    Some(ttl / 12)
+                } else {
+                    lease.due_in()
+                }
+            })
+            .min()
+            .unwrap_or(ttl / 3);
         tokio::select! {
             () = done.notified() => return,
             () = tokio::time::sleep(wait) => {}
