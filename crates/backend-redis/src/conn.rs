@@ -2,7 +2,7 @@
 //! [`ConnectionManager`], which reconnects by itself) or a Redis Cluster
 //! (redis-rs's cluster client, which routes each command, script and
 //! transaction to the primary of its keys' slot, follows `MOVED`/`ASK`
-//! and refreshes its slot map after a failover).
+//! and reads the layout again after a redirect or a lost connection).
 //!
 //! The store's logic is written once against [`Conn`]: only the few
 //! operations that must see every primary (`SCAN`, for listing runs and
@@ -148,7 +148,8 @@ impl Layout {
         Ok(Layout(layout))
     }
 
-    /// One target per primary: the first slot it serves, and its id.
+    /// One target per primary: the first slot it serves, its id, and a
+    /// slot of another primary (none on a cluster of one primary).
     fn targets(&self) -> Vec<ScanTarget> {
         let mut seen = std::collections::HashSet::new();
         self.0
@@ -157,6 +158,11 @@ impl Layout {
             .map(|(start, _, id)| ScanTarget::Primary {
                 slot: *start,
                 id: id.clone(),
+                foreign: self
+                    .0
+                    .iter()
+                    .find(|(_, _, other)| other != id)
+                    .map(|(other, _, _)| *other),
             })
             .collect()
     }
@@ -169,8 +175,13 @@ pub(crate) enum ScanTarget {
     Server,
     /// A cluster's primary, reached through a slot it serves (by the
     /// cluster client's own slot map, whatever address the node
-    /// announces), known by its node id.
-    Primary { slot: u16, id: String },
+    /// announces), known by its node id; `foreign` is a slot another
+    /// primary serves (see [`Conn::query_on`]).
+    Primary {
+        slot: u16,
+        id: String,
+        foreign: Option<u16>,
+    },
 }
 
 impl Conn {
@@ -211,19 +222,33 @@ impl Conn {
     /// is not connected to (while it reconnects, or after a failover it has
     /// not learnt) to any other node, and a node never redirects a keyless
     /// command: the request also carries `CLUSTER MYID`. When another node
-    /// than the primary expected answered, a keyed command for the slot
-    /// makes the client learn the layout (the node that does not serve the
-    /// slot redirects it, `MOVED`) and the request is sent once more; a
-    /// second wrong node fails it, retryable, instead of walking the wrong
-    /// node's keys (or another node's cursor).
+    /// than the primary expected answered, the client is made to learn the
+    /// layout, and the request is sent once more; a second wrong node fails
+    /// it, retryable, instead of walking the wrong node's keys (or another
+    /// node's cursor). To learn it, the client sends a keyed `EXISTS` for
+    /// the slot (under `prefix`, so a user whose ACL allows only the
+    /// store's keys may send it) to the primary of a `foreign` slot, which
+    /// does not serve the key's slot and redirects it (`MOVED`): the client
+    /// reads the layout again before it routes anything else. The nudge has
+    /// at most `nudge_bound`, so a primary that is down still leaves the
+    /// call time to fail with its own error.
     pub(crate) async fn query_on<T: FromRedisValue>(
         &mut self,
         target: &ScanTarget,
         cmd: &Cmd,
+        prefix: &str,
+        nudge_bound: std::time::Duration,
     ) -> RedisResult<T> {
         match (self, target) {
             (Conn::Single(c), ScanTarget::Server) => cmd.query_async(c).await,
-            (Conn::Cluster(c), ScanTarget::Primary { slot: at, id }) => {
+            (
+                Conn::Cluster(c),
+                ScanTarget::Primary {
+                    slot: at,
+                    id,
+                    foreign,
+                },
+            ) => {
                 let route = Route::with_slot(slot(*at)?, SlotAddr::Master);
                 let mut pipe = redis::pipe();
                 pipe.cmd("CLUSTER").arg("MYID").add_command(cmd.clone());
@@ -245,22 +270,28 @@ impl Conn {
                         )));
                     };
                     let answered: String = redis::from_redis_value(answered.extract_error()?)?;
-                    let reply = reply.extract_error()?;
                     if answered == *id {
-                        return redis::from_redis_value(reply).map_err(Into::into);
+                        return redis::from_redis_value(reply.extract_error()?).map_err(Into::into);
                     }
-                    if nudged {
+                    let Some(foreign) = foreign.filter(|_| !nudged) else {
                         return Err(not_whole(
                             "another redis cluster node than the slot's primary answered",
                             format!("slot {at}: {answered} answered for {id}"),
                         ));
-                    }
+                    };
                     nudged = true;
+                    let nudge = c.route_command(
+                        redis::cmd("EXISTS")
+                            .arg(format!("{prefix}:{}", tag_in(*at)?))
+                            .clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                            Route::with_slot(slot(foreign)?, SlotAddr::Master),
+                        )),
+                    );
                     // Its outcome does not matter, only the redirect.
-                    let _: RedisResult<Value> = redis::cmd("EXISTS")
-                        .arg(key_in(slot(*at)?))
-                        .query_async(c)
-                        .await;
+                    if let Ok(Err(error)) = tokio::time::timeout(nudge_bound, nudge).await {
+                        tracing::debug!(%error, "the nudge of a redis cluster walk failed");
+                    }
                 }
             }
             _ => Err(RedisError::from((
@@ -271,13 +302,31 @@ impl Conn {
     }
 }
 
-/// A key in `slot`: the first hash tag `{n}` that hashes to it (every slot
-/// has one below 100,000; about 16,000 tries on average).
-fn key_in(slot: Slot) -> String {
-    (0u32..)
-        .map(|n| format!("{{{n}}}"))
-        .find(|key| Slot::for_key(key) == slot)
-        .unwrap_or_default()
+/// A hash tag `{n}` in slot `at`: the smallest `n` whose tag hashes to it
+/// (109,757 for the last slot found; about 160,000 tags cover every slot),
+/// from a table made once, the first time a walk needs one.
+fn tag_in(at: u16) -> RedisResult<String> {
+    static TAGS: std::sync::OnceLock<std::collections::HashMap<Slot, u32>> =
+        std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = std::collections::HashMap::with_capacity(SLOTS as usize);
+        let mut tag = String::new();
+        for n in 0u32.. {
+            if tags.len() == SLOTS as usize {
+                break;
+            }
+            tag.clear();
+            tag.push('{');
+            tag.push_str(&n.to_string());
+            tag.push('}');
+            tags.entry(Slot::for_key(&tag)).or_insert(n);
+        }
+        tags
+    });
+    let n = tags
+        .get(&slot(at)?)
+        .ok_or_else(|| RedisError::from((RedisKind::Client, "a slot without a hash tag")))?;
+    Ok(format!("{{{n}}}"))
 }
 
 /// `slot` as the cluster client takes it.
@@ -344,33 +393,42 @@ mod tests {
             ),
         ]);
         let layout = Layout::parse(reply).expect("every slot served");
-        let primary = |slot, id: &str| ScanTarget::Primary {
+        let primary = |slot, id: &str, foreign| ScanTarget::Primary {
             slot,
             id: id.to_owned(),
+            foreign,
         };
         assert_eq!(
             Conn::scan_targets(Some(&layout)),
             vec![
-                primary(0, "a1"),
-                primary(5461, "b2"),
-                primary(10001, "d4"),
-                primary(10501, "e5"),
-                primary(10923, "c3"),
+                primary(0, "a1", Some(5461)),
+                primary(5461, "b2", Some(0)),
+                primary(10001, "d4", Some(0)),
+                primary(10501, "e5", Some(0)),
+                primary(10923, "c3", Some(0)),
             ]
         );
         let single = Value::Array(vec![range(0, 16383, "", 7001, "a1")]);
         let layout = Layout::parse(single).expect("one node");
-        assert_eq!(Conn::scan_targets(Some(&layout)), vec![primary(0, "a1")]);
+        assert_eq!(
+            Conn::scan_targets(Some(&layout)),
+            vec![primary(0, "a1", None)]
+        );
         assert_eq!(Conn::scan_targets(None), vec![ScanTarget::Server]);
     }
 
-    /// The key that nudges the cluster client's slot map lies in the slot.
+    /// Every slot has a hash tag that hashes to it (the nudge's key).
     #[test]
-    fn a_key_in_a_slot_hashes_to_it() {
-        for at in [0, 1, 5461, 10923, 16383] {
-            let slot = Slot::new(at).expect("a slot");
-            assert_eq!(Slot::for_key(key_in(slot)), slot, "slot {at}");
+    fn every_slot_has_a_tag() {
+        for at in 0..16384u16 {
+            let tag = tag_in(at).expect("a tag");
+            assert_eq!(
+                Slot::for_key(&tag),
+                Slot::new(at).expect("a slot"),
+                "slot {at}"
+            );
         }
+        assert!(tag_in(16384).is_err());
     }
 
     /// A layout that leaves a slot unserved or serves one twice is not

@@ -143,8 +143,14 @@ impl Inner {
                     .arg(pattern)
                     .arg("COUNT")
                     .arg(SCAN_COUNT);
-                let (next, batch): (u64, Vec<String>) =
-                    self.bounded(con.query_on(&target, &cmd)).await?;
+                let (next, batch): (u64, Vec<String>) = self
+                    .bounded(con.query_on(
+                        &target,
+                        &cmd,
+                        self.keys.prefix(),
+                        self.config.timeout / 4,
+                    ))
+                    .await?;
                 found.extend(batch);
                 if next == 0 {
                     break;

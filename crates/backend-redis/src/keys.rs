@@ -77,6 +77,11 @@ impl Keys {
         self.run_key(run, "", None)
     }
 
+    /// The store's key prefix.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub(crate) fn doc(&self, run: &RunId, doc: &DocName) -> String {
         self.run_key(run, ":doc", Some(doc.as_str()))
     }

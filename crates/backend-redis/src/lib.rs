@@ -200,10 +200,12 @@
 //!   announces no host there, and is walked all the same), each reached
 //!   through a slot it serves, and must answer as itself (`CLUSTER MYID` in
 //!   the same request: for a primary it is not connected to, the cluster
-//!   client picks any other node; a wrong node makes the store send a keyed
-//!   `EXISTS` for the slot, whose redirect teaches the client the layout,
-//!   and try once more). A user restricted by ACLs needs `cluster|slots`,
-//!   `cluster|myid`, `scan` and `exists` for these walks. A walk fails,
+//!   client picks any other node; after a wrong node the store sends a
+//!   keyed `EXISTS` for the slot, under its prefix, to another primary,
+//!   whose redirect makes the client read the layout, and tries once more).
+//!   A user restricted by ACLs needs `cluster|slots`, `cluster|myid`, `scan`
+//!   and `exists` on the store's keys for these walks; `CLUSTER MYID` is
+//!   not offered by some hosted Redis services, where walks fail. A walk fails,
 //!   retryable, when a slot is unserved, a primary is down or the layout
 //!   changed before it ended,
 //!   instead of listing part of the keys; on a cluster that serves some

@@ -829,6 +829,8 @@ async fn keep_alive(leases: [&HeldLease<'_>; 2], ttl: Duration, done: &Notify) {
             .min()
             .unwrap_or(ttl / 3);
         tokio::select! {
+            // Done wins over a renewal that is due at the same moment.
+            biased;
             () = done.notified() => return,
             () = tokio::time::sleep(wait) => {}
         }
