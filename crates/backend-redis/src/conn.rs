@@ -200,9 +200,7 @@ impl Conn {
                 let reply = c
                     .route_command(
                         redis::cmd("CLUSTER").arg("SLOTS").clone(),
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                            Route::with_slot(slot(LAYOUT_SLOT)?, SlotAddr::Master),
-                        )),
+                        RoutingInfo::SingleNode(to_primary(LAYOUT_SLOT)?),
                     )
                     .await?;
                 Layout::parse(reply.extract_error()?).map(Some)
@@ -249,18 +247,12 @@ impl Conn {
                     foreign,
                 },
             ) => {
-                let route = Route::with_slot(slot(*at)?, SlotAddr::Master);
                 let mut pipe = redis::pipe();
                 pipe.cmd("CLUSTER").arg("MYID").add_command(cmd.clone());
                 let mut nudged = false;
                 loop {
                     let replies = c
-                        .route_pipeline(
-                            pipe.clone(),
-                            0,
-                            2,
-                            SingleNodeRoutingInfo::SpecificNode(route),
-                        )
+                        .route_pipeline(pipe.clone(), 0, 2, to_primary(*at)?)
                         .await?;
                     let mut replies = replies.into_iter();
                     let (Some(answered), Some(reply)) = (replies.next(), replies.next()) else {
@@ -284,9 +276,7 @@ impl Conn {
                         redis::cmd("EXISTS")
                             .arg(format!("{prefix}:{}", tag_in(*at)?))
                             .clone(),
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                            Route::with_slot(slot(foreign)?, SlotAddr::Master),
-                        )),
+                        RoutingInfo::SingleNode(to_primary(foreign)?),
                     );
                     // Its outcome does not matter, only the redirect.
                     if let Ok(Err(error)) = tokio::time::timeout(nudge_bound, nudge).await {
@@ -334,6 +324,15 @@ fn slot(slot: u16) -> RedisResult<Slot> {
     Slot::new(slot).ok_or_else(|| {
         RedisError::from((RedisKind::Client, "a slot out of range", slot.to_string()))
     })
+}
+
+/// The route to the primary serving slot `at`, by the cluster client's own
+/// slot map.
+fn to_primary(at: u16) -> RedisResult<SingleNodeRoutingInfo> {
+    Ok(SingleNodeRoutingInfo::SpecificNode(Route::with_slot(
+        slot(at)?,
+        SlotAddr::Master,
+    )))
 }
 
 #[cfg(test)]

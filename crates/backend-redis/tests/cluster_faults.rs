@@ -648,19 +648,12 @@ mod cluster {
         assert_eq!(node.command(&["DBSIZE"]).trim(), ":0", "no key left");
     }
 
-    /// A primary that died and was not replaced yet (a node timeout of a
-    /// minute): a walk over every primary fails, retryable, instead of
-    /// reporting the other primaries' runs only. The cluster client sends
-    /// a request for a slot whose primary it is not connected to to any
-    /// other node, and a node never redirects a keyless `SCAN`, so the walk
-    /// checks which node answered.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_walk_with_a_primary_down_fails_instead_of_listing_part() {
-        if runstate_conformance::server_url(BACKEND, URL_VAR, "the dead-primary test").is_none() {
-            return;
-        }
-        let mut cluster = OwnCluster::start(60_000);
-        let store = RedisStore::connect(&format!("{}?prefix=down&timeout_ms=3000", cluster.url()))
+    /// A cluster of its own (`node_timeout_ms`) and a store on it with the
+    /// URL options `options`, holding 30 runs of one document each
+    /// (`run00` … `run29`), all listed.
+    async fn cluster_with_runs(node_timeout_ms: u64, options: &str) -> (OwnCluster, RedisStore) {
+        let cluster = OwnCluster::start(node_timeout_ms);
+        let store = RedisStore::connect(&format!("{}?{options}", cluster.url()))
             .await
             .expect("open the cluster");
         let doc = DocName::new("d").expect("doc");
@@ -678,6 +671,21 @@ mod cluster {
         }
         let listed = store.list_runs(None, 100).await.expect("list");
         assert_eq!(listed.items.len(), 30, "every run listed");
+        (cluster, store)
+    }
+
+    /// A primary that died and was not replaced yet (a node timeout of a
+    /// minute): a walk over every primary fails, retryable, instead of
+    /// reporting the other primaries' runs only. The cluster client sends
+    /// a request for a slot whose primary it is not connected to to any
+    /// other node, and a node never redirects a keyless `SCAN`, so the walk
+    /// checks which node answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_walk_with_a_primary_down_fails_instead_of_listing_part() {
+        if runstate_conformance::server_url(BACKEND, URL_VAR, "the dead-primary test").is_none() {
+            return;
+        }
+        let (mut cluster, store) = cluster_with_runs(60_000, "prefix=down&timeout_ms=3000").await;
         let victim = cluster
             .primary_of("down:{run00}:docs")
             .expect("a primary serves run00");
@@ -703,25 +711,7 @@ mod cluster {
         if runstate_conformance::server_url(BACKEND, URL_VAR, "the walk-failover test").is_none() {
             return;
         }
-        let mut cluster = OwnCluster::start(1000);
-        let store = RedisStore::connect(&format!("{}?prefix=walk&timeout_ms=5000", cluster.url()))
-            .await
-            .expect("open the cluster");
-        let doc = DocName::new("d").expect("doc");
-        for i in 0..30 {
-            let run = RunId::new(format!("run{i:02}")).expect("run");
-            store
-                .put(
-                    &run,
-                    &doc,
-                    Bytes::from_static(b"x"),
-                    runstate_core::PutOptions::create(),
-                )
-                .await
-                .expect("put");
-        }
-        let listed = store.list_runs(None, 100).await.expect("list");
-        assert_eq!(listed.items.len(), 30, "every run listed");
+        let (mut cluster, store) = cluster_with_runs(1000, "prefix=walk&timeout_ms=5000").await;
         let key = "walk:{run00}:docs";
         let victim = cluster.primary_of(key).expect("a primary serves run00");
         cluster.nodes[victim].kill();
