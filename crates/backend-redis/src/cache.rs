@@ -15,9 +15,9 @@ use runstate_core::{
     Bytes, Cache, Cached, DocName, Result, RunId, StoredDoc, Version, async_trait,
 };
 
-use crate::conn::Conn;
+use crate::conn::{Conn, Reach};
 use crate::errors::within;
-use crate::{RedisConfig, RedisStore};
+use crate::{RedisConfig, RedisStore, SCAN_COUNT};
 
 /// How long a cached copy lives by default (WEPPcloud keeps its NoDb cache
 /// 72 hours).
@@ -80,6 +80,28 @@ impl RedisCache {
 
     async fn bounded<T>(&self, request: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
         within(self.timeout, request).await
+    }
+
+    /// Unlinks every entry of `run`. Its keys share the run's hash tag, so
+    /// on a cluster they are all in one slot: the walk visits only the
+    /// primary serving it (a `SCAN` sent anywhere else lists none of them).
+    async fn forget_run(&self, run: &RunId) -> Result<()> {
+        let pattern = format!("{}:cache:{{{run}}}:*", self.prefix);
+        let keys = self
+            .conn
+            .walk(
+                &pattern,
+                Reach::SlotOf(&pattern),
+                &self.prefix,
+                self.timeout,
+            )
+            .await?;
+        let mut con = self.conn.clone();
+        for keys in keys.chunks(SCAN_COUNT) {
+            self.bounded(redis::cmd("UNLINK").arg(keys).query_async::<u64>(&mut con))
+                .await?;
+        }
+        Ok(())
     }
 
     fn log(&self, what: &str, error: &runstate_core::Error) {
@@ -211,37 +233,19 @@ impl Cache for RedisCache {
     }
 
     async fn remove_run(&self, run: &RunId) {
-        // A run's cache keys share its hash tag: one slot, one SCAN pattern.
-        let pattern = format!("{}:cache:{{{run}}}:*", self.prefix);
-        let mut con = self.conn.clone();
-        let mut cursor: u64 = 0;
+        // A walk that met a change of the cluster's layout is retryable:
+        // one more try, since an entry left behind can be served to readers
+        // allowing some staleness until they stop allowing it.
+        let mut tries = 0;
         loop {
-            let page: Result<(u64, Vec<String>)> = self
-                .bounded(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut con),
-                )
-                .await;
-            let (next, keys) = match page {
-                Ok(page) => page,
+            tries += 1;
+            match self.forget_run(run).await {
+                Ok(()) => return,
+                Err(error) if tries < 2 && error.is_retryable() => {
+                    self.log("forgetting a run (tried again)", &error);
+                }
                 Err(error) => return self.log("forgetting a run", &error),
-            };
-            if !keys.is_empty()
-                && let Err(error) = self
-                    .bounded(redis::cmd("UNLINK").arg(&keys).query_async::<u64>(&mut con))
-                    .await
-            {
-                return self.log("forgetting a run", &error);
             }
-            if next == 0 {
-                return;
-            }
-            cursor = next;
         }
     }
 }

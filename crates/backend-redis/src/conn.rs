@@ -16,6 +16,9 @@ use redis::{
     ServerErrorKind, Value,
 };
 
+use crate::SCAN_COUNT;
+use crate::errors::{layout_changed, map_redis_error, within};
+
 /// A connection to one server or to a cluster. Cheap to clone; clones
 /// share the underlying multiplexed connection(s).
 #[derive(Clone)]
@@ -155,17 +158,47 @@ impl Layout {
         self.0
             .iter()
             .filter(|(_, _, id)| seen.insert(id.as_str()))
-            .map(|(start, _, id)| ScanTarget::Primary {
-                slot: *start,
-                id: id.clone(),
-                foreign: self
-                    .0
-                    .iter()
-                    .find(|(_, _, other)| other != id)
-                    .map(|(other, _, _)| *other),
-            })
+            .map(|(start, _, id)| self.target(*start, id))
             .collect()
     }
+
+    /// The target of the primary serving slot `at`.
+    fn target_of(&self, at: u16) -> RedisResult<ScanTarget> {
+        self.0
+            .iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&at))
+            .map(|(_, _, id)| self.target(at, id))
+            .ok_or_else(|| {
+                not_whole(
+                    "the redis cluster does not serve every slot",
+                    format!("slot {at} is unserved"),
+                )
+            })
+    }
+
+    /// The primary `id`, reached through its slot `at`, with a slot of
+    /// another primary to nudge the client through.
+    fn target(&self, at: u16, id: &str) -> ScanTarget {
+        ScanTarget::Primary {
+            slot: at,
+            id: id.to_owned(),
+            foreign: self
+                .0
+                .iter()
+                .find(|(_, _, other)| other != id)
+                .map(|(other, _, _)| *other),
+        }
+    }
+}
+
+/// Which keys a [`Conn::walk`] looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reach<'a> {
+    /// Every key, on every node holding keys.
+    Everywhere,
+    /// The keys of the slot this key hashes to (by its hash tag), on the
+    /// one node holding them.
+    SlotOf(&'a str),
 }
 
 /// Where a `SCAN` goes.
@@ -208,10 +241,66 @@ impl Conn {
         }
     }
 
-    /// The places a `SCAN` must visit to see every key of `layout`: the one
-    /// server, or each primary.
-    pub(crate) fn scan_targets(layout: Option<&Layout>) -> Vec<ScanTarget> {
-        layout.map_or_else(|| vec![ScanTarget::Server], Layout::targets)
+    /// The places a `SCAN` must visit to see the keys `reach` names by
+    /// `layout`: the one server, each primary, or the primary of one slot.
+    fn scan_targets(layout: Option<&Layout>, reach: Reach<'_>) -> RedisResult<Vec<ScanTarget>> {
+        match (layout, reach) {
+            (None, _) => Ok(vec![ScanTarget::Server]),
+            (Some(layout), Reach::Everywhere) => Ok(layout.targets()),
+            (Some(layout), Reach::SlotOf(key)) => {
+                Ok(vec![layout.target_of(slot_number(Slot::for_key(key)))?])
+            }
+        }
+    }
+
+    /// Every key matching `pattern` among those `reach` names, `SCAN_COUNT`
+    /// asked per call, each request under `timeout`. A key may be returned
+    /// more than once.
+    ///
+    /// On a cluster, each primary is reached through a slot it serves, by
+    /// the layout read before the walk, and must answer as itself (see
+    /// [`Conn::query_on`], whose nudges go under `prefix`); the layout is
+    /// read again after the walk, and a change (a failover, a slot handed
+    /// over) fails it, retryable. Keys moving one by one while a slot is
+    /// being resharded are not seen by either check: a key moved from a
+    /// primary not yet walked to one already walked is missed.
+    ///
+    /// # Errors
+    /// As each request's; a layout that changed during the walk, or that
+    /// leaves a slot unserved (retryable).
+    pub(crate) async fn walk(
+        &self,
+        pattern: &str,
+        reach: Reach<'_>,
+        prefix: &str,
+        timeout: std::time::Duration,
+    ) -> runstate_core::Result<Vec<String>> {
+        let mut con = self.clone();
+        let mut found = Vec::new();
+        let layout = within(timeout, con.layout()).await?;
+        let targets = Self::scan_targets(layout.as_ref(), reach).map_err(map_redis_error)?;
+        for target in targets {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT);
+                let (next, batch): (u64, Vec<String>) =
+                    within(timeout, con.query_on(&target, &cmd, prefix, timeout / 4)).await?;
+                found.extend(batch);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        if layout.is_some() && within(timeout, con.layout()).await? != layout {
+            return Err(layout_changed());
+        }
+        Ok(found)
     }
 
     /// Runs the keyless `cmd` (a `SCAN`) on `target`.
@@ -230,7 +319,7 @@ impl Conn {
     /// reads the layout again before it routes anything else. The nudge has
     /// at most `nudge_bound`, so a primary that is down still leaves the
     /// call time to fail with its own error.
-    pub(crate) async fn query_on<T: FromRedisValue>(
+    async fn query_on<T: FromRedisValue>(
         &mut self,
         target: &ScanTarget,
         cmd: &Cmd,
@@ -319,6 +408,15 @@ fn tag_in(at: u16) -> RedisResult<String> {
     Ok(format!("{{{n}}}"))
 }
 
+/// The number of `slot`, which redis-rs keeps to itself: found by trying
+/// each (at most 16,384 comparisons, next to a round trip nothing).
+fn slot_number(slot: Slot) -> u16 {
+    (0..SLOTS)
+        .filter_map(|n| u16::try_from(n).ok())
+        .find(|n| Slot::new(*n) == Some(slot))
+        .unwrap_or_default()
+}
+
 /// `slot` as the cluster client takes it.
 fn slot(slot: u16) -> RedisResult<Slot> {
     Slot::new(slot).ok_or_else(|| {
@@ -397,8 +495,11 @@ mod tests {
             id: id.to_owned(),
             foreign,
         };
+        fn targets(layout: Option<&Layout>, reach: Reach<'_>) -> Vec<ScanTarget> {
+            Conn::scan_targets(layout, reach).expect("targets of a whole layout")
+        }
         assert_eq!(
-            Conn::scan_targets(Some(&layout)),
+            targets(Some(&layout), Reach::Everywhere),
             vec![
                 primary(0, "a1", Some(5461)),
                 primary(5461, "b2", Some(0)),
@@ -407,13 +508,35 @@ mod tests {
                 primary(10923, "c3", Some(0)),
             ]
         );
+        // One slot's keys: only the primary serving that slot, reached
+        // through the slot itself.
+        for (at, id, foreign) in [(7000, "b2", 0), (5000, "a1", 5461), (16383, "c3", 0)] {
+            let key = format!("rs:cache:{}:doc", tag_in(at).expect("a tag"));
+            assert_eq!(
+                targets(Some(&layout), Reach::SlotOf(&key)),
+                vec![primary(at, id, Some(foreign))],
+                "slot {at}"
+            );
+        }
         let single = Value::Array(vec![range(0, 16383, "", 7001, "a1")]);
         let layout = Layout::parse(single).expect("one node");
         assert_eq!(
-            Conn::scan_targets(Some(&layout)),
+            targets(Some(&layout), Reach::Everywhere),
             vec![primary(0, "a1", None)]
         );
-        assert_eq!(Conn::scan_targets(None), vec![ScanTarget::Server]);
+        assert_eq!(targets(None, Reach::Everywhere), vec![ScanTarget::Server]);
+        assert_eq!(
+            targets(None, Reach::SlotOf("rs:cache:{r}:d")),
+            vec![ScanTarget::Server]
+        );
+    }
+
+    /// A slot's number is read back from the client's type.
+    #[test]
+    fn a_slot_number_is_read_back() {
+        for at in [0, 1, 5460, 16383] {
+            assert_eq!(slot_number(slot(at).expect("a slot")), at);
+        }
     }
 
     /// Every slot has a hash tag that hashes to it (the nudge's key).

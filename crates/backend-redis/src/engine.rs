@@ -15,11 +15,11 @@ use redis::{ScriptInvocation, Value};
 use runstate_core::{Error, ErrorKind, ListPage, Result, RunId};
 
 use crate::batch::is_noscript;
-use crate::conn::Conn;
+use crate::conn::{Conn, Reach};
 use crate::errors::{self, unexpected, until, within};
 use crate::listener::Listener;
 use crate::reply::Reply;
-use crate::{BACKEND, Inner, SCAN_COUNT};
+use crate::{BACKEND, Inner};
 
 impl Inner {
     /// The store's listener, started on first use.
@@ -120,48 +120,16 @@ impl Inner {
     }
 
     /// Every key matching `pattern` on every node holding keys (the one
-    /// server, or each primary of a cluster), `SCAN_COUNT` asked per call.
-    /// A key may be returned more than once.
-    ///
-    /// On a cluster, each primary is reached through a slot it serves, by
-    /// the layout read before the walk, and must answer as itself (see
-    /// [`Conn::query_on`]); the layout is read again after the walk, and a
-    /// change (a failover, a slot handed over) fails it, retryable. Keys
-    /// moving one by one while a slot is being resharded are not seen by
-    /// either check: a key moved from a primary not yet walked to one
-    /// already walked is missed.
+    /// server, or each primary of a cluster): see [`Conn::walk`].
     pub(crate) async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
-        let mut con = self.conn.clone();
-        let mut found = Vec::new();
-        let layout = self.bounded(con.layout()).await?;
-        for target in Conn::scan_targets(layout.as_ref()) {
-            let mut cursor: u64 = 0;
-            loop {
-                let mut cmd = redis::cmd("SCAN");
-                cmd.arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_COUNT);
-                let (next, batch): (u64, Vec<String>) = self
-                    .bounded(con.query_on(
-                        &target,
-                        &cmd,
-                        self.keys.prefix(),
-                        self.config.timeout / 4,
-                    ))
-                    .await?;
-                found.extend(batch);
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
-        }
-        if layout.is_some() && self.bounded(con.layout()).await? != layout {
-            return Err(errors::layout_changed());
-        }
-        Ok(found)
+        self.conn
+            .walk(
+                pattern,
+                Reach::Everywhere,
+                self.keys.prefix(),
+                self.config.timeout,
+            )
+            .await
     }
 
     /// A page of runs on a cluster, which keeps no store-wide index: the

@@ -139,4 +139,42 @@ mod cluster {
         assert_eq!(page.items[0].as_str(), "run001");
         store.purge_prefix().await.expect("purge");
     }
+
+    /// A cache on the cluster forgets every entry of a run wherever the
+    /// run's slot is: twelve runs spread over the primaries, each forgotten
+    /// with `remove_run`, leave no entry (a `SCAN` sent to whichever node
+    /// the client picks found the entries of a third of them).
+    #[tokio::test]
+    async fn a_cache_forgets_runs_on_every_primary() {
+        use runstate_core::{Cache, Cached, StoredDoc, Version};
+        if runstate_conformance::server_url(BACKEND, URL_VAR, "the cache test").is_none() {
+            return;
+        }
+        let namespace = format!("cache{:x}", fastrand::u64(..));
+        let store = open(&namespace).await.expect("open").expect("configured");
+        let cache = runstate_redis::RedisCache::beside(&store, std::time::Duration::from_secs(600));
+        let doc = DocName::new("d").expect("name");
+        let runs: Vec<RunId> = (0..12)
+            .map(|i| RunId::new(format!("run{i:02}")).expect("run"))
+            .collect();
+        for run in &runs {
+            let copy = Cached::new(
+                StoredDoc::new(Bytes::from_static(b"x"), Version::new("1")),
+                std::time::SystemTime::now(),
+            );
+            cache.put(run, &doc, copy).await;
+            assert!(cache.get(run, &doc).await.is_some(), "{run} not cached");
+        }
+        for run in &runs {
+            cache.remove_run(run).await;
+        }
+        let mut left = Vec::new();
+        for run in &runs {
+            if cache.get(run, &doc).await.is_some() {
+                left.push(run.as_str());
+            }
+        }
+        assert!(left.is_empty(), "entries left after remove_run: {left:?}");
+        store.purge_prefix().await.expect("purge");
+    }
 }

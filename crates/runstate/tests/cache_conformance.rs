@@ -8,7 +8,10 @@
 //!   server), its child-process cases skipped;
 //! - `file+cache`: files with an in-process cache;
 //! - `postgres+rediscache`: PostgreSQL with a Redis cache shared by every
-//!   handle and process.
+//!   handle and process;
+//! - `file+redisclustercache`: files with a cache on the Redis Cluster named
+//!   by `RUNSTATE_REDIS_CLUSTER_URL` (a run's entries live on the primary of
+//!   its slot).
 
 #[path = "support/urls.rs"]
 #[allow(dead_code)] // each test crate uses its own part
@@ -110,6 +113,54 @@ mod postgres_redis_cache {
                 store.uninstall().await?;
                 store.close().await;
                 runstate::redis::RedisStore::connect(&redis)
+                    .await?
+                    .purge_prefix()
+                    .await?;
+            }
+            Ok(())
+        }
+    }
+
+    runstate_conformance::suite!(Cached);
+}
+
+mod file_redis_cluster_cache {
+    use super::*;
+
+    pub struct Cached;
+
+    const URL_VAR: &str = "RUNSTATE_REDIS_CLUSTER_URL";
+
+    fn cluster(namespace: &str) -> Option<String> {
+        let cluster = std::env::var(URL_VAR).ok()?;
+        Some(with_option(&cluster, &format!("prefix=rstest:{namespace}")))
+    }
+
+    fn files(namespace: &str) -> std::path::PathBuf {
+        root(&format!("cluster-{namespace}"))
+    }
+
+    #[async_trait]
+    impl Harness for Cached {
+        const BACKEND: &'static str = "file+redisclustercache";
+        const URL_VAR: Option<&'static str> = Some(URL_VAR);
+
+        async fn open(namespace: &str) -> Result<Option<Arc<dyn Lock>>, Error> {
+            let Some(cluster) = cluster(namespace) else {
+                return Ok(None);
+            };
+            open(format!(
+                "file://{}?cache={}",
+                files(namespace).display(),
+                encode(&cluster)
+            ))
+            .await
+        }
+
+        async fn cleanup(namespace: &str) -> Result<(), Error> {
+            let _ = std::fs::remove_dir_all(files(namespace));
+            if let Some(cluster) = cluster(namespace) {
+                runstate::redis::RedisStore::connect(&cluster)
                     .await?
                     .purge_prefix()
                     .await?;

@@ -1,8 +1,9 @@
 //! Case group 3: Delete, list and delete a run.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use runstate_core::{Bytes, DocName, ErrorKind, Lock, RunId, StoreExt, Version};
+use runstate_core::{Bytes, DocName, ErrorKind, GetOptions, Lock, RunId, StoreExt, Version};
 use tokio::task::JoinSet;
 
 use super::expect_kind;
@@ -269,25 +270,42 @@ pub async fn list_docs_absent_run_empty(ctx: Ctx) {
     assert!(ctx.store.list_all_runs().await.expect("runs").is_empty());
 }
 
-/// Deleting a run removes its documents and nothing else; the run can be
-/// used again afterwards.
+/// Deleting a run removes its documents and nothing else, also from a
+/// caching store's cache: a read allowing an hour's staleness, which a
+/// cached copy would answer without asking the store, finds none of them
+/// (on a Redis Cluster cache, the entries are on the primary of the run's
+/// slot, not wherever a keyless command lands). The run can be used again
+/// afterwards.
 pub async fn delete_run_removes_documents(ctx: Ctx) {
     let (doomed, kept) = (ctx.run("doomed"), ctx.run("kept"));
+    let stale = GetOptions::default().with_max_staleness(Duration::from_secs(3600));
     for i in 0..5 {
+        let doc = ctx.doc(&format!("d{i}"));
         ctx.store
-            .put_bytes(
-                &doomed,
-                &ctx.doc(&format!("d{i}")),
-                Bytes::from_static(b"x"),
-            )
+            .put_bytes(&doomed, &doc, Bytes::from_static(b"x"))
             .await
             .expect("put");
+        assert!(
+            ctx.store
+                .get(&doomed, &doc, stale)
+                .await
+                .expect("get")
+                .is_some()
+        );
     }
     ctx.store
         .put_bytes(&kept, &ctx.doc("d0"), Bytes::from_static(b"keep"))
         .await
         .expect("put");
     assert_eq!(ctx.store.delete_run(&doomed).await.expect("delete run"), 5);
+    for i in 0..5 {
+        let doc = ctx.doc(&format!("d{i}"));
+        assert_eq!(
+            ctx.store.get(&doomed, &doc, stale).await.expect("get"),
+            None,
+            "{doc} of the deleted run is still served"
+        );
+    }
     assert!(
         ctx.store
             .list_all_docs(&doomed)
@@ -323,7 +341,7 @@ pub async fn delete_run_removes_documents(ctx: Ctx) {
 /// carry the time of the last write (within a few seconds: servers may
 /// round it to whole seconds and keep their own clock).
 pub async fn head_and_listing_agree(ctx: Ctx) {
-    use std::time::{Duration, SystemTime};
+    use std::time::SystemTime;
     let run = ctx.run("head");
     let doc = ctx.doc("ron");
     assert_eq!(ctx.store.head(&run, &doc).await.expect("head absent"), None);
