@@ -202,9 +202,12 @@ impl Cache for RedisCache {
         version: &Version,
         known_at: std::time::SystemTime,
     ) {
-        // Only the copy validated: another worker may have replaced it.
+        // Only the copy validated (another worker may have replaced it),
+        // and only forward: a touch that comes late must not make the copy
+        // look older than a later validation found it.
         let script = redis::Script::new(
-            "if redis.call('HGET', KEYS[1], 'v') == ARGV[1] then \
+            "local f = redis.call('HMGET', KEYS[1], 'v', 'k') \
+             if f[1] == ARGV[1] and (tonumber(f[2]) or 0) < tonumber(ARGV[2]) then \
                redis.call('HSET', KEYS[1], 'k', ARGV[2]) end return 0",
         );
         let mut invocation = script.prepare_invoke();

@@ -1038,7 +1038,11 @@ impl Store for RedisStore {
             .await
             .map_err(context)?;
         let (replayed, last) = inner.status_replay(run, replay).await.map_err(context)?;
-        let (sender, feed) = Subscription::channel(FEED_CAPACITY);
+        // Room for the whole replay, pushed before the consumer reads, and
+        // for a buffer's worth after it: the stream keeps up to a node of
+        // entries more than `status_history` (1,099 by default), and a
+        // replay cut at the buffer's 1,024 lost its newest messages.
+        let (sender, feed) = Subscription::channel(FEED_CAPACITY.saturating_add(replayed.len()));
         let task = tokio::spawn(status::follow(
             Arc::clone(&self.inner),
             run.clone(),
@@ -1070,7 +1074,7 @@ impl Store for RedisStore {
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
         let context = |e: Error| {
             e.with_backend(BACKEND)
-                .with_operation(Operation::Mark)
+                .with_operation(Operation::SetAttr)
                 .with_run(run)
         };
         check_label("attribute", name).map_err(context)?;

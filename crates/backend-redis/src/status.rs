@@ -174,7 +174,9 @@ impl Inner {
                     .arg("+")
                     .arg("-")
                     .arg("COUNT")
-                    .arg(n)
+                    // The server refuses a count past `i64::MAX`; no stream
+                    // holds that many.
+                    .arg(i64::try_from(n).unwrap_or(i64::MAX))
                     .query_async(&mut con),
             )
             .await?;
@@ -218,17 +220,28 @@ impl Inner {
     /// means the entries right after it may have gone too: that is reported
     /// as incomplete, even when the first one left happens to be its
     /// successor, since ids alone cannot tell. `last` gone with nothing
-    /// newer (a quiet run whose last message aged out) misses nothing.
+    /// newer (a quiet run whose last message aged out) misses nothing, as
+    /// long as the stream is there: trimming leaves an empty stream, but a
+    /// `delete_run` deletes it whole, with whatever was published after
+    /// `last` (a stream that never was, on a run that never published,
+    /// cannot be told from one deleted: a `Resync`, harmless).
     async fn status_gap(&self, run: &RunId, last: StreamId) -> Result<(Vec<StatusMessage>, bool)> {
         let missed = self.status_after(run, last).await?;
+        if missed.is_empty() {
+            let mut con = self.conn.clone();
+            let there: bool = self
+                .bounded(
+                    redis::cmd("EXISTS")
+                        .arg(self.keys.status(run))
+                        .query_async(&mut con),
+                )
+                .await?;
+            return Ok((missed, there));
+        }
         if last == StreamId::ZERO {
             // The stream was empty when the subscription started: complete
             // unless the stream ever lost an entry.
-            let complete = missed.is_empty() || self.status_untrimmed(run).await?;
-            return Ok((missed, complete));
-        }
-        if missed.is_empty() {
-            return Ok((missed, true));
+            return Ok((missed, self.status_untrimmed(run).await?));
         }
         // `XRANGE last last`: that very entry (an inclusive start alone
         // would also return any entry after it).

@@ -1063,8 +1063,31 @@ impl Store for WeppcloudService {
         Err(unsupported(Operation::ListRuns))
     }
 
-    async fn delete_run(&self, _run: &RunId) -> Result<u64> {
-        Err(unsupported(Operation::DeleteRun))
+    /// Keeps no documents (0), but forgets what it keeps of the run, as a
+    /// store deletes a run's milestones with its documents: one script
+    /// deletes the milestone fields of WEPPcloud's run hash
+    /// (`timestamps:*`, `attrs:*`; its other fields are WEPPcloud's own and
+    /// stay) and runstate's status stream of the run.
+    async fn delete_run(&self, run: &RunId) -> Result<u64> {
+        let inner = &self.inner.store.inner;
+        let script = redis::Script::new(
+            "for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do \
+               if string.sub(f, 1, 11) == 'timestamps:' or string.sub(f, 1, 6) == 'attrs:' then \
+                 redis.call('HDEL', KEYS[1], f) end end \
+             redis.call('DEL', KEYS[2]) return 0",
+        );
+        let mut invocation = script.prepare_invoke();
+        invocation.key(run.as_str()).key(inner.keys.status(run));
+        let mut con = inner.conn.clone();
+        let _: i64 = inner
+            .bounded(invocation.invoke_async(&mut con))
+            .await
+            .map_err(|e| {
+                e.with_backend(BACKEND)
+                    .with_operation(Operation::DeleteRun)
+                    .with_run(run)
+            })?;
+        Ok(0)
     }
 
     /// One script: the message appended to runstate's stream (what

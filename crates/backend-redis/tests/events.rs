@@ -512,6 +512,41 @@ async fn status_history_is_a_capped_stream() {
     store.purge_prefix().await.expect("cleanup");
 }
 
+/// A subscription replays the whole history the stream keeps. With the
+/// default settings it keeps up to 1,099 messages (`MAXLEN ~ 1000` trims
+/// whole nodes of 100), more than a feed's buffer of 1,024: the replay was
+/// pushed into that buffer at once, so its newest messages were dropped for
+/// a `Resync`. A replay of more messages than a stream can hold
+/// (`usize::MAX`) is all of them, not a refused count.
+#[tokio::test]
+async fn a_whole_default_history_is_replayed() {
+    let Some(url) = shared_url() else { return };
+    let p = prefix();
+    let store = open(&url, &p).await;
+    let run = RunId::new("long").expect("valid");
+    for i in 0..1090 {
+        store
+            .publish(&run, "wepp", &format!("m{i}"))
+            .await
+            .expect("publish");
+    }
+    for replay in [Replay::All, Replay::Last(usize::MAX)] {
+        let mut all = store.subscribe(&run, replay).await.expect("subscribe");
+        for i in 0..1090 {
+            match tokio::time::timeout(Duration::from_secs(3), all.next()).await {
+                Ok(Some(Ok(StatusEvent::Message(m)))) => assert_eq!(m.text, format!("m{i}")),
+                other => panic!("{replay:?}, message {i}: {other:?}"),
+            }
+        }
+    }
+    let error = store
+        .set_attr(&run, "bad name", "v")
+        .await
+        .expect_err("a bad attribute name");
+    assert_eq!(error.operation(), Some(runstate_core::Operation::SetAttr));
+    store.purge_prefix().await.expect("cleanup");
+}
+
 /// Issue 13 §3 on Redis: milestones are WEPPcloud's per-run hash fields
 /// (`timestamps:<task>` in epoch seconds, `attrs:<name>`), so fields written
 /// by WEPPcloud read back and ours read in WEPPcloud; other fields of the

@@ -268,6 +268,40 @@ async fn a_reconnect_that_lost_nothing_gives_no_resync() {
     assert_eq!(text_of(next(&mut sub).await), "fourth");
 }
 
+/// A run deleted while the listener was away, after a message the
+/// subscriber had not heard: `delete_run` deletes the stream whole, so
+/// nothing was read after the last message heard, and that was taken for
+/// "nothing missed". The subscriber gets `Resync` before the next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_deleted_while_the_listener_was_away_gives_resync() {
+    let server = OwnRedis::start(false, &[]);
+    let config = RedisConfig::from_url(&server.url()).expect("url");
+    let store = open(config.clone()).await;
+    let writer = open(config).await;
+    let mut admin = raw(&server.url()).await;
+    let run = RunId::new("r").expect("valid");
+    writer.publish(&run, "wepp", "a0").await.expect("publish");
+    let mut sub = store
+        .subscribe(&run, Replay::Last(1))
+        .await
+        .expect("subscribe");
+    assert_eq!(text_of(next(&mut sub).await), "a0");
+
+    keep_listener_away(&mut admin).await;
+    writer.publish(&run, "wepp", "m1").await.expect("publish");
+    writer.delete_run(&run).await.expect("delete the run");
+    let_back(&mut admin).await;
+    wait_subscribed(&mut admin, "runstate:{r}:status:live").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    writer.publish(&run, "wepp", "live").await.expect("publish");
+    assert_eq!(
+        next(&mut sub).await,
+        StatusEvent::Resync,
+        "m1 was never heard"
+    );
+    assert_eq!(text_of(next(&mut sub).await), "live");
+}
+
 // ---- 2. A load that fails after its grant ----
 
 /// `acquire_and_load` whose grant succeeded but whose read failed (the
@@ -1120,4 +1154,56 @@ async fn an_endless_cache_ttl_is_the_longest_one() {
         .query_async(&mut con)
         .await
         .expect("UNLINK");
+}
+
+/// A touch (a validation found the copy current) only moves the copy's
+/// known-at time forward: a touch that comes late made it look older than
+/// a later validation had found it (harmless for the bound, but it cost
+/// stale-tolerant readers a round trip), and a touch of a replaced copy
+/// changes nothing.
+#[tokio::test]
+async fn a_late_touch_never_makes_a_cached_copy_older() {
+    use runstate_core::{Cache, Cached, StoredDoc, Version};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let Some(url) = shared_url() else {
+        return;
+    };
+    let p = prefix();
+    let store = open_prefixed(&url, &p).await;
+    let cache = runstate_redis::RedisCache::beside(&store, Duration::from_secs(60));
+    let run = RunId::new("touched").expect("valid");
+    let doc = DocName::new("ron").expect("valid");
+    // Whole milliseconds, as the cache keeps them.
+    let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+    let now = u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis(),
+    )
+    .expect("fits");
+    let v1 = Version::new("v1");
+    let copy = Cached::new(StoredDoc::new(Bytes::from("x"), v1.clone()), at(now));
+    cache.put(&run, &doc, copy).await;
+    cache.touch(&run, &doc, &v1, at(now - 5_000)).await;
+    assert_eq!(
+        cache.version(&run, &doc).await,
+        Some((v1.clone(), at(now))),
+        "moved back"
+    );
+    cache.touch(&run, &doc, &v1, at(now + 5)).await;
+    assert_eq!(
+        cache.version(&run, &doc).await,
+        Some((v1.clone(), at(now + 5))),
+        "not moved forward"
+    );
+    cache
+        .touch(&run, &doc, &Version::new("v0"), at(now + 10))
+        .await;
+    assert_eq!(
+        cache.version(&run, &doc).await,
+        Some((v1, at(now + 5))),
+        "another version's touch"
+    );
+    store.purge_prefix().await.expect("cleanup");
 }

@@ -83,6 +83,10 @@ struct State {
     runs: BTreeMap<RunId, BTreeMap<DocName, Kept>>,
     locks: HashMap<LockKey, LockState>,
     watermarks: HashMap<LockKey, u64>,
+    /// Drawn at random for each store, so that two stores never hand out
+    /// the same version (a cache shared by two of them would otherwise
+    /// take one's copy for the other's current document).
+    version_tag: u64,
     next_version: u64,
     watchers: HashMap<RunId, Vec<FeedSender<WatchEvent>>>,
     status: HashMap<RunId, VecDeque<StatusMessage>>,
@@ -139,9 +143,20 @@ impl LockState {
 }
 
 impl State {
+    /// An empty state with a version tag of its own.
+    fn fresh() -> State {
+        State {
+            version_tag: fastrand::u64(..),
+            ..State::default()
+        }
+    }
+
     fn version(&mut self) -> Version {
         self.next_version += 1;
-        Version::new(format!("m{:016x}", self.next_version))
+        Version::new(format!(
+            "m{:016x}{:016x}",
+            self.version_tag, self.next_version
+        ))
     }
 
     /// Tells the run's watchers, dropping those whose feed is gone.
@@ -190,7 +205,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Arc::new(Inner {
                 name,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State::fresh()),
                 capabilities: Capabilities::full(BACKEND)
                     .with_multi_host(false)
                     .with_foreign_fencing(true)
@@ -209,7 +224,7 @@ impl MemoryStore {
     pub fn with_history(self, history: usize) -> Self {
         let mut inner = Inner {
             name: self.inner.name.clone(),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::fresh()),
             capabilities: self.inner.capabilities.clone(),
             signals: ReleaseSignals::new(),
             history: history.max(1),
@@ -385,8 +400,17 @@ impl MemoryStore {
                 since,
             ));
         }
-        lock.fence += 1;
         let since = SystemTime::now();
+        // At least the microseconds since 1970 (as Redis grants them): a
+        // store made again, in a process started again, must not grant
+        // fences a split store's document store has already seen (its
+        // watermarks outlive this store, and a fence below one is refused
+        // until the counter catches up; one equal to an old holder's would
+        // pass with it).
+        let clock = since
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |t| u64::try_from(t.as_micros()).unwrap_or(u64::MAX));
+        lock.fence = lock.fence.saturating_add(1).max(clock);
         lock.held = Some(Held {
             owner: owner.clone(),
             since,
@@ -680,7 +704,6 @@ impl Store for MemoryStore {
     }
 
     async fn subscribe(&self, run: &RunId, replay: Replay) -> Result<Subscription> {
-        let (mut sender, feed) = Subscription::channel(FEED_CAPACITY);
         let mut state = self.state();
         let history: Vec<StatusMessage> = state
             .status
@@ -692,6 +715,11 @@ impl Store for MemoryStore {
             Replay::Last(n) => history.len().saturating_sub(n),
             _ => 0,
         };
+        // Room for the whole replay and a buffer's worth after it: a
+        // history longer than the buffer (`with_history`) lost its newest
+        // messages.
+        let (mut sender, feed) =
+            Subscription::channel(FEED_CAPACITY.saturating_add(history.len() - skip));
         for message in history.into_iter().skip(skip) {
             sender.send(StatusEvent::Message(message));
         }
@@ -875,5 +903,65 @@ impl Lock for MemoryStore {
         };
         self.inner.signals.released(lease.key(), lease.fence());
         saved
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two stores never hand out the same version: a cache shared by both
+    /// (a Redis cache named by two `memory://` URLs) took one store's copy
+    /// for the other's current document when both counted from 1.
+    #[tokio::test]
+    async fn two_stores_never_hand_out_the_same_version() {
+        let run = RunId::new("r").expect("run");
+        let doc = DocName::new("d").expect("doc");
+        let (a, b) = (MemoryStore::new(), MemoryStore::new().with_history(10));
+        let put = PutOptions::overwrite;
+        let va = a.put(&run, &doc, Bytes::from_static(b"A"), put()).await;
+        let vb = b.put(&run, &doc, Bytes::from_static(b"B"), put()).await;
+        assert_ne!(va.expect("put A"), vb.expect("put B"));
+    }
+
+    /// A store made again (a process started again) grants fences above
+    /// every one the store before it granted: they start from the clock.
+    #[tokio::test]
+    async fn fences_of_a_new_store_start_above_the_old_ones() {
+        let key = LockKey::Run(RunId::new("r").expect("run"));
+        let owner = Owner::for_this_process();
+        let ttl = Duration::from_secs(30);
+        let old = MemoryStore::new();
+        let first = old.try_acquire(&key, &owner, ttl).await.expect("acquire");
+        old.release(&first).await.expect("release");
+        let second = old.try_acquire(&key, &owner, ttl).await.expect("acquire");
+        assert!(second.fence() > first.fence());
+        let again = MemoryStore::new()
+            .try_acquire(&key, &owner, ttl)
+            .await
+            .expect("acquire");
+        assert!(again.fence() > second.fence(), "{again:?} after {second:?}");
+    }
+
+    /// A replay longer than a feed's buffer (a history set past 1,024) is
+    /// delivered whole: it was pushed into the buffer at once, and its
+    /// newest messages were dropped for a `Resync`.
+    #[tokio::test]
+    async fn a_history_longer_than_the_buffer_is_replayed_whole() {
+        let store = MemoryStore::new().with_history(1500);
+        let run = RunId::new("r").expect("run");
+        for i in 0..1200 {
+            store
+                .publish(&run, "wepp", &format!("m{i}"))
+                .await
+                .expect("publish");
+        }
+        let mut feed = store.subscribe(&run, Replay::All).await.expect("subscribe");
+        for i in 0..1200 {
+            match feed.next().await {
+                Some(Ok(StatusEvent::Message(m))) => assert_eq!(m.text, format!("m{i}")),
+                other => panic!("message {i}: {other:?}"),
+            }
+        }
     }
 }

@@ -123,15 +123,24 @@ impl Store for CachedStore {
     ) -> Result<Option<StoredDoc>> {
         let asked = SystemTime::now();
         if let Some((version, known_at)) = self.cache.version(run, doc).await {
-            let age =
-                |known_at: SystemTime| asked.duration_since(known_at).unwrap_or(Duration::ZERO);
+            // A copy known current after this read was asked for (another
+            // host's clock ahead of ours, or ours stepped back) has no age
+            // we can trust: it is validated, never served as new.
+            let fresh = |known_at: SystemTime, max: Duration| {
+                asked.duration_since(known_at).is_ok_and(|age| age <= max)
+            };
             if let Some(max) = options.max_staleness
-                && age(known_at) <= max
+                && fresh(known_at, max)
                 && let Some(hit) = self.cache.get(run, doc).await
                 // The copy may have been replaced since its version was
                 // read (by an older read remembered late): the bound is
                 // judged on the copy served.
-                && age(hit.known_at) <= max
+                && fresh(hit.known_at, max)
+                // A copy over the caller's limit may be stale: the store
+                // says whether the document is still that large.
+                && options
+                    .limit
+                    .is_none_or(|limit| hit.doc.bytes.len() as u64 <= limit)
             {
                 return Self::serve(hit.doc, options, run, doc).map(Some);
             }
@@ -149,9 +158,13 @@ impl Store for CachedStore {
                         // gain from it.
                         let (cache, run2, doc2) =
                             (Arc::clone(&self.cache), run.clone(), doc.clone());
-                        tokio::spawn(
-                            async move { cache.touch(&run2, &doc2, &version, asked).await },
-                        );
+                        let touch = async move { cache.touch(&run2, &doc2, &version, asked).await };
+                        match tokio::runtime::Handle::try_current() {
+                            Ok(runtime) => drop(runtime.spawn(touch)),
+                            // Outside a Tokio runtime (another executor),
+                            // where spawning would panic: made in line.
+                            Err(_) => touch.await,
+                        }
                         return Self::serve(hit.doc, options, run, doc).map(Some);
                     }
                     // The cache changed meanwhile: ask the store below.
@@ -450,14 +463,36 @@ impl Lru {
     fn remove(&mut self, key: &(RunId, DocName)) {
         if let Some((copy, used)) = self.entries.remove(key) {
             self.order.remove(&used);
-            self.bytes -= copy.doc.bytes.len() as u64;
+            self.bytes -= cost(key, &copy);
         }
     }
 }
 
+/// What an entry is charged beyond its bytes, names and version: the
+/// copy's and the use order's bookkeeping (two map entries, their keys'
+/// headers, the times).
+const ENTRY_OVERHEAD: u64 = 128;
+
+/// The bytes an entry is charged against the budget: its document, its
+/// names, its version and [`ENTRY_OVERHEAD`]. Charging the document alone
+/// let empty or small documents fill memory past any budget.
+fn cost((run, doc): &(RunId, DocName), copy: &Cached) -> u64 {
+    let sizes = [
+        copy.doc.bytes.len(),
+        run.as_str().len(),
+        doc.as_str().len(),
+        copy.doc.version.as_str().len(),
+    ];
+    sizes
+        .iter()
+        .fold(ENTRY_OVERHEAD, |sum, size| sum.saturating_add(*size as u64))
+}
+
 impl MemoryCache {
-    /// A cache keeping at most `budget` bytes of documents (a document
-    /// larger than the budget is not kept).
+    /// A cache keeping at most `budget` bytes, each copy charged its
+    /// document's bytes, its run and document names, its version and 128
+    /// bytes of bookkeeping (a copy charged more than the budget is not
+    /// kept).
     pub fn new(budget: u64) -> Self {
         MemoryCache {
             budget,
@@ -470,7 +505,8 @@ impl MemoryCache {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Bytes of documents held.
+    /// Bytes held, as charged against the budget (see
+    /// [`new`](Self::new)).
     pub fn bytes(&self) -> u64 {
         self.lru().bytes
     }
@@ -509,7 +545,7 @@ impl Cache for MemoryCache {
 
     async fn put(&self, run: &RunId, doc: &DocName, copy: Cached) {
         let key = (run.clone(), doc.clone());
-        let size = copy.doc.bytes.len() as u64;
+        let size = cost(&key, &copy);
         let mut lru = self.lru();
         lru.remove(&key);
         if size > self.budget {
@@ -520,7 +556,7 @@ impl Cache for MemoryCache {
                 break;
             };
             if let Some((evicted, _)) = lru.entries.remove(&oldest) {
-                lru.bytes -= evicted.doc.bytes.len() as u64;
+                lru.bytes -= cost(&oldest, &evicted);
             }
         }
         lru.tick += 1;
@@ -625,7 +661,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_least_recently_used_go_first_within_the_budget() {
-        let cache = MemoryCache::new(10);
+        let cache = MemoryCache::new(2 * (4 + 1 + 1 + 1 + ENTRY_OVERHEAD) + 10);
         let run = RunId::new("r").unwrap();
         let (a, b, c) = (
             DocName::new("a").unwrap(),
@@ -639,8 +675,9 @@ mod tests {
         assert!(cache.get(&run, &b).await.is_none());
         assert!(cache.get(&run, &a).await.is_some());
         assert!(cache.get(&run, &c).await.is_some());
-        assert_eq!(cache.bytes(), 8);
-        cache.put(&run, &a, copy(b"too large for it", "2")).await;
+        // Each: 4 bytes, names of 1 byte, a version of 1, and bookkeeping.
+        assert_eq!(cache.bytes(), 2 * (4 + 1 + 1 + 1 + ENTRY_OVERHEAD));
+        cache.put(&run, &a, copy(&[b'x'; 200], "2")).await;
         assert!(
             cache.get(&run, &a).await.is_none(),
             "over the budget: not kept, old copy gone"
@@ -648,5 +685,151 @@ mod tests {
         cache.remove_run(&run).await;
         assert!(cache.is_empty());
         assert_eq!(cache.bytes(), 0);
+    }
+
+    /// Empty documents are charged their bookkeeping: before, a cache with
+    /// no budget at all kept every empty copy, and small copies filled
+    /// memory past any budget.
+    #[tokio::test]
+    async fn every_copy_is_charged_its_bookkeeping() {
+        let run = RunId::new("r").unwrap();
+        let none = MemoryCache::new(0);
+        none.put(&run, &DocName::new("d").unwrap(), copy(b"", "1"))
+            .await;
+        assert!(none.is_empty(), "a cache of no budget keeps nothing");
+        let small = MemoryCache::new(10 * 1024);
+        for i in 0..1000 {
+            let doc = DocName::new(format!("d{i}")).unwrap();
+            small.put(&run, &doc, copy(b"", "1")).await;
+        }
+        assert!(small.bytes() <= 10 * 1024, "{} bytes", small.bytes());
+        assert!(small.len() < 80, "{} copies", small.len());
+    }
+
+    fn ids() -> (RunId, DocName) {
+        (RunId::new("r").unwrap(), DocName::new("d").unwrap())
+    }
+
+    /// Two stores sharing one cache never serve each other's copies: two
+    /// memory stores both counted their versions from 1, so a validated
+    /// read of one found its version "unchanged" and served the other's
+    /// bytes (and an optimistic update saved over it).
+    #[tokio::test]
+    async fn stores_sharing_a_cache_never_serve_each_others_copies() {
+        use runstate_core::StoreExt;
+        use runstate_core::memory::MemoryStore;
+        let (run, doc) = ids();
+        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new(1 << 20));
+        let a = CachedStore::new(Arc::new(MemoryStore::new()), Arc::clone(&cache));
+        let b = CachedStore::new(Arc::new(MemoryStore::new()), cache);
+        a.put_bytes(&run, &doc, Bytes::from_static(b"A"))
+            .await
+            .unwrap();
+        b.put_bytes(&run, &doc, Bytes::from_static(b"B"))
+            .await
+            .unwrap();
+        let got = a.get(&run, &doc, GetOptions::new()).await.unwrap().unwrap();
+        assert_eq!(&got.bytes[..], b"A", "store a served store b's copy");
+    }
+
+    /// A copy stamped known current after the read was asked for (another
+    /// host's clock ahead) is validated, not served as new: its age was
+    /// taken as zero, so a stale copy passed any staleness bound.
+    #[tokio::test]
+    async fn a_copy_known_in_the_future_is_validated() {
+        use runstate_core::StoreExt;
+        use runstate_core::memory::MemoryStore;
+        let (run, doc) = ids();
+        let store = Arc::new(MemoryStore::new());
+        let old = store
+            .put_bytes(&run, &doc, Bytes::from_static(b"old"))
+            .await
+            .unwrap();
+        let cache = Arc::new(MemoryCache::new(1 << 20));
+        cache
+            .put(
+                &run,
+                &doc,
+                Cached::new(
+                    StoredDoc::new(Bytes::from_static(b"old"), old),
+                    SystemTime::now() + Duration::from_secs(3600),
+                ),
+            )
+            .await;
+        store
+            .put_bytes(&run, &doc, Bytes::from_static(b"new"))
+            .await
+            .unwrap();
+        let cached = CachedStore::new(store, cache);
+        let options = GetOptions::new().with_max_staleness(Duration::from_secs(1));
+        let got = cached.get(&run, &doc, options).await.unwrap().unwrap();
+        assert_eq!(&got.bytes[..], b"new", "a copy from the future was served");
+    }
+
+    /// A stale-tolerant read whose cached copy is over the caller's limit
+    /// asks the store: the document stored now may be small. Before, it
+    /// failed with `TooLarge` about a document no longer stored.
+    #[tokio::test]
+    async fn a_cached_copy_over_the_limit_is_checked_with_the_store() {
+        use runstate_core::StoreExt;
+        use runstate_core::memory::MemoryStore;
+        let (run, doc) = ids();
+        let store = Arc::new(MemoryStore::new());
+        let cached = CachedStore::new(
+            Arc::clone(&store) as Arc<dyn Lock>,
+            Arc::new(MemoryCache::new(1 << 20)),
+        );
+        cached
+            .put_bytes(&run, &doc, Bytes::from(vec![b'x'; 100]))
+            .await
+            .unwrap();
+        store
+            .put_bytes(&run, &doc, Bytes::from_static(b"small"))
+            .await
+            .unwrap();
+        let options = GetOptions::new()
+            .with_max_staleness(Duration::from_secs(3600))
+            .with_limit(50);
+        let got = cached.get(&run, &doc, options).await.unwrap().unwrap();
+        assert_eq!(&got.bytes[..], b"small");
+    }
+
+    /// A validated hit outside a Tokio runtime (another executor): its
+    /// touch of the cache was spawned on Tokio, which panicked.
+    #[test]
+    fn a_validated_hit_needs_no_tokio_runtime() {
+        use runstate_core::StoreExt;
+        use runstate_core::memory::MemoryStore;
+        use std::task::{Context, Poll, Wake, Waker};
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        fn block_on<F: std::future::Future>(future: F) -> F::Output {
+            let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+            let mut cx = Context::from_waker(&waker);
+            let mut future = std::pin::pin!(future);
+            loop {
+                if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                    return out;
+                }
+                std::thread::park();
+            }
+        }
+        let (run, doc) = ids();
+        let cached = CachedStore::new(
+            Arc::new(MemoryStore::new()),
+            Arc::new(MemoryCache::new(1 << 20)),
+        );
+        block_on(async {
+            cached
+                .put_bytes(&run, &doc, Bytes::from_static(b"x"))
+                .await
+                .unwrap();
+            let got = cached.get(&run, &doc, GetOptions::new()).await.unwrap();
+            assert_eq!(got.map(|d| d.bytes), Some(Bytes::from_static(b"x")));
+        });
     }
 }

@@ -21,7 +21,19 @@
 //!
 //! A released (or broken) grant is closed in the document store too: the
 //! watermark moves past its fence, so a save that comes late under it is
-//! refused even if nobody has taken the lock since. A lease whose local
+//! refused even if nobody has taken the lock since. A release the lock
+//! service refused (another owner's) closes nothing while a live grant
+//! holds that fence.
+//!
+//! **The lock service must never grant a fence again.** Watermarks outlive
+//! it: a lock service that lost its fences (a SQL lock table or a lock
+//! folder made again, or another lock service in its place) grants fences
+//! the document store has already seen, and its claims are refused
+//! (`Fenced`) until its counter passes them; a fence equal to an old
+//! holder's would pass beside it. Redis and the in-process store start
+//! their fences from the clock (microseconds since 1970), so a server or
+//! process started again grants above every fence before it; move a SQL or
+//! file lock service with its data. A lease whose local
 //! deadline has passed is refused before anything is sent. (In the
 //! remaining case, a holder paused between that check and its write for
 //! longer than its TTL while nobody took the lock, the late write lands
@@ -95,9 +107,7 @@ impl SplitStore {
                 d.backend
             ));
         }
-        // One name per combination, made once per store opened.
-        let backend: &'static str =
-            Box::leak(format!("{}+{}", d.backend, l.backend).into_boxed_str());
+        let backend = combined_name(d.backend, l.backend);
         let capabilities = Capabilities::full(backend)
             .with_conditional_put(true)
             .with_conditional_delete(d.conditional_delete)
@@ -108,7 +118,13 @@ impl SplitStore {
                 Fencing::VersionOnly
             })
             .with_max_document_size(d.max_document_size)
-            .with_multi_host(l.multi_host && (d.multi_host || d.foreign_fencing))
+            // Hosts share the documents where the document store is
+            // shared itself, or is a folder shared by hosts whose leases
+            // come from the lock service (the file store's documented
+            // split mode); an in-process store or a SQLite file is not.
+            .with_multi_host(
+                l.multi_host && (d.multi_host || (d.foreign_fencing && d.backend == FILE_BACKEND)),
+            )
             .with_native_conditional_get(d.native_conditional_get)
             .with_watch(d.watch)
             .with_status(l.status || d.status)
@@ -269,6 +285,30 @@ impl SplitStore {
         .at_doc(op, run, doc))
     }
 
+    /// Whether `lease`'s grant is over once its release answered
+    /// `released`. A release the lock service took ended it. A refused one
+    /// (`LeaseLost`: another owner's release, an older copy of a renewed
+    /// lease, or a grant that expired) ended it only when no live grant
+    /// holds its fence: closing it regardless would fence the live holder
+    /// out of the document store while the lock service still shows it
+    /// holding. After any other failure the grant may still be live, and
+    /// the next grant's claim raises the watermark anyway.
+    async fn has_ended(&self, lease: &Lease, released: &Result<()>) -> bool {
+        match released {
+            Ok(()) => true,
+            Err(error) if error.kind() == ErrorKind::LeaseLost => {
+                match self.locks.inspect(lease.key()).await {
+                    Ok(holder) => holder.is_none_or(|holder| holder.fence != lease.fence()),
+                    Err(error) => {
+                        tracing::debug!(%error, lock = %lease.key(), "inspect after a refused release");
+                        false
+                    }
+                }
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Moves the document store's watermark past a grant that ended, so a
     /// save that comes late under it is refused. Best effort: the grant's
     /// end is the lock service's; a failure here only leaves the watermark
@@ -290,6 +330,29 @@ impl SplitStore {
             tracing::debug!(%error, lock = %key, "closing an ended grant in the document store");
         }
     }
+}
+
+/// The file store's backend name (`runstate_file::BACKEND`, not a
+/// dependency of every build).
+const FILE_BACKEND: &str = "file";
+
+/// The name of a split store of `docs` and `locks` (`file+redis`): made
+/// once per combination in the process, since capabilities hold a
+/// `&'static str` (one leaked per store opened grew without bound).
+fn combined_name(docs: &str, locks: &str) -> &'static str {
+    static NAMES: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let name = format!("{docs}+{locks}");
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = names.get(name.as_str()) {
+        return known;
+    }
+    let made: &'static str = Box::leak(name.into_boxed_str());
+    names.insert(made);
+    made
 }
 
 impl fmt::Debug for SplitStore {
@@ -360,8 +423,21 @@ impl Store for SplitStore {
         self.docs.list_runs(after, limit).await
     }
 
+    /// Deletes the run's documents, then, where the lock service keeps the
+    /// run's milestones or status (it declares them), the run there too,
+    /// as one store deletes them with its documents: a run created again
+    /// must not show the old run's tasks as done. A lock service that
+    /// keeps no runs (`Unsupported`) is left as it is.
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
-        self.docs.delete_run(run).await
+        let deleted = self.docs.delete_run(run).await?;
+        let kept_there = self.locks.capabilities();
+        if kept_there.milestones || kept_there.status {
+            match self.locks.delete_run(run).await {
+                Err(error) if error.kind() != ErrorKind::Unsupported => return Err(error),
+                _ => {}
+            }
+        }
+        Ok(deleted)
     }
 
     async fn get_if_changed(
@@ -450,7 +526,9 @@ impl Lock for SplitStore {
 
     async fn release(&self, lease: &Lease) -> Result<()> {
         let released = self.locks.release(lease).await;
-        self.close(lease.key(), lease.fence()).await;
+        if self.has_ended(lease, &released).await {
+            self.close(lease.key(), lease.fence()).await;
+        }
         released
     }
 
@@ -574,6 +652,20 @@ impl SplitStore {
 mod tests {
     use super::*;
     use runstate_core::memory::MemoryStore;
+
+    /// A split store's name is made once per combination: one was leaked
+    /// for every store opened.
+    #[test]
+    fn a_combination_is_named_once() {
+        let docs: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let split = SplitStore::new(Arc::clone(&docs), Arc::new(MemoryStore::new())).expect("one");
+        let again = SplitStore::new(docs, Arc::new(MemoryStore::new())).expect("another");
+        assert_eq!(split.capabilities().backend, "memory+memory");
+        assert!(std::ptr::eq(
+            split.capabilities().backend,
+            again.capabilities().backend
+        ));
+    }
 
     /// A document store without fence watermarks (as S3 is), counting the
     /// reads that carry bytes.

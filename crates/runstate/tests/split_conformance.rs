@@ -270,3 +270,33 @@ mod hosts {
 
     runstate_conformance::suite!(Hosts);
 }
+
+/// Which split stores say hosts may share them: files whose leases come
+/// from Redis (the shared folder of WEPPcloud's workers) do; in-process
+/// documents and a SQLite file do not, whatever the lock service (they
+/// claimed to, from their fence watermarks alone).
+#[tokio::test]
+async fn only_shareable_documents_make_a_multi_host_split_store() {
+    let Some(redis) = runstate_conformance::server_url("redis", "RUNSTATE_REDIS_URL", "multi-host")
+    else {
+        return;
+    };
+    let locks = format!("locks={}", encode(&redis));
+    let root = std::env::temp_dir().join(format!("runstate-multihost-{:x}", fastrand::u64(..)));
+    let cases = [
+        (format!("file://{}", root.join("files").display()), true),
+        ("memory://multihost".to_owned(), false),
+        (
+            format!("sqlite://{}", root.join("db.sqlite").display()),
+            false,
+        ),
+    ];
+    std::fs::create_dir_all(&root).expect("root");
+    for (docs, shared) in cases {
+        let store = runstate::open(&with_option(&docs, &locks))
+            .await
+            .unwrap_or_else(|e| panic!("{docs}: {e}"));
+        assert_eq!(store.capabilities().multi_host, shared, "{docs}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

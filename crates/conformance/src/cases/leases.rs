@@ -288,6 +288,18 @@ pub async fn lease_release_by_non_owner_refused(ctx: Ctx) {
         .expect("inspect")
         .expect("still held");
     assert_eq!(holder.owner, a);
+    // The refused release ended nothing: the holder's saves still land (a
+    // split store once closed the grant in its document store anyway,
+    // fencing the holder out while the lock service still showed it).
+    ctx.store
+        .put(
+            key.run(),
+            &ctx.doc("ron"),
+            Bytes::from_static(b"still the holder's"),
+            PutOptions::overwrite().with_lease(&lease),
+        )
+        .await
+        .expect("the holder still saves after a refused release");
     ctx.store.release(&lease).await.expect("the owner releases");
     assert!(ctx.store.inspect(&key).await.expect("inspect").is_none());
 }

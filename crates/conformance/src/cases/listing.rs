@@ -270,12 +270,13 @@ pub async fn list_docs_absent_run_empty(ctx: Ctx) {
     assert!(ctx.store.list_all_runs().await.expect("runs").is_empty());
 }
 
-/// Deleting a run removes its documents and nothing else, also from a
-/// caching store's cache: a read allowing an hour's staleness, which a
-/// cached copy would answer without asking the store, finds none of them
-/// (on a Redis Cluster cache, the entries are on the primary of the run's
-/// slot, not wherever a keyless command lands). The run can be used again
-/// afterwards.
+/// Deleting a run removes its documents and its milestones and nothing
+/// else, also from a caching store's cache (a read allowing an hour's
+/// staleness, which a cached copy would answer without asking the store,
+/// finds none of them: on a Redis Cluster cache, the entries are on the
+/// primary of the run's slot, not wherever a keyless command lands) and
+/// from a split store's lock service where it keeps the milestones. The
+/// run can be used again afterwards.
 pub async fn delete_run_removes_documents(ctx: Ctx) {
     let (doomed, kept) = (ctx.run("doomed"), ctx.run("kept"));
     let stale = GetOptions::default().with_max_staleness(Duration::from_secs(3600));
@@ -297,7 +298,22 @@ pub async fn delete_run_removes_documents(ctx: Ctx) {
         .put_bytes(&kept, &ctx.doc("d0"), Bytes::from_static(b"keep"))
         .await
         .expect("put");
+    // Its milestones go with it, where the store keeps them.
+    let milestones = ctx.store.capabilities().milestones;
+    if milestones {
+        ctx.store
+            .mark(&doomed, "built", std::time::SystemTime::now())
+            .await
+            .expect("mark");
+    }
     assert_eq!(ctx.store.delete_run(&doomed).await.expect("delete run"), 5);
+    if milestones {
+        let left = ctx.store.milestones(&doomed).await.expect("milestones");
+        assert!(
+            left.timestamps.is_empty(),
+            "the deleted run's milestones are left: {left:?}"
+        );
+    }
     for i in 0..5 {
         let doc = ctx.doc(&format!("d{i}"));
         assert_eq!(
