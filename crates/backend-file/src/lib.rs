@@ -852,13 +852,13 @@ impl Store for FileStore {
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
         let context = |e: Error| {
             e.with_backend(BACKEND)
-                .with_operation(Operation::Mark)
+                .with_operation(Operation::SetAttr)
                 .with_run(run)
         };
         check_label("attribute", name).map_err(context)?;
         check_text("attribute value", value).map_err(context)?;
         let (r, name, value) = (run.clone(), name.to_owned(), value.to_owned());
-        self.blocking(Operation::Mark, move |e| {
+        self.blocking(Operation::SetAttr, move |e| {
             milestones::change(e, &r, &milestones::Change::Attr(&name, &value))
         })
         .await

@@ -247,7 +247,12 @@ impl Cache for RedisCache {
                 Err(error) if tries < 2 && error.is_retryable() => {
                     self.log("forgetting a run (tried again)", &error);
                 }
-                Err(error) => return self.log("forgetting a run", &error),
+                Err(error) => {
+                    // Entries left behind are served to reads allowing
+                    // that much staleness until their TTL: worth a warning.
+                    tracing::warn!(%error, run = %run, "redis cache: forgetting a run failed; its entries stay until their TTL");
+                    return;
+                }
             }
         }
     }

@@ -94,9 +94,10 @@
 //! subscription replays from the stream (`XRANGE`, `XREVRANGE … COUNT n`),
 //! then follows the announcements through the listener, and after a
 //! reconnect re-reads the stream from its last message, so it reports
-//! `Resync` only when messages it missed may have been trimmed away
-//! meanwhile (its last message is gone and newer ones are there; see
-//! the `status` module) or when its own feed overflowed. Milestones are WEPPcloud's per-run hash
+//! `Resync` only when messages it missed may have been trimmed or deleted
+//! meanwhile (its last message is gone and newer ones are there, or the
+//! stream is gone; see the `status` module) or when its own feed
+//! overflowed. Milestones are WEPPcloud's per-run hash
 //! fields `timestamps:<task>` (epoch seconds, fractional when the time has
 //! a fraction) and `attrs:<name>`, each set by one `HSET`: atomic per
 //! field, no lock. [`Store::delete_run`] deletes the run's milestones and

@@ -14,9 +14,10 @@
 //! is lost either; it says `Resync` when messages it missed may have been
 //! trimmed away meanwhile (its last message is gone and newer ones are
 //! there; or, when the stream was empty at the start, the stream lost an
-//! entry since), or the stream could not be read. A subscriber
-//! whose feed overflows gets `Resync` from the feed itself, then the
-//! newest messages.
+//! entry since; or the stream is gone, its run deleted), or the stream
+//! could not be read. The feed has room for the whole replay and a
+//! buffer's worth after it; a subscriber whose feed overflows gets
+//! `Resync` from the feed itself, then the newest messages.
 //!
 //! **Milestones** of a run are a hash, `<prefix>:{run}:milestones`, with
 //! WEPPcloud's field names: `timestamps:<task>` (epoch seconds, with a
@@ -223,10 +224,15 @@ impl Inner {
     /// newer (a quiet run whose last message aged out) misses nothing, as
     /// long as the stream is there: trimming leaves an empty stream, but a
     /// `delete_run` deletes it whole, with whatever was published after
-    /// `last` (a stream that never was, on a run that never published,
-    /// cannot be told from one deleted: a `Resync`, harmless).
+    /// `last`. A subscription that started on an empty stream (`last` is
+    /// zero) cannot tell a stream deleted meanwhile from one that never
+    /// was, the common case of a run that never published: it gets no
+    /// `Resync` for it.
     async fn status_gap(&self, run: &RunId, last: StreamId) -> Result<(Vec<StatusMessage>, bool)> {
         let missed = self.status_after(run, last).await?;
+        if missed.is_empty() && last == StreamId::ZERO {
+            return Ok((missed, true));
+        }
         if missed.is_empty() {
             let mut con = self.conn.clone();
             let there: bool = self
@@ -342,6 +348,12 @@ pub(crate) async fn follow(
             },
             Some(Note::Reconnected) => match inner.status_gap(&run, last).await {
                 Ok((missed, complete)) => {
+                    if missed.is_empty() && !complete {
+                        // The stream is gone (the run deleted): follow on
+                        // from its start, or every later reconnect would
+                        // report the same gap again.
+                        last = StreamId::ZERO;
+                    }
                     let mut open = complete || sender.resync();
                     for message in missed {
                         if let Some(id) = id_of(&message) {

@@ -1066,8 +1066,9 @@ impl Store for WeppcloudService {
     /// Keeps no documents (0), but forgets what it keeps of the run, as a
     /// store deletes a run's milestones with its documents: one script
     /// deletes the milestone fields of WEPPcloud's run hash
-    /// (`timestamps:*`, `attrs:*`; its other fields are WEPPcloud's own and
-    /// stay) and runstate's status stream of the run.
+    /// (`timestamps:*`, `attrs:*`, which WEPPcloud and runstate share;
+    /// every other field stays) and runstate's status stream of the run.
+    /// A split store asks it only for a run whose documents it deleted.
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
         let inner = &self.inner.store.inner;
         let script = redis::Script::new(

@@ -302,6 +302,30 @@ async fn a_run_deleted_while_the_listener_was_away_gives_resync() {
     assert_eq!(text_of(next(&mut sub).await), "live");
 }
 
+/// No `Resync` after a reconnect for a subscription on a run that never
+/// published (nothing was missed, and no stream is there): the check for a
+/// deleted stream must not report one that never was, or every idle
+/// subscriber would reload at every reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_on_a_run_that_never_published_gives_no_resync() {
+    let server = OwnRedis::start(false, &[]);
+    let config = RedisConfig::from_url(&server.url()).expect("url");
+    let store = open(config.clone()).await;
+    let writer = open(config).await;
+    let mut admin = raw(&server.url()).await;
+    let run = RunId::new("idle").expect("valid");
+    let mut sub = store.subscribe(&run, Replay::All).await.expect("subscribe");
+    keep_listener_away(&mut admin).await;
+    let_back(&mut admin).await;
+    wait_subscribed(&mut admin, "runstate:{idle}:status:live").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    writer
+        .publish(&run, "wepp", "first")
+        .await
+        .expect("publish");
+    assert_eq!(text_of(next(&mut sub).await), "first", "no Resync first");
+}
+
 // ---- 2. A load that fails after its grant ----
 
 /// `acquire_and_load` whose grant succeeded but whose read failed (the

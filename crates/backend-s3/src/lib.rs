@@ -923,7 +923,7 @@ impl Store for S3Store {
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
         let context = |e: Error| {
             e.with_backend(BACKEND)
-                .with_operation(Operation::Mark)
+                .with_operation(Operation::SetAttr)
                 .with_run(run)
         };
         check_label("attribute", name).map_err(context)?;

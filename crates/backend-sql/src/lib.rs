@@ -1080,7 +1080,7 @@ impl Store for SqlStore {
         let backend = self.inner.backend();
         let context = |e: Error| {
             e.with_backend(backend)
-                .with_operation(Operation::Mark)
+                .with_operation(Operation::SetAttr)
                 .with_run(run)
         };
         check_label("attribute", name).map_err(context)?;

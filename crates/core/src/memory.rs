@@ -732,7 +732,12 @@ impl Store for MemoryStore {
     }
 
     async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
-        check_label("task", task).map_err(|e| e.with_backend(BACKEND).with_run(run))?;
+        let context = |e: Error| {
+            e.with_backend(BACKEND)
+                .with_operation(Operation::Mark)
+                .with_run(run)
+        };
+        check_label("task", task).map_err(context)?;
         self.state()
             .milestones
             .entry(run.clone())
@@ -743,8 +748,13 @@ impl Store for MemoryStore {
     }
 
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
-        check_label("attribute", name).map_err(|e| e.with_backend(BACKEND).with_run(run))?;
-        check_text("attribute value", value).map_err(|e| e.with_backend(BACKEND).with_run(run))?;
+        let context = |e: Error| {
+            e.with_backend(BACKEND)
+                .with_operation(Operation::SetAttr)
+                .with_run(run)
+        };
+        check_label("attribute", name).map_err(context)?;
+        check_text("attribute value", value).map_err(context)?;
         self.state()
             .milestones
             .entry(run.clone())
@@ -936,6 +946,8 @@ mod tests {
         old.release(&first).await.expect("release");
         let second = old.try_acquire(&key, &owner, ttl).await.expect("acquire");
         assert!(second.fence() > first.fence());
+        // The clock past the old store's last grant, however fine its tick.
+        tokio::time::sleep(Duration::from_millis(2)).await;
         let again = MemoryStore::new()
             .try_acquire(&key, &owner, ttl)
             .await

@@ -129,7 +129,8 @@
 //! grant raises it *before* its holder reads. The capabilities say what
 //! the pair gives: `Fencing::Atomic` when the document store keeps fence
 //! watermarks (file, SQL, Redis, memory), `VersionOnly` on S3; multi-host
-//! when the lock service is.
+//! when the lock service is and the documents are shared by hosts (a
+//! server, or the file store's folder; not in-process or SQLite documents).
 //!
 //! ```text
 //! file:///geodata/runs?ext=nodb&locks=redis%3A%2F%2Fcache%3A6379%2F0%3Fprefix%3Dwepp

@@ -16,7 +16,7 @@
 //! acquire_and_load = locks.try_acquire → docs.claim(fence) + read
 //! save_and_release = docs.put(fenced by the watermark, conditional on the version)
 //!                    → locks.release ∥ docs.claim(fence + 1)
-//! release          = locks.release → docs.claim(fence + 1)
+//! release          = locks.release → docs.claim(fence + 1), unless refused while the grant lives
 //! ```
 //!
 //! A released (or broken) grant is closed in the document store too: the
@@ -88,7 +88,9 @@ impl SplitStore {
     /// The split store fences atomically ([`Fencing::Atomic`]) when `docs`
     /// keeps fence watermarks ([`Capabilities::foreign_fencing`]), by
     /// version only otherwise; it may be shared by processes on several
-    /// hosts when `locks` may be and `docs` keeps watermarks.
+    /// hosts when `locks` may be and `docs` is shared itself (a server) or
+    /// is the file store (a folder hosts share); in-process and SQLite
+    /// documents are not.
     ///
     /// # Errors
     /// `Config` when `locks` grants no leases or `docs` has no conditional
@@ -294,6 +296,10 @@ impl SplitStore {
     /// holding. After any other failure the grant may still be live, and
     /// the next grant's claim raises the watermark anyway.
     async fn has_ended(&self, lease: &Lease, released: &Result<()>) -> bool {
+        if !self.watermarks() {
+            // Nothing to close: not worth a round trip.
+            return false;
+        }
         match released {
             Ok(()) => true,
             Err(error) if error.kind() == ErrorKind::LeaseLost => {
@@ -423,17 +429,22 @@ impl Store for SplitStore {
         self.docs.list_runs(after, limit).await
     }
 
-    /// Deletes the run's documents, then, where the lock service keeps the
-    /// run's milestones or status (it declares them), the run there too,
-    /// as one store deletes them with its documents: a run created again
-    /// must not show the old run's tasks as done. A lock service that
-    /// keeps no runs (`Unsupported`) is left as it is.
+    /// Deletes the run's documents, then, when there were any and the lock
+    /// service keeps the run's milestones or status (it declares them), the
+    /// run there too, as one store deletes them with its documents: a run
+    /// created again must not show the old run's tasks as done. That second
+    /// step is best effort (logged): the documents are gone, and a caller
+    /// told otherwise would find nothing to delete when it tried again. A
+    /// run this store has no documents of is not touched in the lock
+    /// service, which may serve other document stores (WEPPcloud's roots).
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
         let deleted = self.docs.delete_run(run).await?;
         let kept_there = self.locks.capabilities();
-        if kept_there.milestones || kept_there.status {
+        if deleted > 0 && (kept_there.milestones || kept_there.status) {
             match self.locks.delete_run(run).await {
-                Err(error) if error.kind() != ErrorKind::Unsupported => return Err(error),
+                Err(error) if error.kind() != ErrorKind::Unsupported => {
+                    tracing::warn!(%error, run = %run, "the run's milestones or status were not deleted from the lock service");
+                }
                 _ => {}
             }
         }

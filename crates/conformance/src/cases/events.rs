@@ -445,9 +445,16 @@ pub async fn milestones_field_by_field(ctx: Ctx) {
         ctx.store.mark(&run, "../escape", SystemTime::now()).await,
         ErrorKind::InvalidKey,
     );
-    expect_kind(
-        ctx.store.set_attr(&run, "a b", "x").await,
-        ErrorKind::InvalidKey,
+    let refused = ctx
+        .store
+        .set_attr(&run, "a b", "x")
+        .await
+        .expect_err("a name with a space");
+    assert_eq!(refused.kind(), ErrorKind::InvalidKey, "{refused}");
+    assert_eq!(
+        refused.operation(),
+        Some(runstate_core::Operation::SetAttr),
+        "{refused}"
     );
     assert_eq!(
         ctx.store
