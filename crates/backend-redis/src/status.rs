@@ -224,30 +224,44 @@ impl Inner {
     /// newer (a quiet run whose last message aged out) misses nothing, as
     /// long as the stream is there: trimming leaves an empty stream, but a
     /// `delete_run` deletes it whole, with whatever was published after
-    /// `last`. A subscription that started on an empty stream (`last` is
-    /// zero) cannot tell a stream deleted meanwhile from one that never
-    /// was, the common case of a run that never published: it gets no
-    /// `Resync` for it.
+    /// `last` (the first page is read in one transaction with `EXISTS`, so
+    /// a message published right after the read cannot make a deleted
+    /// stream look kept). A subscriber that has heard no message since it
+    /// started on an empty stream, or since a deletion was reported
+    /// (`last` is zero), cannot tell a stream deleted meanwhile from one
+    /// that never was, the common case of a run that never published: it
+    /// gets no `Resync` for it.
     async fn status_gap(&self, run: &RunId, last: StreamId) -> Result<(Vec<StatusMessage>, bool)> {
-        let missed = self.status_after(run, last).await?;
-        if missed.is_empty() && last == StreamId::ZERO {
-            return Ok((missed, true));
-        }
-        if missed.is_empty() {
-            let mut con = self.conn.clone();
-            let there: bool = self
-                .bounded(
-                    redis::cmd("EXISTS")
-                        .arg(self.keys.status(run))
-                        .query_async(&mut con),
-                )
-                .await?;
-            return Ok((missed, there));
-        }
         if last == StreamId::ZERO {
             // The stream was empty when the subscription started: complete
             // unless the stream ever lost an entry.
-            return Ok((missed, self.status_untrimmed(run).await?));
+            let missed = self.status_after(run, last).await?;
+            let complete = missed.is_empty() || self.status_untrimmed(run).await?;
+            return Ok((missed, complete));
+        }
+        let key = self.keys.status(run);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("XRANGE")
+            .arg(&key)
+            .arg(format!("({last}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(PAGE)
+            .cmd("EXISTS")
+            .arg(&key);
+        let mut con = self.conn.clone();
+        let (first, there): (Value, bool) = self.bounded(pipe.query_async(&mut con)).await?;
+        let mut missed = entries(first)?;
+        if missed.is_empty() {
+            return Ok((missed, there));
+        }
+        if missed.len() == PAGE {
+            let after = missed
+                .last()
+                .and_then(id_of)
+                .ok_or_else(|| unexpected("stream id"))?;
+            missed.extend(self.status_after(run, after).await?);
         }
         // `XRANGE last last`: that very entry (an inclusive start alone
         // would also return any entry after it).

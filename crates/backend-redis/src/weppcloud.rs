@@ -1068,7 +1068,7 @@ impl Store for WeppcloudService {
     /// deletes the milestone fields of WEPPcloud's run hash
     /// (`timestamps:*`, `attrs:*`, which WEPPcloud and runstate share;
     /// every other field stays) and runstate's status stream of the run.
-    /// A split store asks it only for a run whose documents it deleted.
+    /// The WEPPcloud store asks it only for a run it had documents of.
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
         let inner = &self.inner.store.inner;
         let script = redis::Script::new(

@@ -429,26 +429,15 @@ impl Store for SplitStore {
         self.docs.list_runs(after, limit).await
     }
 
-    /// Deletes the run's documents, then, when there were any and the lock
-    /// service keeps the run's milestones or status (it declares them), the
-    /// run there too, as one store deletes them with its documents: a run
-    /// created again must not show the old run's tasks as done. That second
-    /// step is best effort (logged): the documents are gone, and a caller
-    /// told otherwise would find nothing to delete when it tried again. A
-    /// run this store has no documents of is not touched in the lock
-    /// service, which may serve other document stores (WEPPcloud's roots).
+    /// Deletes the run's documents, then, where the lock service keeps the
+    /// run's milestones or status (it declares them), the run there too,
+    /// as one store deletes them with its documents (a run created again
+    /// must not show the old run's tasks as done). A failure there is
+    /// returned: the documents are gone, and a call made again deletes
+    /// what is left.
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
-        let deleted = self.docs.delete_run(run).await?;
-        let kept_there = self.locks.capabilities();
-        if deleted > 0 && (kept_there.milestones || kept_there.status) {
-            match self.locks.delete_run(run).await {
-                Err(error) if error.kind() != ErrorKind::Unsupported => {
-                    tracing::warn!(%error, run = %run, "the run's milestones or status were not deleted from the lock service");
-                }
-                _ => {}
-            }
-        }
-        Ok(deleted)
+        let (deleted, facts) = self.delete_run_parts(run, true).await?;
+        facts.map(|()| deleted)
     }
 
     async fn get_if_changed(
@@ -630,6 +619,31 @@ impl Lock for SplitStore {
 }
 
 impl SplitStore {
+    /// [`Store::delete_run`] in two parts: the documents (their count, or
+    /// the error that left them), then, with `facts`, the run in the lock
+    /// service where it keeps milestones or status (`Unsupported` counts as
+    /// done): for a caller with work to do between the two outcomes (the
+    /// WEPPcloud store invalidates WEPPcloud's cache of the documents
+    /// deleted), or that must not touch the lock service's run (a WEPPcloud
+    /// store asked for a run it has no documents of: the run may live in
+    /// another of WEPPcloud's roots).
+    pub(crate) async fn delete_run_parts(
+        &self,
+        run: &RunId,
+        facts: bool,
+    ) -> Result<(u64, Result<()>)> {
+        let deleted = self.docs.delete_run(run).await?;
+        let kept_there = self.locks.capabilities();
+        if !facts || !(kept_there.milestones || kept_there.status) {
+            return Ok((deleted, Ok(())));
+        }
+        let outcome = match self.locks.delete_run(run).await {
+            Err(error) if error.kind() != ErrorKind::Unsupported => Err(error),
+            _ => Ok(()),
+        };
+        Ok((deleted, outcome))
+    }
+
     /// [`Lock::save_and_release`], also telling how the release went
     /// (`None`: the save found the lease lost, so nothing was released),
     /// for a caller that must act when the lock service did not take the
@@ -663,6 +677,23 @@ impl SplitStore {
 mod tests {
     use super::*;
     use runstate_core::memory::MemoryStore;
+
+    /// `delete_run` deletes the run's milestones where the lock service
+    /// keeps them, also for a run without documents (marked, never saved),
+    /// as one store does.
+    #[tokio::test]
+    async fn delete_run_forgets_milestones_kept_by_the_lock_service() {
+        let run = RunId::new("marked").expect("run");
+        let split = SplitStore::new(Arc::new(MemoryStore::new()), Arc::new(MemoryStore::new()))
+            .expect("a split store");
+        split
+            .mark(&run, "built", SystemTime::now())
+            .await
+            .expect("mark");
+        assert_eq!(split.delete_run(&run).await.expect("delete_run"), 0);
+        let left = split.milestones(&run).await.expect("milestones");
+        assert!(left.timestamps.is_empty(), "{left:?}");
+    }
 
     /// A split store's name is made once per combination: one was leaked
     /// for every store opened.

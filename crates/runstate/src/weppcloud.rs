@@ -366,9 +366,12 @@ impl Store for WeppcloudStore {
             for (doc, keeper) in &keepers {
                 keeper.check().map_err(|e| refused(e, doc))?;
             }
-            let deleted = self.split.delete_run(run).await?;
+            // WEPPcloud's run hash and runstate's status stream only for
+            // a run with documents here: a run this root has none of may
+            // live in another of WEPPcloud's roots.
+            let (deleted, facts) = self.split.delete_run_parts(run, !docs.is_empty()).await?;
             self.invalidate(run, &docs).await;
-            Ok(deleted)
+            facts.map(|()| deleted)
         }
         .await;
         for (_, keeper) in keepers {
