@@ -123,8 +123,20 @@ impl Inner {
         Ok(())
     }
 
-    /// One `XRANGE` page of `run`'s history from `start` (inclusive; `-`
-    /// for the first entry).
+    /// The `XRANGE` of one page of `run`'s history from `start`
+    /// (inclusive; `(<id>` after an entry, `-` for the first entry).
+    fn page_request(&self, run: &RunId, start: &str, count: usize) -> redis::Cmd {
+        let mut request = redis::cmd("XRANGE");
+        request
+            .arg(self.keys.status(run))
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(count);
+        request
+    }
+
+    /// One page of `run`'s history from `start` ([`page_request`](Self::page_request)).
     async fn status_page(
         &self,
         run: &RunId,
@@ -133,15 +145,7 @@ impl Inner {
     ) -> Result<Vec<StatusMessage>> {
         let mut con = self.conn.clone();
         let value: Value = self
-            .bounded(
-                redis::cmd("XRANGE")
-                    .arg(self.keys.status(run))
-                    .arg(start)
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(count)
-                    .query_async(&mut con),
-            )
+            .bounded(self.page_request(run, start, count).query_async(&mut con))
             .await?;
         entries(value)
     }
@@ -239,17 +243,11 @@ impl Inner {
             let complete = missed.is_empty() || self.status_untrimmed(run).await?;
             return Ok((missed, complete));
         }
-        let key = self.keys.status(run);
         let mut pipe = redis::pipe();
         pipe.atomic()
-            .cmd("XRANGE")
-            .arg(&key)
-            .arg(format!("({last}"))
-            .arg("+")
-            .arg("COUNT")
-            .arg(PAGE)
+            .add_command(self.page_request(run, &format!("({last}"), PAGE))
             .cmd("EXISTS")
-            .arg(&key);
+            .arg(self.keys.status(run));
         let mut con = self.conn.clone();
         let (first, there): (Value, bool) = self.bounded(pipe.query_async(&mut con)).await?;
         let mut missed = entries(first)?;
