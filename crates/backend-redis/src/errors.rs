@@ -28,6 +28,15 @@ fn refused_by_topology(kind: Option<ServerErrorKind>) -> bool {
     )
 }
 
+/// Whether the server answered `error` as a refusal of the command itself
+/// (an ACL that does not cover a key or channel, an unknown or disabled
+/// command), not for the cluster's layout or the connection: sending the
+/// same command again meets the same answer, and the connection is still
+/// usable.
+pub(crate) fn refused_by_server(error: &RedisError) -> bool {
+    matches!(error.kind(), RedisKind::Server(kind) if !refused_by_topology(Some(kind)))
+}
+
 /// Whether `error` is a `MULTI`/`EXEC` the node aborted (`EXECABORT`)
 /// because it refused a queued command for the cluster's layout only (a
 /// redirect, …): none of the transaction was run, so it may be sent again.

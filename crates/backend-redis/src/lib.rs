@@ -66,7 +66,10 @@
 //! process follows them (and 10 s longer), reconnects by itself (50 ms to
 //! 2 s apart), checks an idle connection with `PING` every 15 s, and is
 //! closed when the store and every feed it served are dropped. A dropped
-//! [`Watcher`] or [`Subscription`] stops its task at once.
+//! [`Watcher`] or [`Subscription`] stops its task at once. A run's channel
+//! the server refuses for the store's user (an ACL's channel patterns)
+//! fails that `watch` or `subscribe` with `Denied` (a feed already
+//! following it ends with that error); the other channels are not held up.
 //!
 //! - [`Store::watch`] subscribes before it returns, then reports every
 //!   acknowledged write on its own, in order
@@ -971,6 +974,7 @@ impl Store for RedisStore {
             .await
             .map_err(|e| e.with_operation(Operation::Watch).with_run(run))?;
         let (mut sender, feed) = Watcher::channel(FEED_CAPACITY);
+        let run = run.clone();
         let task = tokio::spawn(async move {
             let _membership = membership;
             loop {
@@ -982,6 +986,14 @@ impl Store for RedisStore {
                     Some(Note::Event(event)) => sender.send(event),
                     Some(Note::Reconnected) => sender.resync(),
                     Some(Note::Status(_)) => true,
+                    Some(Note::Refused(refusal)) => {
+                        sender.fail(
+                            map_redis_error(refusal)
+                                .with_operation(Operation::Watch)
+                                .with_run(&run),
+                        );
+                        return;
+                    }
                     None => return,
                 };
                 if !open {

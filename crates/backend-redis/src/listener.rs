@@ -17,6 +17,12 @@
 //! into `Resync`; status subscriptions re-read the stream from their last
 //! message) and every lock waiter is woken, since announcements made while
 //! the connection was down are lost.
+//!
+//! A channel the server refuses to subscribe (an ACL whose channel patterns
+//! leave it out) is given up, not retried: whoever was joining it gets the
+//! refusal (`Denied`), feeds that followed it end with it
+//! ([`Note::Refused`]), and the channels subscribed beside it are served
+//! as usual.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -28,7 +34,7 @@ use runstate_core::time::from_unix_millis;
 use runstate_core::{DocName, Error, Fence, LockKey, RunId, StatusMessage, Version, WatchEvent};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::errors::{map_redis_error, timed_out};
+use crate::errors::{map_redis_error, refused_by_server, timed_out};
 use crate::keys::Keys;
 
 /// The key layout of one store ([`Keys`], which it dereferences to), with
@@ -94,6 +100,9 @@ pub(crate) enum Note {
     /// The connection was re-established: whatever was published while it
     /// was down was not heard.
     Reconnected,
+    /// The server refused to subscribe the channel (an ACL that does not
+    /// cover it): nothing more will be heard on it; the last note.
+    Refused(redis::RedisError),
 }
 
 /// Which of a run's channels.
@@ -132,10 +141,14 @@ struct State {
     /// Counts connections; the current one's number while connected.
     generation: u64,
     connected: bool,
-    next_sink: u64,
+    /// Numbers sinks and channel entries.
+    next_id: u64,
 }
 
 struct Channel {
+    /// Tells this entry from a later one of the same name (an entry is
+    /// removed when the server refuses its subscription).
+    id: u64,
     run: RunId,
     kind: Kind,
     sinks: Vec<Sink>,
@@ -145,8 +158,9 @@ struct Channel {
     subscribed: Option<u64>,
     /// Since when nobody follows it.
     idle_since: Option<Instant>,
-    /// Joiners waiting for the subscription.
-    pending: Vec<oneshot::Sender<()>>,
+    /// Joiners waiting for the subscription, answered with the server's
+    /// refusal when it will not subscribe the channel.
+    pending: Vec<oneshot::Sender<Result<(), redis::RedisError>>>,
 }
 
 impl Channel {
@@ -211,14 +225,13 @@ impl Listener {
         let (membership, confirmed) = {
             let mut state = lock(&self.shared.state);
             let live_generation = state.connected.then_some(state.generation);
-            let id = sink.as_ref().map(|_| {
-                state.next_sink += 1;
-                state.next_sink
-            });
+            state.next_id += 1;
+            let id = state.next_id;
             let entry = state
                 .channels
                 .entry(channel.clone())
                 .or_insert_with(|| Channel {
+                    id,
                     run: run.clone(),
                     kind,
                     sinks: Vec::new(),
@@ -229,8 +242,8 @@ impl Listener {
                 });
             entry.idle_since = None;
             let live = live_generation.is_some() && entry.subscribed == live_generation;
-            match (sink, id) {
-                (Some(tx), Some(id)) => entry.sinks.push(Sink {
+            let sink = sink.map(|tx| {
+                entry.sinks.push(Sink {
                     id,
                     tx,
                     since: if live {
@@ -238,13 +251,17 @@ impl Listener {
                     } else {
                         0
                     },
-                }),
-                _ => entry.waiters += 1,
+                });
+                id
+            });
+            if sink.is_none() {
+                entry.waiters += 1;
             }
             let membership = Membership {
                 listener: Arc::clone(self),
                 channel,
-                sink: id,
+                entry: entry.id,
+                sink,
             };
             if live {
                 return Ok((membership, true));
@@ -255,7 +272,9 @@ impl Listener {
         };
         self.shared.changed.notify_one();
         match tokio::time::timeout(bound, confirmed).await {
-            Ok(Ok(())) => Ok((membership, false)),
+            Ok(Ok(Ok(()))) => Ok((membership, false)),
+            // The entry is gone with the refusal: nothing to undo.
+            Ok(Ok(Err(refusal))) => Err(map_redis_error(refusal)),
             // The task never drops a pending joiner without answering
             // unless it is gone; either way the membership is undone.
             _ => Err(timed_out(bound)),
@@ -268,6 +287,9 @@ impl Listener {
 pub(crate) struct Membership {
     listener: Arc<Listener>,
     channel: String,
+    /// The channel entry it joined (a later one of the same name is not
+    /// its own).
+    entry: u64,
     /// The feed's sink, or `None` for a lock waiter.
     sink: Option<u64>,
 }
@@ -275,7 +297,11 @@ pub(crate) struct Membership {
 impl Drop for Membership {
     fn drop(&mut self) {
         let mut state = lock(&self.listener.shared.state);
-        if let Some(entry) = state.channels.get_mut(&self.channel) {
+        if let Some(entry) = state
+            .channels
+            .get_mut(&self.channel)
+            .filter(|entry| entry.id == self.entry)
+        {
             match self.sink {
                 Some(id) => entry.sinks.retain(|s| s.id != id),
                 None => entry.waiters = entry.waiters.saturating_sub(1),
@@ -413,18 +439,52 @@ async fn sync(shared: &Shared, sink: &mut redis::aio::PubSubSink, generation: u6
         (subscribe, unsubscribe)
     };
     if !subscribe.is_empty() {
+        let mut refused = Vec::new();
         match tokio::time::timeout(shared.timeout, sink.subscribe(&subscribe)).await {
             Ok(Ok(())) => {}
+            // One channel the server will not subscribe for this user (an
+            // ACL's channel patterns) makes it refuse the whole command,
+            // and it would refuse it again after every reconnect, holding
+            // up every other subscription for good. The connection is still
+            // usable: the channels are tried one by one, and those refused
+            // alone are given up, their followers told why.
+            Ok(Err(error)) if refused_by_server(&error) => {
+                for name in &subscribe {
+                    match tokio::time::timeout(shared.timeout, sink.subscribe(name)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) if refused_by_server(&error) => {
+                            refused.push((name, error));
+                        }
+                        _ => return false,
+                    }
+                }
+            }
             _ => return false,
         }
         let mut state = lock(&shared.state);
+        for (name, error) in refused {
+            let Some(entry) = state.channels.remove(name) else {
+                continue;
+            };
+            tracing::warn!(
+                channel = %name,
+                error = %map_redis_error(error.clone()),
+                "redis refused to subscribe a channel; its followers are told"
+            );
+            for joiner in entry.pending {
+                let _ = joiner.send(Err(error.clone()));
+            }
+            for sink in entry.sinks {
+                let _ = sink.tx.send(Note::Refused(error.clone()));
+            }
+        }
         for name in &subscribe {
             let Some(entry) = state.channels.get_mut(name) else {
                 continue;
             };
             entry.subscribed = Some(generation);
             for joiner in entry.pending.drain(..) {
-                let _ = joiner.send(());
+                let _ = joiner.send(Ok(()));
             }
             entry.sinks.retain_mut(|s| {
                 let heard_before = s.since != 0 && s.since != generation;

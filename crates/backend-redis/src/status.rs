@@ -32,11 +32,12 @@ use std::time::{Duration, SystemTime};
 use redis::Value;
 use runstate_core::time::from_unix_millis;
 use runstate_core::{
-    Error, ErrorKind, FeedSender, Milestones, Replay, Result, RunId, StatusEvent, StatusMessage,
+    Error, ErrorKind, FeedSender, Milestones, Operation, Replay, Result, RunId, StatusEvent,
+    StatusMessage,
 };
 use tokio::sync::mpsc;
 
-use crate::errors::unexpected;
+use crate::errors::{map_redis_error, unexpected};
 use crate::listener::{Membership, Note};
 use crate::{BACKEND, Inner};
 
@@ -381,6 +382,14 @@ pub(crate) async fn follow(
                 }
             },
             Some(Note::Event(_)) => true,
+            Some(Note::Refused(refusal)) => {
+                sender.fail(
+                    map_redis_error(refusal)
+                        .with_operation(Operation::Subscribe)
+                        .with_run(&run),
+                );
+                return;
+            }
             None => {
                 sender.fail(
                     Error::new(ErrorKind::Backend, "the redis listener stopped")

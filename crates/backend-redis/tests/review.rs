@@ -1231,3 +1231,61 @@ async fn a_late_touch_never_makes_a_cached_copy_older() {
     );
     store.purge_prefix().await.expect("cleanup");
 }
+
+// ---- 7. A channel the server refuses ----
+
+/// Review finding: one channel the server will not subscribe for the
+/// store's user (an ACL whose channel patterns leave it out) made it refuse
+/// the listener's whole `SUBSCRIBE`; the listener reconnected and met the
+/// same refusal again, so every subscription of the store, allowed ones
+/// too, timed out while the refused one was wanted (and lingered). Now the
+/// refused subscription fails at once with `Denied` and the others are
+/// served on the same connection (no `Resync`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_the_server_refuses_holds_up_no_other_subscription() {
+    // The user may touch every key and the channels of runs `ok…` only.
+    let server = OwnRedis::start(
+        false,
+        &["--user", "worker", "on", ">pw", "~*", "&acl:{ok*", "+@all"],
+    );
+    let url = format!("redis://worker:pw@127.0.0.1:{}/0", server.port);
+    let config = RedisConfig::from_url(&url)
+        .expect("url")
+        .with_prefix("acl")
+        .expect("prefix");
+    let store = open(config.clone()).await;
+    let writer = open(config).await;
+    let ok1 = RunId::new("ok1").expect("valid");
+    let ok2 = RunId::new("ok2").expect("valid");
+    let other = RunId::new("other").expect("valid");
+
+    let started = std::time::Instant::now();
+    let (allowed, refused) = tokio::join!(
+        store.subscribe(&ok1, Replay::None),
+        store.subscribe(&other, Replay::None)
+    );
+    let Err(error) = refused else {
+        panic!("the refused channel was subscribed")
+    };
+    assert_eq!(error.kind(), ErrorKind::Denied, "{error}");
+    let mut sub = allowed.expect("the allowed channel is served");
+    let Err(error) = store.watch(&other).await else {
+        panic!("the refused channel was watched")
+    };
+    assert_eq!(error.kind(), ErrorKind::Denied, "{error}");
+    // Another allowed run, while the refused channel would still linger.
+    let mut sub2 = store
+        .subscribe(&ok2, Replay::None)
+        .await
+        .expect("another allowed channel is served");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "no call waited for its bound: {:?}",
+        started.elapsed()
+    );
+    writer.publish(&ok1, "wepp", "one").await.expect("publish");
+    writer.publish(&ok2, "wepp", "two").await.expect("publish");
+    // A `Resync` first (the listener reconnected) fails here.
+    assert_eq!(text_of(next(&mut sub).await), "one");
+    assert_eq!(text_of(next(&mut sub2).await), "two");
+}
