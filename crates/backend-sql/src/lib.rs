@@ -1040,7 +1040,14 @@ impl Store for SqlStore {
                 Replay::Last(n) => last.saturating_sub(u64::try_from(n).unwrap_or(u64::MAX)),
                 _ => 0,
             };
-            let (sender, feed) = Subscription::channel(runstate_core::events::FEED_CAPACITY);
+            // The replay is pushed before the consumer reads: room for all
+            // of it (the history keeps at most `status_history` messages)
+            // besides the buffer of live messages.
+            let replayed = last.saturating_sub(after).min(inner.config.status_history);
+            let (sender, feed) = Subscription::channel(
+                runstate_core::events::FEED_CAPACITY
+                    .saturating_add(usize::try_from(replayed).unwrap_or(usize::MAX)),
+            );
             let task = tokio::spawn(feeds::follow_status(
                 self.clone(),
                 run.clone(),

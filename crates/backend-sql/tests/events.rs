@@ -747,6 +747,72 @@ each_dialect!(status_history_is_trimmed_and_gaps_resync:
     sqlite_status_history_is_trimmed_and_gaps_resync => Dialect::Sqlite,
 );
 
+/// The texts of the next `n` events of `sub` (`RESYNC` for a gap), or of
+/// those that came within 5 s of each other.
+async fn status_texts(sub: &mut runstate_core::Subscription, n: usize) -> Vec<String> {
+    let mut texts = Vec::with_capacity(n);
+    while texts.len() < n {
+        let Ok(event) = tokio::time::timeout(Duration::from_secs(5), sub.next()).await else {
+            break;
+        };
+        let event = event.expect("open").expect("no error");
+        texts.push(match event {
+            StatusEvent::Message(m) => m.text,
+            _ => "RESYNC".to_owned(),
+        });
+    }
+    texts
+}
+
+/// Review finding: a history kept longer than a feed buffers
+/// (`status_history` past `FEED_CAPACITY`) is replayed whole to a
+/// subscriber that reads only once it is all there, then followed; the
+/// replay was pushed into a feed of `FEED_CAPACITY`, so the newest
+/// messages were dropped for a `Resync`.
+async fn a_history_longer_than_the_feed_buffer_is_replayed_whole(dialect: Dialect) {
+    let Some(url) = url(dialect) else { return };
+    let store = open_config(config(&url, &prefix()).with_status_history(5_000)).await;
+    let (run, _doc, _key) = ids();
+    let count = runstate_core::events::FEED_CAPACITY + 200;
+    for i in 1..=count {
+        store
+            .publish(&run, "wepp", &format!("m{i}"))
+            .await
+            .expect("publish");
+    }
+    let expected: Vec<String> = (1..=count).map(|i| format!("m{i}")).collect();
+    let mut all = store.subscribe(&run, Replay::All).await.expect("subscribe");
+    // Everything is read from the table before the first `next`.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        status_texts(&mut all, count).await,
+        expected,
+        "the whole history"
+    );
+    // And it follows on.
+    store.publish(&run, "wepp", "after").await.expect("publish");
+    assert_eq!(status_texts(&mut all, 1).await, ["after"]);
+    let mut last = store
+        .subscribe(&run, Replay::Last(count))
+        .await
+        .expect("subscribe");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut newest = expected[1..].to_vec();
+    newest.push("after".to_owned());
+    assert_eq!(
+        status_texts(&mut last, count).await,
+        newest,
+        "the last {count}"
+    );
+    cleanup(&store, &url).await;
+}
+
+each_dialect!(a_history_longer_than_the_feed_buffer_is_replayed_whole:
+    postgres_a_history_longer_than_the_feed_buffer_is_replayed_whole => Dialect::Postgres,
+    mysql_a_history_longer_than_the_feed_buffer_is_replayed_whole => Dialect::MySql,
+    sqlite_a_history_longer_than_the_feed_buffer_is_replayed_whole => Dialect::Sqlite,
+);
+
 /// `delete_run` deletes the run's milestones and attributes with its
 /// documents, keeps its status history and its fence watermarks (a stale
 /// holder stays fenced after the run is deleted and created again).
