@@ -766,11 +766,7 @@ impl Store for FileStore {
     }
 
     async fn watch(&self, run: &RunId) -> Result<Watcher> {
-        let at = |e: Error| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::Watch)
-                .with_run(run)
-        };
+        let at = |e: Error| e.with_backend(BACKEND).at_run(Operation::Watch, run);
         let polling = self.config.watch == WatchBy::Polling
             || match self.engine.hub() {
                 Ok(_) => false,
@@ -798,11 +794,7 @@ impl Store for FileStore {
     }
 
     async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
-        let at = |e: Error| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::Publish)
-                .with_run(run)
-        };
+        let at = |e: Error| e.with_backend(BACKEND).at_run(Operation::Publish, run);
         check_label("topic", topic).map_err(at)?;
         check_text("status message", text).map_err(at)?;
         let (r, topic, text) = (run.clone(), topic.to_owned(), text.to_owned());
@@ -827,19 +819,11 @@ impl Store for FileStore {
             self.config.poll,
         )
         .await
-        .map_err(|e| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::Subscribe)
-                .with_run(run)
-        })
+        .map_err(|e| e.with_backend(BACKEND).at_run(Operation::Subscribe, run))
     }
 
     async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
-        let context = |e: Error| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::Mark)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(BACKEND).at_run(Operation::Mark, run);
         check_label("task", task).map_err(context)?;
         let (r, task) = (run.clone(), task.to_owned());
         self.blocking(Operation::Mark, move |e| {
@@ -850,11 +834,7 @@ impl Store for FileStore {
     }
 
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
-        let context = |e: Error| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::SetAttr)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(BACKEND).at_run(Operation::SetAttr, run);
         check_label("attribute", name).map_err(context)?;
         check_text("attribute value", value).map_err(context)?;
         let (r, name, value) = (run.clone(), name.to_owned(), value.to_owned());

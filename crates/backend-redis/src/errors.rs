@@ -30,9 +30,10 @@ fn refused_by_topology(kind: Option<ServerErrorKind>) -> bool {
 
 /// Whether the server answered `error` as a refusal of the command itself
 /// (an ACL that does not cover a key or channel, an unknown or disabled
-/// command), not for the cluster's layout or the connection: sending the
-/// same command again meets the same answer, and the connection is still
-/// usable.
+/// command, …), not for the cluster's layout or the connection, which
+/// stays usable. For the listener's `SUBSCRIBE` and `UNSUBSCRIBE` such an
+/// answer comes again for the same channels: sending them again on a new
+/// connection would not help.
 pub(crate) fn refused_by_server(error: &RedisError) -> bool {
     matches!(error.kind(), RedisKind::Server(kind) if !refused_by_topology(Some(kind)))
 }

@@ -67,8 +67,8 @@
 //! 2 s apart), checks an idle connection with `PING` every 15 s, and is
 //! closed when the store and every feed it served are dropped. A dropped
 //! [`Watcher`] or [`Subscription`] stops its task at once. A run's channel
-//! the server refuses for the store's user (an ACL's channel patterns)
-//! fails that `watch` or `subscribe` with `Denied` (a feed already
+//! the server refuses to subscribe fails that `watch` or `subscribe` with
+//! the refusal (`Denied` for an ACL's channel patterns; a feed already
 //! following it ends with that error); the other channels are not held up.
 //!
 //! - [`Store::watch`] subscribes before it returns, then reports every
@@ -665,7 +665,7 @@ impl Store for RedisStore {
         self.inner
             .get_many(run, docs, options)
             .await
-            .map_err(|e| e.with_operation(Operation::GetMany).with_run(run))
+            .map_err(|e| e.at_run(Operation::GetMany, run))
     }
 
     /// One pipeline per 256 writes, each write its own `MULTI`/`EXEC` (on a
@@ -675,7 +675,7 @@ impl Store for RedisStore {
         self.inner
             .put_many(run, &puts)
             .await
-            .map_err(|e| e.with_operation(Operation::PutMany).with_run(run))
+            .map_err(|e| e.at_run(Operation::PutMany, run))
     }
 
     async fn put(
@@ -770,7 +770,7 @@ impl Store for RedisStore {
         };
         outcome
             .await
-            .map_err(|e: Error| e.with_operation(Operation::ListDocs).with_run(run))
+            .map_err(|e: Error| e.at_run(Operation::ListDocs, run))
     }
 
     async fn list_runs(&self, after: Option<&RunId>, limit: usize) -> Result<ListPage<RunId>> {
@@ -824,7 +824,7 @@ impl Store for RedisStore {
             let mut reply = inner
                 .invoke(&invocation)
                 .await
-                .map_err(|e| e.with_operation(Operation::DeleteRun).with_run(run))?;
+                .map_err(|e| e.at_run(Operation::DeleteRun, run))?;
             match reply.status.as_str() {
                 "ok" => {
                     deleted += u64::try_from(reply.int()?).unwrap_or(0);
@@ -972,7 +972,7 @@ impl Store for RedisStore {
                 inner.config.connect_timeout + inner.config.timeout,
             )
             .await
-            .map_err(|e| e.with_operation(Operation::Watch).with_run(run))?;
+            .map_err(|e| e.at_run(Operation::Watch, run))?;
         let (mut sender, feed) = Watcher::channel(FEED_CAPACITY);
         let run = run.clone();
         let task = tokio::spawn(async move {
@@ -987,14 +987,15 @@ impl Store for RedisStore {
                     Some(Note::Reconnected) => sender.resync(),
                     Some(Note::Status(_)) => true,
                     Some(Note::Refused(refusal)) => {
-                        sender.fail(
-                            map_redis_error(refusal)
-                                .with_operation(Operation::Watch)
-                                .with_run(&run),
-                        );
+                        sender.fail(map_redis_error(refusal).at_run(Operation::Watch, &run));
                         return;
                     }
-                    None => return,
+                    // The listener's task ended: say so rather than end
+                    // the feed as if the watch were over.
+                    None => {
+                        sender.fail(listener::stopped().at_run(Operation::Watch, &run));
+                        return;
+                    }
                 };
                 if !open {
                     return;
@@ -1009,7 +1010,7 @@ impl Store for RedisStore {
     async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
         let inner = &self.inner;
         let op = Operation::Publish;
-        let context = |e: Error| e.with_backend(BACKEND).with_operation(op).with_run(run);
+        let context = |e: Error| e.with_backend(BACKEND).at_run(op, run);
         check_label("topic", topic).map_err(context)?;
         check_text("status message", text).map_err(context)?;
         let mut invocation = inner.scripts.publish_status.prepare_invoke();
@@ -1035,7 +1036,7 @@ impl Store for RedisStore {
 
     async fn subscribe(&self, run: &RunId, replay: Replay) -> Result<Subscription> {
         let inner = &self.inner;
-        let context = |e: Error| e.with_operation(Operation::Subscribe).with_run(run);
+        let context = |e: Error| e.at_run(Operation::Subscribe, run);
         let (notes, heard) = tokio::sync::mpsc::unbounded_channel();
         // Subscribed first, then the history read: a message published in
         // between is in both, and delivered once (by id).
@@ -1070,11 +1071,7 @@ impl Store for RedisStore {
 
     /// One `HSET` of the field `timestamps:<task>`.
     async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
-        let context = |e: Error| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::Mark)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(BACKEND).at_run(Operation::Mark, run);
         check_label("task", task).map_err(context)?;
         let value = status::format_timestamp(at).map_err(context)?;
         self.inner
@@ -1085,11 +1082,7 @@ impl Store for RedisStore {
 
     /// One `HSET` of the field `attrs:<name>`.
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
-        let context = |e: Error| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::SetAttr)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(BACKEND).at_run(Operation::SetAttr, run);
         check_label("attribute", name).map_err(context)?;
         check_text("attribute value", value).map_err(context)?;
         self.inner
@@ -1108,7 +1101,7 @@ impl Store for RedisStore {
                     .query_async(&mut con),
             )
             .await
-            .map_err(|e| e.with_operation(Operation::Milestones).with_run(run))?;
+            .map_err(|e| e.at_run(Operation::Milestones, run))?;
         Ok(status::milestones_of(fields))
     }
 }
@@ -1208,7 +1201,7 @@ impl Lock for RedisStore {
             Some(run) => inner
                 .run_locks(run)
                 .await
-                .map_err(|e| e.with_operation(Operation::ListLocks).with_run(run))?,
+                .map_err(|e| e.at_run(Operation::ListLocks, run))?,
             None => inner
                 .all_locks()
                 .await
@@ -1255,8 +1248,8 @@ impl Lock for RedisStore {
             Ok(Ok((_following, true))) => {
                 let _ = tokio::time::timeout_at(deadline, notified).await;
             }
-            // No listener (the server cannot be reached): local releases
-            // and the bound only.
+            // No listener (the server cannot be reached) or a channel the
+            // server refuses: local releases and the bound only.
             _ => {
                 let _ = tokio::time::timeout_at(deadline, notified).await;
             }

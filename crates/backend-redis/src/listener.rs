@@ -19,10 +19,14 @@
 //! the connection was down are lost.
 //!
 //! A channel the server refuses to subscribe (an ACL whose channel patterns
-//! leave it out) is given up, not retried: whoever was joining it gets the
-//! refusal (`Denied`), feeds that followed it end with it
-//! ([`Note::Refused`]), and the channels subscribed beside it are served
-//! as usual.
+//! leave it out) is given up, not retried by the listener: whoever was
+//! joining it gets the refusal (`Denied`), feeds that followed it end with
+//! it ([`Note::Refused`]), and the channels subscribed beside it are served
+//! as usual. The next follower of that channel asks the server again.
+//!
+//! The task never ends by itself; should it end anyway (a panic), its feeds
+//! end with an error saying the listener stopped, joins fail at once and
+//! lock waiters fall back to polling ([`EndFeeds`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -31,7 +35,9 @@ use std::time::{Duration, Instant};
 use futures_core::Stream;
 use runstate_core::events::AbortOnDrop;
 use runstate_core::time::from_unix_millis;
-use runstate_core::{DocName, Error, Fence, LockKey, RunId, StatusMessage, Version, WatchEvent};
+use runstate_core::{
+    DocName, Error, ErrorKind, Fence, LockKey, RunId, StatusMessage, Version, WatchEvent,
+};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::errors::{map_redis_error, refused_by_server, timed_out};
@@ -141,6 +147,8 @@ struct State {
     /// Counts connections; the current one's number while connected.
     generation: u64,
     connected: bool,
+    /// The task ended ([`EndFeeds`]): nothing will be heard any more.
+    stopped: bool,
     /// Numbers sinks and channel entries.
     next_id: u64,
 }
@@ -213,7 +221,8 @@ impl Listener {
     ///
     /// # Errors
     /// `Timeout` when the subscription is not confirmed within `bound`
-    /// (the listener cannot reach the server).
+    /// (the listener cannot reach the server); the server's refusal of the
+    /// channel (`Denied` for an ACL's, `Backend` for another).
     pub(crate) async fn join(
         self: &Arc<Self>,
         channel: String,
@@ -224,6 +233,9 @@ impl Listener {
     ) -> Result<(Membership, bool), Error> {
         let (membership, confirmed) = {
             let mut state = lock(&self.shared.state);
+            if state.stopped {
+                return Err(stopped());
+            }
             let live_generation = state.connected.then_some(state.generation);
             state.next_id += 1;
             let id = state.next_id;
@@ -275,9 +287,9 @@ impl Listener {
             Ok(Ok(Ok(()))) => Ok((membership, false)),
             // The entry is gone with the refusal: nothing to undo.
             Ok(Ok(Err(refusal))) => Err(map_redis_error(refusal)),
-            // The task never drops a pending joiner without answering
-            // unless it is gone; either way the membership is undone.
-            _ => Err(timed_out(bound)),
+            // Dropped unanswered: only when the task ended.
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(timed_out(bound)),
         }
     }
 }
@@ -320,6 +332,7 @@ impl Drop for Membership {
 /// The listener's task: connect, subscribe, dispatch; again after any
 /// failure.
 async fn run(shared: Arc<Shared>) {
+    let _ended = EndFeeds(Arc::clone(&shared));
     let mut backoff = Duration::from_millis(50);
     let mut next = 0usize;
     loop {
@@ -350,6 +363,32 @@ async fn run(shared: Arc<Shared>) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// Ends every feed and join of the listener when its task ends, however
+/// (a panic in it; an abort comes only once nobody follows anything), and
+/// refuses later joins, instead of leaving them all waiting on a task that
+/// is gone: feeds see their notes end (the listener stopped), joiners fail
+/// at once, and lock waiters are woken to poll.
+struct EndFeeds(Arc<Shared>);
+
+impl Drop for EndFeeds {
+    fn drop(&mut self) {
+        let channels = {
+            let mut state = lock(&self.0.state);
+            state.stopped = true;
+            state.connected = false;
+            std::mem::take(&mut state.channels)
+        };
+        drop(channels);
+        self.0.waits.wake_all();
+    }
+}
+
+/// The error of a join on a listener whose task ended, and of the feeds it
+/// served.
+pub(crate) fn stopped() -> Error {
+    Error::new(ErrorKind::Backend, "the redis listener stopped").with_backend(crate::BACKEND)
 }
 
 /// Serves one connection until it fails.
@@ -439,34 +478,30 @@ async fn sync(shared: &Shared, sink: &mut redis::aio::PubSubSink, generation: u6
         (subscribe, unsubscribe)
     };
     if !subscribe.is_empty() {
-        let mut refused = Vec::new();
-        match tokio::time::timeout(shared.timeout, sink.subscribe(&subscribe)).await {
-            Ok(Ok(())) => {}
+        let refused = match tokio::time::timeout(shared.timeout, sink.subscribe(&subscribe)).await {
+            Ok(Ok(())) => Vec::new(),
             // One channel the server will not subscribe for this user (an
             // ACL's channel patterns) makes it refuse the whole command,
             // and it would refuse it again after every reconnect, holding
             // up every other subscription for good. The connection is still
-            // usable: the channels are tried one by one, and those refused
-            // alone are given up, their followers told why.
+            // usable: the refused ones are found by halves and given up,
+            // their followers told why.
             Ok(Err(error)) if refused_by_server(&error) => {
-                for name in &subscribe {
-                    match tokio::time::timeout(shared.timeout, sink.subscribe(name)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) if refused_by_server(&error) => {
-                            refused.push((name, error));
-                        }
-                        _ => return false,
-                    }
+                match subscribe_apart(shared, sink, &subscribe, error).await {
+                    Some(refused) => refused,
+                    None => return false,
                 }
             }
             _ => return false,
-        }
+        };
         let mut state = lock(&shared.state);
         for (name, error) in refused {
             let Some(entry) = state.channels.remove(name) else {
                 continue;
             };
-            tracing::warn!(
+            // The caller of the subscription gets the refusal; a log line
+            // at each try would be noise.
+            tracing::debug!(
                 channel = %name,
                 error = %map_redis_error(error.clone()),
                 "redis refused to subscribe a channel; its followers are told"
@@ -496,10 +531,46 @@ async fn sync(shared: &Shared, sink: &mut redis::aio::PubSubSink, generation: u6
     if !unsubscribe.is_empty() {
         match tokio::time::timeout(shared.timeout, sink.unsubscribe(&unsubscribe)).await {
             Ok(Ok(())) => {}
+            // Refused (an ACL without the command): the channels are
+            // already out of the table, and what is still heard on them is
+            // dropped by `dispatch`, so the connection is kept.
+            Ok(Err(error)) if refused_by_server(&error) => {
+                tracing::debug!(error = %map_redis_error(error), "redis refused an UNSUBSCRIBE");
+            }
             _ => return false,
         }
     }
     true
+}
+
+/// Subscribes `names`, which the server refused as one command with
+/// `refusal`, in halves: a half it takes is subscribed, a half it refuses
+/// is halved again, so `k` refused channels among `n` cost about
+/// `2k·log2(n)` round trips rather than `n`. Returns the channels refused
+/// alone, each with its refusal, or `None` when the connection failed.
+async fn subscribe_apart<'a>(
+    shared: &Shared,
+    sink: &mut redis::aio::PubSubSink,
+    names: &'a [String],
+    refusal: redis::RedisError,
+) -> Option<Vec<(&'a String, redis::RedisError)>> {
+    let mut refused = Vec::new();
+    let mut work = vec![(names, refusal)];
+    while let Some((batch, refusal)) = work.pop() {
+        if let [name] = batch {
+            refused.push((name, refusal));
+            continue;
+        }
+        let (left, right) = batch.split_at(batch.len() / 2);
+        for half in [left, right] {
+            match tokio::time::timeout(shared.timeout, sink.subscribe(half)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) if refused_by_server(&error) => work.push((half, error)),
+                _ => return None,
+            }
+        }
+    }
+    Some(refused)
 }
 
 /// Hands one message to whoever follows its channel.
@@ -729,6 +800,62 @@ mod tests {
 
     fn run() -> RunId {
         RunId::new("Mica_flume1").unwrap()
+    }
+
+    /// Review finding: a listener whose task ended (a panic in it; no
+    /// known trigger) left its feeds and joiners waiting for ever. Now the
+    /// feeds' notes end, the joiner fails at once, and so does a later
+    /// join.
+    #[tokio::test]
+    async fn feeds_and_joiners_end_with_the_listener_task() {
+        // Nothing listens on port 1: the task keeps trying to connect, so
+        // the join below stays pending until the task ends.
+        let client = redis::Client::open("redis://127.0.0.1:1/0").unwrap();
+        let bound = Duration::from_millis(100);
+        let listener = Arc::new(Listener::start(
+            vec![client],
+            bound,
+            bound,
+            Arc::new(Waits::default()),
+        ));
+        let (tx, mut notes) = mpsc::unbounded_channel();
+        let joining = tokio::spawn({
+            let listener = Arc::clone(&listener);
+            async move {
+                listener
+                    .join(
+                        "ch".into(),
+                        &run(),
+                        Kind::Status,
+                        Some(tx),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map(drop)
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // What a panic does to the task: its future is dropped.
+        listener._task.0.abort();
+        let joined = tokio::time::timeout(Duration::from_secs(5), joining)
+            .await
+            .expect("the joiner is answered at once")
+            .unwrap();
+        let error = joined.expect_err("no subscription");
+        assert!(error.to_string().contains("listener stopped"), "{error}");
+        assert!(notes.recv().await.is_none(), "the feed's notes end");
+        let again = listener
+            .join(
+                "ch2".into(),
+                &run(),
+                Kind::Events,
+                None,
+                Duration::from_secs(30),
+            )
+            .await
+            .map(drop)
+            .expect_err("a later join fails at once");
+        assert!(again.to_string().contains("listener stopped"), "{again}");
     }
 
     #[test]

@@ -38,7 +38,7 @@ use runstate_core::{
 use tokio::sync::mpsc;
 
 use crate::errors::{map_redis_error, unexpected};
-use crate::listener::{Membership, Note};
+use crate::listener::{self, Membership, Note};
 use crate::{BACKEND, Inner};
 
 /// Entries asked of each `XRANGE` page.
@@ -383,19 +383,11 @@ pub(crate) async fn follow(
             },
             Some(Note::Event(_)) => true,
             Some(Note::Refused(refusal)) => {
-                sender.fail(
-                    map_redis_error(refusal)
-                        .with_operation(Operation::Subscribe)
-                        .with_run(&run),
-                );
+                sender.fail(map_redis_error(refusal).at_run(Operation::Subscribe, &run));
                 return;
             }
             None => {
-                sender.fail(
-                    Error::new(ErrorKind::Backend, "the redis listener stopped")
-                        .with_backend(BACKEND)
-                        .with_run(&run),
-                );
+                sender.fail(listener::stopped().at_run(Operation::Subscribe, &run));
                 return;
             }
         };

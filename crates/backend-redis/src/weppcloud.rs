@@ -1083,11 +1083,7 @@ impl Store for WeppcloudService {
         let _: i64 = inner
             .bounded(invocation.invoke_async(&mut con))
             .await
-            .map_err(|e| {
-                e.with_backend(BACKEND)
-                    .with_operation(Operation::DeleteRun)
-                    .with_run(run)
-            })?;
+            .map_err(|e| e.with_backend(BACKEND).at_run(Operation::DeleteRun, run))?;
         Ok(0)
     }
 
@@ -1097,7 +1093,7 @@ impl Store for WeppcloudService {
     async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
         let inner = &self.inner.store.inner;
         let op = Operation::Publish;
-        let context = |e: Error| e.with_backend(BACKEND).with_operation(op).with_run(run);
+        let context = |e: Error| e.with_backend(BACKEND).at_run(op, run);
         check_label("topic", topic).map_err(context)?;
         check_text("status message", text).map_err(context)?;
         let mut invocation = self.inner.scripts.publish.prepare_invoke();
@@ -1129,11 +1125,7 @@ impl Store for WeppcloudService {
     /// `HSET <run> timestamps:<task> <whole epoch seconds>` in WEPPcloud's
     /// run hash (WEPPcloud reads it with `int()`; a fraction is dropped).
     async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
-        let context = |e: Error| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::Mark)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(BACKEND).at_run(Operation::Mark, run);
         check_label("task", task).map_err(context)?;
         let secs = at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -1151,11 +1143,7 @@ impl Store for WeppcloudService {
 
     /// `HSET <run> attrs:<name> <value>` in WEPPcloud's run hash.
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
-        let context = |e: Error| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::SetAttr)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(BACKEND).at_run(Operation::SetAttr, run);
         check_label("attribute", name).map_err(context)?;
         check_text("attribute value", value).map_err(context)?;
         self.hset(run, &format!("attrs:{name}"), value)
@@ -1175,7 +1163,7 @@ impl Store for WeppcloudService {
                     .query_async(&mut con),
             )
             .await
-            .map_err(|e| e.with_operation(Operation::Milestones).with_run(run))?;
+            .map_err(|e| e.at_run(Operation::Milestones, run))?;
         Ok(crate::status::milestones_of(fields))
     }
 }

@@ -1243,11 +1243,7 @@ async fn a_late_touch_never_makes_a_cached_copy_older() {
 /// served on the same connection (no `Resync`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_the_server_refuses_holds_up_no_other_subscription() {
-    // The user may touch every key and the channels of runs `ok…` only.
-    let server = OwnRedis::start(
-        false,
-        &["--user", "worker", "on", ">pw", "~*", "&acl:{ok*", "+@all"],
-    );
+    let server = acl_server();
     let url = format!("redis://worker:pw@127.0.0.1:{}/0", server.port);
     let config = RedisConfig::from_url(&url)
         .expect("url")
@@ -1288,4 +1284,68 @@ async fn a_channel_the_server_refuses_holds_up_no_other_subscription() {
     // A `Resync` first (the listener reconnected) fails here.
     assert_eq!(text_of(next(&mut sub).await), "one");
     assert_eq!(text_of(next(&mut sub2).await), "two");
+}
+
+/// A private server whose user `worker` (password `pw`) may touch every key
+/// and the channels of runs `ok…` under the prefix `acl` only
+/// (`resetchannels` first: Redis 6.2 allows every channel by default).
+fn acl_server() -> OwnRedis {
+    OwnRedis::start(
+        false,
+        &[
+            "--user",
+            "worker",
+            "on",
+            ">pw",
+            "~*",
+            "resetchannels",
+            "&acl:{ok*",
+            "+@all",
+        ],
+    )
+}
+
+/// The same, from the other side: a feed already following a channel the
+/// server stops allowing (its user's channel patterns changed; Redis drops
+/// the listener's connection) ends with the refusal once the listener is
+/// back, instead of waiting for ever; the channels still allowed are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_whose_channel_is_refused_later_ends_with_the_refusal() {
+    let server = acl_server();
+    let url = format!("redis://worker:pw@127.0.0.1:{}/0", server.port);
+    let config = RedisConfig::from_url(&url)
+        .expect("url")
+        .with_prefix("acl")
+        .expect("prefix");
+    let store = open(config.clone()).await;
+    let writer = open(config).await;
+    let ok1 = RunId::new("ok1").expect("valid");
+    let ok2 = RunId::new("ok2").expect("valid");
+    let mut sub = store
+        .subscribe(&ok1, Replay::None)
+        .await
+        .expect("subscribe");
+    let mut watch = store.watch(&ok1).await.expect("watch");
+    let mut kept = store
+        .subscribe(&ok2, Replay::None)
+        .await
+        .expect("subscribe");
+    server.command(&["ACL", "SETUSER", "worker", "resetchannels", "&acl:{ok2*"]);
+    let ended = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("the subscription ends in time");
+    match ended {
+        Some(Err(error)) => assert_eq!(error.kind(), ErrorKind::Denied, "{error}"),
+        other => panic!("expected the refusal, got {other:?}"),
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("the watcher ends in time");
+    match ended {
+        Some(Err(error)) => assert_eq!(error.kind(), ErrorKind::Denied, "{error}"),
+        other => panic!("expected the refusal, got {other:?}"),
+    }
+    writer.publish(&ok2, "wepp", "two").await.expect("publish");
+    // The reconnect was heard: nothing was missed, so no Resync.
+    assert_eq!(text_of(next(&mut kept).await), "two");
 }

@@ -752,7 +752,7 @@ impl Store for S3Store {
             .inner
             .doc_listing(run, after.is_some(), limit)
             .await
-            .map_err(|e| e.with_operation(Operation::ListDocs).with_run(run))?;
+            .map_err(|e| e.at_run(Operation::ListDocs, run))?;
         let start = after.map_or(0, |a| all.partition_point(|m| m.name <= *a));
         let end = start.saturating_add(limit).min(all.len());
         if end == all.len() {
@@ -826,7 +826,7 @@ impl Store for S3Store {
         };
         outcome
             .await
-            .map_err(|e: Error| e.with_operation(Operation::DeleteRun).with_run(run))
+            .map_err(|e: Error| e.at_run(Operation::DeleteRun, run))
     }
 
     /// One `GET` with `If-None-Match: <known>`: S3 answers `304 Not
@@ -890,7 +890,7 @@ impl Store for S3Store {
             self.inner.config.watch_interval,
         )
         .await
-        .map_err(|e| e.with_operation(Operation::Watch).with_run(run))
+        .map_err(|e| e.at_run(Operation::Watch, run))
     }
 
     /// Sets `timestamps.<task>` in the run's milestones object by
@@ -898,11 +898,7 @@ impl Store for S3Store {
     /// conditional `PUT` uncontended, again per concurrent change of
     /// another field. Times before 1970 are refused (`InvalidArgument`).
     async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
-        let context = |e: Error| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::Mark)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(BACKEND).at_run(Operation::Mark, run);
         check_label("task", task).map_err(context)?;
         let text = format_time(at).ok_or_else(|| {
             context(Error::new(
@@ -921,11 +917,7 @@ impl Store for S3Store {
     /// Sets `attrs.<name>` in the run's milestones object, as
     /// [`mark`](Store::mark) sets a timestamp.
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
-        let context = |e: Error| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::SetAttr)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(BACKEND).at_run(Operation::SetAttr, run);
         check_label("attribute", name).map_err(context)?;
         check_text("attribute value", value).map_err(context)?;
         self.inner
@@ -952,7 +944,7 @@ impl Store for S3Store {
         };
         outcome
             .await
-            .map_err(|e: Error| e.with_operation(Operation::Milestones).with_run(run))
+            .map_err(|e: Error| e.at_run(Operation::Milestones, run))
     }
 }
 

@@ -805,7 +805,7 @@ impl Store for SqlStore {
         self.inner
             .get_many(run, docs, options)
             .await
-            .map_err(|e| e.with_operation(Operation::GetMany).with_run(run))
+            .map_err(|e| e.at_run(Operation::GetMany, run))
     }
 
     /// Few statements for many writes (see the crate documentation); each
@@ -817,7 +817,7 @@ impl Store for SqlStore {
         self.inner
             .put_many(run, &puts)
             .await
-            .map_err(|e| e.with_operation(Operation::PutMany).with_run(run))
+            .map_err(|e| e.at_run(Operation::PutMany, run))
     }
 
     async fn delete(
@@ -884,7 +884,7 @@ impl Store for SqlStore {
                 ],
             )
             .await
-            .map_err(|e| e.with_operation(Operation::ListDocs).with_run(run))?;
+            .map_err(|e| e.at_run(Operation::ListDocs, run))?;
         let more = rows.len() > limit;
         let mut items = Vec::with_capacity(rows.len().min(limit));
         for row in rows.iter().take(limit) {
@@ -949,7 +949,7 @@ impl Store for SqlStore {
         self.inner
             .delete_run(run)
             .await
-            .map_err(|e| e.with_operation(Operation::DeleteRun).with_run(run))
+            .map_err(|e| e.at_run(Operation::DeleteRun, run))
     }
 
     async fn get_if_changed(
@@ -1000,16 +1000,12 @@ impl Store for SqlStore {
                 .await
             }
         };
-        outcome.map_err(|e| e.with_operation(Operation::Watch).with_run(run))
+        outcome.map_err(|e| e.at_run(Operation::Watch, run))
     }
 
     async fn publish(&self, run: &RunId, topic: &str, text: &str) -> Result<()> {
         let backend = self.inner.backend();
-        let context = |e: Error| {
-            e.with_backend(backend)
-                .with_operation(Operation::Publish)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(backend).at_run(Operation::Publish, run);
         check_label("topic", topic).map_err(context)?;
         check_text("status message", text).map_err(context)?;
         self.inner
@@ -1041,9 +1037,11 @@ impl Store for SqlStore {
                 _ => 0,
             };
             // The replay is pushed before the consumer reads: room for all
-            // of it (the history keeps at most `status_history` messages)
-            // besides the buffer of live messages.
-            let replayed = last.saturating_sub(after).min(inner.config.status_history);
+            // of it besides the buffer of live messages. Sequence numbers
+            // of a run have no gaps, so `last - after` bounds it whatever
+            // `status_history` the writers kept (rows are trimmed only at
+            // the run's next publish).
+            let replayed = last.saturating_sub(after);
             let (sender, feed) = Subscription::channel(
                 runstate_core::events::FEED_CAPACITY
                     .saturating_add(usize::try_from(replayed).unwrap_or(usize::MAX)),
@@ -1065,16 +1063,12 @@ impl Store for SqlStore {
         };
         outcome
             .await
-            .map_err(|e: Error| e.with_operation(Operation::Subscribe).with_run(run))
+            .map_err(|e: Error| e.at_run(Operation::Subscribe, run))
     }
 
     async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
         let backend = self.inner.backend();
-        let context = |e: Error| {
-            e.with_backend(backend)
-                .with_operation(Operation::Mark)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(backend).at_run(Operation::Mark, run);
         check_label("task", task).map_err(context)?;
         let value = timestamp_text(at).map_err(context)?;
         self.inner
@@ -1085,11 +1079,7 @@ impl Store for SqlStore {
 
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
         let backend = self.inner.backend();
-        let context = |e: Error| {
-            e.with_backend(backend)
-                .with_operation(Operation::SetAttr)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(backend).at_run(Operation::SetAttr, run);
         check_label("attribute", name).map_err(context)?;
         check_text("attribute value", value).map_err(context)?;
         self.inner
@@ -1102,7 +1092,7 @@ impl Store for SqlStore {
         self.inner
             .milestones(run)
             .await
-            .map_err(|e| e.with_operation(Operation::Milestones).with_run(run))
+            .map_err(|e| e.at_run(Operation::Milestones, run))
     }
 }
 

@@ -768,10 +768,12 @@ async fn status_texts(sub: &mut runstate_core::Subscription, n: usize) -> Vec<St
 /// (`status_history` past `FEED_CAPACITY`) is replayed whole to a
 /// subscriber that reads only once it is all there, then followed; the
 /// replay was pushed into a feed of `FEED_CAPACITY`, so the newest
-/// messages were dropped for a `Resync`.
+/// messages were dropped for a `Resync`. The room comes from the rows, not
+/// from the reader's own `status_history`.
 async fn a_history_longer_than_the_feed_buffer_is_replayed_whole(dialect: Dialect) {
     let Some(url) = url(dialect) else { return };
-    let store = open_config(config(&url, &prefix()).with_status_history(5_000)).await;
+    let prefix = prefix();
+    let store = open_config(config(&url, &prefix).with_status_history(5_000)).await;
     let (run, _doc, _key) = ids();
     let count = runstate_core::events::FEED_CAPACITY + 200;
     for i in 1..=count {
@@ -803,6 +805,20 @@ async fn a_history_longer_than_the_feed_buffer_is_replayed_whole(dialect: Dialec
         status_texts(&mut last, count).await,
         newest,
         "the last {count}"
+    );
+    // A reader that keeps a shorter history (set lower since, or another
+    // process's setting) still gets every row there is: rows are trimmed
+    // only at the run's next publish.
+    let reader = open_config(config(&url, &prefix).with_status_history(100)).await;
+    let mut all = reader
+        .subscribe(&run, Replay::All)
+        .await
+        .expect("subscribe");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        status_texts(&mut all, count + 1).await,
+        [expected, vec!["after".to_owned()]].concat(),
+        "every row, whatever the reader's own setting"
     );
     cleanup(&store, &url).await;
 }

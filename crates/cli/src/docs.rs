@@ -291,8 +291,7 @@ async fn ls_docs(
     let all = store.list_all_docs(run).await?;
     if all.is_empty() {
         return Err(Error::new(ErrorKind::NotFound, "the run has no documents")
-            .with_operation(Operation::ListDocs)
-            .with_run(run)
+            .at_run(Operation::ListDocs, run)
             .into());
     }
     let mut docs: Vec<DocMeta> = all
@@ -476,8 +475,7 @@ pub(crate) async fn stat(global: &Global, args: StatArgs) -> Result<ExitCode, Cl
 fn not_found(run: &RunId, doc: &DocName, operation: Operation) -> CliError {
     let error = CliError::from(
         Error::new(ErrorKind::NotFound, "no such document")
-            .with_operation(operation)
-            .with_run(run)
+            .at_run(operation, run)
             .with_doc(doc),
     );
     match doc.as_str().rsplit_once('.') {
@@ -587,8 +585,7 @@ pub(crate) async fn rm(global: &Global, args: RmArgs) -> Result<ExitCode, CliErr
             let documents = store.list_all_docs(&run).await?.len();
             if documents == 0 {
                 return Err(Error::new(ErrorKind::NotFound, "the run has no documents")
-                    .with_operation(Operation::DeleteRun)
-                    .with_run(&run)
+                    .at_run(Operation::DeleteRun, &run)
                     .into());
             }
             if !args.all {
@@ -662,8 +659,7 @@ async fn rm_run(global: &Global, store: &AnyStore, run: &RunId) -> Result<ExitCo
     released?;
     if deleted == 0 {
         return Err(Error::new(ErrorKind::NotFound, "the run has no documents")
-            .with_operation(Operation::DeleteRun)
-            .with_run(run)
+            .at_run(Operation::DeleteRun, run)
             .into());
     }
     if global.json {

@@ -511,8 +511,7 @@ pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<ExitCode, 
                                 follower.printed
                             ),
                         )
-                        .with_operation(Operation::Watch)
-                        .with_run(&run),
+                        .at_run(Operation::Watch, &run),
                     )
                     .with_hint("raise --timeout, or drop --count to watch for a while")),
                     None => Ok(ExitCode::SUCCESS),
@@ -631,8 +630,7 @@ pub(crate) async fn status(global: &Global, args: StatusArgs) -> Result<ExitCode
             ErrorKind::NotFound,
             "the run has no documents, milestones, attributes, locks or messages",
         )
-        .with_operation(Operation::Milestones)
-        .with_run(&run)
+        .at_run(Operation::Milestones, &run)
         .into());
     }
     let output = StatusOutput {

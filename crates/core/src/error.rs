@@ -257,11 +257,19 @@ impl Error {
         self
     }
 
+    /// Records where a run-wide call failed (a status message, a milestone,
+    /// a listing, a deletion of the run): the operation (unless one is
+    /// already recorded) and the run. Every backend wraps the errors of its
+    /// per-run calls with it.
+    pub fn at_run(self, operation: Operation, run: &RunId) -> Self {
+        self.with_operation(operation).with_run(run)
+    }
+
     /// Records where a document call failed: the operation (unless one is
     /// already recorded), the run and the document. Every backend wraps
     /// the errors of its per-document calls with it.
     pub fn at_doc(self, operation: Operation, run: &RunId, doc: &DocName) -> Self {
-        self.with_operation(operation).with_run(run).with_doc(doc)
+        self.at_run(operation, run).with_doc(doc)
     }
 
     /// Records the lock (and its run and document).

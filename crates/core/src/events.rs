@@ -220,10 +220,17 @@ pub struct FeedSender<T> {
 /// Events a feed buffers before a slow consumer gets a `Resync` instead.
 pub const FEED_CAPACITY: usize = 1024;
 
+/// The most events a feed buffers, whatever [`Feed::channel`] is asked for
+/// (a replay sized from a run's whole numbering, say): past it, a `Resync`.
+/// Tokio's channel refuses a capacity past `usize::MAX >> 3` by panicking;
+/// the room is taken only as events arrive.
+pub const MAX_FEED_CAPACITY: usize = 1 << 24;
+
 impl<T: Resyncable> Feed<T> {
-    /// A connected pair with room for `capacity` events.
+    /// A connected pair with room for `capacity` events (at least 2, at
+    /// most [`MAX_FEED_CAPACITY`]).
     pub fn channel(capacity: usize) -> (FeedSender<T>, Feed<T>) {
-        let (tx, rx) = mpsc::channel(capacity.max(2));
+        let (tx, rx) = mpsc::channel(capacity.clamp(2, MAX_FEED_CAPACITY));
         let gap = Arc::new(AtomicBool::new(false));
         let failure = Arc::new(Mutex::new(None));
         (
@@ -477,5 +484,18 @@ mod tests {
         }
         assert!(resyncs >= 1);
         drop(sender);
+    }
+
+    /// Review finding: a feed sized from a run's whole numbering (a SQL
+    /// replay of everything) can ask for more room than Tokio's channel
+    /// takes, which panicked inside `subscribe`.
+    #[tokio::test]
+    async fn any_capacity_makes_a_feed() {
+        let (mut sender, mut feed) = Subscription::channel(usize::MAX);
+        assert!(sender.send(StatusEvent::Resync));
+        assert_eq!(
+            feed.next().await.map(|e| e.expect("ok")),
+            Some(StatusEvent::Resync)
+        );
     }
 }

@@ -732,11 +732,7 @@ impl Store for MemoryStore {
     }
 
     async fn mark(&self, run: &RunId, task: &str, at: SystemTime) -> Result<()> {
-        let context = |e: Error| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::Mark)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(BACKEND).at_run(Operation::Mark, run);
         check_label("task", task).map_err(context)?;
         self.state()
             .milestones
@@ -748,11 +744,7 @@ impl Store for MemoryStore {
     }
 
     async fn set_attr(&self, run: &RunId, name: &str, value: &str) -> Result<()> {
-        let context = |e: Error| {
-            e.with_backend(BACKEND)
-                .with_operation(Operation::SetAttr)
-                .with_run(run)
-        };
+        let context = |e: Error| e.with_backend(BACKEND).at_run(Operation::SetAttr, run);
         check_label("attribute", name).map_err(context)?;
         check_text("attribute value", value).map_err(context)?;
         self.state()

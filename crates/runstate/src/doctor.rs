@@ -98,8 +98,7 @@ pub async fn probe(store: &dyn Lock) -> Result<DoctorReport> {
                      is a leftover"
                 ),
             )
-            .with_operation(Operation::Doctor)
-            .with_run(&run));
+            .at_run(Operation::Doctor, &run));
         }
         other => other.map_err(|e| e.with_operation(Operation::Doctor))?,
     };

@@ -635,9 +635,7 @@ fn vanished_from_target(run: &RunId, doc: &DocName) -> Error {
 }
 
 fn migrate_error(kind: ErrorKind, message: String, run: &RunId) -> Error {
-    Error::new(kind, message)
-        .with_operation(Operation::Migrate)
-        .with_run(run)
+    Error::new(kind, message).at_run(Operation::Migrate, run)
 }
 
 /// How one run's documents relate across the two stores.
@@ -1729,8 +1727,7 @@ async fn verify_run(
     if named && source_docs.is_empty() && on_target.is_empty() {
         return Err(
             Error::new(ErrorKind::NotFound, "neither store has this run")
-                .with_operation(Operation::Verify)
-                .with_run(run),
+                .at_run(Operation::Verify, run),
         );
     }
     progress.run_started(
