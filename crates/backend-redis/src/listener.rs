@@ -20,9 +20,10 @@
 //!
 //! A channel the server refuses to subscribe (an ACL whose channel patterns
 //! leave it out) is given up, not retried by the listener: whoever was
-//! joining it gets the refusal (`Denied`), feeds that followed it end with
-//! it ([`Note::Refused`]), and the channels subscribed beside it are served
-//! as usual. The next follower of that channel asks the server again.
+//! joining it gets the refusal (`Denied` for an ACL's), feeds that followed
+//! it end with it ([`Note::Refused`]), and the channels subscribed beside it
+//! are served as usual. The next follower of that channel asks the server
+//! again.
 //!
 //! The task never ends by itself; should it end anyway (a panic), its feeds
 //! end with an error saying the listener stopped, joins fail at once and
@@ -222,7 +223,8 @@ impl Listener {
     /// # Errors
     /// `Timeout` when the subscription is not confirmed within `bound`
     /// (the listener cannot reach the server); the server's refusal of the
-    /// channel (`Denied` for an ACL's, `Backend` for another).
+    /// channel (`Denied` for an ACL's, `Backend` for another); `Backend`
+    /// ("the redis listener stopped") once the listener's task has ended.
     pub(crate) async fn join(
         self: &Arc<Self>,
         channel: String,
@@ -545,8 +547,9 @@ async fn sync(shared: &Shared, sink: &mut redis::aio::PubSubSink, generation: u6
 
 /// Subscribes `names`, which the server refused as one command with
 /// `refusal`, in halves: a half it takes is subscribed, a half it refuses
-/// is halved again, so `k` refused channels among `n` cost about
-/// `2k·log2(n)` round trips rather than `n`. Returns the channels refused
+/// is halved again, so `k` refused channels among `n` cost at most about
+/// `2k·log2(n)` round trips (`2n - 2` when every one is refused) where one
+/// by one would cost `n`. Returns the channels refused
 /// alone, each with its refusal, or `None` when the connection failed.
 async fn subscribe_apart<'a>(
     shared: &Shared,

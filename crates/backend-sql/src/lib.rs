@@ -1030,18 +1030,23 @@ impl Store for SqlStore {
             };
             #[cfg(not(feature = "postgres"))]
             let (wake, registration) = (Wake::Every(inner.config.watch_interval), None::<()>);
-            let last = inner.status_last(run).await?;
+            let (last, oldest) = inner.status_last(run).await?;
             let after = match replay {
                 Replay::None => last,
                 Replay::Last(n) => last.saturating_sub(u64::try_from(n).unwrap_or(u64::MAX)),
                 _ => 0,
             };
-            // The replay is pushed before the consumer reads: room for all
-            // of it besides the buffer of live messages. Sequence numbers
-            // of a run have no gaps, so `last - after` bounds it whatever
-            // `status_history` the writers kept (rows are trimmed only at
-            // the run's next publish).
-            let replayed = last.saturating_sub(after);
+            // The follower pushes the replay as fast as it reads it, likely
+            // before the consumer reads: room for all of it besides the
+            // buffer of live messages. Counted from the rows kept (a run's
+            // numbers have no gaps), not from the reader's own
+            // `status_history`: rows are trimmed only at the run's next
+            // publish, by whatever setting the publisher has. Messages
+            // trimmed or published meanwhile only shrink the replay or fit
+            // in the buffer.
+            let replayed = oldest.map_or(0, |oldest| {
+                last.saturating_sub(after.max(oldest.saturating_sub(1)))
+            });
             let (sender, feed) = Subscription::channel(
                 runstate_core::events::FEED_CAPACITY
                     .saturating_add(usize::try_from(replayed).unwrap_or(usize::MAX)),

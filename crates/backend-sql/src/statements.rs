@@ -113,7 +113,8 @@ pub(crate) struct Statements {
     pub(crate) status_trim: Stmt,
     /// A run's messages after a sequence number, in order.
     pub(crate) status_since: Stmt,
-    /// The last sequence number given out for a run.
+    /// The last sequence number given out for a run, and the oldest
+    /// message still kept (NULL when none is).
     pub(crate) status_last: Stmt,
     pub(crate) set_milestone: Stmt,
     pub(crate) milestones: Stmt,
@@ -459,7 +460,9 @@ impl Statements {
             status_since: t(
                 "SELECT seq, topic, body, at_ms FROM {S} WHERE run = $1 AND seq > $2 ORDER BY seq LIMIT $3",
             ),
-            status_last: t("SELECT seq FROM {Q} WHERE run = $1"),
+            status_last: t(
+                "SELECT q.seq, (SELECT MIN(s.seq) FROM {S} s WHERE s.run = $1) FROM {Q} q WHERE q.run = $1",
+            ),
             set_milestone: t(match dialect {
                 Dialect::MySql => {
                     "INSERT INTO {M} (run, kind, name, value) VALUES ($1, $2, $3, $4) \

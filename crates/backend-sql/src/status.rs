@@ -100,14 +100,19 @@ impl Inner {
             .collect()
     }
 
-    /// The number of `run`'s last status message (0 before the first).
-    pub(crate) async fn status_last(&self, run: &RunId) -> Result<u64> {
+    /// The number of `run`'s last status message (0 before the first) and
+    /// of the oldest one still kept (`None` when none is).
+    pub(crate) async fn status_last(&self, run: &RunId) -> Result<(u64, Option<u64>)> {
         let row = self
             .fetch_optional(&self.sql.status_last, &[P::T(run.as_str())])
             .await?;
         Ok(match row {
-            Some(row) => u64::try_from(self.get_i64(&row, 0)?).unwrap_or(0),
-            None => 0,
+            Some(row) => (
+                u64::try_from(self.get_i64(&row, 0)?).unwrap_or(0),
+                self.get_opt_i64(&row, 1)?
+                    .map(|oldest| u64::try_from(oldest).unwrap_or(0)),
+            ),
+            None => (0, None),
         })
     }
 

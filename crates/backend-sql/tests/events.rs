@@ -829,6 +829,57 @@ each_dialect!(a_history_longer_than_the_feed_buffer_is_replayed_whole:
     sqlite_a_history_longer_than_the_feed_buffer_is_replayed_whole => Dialect::Sqlite,
 );
 
+/// Review finding: the room for a replay was first counted from every
+/// message the run ever had rather than the rows kept, so a reader that
+/// stopped reading a long-lived run buffered everything published after it
+/// (up to millions of messages) instead of getting a `Resync` once its
+/// buffer was full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_of_a_long_lived_run_gets_resync() {
+    let Some(url) = url(Dialect::Sqlite) else {
+        return;
+    };
+    let prefix = prefix();
+    let buffer = runstate_core::events::FEED_CAPACITY;
+    // A run with many messages, 5 of them kept.
+    let trimming = open_config(config(&url, &prefix).with_status_history(5)).await;
+    let (run, _doc, _key) = ids();
+    for i in 1..=buffer + 100 {
+        trimming
+            .publish(&run, "wepp", &format!("old{i}"))
+            .await
+            .expect("publish");
+    }
+    let reader = open_config(
+        config(&url, &prefix)
+            .with_status_history(5)
+            .with_watch_interval(Duration::from_millis(50)),
+    )
+    .await;
+    let mut all = reader
+        .subscribe(&run, Replay::All)
+        .await
+        .expect("subscribe");
+    // More than a buffer's worth, kept whole, while the reader reads none.
+    let keeping = open_config(config(&url, &prefix).with_status_history(100_000)).await;
+    let more = buffer + 200;
+    for i in 1..=more {
+        keeping
+            .publish(&run, "wepp", &format!("new{i}"))
+            .await
+            .expect("publish");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let texts = status_texts(&mut all, 5 + more + 1).await;
+    assert!(
+        texts.iter().any(|t| t == "RESYNC"),
+        "a stalled reader gets a Resync; it got {} messages",
+        texts.len()
+    );
+    assert!(texts.len() <= 5 + buffer + 2, "{} buffered", texts.len());
+    cleanup(&keeping, &url).await;
+}
+
 /// `delete_run` deletes the run's milestones and attributes with its
 /// documents, keeps its status history and its fence watermarks (a stale
 /// holder stays fenced after the run is deleted and created again).

@@ -474,9 +474,7 @@ pub(crate) async fn stat(global: &Global, args: StatArgs) -> Result<ExitCode, Cl
 
 fn not_found(run: &RunId, doc: &DocName, operation: Operation) -> CliError {
     let error = CliError::from(
-        Error::new(ErrorKind::NotFound, "no such document")
-            .at_run(operation, run)
-            .with_doc(doc),
+        Error::new(ErrorKind::NotFound, "no such document").at_doc(operation, run, doc),
     );
     match doc.as_str().rsplit_once('.') {
         Some((name, _)) => error.with_hint(format!(

@@ -327,8 +327,7 @@ impl Run {
 
     /// The handle of a [`Document`] type: its name and codec.
     fn typed<T: Document>(&self, operation: Operation) -> Result<Doc<T>> {
-        let name =
-            DocName::new(T::NAME).map_err(|e| e.with_run(&self.id).with_operation(operation))?;
+        let name = DocName::new(T::NAME).map_err(|e| e.at_run(operation, &self.id))?;
         Ok(self.doc_named::<T>(name).with_codec(T::CODEC))
     }
 
