@@ -549,8 +549,8 @@ async fn sync(shared: &Shared, sink: &mut redis::aio::PubSubSink, generation: u6
 /// `refusal`, in halves: a half it takes is subscribed, a half it refuses
 /// is halved again, so `k` refused channels among `n` cost at most about
 /// `2k·log2(n)` round trips (`2n - 2` when every one is refused) where one
-/// by one would cost `n`. Returns the channels refused
-/// alone, each with its refusal, or `None` when the connection failed.
+/// by one would cost `n`. Returns the channels refused alone, each with its
+/// refusal, or `None` when the connection failed.
 async fn subscribe_apart<'a>(
     shared: &Shared,
     sink: &mut redis::aio::PubSubSink,

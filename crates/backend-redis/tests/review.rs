@@ -1243,14 +1243,7 @@ async fn a_late_touch_never_makes_a_cached_copy_older() {
 /// served on the same connection (no `Resync`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_the_server_refuses_holds_up_no_other_subscription() {
-    let server = acl_server();
-    let url = format!("redis://worker:pw@127.0.0.1:{}/0", server.port);
-    let config = RedisConfig::from_url(&url)
-        .expect("url")
-        .with_prefix("acl")
-        .expect("prefix");
-    let store = open(config.clone()).await;
-    let writer = open(config).await;
+    let (_server, store, writer) = acl_stores().await;
     let ok1 = RunId::new("ok1").expect("valid");
     let ok2 = RunId::new("ok2").expect("valid");
     let other = RunId::new("other").expect("valid");
@@ -1288,9 +1281,10 @@ async fn a_channel_the_server_refuses_holds_up_no_other_subscription() {
 
 /// A private server whose user `worker` (password `pw`) may touch every key
 /// and the channels of runs `ok…` under the prefix `acl` only
-/// (`resetchannels` first: Redis 6.2 allows every channel by default).
-fn acl_server() -> OwnRedis {
-    OwnRedis::start(
+/// (`resetchannels` first: Redis 6.2 allows every channel by default), with
+/// two stores on it as that user: one that follows, one that writes.
+async fn acl_stores() -> (OwnRedis, RedisStore, RedisStore) {
+    let server = OwnRedis::start(
         false,
         &[
             "--user",
@@ -1302,7 +1296,29 @@ fn acl_server() -> OwnRedis {
             "&acl:{ok*",
             "+@all",
         ],
-    )
+    );
+    let url = format!("redis://worker:pw@127.0.0.1:{}/0", server.port);
+    let config = RedisConfig::from_url(&url)
+        .expect("url")
+        .with_prefix("acl")
+        .expect("prefix");
+    let store = open(config.clone()).await;
+    let writer = open(config).await;
+    (server, store, writer)
+}
+
+/// Waits for `feed` to end with the server's refusal of its channel.
+async fn ends_refused<T: runstate_core::events::Resyncable + std::fmt::Debug>(
+    feed: &mut runstate_core::Feed<T>,
+    what: &str,
+) {
+    let ended = tokio::time::timeout(Duration::from_secs(10), feed.next())
+        .await
+        .unwrap_or_else(|_| panic!("the {what} ends in time"));
+    match ended {
+        Some(Err(error)) => assert_eq!(error.kind(), ErrorKind::Denied, "{error}"),
+        other => panic!("expected the refusal, got {other:?}"),
+    }
 }
 
 /// The same, from the other side: a feed already following a channel the
@@ -1311,14 +1327,7 @@ fn acl_server() -> OwnRedis {
 /// back, instead of waiting for ever; the channels still allowed are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_feed_whose_channel_is_refused_later_ends_with_the_refusal() {
-    let server = acl_server();
-    let url = format!("redis://worker:pw@127.0.0.1:{}/0", server.port);
-    let config = RedisConfig::from_url(&url)
-        .expect("url")
-        .with_prefix("acl")
-        .expect("prefix");
-    let store = open(config.clone()).await;
-    let writer = open(config).await;
+    let (server, store, writer) = acl_stores().await;
     let ok1 = RunId::new("ok1").expect("valid");
     let ok2 = RunId::new("ok2").expect("valid");
     let mut sub = store
@@ -1331,20 +1340,8 @@ async fn a_feed_whose_channel_is_refused_later_ends_with_the_refusal() {
         .await
         .expect("subscribe");
     server.command(&["ACL", "SETUSER", "worker", "resetchannels", "&acl:{ok2*"]);
-    let ended = tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("the subscription ends in time");
-    match ended {
-        Some(Err(error)) => assert_eq!(error.kind(), ErrorKind::Denied, "{error}"),
-        other => panic!("expected the refusal, got {other:?}"),
-    }
-    let ended = tokio::time::timeout(Duration::from_secs(10), watch.next())
-        .await
-        .expect("the watcher ends in time");
-    match ended {
-        Some(Err(error)) => assert_eq!(error.kind(), ErrorKind::Denied, "{error}"),
-        other => panic!("expected the refusal, got {other:?}"),
-    }
+    ends_refused(&mut sub, "subscription").await;
+    ends_refused(&mut watch, "watcher").await;
     writer.publish(&ok2, "wepp", "two").await.expect("publish");
     // The reconnect was heard: nothing was missed, so no Resync.
     assert_eq!(text_of(next(&mut kept).await), "two");

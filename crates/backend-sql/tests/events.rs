@@ -688,15 +688,6 @@ async fn status_history_is_trimmed_and_gaps_resync(dialect: Dialect) {
     )
     .await;
     let (run, _doc, _key) = ids();
-    let texts = |events: &[StatusEvent]| -> Vec<String> {
-        events
-            .iter()
-            .map(|e| match e {
-                StatusEvent::Message(m) => m.text.clone(),
-                _ => "RESYNC".to_owned(),
-            })
-            .collect()
-    };
     store.publish(&run, "wepp", "m0").await.expect("publish");
     let mut live = store
         .subscribe(&run, Replay::None)
@@ -711,29 +702,14 @@ async fn status_history_is_trimmed_and_gaps_resync(dialect: Dialect) {
             .expect("publish");
     }
     let mut all = store.subscribe(&run, Replay::All).await.expect("subscribe");
-    let mut replayed = Vec::new();
-    while replayed.len() < 5 {
-        let event = tokio::time::timeout(Duration::from_secs(5), all.next())
-            .await
-            .expect("in time")
-            .expect("open")
-            .expect("no error");
-        replayed.push(event);
-    }
-    assert_eq!(texts(&replayed), ["m8", "m9", "m10", "m11", "m12"]);
+    assert_eq!(
+        status_texts(&mut all, 5, Duration::from_secs(5)).await,
+        ["m8", "m9", "m10", "m11", "m12"]
+    );
     if dialect != Dialect::Postgres {
         // The follower polls every 3 s: by then m1..m7 were trimmed.
-        let mut events = Vec::new();
-        while events.len() < 6 {
-            let event = tokio::time::timeout(Duration::from_secs(10), live.next())
-                .await
-                .expect("in time")
-                .expect("open")
-                .expect("no error");
-            events.push(event);
-        }
         assert_eq!(
-            texts(&events),
+            status_texts(&mut live, 6, Duration::from_secs(10)).await,
             ["RESYNC", "m8", "m9", "m10", "m11", "m12"],
             "a gap is marked"
         );
@@ -748,11 +724,15 @@ each_dialect!(status_history_is_trimmed_and_gaps_resync:
 );
 
 /// The texts of the next `n` events of `sub` (`RESYNC` for a gap), or of
-/// those that came within 5 s of each other.
-async fn status_texts(sub: &mut runstate_core::Subscription, n: usize) -> Vec<String> {
+/// those that came each within `within` of the last.
+async fn status_texts(
+    sub: &mut runstate_core::Subscription,
+    n: usize,
+    within: Duration,
+) -> Vec<String> {
     let mut texts = Vec::with_capacity(n);
     while texts.len() < n {
-        let Ok(event) = tokio::time::timeout(Duration::from_secs(5), sub.next()).await else {
+        let Ok(event) = tokio::time::timeout(within, sub.next()).await else {
             break;
         };
         let event = event.expect("open").expect("no error");
@@ -787,13 +767,16 @@ async fn a_history_longer_than_the_feed_buffer_is_replayed_whole(dialect: Dialec
     // Everything is read from the table before the first `next`.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        status_texts(&mut all, count).await,
+        status_texts(&mut all, count, Duration::from_secs(5)).await,
         expected,
         "the whole history"
     );
     // And it follows on.
     store.publish(&run, "wepp", "after").await.expect("publish");
-    assert_eq!(status_texts(&mut all, 1).await, ["after"]);
+    assert_eq!(
+        status_texts(&mut all, 1, Duration::from_secs(5)).await,
+        ["after"]
+    );
     let mut last = store
         .subscribe(&run, Replay::Last(count))
         .await
@@ -802,7 +785,7 @@ async fn a_history_longer_than_the_feed_buffer_is_replayed_whole(dialect: Dialec
     let mut newest = expected[1..].to_vec();
     newest.push("after".to_owned());
     assert_eq!(
-        status_texts(&mut last, count).await,
+        status_texts(&mut last, count, Duration::from_secs(5)).await,
         newest,
         "the last {count}"
     );
@@ -816,7 +799,7 @@ async fn a_history_longer_than_the_feed_buffer_is_replayed_whole(dialect: Dialec
         .expect("subscribe");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        status_texts(&mut all, count + 1).await,
+        status_texts(&mut all, count + 1, Duration::from_secs(5)).await,
         [expected, vec!["after".to_owned()]].concat(),
         "every row, whatever the reader's own setting"
     );
@@ -870,7 +853,7 @@ async fn a_stalled_reader_of_a_long_lived_run_gets_resync() {
             .expect("publish");
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let texts = status_texts(&mut all, 5 + more + 1).await;
+    let texts = status_texts(&mut all, 5 + more + 1, Duration::from_secs(5)).await;
     assert!(
         texts.iter().any(|t| t == "RESYNC"),
         "a stalled reader gets a Resync; it got {} messages",
