@@ -46,9 +46,9 @@ use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
-use runstate_core::Error;
 use runstate_core::options::UrlOptions;
 use runstate_core::secrets::redact_url;
+use runstate_core::{Error, ErrorKind, Operation};
 
 use crate::BACKEND;
 use crate::errors::map_error;
@@ -355,6 +355,9 @@ impl S3Config {
     /// # Errors
     /// [`ErrorKind::Config`](runstate_core::ErrorKind::Config) when object_store refuses the settings.
     pub fn object_store(&self) -> Result<Arc<dyn ObjectStore>, Error> {
+        if let Some(endpoint) = &self.endpoint {
+            check_endpoint(endpoint)?;
+        }
         let client = ClientOptions::new()
             .with_timeout(self.timeout)
             .with_connect_timeout(self.timeout.min(Duration::from_secs(5)))
@@ -546,10 +549,39 @@ impl fmt::Debug for S3Config {
     }
 }
 
+/// Refuses an endpoint that carries credentials (`user:password@`) or a
+/// query: the clients put the endpoint into every request's URL, and their
+/// errors print it, so a secret there would reach errors and logs.
+/// Credentials come from the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+fn check_endpoint(endpoint: &str) -> Result<(), Error> {
+    let refuse = |why: &str| {
+        Err(Error::new(
+            ErrorKind::Config,
+            // Not shown: a user name alone may be a token.
+            format!("the endpoint option {why}: give credentials in the environment"),
+        )
+        .with_backend(BACKEND)
+        .with_operation(Operation::Open))
+    };
+    let parsed = match url::Url::parse(endpoint) {
+        Ok(parsed) => parsed,
+        Err(_) => return refuse("is not a URL"),
+    };
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return refuse("is not an http or https URL");
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return refuse("carries credentials");
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return refuse("carries a query");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use runstate_core::ErrorKind;
 
     #[test]
     fn parses_the_documented_form() {
@@ -612,6 +644,32 @@ mod tests {
                 "{shown}"
             );
         }
+    }
+
+    /// An endpoint holding credentials or a query is refused when the
+    /// client is built (at opening), and the refusal shows no secret: the
+    /// clients put the endpoint into every request's URL, and object_store's
+    /// request errors print that URL. (Before, `http://u:pw@host` was
+    /// handed to object_store.)
+    #[test]
+    fn an_endpoint_with_credentials_or_a_query_is_refused() {
+        for endpoint in [
+            "http://u:hunter2@127.0.0.1:9",
+            "http://hunter2@127.0.0.1:9",
+            "http://127.0.0.1:9/?X-Amz-Security-Token=hunter2",
+            "http://127.0.0.1:9/#hunter2",
+            "u:hunter2@127.0.0.1:9",
+        ] {
+            let config = S3Config::new("b").with_endpoint(endpoint, true);
+            let error = config.object_store().map(|_| ()).expect_err(endpoint);
+            assert_eq!(error.kind(), ErrorKind::Config, "{endpoint}: {error}");
+            let shown = format!("{} {error:?}", runstate_core::display_chain(&error));
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+        S3Config::new("b")
+            .with_endpoint("http://127.0.0.1:9/base/", true)
+            .object_store()
+            .expect("a plain endpoint");
     }
 
     /// Each scheme builds its own cloud's client (no request is sent), or

@@ -15,8 +15,8 @@ use object_store::{
     PutMode as OsPutMode, PutOptions as OsPutOptions, PutPayload, UpdateVersion,
 };
 use runstate_core::{
-    Bytes, DocMeta, DocName, Error, ErrorKind, GetOptions, LockKey, Result, RunId, StoredDoc,
-    Version,
+    Bytes, DocMeta, DocName, Error, ErrorKind, GetOptions, LockKey, PutMode, Result, RunId,
+    StoredDoc, Version,
 };
 
 use crate::errors::{map_error, timed_out, unconditional_server};
@@ -51,12 +51,27 @@ pub(crate) enum WriteError {
     Failed(Error),
 }
 
-impl WriteError {
-    pub(crate) fn into_error(self) -> Error {
-        match self {
-            WriteError::Refused { error, .. } | WriteError::Failed(error) => error,
+/// A refused write's error in the contract's terms for `mode`: a refused
+/// `Update` is `Precondition` whatever the server said (object_store
+/// reports a `409` on `If-Match` as `AlreadyExists` once its retries are
+/// spent, and an absent object as `NotFound`), a refused `Create` is
+/// `AlreadyExists`.
+pub(crate) fn refusal(mode: &PutMode, error: Error) -> Error {
+    let (kind, what) = match (mode, error.kind()) {
+        (PutMode::Update(_), ErrorKind::NotFound) => {
+            (ErrorKind::Precondition, "the document does not exist")
         }
-    }
+        (PutMode::Update(_), ErrorKind::AlreadyExists) => {
+            (ErrorKind::Precondition, "the document's version differs")
+        }
+        (PutMode::Create, ErrorKind::Precondition) => {
+            (ErrorKind::AlreadyExists, "the document exists")
+        }
+        _ => return error,
+    };
+    Error::new(kind, what)
+        .with_backend(BACKEND)
+        .with_source(error)
 }
 
 /// A document's version: its ETag, always quoted. Azure quotes ETags in
@@ -253,6 +268,10 @@ impl Inner {
         bytes: Bytes,
         mode: OsPutMode,
     ) -> std::result::Result<Version, WriteError> {
+        // Refused before anything is sent: S3 takes no larger single PUT,
+        // and its refusal (`EntityTooLarge`) would read as a failure whose
+        // outcome is unknown.
+        check_limit(bytes.len() as u64, Some(crate::MAX_OBJECT)).map_err(WriteError::Failed)?;
         let nonce = leases::write_nonce();
         let mut attributes = Attributes::new();
         attributes.insert(

@@ -55,7 +55,7 @@ use runstate_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{DocHead, WriteError};
+use crate::engine::{DocHead, WriteError, check_limit, refusal};
 use crate::{BACKEND, Inner};
 
 /// A document read with a grant: `None` when it was not (the caller reads
@@ -94,7 +94,10 @@ impl LeaseBody {
             v: 1,
             held: true,
             fence,
-            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            // Rounded up: a waiter dates the lease by this, and must never
+            // find it lapsed while its holder's own deadline (the exact
+            // TTL) is still ahead.
+            ttl_ms: u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX),
             since_ms: unix_millis(since),
             nonce: nonce(),
             owner: Some(owner.clone()),
@@ -598,6 +601,8 @@ impl Inner {
         self.require_conditional()?;
         let run = lease.key().run();
         lease.key().check_covers(run, doc)?;
+        // Before anything is sent (`write_doc` checks it again).
+        check_limit(bytes.len() as u64, Some(crate::MAX_OBJECT))?;
         let path = self.doc_path(run, doc);
         // For an overwrite: the document as read back after a refused
         // write, which serves as the next try's first read.
@@ -631,51 +636,45 @@ impl Inner {
             self.check_lease(lease).await?;
             match self.write_doc(&path, bytes.clone(), os_mode).await {
                 Ok(version) => return Ok(version),
-                // Refused, and the document holds another write's nonce:
-                // while the lease is live that other write came after a
-                // refusal of every try of ours (no fenced writer can have
-                // replaced an applied try of ours). Once it has lapsed, a
-                // successor may have taken the lock over and written over
-                // a try of ours that object_store retried into this 412:
-                // whether this save was applied cannot be told, and
-                // `Precondition` (or `Fenced`, for a retry) would make a
-                // typed update run its closure again on data that may hold
-                // its first run. The outcome is reported unknown instead.
                 // An overwrite keeps its answer (the lease is checked again
-                // below: `Fenced`): its bytes do not depend on what it
-                // replaced, and a try of it that landed was replaced by the
-                // successor's later write, so the store is as if it had
-                // never been written, and redoing it writes the same bytes.
-                Err(WriteError::Refused { error, .. })
-                    if lease.is_expired() && *mode != PutMode::Overwrite =>
-                {
-                    return Err(Error::new(
-                        ErrorKind::Backend,
-                        format!(
-                            "the save under the lease with fence {} was refused after the lease \
-                             lapsed, and the document was written by someone else since: \
-                             whether an earlier try of this save was applied cannot be told \
-                             (do not redo it blindly)",
-                            lease.fence()
-                        ),
-                    )
-                    .with_backend(BACKEND)
-                    .with_lock(lease.key())
-                    .with_source(error));
-                }
+                // on the next try: `Fenced`): its bytes do not depend on
+                // what it replaced, and a try of it that landed was replaced
+                // by a later write, so the store is as if it had never been
+                // written, and redoing it writes the same bytes.
                 Err(WriteError::Refused { now, .. }) if *mode == PutMode::Overwrite => {
                     reread = Some(now);
                 }
-                Err(WriteError::Refused { error, .. })
-                    if matches!(mode, PutMode::Update(_))
-                        && error.kind() == ErrorKind::NotFound =>
-                {
-                    return Err(
-                        Error::new(ErrorKind::Precondition, "the document does not exist")
-                            .with_backend(BACKEND),
-                    );
+                // Refused, and the document holds another write's nonce.
+                // While the lease is still this grant, that other write
+                // came after a refusal of every try of ours (no fenced
+                // writer can have replaced an applied try of ours). Once
+                // it has lapsed, or was broken or taken over (an
+                // operator's break frees it with the holder's deadline
+                // still ahead), a successor may have written over a try of
+                // ours that object_store retried into this 412: whether
+                // this save was applied cannot be told, and `Precondition`
+                // would make a typed update run its closure again on data
+                // that may hold its first run. The outcome is reported
+                // unknown instead (also when the lease cannot be read).
+                Err(WriteError::Refused { error, .. }) => {
+                    if lease.is_expired() || self.check_lease(lease).await.is_err() {
+                        return Err(Error::new(
+                            ErrorKind::Backend,
+                            format!(
+                                "the save under the lease with fence {} was refused, the lease \
+                                 is no longer this grant, and the document was written by \
+                                 someone else since: whether an earlier try of this save was \
+                                 applied cannot be told (do not redo it blindly)",
+                                lease.fence()
+                            ),
+                        )
+                        .with_backend(BACKEND)
+                        .with_lock(lease.key())
+                        .with_source(error));
+                    }
+                    return Err(refusal(mode, error));
                 }
-                Err(error) => return Err(error.into_error()),
+                Err(WriteError::Failed(error)) => return Err(error),
             }
         }
         Err(Error::new(

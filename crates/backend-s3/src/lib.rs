@@ -92,19 +92,32 @@
 //!   writer before the read back. A writer that does not take the lock can
 //!   do that at any time (then the write is reported refused although it
 //!   happened once). A fenced writer of the same lock can only once this
-//!   lease has lapsed, and a fenced `Update` or `Create` refused after
-//!   its lease lapsed is therefore reported as a `Backend` error saying the
-//!   outcome is unknown (not retryable), never `Precondition`: a typed
-//!   update would otherwise run its closure again on data that may hold
-//!   its first run. (A fenced `Overwrite` is then `Fenced`: the successor's
-//!   write came after any try of it, so the store is as if it was never
-//!   written.)
+//!   lease is no longer this grant (lapsed, or broken by an operator with
+//!   its deadline still ahead, and taken), so a fenced `Update` or
+//!   `Create` refused then (the lease is read again after the refusal) is
+//!   reported as a `Backend` error saying the outcome is unknown (not
+//!   retryable), never `Precondition`: a typed update would otherwise run
+//!   its closure again on data that may hold its first run. (A fenced
+//!   `Overwrite` is then `Fenced`: the successor's write came after any
+//!   try of it, so the store is as if it was never written.) A refused
+//!   `Update` is `Precondition` and a refused `Create` `AlreadyExists`,
+//!   whatever the server answered (`412`, or `409` for a conditional PUT
+//!   that raced another).
 //! - **An `Update(version)` whose version is no ETag** of this store
 //!   (empty, blank, `*`, weak, a list, anything but a quoted tag) is
-//!   refused with `Precondition` before anything is sent: servers ignore
-//!   or widen such `If-Match` headers, which would make it unconditional.
+//!   refused with `Precondition` before the document is written (after
+//!   the lease check, for a fenced one): servers ignore or widen such
+//!   `If-Match` headers, which would make it unconditional.
+//! - A document over 5 GiB (the largest single PUT, declared as
+//!   [`Capabilities::max_document_size`]) is refused with `TooLarge`
+//!   before anything is sent.
+//! - The `endpoint` option must be a plain `http`/`https` URL: one
+//!   holding credentials or a query is refused (`Config`) when the store
+//!   opens, since every request's URL, which object_store's errors print,
+//!   starts with it.
 //! - Conditional deletes are not offered ([`Capabilities::conditional_delete`]
-//!   is `false`; they fail with `Unsupported`).
+//!   is `false`; they fail with `Unsupported` when the document exists,
+//!   and answer `false` when it does not).
 //! - Leases are compare-and-swap writes of lease objects; expiry follows the
 //!   waiter's monotonic clock (see [`leases`](crate#lease-expiry)). TTLs
 //!   outside 1 ms ..= [`MAX_TTL`](runstate_core::MAX_TTL) are refused with
@@ -283,7 +296,9 @@ pub use config::{Provider, S3Config};
 pub use object_store;
 pub use probe::ProbeReport;
 
-use crate::engine::{DocListing, RunListing, WriteError, check_limit, is_plain_etag, version_of};
+use crate::engine::{
+    DocListing, RunListing, WriteError, check_limit, is_plain_etag, refusal, version_of,
+};
 use crate::errors::{map_error, timed_out};
 use crate::leases::{LeaseBody, Sightings, info};
 use crate::milestones::format_time;
@@ -292,7 +307,7 @@ use crate::milestones::format_time;
 pub const BACKEND: &str = "s3";
 
 /// The largest object a single PUT may write.
-const MAX_OBJECT: u64 = 5 * 1024 * 1024 * 1024;
+pub(crate) const MAX_OBJECT: u64 = 5 * 1024 * 1024 * 1024;
 
 /// The user-metadata key (`x-amz-meta-runstate-nonce` on S3) of the random
 /// nonce every document write carries, so a write reported as failed can be
@@ -676,16 +691,8 @@ impl Store for S3Store {
                 .await
             {
                 Ok(version) => Ok(version),
-                Err(WriteError::Refused { error, .. })
-                    if matches!(options.mode, PutMode::Update(_))
-                        && error.kind() == ErrorKind::NotFound =>
-                {
-                    Err(
-                        Error::new(ErrorKind::Precondition, "the document does not exist")
-                            .with_backend(BACKEND),
-                    )
-                }
-                Err(error) => Err(error.into_error()),
+                Err(WriteError::Refused { error, .. }) => Err(refusal(&options.mode, error)),
+                Err(WriteError::Failed(error)) => Err(error),
             }
         };
         outcome

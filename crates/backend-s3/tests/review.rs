@@ -416,3 +416,221 @@ async fn head_reads_no_body_and_documents_carry_their_modified_time() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].modified, Some(modified), "the same time as head");
 }
+
+/// Wave-2 review, finding 1: as `a_save_refused_after_its_lease_lapsed_is_not_redone`,
+/// but the lease does not lapse: an operator breaks it while its holder's
+/// own deadline is still ahead, and the next holder increments. A's
+/// applied write, retried into `412`, must be reported with its outcome
+/// unknown, not as `Precondition`: the closure runs once and the count is
+/// exact. (Only a lapsed lease was taken for "someone else may have
+/// written": A reported `Precondition` and counted its increment twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_refused_after_its_lock_was_broken_is_not_redone() {
+    let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let faulty = Faulty::new(Arc::clone(&memory));
+    let a = Arc::new(store_on(faulty.clone()).await);
+    let b = Arc::new(store_on(Arc::clone(&memory)).await);
+    let wait = WaitPolicy::with_timeout(Duration::from_secs(20));
+    let client_a = Client::new(Arc::clone(&a) as Arc<dyn Lock>)
+        .with_ttl(LONG)
+        .with_wait(wait.clone());
+    let client_b = Client::new(Arc::clone(&b) as Arc<dyn Lock>)
+        .with_ttl(LONG)
+        .with_wait(wait);
+    client_b
+        .run(run())
+        .save(&Counter::default())
+        .await
+        .expect("seed");
+
+    let gate = faulty.lose_reply(Op::Put, "t/r/counter.json", Answer::Precondition);
+    let calls = Arc::new(AtomicU64::new(0));
+    let counting = Arc::clone(&calls);
+    let run_a = client_a.run(run());
+    let updating = tokio::spawn(async move {
+        run_a
+            .update(move |c: &mut Counter| {
+                counting.fetch_add(1, Ordering::SeqCst);
+                c.n += 1;
+            })
+            .await
+    });
+    gate.arrived().await;
+    // A's write is applied; its lock is broken while the reply is held,
+    // and B takes it and increments on top of A's write.
+    let key = LockKey::Doc(run(), DocName::new("counter").expect("valid"));
+    let broken = b
+        .break_lock(&key, None)
+        .await
+        .expect("break")
+        .expect("A's grant was broken");
+    assert!(
+        broken.expires_in > Duration::from_secs(10),
+        "A's deadline is ahead"
+    );
+    client_b
+        .run(run())
+        .update(|c: &mut Counter| c.n += 10)
+        .await
+        .expect("B's increment");
+    gate.open();
+    let outcome = updating.await.expect("join");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "A's closure ran again: {outcome:?}"
+    );
+    let error = outcome.expect_err("A cannot tell whether its save was applied");
+    assert!(
+        !matches!(
+            error.kind(),
+            ErrorKind::Precondition
+                | ErrorKind::Fenced
+                | ErrorKind::LeaseLost
+                | ErrorKind::AlreadyExists
+        ),
+        "{error}"
+    );
+    let stored: Counter = client_b.run(run()).load().await.expect("load");
+    assert_eq!(stored.n, 11, "each increment counted once");
+}
+
+/// Wave-2 review, finding 4: S3 answers a conditional PUT that raced
+/// another with `409`, which object_store reports as `AlreadyExists`
+/// whatever the PUT's mode. A refused `Update` is `Precondition` (what
+/// optimistic updates retry on), unlocked and fenced; a refused `Create`
+/// is `AlreadyExists`. (A refused `Update` was `AlreadyExists`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_on_a_conditional_write_is_reported_by_its_mode() {
+    let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let faulty = Faulty::new(Arc::clone(&memory));
+    let store = store_on(faulty.clone()).await;
+    let path = "t/r/ron.json";
+    let v1 = store
+        .put_bytes(&run(), &ron(), Bytes::from_static(b"1"))
+        .await
+        .expect("seed");
+    faulty.refuse(Op::Put, path, Answer::Conflict);
+    let error = store
+        .put(
+            &run(),
+            &ron(),
+            Bytes::from_static(b"2"),
+            PutOptions::update(v1.clone()),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(error.kind(), ErrorKind::Precondition, "{error}");
+    let key = LockKey::Doc(run(), ron());
+    let lease = store
+        .try_acquire(&key, &Owner::for_this_process(), LONG)
+        .await
+        .expect("acquire");
+    faulty.refuse(Op::Put, path, Answer::Conflict);
+    let error = store
+        .save_and_release(
+            &lease,
+            &ron(),
+            Bytes::from_static(b"2"),
+            PutMode::Update(v1.clone()),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(error.kind(), ErrorKind::Precondition, "{error}");
+    let other = DocName::new("other").expect("valid");
+    faulty.refuse(Op::Put, "t/r/other.json", Answer::Precondition);
+    let error = store
+        .put(
+            &run(),
+            &other,
+            Bytes::from_static(b"x"),
+            PutOptions::create(),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(error.kind(), ErrorKind::AlreadyExists, "{error}");
+    let stored = store
+        .get_bytes(&run(), &ron())
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!((stored.version, &stored.bytes[..]), (v1, &b"1"[..]));
+}
+
+/// Wave-2 review, finding 2: a lease's TTL is stored in whole
+/// milliseconds for waiters to date it by, rounded up, so a waiter never
+/// takes a lease over while its holder's own deadline (the exact TTL) is
+/// still ahead. (It was rounded down: with a TTL of 50.999 ms, another
+/// owner got the lock at 50 ms while the holder's lease still said it was
+/// valid.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_never_takes_a_lease_its_holder_still_holds() {
+    let store = store_on(Arc::new(InMemory::new())).await;
+    let key = LockKey::Doc(run(), ron());
+    let other = Owner::new("review-test", std::process::id(), "waiter").expect("owner");
+    for _ in 0..3 {
+        let held = store
+            .try_acquire(
+                &key,
+                &Owner::for_this_process(),
+                Duration::from_micros(50_999),
+            )
+            .await
+            .expect("acquire");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let taken = loop {
+            match store.try_acquire(&key, &other, LONG).await {
+                Ok(taken) => break taken,
+                Err(error) => {
+                    assert_eq!(error.kind(), ErrorKind::Locked, "{error}");
+                    assert!(std::time::Instant::now() < deadline, "never free");
+                }
+            }
+        };
+        assert!(
+            held.is_expired(),
+            "another owner took the lock while its holder's lease was valid"
+        );
+        store.release(&taken).await.expect("release");
+    }
+}
+
+/// Wave-2 review, finding 6: S3 takes no single PUT over 5 GiB, the
+/// largest document the store declares. A larger one is refused with
+/// `TooLarge` before any request, unlocked and fenced. (Nothing checked
+/// it: `InMemory` stored it, and S3's `EntityTooLarge` read as a failure
+/// whose outcome was unknown.) The buffer is zeroed memory the test never
+/// touches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_over_the_largest_put_is_refused_before_sending() {
+    let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let faulty = Faulty::new(Arc::clone(&memory));
+    let store = store_on(faulty.clone()).await;
+    let max = store.capabilities().max_document_size.expect("declared");
+    let giant = Bytes::from(vec![0u8; usize::try_from(max + 1).expect("64-bit")]);
+    let before = faulty.calls();
+    let error = store
+        .put_bytes(&run(), &ron(), giant.clone())
+        .await
+        .expect_err("too large");
+    assert_eq!(error.kind(), ErrorKind::TooLarge, "{error}");
+    assert_eq!(faulty.calls(), before, "no request was sent");
+    let key = LockKey::Doc(run(), ron());
+    let lease = store
+        .try_acquire(&key, &Owner::for_this_process(), LONG)
+        .await
+        .expect("acquire");
+    let error = store
+        .save_and_release(&lease, &ron(), giant, PutMode::Overwrite)
+        .await
+        .expect_err("too large");
+    assert_eq!(error.kind(), ErrorKind::TooLarge, "{error}");
+    assert!(
+        store
+            .get_bytes(&run(), &ron())
+            .await
+            .expect("get")
+            .is_none(),
+        "nothing was written"
+    );
+}

@@ -83,6 +83,29 @@ pub enum Answer {
     Failed,
     /// `412`: what object_store's retry of an applied conditional PUT gets.
     Precondition,
+    /// `409`, as object_store reports it once its retries are spent:
+    /// `AlreadyExists`, whatever the PUT's mode (S3 answers a conditional
+    /// PUT racing another with `409 ConditionalRequestConflict`).
+    Conflict,
+}
+
+impl Answer {
+    fn error(self, location: &Path, what: &str) -> object_store::Error {
+        match self {
+            Answer::Failed => object_store::Error::Generic {
+                store: "faulty",
+                source: format!("injected: the reply to PUT {location} was lost").into(),
+            },
+            Answer::Precondition => object_store::Error::Precondition {
+                path: location.to_string(),
+                source: format!("injected: {what}").into(),
+            },
+            Answer::Conflict => object_store::Error::AlreadyExists {
+                path: location.to_string(),
+                source: format!("injected: {what}").into(),
+            },
+        }
+    }
 }
 
 /// The wrapping store.
@@ -95,6 +118,9 @@ pub struct Faulty {
     /// One-shot lost replies: the first call of this kind on this path is
     /// applied, then waits at the gate, then answers as told.
     lost: Mutex<Vec<LostReply>>,
+    /// One-shot refusals: the first call of this kind on this path is not
+    /// applied and answers as told.
+    refused: Mutex<Vec<(Op, String, Answer)>>,
     /// Delimited listings, by prefix.
     listings: Mutex<Vec<String>>,
     calls: AtomicU64,
@@ -115,6 +141,7 @@ impl Faulty {
             holds: Mutex::new(Vec::new()),
             fails: Box::new(fails),
             lost: Mutex::new(Vec::new()),
+            refused: Mutex::new(Vec::new()),
             listings: Mutex::new(Vec::new()),
             calls: AtomicU64::new(0),
         })
@@ -141,6 +168,24 @@ impl Faulty {
             .unwrap_or_else(PoisonError::into_inner)
             .push((op, path.to_owned(), Arc::clone(&gate), answer));
         gate
+    }
+
+    /// Refuses the next `op` on `path` without applying it, answering
+    /// `answer`.
+    pub fn refuse(&self, op: Op, path: &str, answer: Answer) {
+        self.refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((op, path.to_owned(), answer));
+    }
+
+    /// The refusal armed for this call, taken (one-shot).
+    fn take_refused(&self, op: Op, path: &Path) -> Option<Answer> {
+        let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        refused
+            .iter()
+            .position(|(o, p, _)| *o == op && p == path.as_ref())
+            .map(|i| refused.remove(i).2)
     }
 
     /// The lost reply armed for this call, taken (one-shot).
@@ -211,22 +256,16 @@ impl ObjectStore for Faulty {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         self.enter(Op::Put, location).await?;
+        if let Some(answer) = self.take_refused(Op::Put, location) {
+            return Err(answer.error(location, "the PUT was refused"));
+        }
         let lost = self.take_lost(Op::Put, location);
         let reply = self.inner.put_opts(location, payload, opts).await;
         let Some((gate, answer)) = lost else {
             return reply;
         };
         gate.pass().await;
-        Err(match answer {
-            Answer::Failed => object_store::Error::Generic {
-                store: "faulty",
-                source: format!("injected: the reply to PUT {location} was lost").into(),
-            },
-            Answer::Precondition => object_store::Error::Precondition {
-                path: location.to_string(),
-                source: "injected: a retry of an applied PUT was refused".into(),
-            },
-        })
+        Err(answer.error(location, "a retry of an applied PUT was refused"))
     }
 
     async fn put_multipart_opts(
