@@ -26,21 +26,30 @@
 //!   before its holder's local deadline, and a worker may hold the lock
 //!   since). The file store's fences cannot see WEPPcloud's grants, so
 //!   this check is what keeps a runstate holder that lost its lock to a
-//!   worker from writing; between it and the rename a holder can only be
-//!   stopped, not preempted, and a worker that took the lock meanwhile has
-//!   its own save refused by its stale-write guard. A locked update costs
-//!   one Redis round trip more for it (three, with the acquire and the
-//!   release).
+//!   worker from writing. A worker that takes the lock between it and the
+//!   rename (after an operator's `clear_locks`, or the key's expiry) and
+//!   dumps first makes the save fail: every write of a controller is
+//!   conditional on its version, an overwrite on the version read before
+//!   the checks, so the save is `Fenced`, nothing written. A locked update
+//!   costs one Redis round trip more for the check (three, with the
+//!   acquire and the release).
 //! - **Writes without the controller's lease check WEPPcloud first.** A
 //!   save or delete made without a lease on that document (an unlocked
 //!   put, a save under the run lease) is refused with `Locked`,
 //!   WEPPcloud's worker as the holder, while a WEPPcloud worker holds the
 //!   controller's NoDb lock or WEPPcloud is replacing the run. (A runstate
 //!   holder's lease does not count: its saves are fenced and
-//!   version-checked.) The check is made just before the write; a worker
-//!   that takes the lock in between reads the file after the write, or its
-//!   own save is refused by its stale-write guard (the signature changed).
-//!   Locked updates have no such window: their lease is WEPPcloud's lock.
+//!   version-checked.) The check is made just before the write, and the
+//!   write is conditional on the controller's version read before the
+//!   check (an overwrite included): a worker that takes the lock after the
+//!   check and dumps before the rename (the staged file's `fsync` lies
+//!   between) makes the write fail and be checked again, so while it holds
+//!   the lock the write is refused with `Locked`; a save-and-release under
+//!   the run lease, whose lease is then given back, fails with `Locked`
+//!   (worth trying again). What remains is a dump between the version
+//!   check and the rename, which are made under the file store's record
+//!   lock, microseconds apart. Locked updates have no such window: their
+//!   lease is WEPPcloud's lock.
 //!   Nor has `delete_run`: it takes WEPPcloud's lock of every controller
 //!   it lists for the deletion (refused with `Locked` while anyone holds
 //!   one), so no worker starts on one of them while the run is deleted. A
@@ -53,8 +62,9 @@
 //!   lies inside a `_pups` folder or is a batch's or culvert set's `runs`
 //!   folder cannot be opened in this mode, and a controller that says it
 //!   belongs to a run group (`_run_group`) or to a parent run
-//!   (`_parent_wd`) is neither loaded under a lease nor written
-//!   (`Unsupported`).
+//!   (`_parent_wd`), at its top or under jsonpickle's `py/state` (where
+//!   current WEPPcloud versions keep their fields), is neither loaded under
+//!   a lease nor written (`Unsupported`).
 //!
 //! Everything else is the split store's: fences are checked against the
 //! file store's watermarks, WEPPcloud's legacy lock files are held locks
@@ -80,6 +90,11 @@ use crate::split::SplitStore;
 /// The TTL of the controllers' locks [`WeppcloudStore::delete_run`] holds
 /// (renewed every third of it while the deletion runs).
 const DELETE_RUN_TTL: Duration = Duration::from_secs(30);
+
+/// How many times an overwrite of a controller is tried, each made
+/// conditional on the version read before WEPPcloud's checks (see
+/// [`WeppcloudStore::pinned`]).
+const PINNED_TRIES: usize = 3;
 
 /// A split store of WEPPcloud run folders and WEPPcloud's NoDb locks (see
 /// the [module documentation](self)).
@@ -117,6 +132,23 @@ impl WeppcloudStore {
                  (mtime, size) checks still ignore them"
             );
         }
+    }
+
+    /// `mode`, with an overwrite made conditional on the controller's
+    /// version read now, before WEPPcloud's checks: nothing stops a worker
+    /// from taking the controller's lock after the check and dumping
+    /// before runstate's rename (the staged file's `fsync` lies between,
+    /// tens of milliseconds on a network file system), and an overwrite
+    /// would replace that dump while the worker holds its lock. Made
+    /// conditional, the write is refused instead, and checked again.
+    async fn pinned(&self, run: &RunId, doc: &DocName, mode: &PutMode) -> Result<PutMode> {
+        Ok(match mode {
+            PutMode::Overwrite => match self.split.head(run, doc).await? {
+                Some(stat) => PutMode::Update(stat.version),
+                None => PutMode::Create,
+            },
+            other => other.clone(),
+        })
     }
 
     /// Refuses a write of `doc` not covered by a lease on that document
@@ -184,7 +216,17 @@ fn check_controller(run: &RunId, doc: &DocName, bytes: &[u8], op: Operation) -> 
     let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(bytes) else {
         return Ok(());
     };
-    let set = |name: &str| fields.get(name).is_some_and(|v| !v.is_null());
+    // WEPPcloud's controllers since its `__getstate__` (2025) keep their
+    // fields under jsonpickle's `py/state`; older ones at the top.
+    let state = fields
+        .get("py/state")
+        .and_then(serde_json::Value::as_object);
+    let set = |name: &str| {
+        fields
+            .get(name)
+            .or_else(|| state.and_then(|state| state.get(name)))
+            .is_some_and(|v| !v.is_null())
+    };
     let why = if set("_run_group") {
         "belongs to a run group (WEPPcloud locks it as `<group>;;<name>;;<run>`)"
     } else if set("_parent_wd") {
@@ -266,16 +308,43 @@ impl Store for WeppcloudStore {
         let op = Operation::Put;
         check_controller(run, doc, &bytes, op)?;
         let lease = options.lease.or(options.foreign_lease);
-        self.check_foreign(run, doc, lease, op).await?;
-        if let Some(lease) = lease {
-            self.service
-                .check_held(lease, op)
-                .await
-                .map_err(|e| fenced_if_lost(e, op, run, doc))?;
+        let overwrite = options.mode == PutMode::Overwrite;
+        for _ in 0..PINNED_TRIES {
+            let mut attempt = options.clone();
+            attempt.mode = self.pinned(run, doc, &options.mode).await?;
+            self.check_foreign(run, doc, lease, op).await?;
+            if let Some(lease) = lease {
+                self.service
+                    .check_held(lease, op)
+                    .await
+                    .map_err(|e| fenced_if_lost(e, op, run, doc))?;
+            }
+            match self.split.put(run, doc, bytes.clone(), attempt).await {
+                // Written by someone else since its version was read (a
+                // worker that took the lock after the check): checked
+                // again, so a worker still holding it refuses the write.
+                Err(error)
+                    if overwrite
+                        && matches!(
+                            error.kind(),
+                            ErrorKind::Precondition | ErrorKind::AlreadyExists
+                        ) =>
+                {
+                    tracing::debug!(%error, %run, %doc, "a controller changed during an overwrite");
+                }
+                Err(error) => return Err(error),
+                Ok(saved) => {
+                    self.invalidate(run, std::slice::from_ref(doc)).await;
+                    return Ok(saved);
+                }
+            }
         }
-        let saved = self.split.put(run, doc, bytes, options).await?;
-        self.invalidate(run, std::slice::from_ref(doc)).await;
-        Ok(saved)
+        Err(Error::new(
+            ErrorKind::Precondition,
+            "the controller kept changing during the save; nothing was written",
+        )
+        .set_retryable(true)
+        .at_doc(op, run, doc))
     }
 
     async fn delete(
@@ -544,16 +613,26 @@ impl Lock for WeppcloudStore {
     ) -> Result<Version> {
         let op = Operation::SaveAndRelease;
         let run = lease.key().run();
+        let overwrite = mode == PutMode::Overwrite;
         let checked = match check_controller(run, doc, &bytes, op) {
-            Ok(()) => self.check_foreign(run, doc, Some(lease), op).await,
+            Ok(()) => match self.pinned(run, doc, &mode).await {
+                Ok(pinned) => self
+                    .check_foreign(run, doc, Some(lease), op)
+                    .await
+                    .map(|()| pinned),
+                Err(error) => Err(error.at_doc(op, run, doc)),
+            },
             Err(error) => Err(error),
         };
-        if let Err(error) = checked {
-            if let Err(release) = self.split.release(lease).await {
-                tracing::debug!(%release, "release after a refused save");
+        let mode = match checked {
+            Ok(pinned) => pinned,
+            Err(error) => {
+                if let Err(release) = self.split.release(lease).await {
+                    tracing::debug!(%release, "release after a refused save");
+                }
+                return Err(error.with_lock(lease.key()));
             }
-            return Err(error.with_lock(lease.key()));
-        }
+        };
         // WEPPcloud's own check before a dump: the key still holds this
         // lease's token (an operator's clear_locks may have ended it). A
         // lost lease is not released: it is not ours any more.
@@ -562,7 +641,39 @@ impl Lock for WeppcloudStore {
             .await
             .map_err(|e| fenced_if_lost(e, op, run, doc))?;
         let (saved, released) = self.split.save_then_release(lease, doc, bytes, mode).await;
-        let saved = saved?;
+        let saved = match saved {
+            // An overwrite refused: the controller was written since its
+            // version was read, under this very lease. Under the
+            // controller's lease that is a worker that took WEPPcloud's
+            // lock after it was cleared or expired: the lease no longer
+            // kept the controller (`Fenced`). Under the run lease, a
+            // worker took the controller's lock after the check (`Locked`,
+            // worth trying again). The lease was given back either way.
+            Err(error)
+                if overwrite
+                    && matches!(
+                        error.kind(),
+                        ErrorKind::Precondition | ErrorKind::AlreadyExists
+                    ) =>
+            {
+                let (kind, who) = match lease.key() {
+                    LockKey::Doc(..) => (
+                        ErrorKind::Fenced,
+                        "its WEPPcloud lock was cleared or expired and a worker wrote it",
+                    ),
+                    LockKey::Run(_) => (
+                        ErrorKind::Locked,
+                        "a WEPPcloud worker took its lock after the check and wrote it",
+                    ),
+                };
+                let message =
+                    format!("the controller changed during the save ({who}); nothing was written");
+                Err(restated(error, kind, message)
+                    .set_retryable(kind == ErrorKind::Locked)
+                    .at_doc(op, run, doc))
+            }
+            other => other,
+        }?;
         // A document lease's release deletes the cached copy in its own
         // script; a run lease's does not, and a release that failed (the
         // lock comes back to WEPPcloud only when it expires) did not: the
@@ -644,12 +755,18 @@ mod tests {
             &br#"{"py/object": "wepppy.nodb.ron.Ron", "_run_group": null}"#[..],
             br#"{"_parent_wd": null, "wd": "r"}"#,
             br#"not json at all "_run_group""#,
+            br#"{"py/object": "wepppy.nodb.core.ron.Ron", "py/state": {"_run_group": null}}"#,
         ] {
             assert!(check_controller(&run, &doc, ok, Operation::Put).is_ok());
         }
+        // The flat layout of older controllers and jsonpickle's `py/state`
+        // of current ones (which was not looked into: a current batch
+        // run's controller was written under the wrong lock key).
         for bad in [
             &br#"{"_run_group": "batch", "_group_name": "spring"}"#[..],
             br#"{"_parent_wd": "/wc1/runs/ab/ab-run"}"#,
+            br#"{"py/object": "wepppy.nodb.core.ron.Ron", "py/state": {"_run_group": "batch", "_group_name": "spring"}}"#,
+            br#"{"py/object": "wepppy.nodb.core.ron.Ron", "py/state": {"_parent_wd": "/wc1/runs/ab/ab-run"}}"#,
         ] {
             let error = check_controller(&run, &doc, bad, Operation::Put).expect_err("refused");
             assert_eq!(error.kind(), ErrorKind::Unsupported);

@@ -1023,6 +1023,137 @@ fn weppcloud_store(
     runstate::weppcloud::WeppcloudStore::new(split, service)
 }
 
+/// Wave-2 review: a write of a controller checks WEPPcloud's lock, then
+/// stages its bytes (written and synced: tens of milliseconds on a network
+/// file system), then renames. A worker that takes the lock after the check
+/// and dumps before the rename, and still holds the lock, must keep its
+/// dump: the write is made conditional on the version read before the
+/// check, so it is refused, checked again, and the worker's lock refuses
+/// it. Played by the file store's fault hook at the staged file's `fsync`,
+/// for an unlocked put, a put under the run lease and a save-and-release
+/// under the run lease. (Before, each replaced the worker's dump while the
+/// worker held the lock.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_never_replaces_a_dump_made_after_its_check() {
+    use runstate::file::{FaultHook, FileConfig, FileStore, SaveStep};
+    use runstate::{Lock as _, Store as _};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let Some(server) = OwnRedis::start() else {
+        return;
+    };
+    let base = workspace("window");
+    let root = base.join("runs");
+    let controller = root.join("Mica_flume1/climate.nodb");
+    let nodb_key = "nodb-lock:Mica_flume1:climate.nodb";
+    // The worker's dump in round `n` (each round's differs from the last).
+    let worker_dump =
+        |n: u64| format!(r#"{{"py/object": "wepppy.nodb.core.climate.Climate", "worker": {n}}}"#);
+    // Armed: at the next staged file's fsync, a worker takes the lock
+    // and dumps, and keeps holding the lock.
+    let armed = Arc::new(AtomicBool::new(false));
+    let round = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let hook: FaultHook = {
+        let (armed, round, controller, url) = (
+            Arc::clone(&armed),
+            Arc::clone(&round),
+            controller.clone(),
+            server.url(0),
+        );
+        Arc::new(move |step: SaveStep, _: &Path| {
+            if step == SaveStep::Fsync && armed.swap(false, Ordering::SeqCst) {
+                let mut con = redis::Client::open(url.as_str())
+                    .and_then(|c| c.get_connection())
+                    .map_err(std::io::Error::other)?;
+                redis::cmd("SET")
+                    .arg(nodb_key)
+                    .arg(r#"{"token":"0123456789abcdef0123456789abcdef","owner":"wepp-worker-1:4242"}"#)
+                    .arg("EX")
+                    .arg(60)
+                    .query::<()>(&mut con)
+                    .map_err(std::io::Error::other)?;
+                let staged = controller.with_extension("nodb.worker");
+                std::fs::write(&staged, worker_dump(round.load(Ordering::SeqCst)))?;
+                std::fs::rename(&staged, &controller)?;
+            }
+            Ok(())
+        })
+    };
+    let files = FileConfig::from_url(&format!(
+        "file://{}?ext=nodb&state_dir={}",
+        root.display(),
+        base.join("state").display()
+    ))
+    .expect("file config")
+    .with_fault_hook(hook);
+    let files: Arc<dyn runstate::Lock> = Arc::new(FileStore::open(files).await.expect("files"));
+    let service = runstate::redis::WeppcloudService::open(
+        runstate::redis::WeppcloudConfig::from_url(&format!(
+            "{}?weppcloud=true&prefix=rstest",
+            server.url(0)
+        ))
+        .expect("weppcloud config")
+        .with_root(&root)
+        .expect("root"),
+    )
+    .await
+    .expect("service");
+    let locks: Arc<dyn runstate::Lock> = Arc::new(service.clone());
+    let store = weppcloud_store(Arc::clone(&files) as _, locks, files, service);
+    let mut db0 = server.connection(0).await;
+    let climate = doc("climate");
+    let owner = Owner::for_this_process();
+    for way in [
+        "unlocked put",
+        "put under the run lease",
+        "save_and_release under the run lease",
+    ] {
+        let _: i64 = db0.del(nodb_key).await.expect("DEL");
+        let n = round.fetch_add(1, Ordering::SeqCst) + 1;
+        armed.store(true, Ordering::SeqCst);
+        let bytes = Bytes::from_static(br#"{"runstate": 1}"#);
+        let outcome = match way {
+            "unlocked put" => store
+                .put(&mica(), &climate, bytes, PutOptions::overwrite())
+                .await
+                .map(drop),
+            _ => {
+                let run_lease = store
+                    .try_acquire(&LockKey::Run(mica()), &owner, Duration::from_secs(30))
+                    .await
+                    .expect("run lock");
+                let outcome = if way.starts_with("put") {
+                    store
+                        .put(
+                            &mica(),
+                            &climate,
+                            bytes,
+                            PutOptions::overwrite().with_lease(&run_lease),
+                        )
+                        .await
+                        .map(drop)
+                } else {
+                    store
+                        .save_and_release(&run_lease, &climate, bytes, PutMode::Overwrite)
+                        .await
+                        .map(drop)
+                };
+                let _ = store.release(&run_lease).await;
+                outcome
+            }
+        };
+        assert!(!armed.load(Ordering::SeqCst), "{way}: the worker dumped");
+        let error = outcome.expect_err(way);
+        assert_eq!(error.kind(), ErrorKind::Locked, "{way}: {error}");
+        assert_eq!(
+            std::fs::read_to_string(&controller).expect("read"),
+            worker_dump(n),
+            "{way}: the worker's dump stays"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
 /// A lock service whose releases fail without reaching the server (a
 /// connection lost at that moment): everything else is the real one's.
 #[derive(Debug)]
