@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use redis::Value;
 use runstate_core::time::from_unix_millis;
 use runstate_core::{Bytes, Error, ErrorKind, Fence, LockInfo, LockKey, Owner, StoredDoc, Version};
+use sha2::Digest;
 
 use crate::BACKEND;
 use crate::errors::{map_redis_error, unexpected};
@@ -127,18 +128,20 @@ pub(crate) fn weppcloud_info(key: &LockKey, payload: &str, pttl: i64) -> LockInf
     let (host, pid) = owner_text
         .rsplit_once(':')
         .map_or((owner_text, 0), |(h, p)| (h, p.parse().unwrap_or(0)));
-    let token: String = parsed
+    let token = parsed
         .get("token")
         .and_then(|t| t.as_str())
-        .unwrap_or(payload)
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(32)
-        .collect();
-    let id = format!(
-        "weppcloud-{}",
-        if token.is_empty() { "lock" } else { &token }
-    );
+        .unwrap_or(payload);
+    // The token is what WEPPcloud's unlock and dump guard check, so it is
+    // a secret: the holder shown (listings, `Locked` errors, log lines)
+    // is named by a digest of it, the same for the same grant.
+    let id = if token.is_empty() {
+        "weppcloud-lock".to_owned()
+    } else {
+        let digest = sha2::Sha256::digest(format!("weppcloud lock\0{token}").as_bytes());
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("weppcloud-{hex}")
+    };
     let owner = Owner::new(if host.is_empty() { "weppcloud" } else { host }, pid, id)
         .or_else(|_| Owner::new("weppcloud", pid, "weppcloud-lock"))
         .unwrap_or_else(|_| Owner::for_this_process());
@@ -259,10 +262,25 @@ mod tests {
         );
         assert_eq!(info.owner.host(), "wepp1.example");
         assert_eq!(info.owner.pid(), 4242);
-        assert_eq!(info.owner.id(), "weppcloud-0f3a9c");
+        // Named by a digest of the token, which is WEPPcloud's proof of
+        // holding the lock and never shown (it was the id itself).
+        let id = info.owner.id().to_owned();
+        assert!(id.starts_with("weppcloud-") && id.len() == 26, "{id}");
+        assert!(!id.contains("0f3a9c"), "{id}");
         assert_eq!(info.expires_in, Duration::from_secs(5));
+        let again = weppcloud_info(
+            &key,
+            r#"{"token":"0f3a9c","owner":"wepp1.example:4242"}"#,
+            5000,
+        );
+        assert_eq!(again.owner.id(), id, "the same grant, the same holder");
         let legacy = weppcloud_info(&key, "abcdef0123", -1);
-        assert_eq!(legacy.owner.id(), "weppcloud-abcdef0123");
+        assert!(
+            !legacy.owner.id().contains("abcdef0123"),
+            "{}",
+            legacy.owner
+        );
+        assert_ne!(legacy.owner.id(), id);
         // A legacy lock without expiry ends only when released.
         assert_eq!(legacy.expires_in, runstate_core::MAX_TTL);
     }

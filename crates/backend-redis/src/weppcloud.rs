@@ -31,7 +31,10 @@
 //! that finds a runstate lease says "already locked (owner=host:1234)" and
 //! never takes the controller; runstate, finding a key without its own
 //! fields, reports `Locked` with WEPPcloud's host and pid (fence 0, `since`
-//! its `acquired_at`, `expires_in` the key's TTL) and never takes it.
+//! its `acquired_at`, `expires_in` the key's TTL) and never takes it. The
+//! token is what WEPPcloud's unlock and dump guard check, so it is never
+//! shown: such a holder's owner id is `weppcloud-` and 16 hex digits of a
+//! SHA-256 of it (the same for the same grant).
 //! Every check and write is one script, atomic on the server:
 //!
 //! - **acquire**: refused while the run-replacement guard

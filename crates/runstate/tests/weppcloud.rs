@@ -595,6 +595,7 @@ async fn writes_delete_the_cache_and_respect_weppclouds_locks() {
 
     // A WEPPcloud worker takes the controller.
     let nodb_key = "nodb-lock:Mica_flume1:climate.nodb";
+    let token = "5d41402abc4b2a76b9719d911017c592";
     let payload = r#"{"token":"5d41402abc4b2a76b9719d911017c592","owner":"wepp-worker-1:4242","acquired_at":1795500000,"expires_at":1795521600,"ttl":21600}"#;
     let set: Option<String> = redis::cmd("SET")
         .arg(nodb_key)
@@ -650,6 +651,10 @@ async fn writes_delete_the_cache_and_respect_weppclouds_locks() {
             ("wepp-worker-1", 4242),
             "{what}"
         );
+        // The worker's token is its proof of holding the lock (WEPPcloud's
+        // unlock and dump guard check it): never shown.
+        let shown = format!("{} {error:?}", runstate::display_chain(&error));
+        assert!(!shown.contains(token), "{what}: {shown}");
     }
     assert_eq!(
         std::fs::read(&path).expect("read"),
@@ -663,6 +668,7 @@ async fn writes_delete_the_cache_and_respect_weppclouds_locks() {
             .any(|l| l.key == key && l.owner.host() == "wepp-worker-1"),
         "runstate locks shows WEPPcloud's worker: {locks:?}"
     );
+    assert!(!format!("{locks:?}").contains(token), "{locks:?}");
     store.release(&run_lease).await.expect("release");
     let _: i64 = db0.del(nodb_key).await.expect("DEL");
 
