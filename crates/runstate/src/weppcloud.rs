@@ -40,8 +40,8 @@
 //!   controller's NoDb lock or WEPPcloud is replacing the run. (A runstate
 //!   holder's lease does not count: its saves are fenced and
 //!   version-checked.) The check is made just before the write, and the
-//!   write is conditional on the controller's version read before the
-//!   check (an overwrite included): a worker that takes the lock after the
+//!   write (or delete) is conditional on the controller's version read
+//!   before the check (an overwrite included): a worker that takes the lock after the
 //!   check and dumps before the rename (the staged file's `fsync` lies
 //!   between) makes the write fail and be checked again, so while it holds
 //!   the lock the write is refused with `Locked`; a save-and-release under
@@ -64,7 +64,10 @@
 //!   belongs to a run group (`_run_group`) or to a parent run
 //!   (`_parent_wd`), at its top or under jsonpickle's `py/state` (where
 //!   current WEPPcloud versions keep their fields), is neither loaded under
-//!   a lease nor written (`Unsupported`).
+//!   a lease, locked, written nor deleted (`Unsupported`): both the stored
+//!   controller and the bytes a write brings are checked, so every write
+//!   and delete reads the controller first (its version makes the write
+//!   conditional, see above), and `delete_run` reads all of them.
 //!
 //! Everything else is the split store's: fences are checked against the
 //! file store's watermarks, WEPPcloud's legacy lock files are held locks
@@ -141,14 +144,45 @@ impl WeppcloudStore {
     /// tens of milliseconds on a network file system), and an overwrite
     /// would replace that dump while the worker holds its lock. Made
     /// conditional, the write is refused instead, and checked again.
-    async fn pinned(&self, run: &RunId, doc: &DocName, mode: &PutMode) -> Result<PutMode> {
+    /// Also refuses a controller whose stored bytes belong to a run group
+    /// or child run ([`WeppcloudStore::check_stored`]).
+    async fn pinned(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        mode: &PutMode,
+        op: Operation,
+    ) -> Result<PutMode> {
+        let stored = self.check_stored(run, doc, op).await?;
         Ok(match mode {
-            PutMode::Overwrite => match self.split.head(run, doc).await? {
-                Some(stat) => PutMode::Update(stat.version),
-                None => PutMode::Create,
-            },
+            PutMode::Overwrite => stored.map_or(PutMode::Create, PutMode::Update),
             other => other.clone(),
         })
+    }
+
+    /// Refuses `doc` when the controller stored says it belongs to a run
+    /// group or a child run ([`check_controller`]): WEPPcloud locks it
+    /// under another key than the one runstate would check or take, and
+    /// the bytes a write brings need not say so (deletes and acquires
+    /// bring none). Returns its version (`None`: absent). A controller too
+    /// large to read is not checked (its version comes from its metadata).
+    async fn check_stored(
+        &self,
+        run: &RunId,
+        doc: &DocName,
+        op: Operation,
+    ) -> Result<Option<Version>> {
+        match self.split.get(run, doc, GetOptions::new()).await {
+            Ok(Some(stored)) => {
+                check_controller(run, doc, &stored.bytes, op)?;
+                Ok(Some(stored.version))
+            }
+            Ok(None) => Ok(None),
+            Err(error) if error.kind() == ErrorKind::TooLarge => {
+                Ok(self.split.head(run, doc).await?.map(|stat| stat.version))
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Refuses a write of `doc` not covered by a lease on that document
@@ -311,7 +345,7 @@ impl Store for WeppcloudStore {
         let overwrite = options.mode == PutMode::Overwrite;
         for _ in 0..PINNED_TRIES {
             let mut attempt = options.clone();
-            attempt.mode = self.pinned(run, doc, &options.mode).await?;
+            attempt.mode = self.pinned(run, doc, &options.mode, op).await?;
             self.check_foreign(run, doc, lease, op).await?;
             if let Some(lease) = lease {
                 self.service
@@ -353,11 +387,30 @@ impl Store for WeppcloudStore {
         doc: &DocName,
         if_version: Option<&Version>,
     ) -> Result<bool> {
-        self.check_foreign(run, doc, None, Operation::Delete)
-            .await?;
-        let deleted = self.split.delete(run, doc, if_version).await?;
-        self.invalidate(run, std::slice::from_ref(doc)).await;
-        Ok(deleted)
+        let op = Operation::Delete;
+        for _ in 0..PINNED_TRIES {
+            // Conditional on the version read before the check, as a write
+            // (see `pinned`): a worker that dumps in between keeps its dump.
+            let stored = self.check_stored(run, doc, op).await?;
+            self.check_foreign(run, doc, None, op).await?;
+            let pinned = if_version.or(stored.as_ref());
+            match self.split.delete(run, doc, pinned).await {
+                Err(error) if if_version.is_none() && error.kind() == ErrorKind::Precondition => {
+                    tracing::debug!(%error, %run, %doc, "a controller changed during a delete");
+                }
+                Err(error) => return Err(error),
+                Ok(deleted) => {
+                    self.invalidate(run, std::slice::from_ref(doc)).await;
+                    return Ok(deleted);
+                }
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Precondition,
+            "the controller kept changing during the delete; nothing was deleted",
+        )
+        .set_retryable(true)
+        .at_doc(op, run, doc))
     }
 
     async fn list_docs(
@@ -392,8 +445,11 @@ impl Store for WeppcloudStore {
             .map(|meta| meta.name)
             .collect();
         // First without taking anything: the usual refusal (a worker on a
-        // controller) disturbs no other controller.
+        // controller) disturbs no other controller. A run group's or child
+        // run's controllers are WEPPcloud's to delete (their locks are not
+        // the ones taken below).
         for doc in &docs {
+            self.check_stored(run, doc, op).await?;
             self.check_foreign(run, doc, None, op).await?;
         }
         // A refusal from here names the deletion, not the lock call.
@@ -536,7 +592,15 @@ impl Store for WeppcloudStore {
 #[async_trait]
 #[deny(clippy::missing_trait_methods)]
 impl Lock for WeppcloudStore {
+    /// As the split store's; a controller's lock is refused for a run
+    /// group's or child run's controller (WEPPcloud's lock of it has
+    /// another key).
     async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease> {
+        if let LockKey::Doc(run, doc) = key {
+            self.check_stored(run, doc, Operation::Acquire)
+                .await
+                .map_err(|e| e.with_lock(key))?;
+        }
         self.split.try_acquire(key, owner, ttl).await
     }
 
@@ -615,7 +679,7 @@ impl Lock for WeppcloudStore {
         let run = lease.key().run();
         let overwrite = mode == PutMode::Overwrite;
         let checked = match check_controller(run, doc, &bytes, op) {
-            Ok(()) => match self.pinned(run, doc, &mode).await {
+            Ok(()) => match self.pinned(run, doc, &mode, op).await {
                 Ok(pinned) => self
                     .check_foreign(run, doc, Some(lease), op)
                     .await

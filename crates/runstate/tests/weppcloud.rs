@@ -924,6 +924,67 @@ async fn batch_and_child_runs_are_refused() {
         store.inspect(&key).await.expect("inspect").is_none(),
         "the grant was given back"
     );
+    // A controller stored in the layout of current WEPPcloud versions
+    // (its fields under jsonpickle's `py/state`) is refused whatever a
+    // call brings: a write of bytes that do not say so, a delete, its
+    // lock, a save under the run lease, the run's deletion. (Only the
+    // bytes a write brought were checked, and only at their top.)
+    let climate = doc("climate");
+    let stored = br#"{"py/object": "wepppy.nodb.core.climate.Climate", "py/state": {"_run_group": "batch", "_group_name": "spring", "wd": "/wc1/batch/spring/_base"}}"#;
+    let path = base.join("runs/Mica_flume1/climate.nodb");
+    std::fs::write(&path, stored).expect("write");
+    let bare = Bytes::from_static(b"{}");
+    let refusals = [
+        (
+            "put",
+            store
+                .put(&mica(), &climate, bare.clone(), PutOptions::overwrite())
+                .await
+                .map(drop),
+        ),
+        (
+            "delete",
+            store.delete(&mica(), &climate, None).await.map(drop),
+        ),
+        (
+            "acquire",
+            store
+                .try_acquire(
+                    &LockKey::Doc(mica(), climate.clone()),
+                    &owner,
+                    Duration::from_secs(10),
+                )
+                .await
+                .map(drop),
+        ),
+        ("delete_run", store.delete_run(&mica()).await.map(drop)),
+    ];
+    for (what, outcome) in refusals {
+        let error = outcome.expect_err(what);
+        assert_eq!(error.kind(), ErrorKind::Unsupported, "{what}: {error}");
+    }
+    let run_lease = store
+        .try_acquire(&LockKey::Run(mica()), &owner, Duration::from_secs(10))
+        .await
+        .expect("the run lock");
+    let error = store
+        .save_and_release(&run_lease, &climate, bare, PutMode::Overwrite)
+        .await
+        .expect_err("a save under the run lease");
+    assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        stored,
+        "nothing written"
+    );
+    assert!(
+        store
+            .inspect(&LockKey::Run(mica()))
+            .await
+            .expect("inspect")
+            .is_none(),
+        "the run lease was given back"
+    );
     // Without WEPPcloud mode, a Redis URL cannot be weppcloud=true itself.
     let error = runstate::open(&format!("{}?weppcloud=true", server.url(0)))
         .await
