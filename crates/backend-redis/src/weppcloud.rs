@@ -1072,11 +1072,17 @@ impl Store for WeppcloudService {
     /// (`timestamps:*`, `attrs:*`, which WEPPcloud and runstate share;
     /// every other field stays) and runstate's status stream of the run.
     /// The WEPPcloud store asks it only for a run it had documents of.
+    ///
+    /// `attrs:loaded` stays: it is WEPPcloud's mark that the hash was
+    /// filled from the run folder's `redisprep.dump` (which the file store
+    /// keeps: it is no controller), and without it WEPPcloud's next
+    /// request would load every deleted field back from that file.
     async fn delete_run(&self, run: &RunId) -> Result<u64> {
         let inner = &self.inner.store.inner;
         let script = redis::Script::new(
             "for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do \
-               if string.sub(f, 1, 11) == 'timestamps:' or string.sub(f, 1, 6) == 'attrs:' then \
+               if f ~= 'attrs:loaded' and (string.sub(f, 1, 11) == 'timestamps:' \
+                 or string.sub(f, 1, 6) == 'attrs:') then \
                  redis.call('HDEL', KEYS[1], f) end end \
              redis.call('DEL', KEYS[2]) return 0",
         );

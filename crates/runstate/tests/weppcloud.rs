@@ -1498,6 +1498,57 @@ async fn delete_run_holds_every_controller_while_it_deletes() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
+/// `delete_run` beside WEPPcloud forgets the run's milestones but keeps
+/// `attrs:loaded`, WEPPcloud's mark that its run hash was filled from the
+/// run folder's `redisprep.dump`: without it, WEPPcloud's next request
+/// loads every deleted field back from that file, which the deletion
+/// keeps (it is no controller). (The mark was deleted with the rest.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_run_leaves_weppcloud_nothing_to_load_back() {
+    let Some(server) = OwnRedis::start() else {
+        return;
+    };
+    let base = workspace("delete-run-loaded");
+    let store = runstate::open(&weppcloud_url(&base, &server))
+        .await
+        .expect("open");
+    let dump = base.join("runs/Mica_flume1/redisprep.dump");
+    std::fs::write(
+        &dump,
+        r#"{"attrs:loaded": "true", "attrs:has_sbs": "false", "timestamps:build_climate": "1712515667"}"#,
+    )
+    .expect("dump");
+    let mut db0 = server.connection(0).await;
+    let _: () = db0
+        .hset_multiple(
+            "Mica_flume1",
+            &[
+                ("attrs:loaded", "true"),
+                ("attrs:has_sbs", "false"),
+                ("timestamps:build_climate", "1712515667"),
+                ("locked:ron.nodb", "false"),
+            ],
+        )
+        .await
+        .expect("HSET");
+    store.delete_run(&mica()).await.expect("delete the run");
+    let mut fields: HashMap<String, String> = db0.hgetall("Mica_flume1").await.expect("HGETALL");
+    // The lock mirrors (`locked:<name>.nodb`) are WEPPcloud's too, and
+    // written by the locks the deletion took.
+    assert_eq!(
+        fields.get("locked:ron.nodb").map(String::as_str),
+        Some("false")
+    );
+    fields.retain(|field, _| !field.starts_with("locked:"));
+    assert_eq!(
+        fields,
+        HashMap::from([("attrs:loaded".to_owned(), "true".to_owned())]),
+        "the milestones are gone, WEPPcloud's mark stays"
+    );
+    assert!(dump.exists(), "the dump is no controller");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
 /// A deletion refused half way (another runstate holder has the last
 /// controller, so the checks of WEPPcloud's workers pass and the locks of
 /// the controllers before it are taken) gives back every lock it took,
