@@ -140,9 +140,10 @@ pub(crate) fn run_holders(
     let entries = dir
         .entries()
         .map_err(|e| io_error("listing the run folder", dir.path(), e))?;
+    // Any kind of entry, a folder too: present means locked, as for
+    // WEPPcloud (and for `doc_holder`).
     let mut docs: Vec<DocName> = entries
         .iter()
-        .filter(|e| e.kind != Kind::Folder)
         .filter_map(|e| layout.doc_of_file(e.name.strip_suffix(".lock")?))
         .collect();
     docs.sort_unstable();
@@ -208,6 +209,15 @@ pub(crate) fn break_lock_file(
     };
     let name = lock_file_name(&layout.file_name(doc));
     let path = dir.child(&name);
+    // WEPPcloud writes files; a folder by that name is somebody else's,
+    // with who knows what inside: left for a person to remove.
+    if dir
+        .kind_of(&name)
+        .map_err(|e| io_error("stat of the lock file", &path, e))?
+        == Some(Kind::Folder)
+    {
+        return Err(dir.refused(&name, "lock file runstate may remove"));
+    }
     match dir.unlink(&name) {
         Ok(()) => {}
         // Removed by someone else meanwhile: nothing left to break.

@@ -269,6 +269,43 @@ async fn lock_files_are_listed_and_broken_only_by_a_forced_unlock() {
     fs::remove_dir_all(&root).expect("cleanup");
 }
 
+/// Wave-2 review: a lock "file" that is a folder holds its document, as
+/// for WEPPcloud (which only asks whether the name exists), everywhere
+/// alike: saves and acquires of the document and of the run are refused,
+/// listings show it, and a forced unlock refuses to remove a folder
+/// (`Denied`), leaving it and its contents. (Listings and the run lock
+/// skipped it, and a forced unlock failed with an I/O error.)
+#[tokio::test]
+async fn a_lock_folder_holds_its_document_everywhere_alike() {
+    let root = copy_of_mica("lock-folder");
+    let dir = root.join("Mica_flume1");
+    fs::create_dir(dir.join("climate.nodb.lock")).expect("lock folder");
+    fs::write(dir.join("climate.nodb.lock/inside"), "x").expect("inside");
+    let store = open_nodb(&root, "").await;
+    let climate = LockKey::Doc(mica(), doc("climate"));
+    let owner = Owner::for_this_process();
+    for key in [climate.clone(), LockKey::Run(mica())] {
+        let error = store
+            .try_acquire(&key, &owner, Duration::from_secs(5))
+            .await
+            .expect_err("held by the lock folder");
+        assert_eq!(error.kind(), ErrorKind::Locked, "{key}: {error}");
+    }
+    let locks = store.list_locks(Some(&mica())).await.expect("list");
+    assert_eq!(
+        locks.iter().map(|l| &l.key).collect::<Vec<_>>(),
+        [&climate],
+        "{locks:?}"
+    );
+    let error = store
+        .break_lock(&climate, None)
+        .await
+        .expect_err("a folder is not removed");
+    assert_eq!(error.kind(), ErrorKind::Denied, "{error}");
+    assert!(dir.join("climate.nodb.lock/inside").exists(), "left alone");
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
 /// `weppcloud=false` makes lock files ordinary files again (and `weppcloud
 /// =true` honours them with any extension).
 #[tokio::test]
