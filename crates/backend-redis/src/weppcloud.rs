@@ -230,7 +230,11 @@ impl WeppcloudConfig {
     }
 
     /// Sets the folder of the run folders as WEPPcloud's workers see it
-    /// (cache keys are `<root>/<run>/<name>.<ext>`).
+    /// (cache keys are `<root>/<run>/<name>.<ext>`), normalised as
+    /// WEPPcloud's `os.path.abspath` normalises its run folders (Python's
+    /// `normpath`: `//`, `.` and `..` resolved by their text, a trailing
+    /// `/` dropped), so the keys runstate deletes are the ones WEPPcloud
+    /// wrote.
     ///
     /// # Errors
     /// [`ErrorKind::Config`] unless it is an absolute path.
@@ -244,8 +248,7 @@ impl WeppcloudConfig {
                 "weppcloud_root {text:?} must be an absolute path"
             )));
         }
-        let trimmed = text.trim_end_matches('/');
-        self.root = Some(if trimmed.is_empty() { "/" } else { trimmed }.to_owned());
+        self.root = Some(normpath(text));
         Ok(self)
     }
 
@@ -1386,9 +1389,56 @@ impl Lock for WeppcloudService {
     }
 }
 
+/// An absolute path normalised by its text, as Python's
+/// `posixpath.normpath`: repeated `/` collapse (but exactly two leading
+/// ones stay, as POSIX allows them a meaning), `.` goes, `..` removes the
+/// component before it (none above the root), no trailing `/`.
+fn normpath(path: &str) -> String {
+    let lead = if path.starts_with("//") && !path.starts_with("///") {
+        "//"
+    } else {
+        "/"
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            part => parts.push(part),
+        }
+    }
+    format!("{lead}{}", parts.join("/"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Cache keys start with the root as WEPPcloud's `os.path.abspath`
+    /// writes it. (Only a trailing `/` was dropped: a root given with
+    /// `//`, `.` or `..` made every cache deletion miss its key.)
+    #[test]
+    fn roots_are_normalised_as_weppcloud_does() {
+        for (given, normal) in [
+            ("/wc1/runs/ab", "/wc1/runs/ab"),
+            ("/wc1/runs/ab/", "/wc1/runs/ab"),
+            ("/wc1//runs/./ab", "/wc1/runs/ab"),
+            ("/wc1/runs/x/../ab", "/wc1/runs/ab"),
+            ("/../wc1", "/wc1"),
+            ("///wc1", "/wc1"),
+            ("//wc1", "//wc1"),
+            ("/", "/"),
+            ("/..", "/"),
+        ] {
+            let config = WeppcloudConfig::from_url("redis://127.0.0.1:6390/0?weppcloud=true")
+                .expect("url")
+                .with_root(given)
+                .expect("absolute");
+            assert_eq!(config.root(), Some(normal), "{given}");
+        }
+    }
 
     #[test]
     fn tokens_are_uuid4_hex() {
