@@ -980,7 +980,7 @@ impl Engine {
                 let record = pick(&mut run_record, &mut doc_record, foreign);
                 leases::raise_watermark(record, foreign.key(), foreign.fence(), Operation::Put)?;
             }
-            self.weppcloud_marks(&dir, &file_name, &staged, previous.as_ref(), bytes.len())?;
+            self.weppcloud_marks(&dir, &file_name, &staged, previous.as_ref())?;
             staged.place(&file_name, previous.as_ref(), &self.faults)?;
             Ok(version_of(bytes))
         })();
@@ -1062,15 +1062,14 @@ impl Engine {
     }
 
     /// In WEPPcloud mode, right before the rename: the new bytes never show
-    /// under the old (mtime, size) signature, and a new run is never taken
-    /// for a legacy one.
+    /// under the old modification time, and a new run is never taken for
+    /// a legacy one.
     fn weppcloud_marks(
         &self,
         dir: &Folder,
         file_name: &str,
         staged: &Staged<'_>,
         previous: Option<&File>,
-        len: usize,
     ) -> Result<(), Error> {
         if !self.weppcloud {
             return Ok(());
@@ -1080,7 +1079,7 @@ impl Engine {
                 let meta = file
                     .metadata()
                     .map_err(|e| io_error("stat of the document", &dir.child(file_name), e))?;
-                weppcloud::advance_signature(staged.file(), &staged.path(), &meta, len as u64)
+                weppcloud::advance_signature(staged.file(), &staged.path(), &meta)
             }
             None => weppcloud::mark_new_run(dir, &self.layout),
         }
@@ -1358,13 +1357,7 @@ impl Engine {
                 self.check_doc_writable(dir, run, &put.doc, &key)?;
                 let previous = dir.open_file(&file_name, Access::Read)?;
                 self.check_mode(&put.mode, previous.as_ref(), dir, &file_name)?;
-                self.weppcloud_marks(
-                    dir,
-                    &file_name,
-                    &written,
-                    previous.as_ref(),
-                    put.bytes.len(),
-                )?;
+                self.weppcloud_marks(dir, &file_name, &written, previous.as_ref())?;
                 written.rename_over(&file_name, previous.as_ref(), &self.faults)?;
                 Ok(previous)
             })();

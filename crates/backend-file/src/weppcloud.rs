@@ -255,20 +255,19 @@ pub(crate) fn check_writable(dir: &Folder, run: &RunId) -> Result<(), Error> {
     .with_run(run))
 }
 
-/// Makes sure a save that keeps the document's size changes its
-/// modification time: the staged file `staged` (at `path`), about to
-/// replace a file with metadata `previous`, gets a time at least
-/// [`MIN_MTIME_STEP`] past the previous one, else `max(now, previous + 1
-/// s)`. Checked after setting it.
+/// Makes sure a save moves the document's modification time forward:
+/// the staged file `staged` (at `path`), about to replace a file with
+/// metadata `previous`, gets a time at least [`MIN_MTIME_STEP`] past the
+/// previous one, else `max(now, previous + 1 s)`. Checked after setting
+/// it. Whatever the sizes: WEPPcloud's cache checks compare `(mtime,
+/// size)`, but some of its versions refresh their in-process copy on the
+/// modification time alone, which a file system with coarse timestamps
+/// leaves equal for two saves within one tick.
 pub(crate) fn advance_signature(
     staged: &File,
     path: &std::path::Path,
     previous: &std::fs::Metadata,
-    new_len: u64,
 ) -> Result<(), Error> {
-    if previous.len() != new_len {
-        return Ok(());
-    }
     let stat = |file: &File| -> Result<SystemTime, Error> {
         file.metadata()
             .and_then(|m| m.modified())

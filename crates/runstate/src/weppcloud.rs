@@ -18,7 +18,12 @@
 //!   next worker to take the lock reads the file. If the deletion fails
 //!   after the file was written, the write still succeeded: the error is
 //!   logged (WEPPcloud ignores a cached copy whose `(mtime, size)` differs
-//!   from the file's, and the file store makes every rewrite change it).
+//!   from the file's, and the file store moves every rewrite's modification
+//!   time forward). The same check is what guards against WEPPcloud's own
+//!   race: a reader that loaded the file before the save and fills the
+//!   cache after the release puts the older copy back; WEPPcloud versions
+//!   that take a cached copy without comparing its signature would hand it
+//!   out, to their own workers' saves as much as to runstate's.
 //! - **Saves under a controller's lease check it first**, as WEPPcloud
 //!   checks its own before every dump: the lock key must still hold the
 //!   lease's token, or the save fails with `Fenced`, nothing written
