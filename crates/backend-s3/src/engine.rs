@@ -380,10 +380,15 @@ impl Inner {
         runs.sort();
         runs.dedup();
         let runs: Arc<[RunId]> = runs.into();
-        *self.runs.lock().unwrap_or_else(|p| p.into_inner()) = Some(RunListing {
-            runs: Arc::clone(&runs),
-            taken,
-        });
+        let mut kept = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        // A listing that started earlier and arrived later never replaces
+        // a newer one another pass is paging through.
+        if kept.as_ref().is_none_or(|l| l.taken <= taken) {
+            *kept = Some(RunListing {
+                runs: Arc::clone(&runs),
+                taken,
+            });
+        }
         Ok(runs)
     }
 
@@ -427,6 +432,14 @@ impl Inner {
         all.sort_by(|a, b| a.name.cmp(&b.name));
         let all: Arc<[DocMeta]> = all.into();
         let mut kept = self.docs.lock().unwrap_or_else(|p| p.into_inner());
+        // A listing that started earlier and arrived later never replaces
+        // (or drops) a newer one of the run another pass is paging through.
+        if kept
+            .as_ref()
+            .is_some_and(|l| l.run == *run && l.taken > taken)
+        {
+            return Ok(all);
+        }
         if all.len() > page {
             *kept = Some(DocListing {
                 run: run.clone(),

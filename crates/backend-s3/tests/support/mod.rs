@@ -121,6 +121,9 @@ pub struct Faulty {
     /// One-shot refusals: the first call of this kind on this path is not
     /// applied and answers as told.
     refused: Mutex<Vec<(Op, String, Answer)>>,
+    /// One-shot held listings: the first listing of this prefix is made,
+    /// then its reply waits at the gate.
+    held_listings: Mutex<Vec<(String, Arc<Gate>)>>,
     /// Delimited listings, by prefix.
     listings: Mutex<Vec<String>>,
     calls: AtomicU64,
@@ -142,6 +145,7 @@ impl Faulty {
             fails: Box::new(fails),
             lost: Mutex::new(Vec::new()),
             refused: Mutex::new(Vec::new()),
+            held_listings: Mutex::new(Vec::new()),
             listings: Mutex::new(Vec::new()),
             calls: AtomicU64::new(0),
         })
@@ -167,6 +171,18 @@ impl Faulty {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((op, path.to_owned(), Arc::clone(&gate), answer));
+        gate
+    }
+
+    /// Makes the next delimited listing of `prefix`, then holds its reply
+    /// at a new gate: a listing that took its picture of the store early
+    /// and arrives late.
+    pub fn hold_listing_reply(&self, prefix: &str) -> Arc<Gate> {
+        let gate = Gate::new();
+        self.held_listings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((prefix.to_owned(), Arc::clone(&gate)));
         gate
     }
 
@@ -316,7 +332,20 @@ impl ObjectStore for Faulty {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(path.to_string());
-        self.inner.list_with_delimiter(prefix).await
+        let held = {
+            let mut held = self
+                .held_listings
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            held.iter()
+                .position(|(p, _)| p == path.as_ref())
+                .map(|i| held.remove(i).1)
+        };
+        let reply = self.inner.list_with_delimiter(prefix).await;
+        if let Some(gate) = held {
+            gate.pass().await;
+        }
+        reply
     }
 
     async fn copy_opts(
