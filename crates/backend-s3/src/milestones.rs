@@ -28,7 +28,18 @@ pub(crate) struct MilestonesBody {
     pub(crate) timestamps: BTreeMap<String, String>,
     #[serde(default)]
     pub(crate) attrs: BTreeMap<String, String>,
+    /// The nonces of the last [`RECENT_WRITES`] changes, oldest first:
+    /// each change carries forward those of the object it read, so a
+    /// change that finds its own nonce here knows it was applied (see
+    /// [`Inner::change_milestones`]). Older versions of this backend
+    /// ignore the field and drop it when they write.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) recent: Vec<String>,
 }
+
+/// How many change nonces a milestones object remembers: far more changes
+/// than can come between a write whose reply was lost and its next read.
+const RECENT_WRITES: usize = 64;
 
 fn corrupt(message: String) -> Error {
     Error::new(ErrorKind::Corrupt, message).with_backend(BACKEND)
@@ -147,9 +158,14 @@ impl Inner {
     /// changed anything: a field that already holds the value needs no
     /// write (which also makes a retry after a lost reply cheap).
     ///
-    /// A write whose outcome is unknown (a timeout, a 5xx after retries)
-    /// fails the call with a retryable error; retrying it sets the same
-    /// field to the same value again, which is harmless.
+    /// Every try of one change carries the same nonce, kept in the object
+    /// with the nonces of the changes before it (`recent`). A try that was
+    /// applied although its reply was lost (S3 answered 5xx, and
+    /// object_store's retry got `412`) is found by its nonce at the next
+    /// read and not made again: made again, it would undo a change of the
+    /// same field another writer made after it. A write whose outcome is
+    /// still unknown after reading back (a timeout, a 5xx after retries,
+    /// and the nonce not there) fails the call with a retryable error.
     pub(crate) async fn change_milestones(
         &self,
         run: &RunId,
@@ -157,27 +173,39 @@ impl Inner {
     ) -> Result<()> {
         self.require_conditional()?;
         let path = self.milestones_path(run);
+        let nonce = crate::leases::write_nonce();
+        let applied = |body: &MilestonesBody| body.recent.iter().any(|n| *n == nonce);
         let mut pause = Duration::from_millis(4);
         for _ in 0..MILESTONE_TRIES {
             let (mode, mut body) = match self.read_milestones(run).await? {
                 None => (OsPutMode::Create, MilestonesBody::new()),
                 Some((etag, body)) => (Self::if_match(&etag), body),
             };
-            if !change(&mut body) {
+            if applied(&body) || !change(&mut body) {
                 return Ok(());
             }
+            body.recent.push(nonce.clone());
+            let excess = body.recent.len().saturating_sub(RECENT_WRITES);
+            body.recent.drain(..excess);
             match self
                 .put_object(&path, Bytes::from(body.encode()?), mode)
                 .await
             {
                 Ok(_) => return Ok(()),
                 // Another field changed (or the object was created or
-                // deleted) since the read: read again.
+                // deleted) since the read, or a try of this change was
+                // applied and its reply lost: read again.
                 Err(e)
                     if matches!(
                         e.kind(),
                         ErrorKind::Precondition | ErrorKind::AlreadyExists | ErrorKind::NotFound
                     ) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::Backend | ErrorKind::Timeout) => {
+                    return match self.read_milestones(run).await {
+                        Ok(Some((_, body))) if applied(&body) => Ok(()),
+                        _ => Err(e),
+                    };
+                }
                 Err(e) => return Err(e),
             }
             // Jittered, growing pauses, so that many workers marking one

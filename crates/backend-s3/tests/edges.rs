@@ -23,7 +23,7 @@ use runstate_s3::object_store::path::Path;
 use runstate_s3::object_store::{self, ObjectStore, ObjectStoreExt, PutPayload};
 use runstate_s3::{S3Config, S3Store};
 
-use support::{Faulty, Op};
+use support::{Answer, Faulty, Op};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -278,6 +278,52 @@ async fn a_late_listing_never_replaces_a_newer_one() {
         .expect("the rest");
     let names: Vec<&str> = rest.items.iter().map(RunId::as_str).collect();
     assert_eq!(names, ["r1", "r2", "r3"], "the newer listing's pages");
+}
+
+/// Wave-2 review, finding 3: a milestone write S3 applied but whose reply
+/// was lost (object_store's retry got `412`) must not be made again once
+/// another writer set the same field after it: the field keeps the later
+/// value. (The change read the object again, found the field changed and
+/// wrote its older value back over the later one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_milestone_applied_with_its_reply_lost_is_not_made_again() {
+    let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let faulty = Faulty::new(Arc::clone(&memory));
+    let a = store_on(faulty.clone()).await;
+    let b = store_on(Arc::clone(&memory)).await;
+    a.set_attr(&run(), "other", "x").await.expect("seed");
+    let gate = faulty.lose_reply(
+        Op::Put,
+        "t/.runstate/milestones/r.json",
+        Answer::Precondition,
+    );
+    let setting = tokio::spawn({
+        let a = a.clone();
+        async move { a.set_attr(&run(), "phase", "a").await }
+    });
+    gate.arrived().await;
+    assert_eq!(
+        b.milestones(&run())
+            .await
+            .expect("read")
+            .attrs
+            .get("phase")
+            .map(String::as_str),
+        Some("a"),
+        "A's write was applied"
+    );
+    b.set_attr(&run(), "phase", "b")
+        .await
+        .expect("B's later write");
+    gate.open();
+    setting.await.expect("join").expect("A's write was applied");
+    let attrs = b.milestones(&run()).await.expect("read").attrs;
+    assert_eq!(
+        attrs.get("phase").map(String::as_str),
+        Some("b"),
+        "{attrs:?}"
+    );
+    assert_eq!(attrs.get("other").map(String::as_str), Some("x"));
 }
 
 /// Item 2: a waiter dates a lease it sees from when the reply arrived, not
