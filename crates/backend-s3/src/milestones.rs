@@ -174,7 +174,7 @@ impl Inner {
         self.require_conditional()?;
         let path = self.milestones_path(run);
         let nonce = crate::leases::write_nonce();
-        let applied = |body: &MilestonesBody| body.recent.iter().any(|n| *n == nonce);
+        let applied = |body: &MilestonesBody| body.recent.contains(&nonce);
         let mut pause = Duration::from_millis(4);
         for _ in 0..MILESTONE_TRIES {
             let (mode, mut body) = match self.read_milestones(run).await? {
