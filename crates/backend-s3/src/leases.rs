@@ -104,6 +104,18 @@ impl LeaseBody {
         }
     }
 
+    /// The lock freed by `lease`'s own release: free, and naming the grant
+    /// it ended (owner and `since`), so a release sent again after its
+    /// reply was lost finds its own work done (see [`is_release_of`]). A
+    /// break writes [`free`](Self::free), naming nobody.
+    pub(crate) fn released(lease: &Lease) -> Self {
+        LeaseBody {
+            owner: Some(lease.owner().clone()),
+            since_ms: unix_millis(lease.since()),
+            ..Self::free(lease.fence().get())
+        }
+    }
+
     pub(crate) fn free(fence: u64) -> Self {
         LeaseBody {
             v: 1,
@@ -246,7 +258,7 @@ impl Inner {
     /// every body distinct), an earlier try of this write was applied and
     /// its reply lost, and the write counts. Otherwise `Err` with what is
     /// there now.
-    async fn swap_lease(
+    pub(crate) async fn swap_lease(
         &self,
         path: &Path,
         body: &LeaseBody,
@@ -517,7 +529,7 @@ impl Inner {
         let path = self.lease_path(lease.key());
         let token = self.token(lease, Operation::Release)?;
         let lapsed = lease.is_expired();
-        let free = LeaseBody::free(lease.fence().get());
+        let free = LeaseBody::released(lease);
         match (
             self.swap_own(&path, &free, lease, token, Instant::now())
                 .await?,
@@ -530,6 +542,9 @@ impl Inner {
                 Operation::Release,
                 "the lease expired before it was released",
             )),
+            // Released by an earlier try of this release whose reply was
+            // lost (the call failed with its outcome unknown): done.
+            (Err(Some((_, found, _))), _) if is_release_of(&found, lease) => Ok(()),
             (Err(now), _) => Err(self.lease_lost(
                 lease,
                 self.holder_of(lease.key(), now.as_ref()),
@@ -683,6 +698,19 @@ impl Inner {
         )
         .with_backend(BACKEND))
     }
+}
+
+/// Whether a lease object as read is the lock freed by `lease`'s own
+/// release ([`LeaseBody::released`]): free, with its fence, owner id and
+/// `since`. Nothing else writes a free object naming a grant.
+fn is_release_of(body: &LeaseBody, lease: &Lease) -> bool {
+    !body.held
+        && body.fence == lease.fence().get()
+        && body.since_ms == runstate_core::time::unix_millis(lease.since())
+        && body
+            .owner
+            .as_ref()
+            .is_some_and(|owner| owner.id() == lease.owner().id())
 }
 
 /// Whether a lease object as read is still `lease`'s grant: held, by its

@@ -133,7 +133,12 @@
 //!   later renewal, release or fenced save with that token finds the lease
 //!   object still holding this grant (held, same owner id, fence and
 //!   `since`; a successor's grant has a higher fence) and goes on from the
-//!   version there, instead of reporting the lease lost.
+//!   version there, instead of reporting the lease lost. A release names
+//!   the grant it ended in the lease object it leaves (free, with the
+//!   grant's owner id, fence and `since`), so a release sent again after
+//!   its reply was lost altogether succeeds; a break leaves one naming
+//!   nobody, so a release after it is `LeaseLost`. A break whose reply was
+//!   lost is recognised by its body and reported as the break it was.
 //! - **Fencing is [`Fencing::VersionOnly`]**: S3 cannot make a write
 //!   conditional on another object. A save under a lease is made in this
 //!   order: (1) the version the write will be conditional on is fixed: the
@@ -1040,15 +1045,13 @@ impl Lock for S3Store {
                 return Ok(None);
             }
             let broken = info(key, &body, inner.sightings.remaining(body.ttl(), first));
+            // A swap, which reads back a refused write: a break S3 applied
+            // whose reply was lost is found by its body (its nonce) and
+            // reported as the break it was.
             if inner
-                .write_lease(
-                    &path,
-                    &LeaseBody::free(body.fence),
-                    Inner::if_match(&etag),
-                    Instant::now(),
-                )
+                .swap_lease(&path, &LeaseBody::free(body.fence), &etag, Instant::now())
                 .await?
-                .is_none()
+                .is_err()
             {
                 return Ok(None);
             }

@@ -634,3 +634,79 @@ async fn a_document_over_the_largest_put_is_refused_before_sending() {
         "nothing was written"
     );
 }
+
+/// Wave-2 review, finding 7: a release S3 applied whose reply was lost
+/// fails with its outcome unknown; sent again, it finds the lock freed by
+/// this very grant and succeeds. A lease broken by an operator is still
+/// `LeaseLost` on release. (The release sent again reported `LeaseLost`:
+/// "taken over, released or broken".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_sent_again_after_its_reply_was_lost_succeeds() {
+    let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let faulty = Faulty::new(Arc::clone(&memory));
+    let store = store_on(faulty.clone()).await;
+    let key = LockKey::Doc(run(), ron());
+    let lease = store
+        .try_acquire(&key, &Owner::for_this_process(), LONG)
+        .await
+        .expect("acquire");
+    let gate = faulty.lose_reply(Op::Put, LEASE, Answer::Failed);
+    let releasing = tokio::spawn({
+        let (store, lease) = (store.clone(), lease.clone());
+        async move { store.release(&lease).await }
+    });
+    gate.arrived().await;
+    gate.open();
+    let first = releasing.await.expect("join").expect_err("outcome unknown");
+    assert!(first.is_retryable(), "{first}");
+    store
+        .release(&lease)
+        .await
+        .expect("released by the first try");
+    assert!(store.inspect(&key).await.expect("inspect").is_none());
+
+    let lease = store
+        .try_acquire(&key, &Owner::for_this_process(), LONG)
+        .await
+        .expect("acquire again");
+    store
+        .break_lock(&key, None)
+        .await
+        .expect("break")
+        .expect("broken");
+    let error = store
+        .release(&lease)
+        .await
+        .expect_err("broken, not released");
+    assert_eq!(error.kind(), ErrorKind::LeaseLost, "{error}");
+}
+
+/// Wave-2 review, finding 8: a break S3 applied whose reply was lost
+/// (object_store's retry got `412`) is reported as the break it was, with
+/// the holder it broke. (It reported that nothing was broken.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_break_applied_with_its_reply_lost_is_reported() {
+    let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let faulty = Faulty::new(Arc::clone(&memory));
+    let holder = store_on(Arc::clone(&memory)).await;
+    let breaker = store_on(faulty.clone()).await;
+    let key = LockKey::Doc(run(), ron());
+    let lease = holder
+        .try_acquire(&key, &Owner::for_this_process(), LONG)
+        .await
+        .expect("acquire");
+    let gate = faulty.lose_reply(Op::Put, LEASE, Answer::Precondition);
+    let breaking = tokio::spawn({
+        let (breaker, key) = (breaker.clone(), key.clone());
+        async move { breaker.break_lock(&key, None).await }
+    });
+    gate.arrived().await;
+    gate.open();
+    let broken = breaking
+        .await
+        .expect("join")
+        .expect("break")
+        .expect("the break was applied");
+    assert_eq!(broken.fence, lease.fence());
+    assert!(holder.inspect(&key).await.expect("inspect").is_none());
+}
