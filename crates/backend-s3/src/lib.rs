@@ -196,9 +196,12 @@
 //!   listing every document of a run larger than a page costs one
 //!   listing of the run, not one per page.
 //! - A conditional-write probe runs on open (and on demand with
-//!   [`S3Store::doctor`]); on a server that ignores the conditional headers
-//!   the store refuses `Create`, `Update`, every lease operation and
-//!   milestones with `Unsupported` instead of pretending.
+//!   [`S3Store::doctor`]): a second create-only write of a key, an update
+//!   conditional on the version the key had before its last change (on GCS
+//!   naming its generation, so the server decides, not the wrapper's own
+//!   comparison) and eight racing creates. On a server that ignores the
+//!   conditions the store refuses `Create`, `Update`, every lease operation
+//!   and milestones with `Unsupported` instead of pretending.
 //!
 //! ## Split stores, cached reads, watching, status, milestones
 //!

@@ -17,7 +17,9 @@ pub struct ProbeReport {
     /// A second create-only write (`If-None-Match: *`) of an existing key
     /// was refused.
     pub create_only: bool,
-    /// A write conditional on a wrong ETag (`If-Match`) was refused.
+    /// A write conditional on the version the object had before its last
+    /// change (`If-Match` on its ETag; on GCS, on its generation) was
+    /// refused.
     pub update_if_match: bool,
     /// Of 8 concurrent create-only writes of one new key, exactly one won.
     pub exclusive_race: bool,
@@ -55,7 +57,7 @@ pub(crate) async fn probe(
 ) -> Result<ProbeReport, object_store::Error> {
     let key = scratch.clone().join(format!("p{:016x}", fastrand::u64(..)));
     let create = PutOptions::from(PutMode::Create);
-    store
+    let first = store
         .put_opts(&key, PutPayload::from_static(b"first"), create.clone())
         .await?;
     let create_only = matches!(
@@ -64,13 +66,29 @@ pub(crate) async fn probe(
             .await,
         Err(object_store::Error::AlreadyExists { .. })
     );
+    // An update conditional on the version the first write returned, once
+    // the object changed: its ETag, and its generation where the server
+    // returns one. Naming the generation itself makes the GCS wrapper
+    // (`GenerationMatch`) send it as it is, so the server, not the
+    // wrapper's own comparison of ETags, is what must refuse.
+    store
+        .put_opts(
+            &key,
+            PutPayload::from_static(b"third"),
+            PutOptions::default(),
+        )
+        .await?;
     let wrong = PutOptions::from(PutMode::Update(UpdateVersion {
-        e_tag: Some("\"runstate-probe-no-such-etag\"".to_owned()),
-        version: None,
+        e_tag: Some(
+            first
+                .e_tag
+                .unwrap_or_else(|| "\"runstate-probe-no-such-etag\"".to_owned()),
+        ),
+        version: first.version,
     }));
     let update_if_match = matches!(
         store
-            .put_opts(&key, PutPayload::from_static(b"third"), wrong)
+            .put_opts(&key, PutPayload::from_static(b"fourth"), wrong)
             .await,
         Err(object_store::Error::Precondition { .. })
     );

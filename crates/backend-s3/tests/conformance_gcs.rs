@@ -54,3 +54,31 @@ impl Harness for GcsLike {
 }
 
 runstate_conformance::suite!(GcsLike);
+
+/// Wave-2 review, finding 9: on GCS the probe asks the server itself
+/// whether it honours a generation condition. A stand-in that ignores the
+/// generation an update names is caught (no conditional writes, no
+/// leases); one that honours it passes. (The probe's update named a wrong
+/// ETag, which the GCS wrapper refused on its own after a `HEAD`, so the
+/// server's answer never counted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_asks_a_gcs_server_itself() {
+    for (blind, honoured) in [(false, true), (true, false)] {
+        let objects = if blind {
+            support::gcs::GcsLike::wrap_blind(Arc::new(InMemory::new()))
+        } else {
+            support::gcs::GcsLike::wrap(Arc::new(InMemory::new()))
+        };
+        let config = S3Config::new("gcs-like")
+            .with_provider(Provider::Gcs)
+            .with_prefix("probe")
+            .expect("prefix");
+        let store = S3Store::from_object_store(objects, config)
+            .await
+            .expect("open");
+        let report = store.probe_report().expect("probed");
+        assert_eq!(report.honoured(), honoured, "blind {blind}: {report}");
+        assert_eq!(report.update_if_match, honoured, "blind {blind}: {report}");
+        assert_eq!(runstate_core::Store::capabilities(&store).leases, honoured);
+    }
+}

@@ -22,11 +22,24 @@ use runstate_s3::object_store::{
 /// The stand-in.
 pub struct GcsLike {
     inner: Arc<dyn ObjectStore>,
+    /// A careless server: an update's generation is ignored (the write is
+    /// made unconditionally).
+    blind: bool,
 }
 
 impl GcsLike {
     pub fn wrap(inner: Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore> {
-        Arc::new(GcsLike { inner })
+        Arc::new(GcsLike {
+            inner,
+            blind: false,
+        })
+    }
+
+    /// A stand-in whose updates ignore the generation they name (creates
+    /// are still create-only): the server the probe exists to catch.
+    #[allow(dead_code)] // used by one test crate
+    pub fn wrap_blind(inner: Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore> {
+        Arc::new(GcsLike { inner, blind: true })
     }
 }
 
@@ -58,10 +71,14 @@ impl ObjectStore for GcsLike {
                     source: "Missing version".into(),
                 });
             };
-            opts.mode = PutMode::Update(UpdateVersion {
-                e_tag: Some(generation),
-                version: None,
-            });
+            opts.mode = if self.blind {
+                PutMode::Overwrite
+            } else {
+                PutMode::Update(UpdateVersion {
+                    e_tag: Some(generation),
+                    version: None,
+                })
+            };
         }
         let mut result = self.inner.put_opts(location, payload, opts).await?;
         result.version = result.e_tag.clone();
