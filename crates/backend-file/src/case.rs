@@ -166,7 +166,7 @@ fn look_up_swapped(root: &Folder, name: &str, listed: &[Entry]) -> Result<Option
 /// that one left by a killed process is swept.
 fn probe(root: &Folder) -> Result<bool, String> {
     let name = temp_name("runstate-case-probe", false);
-    root.create_temp(&name).map_err(|e| {
+    root.create_temp(&name, 0o644).map_err(|e| {
         format!(
             "the root has no entry whose name has a letter, and a probe file could not be \
              created in it: {e}"

@@ -67,6 +67,9 @@ pub enum WatchBy {
 #[cfg(feature = "fault-injection")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SaveStep {
+    /// The temporary file just created, before its permission bits are
+    /// set exactly and anything is written to it.
+    Create,
     /// Writing the bytes to the temporary file.
     Write,
     /// `fsync` of the temporary file.
@@ -227,8 +230,13 @@ impl FileConfig {
         let path = percent_encoding::percent_decode_str(path)
             .decode_utf8()
             .map_err(|e| {
-                config_error(format!("file URL path {path:?} is not UTF-8 once decoded"))
-                    .with_source(e)
+                // The URL as redacted: a `user:password@` without `//`
+                // is read as a path here.
+                config_error(format!(
+                    "file URL {} has a path that is not UTF-8 once decoded",
+                    redact_url(url)
+                ))
+                .with_source(e)
             })?;
         if path.is_empty() {
             return Err(config_error(format!(
@@ -377,7 +385,8 @@ impl FileConfig {
     /// rotated (the previous one kept for replay, the one before it
     /// removed) once it holds `messages` messages or `bytes` bytes,
     /// whichever comes first (defaults [`DEFAULT_STATUS_MESSAGES`] and
-    /// [`DEFAULT_STATUS_BYTES`]; at least 1 each).
+    /// [`DEFAULT_STATUS_BYTES`]; at least 1 each). A log is read from its
+    /// last 256 MiB at most (a replay of more begins with `Resync`).
     pub fn with_status_history(mut self, messages: u64, bytes: u64) -> Self {
         self.status_messages = messages.max(1);
         self.status_bytes = bytes.max(1);
@@ -672,6 +681,9 @@ mod tests {
             format!("file://admin:{SENTINEL}@otherhost/srv"),
             format!("file://admin:pa/{SENTINEL}@otherhost/srv"),
             format!("file:?password={SENTINEL}"),
+            // Without `//` and with a path that is not UTF-8 once decoded
+            // (wave-2 review: the path, password included, was quoted).
+            format!("file:admin:{SENTINEL}%ff@host/x"),
         ] {
             let error = FileConfig::from_url(&url).expect_err(&url);
             assert_eq!(error.kind(), ErrorKind::Config, "{url}");

@@ -34,6 +34,7 @@ pub(crate) use crate::config::SaveStep;
 #[cfg(not(feature = "fault-injection"))]
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum SaveStep {
+    Create,
     Write,
     Fsync,
     Rename,
@@ -131,8 +132,11 @@ impl<'a> Staged<'a> {
     ) -> Result<Staged<'a>, Error> {
         let name = temp_name(file_name, false);
         let path = dir.child(&name);
+        // Created with the document's own permission bits (0644 for a new
+        // one), never wider: a document kept 0600 is not readable by
+        // others through its next version's temporary file.
         let file = dir
-            .create_temp(&name)
+            .create_temp(&name, mode.unwrap_or(0o644))
             .map_err(|e| io_error("creating the temporary file", &path, e))?;
         let mut staged = Staged {
             dir,
@@ -141,6 +145,10 @@ impl<'a> Staged<'a> {
             mode: None,
             placed: false,
         };
+        faults
+            .check(SaveStep::Create, &path)
+            .map_err(|e| io_error("creating the temporary file", &path, e))?;
+        // Exactly `mode`, which the umask may have narrowed at creation.
         if let Some(mode) = mode {
             staged.set_mode(mode)?;
         }
@@ -303,8 +311,9 @@ fn put_back(dir: &Folder, target: &str, previous: Option<&File>) {
 fn rewrite_previous(dir: &Folder, target: &str, previous: &File) -> io::Result<()> {
     let name = temp_name(target, true);
     let written = (|| {
-        let mut file = dir.create_temp(&name)?;
-        file.set_permissions(std::fs::Permissions::from_mode(permission_bits(previous)?))?;
+        let bits = permission_bits(previous)?;
+        let mut file = dir.create_temp(&name, bits)?;
+        file.set_permissions(std::fs::Permissions::from_mode(bits))?;
         let mut chunk = vec![0u8; 256 * 1024];
         let mut offset = 0u64;
         loop {

@@ -263,13 +263,21 @@ impl Folder {
         }
     }
 
-    /// The folder `name` inside this one, created when missing.
+    /// The folder `name` inside this one, created when missing; a folder
+    /// this call created is made durable in this one (its entry synced)
+    /// before it is used, so what is written into it and synced survives
+    /// a power loss with it.
     pub(crate) fn ensure_dir(&self, name: &str) -> Result<Folder, Error> {
         if let Some(dir) = self.open_dir(name)? {
             return Ok(dir);
         }
-        self.make_dir(name)
+        let created = self
+            .make_dir(name)
             .map_err(|e| io_error("creating the folder", &self.child(name), e))?;
+        if created {
+            self.sync()
+                .map_err(|e| io_error("fsync of the folder", self.path(), e))?;
+        }
         self.open_dir(name)?.ok_or_else(|| {
             Error::new(
                 ErrorKind::Backend,
@@ -377,14 +385,17 @@ impl Folder {
         }
     }
 
-    /// Creates a new temporary file `name` for writing (mode 0644 less the
-    /// umask); fails if anything by that name exists.
-    pub(crate) fn create_temp(&self, name: &str) -> io::Result<File> {
+    /// Creates a new temporary file `name` for writing, with the
+    /// permission bits `mode` less the umask from its very creation (a file
+    /// created wider and narrowed after could be opened by others in
+    /// between, and read later through that descriptor); fails if anything
+    /// by that name exists.
+    pub(crate) fn create_temp(&self, name: &str, mode: u32) -> io::Result<File> {
         let fd = rustix::fs::openat(
             &self.file,
             name,
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o644),
+            Mode::from_raw_mode(mode & 0o7777),
         )?;
         Ok(File::from(fd))
     }
@@ -519,7 +530,10 @@ pub(crate) fn read_bounded_sized(
     if size > limit {
         return Err(too_large(size, limit));
     }
-    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    // Room for what `fstat` said, up to 64 MiB at first: a sparse giant
+    // under a limit set very high grows the buffer as it is read (and
+    // fails as a read would) instead of aborting on one huge allocation.
+    let mut bytes = Vec::with_capacity(usize::try_from(size.min(64 << 20)).unwrap_or(0));
     // The file may grow under a foreign writer; never read past the limit.
     file.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)

@@ -119,7 +119,7 @@ impl RunIndex {
         let name = temp_name(INDEX_FILE, false);
         let written = (|| {
             let text = serde_json::to_vec(self).map_err(std::io::Error::other)?;
-            let mut file = book.create_temp(&name)?;
+            let mut file = book.create_temp(&name, 0o644)?;
             file.write_all(&text)?;
             book.rename(&name, INDEX_FILE)
         })();

@@ -316,18 +316,40 @@ impl Layout {
         let real_root = root
             .real_path()
             .map_err(|e| io_error("resolving the store root", root.path(), e))?;
-        if !target.starts_with(&real_root) {
-            return Err(Error::new(
+        let denied = |why: String| {
+            Err(Error::new(
                 ErrorKind::Denied,
                 format!(
-                    "run folder {} is a symlink to {}, outside the store root {}",
+                    "run folder {} is a symlink to {}, {why}",
                     root.child(name).display(),
                     target.display(),
-                    real_root.display()
                 ),
             )
             .with_backend(BACKEND)
-            .with_run(run));
+            .with_run(run))
+        };
+        let Ok(inside) = target.strip_prefix(&real_root) else {
+            return denied(format!("outside the store root {}", real_root.display()));
+        };
+        // The root itself, or a folder that is no run's (a bookkeeping
+        // folder `.runstate`, any hidden one): writing there as a run
+        // would overwrite what is kept there.
+        if inside.as_os_str().is_empty()
+            || inside
+                .components()
+                .any(|c| c.as_os_str().as_encoded_bytes().first() == Some(&b'.'))
+        {
+            return denied("which is not a run folder of the store".to_owned());
+        }
+        // With a state folder, a run's records are `<state_dir>/<run>`, by
+        // the name used: a link and its target would keep two sets of
+        // records, so two lock records for one file (a lost update).
+        if self.state.is_some() {
+            return denied(
+                "and with state_dir a run folder link would keep records apart from its \
+                 target's: use the target's name"
+                    .to_owned(),
+            );
         }
         Ok(Some(dir))
     }

@@ -157,6 +157,10 @@ impl Held {
             (Some(_), Some(_)) if same_machine => Duration::ZERO,
             _ => Duration::from_millis(self.expires_unix_ms.saturating_sub(now.unix_ms)),
         }
+        // No grant runstate makes lasts longer than `MAX_TTL`: a record
+        // that says otherwise (planted, or from a clock far behind) is
+        // taken at that.
+        .min(runstate_core::MAX_TTL)
     }
 
     fn info(&self, key: &LockKey, fence: u64, now: &Now) -> LockInfo {
@@ -542,7 +546,22 @@ pub(crate) fn try_acquire(
         }
         State::Free => {}
     }
-    let fence = file.record.fence.saturating_add(1);
+    // A counter at its end was not written by runstate (it starts below
+    // 2^64 by far and counts one a grant): granting its last fence again
+    // would hand two holders one fence.
+    let Some(fence) = file.record.fence.checked_add(1) else {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "the lease record of {key} holds a fence counter at its end ({}); nothing was \
+                 granted (remove the record to start it again)",
+                file.record.fence
+            ),
+        )
+        .with_backend(BACKEND)
+        .with_operation(Operation::Acquire)
+        .with_lock(key));
+    };
     let held = Held::new(owner, ttl, &now);
     let since = from_unix_millis(held.since_ms);
     file.record.v = 1;

@@ -43,8 +43,13 @@
 //!   the previous document stays, and the error is returned; a failed
 //!   `fsync` of a document is never retried into success. A replaced
 //!   document keeps its permission bits (a new one gets 0644 less the
-//!   umask). Temporary files of writers that died are swept when a store is
-//!   opened; a live writer's never are.
+//!   umask), and its temporary file has them from its creation. Temporary
+//!   files of writers that died are swept when a store is opened; a live
+//!   writer's never are, when it runs on this boot and in this pid
+//!   namespace. A writer elsewhere (another host on a shared folder,
+//!   another container) cannot be checked: its temporary files are swept
+//!   once an hour old, and a writer paused that long then fails its save
+//!   (nothing is torn).
 //! - **Conditional and fenced writes across processes.** The check of a
 //!   `Create`, an `Update(version)` or a lease, and the rename that follows,
 //!   happen under an exclusive `flock` on the lock's record file, so they are
@@ -512,6 +517,30 @@ impl Drop for WatchPause {
     }
 }
 
+/// Refuses a state folder that tells names apart by case beside a root
+/// that does not: a document's lock record there is named after the
+/// spelling used (`doc.Ron.lease`, `doc.ron.lease`), so two spellings of
+/// one file would be locked by two records, and two writers could create
+/// "both" at once. Created when missing, as its first use would.
+fn check_state_dir_case(state: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(state).map_err(|e| io_error("creating the state folder", state, e))?;
+    let folder =
+        Folder::open_path(state).map_err(|e| io_error("opening the state folder", state, e))?;
+    if CaseRule::decide(config::CaseSensitivity::Detect, &folder).insensitive {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Config,
+        format!(
+            "the store root ignores the case of names, but its state folder {} does not: the \
+             lock records of two spellings of one document would be two files; put state_dir \
+             on a file system that ignores case too, or leave it out",
+            state.display()
+        ),
+    )
+    .with_backend(BACKEND))
+}
+
 fn open_engine(config: &FileConfig) -> Result<Engine> {
     let root = config.root.clone();
     match std::fs::metadata(&root) {
@@ -544,6 +573,14 @@ fn open_engine(config: &FileConfig) -> Result<Engine> {
         config.case,
         &Folder::open_path(&root).map_err(|e| io_error("opening the store root", &root, e))?,
     );
+    // A root found to ignore case (one configured so is the caller's word,
+    // as for tests on any file system).
+    if case.insensitive
+        && case.how == case::Decided::Detected
+        && let Some(state) = &config.state_dir
+    {
+        check_state_dir_case(state)?;
+    }
     let engine = Engine::new(
         Layout::new(root, &config.ext, config.state_dir.clone()),
         Faults {

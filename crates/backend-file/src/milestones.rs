@@ -130,7 +130,7 @@ fn write(book: &Folder, stored: &Stored) -> Result<(), Error> {
     })?;
     let name = temp_name(FILE, false);
     let written = (|| {
-        let mut file = book.create_temp(&name)?;
+        let mut file = book.create_temp(&name, 0o644)?;
         file.write_all(&text)?;
         file.sync_all()?;
         book.rename(&name, FILE)

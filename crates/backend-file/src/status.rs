@@ -64,6 +64,12 @@ const MAX_SEQ: u64 = 4096;
 /// Most bytes read from a log in one go; a line longer than this (only a
 /// foreign file could hold one) is skipped.
 const READ_CHUNK: u64 = 8 << 20;
+/// Most bytes of a log read from one offset: a log past it (a foreign
+/// file, or a sparse giant; runstate rotates its logs at the history's
+/// size, 1 MiB by default) is read from its last `MAX_LOG_READ` bytes,
+/// from the first whole line there. A history set larger than this is
+/// replayed from its last 256 MiB (with `Resync` before them).
+const MAX_LOG_READ: u64 = 256 << 20;
 
 /// Whether a changed entry of the bookkeeping folder concerns the status
 /// log.
@@ -195,6 +201,23 @@ fn read_lines(
     mut offset: u64,
 ) -> Result<(Vec<Line>, u64), Error> {
     let mut lines = Vec::new();
+    let size = file
+        .metadata()
+        .map_err(|e| io_error("stat of the status log", path, e))?
+        .len();
+    if size.saturating_sub(offset) > MAX_LOG_READ {
+        // Past any log runstate writes: only its tail is read, from its
+        // first whole line (a reader whose ids skip gets `Resync`).
+        let tail = size - MAX_LOG_READ;
+        tracing::warn!(path = %path.display(), size, "a status log past any runstate writes: reading its tail only");
+        let mut probe = vec![0u8; usize::try_from(READ_CHUNK).unwrap_or(usize::MAX)];
+        let n = read_at_most(file, &mut probe, tail)
+            .map_err(|e| io_error("reading the status log", path, e))?;
+        offset = match probe[..n].iter().position(|&b| b == b'\n') {
+            Some(end) => tail + end as u64 + 1,
+            None => tail + n as u64,
+        };
+    }
     loop {
         let size = file
             .metadata()
@@ -247,11 +270,21 @@ fn recover(book: &Folder) -> Result<Seq, Error> {
             last = lines.iter().map(|l| l.id).fold(last, u64::max);
         }
     }
-    let next = last + 1;
+    let next = last.checked_add(1).ok_or_else(counter_at_end)?;
     Ok(Seq {
         next,
         first: first_current.unwrap_or(next),
     })
+}
+
+/// The error of a message counter (or a log's last id) at its end: not
+/// written by runstate, which counts one a message from 1.
+fn counter_at_end() -> Error {
+    Error::new(
+        ErrorKind::Corrupt,
+        "the run's status counter is at its end (not runstate's); nothing was published",
+    )
+    .with_backend(BACKEND)
 }
 
 fn epoch_seconds(at: SystemTime) -> f64 {
@@ -295,11 +328,25 @@ pub(crate) fn publish(
     })?;
     line.push(b'\n');
     let current = match book.open_file(LOG, Access::Read)? {
-        Some(file) => Some(
-            file.metadata()
+        Some(file) => {
+            let size = file
+                .metadata()
                 .map_err(|e| io_error("stat of the status log", &book.child(LOG), e))?
-                .len(),
-        ),
+                .len();
+            // A publisher killed in the middle of its write (a line of
+            // several pages) left a partial line: ended first, so this
+            // message is a line of its own and not lost with it.
+            let mut last = [0u8; 1];
+            if size > 0
+                && read_at_most(&file, &mut last, size - 1)
+                    .map_err(|e| io_error("reading the status log", &book.child(LOG), e))?
+                    == 1
+                && last[0] != b'\n'
+            {
+                line.insert(0, b'\n');
+            }
+            Some(size)
+        }
         None => None,
     };
     match current {
@@ -315,7 +362,7 @@ pub(crate) fn publish(
         Some(_) => {}
         None => seq.first = id,
     }
-    seq.next = id + 1;
+    seq.next = id.checked_add(1).ok_or_else(counter_at_end)?;
     // The id is taken before the line is written: a publisher killed in
     // between leaves a gap, never a repeated id.
     counter.write(seq)?;

@@ -325,7 +325,7 @@ pub(crate) fn mark_new_run(dir: &Folder, layout: &Layout) -> Result<(), Error> {
     }
     let name = temp_name(VERSION_FILE, false);
     let written = (|| {
-        let mut file = dir.create_temp(&name)?;
+        let mut file = dir.create_temp(&name, 0o644)?;
         file.write_all(CURRENT_VERSION)?;
         file.sync_all()?;
         dir.rename_noreplace(&name, VERSION_FILE)

@@ -40,6 +40,59 @@ async fn store_with_faults(root: &Path) -> (FileStore, Arc<Mutex<Option<SaveStep
     (store, armed)
 }
 
+/// Wave-2 review: the temporary file of a document kept private (0600)
+/// is never readable by others, not even in the instant between its
+/// creation and its permission bits being set: a reader that opened it
+/// then would read the new bytes through its descriptor later. (It was
+/// created 0644, less the umask, and narrowed after.)
+#[tokio::test]
+async fn a_private_documents_temporary_file_is_private_from_its_creation() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let root = std::env::temp_dir().join(format!(
+        "runstate-faults-mode-{}-{:x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let hook = {
+        let seen = Arc::clone(&seen);
+        Arc::new(move |step: SaveStep, path: &Path| {
+            if step == SaveStep::Create {
+                let mode = std::fs::symlink_metadata(path)?.permissions().mode();
+                seen.lock().expect("lock").push(mode & 0o777);
+            }
+            Ok(())
+        })
+    };
+    let store = FileStore::open(FileConfig::new(&root).with_fault_hook(hook))
+        .await
+        .expect("open");
+    let run = RunId::new("private").expect("valid");
+    let doc = DocName::new("credentials").expect("valid");
+    store
+        .put_bytes(&run, &doc, Bytes::from_static(b"v1"))
+        .await
+        .expect("seed");
+    let path = root.join("private/credentials.json");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    seen.lock().expect("lock").clear();
+    store
+        .put_bytes(&run, &doc, Bytes::from_static(b"v2 secret"))
+        .await
+        .expect("save");
+    let seen = seen.lock().expect("lock").clone();
+    assert!(!seen.is_empty(), "the hook saw the temporary file");
+    assert!(
+        seen.iter().all(|mode| mode & 0o077 == 0),
+        "readable by others at creation: {:?}",
+        seen.iter().map(|m| format!("{m:o}")).collect::<Vec<_>>()
+    );
+    let kept = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(kept, 0o600, "the document keeps its bits");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 #[tokio::test]
 async fn each_save_step_failing_leaves_the_previous_document() {
     let root = std::env::temp_dir().join(format!(

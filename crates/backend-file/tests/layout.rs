@@ -228,6 +228,79 @@ async fn run_folder_symlinked_out_of_the_root_is_refused() {
     fs::remove_dir_all(&outside).expect("cleanup");
 }
 
+/// Wave-2 review: a run folder link inside the root must lead to a run
+/// folder, not to the root itself nor into a bookkeeping folder (a save
+/// through `a -> b/.runstate` replaced b's milestones). And with a state
+/// folder a link is refused: the link and its target would keep two lock
+/// records for one file, so two owners held one lock at once.
+#[tokio::test]
+async fn run_folder_links_lead_to_run_folders_only() {
+    let root = temp_root("links");
+    fs::create_dir(root.join("b")).expect("b");
+    let store = FileStore::open_path(&root).await.expect("open");
+    let b = RunId::new("b").expect("valid");
+    store
+        .set_attr(&b, "phase", "one")
+        .await
+        .expect("b's milestone");
+    std::os::unix::fs::symlink(root.join("b/.runstate"), root.join("a")).expect("link");
+    std::os::unix::fs::symlink(&root, root.join("itself")).expect("link");
+    for name in ["a", "itself"] {
+        let error = store
+            .put_bytes(
+                &RunId::new(name).expect("valid"),
+                &DocName::new("milestones").expect("valid"),
+                Bytes::from_static(b"{}"),
+            )
+            .await
+            .expect_err(name);
+        assert_eq!(error.kind(), ErrorKind::Denied, "{name}: {error}");
+    }
+    let attrs = store.milestones(&b).await.expect("milestones").attrs;
+    assert_eq!(
+        attrs.get("phase").map(String::as_str),
+        Some("one"),
+        "{attrs:?}"
+    );
+
+    let state = temp_root("links-state");
+    fs::create_dir(root.join("inner")).expect("inner");
+    std::os::unix::fs::symlink(root.join("inner"), root.join("alias")).expect("link");
+    let stated = FileStore::open(
+        FileConfig::new(&root)
+            .with_state_dir(&state)
+            .expect("state_dir"),
+    )
+    .await
+    .expect("open");
+    let key = |run: &str| {
+        LockKey::Doc(
+            RunId::new(run).expect("valid"),
+            DocName::new("x").expect("valid"),
+        )
+    };
+    let held = stated
+        .try_acquire(
+            &key("inner"),
+            &Owner::for_this_process(),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("the target's lock");
+    let error = stated
+        .try_acquire(
+            &key("alias"),
+            &Owner::for_this_process(),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect_err("the same file's lock, through the link");
+    assert_eq!(error.kind(), ErrorKind::Denied, "{error}");
+    stated.release(&held).await.expect("release");
+    fs::remove_dir_all(&root).expect("cleanup");
+    fs::remove_dir_all(&state).expect("cleanup");
+}
+
 #[tokio::test]
 async fn foreign_documents_are_readable_versioned_and_not_rewritten() {
     let root = temp_root("foreign");

@@ -515,3 +515,75 @@ async fn a_late_subscriber_replays_a_history_longer_than_the_feed_buffer() {
     assert_eq!(take(last, messages).await[messages - 1], "after");
     fs::remove_dir_all(&root).expect("cleanup");
 }
+
+/// Wave-2 review: a publisher killed in the middle of its write (a line of
+/// several pages) leaves a partial line; the next message must still be a
+/// line of its own, not glued to it and skipped with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_line_left_by_a_killed_publisher_loses_no_later_message() {
+    let root = temp_root("partial");
+    let store = FileStore::open(FileConfig::new(&root)).await.expect("open");
+    store.publish(&run(), "wepp", "m1").await.expect("publish");
+    let log = root.join("r/.runstate/status.log");
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .expect("the log");
+    std::io::Write::write_all(&mut file, br#"{"id":2,"topic":"wepp","text":"cut sh"#)
+        .expect("a partial line");
+    store.publish(&run(), "wepp", "m3").await.expect("publish");
+    let sub = store
+        .subscribe(&run(), Replay::All)
+        .await
+        .expect("subscribe");
+    assert_eq!(take(sub, 2).await, ["m1", "m3"]);
+    fs::remove_dir_all(&root).expect("cleanup");
+}
+
+/// Wave-2 review: a status log that is a sparse giant (1 TiB of nothing,
+/// planted) is read from its tail only: a subscriber gets the messages
+/// published after it at once instead of reading every byte before them.
+/// And a message counter planted at its end refuses to publish
+/// (`Corrupt`) instead of overflowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_giant_status_log_or_counter_at_its_end_is_handled() {
+    let root = temp_root("giant");
+    let store = FileStore::open(FileConfig::new(&root)).await.expect("open");
+    store.publish(&run(), "wepp", "m1").await.expect("publish");
+    let log = root.join("r/.runstate/status.log");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .expect("the log")
+        .set_len(1 << 40)
+        .expect("a sparse giant");
+    store
+        .publish(&run(), "wepp", "after")
+        .await
+        .expect("publish");
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        let sub = store
+            .subscribe(&run(), Replay::All)
+            .await
+            .expect("subscribe");
+        take(sub, 1).await
+    })
+    .await
+    .expect("the tail is read, not the whole log");
+    assert!(
+        got == ["after"] || got == ["RESYNC"],
+        "the message after the giant, or a Resync before it: {got:?}"
+    );
+    fs::remove_file(&log).expect("remove the giant");
+    fs::write(
+        root.join("r/.runstate/status.seq"),
+        format!(r#"{{"next":{},"first":1}}"#, u64::MAX),
+    )
+    .expect("a counter at its end");
+    let error = store
+        .publish(&run(), "wepp", "one too many")
+        .await
+        .expect_err("the counter is at its end");
+    assert_eq!(error.kind(), ErrorKind::Corrupt, "{error}");
+    fs::remove_dir_all(&root).expect("cleanup");
+}

@@ -166,13 +166,31 @@ pub fn liveness(pid: u32, stamp: &ProcessStamp) -> Liveness {
         Ok(stat) => match parse_stat(&stat) {
             None => Liveness::Unknown,
             Some((_, state, start)) => {
-                if start != stamp.start_ticks || matches!(state, 'Z' | 'X' | 'x') {
+                // Another process under a reused pid, or this one ended
+                // (`Z` with no thread left but its first one).
+                let ended = matches!(state, 'Z' | 'X' | 'x') && !other_threads_run(pid);
+                if start != stamp.start_ticks || ended {
                     Liveness::Dead
                 } else {
                     Liveness::Alive
                 }
             }
         },
+    }
+}
+
+/// Whether the process `pid`, whose first thread is a zombie, still runs
+/// other threads: `/proc/<pid>/stat` shows its first thread's state, which
+/// is `Z` once that thread has exited (`pthread_exit` in `main`) while the
+/// rest of the process goes on. Any thread of it listed but the first one
+/// counts (a zombie process lists only its first). An unreadable list
+/// counts as running: a live holder is never taken for dead.
+fn other_threads_run(pid: u32) -> bool {
+    match fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks
+            .filter_map(Result::ok)
+            .any(|task| task.file_name().to_str() != Some(pid.to_string().as_str())),
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
     }
 }
 
@@ -257,6 +275,50 @@ mod tests {
             };
             assert_eq!(liveness(pid, &clone), Liveness::Unknown);
         }
+    }
+
+    /// Wave-2 review: a process whose first thread exited (`pthread_exit`
+    /// in `main`) while its other threads go on shows `Z` in
+    /// `/proc/<pid>/stat`; it is alive, and a lease it holds must not be
+    /// broken. (It was judged dead.) Once it has ended it is dead.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_process_whose_first_thread_exited_is_alive() {
+        use std::time::{Duration, Instant};
+
+        let ours = current_stamp().expect("linux has /proc");
+        let Ok(mut child) = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import ctypes, threading, time; \
+                 threading.Thread(target=time.sleep, args=(30,)).start(); \
+                 ctypes.CDLL(None).pthread_exit(None)",
+            ])
+            .spawn()
+        else {
+            eprintln!("*** SKIPPED: no python3 to start a process whose first thread exits ***");
+            return;
+        };
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let start = loop {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+            let (_, state, start) = parse_stat(&stat).expect("parsed");
+            if state == 'Z' {
+                break start;
+            }
+            assert!(Instant::now() < deadline, "its first thread never exited");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stamp = ProcessStamp {
+            start_ticks: start,
+            ..ours.clone()
+        };
+        let judged = liveness(pid, &stamp);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(judged, Liveness::Alive);
+        assert_eq!(liveness(pid, &stamp), Liveness::Dead, "once ended");
     }
 
     #[test]
