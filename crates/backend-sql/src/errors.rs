@@ -10,6 +10,8 @@ mod postgres {
     pub const UNIQUE_VIOLATION: &str = "23505";
     pub const SERIALIZATION_FAILURE: &str = "40001";
     pub const DEADLOCK_DETECTED: &str = "40P01";
+    /// A lock wait outlived `lock_timeout` (or `NOWAIT`).
+    pub const LOCK_NOT_AVAILABLE: &str = "55P03";
     pub const QUERY_CANCELED: &str = "57014";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const CRASH_SHUTDOWN: &str = "57P02";
@@ -80,6 +82,12 @@ struct Meaning {
     retryable: bool,
     /// Whether the server ended the session with it (PostgreSQL's FATAL).
     ends_session: bool,
+    /// A transaction conflict (a deadlock, a serialization failure, a lock
+    /// wait that timed out, a busy database): the statement or transaction
+    /// was rolled back, so sending it again cannot make it twice. Unlike
+    /// an error that ended the session, after which a `COMMIT` may or may
+    /// not have been made.
+    conflict: bool,
     what: &'static str,
 }
 
@@ -88,6 +96,18 @@ const fn meaning(kind: ErrorKind, retryable: bool, what: &'static str) -> Meanin
         kind,
         retryable,
         ends_session: false,
+        conflict: false,
+        what,
+    }
+}
+
+/// A transaction conflict (see [`Meaning::conflict`]): retryable.
+const fn conflict(what: &'static str) -> Meaning {
+    Meaning {
+        kind: ErrorKind::Backend,
+        retryable: true,
+        ends_session: false,
+        conflict: true,
         what,
     }
 }
@@ -96,9 +116,8 @@ fn postgres_meaning(code: &str) -> Meaning {
     use postgres::*;
     match code {
         UNIQUE_VIOLATION => meaning(ErrorKind::AlreadyExists, false, "the row already exists"),
-        SERIALIZATION_FAILURE | DEADLOCK_DETECTED => {
-            meaning(ErrorKind::Backend, true, "transaction conflict")
-        }
+        SERIALIZATION_FAILURE | DEADLOCK_DETECTED => conflict("transaction conflict"),
+        LOCK_NOT_AVAILABLE => conflict("a lock wait timed out"),
         QUERY_CANCELED => meaning(ErrorKind::Timeout, true, "statement timed out"),
         ADMIN_SHUTDOWN
         | CRASH_SHUTDOWN
@@ -136,9 +155,7 @@ fn mysql_meaning(number: u16) -> Meaning {
     use mysql::*;
     match number {
         ER_DUP_ENTRY => meaning(ErrorKind::AlreadyExists, false, "the row already exists"),
-        ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT => {
-            meaning(ErrorKind::Backend, true, "transaction conflict")
-        }
+        ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT => conflict("transaction conflict"),
         ER_QUERY_TIMEOUT | ER_STATEMENT_TIMEOUT | ER_QUERY_INTERRUPTED => {
             meaning(ErrorKind::Timeout, true, "statement timed out")
         }
@@ -188,7 +205,7 @@ fn sqlite_meaning(code: i32, message: &str) -> Meaning {
             meaning(ErrorKind::AlreadyExists, false, "the row already exists")
         }
         c if c & 0xff == SQLITE_BUSY || c & 0xff == SQLITE_LOCKED => {
-            meaning(ErrorKind::Backend, true, "the database is busy")
+            conflict("the database is busy")
         }
         SQLITE_TOOBIG => meaning(ErrorKind::TooLarge, false, "over SQLite's size limit"),
         c if c & 0xff == SQLITE_READONLY => {
@@ -287,6 +304,23 @@ pub(crate) fn leaves_connection_usable(dialect: Dialect, error: &sqlx::Error) ->
     }
 }
 
+/// Whether `error` (a runstate error whose source is a sqlx error of
+/// `dialect`) is a transaction conflict the database answered: rolled
+/// back, so the same statements may be sent again. An error that ended
+/// the session is not, whatever its code: the outcome of a `COMMIT` it
+/// answered is unknown.
+pub(crate) fn is_transaction_conflict(dialect: Dialect, error: &Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(sqlx::Error::Database(db)) = cause.downcast_ref::<sqlx::Error>() {
+            let m = database_meaning(dialect, db.as_ref());
+            return m.conflict && !m.ends_session;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// [`map_error`], saying what was being done.
 pub(crate) fn map_error_during(dialect: Dialect, error: sqlx::Error, doing: &str) -> Error {
     let mapped = map_error(dialect, error);
@@ -299,6 +333,88 @@ pub(crate) fn map_error_during(dialect: Dialect, error: sqlx::Error, doing: &str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
+
+    /// A database error with a code, as a driver hands one over.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "injected error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            "injected"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    /// Wave-2 review: a batch group is sent again only after a transaction
+    /// conflict, which rolled it back; never after an error that ended the
+    /// session (an administrator's shutdown, a lost connection relayed by a
+    /// proxy), which may have answered a `COMMIT` that was made: sent
+    /// again, the group's creates met their own rows (`AlreadyExists`) and
+    /// its updates their own versions (`Precondition`). And a lock wait
+    /// that outlived `lock_timeout` (55P03) is such a conflict, retryable,
+    /// where it was a permanent `Backend` error.
+    #[test]
+    fn only_transaction_conflicts_are_sent_again() {
+        let mapped =
+            |dialect, code| map_error(dialect, sqlx::Error::Database(Box::new(Coded(code))));
+        for (dialect, code) in [
+            (Dialect::Postgres, "40001"),
+            (Dialect::Postgres, "40P01"),
+            (Dialect::Postgres, "55P03"),
+            (Dialect::Sqlite, "5"),
+            (Dialect::Sqlite, "517"),
+            (Dialect::Sqlite, "6"),
+        ] {
+            let error = mapped(dialect, code);
+            assert!(error.is_retryable(), "{code}");
+            assert!(is_transaction_conflict(dialect, &error), "{code}");
+            let during =
+                map_error_during(dialect, sqlx::Error::Database(Box::new(Coded(code))), "x");
+            assert!(is_transaction_conflict(dialect, &during), "{code}, wrapped");
+        }
+        for code in [
+            "57P01", "57P02", "57P05", "25P03", "08006", "23505", "57014",
+        ] {
+            let error = mapped(Dialect::Postgres, code);
+            assert!(
+                !is_transaction_conflict(Dialect::Postgres, &error),
+                "{code}"
+            );
+        }
+        assert!(!is_transaction_conflict(
+            Dialect::Postgres,
+            &map_error(Dialect::Postgres, sqlx::Error::PoolTimedOut)
+        ));
+        for number in [1213, 1205] {
+            assert!(mysql_meaning(number).conflict, "{number}");
+        }
+        for number in [2006, 2013, 1053, 1927, 1062] {
+            assert!(!mysql_meaning(number).conflict, "{number}");
+        }
+    }
 
     #[test]
     fn codes_map_to_kinds() {

@@ -120,9 +120,14 @@
 //!   was deleted and created again never matches the new one.
 //! - SQLite runs in WAL mode with a busy timeout; several processes on one
 //!   host may share the file.
-//! - Every call is bounded by `timeout_ms` (also the server's statement
-//!   timeout where it has one), waiting for a pooled connection by
-//!   `acquire_timeout_ms`.
+//! - Every call is bounded by `timeout_ms` on the client, waiting for a
+//!   pooled connection by `acquire_timeout_ms`. The server's own statement
+//!   timeout is set to it where the server has one (PostgreSQL's
+//!   `statement_timeout`; MariaDB's `max_statement_time`, which does not
+//!   cover stored procedures; MySQL's `max_execution_time`, which covers
+//!   read-only `SELECT`s only): a write the client gave up on may still
+//!   be made on those servers (a grant then holds its lock for its TTL;
+//!   fences and row locks still order every write).
 //! - The connection pool sends nothing of its own: no ping before lending
 //!   a connection (sqlx's `test_before_acquire`) nor after taking it back
 //!   (which sqlx's pool always does), so a statement is one round trip. A
@@ -687,20 +692,21 @@ async fn check_session_time_zone(pool: &Pool, bound: Duration) -> Result<()> {
 /// Whether a MySQL session in time zone `zone` (`@@session.time_zone`),
 /// on a server in `system` (`@@system_time_zone`), keeps a clock without
 /// daylight saving time: a fixed offset, UTC, or `SYSTEM` in UTC.
+///
+/// `@@system_time_zone` is the zone's abbreviation when the server
+/// started, so `GMT` there may be Europe/London in winter, whose `SYSTEM`
+/// clock then moves in March: only UTC's own names pass for it. A session
+/// zone named `GMT` is the tz database's, which never moves.
 fn time_zone_without_daylight_saving(zone: &str, system: &str) -> bool {
-    let utc = |name: &str| {
-        [
-            "UTC",
-            "GMT",
-            "Etc/UTC",
-            "Etc/GMT",
-            "Universal",
-            "Zulu",
-            "Coordinated Universal Time",
-        ]
-        .iter()
-        .any(|u| name.eq_ignore_ascii_case(u))
-    };
+    const UTC: [&str; 5] = [
+        "UTC",
+        "Etc/UTC",
+        "Universal",
+        "Zulu",
+        "Coordinated Universal Time",
+    ];
+    let utc =
+        |name: &str, also: &[&str]| UTC.iter().chain(also).any(|u| name.eq_ignore_ascii_case(u));
     let fixed = |name: &str| {
         let b = name.as_bytes();
         matches!(b.first(), Some(b'+' | b'-'))
@@ -711,7 +717,9 @@ fn time_zone_without_daylight_saving(zone: &str, system: &str) -> bool {
                     && m.bytes().all(|c| c.is_ascii_digit())
             })
     };
-    fixed(zone) || utc(zone) || (zone.eq_ignore_ascii_case("SYSTEM") && utc(system))
+    fixed(zone)
+        || utc(zone, &["GMT", "Etc/GMT"])
+        || (zone.eq_ignore_ascii_case("SYSTEM") && utc(system, &[]))
 }
 
 fn timed_out(dialect: Dialect, bound: Duration) -> Error {
@@ -1298,6 +1306,7 @@ mod tests {
             ("+00:00", "CET"),
             ("-05:30", "CET"),
             ("UTC", "CET"),
+            ("GMT", "CET"),
             ("SYSTEM", "UTC"),
             ("SYSTEM", "Etc/UTC"),
         ] {
@@ -1310,6 +1319,8 @@ mod tests {
             ("Europe/Paris", "UTC"),
             ("SYSTEM", "CET"),
             ("SYSTEM", "EST"),
+            // Europe/London started in winter (wave-2 review: it passed).
+            ("SYSTEM", "GMT"),
             ("+", "UTC"),
             ("+1:", "UTC"),
         ] {

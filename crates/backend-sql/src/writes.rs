@@ -14,6 +14,7 @@ use runstate_core::{
 use sqlx::any::AnyRow;
 
 use crate::config::Dialect;
+use crate::errors::is_transaction_conflict;
 use crate::leases::fence_i64;
 use crate::statements::{self, FencedKind};
 use crate::{
@@ -465,7 +466,9 @@ impl Inner {
             match outcome {
                 // A deadlock or serialization failure rolled the group
                 // back: nothing of it was written, so it is sent again.
-                Err(error) if tries < GROUP_TRIES && conflict_in_the_database(&error) => {
+                Err(error)
+                    if tries < GROUP_TRIES && is_transaction_conflict(self.dialect, &error) =>
+                {
                     tracing::debug!(%error, "a batched write met a transaction conflict; again");
                     tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=20 * tries))).await;
                 }
@@ -710,18 +713,6 @@ impl Inner {
 /// outcome is unknown then).
 fn refused_by_the_database(error: &Error) -> bool {
     !error.is_retryable()
-        && std::error::Error::source(error)
-            .and_then(|source| source.downcast_ref::<sqlx::Error>())
-            .is_some_and(|source| matches!(source, sqlx::Error::Database(_)))
-}
-
-/// Whether `error` is a transaction conflict the database answered (a
-/// deadlock, a serialization failure, a lock wait that timed out): the
-/// statement or transaction was rolled back, and trying it again may
-/// succeed.
-fn conflict_in_the_database(error: &Error) -> bool {
-    error.is_retryable()
-        && error.kind() == ErrorKind::Backend
         && std::error::Error::source(error)
             .and_then(|source| source.downcast_ref::<sqlx::Error>())
             .is_some_and(|source| matches!(source, sqlx::Error::Database(_)))
