@@ -18,18 +18,51 @@ pub struct OwnRedis {
     args: Vec<String>,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// A free loopback port; for a cluster node (`bus`), one whose cluster
+/// bus port (10000 above it) is free as well.
+fn free_port(bus: bool) -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if !bus
+            || port
+                .checked_add(10_000)
+                .is_some_and(|bus| TcpListener::bind(("127.0.0.1", bus)).is_ok())
+        {
+            return port;
+        }
+    }
 }
 
 impl OwnRedis {
     /// Starts a server; `persistent` makes it fsync every write to its
     /// append-only file, so a restart keeps everything acknowledged.
+    ///
+    /// A port found free may be taken before the server binds it (other
+    /// tests start servers and connections at the same time, and a cluster
+    /// node also needs the port 10000 above it): a server that does not
+    /// start is stopped and started again on other ports, five times at
+    /// most.
     pub fn start(persistent: bool, extra: &[&str]) -> OwnRedis {
-        let port = free_port();
+        let bus = extra.contains(&"--cluster-enabled");
+        for _ in 0..4 {
+            let mut server = Self::prepare(free_port(bus), persistent, extra);
+            if server.try_spawn() {
+                return server;
+            }
+            eprintln!(
+                "own redis-server on port {} did not start; trying another port",
+                server.port
+            );
+        }
+        let mut server = Self::prepare(free_port(bus), persistent, extra);
+        server.spawn();
+        server
+    }
+
+    fn prepare(port: u16, persistent: bool, extra: &[&str]) -> OwnRedis {
         // Under target/ (Cargo's scratch folder for integration tests),
         // removed when the server is dropped.
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -53,17 +86,23 @@ impl OwnRedis {
             args.extend(["--appendonly", "no"].map(String::from));
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let mut server = OwnRedis {
+        OwnRedis {
             child: None,
             port,
             dir,
             args,
-        };
-        server.spawn();
-        server
+        }
     }
 
     fn spawn(&mut self) {
+        if !self.try_spawn() {
+            panic!("own redis-server on port {} did not start", self.port);
+        }
+    }
+
+    /// Starts the server and waits until it answers; a server that does not
+    /// is stopped by its PID.
+    fn try_spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(&self.args)
             .stdout(Stdio::null())
@@ -71,10 +110,14 @@ impl OwnRedis {
             .spawn()
             .expect("redis-server is installed (Debian: apt-get install redis-server)");
         self.child = Some(child);
-        self.wait_ready();
+        if self.wait_ready() {
+            return true;
+        }
+        self.kill();
+        false
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
@@ -86,13 +129,21 @@ impl OwnRedis {
                     if stream.read_exact(&mut buf).is_ok()
                         && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
                     {
-                        return;
+                        return true;
                     }
                 }
             }
+            // Exited (its port taken, say): no use waiting.
+            if self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+            {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("own redis-server on port {} did not start", self.port);
+        false
     }
 
     /// Kills the server with SIGKILL (by its PID) and reaps it.
