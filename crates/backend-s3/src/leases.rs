@@ -701,11 +701,16 @@ impl Inner {
 }
 
 /// Whether a lease object as read is the lock freed by `lease`'s own
-/// release ([`LeaseBody::released`]): free, with its fence, owner id and
-/// `since`. Nothing else writes a free object naming a grant.
+/// release ([`LeaseBody::released`]): free, naming its grant. Nothing else
+/// writes a free object naming a grant.
 fn is_release_of(body: &LeaseBody, lease: &Lease) -> bool {
-    !body.held
-        && body.fence == lease.fence().get()
+    !body.held && names_grant(body, lease)
+}
+
+/// Whether a lease object names `lease`'s grant: its fence, `since` and
+/// owner id.
+fn names_grant(body: &LeaseBody, lease: &Lease) -> bool {
+    body.fence == lease.fence().get()
         && body.since_ms == runstate_core::time::unix_millis(lease.since())
         && body
             .owner
@@ -719,11 +724,5 @@ fn is_release_of(body: &LeaseBody, lease: &Lease) -> bool {
 /// [`Inner::try_acquire_loading`]) keeps both; releases and breaks are not
 /// held. So such an object was written by a renewal of this very grant.
 fn is_grant_of(body: &LeaseBody, lease: &Lease) -> bool {
-    body.held
-        && body.fence == lease.fence().get()
-        && body.since_ms == runstate_core::time::unix_millis(lease.since())
-        && body
-            .owner
-            .as_ref()
-            .is_some_and(|owner| owner.id() == lease.owner().id())
+    body.held && names_grant(body, lease)
 }

@@ -182,11 +182,31 @@ async fn a_successors_grant_is_not_taken_for_ours() {
 /// its increment twice.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_refused_after_its_lease_lapsed_is_not_redone() {
+    a_save_applied_then_taken_over_is_not_redone(TakeOver::Lapse).await;
+}
+
+/// How another worker comes to hold A's lock while A's reply is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TakeOver {
+    /// A's lease (300 ms) lapses; B's wait takes it over.
+    Lapse,
+    /// An operator breaks A's lease (30 s), whose deadline is still ahead.
+    Break,
+}
+
+/// A's locked update is applied, its reply held (object_store retrying
+/// it) while B comes to hold the lock (`take_over`) and increments; then
+/// A's retry gets `412`. A must not report `Precondition`: the closure
+/// runs once and the count is exact.
+async fn a_save_applied_then_taken_over_is_not_redone(take_over: TakeOver) {
     let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let faulty = Faulty::new(Arc::clone(&memory));
     let a = Arc::new(store_on(faulty.clone()).await);
     let b = Arc::new(store_on(Arc::clone(&memory)).await);
-    let ttl = Duration::from_millis(300);
+    let ttl = match take_over {
+        TakeOver::Lapse => Duration::from_millis(300),
+        TakeOver::Break => LONG,
+    };
     let wait = WaitPolicy::with_timeout(Duration::from_secs(20));
     let client_a = Client::new(Arc::clone(&a) as Arc<dyn Lock>)
         .with_ttl(ttl)
@@ -213,8 +233,19 @@ async fn a_save_refused_after_its_lease_lapsed_is_not_redone() {
             .await
     });
     gate.arrived().await;
-    // A's write is applied; its lease lapses while the reply is held, and
-    // B takes the lock over and increments on top of A's write.
+    if take_over == TakeOver::Break {
+        let key = LockKey::Doc(run(), DocName::new("counter").expect("valid"));
+        let broken = b
+            .break_lock(&key, None)
+            .await
+            .expect("break")
+            .expect("A's grant was broken");
+        assert!(
+            broken.expires_in > Duration::from_secs(10),
+            "A's deadline is ahead"
+        );
+    }
+    // A's write is applied; B takes the lock over and increments on top.
     client_b
         .run(run())
         .update(|c: &mut Counter| c.n += 10)
@@ -421,78 +452,12 @@ async fn head_reads_no_body_and_documents_carry_their_modified_time() {
 /// but the lease does not lapse: an operator breaks it while its holder's
 /// own deadline is still ahead, and the next holder increments. A's
 /// applied write, retried into `412`, must be reported with its outcome
-/// unknown, not as `Precondition`: the closure runs once and the count is
-/// exact. (Only a lapsed lease was taken for "someone else may have
-/// written": A reported `Precondition` and counted its increment twice.)
+/// unknown, not as `Precondition`. (Only a lapsed lease was taken for
+/// "someone else may have written": A reported `Precondition` and counted
+/// its increment twice.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_refused_after_its_lock_was_broken_is_not_redone() {
-    let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-    let faulty = Faulty::new(Arc::clone(&memory));
-    let a = Arc::new(store_on(faulty.clone()).await);
-    let b = Arc::new(store_on(Arc::clone(&memory)).await);
-    let wait = WaitPolicy::with_timeout(Duration::from_secs(20));
-    let client_a = Client::new(Arc::clone(&a) as Arc<dyn Lock>)
-        .with_ttl(LONG)
-        .with_wait(wait.clone());
-    let client_b = Client::new(Arc::clone(&b) as Arc<dyn Lock>)
-        .with_ttl(LONG)
-        .with_wait(wait);
-    client_b
-        .run(run())
-        .save(&Counter::default())
-        .await
-        .expect("seed");
-
-    let gate = faulty.lose_reply(Op::Put, "t/r/counter.json", Answer::Precondition);
-    let calls = Arc::new(AtomicU64::new(0));
-    let counting = Arc::clone(&calls);
-    let run_a = client_a.run(run());
-    let updating = tokio::spawn(async move {
-        run_a
-            .update(move |c: &mut Counter| {
-                counting.fetch_add(1, Ordering::SeqCst);
-                c.n += 1;
-            })
-            .await
-    });
-    gate.arrived().await;
-    // A's write is applied; its lock is broken while the reply is held,
-    // and B takes it and increments on top of A's write.
-    let key = LockKey::Doc(run(), DocName::new("counter").expect("valid"));
-    let broken = b
-        .break_lock(&key, None)
-        .await
-        .expect("break")
-        .expect("A's grant was broken");
-    assert!(
-        broken.expires_in > Duration::from_secs(10),
-        "A's deadline is ahead"
-    );
-    client_b
-        .run(run())
-        .update(|c: &mut Counter| c.n += 10)
-        .await
-        .expect("B's increment");
-    gate.open();
-    let outcome = updating.await.expect("join");
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        1,
-        "A's closure ran again: {outcome:?}"
-    );
-    let error = outcome.expect_err("A cannot tell whether its save was applied");
-    assert!(
-        !matches!(
-            error.kind(),
-            ErrorKind::Precondition
-                | ErrorKind::Fenced
-                | ErrorKind::LeaseLost
-                | ErrorKind::AlreadyExists
-        ),
-        "{error}"
-    );
-    let stored: Counter = client_b.run(run()).load().await.expect("load");
-    assert_eq!(stored.n, 11, "each increment counted once");
+    a_save_applied_then_taken_over_is_not_redone(TakeOver::Break).await;
 }
 
 /// Wave-2 review, finding 4: S3 answers a conditional PUT that raced

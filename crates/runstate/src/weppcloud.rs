@@ -283,6 +283,16 @@ fn check_controller(run: &RunId, doc: &DocName, bytes: &[u8], op: Operation) -> 
     .at_doc(op, run, doc))
 }
 
+/// The error of a write or delete of a controller that found it changed
+/// at each of its [`PINNED_TRIES`] tries: retryable.
+fn kept_changing(doing: &str, done: &str) -> Error {
+    Error::new(
+        ErrorKind::Precondition,
+        format!("the controller kept changing during the {doing}; nothing was {done}"),
+    )
+    .set_retryable(true)
+}
+
 /// A save's lease found no longer WEPPcloud's grant of the lock: to the
 /// saver that is `Fenced` (the contract's word for a save under a lease
 /// that is not the lock's current grant, nothing written), whatever the
@@ -378,12 +388,7 @@ impl Store for WeppcloudStore {
                 }
             }
         }
-        Err(Error::new(
-            ErrorKind::Precondition,
-            "the controller kept changing during the save; nothing was written",
-        )
-        .set_retryable(true)
-        .at_doc(op, run, doc))
+        Err(kept_changing("save", "written").at_doc(op, run, doc))
     }
 
     async fn delete(
@@ -410,12 +415,7 @@ impl Store for WeppcloudStore {
                 }
             }
         }
-        Err(Error::new(
-            ErrorKind::Precondition,
-            "the controller kept changing during the delete; nothing was deleted",
-        )
-        .set_retryable(true)
-        .at_doc(op, run, doc))
+        Err(kept_changing("delete", "deleted").at_doc(op, run, doc))
     }
 
     async fn list_docs(
