@@ -20,10 +20,11 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 
-use runstate_core::Error;
+use runstate_core::{Error, ErrorKind};
 
+use crate::BACKEND;
 use crate::folder::Folder;
 use crate::layout::{io_error, temp_name};
 
@@ -191,10 +192,11 @@ impl<'a> Staged<'a> {
         self,
         target: &str,
         previous: Option<&File>,
+        conditional: bool,
         faults: &Faults,
     ) -> Result<(), Error> {
         let dir = self.dir;
-        self.rename_over(target, previous, faults)?;
+        self.rename_over(target, previous, conditional, faults)?;
         sync_placed(dir, &[(target, previous)], faults)
             .map_err(|e| io_error("fsync of the run folder", dir.path(), e))
     }
@@ -203,10 +205,19 @@ impl<'a> Staged<'a> {
     /// folder `fsync`, for a batch that syncs its folder once for all its
     /// renames ([`sync_placed`]). Until then the caller keeps `previous`
     /// open and holds the document's record.
+    ///
+    /// `conditional`: the write's condition was checked on `previous` (or
+    /// on no document), so right before the rename the entry must still be
+    /// that file (or absent), else the write is refused (`Precondition`,
+    /// nothing written). runstate's own writers cannot change it meanwhile
+    /// (they hold the record), but another program can: a WEPPcloud worker
+    /// renaming its dump in while this save hashed the old file or synced
+    /// a time. An overwrite does not care what it replaces.
     pub(crate) fn rename_over(
         mut self,
         target: &str,
         previous: Option<&File>,
+        conditional: bool,
         faults: &Faults,
     ) -> Result<(), Error> {
         let dir = self.dir;
@@ -223,16 +234,34 @@ impl<'a> Staged<'a> {
                 })?;
             }
         }
+        let renaming = |e| {
+            io_error(
+                "renaming the temporary file over the document",
+                &target_path,
+                e,
+            )
+        };
         faults
             .check(SaveStep::Rename, &target_path)
-            .and_then(|()| dir.rename(&self.name, target))
-            .map_err(|e| {
-                io_error(
-                    "renaming the temporary file over the document",
-                    &target_path,
-                    e,
+            .map_err(renaming)?;
+        if conditional {
+            let now = dir
+                .ino_of(target)
+                .map_err(|e| io_error("stat of the document", &target_path, e))?;
+            let checked = previous
+                .map(|file| file.metadata().map(|meta| meta.ino()))
+                .transpose()
+                .map_err(|e| io_error("stat of the document", &target_path, e))?;
+            if now != checked {
+                return Err(Error::new(
+                    ErrorKind::Precondition,
+                    "the document was replaced by another program during the save; nothing \
+                     was written",
                 )
-            })?;
+                .with_backend(BACKEND));
+            }
+        }
+        dir.rename(&self.name, target).map_err(renaming)?;
         self.placed = true;
         Ok(())
     }

@@ -981,7 +981,8 @@ impl Engine {
                 leases::raise_watermark(record, foreign.key(), foreign.fence(), Operation::Put)?;
             }
             self.weppcloud_marks(&dir, &file_name, &staged, previous.as_ref())?;
-            staged.place(&file_name, previous.as_ref(), &self.faults)?;
+            let conditional = *mode != PutMode::Overwrite;
+            staged.place(&file_name, previous.as_ref(), conditional, &self.faults)?;
             Ok(version_of(bytes))
         })();
         if release_after && let Some(lease) = fences.lease {
@@ -1358,7 +1359,8 @@ impl Engine {
                 let previous = dir.open_file(&file_name, Access::Read)?;
                 self.check_mode(&put.mode, previous.as_ref(), dir, &file_name)?;
                 self.weppcloud_marks(dir, &file_name, &written, previous.as_ref())?;
-                written.rename_over(&file_name, previous.as_ref(), &self.faults)?;
+                let conditional = put.mode != PutMode::Overwrite;
+                written.rename_over(&file_name, previous.as_ref(), conditional, &self.faults)?;
                 Ok(previous)
             })();
             match renamed {

@@ -526,7 +526,10 @@ fn check_state_dir_case(state: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(state).map_err(|e| io_error("creating the state folder", state, e))?;
     let folder =
         Folder::open_path(state).map_err(|e| io_error("opening the state folder", state, e))?;
-    if CaseRule::decide(config::CaseSensitivity::Detect, &folder).insensitive {
+    // Refused only when found out: a state folder whose case rule cannot be
+    // told (no entry to look up, no probe file) is left to the caller.
+    let rule = CaseRule::decide(config::CaseSensitivity::Detect, &folder);
+    if rule.insensitive || rule.how != case::Decided::Detected {
         return Ok(());
     }
     Err(Error::new(

@@ -257,12 +257,14 @@ pub(crate) fn check_writable(dir: &Folder, run: &RunId) -> Result<(), Error> {
 
 /// Makes sure a save moves the document's modification time forward:
 /// the staged file `staged` (at `path`), about to replace a file with
-/// metadata `previous`, gets a time at least [`MIN_MTIME_STEP`] past the
-/// previous one, else `max(now, previous + 1 s)`. Checked after setting
-/// it. Whatever the sizes: WEPPcloud's cache checks compare `(mtime,
-/// size)`, but some of its versions refresh their in-process copy on the
-/// modification time alone, which a file system with coarse timestamps
-/// leaves equal for two saves within one tick.
+/// metadata `previous`, keeps its own time when that is at least
+/// [`MIN_MTIME_STEP`] past the previous one, else gets the later of now
+/// and the previous time plus [`MIN_MTIME_STEP`], else (a file system
+/// with coarse timestamps) the later of now and the previous time plus
+/// 1 s. Checked after setting it. Whatever the sizes: WEPPcloud's cache
+/// checks compare `(mtime, size)`, but some of its versions refresh their
+/// in-process copy on the modification time alone, which a file system
+/// with coarse timestamps leaves equal for two saves within one tick.
 pub(crate) fn advance_signature(
     staged: &File,
     path: &std::path::Path,
@@ -280,11 +282,19 @@ pub(crate) fn advance_signature(
     if now >= before + MIN_MTIME_STEP {
         return Ok(());
     }
-    let wanted = SystemTime::now().max(before + Duration::from_secs(1));
-    staged
-        .set_times(std::fs::FileTimes::new().set_modified(wanted))
-        .and_then(|()| staged.sync_all())
-        .map_err(|e| io_error("moving the temporary file's modification time", path, e))?;
+    // The smallest step first, so the time drifts ahead of the clock by no
+    // more than it must; a file system with coarse timestamps truncates
+    // that, and gets a whole second.
+    let set = |wanted: SystemTime| {
+        staged
+            .set_times(std::fs::FileTimes::new().set_modified(wanted))
+            .and_then(|()| staged.sync_all())
+            .map_err(|e| io_error("moving the temporary file's modification time", path, e))
+    };
+    set(SystemTime::now().max(before + MIN_MTIME_STEP))?;
+    if stat(staged)? <= before {
+        set(SystemTime::now().max(before + Duration::from_secs(1)))?;
+    }
     if stat(staged)? <= before {
         return Err(Error::new(
             ErrorKind::Backend,

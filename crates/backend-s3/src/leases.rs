@@ -220,6 +220,16 @@ impl Inner {
             .insert(path.as_ref().to_owned(), (etag.to_owned(), body.clone()));
     }
 
+    /// Whether version `etag` of `path` is one this store wrote and was
+    /// told it wrote.
+    fn known_written(&self, path: &Path, etag: &str) -> bool {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(path.as_ref())
+            .is_some_and(|(known, _)| known == etag)
+    }
+
     /// Writes a lease body; `None` when the condition failed.
     pub(crate) async fn write_lease(
         &self,
@@ -543,8 +553,15 @@ impl Inner {
                 "the lease expired before it was released",
             )),
             // Released by an earlier try of this release whose reply was
-            // lost (the call failed with its outcome unknown): done.
-            (Err(Some((_, found, _))), _) if is_release_of(&found, lease) => Ok(()),
+            // lost (the call failed with its outcome unknown): done. A
+            // release this store was told it made is not sent again by
+            // anyone who knew: a second release is `LeaseLost`, as on every
+            // backend.
+            (Err(Some((etag, found, _))), false)
+                if is_release_of(&found, lease) && !self.known_written(&path, &etag) =>
+            {
+                Ok(())
+            }
             (Err(now), _) => Err(self.lease_lost(
                 lease,
                 self.holder_of(lease.key(), now.as_ref()),

@@ -304,8 +304,16 @@ mod tests {
         let start = loop {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
             let (_, state, start) = parse_stat(&stat).expect("parsed");
-            if state == 'Z' {
+            // Its first thread a zombie while another runs: not the whole
+            // process ended (a script that failed would be that).
+            let threads = fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
+            if state == 'Z' && threads > 1 {
                 break start;
+            }
+            if state == 'Z' {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the Python child ended instead of its first thread only");
             }
             assert!(Instant::now() < deadline, "its first thread never exited");
             std::thread::sleep(Duration::from_millis(20));

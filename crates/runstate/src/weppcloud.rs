@@ -51,9 +51,13 @@
 //!   between) makes the write fail and be checked again, so while it holds
 //!   the lock the write is refused with `Locked`; a save-and-release under
 //!   the run lease, whose lease is then given back, fails with `Locked`
-//!   (worth trying again). What remains is a dump between the version
-//!   check and the rename, which are made under the file store's record
-//!   lock, microseconds apart. Locked updates have no such window: their
+//!   (worth trying again). A dump after the version was checked (while
+//!   the old file is hashed or a time synced) is caught right before the
+//!   rename: the entry is no longer the file checked (its inode), and the
+//!   write is refused and checked again. What remains is a dump between
+//!   that look and the rename, two system calls apart. After three tries
+//!   that each found the controller changed, the write fails with a
+//!   retryable `Precondition`. Locked updates have no such window: their
 //!   lease is WEPPcloud's lock.
 //!   Nor has `delete_run`: it takes WEPPcloud's lock of every controller
 //!   it lists for the deletion (refused with `Locked` while anyone holds
@@ -80,6 +84,7 @@
 //! status messages and milestones go to WEPPcloud's channels and run hash
 //! through the lock service.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -110,12 +115,49 @@ const PINNED_TRIES: usize = 3;
 pub struct WeppcloudStore {
     split: SplitStore,
     service: WeppcloudService,
+    /// The controllers found plain (no run group's, no child run's), by
+    /// version: a controller is read for that check once per version, not
+    /// on every write, delete or lock.
+    plain: Arc<std::sync::Mutex<HashMap<(RunId, DocName), Version>>>,
+}
+
+/// Controllers remembered plain at most; the memo starts over past it.
+const PLAIN_MEMO: usize = 10_000;
+
+/// What [`WeppcloudStore::check_stored`] found stored.
+enum Stored {
+    Absent,
+    /// Present, at this version, and plain.
+    At(Version),
+    /// Present, but too large to read: neither checked nor pinned.
+    Unread,
 }
 
 impl WeppcloudStore {
     /// Wraps `split`, whose lock service is `service`.
     pub fn new(split: SplitStore, service: WeppcloudService) -> WeppcloudStore {
-        WeppcloudStore { split, service }
+        WeppcloudStore {
+            split,
+            service,
+            plain: Arc::default(),
+        }
+    }
+
+    /// Remembers `doc` of `run` plain at `version` (its bytes checked).
+    fn remember_plain(&self, run: &RunId, doc: &DocName, version: Version) {
+        let mut plain = self.plain.lock().unwrap_or_else(|p| p.into_inner());
+        if plain.len() >= PLAIN_MEMO {
+            plain.clear();
+        }
+        plain.insert((run.clone(), doc.clone()), version);
+    }
+
+    fn known_plain(&self, run: &RunId, doc: &DocName, version: &Version) -> bool {
+        self.plain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(run.clone(), doc.clone()))
+            .is_some_and(|known| known == version)
     }
 
     /// The split store underneath.
@@ -159,9 +201,10 @@ impl WeppcloudStore {
         op: Operation,
     ) -> Result<PutMode> {
         let stored = self.check_stored(run, doc, op).await?;
-        Ok(match mode {
-            PutMode::Overwrite => stored.map_or(PutMode::Create, PutMode::Update),
-            other => other.clone(),
+        Ok(match (mode, stored) {
+            (PutMode::Overwrite, Stored::Absent) => PutMode::Create,
+            (PutMode::Overwrite, Stored::At(version)) => PutMode::Update(version),
+            (other, _) => other.clone(),
         })
     }
 
@@ -169,23 +212,26 @@ impl WeppcloudStore {
     /// group or a child run ([`check_controller`]): WEPPcloud locks it
     /// under another key than the one runstate would check or take, and
     /// the bytes a write brings need not say so (deletes and acquires
-    /// bring none). Returns its version (`None`: absent). A controller too
-    /// large to read is not checked (its version comes from its metadata).
-    async fn check_stored(
-        &self,
-        run: &RunId,
-        doc: &DocName,
-        op: Operation,
-    ) -> Result<Option<Version>> {
+    /// bring none). Returns what is stored. Its version comes from its
+    /// metadata (`head`); its bytes are read only for a version not known
+    /// plain already (a worker's dump, say: runstate's own writes are
+    /// remembered). A controller too large to read is neither checked nor
+    /// pinned (`Stored::Unread`).
+    async fn check_stored(&self, run: &RunId, doc: &DocName, op: Operation) -> Result<Stored> {
+        let Some(stat) = self.split.head(run, doc).await? else {
+            return Ok(Stored::Absent);
+        };
+        if self.known_plain(run, doc, &stat.version) {
+            return Ok(Stored::At(stat.version));
+        }
         match self.split.get(run, doc, GetOptions::new()).await {
             Ok(Some(stored)) => {
                 check_controller(run, doc, &stored.bytes, op)?;
-                Ok(Some(stored.version))
+                self.remember_plain(run, doc, stored.version.clone());
+                Ok(Stored::At(stored.version))
             }
-            Ok(None) => Ok(None),
-            Err(error) if error.kind() == ErrorKind::TooLarge => {
-                Ok(self.split.head(run, doc).await?.map(|stat| stat.version))
-            }
+            Ok(None) => Ok(Stored::Absent),
+            Err(error) if error.kind() == ErrorKind::TooLarge => Ok(Stored::Unread),
             Err(error) => Err(error),
         }
     }
@@ -261,10 +307,9 @@ fn check_controller(run: &RunId, doc: &DocName, bytes: &[u8], op: Operation) -> 
         .get("py/state")
         .and_then(serde_json::Value::as_object);
     let set = |name: &str| {
-        fields
-            .get(name)
-            .or_else(|| state.and_then(|state| state.get(name)))
-            .is_some_and(|v| !v.is_null())
+        let set = |v: &serde_json::Value| !v.is_null();
+        fields.get(name).is_some_and(set)
+            || state.and_then(|state| state.get(name)).is_some_and(set)
     };
     let why = if set("_run_group") {
         "belongs to a run group (WEPPcloud locks it as `<group>;;<name>;;<run>`)"
@@ -383,6 +428,8 @@ impl Store for WeppcloudStore {
                 }
                 Err(error) => return Err(error),
                 Ok(saved) => {
+                    // Its bytes passed `check_controller` above.
+                    self.remember_plain(run, doc, saved.clone());
                     self.invalidate(run, std::slice::from_ref(doc)).await;
                     return Ok(saved);
                 }
@@ -401,7 +448,10 @@ impl Store for WeppcloudStore {
         for _ in 0..PINNED_TRIES {
             // Conditional on the version read before the check, as a write
             // (see `pinned`): a worker that dumps in between keeps its dump.
-            let stored = self.check_stored(run, doc, op).await?;
+            let stored = match self.check_stored(run, doc, op).await? {
+                Stored::At(version) => Some(version),
+                Stored::Absent | Stored::Unread => None,
+            };
             self.check_foreign(run, doc, None, op).await?;
             let pinned = if_version.or(stored.as_ref());
             match self.split.delete(run, doc, pinned).await {
@@ -682,26 +732,38 @@ impl Lock for WeppcloudStore {
     ) -> Result<Version> {
         let op = Operation::SaveAndRelease;
         let run = lease.key().run();
-        let overwrite = mode == PutMode::Overwrite;
+        if mode == PutMode::Overwrite {
+            // Made as `put` makes it under the lease (conditional on the
+            // version read before the checks, and tried again while the
+            // controller changes), then the lease given back, unless the
+            // save found it lost (it is not ours any more).
+            let saved = self
+                .put(run, doc, bytes, PutOptions::overwrite().with_lease(lease))
+                .await
+                .map_err(|e| e.with_operation(op));
+            if !matches!(&saved, Err(e) if matches!(e.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost))
+            {
+                // A document lease's release also deletes the cached copy;
+                // `put` deleted it after its write already.
+                if let Err(release) = self.split.release(lease).await {
+                    tracing::debug!(%release, "release after a WEPPcloud save");
+                }
+            }
+            return saved.map_err(|e| e.with_lock(lease.key()));
+        }
         let checked = match check_controller(run, doc, &bytes, op) {
-            Ok(()) => match self.pinned(run, doc, &mode, op).await {
-                Ok(pinned) => self
-                    .check_foreign(run, doc, Some(lease), op)
-                    .await
-                    .map(|()| pinned),
+            Ok(()) => match self.check_stored(run, doc, op).await {
+                Ok(_) => self.check_foreign(run, doc, Some(lease), op).await,
                 Err(error) => Err(error.at_doc(op, run, doc)),
             },
             Err(error) => Err(error),
         };
-        let mode = match checked {
-            Ok(pinned) => pinned,
-            Err(error) => {
-                if let Err(release) = self.split.release(lease).await {
-                    tracing::debug!(%release, "release after a refused save");
-                }
-                return Err(error.with_lock(lease.key()));
+        if let Err(error) = checked {
+            if let Err(release) = self.split.release(lease).await {
+                tracing::debug!(%release, "release after a refused save");
             }
-        };
+            return Err(error.with_lock(lease.key()));
+        }
         // WEPPcloud's own check before a dump: the key still holds this
         // lease's token (an operator's clear_locks may have ended it). A
         // lost lease is not released: it is not ours any more.
@@ -710,39 +772,9 @@ impl Lock for WeppcloudStore {
             .await
             .map_err(|e| fenced_if_lost(e, op, run, doc))?;
         let (saved, released) = self.split.save_then_release(lease, doc, bytes, mode).await;
-        let saved = match saved {
-            // An overwrite refused: the controller was written since its
-            // version was read, under this very lease. Under the
-            // controller's lease that is a worker that took WEPPcloud's
-            // lock after it was cleared or expired: the lease no longer
-            // kept the controller (`Fenced`). Under the run lease, a
-            // worker took the controller's lock after the check (`Locked`,
-            // worth trying again). The lease was given back either way.
-            Err(error)
-                if overwrite
-                    && matches!(
-                        error.kind(),
-                        ErrorKind::Precondition | ErrorKind::AlreadyExists
-                    ) =>
-            {
-                let (kind, who) = match lease.key() {
-                    LockKey::Doc(..) => (
-                        ErrorKind::Fenced,
-                        "its WEPPcloud lock was cleared or expired and a worker wrote it",
-                    ),
-                    LockKey::Run(_) => (
-                        ErrorKind::Locked,
-                        "a WEPPcloud worker took its lock after the check and wrote it",
-                    ),
-                };
-                let message =
-                    format!("the controller changed during the save ({who}); nothing was written");
-                Err(restated(error, kind, message)
-                    .set_retryable(kind == ErrorKind::Locked)
-                    .at_doc(op, run, doc))
-            }
-            other => other,
-        }?;
+        let saved = saved?;
+        // Its bytes passed `check_controller` above.
+        self.remember_plain(run, doc, saved.clone());
         // A document lease's release deletes the cached copy in its own
         // script; a run lease's does not, and a release that failed (the
         // lock comes back to WEPPcloud only when it expires) did not: the

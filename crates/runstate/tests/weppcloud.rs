@@ -1098,8 +1098,9 @@ fn weppcloud_store(
 /// check, so it is refused, checked again, and the worker's lock refuses
 /// it. Played by the file store's fault hook at the staged file's `fsync`,
 /// for an unlocked put, a put under the run lease and a save-and-release
-/// under the run lease. (Before, each replaced the worker's dump while the
-/// worker held the lock.)
+/// under the run lease, and right before the rename (after the version was
+/// checked, where only the entry's inode shows the dump). (Before, each
+/// replaced the worker's dump while the worker held the lock.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_never_replaces_a_dump_made_after_its_check() {
     use runstate::file::{FaultHook, FileConfig, FileStore, SaveStep};
@@ -1119,16 +1120,25 @@ async fn a_write_never_replaces_a_dump_made_after_its_check() {
     // Armed: at the next staged file's fsync, a worker takes the lock
     // and dumps, and keeps holding the lock.
     let armed = Arc::new(AtomicBool::new(false));
+    // Where the worker dumps: at the staged file's fsync, or right before
+    // the rename (after the version was checked under the record).
+    let at_rename = Arc::new(AtomicBool::new(false));
     let round = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let hook: FaultHook = {
-        let (armed, round, controller, url) = (
+        let (armed, at_rename, round, controller, url) = (
             Arc::clone(&armed),
+            Arc::clone(&at_rename),
             Arc::clone(&round),
             controller.clone(),
             server.url(0),
         );
         Arc::new(move |step: SaveStep, _: &Path| {
-            if step == SaveStep::Fsync && armed.swap(false, Ordering::SeqCst) {
+            let here = if at_rename.load(Ordering::SeqCst) {
+                SaveStep::Rename
+            } else {
+                SaveStep::Fsync
+            };
+            if step == here && armed.swap(false, Ordering::SeqCst) {
                 let mut con = redis::Client::open(url.as_str())
                     .and_then(|c| c.get_connection())
                     .map_err(std::io::Error::other)?;
@@ -1174,13 +1184,15 @@ async fn a_write_never_replaces_a_dump_made_after_its_check() {
         "unlocked put",
         "put under the run lease",
         "save_and_release under the run lease",
+        "unlocked put, the dump right before the rename",
     ] {
         let _: i64 = db0.del(nodb_key).await.expect("DEL");
         let n = round.fetch_add(1, Ordering::SeqCst) + 1;
+        at_rename.store(way.ends_with("rename"), Ordering::SeqCst);
         armed.store(true, Ordering::SeqCst);
         let bytes = Bytes::from_static(br#"{"runstate": 1}"#);
         let outcome = match way {
-            "unlocked put" => store
+            "unlocked put" | "unlocked put, the dump right before the rename" => store
                 .put(&mica(), &climate, bytes, PutOptions::overwrite())
                 .await
                 .map(drop),

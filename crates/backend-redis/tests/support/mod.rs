@@ -129,7 +129,13 @@ impl OwnRedis {
                     if stream.read_exact(&mut buf).is_ok()
                         && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
                     {
-                        return true;
+                        // The answer may be another test's server on a port
+                        // ours could not bind: ours then exits at once.
+                        std::thread::sleep(Duration::from_millis(100));
+                        return self
+                            .child
+                            .as_mut()
+                            .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
                     }
                 }
             }
