@@ -904,7 +904,7 @@ impl Engine {
         if release_after
             && !released
             && let (Err(error), Some(lease)) = (&outcome, fences.lease)
-            && !matches!(error.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost)
+            && !error.is_lease_lost()
             && let Err(release) = self.release(lease)
         {
             tracing::debug!(%release, "release after a failed save");

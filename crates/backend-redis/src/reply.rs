@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime};
 use redis::Value;
 use runstate_core::time::from_unix_millis;
 use runstate_core::{Bytes, Error, ErrorKind, Fence, LockInfo, LockKey, Owner, StoredDoc, Version};
-use sha2::Digest;
 
 use crate::BACKEND;
 use crate::errors::{map_redis_error, unexpected};
@@ -138,9 +137,8 @@ pub(crate) fn weppcloud_info(key: &LockKey, payload: &str, pttl: i64) -> LockInf
     let id = if token.is_empty() {
         "weppcloud-lock".to_owned()
     } else {
-        let digest = sha2::Sha256::digest(format!("weppcloud lock\0{token}").as_bytes());
-        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-        format!("weppcloud-{hex}")
+        let digest = crate::weppcloud::sha256_hex(&format!("weppcloud lock\0{token}"));
+        format!("weppcloud-{}", &digest[..16])
     };
     let owner = Owner::new(if host.is_empty() { "weppcloud" } else { host }, pid, id)
         .or_else(|_| Owner::new("weppcloud", pid, "weppcloud-lock"))

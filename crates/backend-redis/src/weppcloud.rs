@@ -651,9 +651,19 @@ fn unsupported(op: Operation) -> Error {
 /// The run-replacement guard of `run`: `nodb:run-replacement:<sha256("run\0"
 /// + run)>`.
 fn replacement_key(run: &RunId) -> String {
-    let digest = sha2::Sha256::digest(format!("run\0{run}").as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("nodb:run-replacement:{hex}")
+    format!(
+        "nodb:run-replacement:{}",
+        sha256_hex(&format!("run\0{run}"))
+    )
+}
+
+/// The SHA-256 of `text` as 64 lowercase hex digits (Python's
+/// `hashlib.sha256(text).hexdigest()`).
+pub(crate) fn sha256_hex(text: &str) -> String {
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A random UUID4 as 32 lowercase hex digits (`uuid.uuid4().hex`).

@@ -45,7 +45,7 @@ impl Inner {
         let mut answered = false;
         let outcome = self.put_once(&write, &mut answered).await;
         if let (Err(error), Some(lease), true, false) = (&outcome, lease, release, answered)
-            && !matches!(error.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost)
+            && !error.is_lease_lost()
         {
             self.release_after_failure(lease, error).await;
         }

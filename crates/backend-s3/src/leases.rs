@@ -689,7 +689,8 @@ impl Inner {
                 // that may hold its first run. The outcome is reported
                 // unknown instead (also when the lease cannot be read).
                 Err(WriteError::Refused { error, .. }) => {
-                    if lease.is_expired() || self.check_lease(lease).await.is_err() {
+                    // (`check_lease` looks at the lease's deadline first.)
+                    if self.check_lease(lease).await.is_err() {
                         return Err(Error::new(
                             ErrorKind::Backend,
                             format!(

@@ -1171,7 +1171,7 @@ impl Lock for S3Store {
             .fenced_put(lease, doc, bytes, &mode)
             .await
             .map_err(|e| e.at_doc(Operation::SaveAndRelease, run, doc));
-        let lost = matches!(&saved, Err(e) if matches!(e.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost));
+        let lost = saved.as_ref().is_err_and(Error::is_lease_lost);
         if !lost && let Err(error) = self.inner.release(lease).await {
             tracing::debug!(%error, "release after a save");
         }

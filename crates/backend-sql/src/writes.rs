@@ -226,7 +226,7 @@ impl Inner {
         if release
             && !released
             && let Err(error) = &outcome
-            && !matches!(error.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost)
+            && !error.is_lease_lost()
             && let Err(release_error) = self.release(lease).await
         {
             tracing::debug!(error = %release_error, "release after a failed save");

@@ -454,10 +454,15 @@ impl Error {
     /// the lease's deadline. (`InvalidArgument` from any other call is
     /// counted too: ask it of renewals only.)
     pub fn is_lease_refusal(&self) -> bool {
-        matches!(
-            self.inner.kind,
-            ErrorKind::LeaseLost | ErrorKind::Fenced | ErrorKind::InvalidArgument
-        )
+        self.is_lease_lost() || self.inner.kind == ErrorKind::InvalidArgument
+    }
+
+    /// Whether a call under a lease found it no longer the lock's grant
+    /// ([`ErrorKind::Fenced`] or [`ErrorKind::LeaseLost`]): the lease is
+    /// not the caller's to release any more (a `save_and_release` that
+    /// failed so releases nothing).
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self.inner.kind, ErrorKind::LeaseLost | ErrorKind::Fenced)
     }
 
     /// Whether the same call may succeed if retried (a dropped connection, a

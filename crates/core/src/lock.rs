@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::error::{ErrorKind, Operation, Result};
+use crate::error::{Operation, Result};
 use crate::id::{DocName, RunId};
 use crate::lease::{Fence, Lease, LockInfo, LockKey, Owner};
 use crate::store::{GetOptions, PutMode, PutOptions, Store, StoredDoc};
@@ -40,8 +40,8 @@ pub trait Lock: Store {
     /// the typed API does for every update and guard.
     ///
     /// # Errors
-    /// [`Locked`](ErrorKind::Locked) with [`Error::holder`](crate::Error::holder)
-    /// set when another owner holds it; [`InvalidArgument`](ErrorKind::InvalidArgument)
+    /// [`Locked`](crate::ErrorKind::Locked) with [`Error::holder`](crate::Error::holder)
+    /// set when another owner holds it; [`InvalidArgument`](crate::ErrorKind::InvalidArgument)
     /// for a TTL outside 1 ms ..= [`MAX_TTL`](crate::MAX_TTL) (see
     /// [`check_ttl`](crate::check_ttl)), before anything is sent.
     async fn try_acquire(&self, key: &LockKey, owner: &Owner, ttl: Duration) -> Result<Lease>;
@@ -49,8 +49,8 @@ pub trait Lock: Store {
     /// Extends a held lease to `ttl` from now; the fence stays.
     ///
     /// # Errors
-    /// [`LeaseLost`](ErrorKind::LeaseLost) when it already expired, was
-    /// broken or was taken over; [`InvalidArgument`](ErrorKind::InvalidArgument)
+    /// [`LeaseLost`](crate::ErrorKind::LeaseLost) when it already expired, was
+    /// broken or was taken over; [`InvalidArgument`](crate::ErrorKind::InvalidArgument)
     /// for a TTL [`check_ttl`](crate::check_ttl) refuses (the lease is left
     /// as it was).
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease>;
@@ -58,7 +58,7 @@ pub trait Lock: Store {
     /// Gives the lease back.
     ///
     /// # Errors
-    /// [`LeaseLost`](ErrorKind::LeaseLost) when it is no longer held by this
+    /// [`LeaseLost`](crate::ErrorKind::LeaseLost) when it is no longer held by this
     /// grant (expired, broken, taken over): a lost lease is reported, never
     /// silently ignored.
     async fn release(&self, lease: &Lease) -> Result<()>;
@@ -172,7 +172,7 @@ pub trait Lock: Store {
                 Ok(version)
             }
             Err(error) => {
-                if !matches!(error.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost)
+                if !error.is_lease_lost()
                     && let Err(release) = self.release(lease).await
                 {
                     tracing::debug!(%release, "release after a failed save");

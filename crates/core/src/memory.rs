@@ -897,7 +897,7 @@ impl Lock for MemoryStore {
             let saved = self
                 .write(&mut state, &run, doc, bytes, &options)
                 .map_err(|e| e.at_doc(Operation::SaveAndRelease, &run, doc));
-            let lost = matches!(&saved, Err(e) if matches!(e.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost));
+            let lost = saved.as_ref().is_err_and(Error::is_lease_lost);
             if !lost {
                 let _ = Self::release_in(&mut state, lease);
             }

@@ -659,7 +659,7 @@ impl SplitStore {
         let saved = self
             .fenced_put(lease, doc, bytes, mode, Operation::SaveAndRelease)
             .await;
-        let lost = matches!(&saved, Err(e) if matches!(e.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost));
+        let lost = saved.as_ref().is_err_and(Error::is_lease_lost);
         if lost {
             return (saved, None);
         }

@@ -741,8 +741,7 @@ impl Lock for WeppcloudStore {
                 .put(run, doc, bytes, PutOptions::overwrite().with_lease(lease))
                 .await
                 .map_err(|e| e.with_operation(op));
-            if !matches!(&saved, Err(e) if matches!(e.kind(), ErrorKind::Fenced | ErrorKind::LeaseLost))
-            {
+            if !saved.as_ref().is_err_and(Error::is_lease_lost) {
                 // A document lease's release also deletes the cached copy;
                 // `put` deleted it after its write already.
                 if let Err(release) = self.split.release(lease).await {
