@@ -711,7 +711,14 @@ mod cluster {
         if runstate_conformance::server_url(BACKEND, URL_VAR, "the walk-failover test").is_none() {
             return;
         }
-        let (mut cluster, store) = cluster_with_runs(1000, "prefix=walk&timeout_ms=5000").await;
+        // Each run's document acknowledged by a replica before the kill:
+        // replication is asynchronous, and a run the new primary never
+        // received is not the walk's to find.
+        let (mut cluster, store) = cluster_with_runs(
+            1000,
+            "prefix=walk&timeout_ms=5000&wait_replicas=1&wait_timeout_ms=5000",
+        )
+        .await;
         let key = "walk:{run00}:docs";
         let victim = cluster.primary_of(key).expect("a primary serves run00");
         cluster.nodes[victim].kill();

@@ -175,6 +175,30 @@ impl Ctx {
     }
 }
 
+/// Logs runstate's core at `DEBUG` and everything else at `WARN` through
+/// the test harness's captured output (the Tokio workers a case runs on
+/// inherit its capture), so a failing case shows why a lease was lost or an
+/// update was tried again, with the time of each step, and a passing one
+/// shows nothing. Installed once per test binary, unless the binary
+/// installed a subscriber of its own.
+fn capture_logs() {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::filter::Targets::new()
+            .with_target("runstate_core", tracing::Level::DEBUG)
+            .with_default(tracing::Level::WARN);
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_test_writer()
+            .finish()
+            .with(filter);
+        // Another subscriber already installed is left in place.
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    });
+}
+
 type CaseFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// Runs one case against `H` in a fresh namespace, then cleans up; a panic
@@ -188,6 +212,7 @@ pub fn run_case<H: Harness>(
     child_test: &'static str,
     body: fn(Ctx) -> CaseFuture,
 ) {
+    capture_logs();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
