@@ -144,7 +144,12 @@ impl Inner {
         run: &RunId,
         puts: &[PutRequest],
     ) -> Result<Vec<Result<Version>>> {
-        if self.conn.is_cluster() {
+        // A document over what one value holds is refused by `put` before
+        // anything is sent; a batch holding one goes one write at a time.
+        let oversize = puts
+            .iter()
+            .any(|put| u64::try_from(put.bytes.len()).unwrap_or(u64::MAX) > crate::MAX_DOCUMENT);
+        if self.conn.is_cluster() || oversize {
             let mut results = Vec::with_capacity(puts.len());
             for put in puts {
                 results.push(

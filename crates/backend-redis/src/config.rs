@@ -17,7 +17,7 @@
 //! | `status_history` | 1000 | status messages kept per run (about: `XADD … MAXLEN ~`, so a few more may stay) |
 //! | `status_minutes` | off | also drop status messages older than this many minutes (`XTRIM … MINID`, exact, by the server's clock, at each publish) |
 //! | `db` | 0 | database, for `unix://` URLs |
-//! | `wait_replicas` | 0 (off) | after every save and every grant, `WAIT` for this many replicas to acknowledge it (in the same request, right after the write); fewer within `wait_timeout_ms` fails the call with a retryable `Backend` error (the write was made on the primary but may be lost by a failover) |
+//! | `wait_replicas` | 0 (off) | after every save, every grant and every `claim` (a fence seen from another lock service), `WAIT` for this many replicas to acknowledge it (in the same request, right after the write); fewer within `wait_timeout_ms` fails the call with a retryable `Backend` error (the write was made on the primary but may be lost by a failover) |
 //! | `wait_timeout_ms` | 1000 | how long that `WAIT` may take |
 //! | `tls_ca` | off | `rediss://` only: path of a PEM file of the certificate authorities to trust instead of the built-in web roots (a private CA) |
 //!
@@ -302,7 +302,12 @@ impl RedisConfig {
                 let path = parsed.path().trim_start_matches('/');
                 if !path.is_empty() {
                     config.db = database(path).ok_or_else(|| {
-                        config_error(format!("the URL's path must be {DATABASE}, got {path:?}"))
+                        // The path is not shown: a `/` left unencoded in a
+                        // password makes its tail the path.
+                        config_error(format!(
+                            "the URL's path must be {DATABASE} (a `/` in a password must be \
+                             written %2F)"
+                        ))
                     })?;
                 }
                 if !parsed.username().is_empty() {
@@ -920,6 +925,16 @@ mod tests {
         let err = RedisConfig::from_url(&bad).unwrap_err();
         assert!(!runstate_core::display_chain(&err).contains(SENTINEL));
         assert!(!format!("{err:?}").contains(SENTINEL));
+        // A `/` left unencoded in a password makes its tail the URL's path,
+        // which the refusal used to quote.
+        for bad in [
+            format!("redis://u:12/{SENTINEL}@h/0"),
+            format!("redis+cluster://u:12/{SENTINEL}@h:7000,h:7001/"),
+        ] {
+            let err = RedisConfig::from_url(&bad).unwrap_err();
+            let shown = format!("{} {err:?}", runstate_core::display_chain(&err));
+            assert!(!shown.contains(SENTINEL), "{shown}");
+        }
     }
 
     #[test]

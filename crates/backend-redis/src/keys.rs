@@ -159,10 +159,19 @@ impl Keys {
         (tail == ":docs" && RunId::new(run).is_ok()).then(|| run.to_owned())
     }
 
-    /// Every key under the prefix, as a `SCAN MATCH` pattern (glob
-    /// characters cannot occur in a validated prefix).
-    pub(crate) fn pattern(&self) -> String {
-        format!("{}:*", self.prefix)
+    /// This store's keys, as `SCAN MATCH` patterns of its runs' keys and of
+    /// a [`RedisCache`](crate::RedisCache) under the same prefix, and the
+    /// names of its store-wide keys (glob characters cannot occur in a
+    /// validated prefix). Not `<prefix>:*`, which also matches the keys of
+    /// a store whose prefix extends this one (`p:q` of `p`).
+    pub(crate) fn own(&self) -> ([String; 2], [String; 2]) {
+        (
+            [
+                format!("{}:{{*", self.prefix),
+                format!("{}:cache:{{*", self.prefix),
+            ],
+            [self.runs.clone(), format!("{}:lockruns", self.prefix)],
+        )
     }
 
     /// The lock any lock key under the prefix names, its run included;

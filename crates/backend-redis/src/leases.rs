@@ -191,16 +191,37 @@ impl Inner {
         Ok(locks)
     }
 
-    /// The grant's pipeline (`pipe`: the acquire script, maybe a read)
+    /// A pipeline of `script` (maybe a read behind it: a grant, a claim)
     /// with the `WAIT` behind it in one request ([`Inner::send_then_wait`]):
     /// the replies and the `WAIT`'s, the first server error among the
     /// replies as the error [`Inner::transact`] would give.
-    async fn grant_then_wait(&self, pipe: redis::Pipeline) -> Result<(Vec<Value>, Value)> {
-        let (replies, acked) = self.send_then_wait(pipe, &self.scripts.acquire).await?;
+    pub(crate) async fn script_then_wait(
+        &self,
+        pipe: redis::Pipeline,
+        script: &redis::Script,
+    ) -> Result<(Vec<Value>, Value)> {
+        let (replies, acked) = self.send_then_wait(pipe, script).await?;
         if let Some(error) = first_server_error(&replies) {
             return Err(map_redis_error(error.into()));
         }
         Ok((replies, acked))
+    }
+
+    /// `invocation` of `script` alone, with the `WAIT` behind it
+    /// ([`Inner::script_then_wait`]): its reply and the `WAIT`'s.
+    pub(crate) async fn invoke_then_wait(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+        script: &redis::Script,
+    ) -> Result<(Reply, Value)> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(invocation);
+        let (replies, acked) = self.script_then_wait(pipe, script).await?;
+        let first = replies
+            .into_iter()
+            .next()
+            .ok_or_else(|| unexpected("no reply"))?;
+        Ok((Reply::parse(first)?, acked))
     }
 
     /// Acquire (and optionally load `doc`) in one script.
@@ -262,10 +283,12 @@ impl Inner {
                     .arg("version")
                     .arg("data");
                 let sent = if self.config.wait_replicas > 0 {
-                    self.grant_then_wait(pipe).await.map(|(replies, wait)| {
-                        acked = Some(wait);
-                        replies
-                    })
+                    self.script_then_wait(pipe, &self.scripts.acquire)
+                        .await
+                        .map(|(replies, wait)| {
+                            acked = Some(wait);
+                            replies
+                        })
                 } else {
                     self.transact(&pipe, &self.scripts.acquire, None).await
                 };
@@ -289,15 +312,11 @@ impl Inner {
                 (Reply::parse(first)?, Some(second))
             }
             _ if self.config.wait_replicas > 0 => {
-                let mut pipe = redis::pipe();
-                pipe.invoke_script(&invocation);
-                let (replies, wait) = self.grant_then_wait(pipe).await?;
+                let (reply, wait) = self
+                    .invoke_then_wait(&invocation, &self.scripts.acquire)
+                    .await?;
                 acked = Some(wait);
-                let reply = replies
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| unexpected("no reply"))?;
-                (Reply::parse(reply)?, None)
+                (reply, None)
             }
             _ => (self.invoke(&invocation).await?, None),
         };

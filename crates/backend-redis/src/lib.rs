@@ -226,8 +226,12 @@
 //!   to a write) and answers `applied`, reported as the success it was,
 //!   instead of failing on its own first run (`AlreadyExists`,
 //!   `Precondition`, or `Fenced` for a save-and-release whose first run
-//!   released the lease). Not recognised: an overwrite sent again after
-//!   another client's write is made again, as a late overwrite would be;
+//!   released the lease). Not recognised: a write sent again after another
+//!   client's write replaced its version (a waiter its release woke took
+//!   the lock and saved in between) answers as refused (`AlreadyExists`,
+//!   `Precondition`, `Fenced`), so a typed update can then run its
+//!   closure a second time; an overwrite sent again after another client's
+//!   write is made again, as a late overwrite would be;
 //!   a release sent again reports `LeaseLost` (the lease "expired, was
 //!   released or was broken"), a delete `false`, a forced release the lock
 //!   free. Tested through a proxy in front of every node that loses a
@@ -337,7 +341,7 @@ pub const BACKEND: &str = "redis";
 const DELETE_BATCH: usize = 500;
 
 /// Redis's largest bulk string.
-const MAX_DOCUMENT: u64 = 512 * 1024 * 1024;
+pub(crate) const MAX_DOCUMENT: u64 = 512 * 1024 * 1024;
 
 /// Keys asked of each `SCAN` call by `list_locks(None)`.
 const SCAN_COUNT: usize = 1000;
@@ -495,6 +499,17 @@ impl RedisStore {
         config: RedisConfig,
     ) -> Result<RedisStore> {
         let context = |e: Error| e.with_operation(Operation::Open);
+        // The scripts reach WEPPcloud's database (and name the store's
+        // channels) by `config.db`: a connection on another database would
+        // look for WEPPcloud's locks where they are not.
+        let db = conn.get_db();
+        if db != config.db {
+            return Err(context(config::config_error(format!(
+                "the connection manager is on database {db} and the configuration says {}: \
+                 set the configuration's database to the connection's",
+                config.db
+            ))));
+        }
         let client = redis::Client::open(connection_info(&config).map_err(context)?)
             .map_err(|e| context(map_redis_error(e)))?;
         Self::assemble(config, Conn::Single(conn), vec![client])
@@ -562,15 +577,22 @@ impl RedisStore {
             .await
     }
 
-    /// Deletes every key under this store's prefix, with `SCAN` and
-    /// `UNLINK` (never `KEYS` or `FLUSHDB`), and returns how many. For
-    /// tests and for decommissioning a namespace.
+    /// Deletes this store's keys, with `SCAN` and `UNLINK` (never `KEYS` or
+    /// `FLUSHDB`), and returns how many: its runs' keys, its store-wide
+    /// index and the copies of a [`RedisCache`] under the same prefix, not
+    /// the keys of a store whose prefix extends this one (`p:q` beside
+    /// `p`, though a store named `p:cache` shares the cache's key space).
+    /// For tests and for decommissioning a namespace.
     ///
     /// # Errors
     /// Connection errors and timeouts.
     pub async fn purge_prefix(&self) -> Result<u64> {
         let mut con = self.inner.conn.clone();
-        let mut keys = self.inner.scan(&self.inner.keys.pattern()).await?;
+        let (patterns, named) = self.inner.keys.own();
+        let mut keys = Vec::from(named);
+        for pattern in &patterns {
+            keys.extend(self.inner.scan(pattern).await?);
+        }
         keys.sort_unstable();
         keys.dedup();
         let mut removed = 0;
@@ -714,7 +736,9 @@ impl Store for RedisStore {
         invocation
             .arg(doc.as_str())
             .arg(run.as_str())
-            .arg(if_version.map_or("", Version::as_str))
+            // `=` and the version, or nothing for any version: an empty
+            // version (stored ones never are) must not read as "any".
+            .arg(if_version.map_or_else(String::new, |v| format!("={v}")))
             .arg(inner.keys.events(run));
         let outcome = async {
             let mut reply = inner.invoke(&invocation).await?;
@@ -909,26 +933,49 @@ impl Store for RedisStore {
                     "0"
                 })
                 .arg(options.limit.map_or_else(String::new, |l| l.to_string()));
+            // With `wait_replicas`, the raised watermark is acknowledged by
+            // the replicas as grants are (a `WAIT` in the same request): a
+            // failover that lost it would let the older holder's late save
+            // through, after `claim` said it could not.
+            let wait = inner.config.wait_replicas > 0;
+            let mut acked = None;
             let (mut reply, loaded) = match doc {
                 Some(doc) if options.limit.is_none() => {
                     let mut pipe = redis::pipe();
-                    pipe.atomic()
-                        .invoke_script(&invocation)
+                    if !wait {
+                        pipe.atomic();
+                    }
+                    pipe.invoke_script(&invocation)
                         .cmd("HMGET")
                         .arg(inner.keys.doc(run, doc))
                         .arg("version")
                         .arg("data");
-                    let mut replies = inner
-                        .transact(&pipe, &inner.scripts.claim, None)
-                        .await?
-                        .into_iter();
+                    let replies = if wait {
+                        let (replies, wait) =
+                            inner.script_then_wait(pipe, &inner.scripts.claim).await?;
+                        acked = Some(wait);
+                        replies
+                    } else {
+                        inner.transact(&pipe, &inner.scripts.claim, None).await?
+                    };
+                    let mut replies = replies.into_iter();
                     let (Some(first), Some(second)) = (replies.next(), replies.next()) else {
                         return Err(unexpected("transaction replies"));
                     };
                     (Reply::parse(first)?, Some(second))
                 }
+                _ if wait => {
+                    let (reply, wait) = inner
+                        .invoke_then_wait(&invocation, &inner.scripts.claim)
+                        .await?;
+                    acked = Some(wait);
+                    (reply, None)
+                }
                 _ => (inner.invoke(&invocation).await?, None),
             };
+            if reply.status == "ok" {
+                inner.replicated(acked.as_ref())?;
+            }
             match reply.status.as_str() {
                 "ok" => match (doc, loaded) {
                     (None, _) => Ok(None),

@@ -441,14 +441,14 @@ end
 return out
 "#;
 
-/// KEYS: doc, docs index, runs index. ARGV: name, run, if version ('' =
-/// any), events channel.
+/// KEYS: doc, docs index, runs index. ARGV: name, run, `=` and the
+/// version it must have ('' = any), events channel.
 const DELETE: &str = r#"
 local cur = redis.call('HGET', KEYS[1], 'version')
 if not cur then return {'absent'} end
 local f = foreign_any(ARGV[2], {ARGV[1]})
 if f then return f end
-if ARGV[3] ~= '' and cur ~= ARGV[3] then return {'precondition'} end
+if ARGV[3] ~= '' and '=' .. cur ~= ARGV[3] then return {'precondition'} end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if KEYS[3] ~= KEYS[2] and redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[2]) end

@@ -43,7 +43,18 @@ impl Inner {
             version: new_version(),
         };
         let mut answered = false;
-        let outcome = self.put_once(&write, &mut answered).await;
+        // Over what one Redis value holds: refused before sending, which
+        // the server would answer by closing the connection (failing every
+        // request sharing it) and the caller would take for a retryable
+        // network error.
+        let outcome = if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > crate::MAX_DOCUMENT {
+            Err(crate::reply::too_large(
+                i64::try_from(bytes.len()).unwrap_or(i64::MAX),
+                Some(crate::MAX_DOCUMENT),
+            ))
+        } else {
+            self.put_once(&write, &mut answered).await
+        };
         if let (Err(error), Some(lease), true, false) = (&outcome, lease, release, answered)
             && !error.is_lease_lost()
         {

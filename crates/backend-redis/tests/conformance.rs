@@ -74,6 +74,36 @@ impl Harness for Redis {
 
 runstate_conformance::suite!(Redis);
 
+/// A connection manager on another database than its configuration is
+/// refused: the scripts find WEPPcloud's locks (and the store its
+/// channels) by the configuration's database, and looked for them in the
+/// wrong one.
+#[tokio::test]
+async fn a_connection_manager_on_another_database_is_refused() {
+    let Some(url) =
+        runstate_conformance::server_url("redis", URL_VAR, "the connection manager database test")
+    else {
+        return;
+    };
+    let server = url.split('?').next().unwrap_or(&url);
+    let server = server.trim_end_matches(|c: char| c.is_ascii_digit());
+    let server = server.trim_end_matches('/');
+    let client = redis::Client::open(format!("{server}/3")).expect("client");
+    let manager = client
+        .get_connection_manager()
+        .await
+        .expect("connection manager");
+    let config = RedisConfig::from_url(&format!("{server}/0")).expect("config");
+    let refused = RedisStore::from_connection_manager(manager, config)
+        .await
+        .expect_err("a manager on database 3 for a store on database 0");
+    assert_eq!(
+        refused.kind(),
+        runstate_core::ErrorKind::Config,
+        "{refused}"
+    );
+}
+
 /// Issue 15: a store on a `ConnectionManager` the caller already has (bring
 /// your own client). Every command goes through it (the store's writes
 /// raise its server-side `CLIENT ID`'s command count, so the id the store

@@ -1346,3 +1346,144 @@ async fn a_feed_whose_channel_is_refused_later_ends_with_the_refusal() {
     // The reconnect was heard: nothing was missed, so no Resync.
     assert_eq!(text_of(next(&mut kept).await), "two");
 }
+
+/// Purging a store leaves the keys of a store whose prefix extends its own
+/// (`p:q` beside `p`): its pattern `p:*` used to match them and delete
+/// that store's documents.
+#[tokio::test]
+async fn a_purge_leaves_stores_of_longer_prefixes_alone() {
+    let Some(url) = shared_url() else { return };
+    let outer = prefix();
+    let inner = format!("{outer}:q");
+    let (a, b) = (
+        open_prefixed(&url, &outer).await,
+        open_prefixed(&url, &inner).await,
+    );
+    let run = RunId::new("r").expect("run");
+    let doc = DocName::new("d").expect("doc");
+    for store in [&a, &b] {
+        store
+            .put_bytes(&run, &doc, Bytes::from_static(b"x"))
+            .await
+            .expect("put");
+    }
+    assert!(a.purge_prefix().await.expect("purge") > 0);
+    assert!(
+        a.get(&run, &doc, GetOptions::default())
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(
+        b.get(&run, &doc, GetOptions::default())
+            .await
+            .expect("get")
+            .is_some(),
+        "the longer prefix's document was deleted"
+    );
+    assert_eq!(b.list_all_runs().await.expect("runs"), vec![run]);
+    b.purge_prefix().await.expect("purge");
+}
+
+/// A conditional delete naming an empty version (stored versions never
+/// are) is refused: the empty version used to mean "any", and the document
+/// was deleted.
+#[tokio::test]
+async fn a_delete_naming_an_empty_version_deletes_nothing() {
+    let Some(url) = shared_url() else { return };
+    let store = open_prefixed(&url, &prefix()).await;
+    let run = RunId::new("r").expect("run");
+    let doc = DocName::new("d").expect("doc");
+    let version = store
+        .put_bytes(&run, &doc, Bytes::from_static(b"x"))
+        .await
+        .expect("put");
+    let refused = store
+        .delete(&run, &doc, Some(&runstate_core::Version::new("")))
+        .await
+        .expect_err("an empty version is never the stored one");
+    assert_eq!(refused.kind(), ErrorKind::Precondition, "{refused}");
+    assert!(
+        store
+            .delete(&run, &doc, Some(&version))
+            .await
+            .expect("delete")
+    );
+    store.purge_prefix().await.expect("purge");
+}
+
+/// A document over what one Redis value holds is `TooLarge` before
+/// anything is sent (the server closed the connection instead, failing
+/// every request sharing it, which came back as a retryable network
+/// error), and the lease of a save-and-release is given back.
+#[tokio::test]
+async fn a_document_over_a_redis_value_is_refused_before_sending() {
+    let Some(url) = shared_url() else { return };
+    let store = open_prefixed(&url, &prefix()).await;
+    let run = RunId::new("r").expect("run");
+    let doc = DocName::new("d").expect("doc");
+    // 512 MiB + 1 of zeroes, never touched: the allocator maps it lazily.
+    let huge = Bytes::from(vec![0u8; 512 * 1024 * 1024 + 1]);
+    let refused = store
+        .put_bytes(&run, &doc, huge.clone())
+        .await
+        .expect_err("over 512 MiB");
+    assert_eq!(refused.kind(), ErrorKind::TooLarge, "{refused}");
+    let key = LockKey::Doc(run.clone(), doc.clone());
+    let lease = store
+        .try_acquire(&key, &Owner::for_this_process(), Duration::from_secs(30))
+        .await
+        .expect("acquire");
+    let refused = store
+        .save_and_release(&lease, &doc, huge, runstate_core::PutMode::Overwrite)
+        .await
+        .expect_err("over 512 MiB");
+    assert_eq!(refused.kind(), ErrorKind::TooLarge, "{refused}");
+    assert!(
+        store.inspect(&key).await.expect("inspect").is_none(),
+        "released"
+    );
+    assert!(
+        store
+            .get(&run, &doc, GetOptions::default())
+            .await
+            .expect("get")
+            .is_none()
+    );
+    store.purge_prefix().await.expect("purge");
+}
+
+/// With `wait_replicas`, a `claim` (the watermark of a fence granted by
+/// another lock service) waits for the replicas as grants and saves do:
+/// it returned at once, so a failover could lose the raised watermark and
+/// let the older holder's late save through. The shared server has no
+/// replica, so the claim is made on it and reported unreplicated.
+#[tokio::test]
+async fn a_claim_waits_for_the_replicas() {
+    let Some(url) = shared_url() else { return };
+    let p = prefix();
+    let config = RedisConfig::from_url(&url)
+        .expect("url")
+        .with_prefix(&p)
+        .expect("prefix")
+        .with_wait_replicas(1, Duration::from_millis(50));
+    let store = open(config).await;
+    let run = RunId::new("r").expect("run");
+    let doc = DocName::new("d").expect("doc");
+    let key = LockKey::Doc(run.clone(), doc.clone());
+    for load in [None, Some(&doc)] {
+        let refused = store
+            .claim(
+                &key,
+                runstate_core::Fence(1_000),
+                load,
+                GetOptions::default(),
+            )
+            .await
+            .expect_err("no replica acknowledged the claim");
+        assert_eq!(refused.kind(), ErrorKind::Backend, "{refused}");
+        assert!(refused.is_retryable(), "{refused}");
+        assert!(refused.to_string().contains("replicas"), "{refused}");
+    }
+    store.purge_prefix().await.expect("purge");
+}

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use futures_util::StreamExt as _;
 use runstate::{
     AnyStore, Bytes, DocMeta, DocName, Error, ErrorKind, GetOptions, LIST_PAGE, LockExt, LockKey,
-    OpenMode, Operation, PutMode, PutOptions, RunId, StoreExt, Version,
+    OpenMode, Operation, PutMode, RunId, StoreExt, Version,
 };
 use serde::Serialize;
 
@@ -527,17 +527,14 @@ pub(crate) async fn put(global: &Global, args: PutArgs) -> Result<ExitCode, CliE
         (false, None) => PutMode::Overwrite,
     };
     // Under the document's lock, so a save never lands in the middle of a
-    // worker's locked read-modify-write.
+    // worker's locked read-modify-write of that document; saved and
+    // released in one call (one round trip where the backend can), which
+    // succeeds once the save did, whatever the release then met.
     let key = LockKey::Doc(run.clone(), doc.clone());
     let lease = store
         .acquire(&key, &config.owner, config.ttl, &config.wait)
         .await?;
-    let saved = store
-        .put(&run, &doc, bytes, PutOptions::mode(mode).with_lease(&lease))
-        .await;
-    let released = store.release(&lease).await;
-    let version = saved?;
-    released?;
+    let version = store.save_and_release(&lease, &doc, bytes, mode).await?;
     if global.json {
         output::json(&Saved {
             run: &run,
@@ -612,9 +609,7 @@ async fn rm_doc(
         .acquire(&key, &config.owner, config.ttl, &config.wait)
         .await?;
     let deleted = store.delete(run, doc, if_version.as_ref()).await;
-    let released = store.release(&lease).await;
-    let deleted = deleted?;
-    released?;
+    let deleted = released_after(store, &lease, deleted).await?;
     if !deleted {
         return Err(not_found(run, doc, Operation::Delete));
     }
@@ -628,6 +623,27 @@ async fn rm_doc(
         out!("deleted {run}/{doc}")?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Releases `lease` after the step it guarded, and returns that step's
+/// outcome: a step that was made is reported made (a release that then
+/// fails only leaves the lease to expire by its TTL, logged as a warning),
+/// so a script does not run again what already happened.
+async fn released_after<T>(
+    store: &AnyStore,
+    lease: &runstate::Lease,
+    outcome: runstate::Result<T>,
+) -> runstate::Result<T> {
+    let released = store.release(lease).await;
+    let done = outcome?;
+    if let Err(error) = released {
+        tracing::warn!(
+            lock = %lease.key(),
+            %error,
+            "the deletion was made; its lock is left to expire by its TTL"
+        );
+    }
+    Ok(done)
 }
 
 async fn rm_run(global: &Global, store: &AnyStore, run: &RunId) -> Result<ExitCode, CliError> {
@@ -652,9 +668,7 @@ async fn rm_run(global: &Global, store: &AnyStore, run: &RunId) -> Result<ExitCo
         Ok(None) => store.delete_run(run).await,
         Err(error) => Err(error),
     };
-    let released = store.release(&lease).await;
-    let deleted = outcome?;
-    released?;
+    let deleted = released_after(store, &lease, outcome).await?;
     if deleted == 0 {
         return Err(Error::new(ErrorKind::NotFound, "the run has no documents")
             .at_run(Operation::DeleteRun, run)

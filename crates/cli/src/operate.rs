@@ -26,7 +26,7 @@ failed) or failing (most did, or the store could not be opened), the last error,
 percentiles per operation, calls in flight and failed lease renewals.
 
 Exit status: 0 ok, 5 degraded, 1 failing or unreachable (with --json the report is printed
-in every case), 2 a bad URL.")]
+in these cases), 2 a bad URL or a store that does not exist (an error, no report).")]
 pub(crate) struct HealthArgs {
     /// Rounds of probing calls.
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -741,8 +741,33 @@ struct Published<'a> {
 pub(crate) async fn publish(global: &Global, args: PublishArgs) -> Result<ExitCode, CliError> {
     let run = run_id(&args.run)?;
     let text = if args.message == "-" {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text)?;
+        // At most one byte over what a message may hold (and its line
+        // ends): endless input is refused once that much came, not read to
+        // its end.
+        let most = runstate::events::MAX_MESSAGE_LEN + 2;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(
+                std::io::stdin().lock(),
+                u64::try_from(most).unwrap_or(u64::MAX) + 1,
+            ),
+            &mut bytes,
+        )?;
+        if bytes.len() > most {
+            return Err(CliError::from(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "the message is over {} bytes",
+                    runstate::events::MAX_MESSAGE_LEN
+                ),
+            )));
+        }
+        let text = String::from_utf8(bytes).map_err(|_| {
+            CliError::from(Error::new(
+                ErrorKind::InvalidArgument,
+                "the message is not UTF-8",
+            ))
+        })?;
         text.trim_end_matches(['\n', '\r']).to_owned()
     } else {
         args.message

@@ -1382,3 +1382,43 @@ fn weppcloud_lock_files_are_held_locks_on_the_command_line() {
     assert!(!run.join("climate.nodb.lock").exists());
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `publish R T -` reads at most one message's worth of its input: endless
+/// input is refused once over the limit (it used to be read to its end,
+/// growing without bound), and input that is not UTF-8 is a usage error
+/// (exit 2, not 1).
+#[test]
+fn publish_reads_no_more_input_than_a_message_holds() {
+    use std::io::Write as _;
+    let root = temp_root("publish-input");
+    let url = file_url(&root);
+    let mut child = command(Some(&url), &["publish", "R", "t", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runstate runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // Up to 64 MiB, stopped by the pipe closing when the command exits.
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0usize;
+        while sent < 64 * 1024 * 1024 {
+            if stdin.write_all(&chunk).is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let output = child.wait_with_output().expect("it exits");
+    let sent = writer.join().expect("writer");
+    expect(&output, 2);
+    assert!(stderr(&output).contains("over"), "{}", stderr(&output));
+    assert!(
+        sent < 8 * 1024 * 1024,
+        "it read {sent} bytes of endless input"
+    );
+    let not_utf8 = runstate(Some(&url), &["publish", "R", "t", "-"], Some(b"\xff\xfe"));
+    expect(&not_utf8, 2);
+}

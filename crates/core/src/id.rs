@@ -93,6 +93,15 @@ fn describe(problem: &IdProblem) -> String {
 
 fn escape_for_display(input: &str) -> String {
     const SHOWN_MAX: usize = 64;
+    // A URL given where an id goes (`runstate ls postgres://app:pw@db/runs`)
+    // is shown with its secrets replaced, as everywhere else.
+    let redacted;
+    let input = if input.contains('@') || input.contains("://") {
+        redacted = crate::secrets::redact_url(input);
+        redacted.as_str()
+    } else {
+        input
+    };
     let mut out = String::from("\"");
     for (i, c) in input.chars().enumerate() {
         if i == SHOWN_MAX {
@@ -319,6 +328,22 @@ mod tests {
         ] {
             let err = DocName::new(bad).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidKey, "{bad:?}");
+        }
+    }
+
+    /// A URL typed where a run goes (`runstate ls postgres://…`) is refused
+    /// without showing its password, which the error used to quote.
+    #[test]
+    fn a_url_given_as_an_id_shows_no_password() {
+        for url in [
+            "postgres://app:hunter2@db/runs",
+            "redis://:hunter2@127.0.0.1/0",
+            "app:hunter2@db",
+        ] {
+            let err = RunId::new(url).unwrap_err();
+            let shown = format!("{err} {err:?} {}", crate::display_chain(&err));
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert_eq!(err.kind(), ErrorKind::InvalidKey);
         }
     }
 

@@ -44,6 +44,10 @@ pub struct LeaseKeeper {
     renewing: Arc<tokio::sync::Mutex<()>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// Set once [`stop`](LeaseKeeper::stop) handed the lease back to its
+    /// caller; until then a drop (also one in the middle of `stop`, a
+    /// cancelled update) releases it.
+    handed_back: bool,
 }
 
 #[derive(Clone)]
@@ -73,6 +77,7 @@ impl LeaseKeeper {
                 renewing,
                 stop: None,
                 task: None,
+                handed_back: false,
             };
         };
         let (stop, stopped) = oneshot::channel();
@@ -89,6 +94,7 @@ impl LeaseKeeper {
             renewing,
             stop: Some(stop),
             task: Some(task),
+            handed_back: false,
         }
     }
 
@@ -137,16 +143,26 @@ impl LeaseKeeper {
     ///
     /// # Errors
     /// `LeaseLost` when the lease was lost.
+    ///
+    /// Cancelled before it returns (dropped while it waits for the renewal
+    /// task), the keeper releases the lease in the background as a dropped
+    /// keeper does.
     pub async fn stop(mut self) -> Result<Lease> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take()
-            && let Err(join) = task.await
-            && join.is_panic()
-        {
-            tracing::error!("the lease renewal task panicked");
+        // Awaited in place, not taken: a drop while this waits still finds
+        // the task, lets it finish and releases (see `Drop`).
+        if let Some(task) = self.task.as_mut() {
+            let joined = task.await;
+            self.task = None;
+            if let Err(join) = joined
+                && join.is_panic()
+            {
+                tracing::error!("the lease renewal task panicked");
+            }
         }
+        self.handed_back = true;
         self.check()
     }
 }
@@ -261,12 +277,16 @@ async fn renew_loop(
 
 impl Drop for LeaseKeeper {
     fn drop(&mut self) {
-        // `stop` takes both; a keeper still holding them was dropped
-        // without it: stop renewing, then give the lease back.
-        let (Some(stop), task) = (self.stop.take(), self.task.take()) else {
+        // Dropped without `stop` handing the lease back (never called, or
+        // cancelled while it waited): stop renewing, then give the lease
+        // back.
+        if self.handed_back {
             return;
-        };
-        let _ = stop.send(());
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take();
         let (store, shared) = (Arc::clone(&self.store), Arc::clone(&self.shared));
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -340,6 +360,37 @@ mod tests {
         );
         assert!(keeper.lease().remaining() > Duration::from_millis(1500));
         keeper.stop().await.unwrap();
+    }
+
+    /// A keeper whose `stop` is cancelled while it waits for the renewal
+    /// task (an update under a `timeout`) still gives the lease back; it
+    /// used to stay held for its whole TTL.
+    #[tokio::test]
+    async fn a_cancelled_stop_still_releases() {
+        let store: Arc<dyn Lock> = Arc::new(crate::memory::MemoryStore::new());
+        let key = LockKey::Run(RunId::new("r").unwrap());
+        let ttl = Duration::from_secs(30);
+        let granted = store
+            .try_acquire(&key, &Owner::for_this_process(), ttl)
+            .await
+            .unwrap();
+        let keeper = LeaseKeeper::start(Arc::clone(&store), granted, ttl);
+        // Polled once, as a `select!` or a `timeout` would, then dropped
+        // while it waits for the renewal task.
+        let mut stopping = Box::pin(keeper.stop());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(
+            std::future::Future::poll(stopping.as_mut(), &mut cx).is_pending(),
+            "stop did not wait for its task"
+        );
+        drop(stopping);
+        for _ in 0..200 {
+            if store.inspect(&key).await.unwrap().is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the lease of a cancelled stop is still held");
     }
 
     /// Two renewals of one lease raced (S3 swaps a token per renewal): the

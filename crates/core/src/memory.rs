@@ -177,6 +177,15 @@ impl Default for MemoryStore {
     }
 }
 
+/// The stores made by [`MemoryStore::named`], by name, while one lives.
+fn registry() -> MutexGuard<'static, HashMap<String, Weak<Inner>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<String, Weak<Inner>>>> = OnceLock::new();
+    REGISTRY
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
 impl MemoryStore {
     /// A new, empty store of its own.
     pub fn new() -> Self {
@@ -187,11 +196,7 @@ impl MemoryStore {
     /// shared by every later call while any handle to it lives (the
     /// `memory://name` URL).
     pub fn named(name: &str) -> Self {
-        static REGISTRY: OnceLock<Mutex<HashMap<String, Weak<Inner>>>> = OnceLock::new();
-        let mut registry = REGISTRY
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut registry = registry();
         registry.retain(|_, weak| weak.strong_count() > 0);
         if let Some(inner) = registry.get(name).and_then(Weak::upgrade) {
             return MemoryStore { inner };
@@ -222,6 +227,9 @@ impl MemoryStore {
 
     /// The same store keeping at most `history` status messages per run.
     pub fn with_history(self, history: usize) -> Self {
+        // Held while a named store is rebuilt, so that a `named` call in
+        // between cannot make a second store of that name.
+        let mut registry = self.inner.name.is_some().then(registry);
         let mut inner = Inner {
             name: self.inner.name.clone(),
             state: Mutex::new(State::fresh()),
@@ -234,9 +242,15 @@ impl MemoryStore {
         match Arc::try_unwrap(self.inner) {
             Ok(old) => {
                 inner.state = old.state;
-                MemoryStore {
+                let store = MemoryStore {
                     inner: Arc::new(inner),
+                };
+                // The rebuilt store is the one its name stands for now (the
+                // registry's entry pointed to the one consumed).
+                if let (Some(registry), Some(name)) = (registry.as_mut(), &store.inner.name) {
+                    registry.insert(name.clone(), Arc::downgrade(&store.inner));
                 }
+                store
             }
             Err(shared) => MemoryStore { inner: shared },
         }
@@ -924,6 +938,33 @@ mod tests {
         let va = a.put(&run, &doc, Bytes::from_static(b"A"), put()).await;
         let vb = b.put(&run, &doc, Bytes::from_static(b"B"), put()).await;
         assert_ne!(va.expect("put A"), vb.expect("put B"));
+    }
+
+    /// A named store given its history size is still the store its name
+    /// stands for: `memory://x?…` with a history size used to make a
+    /// store nobody else opening `x` shared.
+    #[tokio::test]
+    async fn a_named_store_with_a_history_is_still_shared() {
+        let name = format!("shared-{:x}", fastrand::u64(..));
+        let a = MemoryStore::named(&name).with_history(5);
+        let b = MemoryStore::named(&name);
+        let run = RunId::new("r").expect("run");
+        let doc = DocName::new("d").expect("doc");
+        a.put(
+            &run,
+            &doc,
+            Bytes::from_static(b"A"),
+            PutOptions::overwrite(),
+        )
+        .await
+        .expect("put");
+        assert!(
+            b.get(&run, &doc, GetOptions::default())
+                .await
+                .expect("get")
+                .is_some(),
+            "b sees a"
+        );
     }
 
     /// A store made again (a process started again) grants fences above

@@ -68,6 +68,9 @@ pub struct UrlOptions {
     backend: &'static str,
     pairs: Vec<(String, String)>,
     known: Vec<&'static str>,
+    /// The names given without `=`: an unknown one is not shown, since a
+    /// value (a password) may have been typed where the name goes.
+    bare: Vec<String>,
 }
 
 impl std::fmt::Debug for UrlOptions {
@@ -123,6 +126,11 @@ fn decode(text: &str) -> Option<String> {
             b'+' => out.push(b' '),
             b'%' => {
                 let hex = bytes.get(i + 1..i + 3)?;
+                // Two hex digits: `from_str_radix` alone also takes a sign
+                // (`%+1`).
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
                 let hex = std::str::from_utf8(hex).ok()?;
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 2;
@@ -144,8 +152,12 @@ impl UrlOptions {
     /// meant cannot be told).
     pub fn parse(backend: &'static str, query: Option<&str>) -> Result<Self, Error> {
         let mut pairs: Vec<(String, String)> = Vec::new();
+        let mut bare_names: Vec<String> = Vec::new();
         for part in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (raw_name, raw_value) = part.split_once('=').unwrap_or((part, ""));
+            let (raw_name, raw_value, bare) = match part.split_once('=') {
+                Some((name, value)) => (name, value, false),
+                None => (part, "", true),
+            };
             let name = decode(raw_name).filter(|n| !n.is_empty()).ok_or_else(|| {
                 config_error(
                     backend,
@@ -167,12 +179,16 @@ impl UrlOptions {
                     format!("URL option {} is given twice", shown_name(&name)),
                 ));
             }
+            if bare {
+                bare_names.push(name.clone());
+            }
             pairs.push((name, value));
         }
         Ok(UrlOptions {
             backend,
             pairs,
             known: Vec::new(),
+            bare: bare_names,
         })
     }
 
@@ -311,12 +327,16 @@ impl UrlOptions {
             known.push_str("; ");
             known.push_str(pass_on_names);
         }
+        let shown = if self.bare.contains(name) {
+            "without `=` (not shown: a value may have been typed where its name goes)".to_owned()
+        } else {
+            shown_name(name)
+        };
         Err(config_error(
             self.backend,
             format!(
-                "unknown {} URL option {} (known: {known})",
-                self.backend,
-                shown_name(name)
+                "unknown {} URL option {shown} (known: {known})",
+                self.backend
             ),
         ))
     }
@@ -359,7 +379,9 @@ mod tests {
         assert_eq!(o.take("missing"), None);
         let e = o.finish().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Config);
-        assert!(e.message().contains("\"flag\""), "{e}");
+        // A bare word is not shown (it may be a password).
+        assert!(!e.message().contains("flag"), "{e}");
+        assert!(e.message().contains("without `=`"), "{e}");
         assert!(e.message().contains("b, a, c, missing"), "{e}");
     }
 
@@ -484,5 +506,32 @@ mod tests {
         assert!(!e.message().contains(&"x".repeat(41)), "{e}");
         let e = UrlOptions::parse("t", Some(&format!("{long}=1&{long}=2"))).unwrap_err();
         assert!(!e.message().contains(&"x".repeat(41)), "{e}");
+    }
+
+    /// A word given without `=` that is no option (a password typed where
+    /// an option goes) is refused without being shown; it used to be
+    /// quoted, 40 characters of it.
+    #[test]
+    fn a_bare_unknown_word_is_not_shown() {
+        let e = UrlOptions::parse("t", Some("s3cr3tpassw0rd"))
+            .unwrap()
+            .finish()
+            .unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e}");
+        assert!(e.message().contains("without `=`"), "{e}");
+        // A known flag given bare is still taken.
+        let mut o = UrlOptions::parse("t", Some("flag")).unwrap();
+        assert_eq!(o.take("flag").as_deref(), Some(""));
+        o.finish().unwrap();
+    }
+
+    /// A `%` must be followed by two hex digits: `%+1` was read as 0x01.
+    #[test]
+    fn a_percent_needs_two_hex_digits() {
+        for bad in ["a=%+1", "a=%-1", "a=% 1", "%+1=x"] {
+            assert!(UrlOptions::parse("t", Some(bad)).is_err(), "{bad}");
+        }
+        let mut o = UrlOptions::parse("t", Some("a=%2F%2f")).unwrap();
+        assert_eq!(o.take("a").as_deref(), Some("//"));
     }
 }

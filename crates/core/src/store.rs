@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Milestones, Replay, Subscription, Watcher};
 use crate::id::{DocName, RunId};
 use crate::lease::{Fence, Lease, LockKey};
@@ -695,30 +695,50 @@ pub trait StoreExt: Store {
     }
 
     /// Every document of a run, paging through [`Store::list_docs`].
+    ///
+    /// # Errors
+    /// As `list_docs`; `Backend` for a page that came back empty yet said
+    /// more follow (asking again after the same name would never end).
     async fn list_all_docs(&self, run: &RunId) -> Result<Vec<DocMeta>> {
         let mut all: Vec<DocMeta> = Vec::new();
         loop {
             let after = all.last().map(|m| m.name.clone());
             let page = self.list_docs(run, after.as_ref(), LIST_PAGE).await?;
-            all.extend(page.items);
-            if !page.more {
+            if !add_page(&mut all, page)? {
                 return Ok(all);
             }
         }
     }
 
     /// Every run, paging through [`Store::list_runs`].
+    ///
+    /// # Errors
+    /// As `list_runs`; `Backend` for a page that came back empty yet said
+    /// more follow.
     async fn list_all_runs(&self) -> Result<Vec<RunId>> {
         let mut all: Vec<RunId> = Vec::new();
         loop {
             let after = all.last().cloned();
             let page = self.list_runs(after.as_ref(), LIST_PAGE).await?;
-            all.extend(page.items);
-            if !page.more {
+            if !add_page(&mut all, page)? {
                 return Ok(all);
             }
         }
     }
+}
+
+/// Adds `page` to `all`; returns whether more follow. A page that says
+/// more follow must bring something (the next page starts after its last
+/// item), or paging would ask for the same page forever.
+fn add_page<T>(all: &mut Vec<T>, page: ListPage<T>) -> Result<bool> {
+    if page.more && page.items.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Backend,
+            "a listing page came back empty but said more follow",
+        ));
+    }
+    all.extend(page.items);
+    Ok(page.more)
 }
 
 impl<T: Store + ?Sized> StoreExt for T {}

@@ -534,11 +534,32 @@ impl<T: Data> Doc<T> {
         self.codec.decode(bytes).map_err(|e| self.context(e, op))
     }
 
+    /// Encodes `doc`, refusing a document that would not read back.
+    ///
+    /// serde_json writes a float that is NaN or infinite as `null`, which
+    /// no float field reads back: saved, such a document fails every later
+    /// load and update as `Corrupt`. Only JSON holding `null` can be one,
+    /// so only that is decoded once to tell (an `Option` of such a float
+    /// reads back as `None`, which no check can tell from a real `None`).
     fn encode(&self, doc: &T, op: Operation) -> Result<Bytes> {
-        self.codec
+        let bytes = self
+            .codec
             .encode(doc, self.client().config.limit)
-            .map(Bytes::from)
-            .map_err(|e| self.context(e, op))
+            .map_err(|e| self.context(e, op))?;
+        if self.codec == Codec::Json
+            && bytes.windows(4).any(|w| w == b"null")
+            && self.codec.decode::<T>(&bytes).is_err()
+        {
+            return Err(self.context(
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    "the document would not read back: JSON has no NaN or infinite float \
+                     (serde_json writes one as null); nothing was written",
+                ),
+                op,
+            ));
+        }
+        Ok(Bytes::from(bytes))
     }
 
     fn not_found(&self, operation: Operation) -> Error {
@@ -794,7 +815,8 @@ impl<T: Data> Doc<T> {
     /// For short changes of small documents (metadata, counters). It never
     /// loses an update (every save is conditional on the version it was
     /// computed from), but it excludes nobody: under contention it retries
-    /// and `f` may run several times. A long step, or one that must not
+    /// and `f` may run several times (also when `f` changed nothing in a
+    /// cached copy that turned out stale). A long step, or one that must not
     /// run twice, takes the lock instead ([`update`](Doc::update),
     /// [`lock`](Doc::lock)).
     ///
@@ -832,8 +854,16 @@ impl<T: Data> Doc<T> {
                     // Unchanged from what the store holds: nothing to write.
                     return Ok(out);
                 }
-                // Unchanged from a copy that may be stale: the store may
-                // differ, so look at it before deciding nothing is due.
+                // Unchanged from a copy that may be stale: when the store
+                // still holds that version (one metadata round trip),
+                // nothing is due and `f` does not run again.
+                let current = backend
+                    .head(&self.run.id, &self.name)
+                    .await
+                    .map_err(|e| self.context(e, OP))?;
+                if current.is_some_and(|stat| stat.version == version) {
+                    return Ok(out);
+                }
                 options = self.get_options();
                 continue;
             }
@@ -1069,7 +1099,13 @@ impl<T: Data> Guard<T> {
         };
         let mode = match &self.original {
             Some((old, version)) if *old == bytes => {
-                doc.release_kept(keeper).await;
+                // Nothing to write; a lease lost meanwhile is still
+                // reported, as `lease_lost` says (the caller may have acted
+                // on holding it).
+                let lease = keeper.stop().await.map_err(|e| doc.context(e, OP))?;
+                if let Err(error) = doc.client().backend.release(&lease).await {
+                    tracing::debug!(%error, "release without a write");
+                }
                 return Ok(version.clone());
             }
             Some((_, version)) => PutMode::Update(version.clone()),

@@ -137,8 +137,9 @@ impl Backoff {
 ///
 /// # Errors
 /// The attempt's first permanent error; or, when the policy's timeout runs
-/// out, a `Locked` error naming the holder whose source is the last
-/// failure.
+/// out, an error of the last failure's kind (`Locked` naming the holder
+/// when the lock stayed busy; `Timeout` or `Backend` when the store kept
+/// failing), retryable, whose source is that failure.
 pub async fn retry_while_locked<L, T, F, Fut>(
     lock: &L,
     key: &LockKey,
@@ -203,11 +204,22 @@ where
                         fence = %holder.fence,
                         "breaking the lease of a holder that died on this host"
                     );
-                    broken = Some(holder.fence);
-                    lock.break_lock(key, Some(holder.fence)).await?;
-                    continue;
+                    match lock.break_lock(key, Some(holder.fence)).await {
+                        Ok(_) => {
+                            broken = Some(holder.fence);
+                            continue;
+                        }
+                        // A break that failed for a moment is tried again
+                        // after the backoff, instead of ending the wait.
+                        Err(failed) if failed.is_retryable() => {
+                            tracing::debug!(%failed, "breaking a dead holder's lease failed");
+                            None
+                        }
+                        Err(failed) => return Err(failed),
+                    }
+                } else {
+                    error.expires_in()
                 }
-                error.expires_in()
             }
             _ if error.is_retryable() => None,
             _ => return Err(error),

@@ -62,14 +62,16 @@ impl DoctorReport {
 /// How many timed round trips each latency figure is the median of.
 const SAMPLES: usize = 7;
 
-/// Probes `store` on the scratch run [`SCRATCH_RUN`] (claimed with a
-/// create-only write, so an existing run of that name is refused, never
-/// touched): a round trip, a
+/// Probes `store` on the scratch run [`SCRATCH_RUN`] (refused when it holds
+/// any document, then claimed with a create-only write of its one document,
+/// so an existing run of that name is refused, never touched): a round
+/// trip, a
 /// create-only write of an existing document, updates with a stale and the
 /// current version, a conditional delete, a lease held against a second
 /// owner, fences across grants, a save under a superseded lease, and the
-/// listing; then it removes the scratch run's documents and releases its
-/// leases.
+/// listing; then it releases its leases and deletes its document, and the
+/// run with it unless another document appeared there meanwhile (which is
+/// left as it is).
 ///
 /// # Errors
 /// [`ErrorKind::AlreadyExists`] when the scratch run exists; a backend
@@ -78,8 +80,28 @@ const SAMPLES: usize = 7;
 pub async fn probe(store: &dyn Lock) -> Result<DoctorReport> {
     let run = RunId::new(SCRATCH_RUN)?;
     let doc = DocName::new("probe")?;
-    // Claim the scratch run with a create-only write: a run of that name
-    // (a user's, or another probe's running now) is never touched.
+    let exists = || {
+        Error::new(
+            ErrorKind::AlreadyExists,
+            format!(
+                "the scratch run {SCRATCH_RUN} exists: another probe is running, or one was \
+                 killed, or it is a real run; remove it (runstate rm {SCRATCH_RUN} --all) if it \
+                 is a leftover"
+            ),
+        )
+        .at_run(Operation::Doctor, &run)
+    };
+    // A run of that name holding any document (a user's) is refused: the
+    // create-only write below only sees the probe's own document.
+    let held = store
+        .list_docs(&run, None, 1)
+        .await
+        .map_err(|e| e.with_operation(Operation::Doctor))?;
+    if !held.items.is_empty() {
+        return Err(exists());
+    }
+    // Claim the scratch run with a create-only write: another probe running
+    // now is refused.
     let claimed = store
         .put(
             &run,
@@ -89,25 +111,16 @@ pub async fn probe(store: &dyn Lock) -> Result<DoctorReport> {
         )
         .await;
     match claimed {
-        Err(error) if error.kind() == ErrorKind::AlreadyExists => {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "the scratch run {SCRATCH_RUN} exists: another probe is running, or one was \
-                     killed, or it is a real run; remove it (runstate rm {SCRATCH_RUN}) if it \
-                     is a leftover"
-                ),
-            )
-            .at_run(Operation::Doctor, &run));
-        }
+        Err(error) if error.kind() == ErrorKind::AlreadyExists => return Err(exists()),
         other => other.map_err(|e| e.with_operation(Operation::Doctor))?,
     };
     let outcome = checks(store, &run, &doc).await;
     // Clean up whatever happened: leases a failed check left behind, then
-    // the documents. The probe's own error wins over a cleanup error.
+    // the probe's document. The probe's own error wins over a cleanup
+    // error.
     let key = LockKey::Doc(run.clone(), doc.clone());
     let unlocked = store.break_lock(&key, None).await;
-    let cleanup = store.delete_run(&run).await;
+    let cleanup = remove_scratch(store, &run, &doc).await;
     let mut report = outcome.map_err(|e| e.with_operation(Operation::Doctor))?;
     unlocked.map_err(|e| e.with_operation(Operation::Doctor))?;
     cleanup.map_err(|e| e.with_operation(Operation::Doctor))?;
@@ -116,6 +129,17 @@ pub async fn probe(store: &dyn Lock) -> Result<DoctorReport> {
         .map(|(name, value)| (name.to_owned(), value))
         .collect();
     Ok(report)
+}
+
+/// Deletes the probe's document, then the scratch run (its folder, its
+/// indexes) when no other document is left in it: a document someone put
+/// there while the probe ran is theirs.
+async fn remove_scratch(store: &dyn Lock, run: &RunId, doc: &DocName) -> Result<()> {
+    store.delete(run, doc, None).await?;
+    if store.list_docs(run, None, 1).await?.items.is_empty() {
+        store.delete_run(run).await?;
+    }
+    Ok(())
 }
 
 async fn checks(store: &dyn Lock, run: &RunId, doc: &DocName) -> Result<DoctorReport> {
@@ -316,4 +340,57 @@ fn median_micros(samples: &mut [Duration]) -> u64 {
     samples
         .get(samples.len() / 2)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use runstate_core::memory::MemoryStore;
+    use runstate_core::{GetOptions, Store};
+
+    use super::*;
+
+    /// A run named like the scratch run holding a document of someone
+    /// else's is refused and left whole; the probe used to claim it with
+    /// its own document and then delete the whole run.
+    #[tokio::test]
+    async fn a_real_run_of_the_scratch_name_is_never_touched() {
+        let store = MemoryStore::new();
+        let run = RunId::new(SCRATCH_RUN).unwrap();
+        let keep = DocName::new("climate").unwrap();
+        store
+            .put(&run, &keep, Bytes::from_static(b"{}"), PutOptions::create())
+            .await
+            .unwrap();
+        let refused = probe(&store).await.expect_err("an existing run");
+        assert_eq!(refused.kind(), ErrorKind::AlreadyExists, "{refused}");
+        assert!(
+            store
+                .get(&run, &keep, GetOptions::default())
+                .await
+                .unwrap()
+                .is_some(),
+            "kept"
+        );
+        let probe_doc = DocName::new("probe").unwrap();
+        assert!(
+            store
+                .get(&run, &probe_doc, GetOptions::default())
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    /// On an empty store the probe passes and leaves no run behind.
+    #[tokio::test]
+    async fn the_probe_leaves_nothing_behind() {
+        let store = MemoryStore::new();
+        let report = probe(&store).await.unwrap();
+        assert!(
+            report.checks.iter().all(|c| c.passed),
+            "{:?}",
+            report.checks
+        );
+        assert!(store.list_runs(None, 10).await.unwrap().items.is_empty());
+    }
 }

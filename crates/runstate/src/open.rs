@@ -570,6 +570,22 @@ pub enum OpenMode {
     Existing,
 }
 
+/// `url` with its scheme (all before the first `:`, when that is a scheme)
+/// in lower case.
+fn lower_scheme(url: &str) -> String {
+    match url.split_once(':') {
+        Some((scheme, rest))
+            if !scheme.is_empty()
+                && scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) =>
+        {
+            format!("{}:{rest}", scheme.to_ascii_lowercase())
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// [`open`], choosing whether a missing store may be created.
 ///
 /// # Errors
@@ -577,6 +593,9 @@ pub enum OpenMode {
 /// SQLite database file is a [`Config`](ErrorKind::Config) error.
 pub async fn open_with(url: &str, mode: OpenMode) -> Result<AnyStore> {
     let scheme = usable_scheme(url)?;
+    // Schemes are told apart case-insensitively (RFC 3986), and each
+    // backend reads its URL with the scheme in lower case.
+    let url = &lower_scheme(url);
     let mut options = FacadeOptions::parse(scheme, url)?;
     // The lock service's URL is checked before anything is opened, and
     // its lease settings become the client's.
@@ -612,9 +631,10 @@ pub async fn open_with(url: &str, mode: OpenMode) -> Result<AnyStore> {
                 .map_err(|e| e.with_operation(Operation::Open))?;
         }
         Some((false, lock_url)) => {
-            // The lock service may be any backend; it is created if
-            // missing (its state is leases only).
-            let locks = Box::pin(open_with(&lock_url, OpenMode::Create))
+            // The lock service may be any backend, opened as the store is:
+            // under `Existing`, a mistyped lock service is refused, not
+            // created.
+            let locks = Box::pin(open_with(&lock_url, mode))
                 .await
                 .map_err(|e| e.with_operation(Operation::Open))?;
             let docs: Arc<dyn runstate_core::Store> = Arc::clone(&store.lock) as _;
@@ -1016,6 +1036,56 @@ mod tests {
         let error = weppcloud_mode(Scheme::Redis, "redis://:pw@c/0?weppcloud=maybe")
             .expect_err("not a boolean");
         assert_eq!(error.kind(), ErrorKind::Config);
+    }
+
+    /// A scheme in capitals opens the backend it names (the file and SQL
+    /// backends used to refuse their own URL, read case-sensitively).
+    #[cfg(all(feature = "file", feature = "sqlite"))]
+    #[tokio::test]
+    async fn schemes_in_capitals_open_their_backend() {
+        let root = std::env::temp_dir().join(format!("runstate-caps-{:x}", fastrand::u64(..)));
+        open(&format!("FILE://{}", root.display())).await.unwrap();
+        open("MEMORY://").await.unwrap();
+        let db = root.join("caps.db");
+        open(&format!("SQLite://{}", db.display())).await.unwrap();
+        assert!(db.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Opening an existing store with a lock service that does not exist
+    /// refuses it and creates nothing (it used to be created).
+    #[cfg(all(feature = "file", feature = "sqlite"))]
+    #[tokio::test]
+    async fn an_existing_store_never_creates_its_lock_service() {
+        let root = std::env::temp_dir().join(format!("runstate-locks-{:x}", fastrand::u64(..)));
+        open(&format!("file://{}", root.display())).await.unwrap();
+        let typo = root.join("typo.db");
+        let url = format!(
+            "file://{}?locks={}",
+            root.display(),
+            encode(&format!("sqlite://{}", typo.display()))
+        );
+        let refused = open_with(&url, OpenMode::Existing)
+            .await
+            .expect_err("a missing lock service");
+        assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
+        assert!(!typo.exists(), "created");
+        open_with(&url, OpenMode::Create).await.unwrap();
+        assert!(typo.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[cfg(all(feature = "file", feature = "sqlite"))]
+    fn encode(text: &str) -> String {
+        text.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
     }
 
     #[tokio::test]

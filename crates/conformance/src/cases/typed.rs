@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use runstate_core::{Bytes, Client, ErrorKind, GetOptions, LockKey, PutMode, StoreExt};
+use runstate_core::{Bytes, Client, ErrorKind, GetOptions, Guard, LockKey, PutMode, StoreExt};
 
 use super::expect_kind;
 use crate::Ctx;
@@ -392,7 +392,8 @@ pub async fn typed_update_outlives_its_ttl(ctx: Ctx) {
 
 /// A guard whose lease is broken by an operator learns it at its next
 /// renewal: `lease_lost()` turns true and the commit fails with
-/// `LeaseLost` without writing.
+/// `LeaseLost` without writing, also when the guard changed nothing (that
+/// commit used to succeed).
 pub async fn typed_guard_sees_a_lost_lease(ctx: Ctx) {
     let client = ctx.client().with_ttl(Duration::from_millis(600));
     let run = client.run(ctx.run("r"));
@@ -405,8 +406,24 @@ pub async fn typed_guard_sees_a_lost_lease(ctx: Ctx) {
     let mut guard = run.lock::<Counter>().await.expect("lock");
     guard.n = 1000;
     let key = LockKey::Doc(ctx.run("r"), ctx.doc("counter"));
+    break_until_noticed(&ctx, &key, &guard).await;
+    let error = expect_kind(guard.commit().await, ErrorKind::LeaseLost);
+    assert_eq!(error.run(), Some(&ctx.run("r")));
+    assert_eq!(
+        run.load::<Counter>().await.expect("load").n,
+        7,
+        "nothing written"
+    );
+    let unchanged = run.lock::<Counter>().await.expect("lock again");
+    break_until_noticed(&ctx, &key, &unchanged).await;
+    expect_kind(unchanged.commit().await, ErrorKind::LeaseLost);
+}
+
+/// Breaks `key` as an operator would, and waits (5 s at most) until
+/// `guard`'s renewal notices.
+async fn break_until_noticed(ctx: &Ctx, key: &LockKey, guard: &Guard<Counter>) {
     ctx.store
-        .break_lock(&key, None)
+        .break_lock(key, None)
         .await
         .expect("break")
         .expect("it was held");
@@ -415,13 +432,6 @@ pub async fn typed_guard_sees_a_lost_lease(ctx: Ctx) {
         assert!(Instant::now() < deadline, "the loss was never noticed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let error = expect_kind(guard.commit().await, ErrorKind::LeaseLost);
-    assert_eq!(error.run(), Some(&ctx.run("r")));
-    assert_eq!(
-        run.load::<Counter>().await.expect("load").n,
-        7,
-        "nothing written"
-    );
 }
 
 /// One type under several names (`run.doc::<T>(name)`), and a locked
