@@ -175,6 +175,17 @@ impl Cache for RedisCache {
     async fn put(&self, run: &RunId, doc: &DocName, copy: Cached) {
         let key = self.key(run, doc);
         let mut pipe = redis::pipe();
+        // Over what one Redis value holds, the server would close the
+        // connection (failing every request sharing it): the copy is not
+        // kept, and an older one is forgotten rather than left in its place.
+        if u64::try_from(copy.doc.bytes.len()).unwrap_or(u64::MAX) > crate::MAX_DOCUMENT {
+            pipe.cmd("DEL").arg(&key).ignore();
+            let mut con = self.conn.clone();
+            if let Err(error) = self.bounded(pipe.query_async::<()>(&mut con)).await {
+                self.log("a removal", &error);
+            }
+            return;
+        }
         pipe.atomic()
             .cmd("HSET")
             .arg(&key)

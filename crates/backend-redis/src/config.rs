@@ -167,6 +167,15 @@ pub(crate) fn config_error(message: impl Into<String>) -> Error {
 }
 
 fn check_prefix(prefix: &str) -> Result<(), Error> {
+    // `<p>:cache` is where a `RedisCache` beside the store `<p>` keeps its
+    // copies (`<p>:cache:{<run>}:<name>`): a store of that prefix would
+    // share their keys.
+    if prefix.ends_with(":cache") {
+        return Err(config_error(format!(
+            "key prefix {prefix:?} must not end in `:cache` (the keys of a cache beside \
+             the store whose prefix it extends)"
+        )));
+    }
     if prefix.is_empty()
         || prefix.len() > 64
         || !prefix
@@ -910,6 +919,24 @@ mod tests {
             "redis://h:6379/0?status_history=50&status_minutes=90"
         );
         assert_eq!(RedisConfig::from_url(&c.to_string()).unwrap(), c);
+    }
+
+    /// A store prefix ending in `:cache` would share the keys of the cache
+    /// beside the store it extends (and a purge of that store would take
+    /// its documents): refused.
+    #[test]
+    fn a_prefix_ending_in_cache_is_refused() {
+        for url in ["redis://h/0?prefix=p:cache", "redis://h/0?prefix=cache"] {
+            let refused = RedisConfig::from_url(url);
+            if url.ends_with(":cache") {
+                let err = refused.unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+            } else {
+                refused.unwrap();
+            }
+        }
+        assert!(RedisConfig::tcp("h", 1).with_prefix("p:cache").is_err());
+        assert!(RedisConfig::tcp("h", 1).with_prefix("p:cache:x").is_ok());
     }
 
     #[test]

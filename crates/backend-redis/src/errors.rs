@@ -103,16 +103,15 @@ pub(crate) fn map_redis_error(error: RedisError) -> Error {
                 _ => (ErrorKind::Backend, false, "redis returned an error"),
             },
             // Refusals of a moment, which redis-rs does not name: a script
-            // running long (`BUSY`), memory at `maxmemory` (`OOM`), fewer
-            // replicas than `min-replicas-to-write` (`NOREPLICAS`). The
-            // command was not run.
-            RedisKind::Extension if matches!(error.code(), Some("BUSY" | "OOM" | "NOREPLICAS")) => {
-                (
-                    ErrorKind::Backend,
-                    true,
-                    "redis refused the command for now (busy, out of memory or short of replicas)",
-                )
-            }
+            // running long (`BUSY`), fewer replicas than
+            // `min-replicas-to-write` (`NOREPLICAS`); the command was not
+            // run. (`OOM` is left permanent: a script meets it at its first
+            // write that needs memory, after any that did not.)
+            RedisKind::Extension if matches!(error.code(), Some("BUSY" | "NOREPLICAS")) => (
+                ErrorKind::Backend,
+                true,
+                "redis refused the command for now (busy with a script, or short of replicas)",
+            ),
             _ => (ErrorKind::Backend, false, "redis request failed"),
         }
     };
@@ -202,14 +201,13 @@ mod tests {
         assert!(!other.is_retryable(), "{other}");
     }
 
-    /// A server refusing for the moment (a long script, `maxmemory`,
+    /// A server refusing for the moment (a long script,
     /// `min-replicas-to-write`) is worth another try; these were permanent
-    /// errors, on which lock waits stopped.
+    /// errors, on which lock waits stopped. `OOM` stays permanent.
     #[test]
     fn refusals_of_a_moment_are_retryable() {
         for reply in [
             &b"-BUSY Redis is busy running a script.\r\n"[..],
-            b"-OOM command not allowed when used memory > 'maxmemory'.\r\n",
             b"-NOREPLICAS Not enough good replicas to write.\r\n",
         ] {
             let error = redis::parse_redis_value(reply)
@@ -219,9 +217,14 @@ mod tests {
             assert_eq!(mapped.kind(), ErrorKind::Backend, "{mapped}");
             assert!(mapped.is_retryable(), "{mapped}");
         }
-        let other = redis::parse_redis_value(b"-WRONGTYPE Operation against a key\r\n")
-            .and_then(redis::Value::extract_error)
-            .expect_err("a server error");
-        assert!(!map_redis_error(other).is_retryable());
+        for reply in [
+            &b"-WRONGTYPE Operation against a key\r\n"[..],
+            b"-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+        ] {
+            let other = redis::parse_redis_value(reply)
+                .and_then(redis::Value::extract_error)
+                .expect_err("a server error");
+            assert!(!map_redis_error(other).is_retryable());
+        }
     }
 }

@@ -492,8 +492,10 @@ impl RedisStore {
     ///
     /// # Errors
     /// `Config` for settings the server refuses (or `rediss://` without
-    /// the `tls` feature); `Timeout` or a retryable `Backend` error when
-    /// the scripts cannot be loaded.
+    /// the `tls` feature), and for a manager on another database than the
+    /// configuration's (as its connection info says; set the
+    /// configuration's `db` to it); `Timeout` or a retryable `Backend`
+    /// error when the scripts cannot be loaded.
     pub async fn from_connection_manager(
         conn: ConnectionManager,
         config: RedisConfig,

@@ -80,23 +80,28 @@ runstate_conformance::suite!(Redis);
 /// wrong one.
 #[tokio::test]
 async fn a_connection_manager_on_another_database_is_refused() {
+    use redis::IntoConnectionInfo;
     let Some(url) =
         runstate_conformance::server_url("redis", URL_VAR, "the connection manager database test")
     else {
         return;
     };
-    let server = url.split('?').next().unwrap_or(&url);
-    let server = server.trim_end_matches(|c: char| c.is_ascii_digit());
-    let server = server.trim_end_matches('/');
-    let client = redis::Client::open(format!("{server}/3")).expect("client");
+    let config = RedisConfig::from_url(&url).expect("config");
+    // The manager on the database after the configuration's.
+    let info = url
+        .as_str()
+        .into_connection_info()
+        .expect("connection info");
+    let other = (info.redis_settings().db() + 1) % 16;
+    let settings = info.redis_settings().clone().set_db(other);
+    let client = redis::Client::open(info.set_redis_settings(settings)).expect("client");
     let manager = client
         .get_connection_manager()
         .await
         .expect("connection manager");
-    let config = RedisConfig::from_url(&format!("{server}/0")).expect("config");
     let refused = RedisStore::from_connection_manager(manager, config)
         .await
-        .expect_err("a manager on database 3 for a store on database 0");
+        .expect_err("a manager on another database than the store's");
     assert_eq!(
         refused.kind(),
         runstate_core::ErrorKind::Config,

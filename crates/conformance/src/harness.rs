@@ -179,8 +179,9 @@ impl Ctx {
 /// the test harness's captured output (the Tokio workers a case runs on
 /// inherit its capture), so a failing case shows why a lease was lost or an
 /// update was tried again, with the time of each step, and a passing one
-/// shows nothing. Installed once per test binary, unless the binary
-/// installed a subscriber of its own.
+/// shows nothing. Installed once per test binary, at its first case,
+/// unless the binary installed a global subscriber of its own before (one
+/// it installs after fails to: such a binary installs its own first).
 fn capture_logs() {
     use tracing_subscriber::layer::SubscriberExt;
 

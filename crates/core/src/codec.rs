@@ -44,13 +44,25 @@ impl Codec {
     /// # Errors
     /// [`ErrorKind::TooLarge`] over the limit; [`ErrorKind::InvalidArgument`]
     /// when the value cannot be represented (for example a JSON map whose
-    /// keys are not strings).
+    /// keys are not strings, or a float that is NaN or infinite in JSON).
     pub fn encode<T: Serialize + ?Sized>(self, value: &T, limit: u64) -> Result<Vec<u8>> {
         let mut out = Limited::new(limit);
         let outcome: std::result::Result<(), Error> = match self {
-            Codec::Json => serde_json::to_value(value)
-                .and_then(|canonical| write_json(&mut out, &canonical))
-                .map_err(|e| self.encode_error(e)),
+            // A NaN or infinite float would be written as `null` and never
+            // read back (see `finite`): refused before anything is encoded.
+            Codec::Json => match crate::finite::check(value) {
+                Err(crate::finite::Walk::NonFinite) => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        "value cannot be encoded as json: a float is NaN or infinite, which \
+                         JSON cannot hold (serde_json would write null and the document would \
+                         never read back)",
+                    ));
+                }
+                _ => serde_json::to_value(value)
+                    .and_then(|canonical| write_json(&mut out, &canonical))
+                    .map_err(|e| self.encode_error(e)),
+            },
             #[cfg(feature = "bincode")]
             Codec::Bincode => {
                 bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())

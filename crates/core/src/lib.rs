@@ -60,6 +60,7 @@ pub mod cache;
 mod codec;
 mod error;
 pub mod events;
+mod finite;
 mod id;
 mod keeper;
 mod lease;

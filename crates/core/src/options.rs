@@ -68,9 +68,6 @@ pub struct UrlOptions {
     backend: &'static str,
     pairs: Vec<(String, String)>,
     known: Vec<&'static str>,
-    /// The names given without `=`: an unknown one is not shown, since a
-    /// value (a password) may have been typed where the name goes.
-    bare: Vec<String>,
 }
 
 impl std::fmt::Debug for UrlOptions {
@@ -152,12 +149,8 @@ impl UrlOptions {
     /// meant cannot be told).
     pub fn parse(backend: &'static str, query: Option<&str>) -> Result<Self, Error> {
         let mut pairs: Vec<(String, String)> = Vec::new();
-        let mut bare_names: Vec<String> = Vec::new();
         for part in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (raw_name, raw_value, bare) = match part.split_once('=') {
-                Some((name, value)) => (name, value, false),
-                None => (part, "", true),
-            };
+            let (raw_name, raw_value) = part.split_once('=').unwrap_or((part, ""));
             let name = decode(raw_name).filter(|n| !n.is_empty()).ok_or_else(|| {
                 config_error(
                     backend,
@@ -179,16 +172,12 @@ impl UrlOptions {
                     format!("URL option {} is given twice", shown_name(&name)),
                 ));
             }
-            if bare {
-                bare_names.push(name.clone());
-            }
             pairs.push((name, value));
         }
         Ok(UrlOptions {
             backend,
             pairs,
             known: Vec::new(),
-            bare: bare_names,
         })
     }
 
@@ -319,7 +308,7 @@ impl UrlOptions {
         pass_on: impl Fn(&str) -> bool,
         pass_on_names: &str,
     ) -> Result<Vec<(String, String)>, Error> {
-        let Some((name, _)) = self.pairs.iter().find(|(name, _)| !pass_on(name)) else {
+        let Some((name, value)) = self.pairs.iter().find(|(name, _)| !pass_on(name)) else {
             return Ok(self.pairs);
         };
         let mut known = self.known.join(", ");
@@ -327,8 +316,11 @@ impl UrlOptions {
             known.push_str("; ");
             known.push_str(pass_on_names);
         }
-        let shown = if self.bare.contains(name) {
-            "without `=` (not shown: a value may have been typed where its name goes)".to_owned()
+        // A word without a value (`?hunter2`, or `hunter2=` once a layer
+        // passed it on) may be a value typed where a name goes: not shown.
+        let shown = if value.is_empty() {
+            "without a value (not shown: a value may have been typed where its name goes)"
+                .to_owned()
         } else {
             shown_name(name)
         };
@@ -381,7 +373,7 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Config);
         // A bare word is not shown (it may be a password).
         assert!(!e.message().contains("flag"), "{e}");
-        assert!(e.message().contains("without `=`"), "{e}");
+        assert!(e.message().contains("without a value"), "{e}");
         assert!(e.message().contains("b, a, c, missing"), "{e}");
     }
 
@@ -518,7 +510,13 @@ mod tests {
             .finish()
             .unwrap_err();
         assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e}");
-        assert!(e.message().contains("without `=`"), "{e}");
+        assert!(e.message().contains("without a value"), "{e}");
+        // So is one a layer passed on as `name=`.
+        let e = UrlOptions::parse("t", Some("s3cr3tpassw0rd="))
+            .unwrap()
+            .finish()
+            .unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e}");
         // A known flag given bare is still taken.
         let mut o = UrlOptions::parse("t", Some("flag")).unwrap();
         assert_eq!(o.take("flag").as_deref(), Some(""));

@@ -697,14 +697,15 @@ pub trait StoreExt: Store {
     /// Every document of a run, paging through [`Store::list_docs`].
     ///
     /// # Errors
-    /// As `list_docs`; `Backend` for a page that came back empty yet said
-    /// more follow (asking again after the same name would never end).
+    /// As `list_docs`; `Backend` (retryable) for pages that kept coming
+    /// back empty yet said more follow (asking again would never end).
     async fn list_all_docs(&self, run: &RunId) -> Result<Vec<DocMeta>> {
         let mut all: Vec<DocMeta> = Vec::new();
+        let mut empty = 0;
         loop {
             let after = all.last().map(|m| m.name.clone());
             let page = self.list_docs(run, after.as_ref(), LIST_PAGE).await?;
-            if !add_page(&mut all, page)? {
+            if !add_page(&mut all, page, &mut empty)? {
                 return Ok(all);
             }
         }
@@ -713,33 +714,46 @@ pub trait StoreExt: Store {
     /// Every run, paging through [`Store::list_runs`].
     ///
     /// # Errors
-    /// As `list_runs`; `Backend` for a page that came back empty yet said
-    /// more follow.
+    /// As `list_runs`; `Backend` (retryable) for pages that kept coming
+    /// back empty yet said more follow.
     async fn list_all_runs(&self) -> Result<Vec<RunId>> {
         let mut all: Vec<RunId> = Vec::new();
+        let mut empty = 0;
         loop {
             let after = all.last().cloned();
             let page = self.list_runs(after.as_ref(), LIST_PAGE).await?;
-            if !add_page(&mut all, page)? {
+            if !add_page(&mut all, page, &mut empty)? {
                 return Ok(all);
             }
         }
     }
 }
 
-/// Adds `page` to `all`; returns whether more follow. A page that says
-/// more follow must bring something (the next page starts after its last
-/// item), or paging would ask for the same page forever.
-fn add_page<T>(all: &mut Vec<T>, page: ListPage<T>) -> Result<bool> {
+/// Adds `page` to `all`; returns whether more follow. An empty page that
+/// says more follow is asked for again (its entries may have been deleted
+/// while it was read, and the next read moves on), [`EMPTY_PAGES`] times in
+/// a row at most: one that keeps coming back empty (a backend skipping
+/// entries it cannot show, resuming after the last one it returned) would
+/// be asked for forever.
+fn add_page<T>(all: &mut Vec<T>, page: ListPage<T>, empty: &mut u32) -> Result<bool> {
     if page.more && page.items.is_empty() {
-        return Err(Error::new(
-            ErrorKind::Backend,
-            "a listing page came back empty but said more follow",
-        ));
+        *empty += 1;
+        if *empty > EMPTY_PAGES {
+            return Err(Error::new(
+                ErrorKind::Backend,
+                "a listing page kept coming back empty while saying more follow",
+            )
+            .set_retryable(true));
+        }
+        return Ok(true);
     }
+    *empty = 0;
     all.extend(page.items);
     Ok(page.more)
 }
+
+/// How many empty pages in a row that say more follow paging asks again.
+const EMPTY_PAGES: u32 = 3;
 
 impl<T: Store + ?Sized> StoreExt for T {}
 
@@ -853,3 +867,30 @@ macro_rules! forward_store {
 
 forward_store!(Arc);
 forward_store!(Box);
+
+#[cfg(test)]
+mod paging_tests {
+    use super::*;
+
+    /// Pages that keep coming back empty while saying more follow end the
+    /// paging with an error (it asked for the same page forever); a few in
+    /// a row are asked again, and one that brings something resets that.
+    #[test]
+    fn empty_pages_that_say_more_end_the_paging() {
+        let mut all: Vec<u32> = Vec::new();
+        let mut empty = 0;
+        for _ in 0..EMPTY_PAGES {
+            assert!(add_page(&mut all, ListPage::new(vec![], true), &mut empty).unwrap());
+        }
+        assert!(add_page(&mut all, ListPage::new(vec![1], true), &mut empty).unwrap());
+        assert_eq!(empty, 0);
+        for _ in 0..EMPTY_PAGES {
+            assert!(add_page(&mut all, ListPage::new(vec![], true), &mut empty).unwrap());
+        }
+        let error = add_page(&mut all, ListPage::new(vec![], true), &mut empty).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Backend);
+        assert!(error.is_retryable());
+        assert!(!add_page(&mut all, ListPage::new(vec![2], false), &mut 0).unwrap());
+        assert_eq!(all, [1, 2]);
+    }
+}

@@ -534,32 +534,11 @@ impl<T: Data> Doc<T> {
         self.codec.decode(bytes).map_err(|e| self.context(e, op))
     }
 
-    /// Encodes `doc`, refusing a document that would not read back.
-    ///
-    /// serde_json writes a float that is NaN or infinite as `null`, which
-    /// no float field reads back: saved, such a document fails every later
-    /// load and update as `Corrupt`. Only JSON holding `null` can be one,
-    /// so only that is decoded once to tell (an `Option` of such a float
-    /// reads back as `None`, which no check can tell from a real `None`).
     fn encode(&self, doc: &T, op: Operation) -> Result<Bytes> {
-        let bytes = self
-            .codec
+        self.codec
             .encode(doc, self.client().config.limit)
-            .map_err(|e| self.context(e, op))?;
-        if self.codec == Codec::Json
-            && bytes.windows(4).any(|w| w == b"null")
-            && self.codec.decode::<T>(&bytes).is_err()
-        {
-            return Err(self.context(
-                Error::new(
-                    ErrorKind::InvalidArgument,
-                    "the document would not read back: JSON has no NaN or infinite float \
-                     (serde_json writes one as null); nothing was written",
-                ),
-                op,
-            ));
-        }
-        Ok(Bytes::from(bytes))
+            .map(Bytes::from)
+            .map_err(|e| self.context(e, op))
     }
 
     fn not_found(&self, operation: Operation) -> Error {
@@ -655,9 +634,10 @@ impl<T: Data> Doc<T> {
     /// When the encoded bytes did not change, nothing is written and the
     /// version stays. When the save is refused because the lease lapsed or
     /// the document changed underneath (`Fenced`, `LeaseLost`,
-    /// `Precondition`), nothing was written and the whole update is retried
-    /// on fresh data, so `f` may run more than once; waits and retries stop
-    /// at the wait policy's timeout.
+    /// `Precondition`), or the lease was lost while `f` ran (whether it
+    /// changed anything or not), nothing was written and the whole update is
+    /// retried on fresh data, so `f` may run more than once; waits and
+    /// retries stop at the wait policy's timeout.
     ///
     /// # Errors
     /// `NotFound` when the document does not exist (see
@@ -764,24 +744,28 @@ impl<T: Data> Doc<T> {
                     return Err(error.into());
                 }
             };
+            // `None`: unchanged, nothing to write.
             let mode = match original {
-                Some((ref old, ref version)) => {
-                    if *old == bytes {
-                        self.release_kept(keeper).await;
-                        return Ok(out);
-                    }
-                    PutMode::Update(version.clone())
-                }
-                None => PutMode::Create,
+                Some((ref old, _)) if *old == bytes => None,
+                Some((_, ref version)) => Some(PutMode::Update(version.clone())),
+                None => Some(PutMode::Create),
             };
-            let saved = match keeper.stop().await {
-                Ok(lease) => {
+            let saved = match (keeper.stop().await, mode) {
+                (Ok(lease), None) => {
+                    if let Err(error) = backend.release(&lease).await {
+                        tracing::debug!(%error, "release without a write");
+                    }
+                    return Ok(out);
+                }
+                (Ok(lease), Some(mode)) => {
                     backend
                         .save_and_release(&lease, &self.name, bytes, mode)
                         .await
                 }
-                // Lost while `f` ran: nothing was written; start over.
-                Err(lost) => Err(lost),
+                // Lost while `f` ran, whether it changed anything or not
+                // (it ran without the lock for a while): nothing was
+                // written; start over.
+                (Err(lost), _) => Err(lost),
             };
             match saved {
                 Ok(_) => return Ok(out),

@@ -599,7 +599,7 @@ pub async fn open_with(url: &str, mode: OpenMode) -> Result<AnyStore> {
     let mut options = FacadeOptions::parse(scheme, url)?;
     // The lock service's URL is checked before anything is opened, and
     // its lease settings become the client's.
-    let lock_service = match options.locks.take() {
+    let lock_service = match options.locks.take().map(|url| lower_scheme(&url)) {
         Some(lock_url) => {
             let lock_scheme = usable_scheme(&lock_url)?;
             let (weppcloud, lock_url) = weppcloud_mode(lock_scheme, &lock_url)?;
@@ -740,6 +740,7 @@ async fn open_cache(
         let budget = budget.unwrap_or(DEFAULT_CACHE_BYTES);
         return Ok(Some(Arc::new(crate::cache::MemoryCache::new(budget))));
     }
+    let cache = &lower_scheme(cache);
     match Scheme::of_url(cache) {
         #[cfg(feature = "redis")]
         Ok(Scheme::Redis) => {
@@ -1036,6 +1037,25 @@ mod tests {
         let error = weppcloud_mode(Scheme::Redis, "redis://:pw@c/0?weppcloud=maybe")
             .expect_err("not a boolean");
         assert_eq!(error.kind(), ErrorKind::Config);
+    }
+
+    /// A word without a value after a facade option (`?ttl_ms=1&hunter2`:
+    /// a password typed where an option goes) is refused without being
+    /// shown; the facade passed it on as `hunter2=`, which the backend then
+    /// quoted.
+    #[tokio::test]
+    async fn a_bare_word_passed_on_by_the_facade_is_not_shown() {
+        for url in [
+            "memory://?ttl_ms=1000&s3cr3tpassw0rd",
+            "memory://?s3cr3tpassw0rd",
+        ] {
+            let refused = open(url).await.expect_err("an unknown option");
+            let shown = format!(
+                "{refused} {refused:?} {}",
+                runstate_core::display_chain(&refused)
+            );
+            assert!(!shown.contains("s3cr3t"), "{shown}");
+        }
     }
 
     /// A scheme in capitals opens the backend it names (the file and SQL

@@ -393,7 +393,8 @@ pub async fn typed_update_outlives_its_ttl(ctx: Ctx) {
 /// A guard whose lease is broken by an operator learns it at its next
 /// renewal: `lease_lost()` turns true and the commit fails with
 /// `LeaseLost` without writing, also when the guard changed nothing (that
-/// commit used to succeed).
+/// commit used to succeed); a locked update whose closure ran while its
+/// lease was lost is done again, also when the closure changed nothing.
 pub async fn typed_guard_sees_a_lost_lease(ctx: Ctx) {
     let client = ctx.client().with_ttl(Duration::from_millis(600));
     let run = client.run(ctx.run("r"));
@@ -417,6 +418,33 @@ pub async fn typed_guard_sees_a_lost_lease(ctx: Ctx) {
     let unchanged = run.lock::<Counter>().await.expect("lock again");
     break_until_noticed(&ctx, &key, &unchanged).await;
     expect_kind(unchanged.commit().await, ErrorKind::LeaseLost);
+    // A locked update whose lease is broken while its closure runs, the
+    // closure changing nothing, is done again under a lease of its own
+    // (it returned the closure's result though the closure had run without
+    // the lock).
+    let mut calls = 0;
+    let store = Arc::clone(&ctx.store);
+    run.update(|c: &mut Counter| {
+        calls += 1;
+        if calls == 1 {
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| {
+                runtime
+                    .block_on(store.break_lock(&key, None))
+                    .expect("break")
+                    .expect("it was held");
+            });
+            // Past the next renewal (a third of the TTL), which is refused.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        c.n
+    })
+    .await
+    .expect("update");
+    assert_eq!(
+        calls, 2,
+        "the closure ran without the lock and was not done again"
+    );
 }
 
 /// Breaks `key` as an operator would, and waits (5 s at most) until
