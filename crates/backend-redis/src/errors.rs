@@ -206,14 +206,18 @@ mod tests {
     /// errors, on which lock waits stopped. `OOM` stays permanent.
     #[test]
     fn refusals_of_a_moment_are_retryable() {
+        let mapped = |reply: &[u8]| {
+            map_redis_error(
+                redis::parse_redis_value(reply)
+                    .and_then(redis::Value::extract_error)
+                    .expect_err("a server error"),
+            )
+        };
         for reply in [
             &b"-BUSY Redis is busy running a script.\r\n"[..],
             b"-NOREPLICAS Not enough good replicas to write.\r\n",
         ] {
-            let error = redis::parse_redis_value(reply)
-                .and_then(redis::Value::extract_error)
-                .expect_err("a server error");
-            let mapped = map_redis_error(error);
+            let mapped = mapped(reply);
             assert_eq!(mapped.kind(), ErrorKind::Backend, "{mapped}");
             assert!(mapped.is_retryable(), "{mapped}");
         }
@@ -221,10 +225,7 @@ mod tests {
             &b"-WRONGTYPE Operation against a key\r\n"[..],
             b"-OOM command not allowed when used memory > 'maxmemory'.\r\n",
         ] {
-            let other = redis::parse_redis_value(reply)
-                .and_then(redis::Value::extract_error)
-                .expect_err("a server error");
-            assert!(!map_redis_error(other).is_retryable());
+            assert!(!mapped(reply).is_retryable());
         }
     }
 }

@@ -1385,15 +1385,25 @@ async fn a_purge_leaves_stores_of_longer_prefixes_alone() {
     b.purge_prefix().await.expect("purge");
 }
 
+/// A store on the shared server under a prefix of its own, with the run
+/// `r` and the document name `d`.
+async fn fresh_store() -> Option<(RedisStore, RunId, DocName)> {
+    let url = shared_url()?;
+    Some((
+        open_prefixed(&url, &prefix()).await,
+        RunId::new("r").expect("run"),
+        DocName::new("d").expect("doc"),
+    ))
+}
+
 /// A conditional delete naming an empty version (stored versions never
 /// are) is refused: the empty version used to mean "any", and the document
 /// was deleted.
 #[tokio::test]
 async fn a_delete_naming_an_empty_version_deletes_nothing() {
-    let Some(url) = shared_url() else { return };
-    let store = open_prefixed(&url, &prefix()).await;
-    let run = RunId::new("r").expect("run");
-    let doc = DocName::new("d").expect("doc");
+    let Some((store, run, doc)) = fresh_store().await else {
+        return;
+    };
     let version = store
         .put_bytes(&run, &doc, Bytes::from_static(b"x"))
         .await
@@ -1418,10 +1428,9 @@ async fn a_delete_naming_an_empty_version_deletes_nothing() {
 /// error), and the lease of a save-and-release is given back.
 #[tokio::test]
 async fn a_document_over_a_redis_value_is_refused_before_sending() {
-    let Some(url) = shared_url() else { return };
-    let store = open_prefixed(&url, &prefix()).await;
-    let run = RunId::new("r").expect("run");
-    let doc = DocName::new("d").expect("doc");
+    let Some((store, run, doc)) = fresh_store().await else {
+        return;
+    };
     // 512 MiB + 1 of zeroes, never touched: the allocator maps it lazily.
     let huge = Bytes::from(vec![0u8; 512 * 1024 * 1024 + 1]);
     let refused = store

@@ -54,6 +54,15 @@ fn float(value: f64) -> Result<(), Walk> {
     }
 }
 
+/// Values that hold no float: nothing to look at.
+macro_rules! scalars {
+    ($($method:ident: $ty:ty),* $(,)?) => {$(
+        fn $method(self, _: $ty) -> Result<(), Walk> {
+            Ok(())
+        }
+    )*};
+}
+
 impl ser::Serializer for Finite {
     type Ok = ();
     type Error = Walk;
@@ -65,53 +74,27 @@ impl ser::Serializer for Finite {
     type SerializeStruct = Finite;
     type SerializeStructVariant = Finite;
 
-    fn serialize_bool(self, _: bool) -> Result<(), Walk> {
-        Ok(())
-    }
-    fn serialize_i8(self, _: i8) -> Result<(), Walk> {
-        Ok(())
-    }
-    fn serialize_i16(self, _: i16) -> Result<(), Walk> {
-        Ok(())
-    }
-    fn serialize_i32(self, _: i32) -> Result<(), Walk> {
-        Ok(())
-    }
-    fn serialize_i64(self, _: i64) -> Result<(), Walk> {
-        Ok(())
-    }
-    fn serialize_i128(self, _: i128) -> Result<(), Walk> {
-        Ok(())
-    }
-    fn serialize_u8(self, _: u8) -> Result<(), Walk> {
-        Ok(())
-    }
-    fn serialize_u16(self, _: u16) -> Result<(), Walk> {
-        Ok(())
-    }
-    fn serialize_u32(self, _: u32) -> Result<(), Walk> {
-        Ok(())
-    }
-    fn serialize_u64(self, _: u64) -> Result<(), Walk> {
-        Ok(())
-    }
-    fn serialize_u128(self, _: u128) -> Result<(), Walk> {
-        Ok(())
-    }
+    scalars!(
+        serialize_bool: bool,
+        serialize_i8: i8,
+        serialize_i16: i16,
+        serialize_i32: i32,
+        serialize_i64: i64,
+        serialize_i128: i128,
+        serialize_u8: u8,
+        serialize_u16: u16,
+        serialize_u32: u32,
+        serialize_u64: u64,
+        serialize_u128: u128,
+        serialize_char: char,
+        serialize_str: &str,
+        serialize_bytes: &[u8],
+    );
     fn serialize_f32(self, value: f32) -> Result<(), Walk> {
         float(f64::from(value))
     }
     fn serialize_f64(self, value: f64) -> Result<(), Walk> {
         float(value)
-    }
-    fn serialize_char(self, _: char) -> Result<(), Walk> {
-        Ok(())
-    }
-    fn serialize_str(self, _: &str) -> Result<(), Walk> {
-        Ok(())
-    }
-    fn serialize_bytes(self, _: &[u8]) -> Result<(), Walk> {
-        Ok(())
     }
     fn serialize_none(self) -> Result<(), Walk> {
         Ok(())
@@ -179,49 +162,50 @@ impl ser::Serializer for Finite {
     }
 }
 
-impl ser::SerializeSeq for Finite {
-    type Ok = ();
-    type Error = Walk;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Walk> {
-        value.serialize(Finite)
-    }
-    fn end(self) -> Result<(), Walk> {
-        Ok(())
-    }
+/// The compound parts of a value: each element (or field) walked in turn.
+macro_rules! compound {
+    ($($part:ident :: $method:ident),* $(,)?) => {$(
+        impl ser::$part for Finite {
+            type Ok = ();
+            type Error = Walk;
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Walk> {
+                value.serialize(Finite)
+            }
+            fn end(self) -> Result<(), Walk> {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for Finite {
-    type Ok = ();
-    type Error = Walk;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Walk> {
-        value.serialize(Finite)
-    }
-    fn end(self) -> Result<(), Walk> {
-        Ok(())
-    }
+compound!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field,
+);
+
+/// The named fields of a struct or struct variant.
+macro_rules! fields {
+    ($($part:ident),* $(,)?) => {$(
+        impl ser::$part for Finite {
+            type Ok = ();
+            type Error = Walk;
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                _: &'static str,
+                value: &T,
+            ) -> Result<(), Walk> {
+                value.serialize(Finite)
+            }
+            fn end(self) -> Result<(), Walk> {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTupleStruct for Finite {
-    type Ok = ();
-    type Error = Walk;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Walk> {
-        value.serialize(Finite)
-    }
-    fn end(self) -> Result<(), Walk> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleVariant for Finite {
-    type Ok = ();
-    type Error = Walk;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Walk> {
-        value.serialize(Finite)
-    }
-    fn end(self) -> Result<(), Walk> {
-        Ok(())
-    }
-}
+fields!(SerializeStruct, SerializeStructVariant);
 
 impl ser::SerializeMap for Finite {
     type Ok = ();
@@ -230,36 +214,6 @@ impl ser::SerializeMap for Finite {
         key.serialize(Finite)
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Walk> {
-        value.serialize(Finite)
-    }
-    fn end(self) -> Result<(), Walk> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStruct for Finite {
-    type Ok = ();
-    type Error = Walk;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        _: &'static str,
-        value: &T,
-    ) -> Result<(), Walk> {
-        value.serialize(Finite)
-    }
-    fn end(self) -> Result<(), Walk> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStructVariant for Finite {
-    type Ok = ();
-    type Error = Walk;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        _: &'static str,
-        value: &T,
-    ) -> Result<(), Walk> {
         value.serialize(Finite)
     }
     fn end(self) -> Result<(), Walk> {

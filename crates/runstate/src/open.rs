@@ -1045,9 +1045,12 @@ mod tests {
     /// quoted.
     #[tokio::test]
     async fn a_bare_word_passed_on_by_the_facade_is_not_shown() {
+        let root = std::env::temp_dir().join(format!("runstate-bare-{:x}", fastrand::u64(..)));
+        let file = format!("file://{}?ttl_ms=1000&s3cr3tpassw0rd", root.display());
         for url in [
             "memory://?ttl_ms=1000&s3cr3tpassw0rd",
             "memory://?s3cr3tpassw0rd",
+            file.as_str(),
         ] {
             let refused = open(url).await.expect_err("an unknown option");
             let shown = format!(
@@ -1056,6 +1059,7 @@ mod tests {
             );
             assert!(!shown.contains("s3cr3t"), "{shown}");
         }
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     /// A scheme in capitals opens the backend it names (the file and SQL
