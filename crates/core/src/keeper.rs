@@ -247,9 +247,20 @@ async fn renew_loop(
             State::Held(_) if failed => period / 4,
             State::Held(lease) => lease.renewal_due_in(),
         };
+        let slept = std::time::Instant::now();
         // Stopped (or the keeper dropped) before the wait ended.
         if tokio::time::timeout(wait, &mut stopped).await.is_ok() {
             return;
+        }
+        let late = slept.elapsed().saturating_sub(wait);
+        if late > period / 2 {
+            // The runtime did not run this task in time (its threads
+            // blocked, or starved of CPU): said, so a lapse that follows
+            // is explained.
+            tracing::debug!(
+                late_ms = late.as_millis() as u64,
+                "a lease renewal woke late"
+            );
         }
         let _turn = renewing.lock().await;
         let lease = match lock(&shared).clone() {
@@ -257,6 +268,11 @@ async fn renew_loop(
             State::Lost(..) => return,
         };
         if lease.is_expired() {
+            tracing::warn!(
+                lock = %lease.key(),
+                fence = %lease.fence(),
+                "lease lost: its TTL ran out before it could be renewed"
+            );
             *lock(&shared) = State::Lost(
                 lease,
                 "its TTL ran out before it could be renewed".to_owned(),
@@ -267,7 +283,15 @@ async fn renew_loop(
         if !failed && !lease.is_renewal_due() {
             continue;
         }
+        let asked = std::time::Instant::now();
         let outcome = store.renew(&lease, ttl).await;
+        if asked.elapsed() > period {
+            tracing::debug!(
+                took_ms = asked.elapsed().as_millis() as u64,
+                ok = outcome.is_ok(),
+                "a lease renewal took more than a third of the TTL"
+            );
+        }
         failed = outcome.is_err();
         if record(&shared, &lease, outcome).is_err() && matches!(&*lock(&shared), State::Lost(..)) {
             return;
