@@ -146,9 +146,7 @@ impl Inner {
     ) -> Result<Vec<Result<Version>>> {
         // A document over what one value holds is refused by `put` before
         // anything is sent; a batch holding one goes one write at a time.
-        let oversize = puts
-            .iter()
-            .any(|put| u64::try_from(put.bytes.len()).unwrap_or(u64::MAX) > crate::MAX_DOCUMENT);
+        let oversize = puts.iter().any(|put| crate::over_a_value(put.bytes.len()));
         if self.conn.is_cluster() || oversize {
             let mut results = Vec::with_capacity(puts.len());
             for put in puts {

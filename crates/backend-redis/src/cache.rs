@@ -175,10 +175,9 @@ impl Cache for RedisCache {
     async fn put(&self, run: &RunId, doc: &DocName, copy: Cached) {
         let key = self.key(run, doc);
         let mut pipe = redis::pipe();
-        // Over what one Redis value holds, the server would close the
-        // connection (failing every request sharing it): the copy is not
-        // kept, and an older one is forgotten rather than left in its place.
-        if u64::try_from(copy.doc.bytes.len()).unwrap_or(u64::MAX) > crate::MAX_DOCUMENT {
+        // Over what one Redis value holds: the copy is not kept, and an
+        // older one is forgotten rather than left in its place.
+        if crate::over_a_value(copy.doc.bytes.len()) {
             pipe.cmd("DEL").arg(&key).ignore();
             let mut con = self.conn.clone();
             if let Err(error) = self.bounded(pipe.query_async::<()>(&mut con)).await {

@@ -343,6 +343,12 @@ const DELETE_BATCH: usize = 500;
 /// Redis's largest bulk string.
 pub(crate) const MAX_DOCUMENT: u64 = 512 * 1024 * 1024;
 
+/// Whether `len` bytes are over what one Redis value holds: sent, the
+/// server would close the connection (failing every request sharing it).
+pub(crate) fn over_a_value(len: usize) -> bool {
+    u64::try_from(len).map_or(true, |len| len > MAX_DOCUMENT)
+}
+
 /// Keys asked of each `SCAN` call by `list_locks(None)`.
 const SCAN_COUNT: usize = 1000;
 

@@ -43,11 +43,10 @@ impl Inner {
             version: new_version(),
         };
         let mut answered = false;
-        // Over what one Redis value holds: refused before sending, which
-        // the server would answer by closing the connection (failing every
-        // request sharing it) and the caller would take for a retryable
-        // network error.
-        let outcome = if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > crate::MAX_DOCUMENT {
+        // Over what one Redis value holds: refused before sending (the
+        // closed connection would reach the caller as a retryable network
+        // error).
+        let outcome = if crate::over_a_value(bytes.len()) {
             Err(crate::reply::too_large(
                 i64::try_from(bytes.len()).unwrap_or(i64::MAX),
                 Some(crate::MAX_DOCUMENT),

@@ -493,6 +493,14 @@ fn read_input(file: &PathBuf, limit: u64) -> Result<Bytes, CliError> {
             CliError::from(e).with_hint(format!("could not open {}", file.display()))
         })?)
     };
+    read_at_most(reader, limit)
+        .map(Bytes::from)
+        .map_err(|e| e.with_hint("raise it with the URL option max_doc_bytes"))
+}
+
+/// All of `reader`, refused (`TooLarge`) once more than `limit` bytes came:
+/// endless input is not read to its end.
+pub(crate) fn read_at_most(reader: impl Read, limit: u64) -> Result<Vec<u8>, CliError> {
     let mut bytes = Vec::new();
     reader
         .take(limit.saturating_add(1))
@@ -501,10 +509,9 @@ fn read_input(file: &PathBuf, limit: u64) -> Result<Bytes, CliError> {
         return Err(CliError::from(Error::new(
             ErrorKind::TooLarge,
             format!("the input is over the {limit}-byte limit"),
-        ))
-        .with_hint("raise it with the URL option max_doc_bytes"));
+        )));
     }
-    Ok(Bytes::from(bytes))
+    Ok(bytes)
 }
 
 #[derive(Serialize)]

@@ -741,27 +741,12 @@ struct Published<'a> {
 pub(crate) async fn publish(global: &Global, args: PublishArgs) -> Result<ExitCode, CliError> {
     let run = run_id(&args.run)?;
     let text = if args.message == "-" {
-        // At most one byte over what a message may hold (and its line
-        // ends): endless input is refused once that much came, not read to
-        // its end.
+        // What a message may hold, and its line ends.
         let most = runstate::events::MAX_MESSAGE_LEN + 2;
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(
-            &mut std::io::Read::take(
-                std::io::stdin().lock(),
-                u64::try_from(most).unwrap_or(u64::MAX) + 1,
-            ),
-            &mut bytes,
+        let bytes = crate::docs::read_at_most(
+            std::io::stdin().lock(),
+            u64::try_from(most).unwrap_or(u64::MAX),
         )?;
-        if bytes.len() > most {
-            return Err(CliError::from(Error::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "the message is over {} bytes",
-                    runstate::events::MAX_MESSAGE_LEN
-                ),
-            )));
-        }
         let text = String::from_utf8(bytes).map_err(|_| {
             CliError::from(Error::new(
                 ErrorKind::InvalidArgument,

@@ -167,13 +167,13 @@ impl LeaseKeeper {
     }
 }
 
+/// Why a lease no renewal reached in time was lost.
+const TTL_RAN_OUT: &str = "its TTL ran out before it could be renewed";
+
 fn current(state: State) -> Result<Lease> {
     match state {
         State::Held(lease) if !lease.is_expired() => Ok(lease),
-        State::Held(lease) => Err(lost_error(
-            &lease,
-            "its TTL ran out before it could be renewed",
-        )),
+        State::Held(lease) => Err(lost_error(&lease, TTL_RAN_OUT)),
         State::Lost(lease, why) => Err(lost_error(&lease, &why)),
     }
 }
@@ -271,12 +271,9 @@ async fn renew_loop(
             tracing::warn!(
                 lock = %lease.key(),
                 fence = %lease.fence(),
-                "lease lost: its TTL ran out before it could be renewed"
+                "lease lost: {TTL_RAN_OUT}"
             );
-            *lock(&shared) = State::Lost(
-                lease,
-                "its TTL ran out before it could be renewed".to_owned(),
-            );
+            *lock(&shared) = State::Lost(lease, TTL_RAN_OUT.to_owned());
             return;
         }
         // Renewed meanwhile (`renew_now`): not due yet.
@@ -285,9 +282,10 @@ async fn renew_loop(
         }
         let asked = std::time::Instant::now();
         let outcome = store.renew(&lease, ttl).await;
-        if asked.elapsed() > period {
+        let took = asked.elapsed();
+        if took > period {
             tracing::debug!(
-                took_ms = asked.elapsed().as_millis() as u64,
+                took_ms = took.as_millis() as u64,
                 ok = outcome.is_ok(),
                 "a lease renewal took more than a third of the TTL"
             );

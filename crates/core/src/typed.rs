@@ -752,9 +752,7 @@ impl<T: Data> Doc<T> {
             };
             let saved = match (keeper.stop().await, mode) {
                 (Ok(lease), None) => {
-                    if let Err(error) = backend.release(&lease).await {
-                        tracing::debug!(%error, "release without a write");
-                    }
+                    self.release_unwritten(&lease).await;
                     return Ok(out);
                 }
                 (Ok(lease), Some(mode)) => {
@@ -927,12 +925,16 @@ impl<T: Data> Doc<T> {
     /// Stops renewing and releases, without a write.
     async fn release_kept(&self, keeper: LeaseKeeper) {
         match keeper.stop().await {
-            Ok(lease) => {
-                if let Err(error) = self.client().backend.release(&lease).await {
-                    tracing::debug!(%error, "release without a write");
-                }
-            }
+            Ok(lease) => self.release_unwritten(&lease).await,
             Err(error) => tracing::debug!(%error, "lease lost before its release"),
+        }
+    }
+
+    /// Gives back `lease`, under which nothing was written; a release that
+    /// fails only leaves it to expire by its TTL.
+    async fn release_unwritten(&self, lease: &Lease) {
+        if let Err(error) = self.client().backend.release(lease).await {
+            tracing::debug!(%error, "release without a write");
         }
     }
 
@@ -1087,9 +1089,7 @@ impl<T: Data> Guard<T> {
                 // reported, as `lease_lost` says (the caller may have acted
                 // on holding it).
                 let lease = keeper.stop().await.map_err(|e| doc.context(e, OP))?;
-                if let Err(error) = doc.client().backend.release(&lease).await {
-                    tracing::debug!(%error, "release without a write");
-                }
+                doc.release_unwritten(&lease).await;
                 return Ok(version.clone());
             }
             Some((_, version)) => PutMode::Update(version.clone()),

@@ -570,16 +570,11 @@ pub enum OpenMode {
     Existing,
 }
 
-/// `url` with its scheme (all before the first `:`, when that is a scheme)
-/// in lower case.
+/// `url` with its scheme in lower case, when it names one
+/// ([`Scheme::of_url`]); otherwise as it is.
 fn lower_scheme(url: &str) -> String {
     match url.split_once(':') {
-        Some((scheme, rest))
-            if !scheme.is_empty()
-                && scheme
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) =>
-        {
+        Some((scheme, rest)) if Scheme::of_url(url).is_ok() => {
             format!("{}:{rest}", scheme.to_ascii_lowercase())
         }
         _ => url.to_owned(),
